@@ -1,0 +1,125 @@
+"""Command line: the same functions the pages call. A stable contract (see DESIGN.md).
+
+With ``--json`` each command prints exactly one JSON object on stdout; errors go to stderr
+as one line with a non-zero exit (a traceback only with ``--debug``). Progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from cxr_core.errors import CxrError
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHES = ("index", "pipeline", "features", "predict")
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    def report(done: int, total: int) -> None:
+        if sys.stderr.isatty() or done == total:
+            print(f"\r{label}: {done}/{total}", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+    return report
+
+
+def cmd_index(args: argparse.Namespace) -> dict:
+    from cxr_core.indexing import index_dataset
+    from cxr_core.storage import open_db
+
+    report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"))
+    for problem in report.problems[:20]:
+        print(f"warning: {problem}", file=sys.stderr)
+    return report.to_json()
+
+
+def cmd_bench(args: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(REPO))
+    module = importlib.import_module(f"bench.{args.name}")
+    data = Path(args.data or os.environ.get("CXR_SHARED_DATA") or REPO.parent / "shared" / "data")
+    return module.run(data)
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    from cxr_core.training_service import train_cli
+
+    return train_cli(args.config, detach=args.detach, progress=_progress("train"))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> dict:
+    from cxr_core.evaluation_service import evaluate_cli
+
+    return evaluate_cli(args.model, args.data, split=args.split)
+
+
+def cmd_predict(args: argparse.Namespace) -> dict:
+    from cxr_core.predict import predict_cli
+
+    return predict_cli(args.model, args.images, saliency=args.saliency, out_dir=args.out)
+
+
+def cmd_worker(args: argparse.Namespace) -> dict:
+    from cxr_core.worker import run_worker
+
+    return run_worker(once=args.once, idle_exit_s=args.idle_exit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr_core",
+                                     description="Chest X-ray pneumonia classifier workbench.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("index", cmd_index, "index a dataset folder or .npz into the database")
+    p.add_argument("path")
+    p.add_argument("--name", default=None)
+    p = add("train", cmd_train, "train from a run config JSON (same code path as the page)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--detach", action="store_true", help="only queue the run for the worker")
+    p = add("evaluate", cmd_evaluate, "evaluate a model on a dataset")
+    p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default=None)
+    p = add("predict", cmd_predict, "predict (and explain) images")
+    p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--saliency", default=None)
+    p.add_argument("--out", default=None)
+    p = add("bench", cmd_bench, "run a benchmark (prints a ratio against its baseline)")
+    p.add_argument("name", choices=BENCHES)
+    p.add_argument("--data", default=None, help="the shared data folder")
+    p = add("worker", cmd_worker, "run the training worker in the foreground")
+    p.add_argument("--once", action="store_true", help="exit when the queue is empty")
+    p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.fn(args)
+    except (CxrError, FileNotFoundError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        print(json.dumps(result, indent=2, default=str))
+    return 0 if result.get("status", "finished") in ("finished", "queued") else 1

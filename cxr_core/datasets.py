@@ -1,0 +1,572 @@
+"""Datasets: discover layouts, parse labels/subtypes/patients, scan headers, split by patient.
+
+Layouts understood:
+- ``splits``: ``train|val|test/<CLASS>/*`` (Kaggle's ``chest_xray``, also nested one or two
+  levels as ``chest_xray/chest_xray/...``; any split may be missing; any class names, e.g.
+  ``COVID19|NORMAL|PNEUMONIA``).
+- ``classes``: ``<CLASS>/*`` without split folders.
+- ``npz``: PneumoniaMNIST (``train_images``/``train_labels``, ``val_*``, optional ``test_*``).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from cxr_core.errors import ConfigError, DatasetError, ImageLoadError
+from cxr_core.images import IMAGE_SUFFIXES, read_header
+
+SPLIT_NAMES = ("train", "val", "test")
+LABEL_SCHEMES = ("binary", "three_class", "folders")
+BINARY_CLASSES = ("NORMAL", "PNEUMONIA")
+THREE_CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
+NPZ_CLASSES = ("NORMAL", "PNEUMONIA")  # PneumoniaMNIST: 0 = normal, 1 = pneumonia
+_IGNORED_DIRS = {"__MACOSX", ".git", ".ipynb_checkpoints"}
+_SUBTYPE_RE = re.compile(r"_(bacteria|virus)_", re.IGNORECASE)
+_PERSON_RE = re.compile(r"^(person\d+)_", re.IGNORECASE)
+_NORMAL2_RE = re.compile(r"^NORMAL2-IM-(\d+)-", re.IGNORECASE)
+_IM_RE = re.compile(r"^IM-(\d+)-", re.IGNORECASE)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One image found on disk (before its header is read)."""
+
+    relpath: str
+    split: str
+    label: str
+    size: int | None = None  # from the directory walk, for incremental scans
+    mtime_ns: int | None = None
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What :func:`discover` found under a path."""
+
+    kind: str  # splits | classes | npz
+    root: Path
+    classes: tuple[str, ...]
+    entries: tuple[FileEntry, ...]
+    problems: tuple[str, ...] = ()  # empty class folders and the like: reported, not fatal
+
+
+@dataclass(frozen=True)
+class ScannedImage:
+    """One image's index fields (the row the DB stores)."""
+
+    relpath: str
+    split: str
+    label: str
+    subtype: str | None
+    patient: str | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    mode: str | None
+    bytes: int | None
+    mtime_ns: int | None
+    error: str | None = None
+
+
+class ImageRecord(NamedTuple):
+    """An indexed image as the rest of the package sees it (from storage).
+
+    A NamedTuple rather than a dataclass: opening a 5k-image dataset builds thousands of
+    these, and tuple construction is several times cheaper (the open-vs-scan benchmark).
+    """
+
+    id: int
+    dataset_id: int
+    relpath: str
+    split: str
+    label: str
+    subtype: str | None
+    patient: str | None
+    sha256: str | None
+    width: int | None
+    height: int | None
+    mode: str | None
+    bytes: int | None
+    error: str | None = None
+
+
+# -- Name parsing ---------------------------------------------------------------------------
+
+def parse_name(filename: str) -> tuple[str | None, str | None]:
+    """Parse (subtype, patient) from a Kermany file name.
+
+    ``person1003_virus_1685.jpeg`` → ("virus", "person1003");
+    ``IM-0115-0001.jpeg`` → (None, "0115"); ``NORMAL2-IM-1427-0001.jpeg`` → (None, "NORMAL2-1427").
+    Other names give (None, None): each such image is its own patient group.
+    """
+    stem = Path(filename).name
+    m = _SUBTYPE_RE.search(stem)
+    subtype = m.group(1).lower() if m else None
+    for regex, fmt in ((_PERSON_RE, "{}"), (_NORMAL2_RE, "NORMAL2-{}"), (_IM_RE, "{}")):
+        p = regex.match(stem)
+        if p:
+            return subtype, fmt.format(p.group(1).lower() if regex is _PERSON_RE else p.group(1))
+    return subtype, None
+
+
+def scheme_classes(scheme: str, folder_classes: Sequence[str]) -> tuple[str, ...]:
+    """Class names (model output order) of a label scheme."""
+    if scheme == "binary":
+        return BINARY_CLASSES
+    if scheme == "three_class":
+        return THREE_CLASSES
+    if scheme == "folders":
+        return tuple(sorted(folder_classes))
+    raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
+
+
+def scheme_label(label: str, subtype: str | None, scheme: str) -> str | None:
+    """Map an (original or current) folder label to the scheme's class, or None if it has none.
+
+    Binary treats every non-NORMAL class as pneumonia (COVID-19 pneumonia included);
+    three_class needs the bacteria/virus subtype from the file name.
+    """
+    if scheme == "folders":
+        return label
+    is_normal = label.upper() == "NORMAL"
+    if scheme == "binary":
+        return "NORMAL" if is_normal else "PNEUMONIA"
+    if scheme == "three_class":
+        if is_normal:
+            return "NORMAL"
+        return subtype.upper() if subtype in ("bacteria", "virus") else None
+    raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
+
+
+# -- Discovery ------------------------------------------------------------------------------
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("._")
+
+
+def _visible_dir(entry: os.DirEntry) -> bool:
+    return entry.is_dir() and entry.name not in _IGNORED_DIRS and not entry.name.startswith(".")
+
+
+def _subdirs(path: Path) -> list[Path]:
+    with os.scandir(path) as it:
+        return sorted(Path(e.path) for e in it if _visible_dir(e))
+
+
+def _find_root(path: Path, depth: int = 2) -> Path:
+    """Descend through wrapper folders such as ``chest_xray/chest_xray``."""
+    dirs = _subdirs(path)
+    names = {d.name.lower() for d in dirs}
+    if names & set(SPLIT_NAMES) or depth == 0:
+        return path
+    for d in dirs:
+        if {s.name.lower() for s in _subdirs(d)} & set(SPLIT_NAMES):
+            return _find_root(d, depth - 1)
+    if len(dirs) == 1 and not any(_is_image(f.name) for f in dirs[0].iterdir()):
+        return _find_root(dirs[0], depth - 1)
+    return path
+
+
+def _class_files(class_dir: Path, prefix: str, split: str) -> list[FileEntry]:
+    """Image files under a class folder (recursively), with their stat from the walk."""
+    out: list[FileEntry] = []
+    stack = [(str(class_dir), prefix)]
+    while stack:
+        folder, rel = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            if _visible_dir(e):
+                stack.append((e.path, f"{rel}{e.name}/"))
+            elif _is_image(e.name) and e.is_file():
+                st = e.stat()
+                out.append(FileEntry(f"{rel}{e.name}", split, class_dir.name,
+                                     st.st_size, st.st_mtime_ns))
+    return out
+
+
+def discover(path: str | Path) -> Layout:
+    """Find the layout, classes and image files under ``path`` (no file is opened).
+
+    Args:
+        path: a dataset folder (any supported layout) or a PneumoniaMNIST ``.npz`` file.
+
+    Returns:
+        The layout with one entry per image file.
+
+    Raises:
+        DatasetError: the path does not exist or holds no images in a known layout.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DatasetError(f"dataset path does not exist: {path}")
+    if path.is_file():
+        if path.suffix.lower() == ".npz":
+            return _discover_npz(path)
+        raise DatasetError(f"expected a folder or a PneumoniaMNIST .npz file. Received: {path}")
+    root = _find_root(path)
+    if root.name.lower() in SPLIT_NAMES:  # pointed at one split folder, e.g. .../train
+        root, split_dirs = root.parent, [root]
+    else:
+        split_dirs = [d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES]
+    entries: list[FileEntry] = []
+    problems: list[str] = []
+    classes: set[str] = set()
+    groups = ([(d.name.lower(), d) for d in split_dirs] if split_dirs else [("", root)])
+    for split, folder in groups:
+        for class_dir in _subdirs(folder):
+            prefix = f"{folder.name}/{class_dir.name}/" if split else f"{class_dir.name}/"
+            files = _class_files(class_dir, prefix, split)
+            classes.add(class_dir.name)
+            if not files:
+                problems.append(f"empty class folder: {prefix.rstrip('/')}")
+            entries.extend(files)
+    if not entries:
+        raise DatasetError(
+            f"no images found under {path}: expected <split>/<CLASS>/*.jpeg (train/val/test), "
+            f"<CLASS>/*.jpeg, or a PneumoniaMNIST .npz file")
+    kind = "splits" if split_dirs else "classes"
+    return Layout(kind, root, tuple(sorted(classes)), tuple(entries), tuple(problems))
+
+
+def _discover_npz(path: Path) -> Layout:
+    try:
+        with np.load(path) as data:
+            keys = set(data.files)
+            sizes = {s: int(data[f"{s}_labels"].shape[0]) for s in SPLIT_NAMES
+                     if f"{s}_images" in keys and f"{s}_labels" in keys}
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"cannot read .npz file {path}: {exc}") from exc
+    if not sizes:
+        raise DatasetError(f"{path.name}: expected keys like train_images/train_labels "
+                           f"(PneumoniaMNIST). Received keys: {sorted(keys)}")
+    entries = []
+    with np.load(path) as data:
+        for split, n in sizes.items():
+            labels = np.asarray(data[f"{split}_labels"]).reshape(-1)
+            entries.extend(FileEntry(f"npz:{split}:{i}", split, NPZ_CLASSES[int(lab)])
+                           for i, lab in enumerate(labels))
+    return Layout("npz", path, NPZ_CLASSES, tuple(entries))
+
+
+# -- Header scan ----------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def scan_file(root: Path, entry: FileEntry) -> ScannedImage:
+    """Read one file's header and content hash; an unreadable file is reported in ``error``."""
+    path = root / entry.relpath
+    subtype, patient = parse_name(path.name)
+    base = dict(relpath=entry.relpath, split=entry.split, label=entry.label, subtype=subtype,
+                patient=patient, bytes=entry.size, mtime_ns=entry.mtime_ns)
+    try:
+        sha = _sha256(path)
+    except OSError as exc:
+        return ScannedImage(**base, sha256=None, width=None, height=None, mode=None,
+                            error=f"cannot read file ({exc.strerror or exc})")
+    try:
+        hdr = read_header(path)
+    except ImageLoadError as exc:
+        return ScannedImage(**base, sha256=sha, width=None, height=None, mode=None, error=str(exc))
+    return ScannedImage(**base, sha256=sha, width=hdr.width, height=hdr.height, mode=hdr.mode)
+
+
+def scan_npz(layout: Layout) -> list[ScannedImage]:
+    """Index rows for a PneumoniaMNIST file: one per array image, hash of its pixels."""
+    out = []
+    st = layout.root.stat()
+    with np.load(layout.root) as data:
+        arrays = {s: np.asarray(data[f"{s}_images"]) for s in SPLIT_NAMES if f"{s}_images" in data}
+    for e in layout.entries:
+        _, split, idx = e.relpath.split(":")
+        img = arrays[split][int(idx)]
+        mode = "L" if img.ndim == 2 or img.shape[-1] == 1 else "RGB"
+        out.append(ScannedImage(e.relpath, split, e.label, None, None,
+                                hashlib.sha256(img.tobytes()).hexdigest(), int(img.shape[1]),
+                                int(img.shape[0]), mode, int(img.nbytes), st.st_mtime_ns))
+    return out
+
+
+def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]],
+                 progress: Progress | None = None, workers: int = 4,
+                 ) -> tuple[list[ScannedImage], list[str], list[str]]:
+    """Incremental scan: read only files that are new or whose size/mtime changed.
+
+    Args:
+        layout: from :func:`discover`.
+        known: relpath → (bytes, mtime_ns) already in the index.
+        progress: called with (done, total) as files are checked.
+        workers: threads for hashing (file reads release the GIL).
+
+    Returns:
+        (new or changed rows, relpaths unchanged, relpaths gone from disk).
+    """
+    if layout.kind == "npz":
+        st = layout.root.stat()
+        same = all(known.get(e.relpath, (None, None))[1] == st.st_mtime_ns for e in layout.entries)
+        if same and len(known) == len(layout.entries):
+            return [], [e.relpath for e in layout.entries], []
+        rows = scan_npz(layout)
+        return rows, [], sorted(set(known) - {r.relpath for r in rows})
+    todo, unchanged = [], []
+    for entry in layout.entries:
+        if known.get(entry.relpath) == (entry.size, entry.mtime_ns):
+            unchanged.append(entry.relpath)
+        else:
+            todo.append(entry)
+    gone = sorted(set(known) - {e.relpath for e in layout.entries})
+    total, done = len(layout.entries), len(unchanged)
+    if progress:
+        progress(done, total)
+    rows: list[ScannedImage] = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for row in pool.map(lambda e: scan_file(layout.root, e), todo):
+            rows.append(row)
+            done += 1
+            if progress and (done % 64 == 0 or done == total):
+                progress(done, total)
+    return rows, unchanged, gone
+
+
+# -- Integrity: duplicates, leakage ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    """Byte-identical files (same sha256)."""
+
+    sha256: str
+    image_ids: tuple[int, ...]
+    relpaths: tuple[str, ...]
+    splits: tuple[str, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def cross_split(self) -> bool:
+        return len(set(self.splits)) > 1
+
+    @property
+    def conflicting_labels(self) -> bool:
+        return len(set(self.labels)) > 1
+
+
+def find_duplicates(records: Iterable[ImageRecord]) -> list[DuplicateGroup]:
+    """Group byte-identical images by content hash (groups of two or more)."""
+    by_hash: dict[str, list[ImageRecord]] = defaultdict(list)
+    for r in records:
+        if r.sha256:
+            by_hash[r.sha256].append(r)
+    groups = []
+    for sha, rs in sorted(by_hash.items()):
+        if len(rs) > 1:
+            rs = sorted(rs, key=lambda r: r.relpath)
+            groups.append(DuplicateGroup(sha, tuple(r.id for r in rs), tuple(r.relpath for r in rs),
+                                         tuple(r.split for r in rs), tuple(r.label for r in rs)))
+    return groups
+
+
+def cross_split_patients(records: Iterable[ImageRecord]) -> dict[str, tuple[str, ...]]:
+    """Patients found in more than one split folder (leakage in the dataset as shipped)."""
+    splits: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r.patient:
+            splits[r.patient].add(r.split)
+    return {p: tuple(sorted(s)) for p, s in sorted(splits.items()) if len(s) > 1}
+
+
+# -- Splits ---------------------------------------------------------------------------------
+
+class _UnionFind:
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def split_groups(records: Sequence[ImageRecord]) -> np.ndarray:
+    """Group ids joining images of one patient AND byte-identical files (so neither straddles)."""
+    uf = _UnionFind(len(records))
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        for key in (("p", r.patient), ("h", r.sha256)):
+            if key[1] is None:
+                continue
+            if key in first:
+                uf.union(i, first[key])
+            else:
+                first[key] = i
+    return np.array([uf.find(i) for i in range(len(records))])
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Image ids per split; validation is carved from train by patient."""
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    test: tuple[int, ...] = ()
+    seed: int = 0
+    val_fraction: float = 0.15
+    excluded: tuple[int, ...] = field(default=())  # unreadable or without a class in the scheme
+
+    def counts(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
+                  val_fraction: float = 0.15, seed: int = 0) -> SplitPlan:
+    """Stratified, patient-grouped, seeded train/validation split made from the train images.
+
+    Images in a ``test`` folder stay test; images in ``train``, ``val`` (Kaggle's 16-image val
+    is folded back) or without split folder are re-split. Groups join a patient's images and
+    byte-identical files, so 0 patients and 0 duplicate groups are in two splits.
+
+    Args:
+        records: indexed images.
+        labels: the scheme label of each record (None = excluded, e.g. no subtype).
+        val_fraction: share of groups in validation, in (0, 0.5].
+        seed: shuffling seed of the grouped stratified folds.
+
+    Returns:
+        The split plan.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if not 0 < val_fraction <= 0.5:
+        raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
+    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
+    excluded = tuple(records[i].id for i in range(len(records)) if i not in set(keep))
+    test = tuple(records[i].id for i in keep if records[i].split == "test")
+    pool = [i for i in keep if records[i].split != "test"]
+    if len(pool) < 2:
+        raise DatasetError(f"need at least 2 labelled images to split. Received: {len(pool)}")
+    groups = split_groups([records[i] for i in pool])
+    y = np.array([labels[i] for i in pool])
+    # k folds give a 1/k validation share; small datasets cap k at the smallest class size.
+    smallest = min(Counter(y.tolist()).values())
+    n_splits = min(max(2, round(1 / val_fraction)), len(set(groups)), smallest)
+    if n_splits < 2:
+        raise DatasetError(
+            f"cannot make a stratified validation split: need 2+ patient groups and 2+ images "
+            f"per class. Received: {len(set(groups))} groups, smallest class {smallest} images")
+    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    _, val_idx = next(sgkf.split(np.zeros(len(pool)), y, groups))
+    val_set = set(val_idx.tolist())
+    train = tuple(records[pool[i]].id for i in range(len(pool)) if i not in val_set)
+    val = tuple(records[pool[i]].id for i in sorted(val_set))
+    return SplitPlan(train, val, test, seed, val_fraction, excluded)
+
+
+# -- Balance --------------------------------------------------------------------------------
+
+def class_weights(counts: dict[str, int]) -> dict[str, float]:
+    """The reports' formula: total / (n_classes * count) per class."""
+    total, n = sum(counts.values()), len(counts)
+    return {c: (total / (n * k) if k else 0.0) for c, k in counts.items()}
+
+
+def summarize(records: Sequence[ImageRecord]) -> dict[str, object]:
+    """Counts for the CLI and the class-balance page (unreadable images excluded)."""
+    ok = [r for r in records if not r.error]
+    by_subtype = Counter(f"{r.label}/{r.subtype}" if r.subtype else r.label for r in ok)
+    return {
+        "images": len(ok),
+        "by_split": dict(sorted(Counter(r.split or "(none)" for r in ok).items())),
+        "by_class": dict(sorted(Counter(r.label for r in ok).items())),
+        "by_subtype": dict(sorted(by_subtype.items())),
+        "patients": len({r.patient for r in ok if r.patient}),
+        "unreadable": len(records) - len(ok),
+    }
+
+
+# -- Class-balance report (data for the page; rendering is the page's job) -----------------
+
+@dataclass(frozen=True)
+class BalanceReport:
+    """Long-form tables describing one dataset under one label scheme."""
+
+    scheme: str
+    classes: tuple[str, ...]
+    counts: list[dict]  # split, class, subtype, images
+    patients: list[dict]  # class, patients, images
+    sizes: list[dict]  # width, height, mode, bytes (one row per readable image)
+    duplicates: list[dict]  # group, sha256, relpath, split, label
+    leaked_patients: list[dict]  # patient, splits
+    split_counts: list[dict]  # split, class, images (patient-grouped plan)
+    split_overlap: int  # patients found in both train and validation of the plan (must be 0)
+    class_counts: dict[str, int]  # training pool per scheme class
+    weights: dict[str, float]
+    unlabelled: int  # images with no class in this scheme (e.g. no subtype for three_class)
+
+
+def balance_report(records: Sequence[ImageRecord], scheme: str, *, val_fraction: float = 0.15,
+                   seed: int = 0) -> BalanceReport:
+    """Everything the class-balance page shows, computed from the index (no image decoding).
+
+    Args:
+        records: the dataset's indexed images (current labels may be substituted by the caller).
+        scheme: label scheme (binary, three_class, folders).
+        val_fraction: validation share of the patient-grouped split preview.
+        seed: split seed.
+
+    Returns:
+        The report.
+    """
+    ok = [r for r in records if not r.error]
+    labels = [scheme_label(r.label, r.subtype, scheme) for r in ok]
+    classes = scheme_classes(scheme, sorted({r.label for r in ok}))
+    counts = Counter((r.split or "(none)", y or "(no class)", r.subtype or "—")
+                     for r, y in zip(ok, labels))
+    pat: dict[str, set[str]] = defaultdict(set)
+    for r, y in zip(ok, labels):
+        if y:
+            pat[y].add(r.patient or f"img:{r.id}")
+    plan = patient_split(ok, labels, val_fraction=val_fraction, seed=seed) if len(ok) > 1 else None
+    by_id = {r.id: (r, y) for r, y in zip(ok, labels)}
+    split_rows: Counter = Counter()
+    if plan:
+        for split, ids in (("train", plan.train), ("val", plan.val), ("test", plan.test)):
+            for i in ids:
+                split_rows[(split, by_id[i][1])] += 1
+    overlap = 0
+    if plan:
+        tp = {by_id[i][0].patient for i in plan.train if by_id[i][0].patient}
+        overlap = len(tp & {by_id[i][0].patient for i in plan.val if by_id[i][0].patient})
+    pool = Counter(y for (split, y), n in split_rows.items() for _ in range(n) if split == "train")
+    class_counts = {c: pool.get(c, 0) for c in classes}
+    dups = [dict(group=g_i, sha256=g.sha256[:12], relpath=p, split=s or "(none)", label=lab)
+            for g_i, g in enumerate(find_duplicates(ok), 1)
+            for p, s, lab in zip(g.relpaths, g.splits, g.labels)]
+    return BalanceReport(
+        scheme, classes,
+        [dict(split=s, **{"class": c}, subtype=t, images=n) for (s, c, t), n in sorted(counts.items())],
+        [{"class": c, "patients": len(p), "images": sum(1 for y in labels if y == c)}
+         for c, p in sorted(pat.items())],
+        [dict(width=r.width, height=r.height, mode=r.mode, bytes=r.bytes) for r in ok],
+        dups,
+        [dict(patient=p, splits=", ".join(s)) for p, s in cross_split_patients(ok).items()],
+        [dict(split=s, **{"class": c}, images=n) for (s, c), n in sorted(split_rows.items())],
+        overlap, class_counts, class_weights(class_counts) if all(class_counts.values()) else {},
+        sum(1 for y in labels if y is None))

@@ -1,0 +1,235 @@
+"""The ONE image loader: every page, the index, the pipeline and predict go through it.
+
+It reads headers without decoding (for the index), and decodes with the guards a clinical
+image tool needs: EXIF orientation, 16-bit and CMYK sources, multi-frame files, decompression
+bombs, truncated files, text files with an image extension, and DICOM (VOI LUT, MONOCHROME1).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cxr_core.errors import ImageLoadError
+
+# Largest image we decode: 12k x 12k. Full-res chest films are at most ~3k a side; a
+# 30k x 30k PNG is a decompression bomb and must be refused before decoding.
+DEFAULT_MAX_PIXELS = 144_000_000
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+_DICOM_MAGIC_OFFSET = 128
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the index stores per image, read without decoding pixels."""
+
+    width: int
+    height: int
+    mode: str  # PIL mode of the file ("L", "RGB", "I;16", "CMYK", ...) or "DICOM"
+    format: str
+    bytes: int
+
+
+def is_dicom(data: bytes) -> bool:
+    """True when the bytes carry the DICOM preamble magic ("DICM" at offset 128)."""
+    return data[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM"
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    if not data:
+        raise ImageLoadError(f"{name}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError(f"{name}: image too large to decode safely ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(
+            f"{name}: not a readable image (expected JPEG, PNG, BMP, TIFF or DICOM)") from exc
+
+
+def _read(source: str | Path | bytes, name: str | None) -> tuple[bytes, str]:
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source), name or "upload"
+    path = Path(source)
+    try:
+        return path.read_bytes(), name or path.name
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+
+
+def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """Read size and mode from the file header only (no pixel decoding).
+
+    Args:
+        path: image file.
+        max_pixels: larger images are reported as unreadable (decompression-bomb guard).
+
+    Returns:
+        The header fields stored by the index.
+
+    Raises:
+        ImageLoadError: the file is empty, not an image, or too large.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            head = fh.read(_DICOM_MAGIC_OFFSET + 4)
+            if is_dicom(head):
+                return _dicom_header(path, size)
+    except OSError as exc:
+        raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise ImageLoadError(f"{path.name}: the file is empty (0 bytes)")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            mode, fmt = img.mode, img.format or "?"
+    except UnidentifiedImageError as exc:
+        raise ImageLoadError(
+            f"{path.name}: not a readable image (expected JPEG, PNG, BMP, TIFF or DICOM)") from exc
+    except OSError as exc:
+        raise ImageLoadError(f"{path.name}: cannot read image header ({exc})") from exc
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"{path.name}: image too large ({width}x{height} px; at most {max_pixels:,} pixels)")
+    return ImageHeader(width, height, mode, fmt, size)
+
+
+def _dicom_header(path: Path, size: int) -> ImageHeader:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        return ImageHeader(int(ds.Columns), int(ds.Rows), "DICOM", "DICOM", size)
+    except Exception as exc:  # pydicom raises many types on malformed files
+        raise ImageLoadError(f"{path.name}: unreadable DICOM header ({exc})") from exc
+
+
+def load_image(source: str | Path | bytes, *, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, draft: int | None = None) -> Image.Image:
+    """Decode an image into an 8-bit "L" or "RGB" PIL image, fully loaded.
+
+    Args:
+        source: a path or the raw bytes (uploads are never written under their client name).
+        name: how to call the image in messages (defaults to the file name).
+        max_pixels: decompression-bomb guard.
+        draft: when the caller only needs about this many pixels a side, let the JPEG
+            decoder scale down by 1/2..1/8 while decoding (several times faster on full-res
+            films); the result is still at least ``draft`` pixels a side.
+
+    Returns:
+        A loaded PIL image in mode "L" (grayscale sources) or "RGB", EXIF-transposed.
+
+    Raises:
+        ImageLoadError: with a one-line message naming the file and the problem.
+    """
+    data, label = _read(source, name)
+    if is_dicom(data):
+        return _load_dicom(data, label)
+    img = _open_bytes(data, label)
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"{label}: image too large ({width}x{height} px; at most {max_pixels:,} pixels)")
+    if getattr(img, "n_frames", 1) > 1:
+        raise ImageLoadError(
+            f"{label}: has {img.n_frames} frames (animated or multi-page); expected one image")
+    if draft and img.format == "JPEG":
+        img.draft(img.mode, (draft, draft))
+    try:
+        img.load()
+    except OSError as exc:  # truncated JPEG/PNG
+        raise ImageLoadError(f"{label}: truncated or corrupt image data ({exc})") from exc
+    img = ImageOps.exif_transpose(img)
+    return _to_8bit(img, label)
+
+
+def _to_8bit(img: Image.Image, label: str) -> Image.Image:
+    """Map any PIL mode to "L" or "RGB" with 8 bits, keeping the full dynamic range."""
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(_window_to_uint8(arr), mode="L")
+    if img.mode in ("1", "P", "LA", "PA"):
+        converted = img.convert("RGBA" if img.mode in ("P", "PA") else "L")
+        return converted.convert("L") if converted.mode != "RGBA" else converted.convert("RGB")
+    if img.mode in ("CMYK", "YCbCr", "LAB", "HSV", "RGBA", "RGBX"):
+        return img.convert("RGB")
+    raise ImageLoadError(f"{label}: unsupported image mode {img.mode!r}")
+
+
+def _window_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    lo = float(np.min(arr)) if lo is None else lo
+    hi = float(np.max(arr)) if hi is None else hi
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ImageLoadError("image holds non-finite pixel values")
+    if hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = (arr - lo) * (255.0 / (hi - lo))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+
+
+def _load_dicom(data: bytes, label: str) -> Image.Image:
+    """Decode DICOM pixels with the VOI LUT / window applied and MONOCHROME1 inverted.
+
+    Only pixels leave this function: no header field (patient data) is returned or stored.
+    """
+    import pydicom
+    from pydicom.pixels import apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except Exception as exc:  # malformed DICOM raises many types
+        raise ImageLoadError(f"{label}: unreadable DICOM file ({exc})") from exc
+    if "PixelData" not in ds:
+        raise ImageLoadError(f"{label}: DICOM file has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # missing decoder plugin, bad transfer syntax
+        raise ImageLoadError(f"{label}: cannot decode DICOM pixels ({exc})") from exc
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        arr = arr[0]  # multi-frame: take the first frame
+    if arr.ndim == 3:
+        return Image.fromarray(arr[..., :3].astype(np.uint8), mode="RGB")
+    arr = apply_voi_lut(arr, ds).astype(np.float64)
+    out = _window_to_uint8(arr)
+    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        out = 255 - out  # MONOCHROME1: high values are dark
+    return Image.fromarray(out, mode="L")
+
+
+def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """Resize to size x size and return uint8 (size, size, channels).
+
+    Args:
+        img: an "L" or "RGB" image from :func:`load_image`.
+        size: output side in pixels (the dataset's images are stretched, as in every report).
+        channels: 1 (grayscale) or 3 (gray repeated, or the RGB source).
+
+    Returns:
+        A uint8 array of shape (size, size, channels).
+    """
+    if channels not in (1, 3):
+        raise ImageLoadError(f"channels must be 1 or 3. Received: channels={channels}")
+    if size < 8:
+        raise ImageLoadError(f"size must be at least 8. Received: size={size}")
+    target = "L" if channels == 1 else "RGB"
+    resized = img.convert(target).resize((size, size), Image.Resampling.BILINEAR,
+                                         reducing_gap=3.0)
+    arr = np.asarray(resized, dtype=np.uint8)
+    return arr[..., None] if channels == 1 else arr
+
+
+def thumbnail(source: str | Path | bytes, size: int = 160) -> np.ndarray:
+    """A small RGB uint8 thumbnail for grids (keeps aspect ratio)."""
+    img = load_image(source, draft=size)
+    img.thumbnail((size, size))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)

@@ -1,0 +1,146 @@
+"""Index a dataset into the DB (incrementally) and open indexed datasets.
+
+The scan reads headers and hashes only; an unchanged file (same size and mtime) is never
+re-read, so opening an indexed dataset again costs a directory walk and one query.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cxr_core import datasets as ds
+from cxr_core import storage
+from cxr_core.errors import DatasetError
+from cxr_core.storage import Database
+from cxr_core.storage import datasets as store
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class IndexReport:
+    """What an index run did and found (the CLI prints :meth:`to_json`)."""
+
+    dataset: str
+    dataset_id: int
+    layout: str
+    root: str
+    summary: dict
+    duplicate_groups: int
+    cross_split_duplicates: int
+    scanned: int  # files read in this run (new or changed)
+    unchanged: int
+    removed: int
+    seconds: float
+    problems: tuple[str, ...] = field(default=())  # empty folders, unreadable files
+
+    def to_json(self) -> dict:
+        s = self.summary
+        return {"dataset": self.dataset, "images": s["images"], "by_split": s["by_split"],
+                "by_class": s["by_class"], "by_subtype": s["by_subtype"],
+                "patients": s["patients"], "duplicate_groups": self.duplicate_groups,
+                "cross_split_duplicates": self.cross_split_duplicates,
+                "unreadable": s["unreadable"], "layout": self.layout, "root": self.root,
+                "scanned": self.scanned, "unchanged": self.unchanged, "removed": self.removed,
+                "seconds": round(self.seconds, 3), "problems": list(self.problems)}
+
+
+def default_name(path: str | Path) -> str:
+    """A dataset name from its path: the folder (or file stem), skipping split/wrapper names."""
+    p = Path(path).expanduser().resolve()
+    if p.is_file():
+        return p.stem
+    while p.name.lower() in ds.SPLIT_NAMES and p.parent != p:
+        p = p.parent
+    return p.name or "dataset"
+
+
+def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
+                  progress: Progress | None = None) -> IndexReport:
+    """Discover, scan (incrementally) and store a dataset's image index.
+
+    Args:
+        db: the database.
+        path: dataset folder or .npz file.
+        name: dataset name (default from the path). Re-indexing a name updates it.
+        progress: called with (done, total) during the scan.
+
+    Returns:
+        The index report.
+
+    Raises:
+        DatasetError: missing path, no images in a known layout, or the name is taken by
+            another path.
+    """
+    t0 = time.perf_counter()
+    layout = ds.discover(path)
+    name = name or default_name(path)
+    root = str(layout.root.resolve())
+    with db.session() as s:
+        existing = store.get_dataset(session=s, name_or_id=name)
+        if existing and existing.root != root:
+            raise DatasetError(f"dataset name {name!r} is already used for {existing.root}; "
+                               f"choose another --name. Received path: {root}")
+        dataset_id = store.upsert_dataset(session=s, name=name, root=root, layout=layout.kind,
+                                          classes=layout.classes)
+        known = store.known_files(session=s, dataset_id=dataset_id)
+    rows, unchanged, gone = ds.scan_changed(layout, known, progress=progress)
+    cached = existing.summary if existing else None
+    if not rows and not gone and cached and cached.get("problems_layout") == list(layout.problems):
+        summary = cached  # nothing changed on disk: the stored counts are still exact
+    else:
+        with db.session() as s:
+            store.apply_scan(session=s, dataset_id=dataset_id, rows=rows, gone=gone)
+            records = store.list_images(session=s, dataset_id=dataset_id)
+        summary = _summary(records, layout.problems)
+    seconds = time.perf_counter() - t0
+    with db.session() as s:
+        store.mark_indexed(session=s, dataset_id=dataset_id, seconds=seconds, summary=summary)
+    return IndexReport(name, dataset_id, layout.kind, root, summary, summary["duplicate_groups"],
+                       summary["cross_split_duplicates"], len(rows), len(unchanged), len(gone),
+                       seconds, tuple(summary["problems"]))
+
+
+def _summary(records: list[ds.ImageRecord], layout_problems: tuple[str, ...]) -> dict:
+    dups = ds.find_duplicates(records)
+    out = ds.summarize(records)
+    out["duplicate_groups"] = len(dups)
+    out["cross_split_duplicates"] = sum(g.cross_split for g in dups)
+    out["problems_layout"] = list(layout_problems)
+    out["problems"] = list(layout_problems) + [f"{r.relpath}: {r.error}" for r in records
+                                               if r.error]
+    return out
+
+
+def open_dataset(db: Database, name_or_path: str | int) -> tuple[store.DatasetInfo, list[ds.ImageRecord]]:
+    """The dataset and its records from the index; a path not yet indexed is indexed first."""
+    with db.session() as s:
+        info = store.get_dataset(session=s, name_or_id=name_or_path)
+        if info is None and isinstance(name_or_path, str):
+            root = str(Path(name_or_path).expanduser().resolve())
+            info = next((d for d in store.list_datasets(session=s) if d.root == root), None)
+    if info is None:
+        if isinstance(name_or_path, str) and Path(name_or_path).expanduser().exists():
+            rep = index_dataset(db, name_or_path)
+            return open_dataset(db, rep.dataset_id)
+        raise DatasetError(f"no dataset named {name_or_path!r}; index it first "
+                           f"(python -m cxr_core index PATH)")
+    with db.session() as s:
+        return info, store.list_images(session=s, dataset_id=info.id)
+
+
+def register_env_datasets(db: Database, progress: Progress | None = None) -> list[IndexReport | str]:
+    """Index every path in CXR_DATA_DIR (incremental, so cheap when already indexed).
+
+    Returns:
+        A report per path, or the error message for a path that could not be indexed.
+    """
+    out: list[IndexReport | str] = []
+    for path in storage.get_settings().data_dirs:
+        try:
+            out.append(index_dataset(db, path, progress=progress))
+        except DatasetError as exc:
+            out.append(f"CXR_DATA_DIR {path}: {exc}")
+    return out

@@ -1,0 +1,77 @@
+"""The ONE place that talks to the database (a package: one module per area).
+
+Functions take a keyword-only ``session`` and return dataclasses, never ORM rows; the caller
+owns one transaction per user action (``with db.session() as s: ...``). Writers that may meet
+concurrent writers (relabels, run state) go through :func:`retrying` for SQLite's
+``database is locked``.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from cxr_core.config import Settings, get_settings
+
+T = TypeVar("T")
+
+
+@dataclass
+class Database:
+    """An engine with its session factory; one per process (the app caches it)."""
+
+    engine: Engine
+    factory: sessionmaker[Session]
+    url: str
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on error."""
+        with self.factory.begin() as s:
+            yield s
+
+    def write(self, fn: Callable[[Session], T], *, attempts: int = 8) -> T:
+        """Run ``fn(session)`` in its own short transaction, retrying lock errors."""
+        return retrying(lambda: self._once(fn), attempts=attempts)
+
+    def _once(self, fn: Callable[[Session], T]) -> T:
+        with self.session() as s:
+            return fn(s)
+
+
+def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
+    """Call ``fn`` again (jittered back-off) when the DB reports a lock or busy error."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except OperationalError as exc:
+            msg = str(exc).lower()
+            if attempt == attempts - 1 or not ("locked" in msg or "busy" in msg):
+                raise
+            time.sleep(min(2.0, 0.05 * 2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def open_db(settings: Settings | None = None, *, url: str | None = None) -> Database:
+    """Open (and migrate to the newest schema) the configured database.
+
+    Args:
+        settings: defaults to :func:`cxr_core.config.get_settings`.
+        url: overrides the settings' URL.
+
+    Returns:
+        A ready database.
+    """
+    from db.engine import make_engine, session_factory, upgrade
+
+    url = url or (settings or get_settings()).db_url
+    engine = make_engine(url)
+    upgrade(engine)
+    return Database(engine, session_factory(engine), url)

@@ -1,0 +1,215 @@
+"""Typed SQLAlchemy 2.0 models: the whole schema of the product.
+
+Only ``cxr_core.storage`` imports these; everything else sees dataclasses.
+Schema changes go through Alembic (``db/migrations``); never ``create_all`` in production code.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
+                        Text, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Dataset(Base):
+    """A dataset on disk (folder tree or .npz) registered by path."""
+
+    __tablename__ = "datasets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    root: Mapped[str] = mapped_column(Text)
+    layout: Mapped[str] = mapped_column(String(20))  # kaggle | folders | npz
+    classes_json: Mapped[str] = mapped_column(Text, default="[]")  # folder classes, sorted
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    scan_seconds: Mapped[float | None] = mapped_column(Float)
+    summary_json: Mapped[str | None] = mapped_column(Text)  # counts of the last index run
+
+
+class ImageRow(Base):
+    """One image of a dataset, from its header only. Original labels are never overwritten."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("dataset_id", "relpath"),
+                      Index("ix_images_dataset_sha", "dataset_id", "sha256"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    relpath: Mapped[str] = mapped_column(Text)  # path under root; "npz:<split>:<i>" for arrays
+    split: Mapped[str] = mapped_column(String(20))  # train | val | test | "" (no split folder)
+    label: Mapped[str] = mapped_column(String(100))  # original folder class, e.g. PNEUMONIA
+    subtype: Mapped[str | None] = mapped_column(String(50))  # bacteria | virus | None
+    patient: Mapped[str | None] = mapped_column(String(100))
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    mode: Mapped[str | None] = mapped_column(String(20))
+    bytes: Mapped[int | None] = mapped_column(BigInteger)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)  # why it is unreadable, else None
+
+
+class AugPreset(Base):
+    """A named augmentation config (AugmentConfig JSON)."""
+
+    __tablename__ = "aug_presets"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    config_json: Mapped[str] = mapped_column(Text)
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Run(Base):
+    """A training run: queued → running → finished | failed | cancelled."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(20), index=True, default="queued")
+    config_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    worker_id: Mapped[int | None] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    resume_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    epochs_done: Mapped[int] = mapped_column(Integer, default=0)
+    artifact_dir: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    label_snapshot_hash: Mapped[str | None] = mapped_column(String(64))
+    label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
+    summary_json: Mapped[str | None] = mapped_column(Text)  # final val metrics etc.
+
+
+class Worker(Base):
+    """A training worker process and its heartbeat."""
+
+    __tablename__ = "workers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pid: Mapped[int] = mapped_column(Integer)
+    host: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Metric(Base):
+    """Long-form metrics: (run, kind, step, key, value), so pages call px.line(color=...)."""
+
+    __tablename__ = "metrics"
+    __table_args__ = (Index("ix_metrics_run_kind_step", "run_id", "kind", "step"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(10))  # epoch | batch
+    step: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(100))
+    value: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class RunLog(Base):
+    """Log lines of a run, shown on the training page."""
+
+    __tablename__ = "run_logs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    level: Mapped[str] = mapped_column(String(10), default="info")
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Evaluation(Base):
+    """One evaluation of a model on a set of images; per-image outputs in EvalPrediction."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    model_ref: Mapped[str] = mapped_column(Text)  # "run:ID", "default" or a file path
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
+    split: Mapped[str] = mapped_column(String(20), default="")
+    source: Mapped[str] = mapped_column(Text, default="")  # path evaluated, when not indexed
+    labels_json: Mapped[str] = mapped_column(Text)  # class names, index order of probs
+    images_key: Mapped[str] = mapped_column(String(64))  # hash of the ordered image ids/paths
+    metrics_json: Mapped[str] = mapped_column(Text, default="{}")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class EvalPrediction(Base):
+    """Per-image probabilities of an evaluation."""
+
+    __tablename__ = "eval_predictions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    evaluation_id: Mapped[int] = mapped_column(
+        ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="SET NULL"))
+    path: Mapped[str] = mapped_column(Text, default="")
+    y_true: Mapped[int] = mapped_column(Integer)
+    probs_json: Mapped[str] = mapped_column(Text)
+
+
+class OperatingPoint(Base):
+    """Threshold history of a run; the newest row is the run's operating point."""
+
+    __tablename__ = "operating_points"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    threshold: Mapped[float] = mapped_column(Float)
+    method: Mapped[str] = mapped_column(String(30))  # sensitivity | youden | manual
+    target: Mapped[float | None] = mapped_column(Float)
+    sensitivity: Mapped[float | None] = mapped_column(Float)
+    specificity: Mapped[float | None] = mapped_column(Float)
+    changed_by: Mapped[str] = mapped_column(String(200), default="system")
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ReviewItem(Base):
+    """An image sent to the review queue (from Predict or Compare) with the model output shown."""
+
+    __tablename__ = "review_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    upload_sha256: Mapped[str | None] = mapped_column(String(64))  # uploads: stored by hash
+    source: Mapped[str] = mapped_column(String(30))  # predict | compare
+    run_ref: Mapped[str | None] = mapped_column(String(200))  # "run:ID" | "default"
+    predicted: Mapped[str | None] = mapped_column(String(100))
+    probs_json: Mapped[str | None] = mapped_column(Text)
+    sent_by: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Relabel(Base):
+    """Append-only relabel history. Undo is a new row pointing at the row it undoes."""
+
+    __tablename__ = "relabels"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    old_label: Mapped[str] = mapped_column(String(100))
+    old_subtype: Mapped[str | None] = mapped_column(String(50))
+    new_label: Mapped[str] = mapped_column(String(100))
+    new_subtype: Mapped[str | None] = mapped_column(String(50))
+    reviewer: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str] = mapped_column(Text, default="")
+    run_ref: Mapped[str | None] = mapped_column(String(200))  # model shown to the reviewer
+    score: Mapped[float | None] = mapped_column(Float)  # model probability shown
+    undo_of: Mapped[int | None] = mapped_column(ForeignKey("relabels.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,18 @@
+"""Entry point: page config, session defaults, navigation. Nothing else (see HOUSE_STYLE.md)."""
+from __future__ import annotations
+
+import streamlit as st
+
+st.set_page_config(page_title="CXR Workbench", page_icon=":material/pulmonology:", layout="wide")
+st.session_state.setdefault("dataset_name", None)
+
+PAGES = {
+    "Overview": [
+        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+    ],
+    "Data": [
+        st.Page("pages/class_balance.py", title="Class balance", icon=":material/bar_chart:"),
+    ],
+}
+
+st.navigation(PAGES).run()

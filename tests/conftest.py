@@ -1,0 +1,77 @@
+"""Shared fixtures: a temporary CXR_HOME/DB per test and the real shared data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on a GPU host
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _shared_data() -> Path:
+    env = os.environ.get("CXR_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real data folder (../shared/data); CI sets CXR_SHARED_DATA and requires it."""
+    path = _shared_data()
+    if not (path / "chest_xray_224" / "train").is_dir():
+        if os.environ.get("CXR_REQUIRE_DATA") == "1":
+            pytest.fail(f"real data required but missing at {path}")
+        pytest.skip(f"real data not found at {path}")
+    return path
+
+
+@pytest.fixture()
+def cxr_home(tmp_path, monkeypatch) -> Path:
+    """A fresh CXR_HOME with its own SQLite DB for one test."""
+    home = tmp_path / "cxr_home"
+    home.mkdir()
+    monkeypatch.setenv("CXR_HOME", str(home))
+    monkeypatch.delenv("CXR_DB_URL", raising=False)
+    monkeypatch.delenv("CXR_DATA_DIR", raising=False)
+    return home
+
+
+def write_image(path: Path, *, size=(32, 32), mode="L", seed=0, fmt=None) -> Path:
+    """A small real image file with random content (distinct per seed)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    arr = rng.integers(0, 256, shape, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr, mode="L" if mode == "L" else "RGB").convert(mode).save(path, format=fmt)
+    return path
+
+
+# Kermany-style names: 3 normal patients (one with 2 images), 3 pneumonia patients.
+TINY_FILES = {
+    "train/NORMAL": ["IM-0001-0001.jpeg", "IM-0001-0002.jpeg", "IM-0002-0001.jpeg",
+                     "NORMAL2-IM-0003-0001.jpeg", "IM-0004-0001.jpeg", "IM-0005-0001.jpeg"],
+    "train/PNEUMONIA": ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg",
+                        "person2_virus_3.jpeg", "person3_bacteria_4.jpeg",
+                        "person4_virus_5.jpeg", "person5_bacteria_6.jpeg",
+                        "person6_virus_7.jpeg", "person7_bacteria_8.jpeg"],
+    "test/NORMAL": ["IM-0100-0001.jpeg", "IM-0101-0001.jpeg"],
+    "test/PNEUMONIA": ["person100_bacteria_1.jpeg", "person101_virus_2.jpeg"],
+}
+
+
+@pytest.fixture()
+def tiny_dataset(tmp_path) -> Path:
+    """A Kaggle-layout dataset of 18 generated 32x32 JPEGs with Kermany file names."""
+    root = tmp_path / "chest_xray"
+    seed = 0
+    for folder, names in TINY_FILES.items():
+        for name in names:
+            seed += 1
+            write_image(root / folder / name, seed=seed)
+    return root
