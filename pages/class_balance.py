@@ -55,7 +55,8 @@ def sizes_ui(rep: BalanceReport) -> None:
 def split_ui(rep: BalanceReport) -> None:
     st.subheader("Patient-grouped split (validation made from train)")
     ok = rep.split_overlap == 0
-    st.caption(f"{'✅' if ok else '❌'} patients in both train and validation: "
+    icon = ":material/check_circle:" if ok else ":material/error:"
+    st.caption(f"{icon} patients in both train and validation: "
                f"**{rep.split_overlap}**; byte-identical duplicates are kept in one split.")
     split = pd.DataFrame(rep.split_counts)
     if not split.empty:

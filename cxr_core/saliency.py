@@ -1,0 +1,559 @@
+"""Saliency maps for Keras classifiers, computed with tf-keras-vis, and their rendering.
+
+Computation returns data: ``(N, H, W)`` float32 maps in [0, 1], one per input image, at the
+input's size. Rendering is separate: :func:`overlay` turns an image and a map into an RGB
+picture, and :func:`heat_outside_center` / :func:`shortcut_warning` flag maps whose heat lies on
+markers, text or borders rather than the chest (a known shortcut in the Kermany dataset).
+
+Models follow the package convention: a flat functional graph, one float32 image input in
+[0, 255] (preprocessing inside the model), and one output layer ``predictions`` that is either
+a 1-unit sigmoid (binary, class 1 = PNEUMONIA) or an n-unit softmax.
+
+:class:`SaliencyExplainer` holds one linear-output clone of the model and the tf-keras-vis
+visualizers built on it, so repeated calls on a warm model do not clone again; the UI side keeps
+one per model with ``st.cache_resource``. :func:`compute_saliency` is the one-shot form.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any
+
+import keras
+import numpy as np
+from PIL import Image
+from tf_keras_vis.gradcam import Gradcam
+from tf_keras_vis.gradcam_plus_plus import GradcamPlusPlus
+from tf_keras_vis.saliency import Saliency
+from tf_keras_vis.scorecam import Scorecam
+from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
+
+from cxr_core.errors import ConfigError, ModelError
+
+METHODS = ("gradcam", "gradcam++", "scorecam", "smoothgrad")
+COLORMAPS = ("jet", "inferno")
+_SMOOTH_BATCH = 32  # images per SmoothGrad gradient pass: bounds memory at 224 px
+
+# Layers that end the spatial part of a classifier; the saliency layer is the one feeding them.
+_SPATIAL_END = (
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalMaxPooling2D,
+    keras.layers.Flatten,
+)
+# 4-D layers that only resample or regularise a feature map: explain the map they receive.
+_NOT_FEATURE_MAP = (
+    keras.layers.Dropout,
+    keras.layers.MaxPooling2D,
+    keras.layers.AveragePooling2D,
+    keras.layers.ZeroPadding2D,
+)
+# matplotlib's inferno sampled at 11 evenly spaced stops (0, 0.1, ..., 1), RGB 0-255.
+_INFERNO_STOPS = np.array(
+    [
+        (0, 0, 4), (22, 11, 57), (66, 10, 104), (106, 23, 110), (147, 38, 103), (188, 55, 84),
+        (221, 81, 58), (243, 120, 25), (252, 165, 10), (246, 215, 70), (252, 255, 164),
+    ],
+    dtype=np.float32,
+)
+
+
+# Layer discovery
+
+
+def _layer_rank(layer: keras.layers.Layer) -> int | None:
+    """Rank of a layer's (single) output tensor, or None when it has no single output."""
+    try:
+        return len(layer.output.shape)
+    except (AttributeError, ValueError):  # shared layers or layers never called
+        return None
+
+
+def find_saliency_layer(model: keras.Model) -> str:
+    """Name the layer whose feature maps CAM methods should explain.
+
+    That is the last layer with a 4-D output (batch, height, width, channels) before the first
+    global pooling or flatten layer, e.g. ``out_relu`` in MobileNetV2, skipping pooling, padding
+    and dropout layers (``block3_relu``, not ``block3_dropout``). It must come after at least
+    one convolution, otherwise the maps would explain raw pixels.
+
+    Args:
+        model: A flat functional Keras model.
+
+    Returns:
+        The layer name.
+
+    Raises:
+        ModelError: When the model has no convolutional feature map.
+    """
+    candidate, seen_conv = None, False
+    for layer in model.layers:
+        if isinstance(layer, _SPATIAL_END):
+            break
+        seen_conv = seen_conv or "conv" in type(layer).__name__.lower()
+        if seen_conv and not isinstance(layer, _NOT_FEATURE_MAP) and _layer_rank(layer) == 4:
+            candidate = layer
+    if candidate is None:
+        raise ModelError(
+            "Expected a model with a convolutional 4-D feature map before global pooling. "
+            f"Received: model={model.name!r} with no such layer."
+        )
+    return candidate.name
+
+
+# Validation
+
+
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"Expected method to be one of {METHODS}. Received: method={method!r}")
+
+
+def _check_options(smooth_samples: int, smooth_noise: float, scorecam_max_n: int | None) -> None:
+    if int(smooth_samples) < 1:
+        raise ConfigError(
+            f"Expected smooth_samples >= 1. Received: smooth_samples={smooth_samples}"
+        )
+    if not 0.0 <= float(smooth_noise) <= 1.0:
+        raise ConfigError(f"Expected smooth_noise in [0, 1]. Received: smooth_noise={smooth_noise}")
+    if scorecam_max_n is not None and int(scorecam_max_n) < 0:
+        raise ConfigError(
+            "Expected scorecam_max_n >= 0 (0 or None = full Score-CAM). "
+            f"Received: scorecam_max_n={scorecam_max_n}"
+        )
+
+
+def _check_model(model: keras.Model) -> int:
+    """Check the single image input / single class output convention; return the unit count."""
+    if len(model.inputs) != 1 or len(model.inputs[0].shape) != 4:
+        shapes = [tuple(t.shape) for t in model.inputs]
+        raise ModelError(f"Expected one (H, W, C) image input. Received: inputs={shapes}")
+    if len(model.outputs) != 1 or len(model.outputs[0].shape) != 2:
+        shapes = [tuple(t.shape) for t in model.outputs]
+        raise ModelError(f"Expected one (classes,) output. Received: outputs={shapes}")
+    return int(model.outputs[0].shape[-1])
+
+
+def _as_batch(model: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Return images as a float32 (N, H, W, C) batch matching the model input."""
+    expected = tuple(model.inputs[0].shape[1:])
+    batch = np.asarray(images, dtype=np.float32)
+    if batch.ndim == len(expected):
+        batch = batch[None]
+    fits = batch.ndim == 4 and all(e is None or e == r for e, r in zip(expected, batch.shape[1:]))
+    if not fits or batch.shape[0] == 0:
+        raise ConfigError(
+            f"Expected images of shape (N, {', '.join(map(str, expected))}) or a single image. "
+            f"Received: images.shape={np.shape(images)}"
+        )
+    return batch
+
+
+# Map post-processing
+
+
+def _normalize_maps(maps: np.ndarray) -> np.ndarray:
+    """Min-max normalize each map to [0, 1]; flat, all-zero or non-finite maps become zeros."""
+    maps = np.nan_to_num(np.asarray(maps, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    flat = span <= 1e-12
+    out = np.where(flat, 0.0, (maps - low) / np.where(flat, 1.0, span))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def _resize_maps(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Bilinear resize of (N, h, w) maps; a no-op when the size already matches."""
+    if maps.shape[1:] == (height, width):
+        return maps
+    bilinear = Image.Resampling.BILINEAR
+    # A 2-D float32 array becomes a PIL "F" image: resizing keeps the float values.
+    resized = [
+        np.asarray(Image.fromarray(m.astype(np.float32)).resize((width, height), bilinear))
+        for m in maps
+    ]
+    return np.stack(resized).astype(np.float32)
+
+
+# Explainer
+
+
+class SaliencyExplainer:
+    """Saliency maps for one model, reusing its linear clone and visualizers between calls.
+
+    The model is cloned once (on first use) and the clone's output activation replaced by a
+    linear one (tf-keras-vis ``ReplaceToLinear``): gradients of logits rather than of saturated
+    probabilities. The caller's model is never modified.
+
+    Args:
+        model: A flat functional classifier following the package convention.
+        layer: Name of the layer CAM methods explain; None = :func:`find_saliency_layer`.
+
+    Raises:
+        ModelError: When the model does not follow the convention.
+        ConfigError: When ``layer`` is not a 4-D layer of the model.
+    """
+
+    def __init__(self, model: keras.Model, layer: str | None = None) -> None:
+        self.model = model
+        self.num_units = _check_model(model)
+        self.layer = layer if layer is not None else find_saliency_layer(model)
+        self._check_layer()
+        self._linear: keras.Model | None = None
+        self._visualizers: dict[str, Any] = {}
+        self._lock = threading.Lock()  # the UI may share one explainer between sessions
+
+    @property
+    def binary(self) -> bool:
+        """Whether the model has a single sigmoid unit (class 1 = PNEUMONIA)."""
+        return self.num_units == 1
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes: 2 for a binary model."""
+        return 2 if self.binary else self.num_units
+
+    def _check_layer(self) -> None:
+        names = [layer.name for layer in self.model.layers]
+        if self.layer not in names or _layer_rank(self.model.get_layer(self.layer)) != 4:
+            raise ConfigError(
+                "Expected layer to name a layer of the model with a 4-D output. "
+                f"Received: layer={self.layer!r}"
+            )
+
+    def predicted_classes(self, images: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
+        """Predicted class index per image (binary: 1 when p(pneumonia) >= threshold).
+
+        Args:
+            images: (N, H, W, C) or (H, W, C) float images in [0, 255].
+            threshold: Operating point of a binary model; pass the run's stored threshold.
+
+        Returns:
+            (N,) int array of class indices.
+        """
+        batch = _as_batch(self.model, images)
+        probs = np.asarray(self.model(batch, training=False))
+        if self.binary:
+            return (probs[:, 0] >= threshold).astype(int)
+        return probs.argmax(axis=-1).astype(int)
+
+    def _targets(self, batch: np.ndarray, class_index: int | None, threshold: float) -> list[int]:
+        if class_index is None:
+            return self.predicted_classes(batch, threshold=threshold).tolist()
+        integral = isinstance(class_index, (int, np.integer)) and not isinstance(class_index, bool)
+        if not integral or not 0 <= class_index < self.num_classes:
+            raise ConfigError(
+                f"Expected class_index in [0, {self.num_classes - 1}] or None. "
+                f"Received: class_index={class_index!r}"
+            )
+        return [int(class_index)] * len(batch)
+
+    def _score(self, targets: list[int], method: str) -> BinaryScore | CategoricalScore:
+        # Score-CAM always sees a categorical output (see _scorecam_model).
+        if self.binary and method != "scorecam":
+            return BinaryScore([bool(t) for t in targets])  # False = 1 - p, via -logit
+        return CategoricalScore(targets)
+
+    def _linear_model(self) -> keras.Model:
+        if self._linear is None:
+            clone = keras.models.clone_model(self.model)
+            clone.set_weights(self.model.get_weights())
+            ReplaceToLinear()(clone)
+            self._linear = clone
+        return self._linear
+
+    def _list_input_model(self) -> keras.Model:
+        """The linear clone re-wrapped to take a list of one input.
+
+        tf-keras-vis calls models with a list of inputs; a Keras 3 model built on a single
+        input tensor then warns that the input structure does not match.
+        """
+        linear = self._linear_model()
+        return keras.Model(linear.inputs, linear.outputs, name=f"{self.model.name}_linear")
+
+    def _scorecam_model(self) -> keras.Model:
+        """The linear clone with an output Score-CAM can use.
+
+        tf-keras-vis Score-CAM applies softmax to the model output before scoring. On a 1-unit
+        output that softmax is always 1, so every channel gets the same weight
+        (tf-keras-vis#78, #103). Outputting logits [0, z] makes that softmax [1 - p, p];
+        for softmax models the linear logits make it the class probabilities.
+        """
+        linear = self._linear_model()
+        logits = linear.outputs[0]
+        if self.binary:
+            logits = keras.ops.concatenate([keras.ops.zeros_like(logits), logits], axis=-1)
+        model = keras.Model(linear.inputs, logits, name=f"{self.model.name}_scorecam")
+        # Score-CAM calls model.predict on every masked batch; keep the console quiet.
+        model.predict = functools.partial(model.predict, verbose=0)
+        return model
+
+    def _visualizer(self, method: str) -> Any:
+        with self._lock:
+            if method not in self._visualizers:
+                # The clone is made here once, so the visualizers do not clone again.
+                if method == "scorecam":
+                    made = Scorecam(self._scorecam_model(), clone=False)
+                else:
+                    kind = {"gradcam": Gradcam, "gradcam++": GradcamPlusPlus,
+                            "smoothgrad": Saliency}[method]
+                    made = kind(self._list_input_model(), clone=False)
+                self._visualizers[method] = made
+            return self._visualizers[method]
+
+    def explain(
+        self,
+        images: np.ndarray,
+        method: str,
+        class_index: int | None = None,
+        *,
+        threshold: float = 0.5,
+        smooth_samples: int = 20,
+        smooth_noise: float = 0.2,
+        scorecam_max_n: int | None = 32,
+        seed: int = 0,
+    ) -> np.ndarray:
+        """Compute one saliency map per image.
+
+        Args:
+            images: (N, H, W, C) or (H, W, C) float images in [0, 255], matching the model input.
+            method: One of :data:`METHODS`.
+            class_index: Class to explain; None = each image's predicted class. For a binary
+                model 1 = PNEUMONIA (score p) and 0 = NORMAL (score 1 - p).
+            threshold: Binary operating point used when ``class_index`` is None.
+            smooth_samples: Noisy copies averaged by SmoothGrad.
+            smooth_noise: SmoothGrad noise sigma as a fraction of each image's value range.
+            scorecam_max_n: Faster Score-CAM: keep the N feature maps of highest variance;
+                None or 0 = full Score-CAM (one forward pass per channel: slow).
+            seed: Seed of the SmoothGrad noise.
+
+        Returns:
+            (N, H, W) float32 maps in [0, 1]; a map with no signal is all zeros.
+
+        Raises:
+            ConfigError: On an unknown method, a bad class index, option or image shape.
+        """
+        _check_method(method)
+        _check_options(smooth_samples, smooth_noise, scorecam_max_n)
+        batch = _as_batch(self.model, images)
+        targets = self._targets(batch, class_index, threshold)
+        if method == "smoothgrad":
+            raw = self._smoothgrad(batch, targets, int(smooth_samples), float(smooth_noise), seed)
+        elif method == "scorecam":
+            raw = self._scorecam(batch, self._score(targets, method), scorecam_max_n)
+        else:
+            raw = self._visualizer(method)(
+                self._score(targets, method), batch, penultimate_layer=self.layer,
+                seek_penultimate_conv_layer=False, normalize_cam=False,
+            )
+        raw = _resize_maps(np.asarray(raw, dtype=np.float32), *batch.shape[1:3])
+        return _normalize_maps(raw)
+
+    def _scorecam(self, batch: np.ndarray, score: CategoricalScore, max_n: int | None) -> Any:
+        visualizer = self._visualizer("scorecam")
+        channels = int(self.model.get_layer(self.layer).output.shape[-1])
+        max_n = None if not max_n else min(int(max_n), channels)
+        return visualizer(
+            score, batch, penultimate_layer=self.layer, seek_penultimate_conv_layer=False,
+            max_N=max_n, normalize_cam=False,
+        )
+
+    def _smoothgrad(
+        self, batch: np.ndarray, targets: list[int], samples: int, noise: float, seed: int
+    ) -> np.ndarray:
+        """SmoothGrad with a private seeded generator and batched noisy copies.
+
+        tf-keras-vis's own ``smooth_samples`` draws its noise from the global ``np.random``
+        (seeding it would mutate process-wide state shared by Streamlit sessions) and runs one
+        pass per copy. So the noise is drawn here with the same recipe (sigma = noise * each
+        image's value range; mean |gradient|; max over channels) and tf-keras-vis computes the
+        plain gradients of up to ``_SMOOTH_BATCH`` noisy images per pass (about 3x faster on CPU).
+        """
+        visualizer = self._visualizer("smoothgrad")
+        rng = np.random.default_rng(seed)
+        axes = tuple(range(1, batch.ndim))
+        sigma = noise * (batch.max(axis=axes, keepdims=True) - batch.min(axis=axes, keepdims=True))
+        per_pass = max(1, _SMOOTH_BATCH // len(batch))  # noisy copies of the batch per pass
+        total, done = np.zeros_like(batch), 0
+        while done < samples:
+            copies = min(per_pass, samples - done)
+            noisy = batch + rng.standard_normal((copies, *batch.shape)) * sigma  # copy-major
+            grads = visualizer(
+                self._score(targets * copies, "smoothgrad"),
+                noisy.reshape(-1, *batch.shape[1:]).astype(np.float32),
+                keepdims=True, normalize_map=False,
+            )
+            total += np.asarray(grads).reshape(copies, *batch.shape).sum(axis=0)
+            done += copies
+        return (total / samples).max(axis=-1)
+
+
+def compute_saliency(
+    model: keras.Model,
+    images: np.ndarray,
+    *,
+    method: str,
+    class_index: int | None = None,
+    layer: str | None = None,
+    threshold: float = 0.5,
+    smooth_samples: int = 20,
+    smooth_noise: float = 0.2,
+    scorecam_max_n: int | None = 32,
+    seed: int = 0,
+) -> np.ndarray:
+    """One-shot saliency maps; clones the model each call (keep a SaliencyExplainer to reuse).
+
+    Args:
+        model: A flat functional classifier following the package convention.
+        images: (N, H, W, C) or (H, W, C) float images in [0, 255].
+        method: One of :data:`METHODS`.
+        class_index: Class to explain; None = predicted class (binary: 1 = PNEUMONIA, 0 = NORMAL).
+        layer: Layer CAM methods explain; None = :func:`find_saliency_layer`.
+        threshold: Binary operating point used when ``class_index`` is None.
+        smooth_samples: Noisy copies averaged by SmoothGrad.
+        smooth_noise: SmoothGrad noise sigma as a fraction of each image's value range.
+        scorecam_max_n: Faster Score-CAM channel count; None or 0 = full Score-CAM.
+        seed: Seed of the SmoothGrad noise.
+
+    Returns:
+        (N, H, W) float32 maps in [0, 1].
+
+    Raises:
+        ConfigError: On an unknown method, a bad class index, layer, option or image shape.
+        ModelError: When the model does not follow the convention.
+    """
+    _check_method(method)  # fail before the model is analysed
+    return SaliencyExplainer(model, layer=layer).explain(
+        images, method, class_index, threshold=threshold, smooth_samples=smooth_samples,
+        smooth_noise=smooth_noise, scorecam_max_n=scorecam_max_n, seed=seed,
+    )
+
+
+# Rendering
+
+
+def _colorize(heatmap: np.ndarray, colormap: str) -> np.ndarray:
+    """Map [0, 1] values to RGB floats in [0, 255] with a numpy lookup (no matplotlib)."""
+    if colormap == "jet":
+        # The classic piecewise-linear jet: blue -> cyan -> yellow -> red.
+        rgb = [np.clip(1.5 - np.abs(4.0 * heatmap - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)]
+        return np.stack(rgb, axis=-1) * 255.0
+    stops = np.linspace(0.0, 1.0, len(_INFERNO_STOPS))
+    return np.stack([np.interp(heatmap, stops, _INFERNO_STOPS[:, c]) for c in range(3)], axis=-1)
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    """An (H, W), (H, W, 1) or (H, W, 3) image as float RGB in [0, 255]."""
+    img = np.asarray(image)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    if img.ndim == 2:
+        img = np.stack([img] * 3, axis=-1)
+    if img.ndim != 3 or img.shape[-1] != 3:
+        raise ConfigError(
+            "Expected an (H, W), (H, W, 1) or (H, W, 3) image. "
+            f"Received: image.shape={np.shape(image)}"
+        )
+    return np.clip(np.nan_to_num(img.astype(np.float32)), 0.0, 255.0)
+
+
+def overlay(
+    image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4, colormap: str = "jet"
+) -> np.ndarray:
+    """Blend a colored heatmap over an image.
+
+    Args:
+        image: (H, W), (H, W, 1) or (H, W, 3) image, uint8 or float in [0, 255].
+        heatmap: 2-D map in [0, 1]; resized (bilinear) to the image when the sizes differ.
+        alpha: Heatmap weight: 0 returns the image, 1 the colored map.
+        colormap: One of :data:`COLORMAPS`.
+
+    Returns:
+        (H, W, 3) uint8 RGB picture.
+
+    Raises:
+        ConfigError: On a bad alpha, colormap or array shape.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"Expected alpha in [0, 1]. Received: alpha={alpha}")
+    if colormap not in COLORMAPS:
+        raise ConfigError(f"Expected colormap in {COLORMAPS}. Received: colormap={colormap!r}")
+    rgb = _as_rgb(image)
+    heat = np.asarray(heatmap, dtype=np.float32)
+    if heat.ndim != 2:
+        raise ConfigError(f"Expected a 2-D heatmap. Received: heatmap.shape={np.shape(heatmap)}")
+    heat = _resize_maps(heat[None], *rgb.shape[:2])[0]
+    heat = np.clip(np.nan_to_num(heat), 0.0, 1.0)
+    blended = (1.0 - alpha) * rgb + alpha * _colorize(heat, colormap)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+# Shortcut checks
+
+
+def heat_outside_center(heatmap: np.ndarray, *, center_fraction: float = 0.6) -> float:
+    """Fraction of a map's total heat that lies outside the central chest region.
+
+    The central region is a centered box covering ``center_fraction`` of the width and of the
+    height. A uniform map gives ``1 - center_fraction**2`` (0.64 at the default).
+
+    Args:
+        heatmap: 2-D non-negative map (negative and non-finite values count as 0).
+        center_fraction: Box side as a fraction of the image side, in (0, 1].
+
+    Returns:
+        A value in [0, 1]; 0.0 for a map with no heat.
+
+    Raises:
+        ConfigError: On a bad fraction or a map that is not 2-D.
+    """
+    if not 0.0 < center_fraction <= 1.0:
+        raise ConfigError(
+            f"Expected center_fraction in (0, 1]. Received: center_fraction={center_fraction}"
+        )
+    heat = np.asarray(heatmap, dtype=np.float64)
+    if heat.ndim != 2:
+        raise ConfigError(f"Expected a 2-D heatmap. Received: heatmap.shape={np.shape(heatmap)}")
+    heat = np.clip(np.nan_to_num(heat, nan=0.0, posinf=0.0, neginf=0.0), 0.0, None)
+    total = heat.sum()
+    if total <= 0.0:
+        return 0.0
+    (top, bottom), (left, right) = (_center_span(n, center_fraction) for n in heat.shape)
+    inside = heat[top:bottom, left:right].sum()
+    return float(np.clip(1.0 - inside / total, 0.0, 1.0))
+
+
+def _center_span(size: int, fraction: float) -> tuple[int, int]:
+    """Start and end of a centered span covering ``fraction`` of ``size`` (at least 1 pixel)."""
+    length = max(1, int(round(size * fraction)))
+    start = (size - length) // 2
+    return start, start + length
+
+
+def shortcut_warning(
+    heatmap: np.ndarray, threshold: float = 0.5, *, center_fraction: float = 0.6
+) -> str | None:
+    """A warning when most of a map's heat lies outside the central chest region.
+
+    Args:
+        heatmap: 2-D map in [0, 1].
+        threshold: Outside-heat fraction above which to warn, in [0, 1].
+        center_fraction: See :func:`heat_outside_center`.
+
+    Returns:
+        The message, or None when the heat is mostly central.
+
+    Raises:
+        ConfigError: On a bad threshold or fraction.
+    """
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"Expected threshold in [0, 1]. Received: threshold={threshold}")
+    outside = heat_outside_center(heatmap, center_fraction=center_fraction)
+    if outside <= threshold:
+        return None
+    return (
+        f"{outside:.0%} of the saliency lies outside the central {center_fraction:.0%} of the "
+        f"image (warning above {threshold:.0%}). The model may be looking at markers, text or "
+        "borders instead of the lungs, a known shortcut in this dataset: check the image and "
+        "consider cropping or masking before trusting this prediction."
+    )
