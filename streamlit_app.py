@@ -12,6 +12,10 @@ PAGES = {
     ],
     "Data": [
         st.Page("pages/class_balance.py", title="Class balance", icon=":material/bar_chart:"),
+        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/auto_fix_high:"),
+    ],
+    "Review": [
+        st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
     ],
 }
 

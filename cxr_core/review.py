@@ -1,0 +1,552 @@
+"""Clinician review: queues, label choices, agreement between reviewers, CSV export, viewing.
+
+Storage (append-only relabels, derived labels, snapshots) is in :mod:`cxr_core.storage.reviews`;
+this module turns stored rows into what the review page shows and writes one relabel per click
+through :meth:`Database.write` (short transactions, lock errors retried).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import itertools
+import math
+import random
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, ImageRecord, scheme_label
+from cxr_core.errors import ConfigError, ModelError
+from cxr_core.images import load_image
+from cxr_core.storage import Database
+from cxr_core.storage import datasets as ds_store
+from cxr_core.storage import reviews as store
+from cxr_core.storage.reviews import (Label, LabelSnapshot, RelabelRecord, ReviewItemRecord,
+                                      RunOption, RunPredictions, active_relabels, current_labels,
+                                      label_snapshot, latest_predictions, send_to_review)
+
+__all__ = [
+    "QUEUES", "Agreement", "Conflict", "LabelChoice", "LabelSnapshot", "ModelOutput",
+    "PairAgreement", "QueueEntry", "QueueView", "RelabelRecord", "ReviewItemRecord",
+    "ReviewState", "RunOption", "RunPredictions", "agreement", "build_queue", "cohen_kappa",
+    "current_labels", "eval_class", "export_relabels_csv", "format_label", "label_choices",
+    "label_snapshot", "labels_by_reviewer", "latest_predictions", "load_explainer", "load_state",
+    "model_file", "model_output", "next_in_queue", "queue_view", "relabels_to_csv",
+    "render_view", "reviewed_by", "saliency_map", "saliency_unavailable", "send_to_review",
+    "submit_relabel", "submit_undo", "view_pixels",
+]
+
+QUEUES = {
+    "disagreement": "Model disagrees with the dataset label",
+    "uncertain": "Most uncertain (nearest the operating point)",
+    "sent": "Sent from Predict / Compare",
+    "random": "Random",
+    "class": "By class",
+}
+SUBTYPES = ("bacteria", "virus")
+VIEW_SIZE = 1024  # decode full-resolution films at about this many pixels a side for viewing
+_LOADER = "cxr_core.predict"  # module with load_model_ref(ref) -> keras.Model (another issue)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+def format_label(label: str, subtype: str | None) -> str:
+    """``PNEUMONIA·virus`` for a label with a subtype, else the folder class."""
+    return f"{label}·{subtype}" if subtype else label
+
+
+@dataclass(frozen=True)
+class LabelChoice:
+    """One label button: a folder class with an optional subtype."""
+
+    label: str
+    subtype: str | None
+
+    @property
+    def text(self) -> str:
+        return format_label(self.label, self.subtype)
+
+
+def label_choices(classes: Sequence[str], records: Iterable[ImageRecord]) -> list[LabelChoice]:
+    """The buttons for a dataset: each folder class, split by subtype where the data has them.
+
+    ``NORMAL | PNEUMONIA`` with Kermany file names gives NORMAL, PNEUMONIA·bacteria,
+    PNEUMONIA·virus; classes without subtypes (NORMAL, COVID19, PneumoniaMNIST) stay whole.
+    """
+    with_sub: dict[str, set[str]] = defaultdict(set)
+    for r in records:
+        if r.subtype in SUBTYPES:
+            with_sub[r.label].add(r.subtype)
+    out: list[LabelChoice] = []
+    for c in sorted(set(classes) | set(with_sub)):
+        if with_sub.get(c):
+            out.extend(LabelChoice(c, s) for s in SUBTYPES)
+        else:
+            out.append(LabelChoice(c, None))
+    return out
+
+
+# -- Model outputs --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What the page shows of one model prediction."""
+
+    score: float  # P(pneumonia): column 1 of a binary model, else 1 - P(NORMAL)
+    predicted: str
+    margin: float  # distance to the decision: |score - threshold| (binary) or top-2 gap
+
+
+def model_output(probs: Sequence[float], labels: Sequence[str],
+                 threshold: float | None) -> ModelOutput:
+    """Score, predicted class and decision margin of one probability vector.
+
+    Args:
+        probs: class probabilities in ``labels`` order (a binary model may give P(positive) only).
+        labels: the evaluation's class names.
+        threshold: the run's binary operating point (None: 0.5); multi-class uses the argmax.
+
+    Raises:
+        ConfigError: when probs and labels differ in length.
+    """
+    p = np.asarray(probs, dtype=float)
+    if p.shape == (1,) and len(labels) == 2:
+        p = np.array([1.0 - p[0], p[0]])  # a sigmoid model's single P(positive)
+    if p.ndim != 1 or len(p) != len(labels) or len(p) < 2:
+        raise ConfigError(f"expected one probability per class {tuple(labels)}. "
+                          f"Received: probs={list(probs)}")
+    if len(p) == 2:
+        t = 0.5 if threshold is None else float(threshold)
+        score = float(p[1])
+        return ModelOutput(score, labels[1] if score >= t else labels[0], abs(score - t))
+    top = np.sort(p)[::-1]
+    score = 1.0 - float(p[list(labels).index("NORMAL")]) if "NORMAL" in labels else float(top[0])
+    return ModelOutput(score, labels[int(np.argmax(p))], float(top[0] - top[1]))
+
+
+def eval_class(label: str, subtype: str | None, labels: Sequence[str]) -> str | None:
+    """A folder label in a model's class space (binary, three-class or folder classes)."""
+    if tuple(labels) == BINARY_CLASSES:
+        return scheme_label(label, subtype, "binary")
+    if tuple(labels) == THREE_CLASSES:
+        return scheme_label(label, subtype, "three_class")
+    return label
+
+
+# -- State and queues -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReviewState:
+    """Everything the review page needs about one dataset, read in one transaction."""
+
+    dataset_id: int
+    images: dict[int, ImageRecord]
+    originals: dict[int, Label]
+    current: dict[int, Label]
+    relabels: tuple[RelabelRecord, ...]
+    predictions: RunPredictions | None
+    items: tuple[ReviewItemRecord, ...]  # open items of this dataset, newest first
+    runs: tuple[RunOption, ...]
+    artifact_dirs: dict[str, str | None]  # "run:ID" -> model folder, for every run shown
+    open_uploads: int  # items for uploads: not in a dataset, so not relabelable here
+
+    @property
+    def threshold(self) -> float | None:
+        """The chosen run's operating point (None: no run, or none stored)."""
+        return self.predictions.threshold if self.predictions else None
+
+
+def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> ReviewState:
+    """Read images, relabels, the chosen run's predictions and open review items.
+
+    Args:
+        db: the database.
+        dataset_id: the dataset under review.
+        run_id: whose predictions feed the queues; None (or a run without predictions on this
+            dataset) picks the newest run with predictions.
+    """
+    with db.session() as s:
+        images = {r.id: r for r in ds_store.list_images(session=s, dataset_id=dataset_id)}
+        relabels = store.list_relabels(session=s, dataset_id=dataset_id)
+        runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
+        if runs and run_id not in {r.run_id for r in runs}:
+            run_id = runs[0].run_id  # None or a run of another dataset: the newest run
+        preds = None if run_id is None else store.latest_predictions(
+            session=s, run_id=run_id, dataset_id=dataset_id)
+        items = store.list_review_items(session=s, dataset_id=dataset_id)
+        uploads = store.count_open_uploads(session=s)
+        dirs = {f"run:{r.run_id}": r.artifact_dir for r in runs}
+        for ref in {i.run_ref for i in items if i.run_ref and i.run_ref.startswith("run:")}:
+            if ref not in dirs and ref[4:].isdigit():
+                dirs[ref] = store.run_artifact_dir(session=s, run_id=int(ref[4:]))
+    originals = {i: (r.label, r.subtype) for i, r in images.items()}
+    return ReviewState(dataset_id, images, originals, store.derive_labels(originals, relabels),
+                       tuple(relabels), preds, tuple(items), tuple(runs), dirs, uploads)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One image to review and the model output shown with it."""
+
+    image_id: int
+    run_ref: str | None = None
+    score: float | None = None
+    predicted: str | None = None
+
+
+def _model_entries(state: ReviewState) -> list[tuple[QueueEntry, ModelOutput, str | None]]:
+    p = state.predictions
+    if p is None:
+        return []
+    out = []
+    for image_id, probs in p.probs.items():
+        if image_id not in state.images or state.images[image_id].error:
+            continue
+        m = model_output(probs, p.labels, p.threshold)
+        truth = eval_class(*state.originals[image_id], p.labels)
+        out.append((QueueEntry(image_id, p.model_ref, m.score, m.predicted), m, truth))
+    return out
+
+
+def _entry(state: ReviewState, image_id: int) -> QueueEntry:
+    p = state.predictions
+    if p is None or image_id not in p.probs:
+        return QueueEntry(image_id)
+    m = model_output(p.probs[image_id], p.labels, p.threshold)
+    return QueueEntry(image_id, p.model_ref, m.score, m.predicted)
+
+
+def build_queue(state: ReviewState, kind: str, *, class_name: str | None = None,
+                seed: int = 0) -> list[QueueEntry]:
+    """The images of a queue, in review order.
+
+    Queues are defined on the dataset's original labels, so they stay stable while reviewers
+    work (each reviewer's progress is counted separately: several reviewers may label the same
+    images, which is what the agreement table needs).
+
+    Args:
+        state: from :func:`load_state`.
+        kind: one of :data:`QUEUES`.
+        class_name: the folder class of the "class" queue.
+        seed: order of the "random" queue.
+
+    Raises:
+        ConfigError: unknown queue kind.
+    """
+    if kind not in QUEUES:
+        raise ConfigError(f"queue must be one of {tuple(QUEUES)}. Received: queue={kind!r}")
+    readable = [i for i, r in state.images.items() if not r.error]
+    if kind == "disagreement":
+        rows = [(e, m) for e, m, truth in _model_entries(state)
+                if truth is not None and m.predicted != truth]
+        return [e for e, m in sorted(rows, key=lambda x: (-x[1].margin, x[0].image_id))]
+    if kind == "uncertain":
+        rows = [(e, m) for e, m, _ in _model_entries(state)]
+        return [e for e, m in sorted(rows, key=lambda x: (x[1].margin, x[0].image_id))]
+    if kind == "sent":
+        return _sent_queue(state)
+    if kind == "random":
+        ids = sorted(readable)
+        random.Random(seed).shuffle(ids)
+        return [_entry(state, i) for i in ids]
+    return [_entry(state, i) for i in sorted(readable) if state.originals[i][0] == class_name]
+
+
+def _sent_queue(state: ReviewState) -> list[QueueEntry]:
+    out: dict[int, QueueEntry] = {}
+    for item in state.items:  # newest first: the newest send of an image wins
+        if item.image_id is None or item.image_id in out or item.image_id not in state.images:
+            continue
+        if not (item.run_ref or item.probs):  # sent without a model output: the run's
+            out[item.image_id] = _entry(state, item.image_id)
+            continue
+        binary = item.probs is not None and len(item.probs) in (1, 2)
+        score = float(item.probs[-1]) if binary else None  # binary: P(PNEUMONIA) is last
+        out[item.image_id] = QueueEntry(item.image_id, item.run_ref, score, item.predicted)
+    return list(out.values())
+
+
+def reviewed_by(relabels: Iterable[RelabelRecord], reviewer: str) -> set[int]:
+    """Images with an active relabel (or confirmation) by ``reviewer``."""
+    return {r.image_id for r in active_relabels(relabels) if r.reviewer == reviewer}
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Where a reviewer stands in a queue."""
+
+    current: QueueEntry | None  # next image to show; None when the queue is done
+    n_reviewed: int
+    n_left: int
+    n_total: int
+
+    @property
+    def done_fraction(self) -> float:
+        return self.n_reviewed / self.n_total if self.n_total else 1.0
+
+
+def queue_view(queue: Sequence[QueueEntry], reviewed: set[int],
+               skipped: Sequence[int] = ()) -> QueueView:
+    """The next unreviewed image (skipped ones come back after the rest) and the counts."""
+    left = [e for e in queue if e.image_id not in reviewed]
+    order = {i: n for n, i in enumerate(skipped)}
+    left_sorted = sorted(left, key=lambda e: order.get(e.image_id, -1))  # stable: unskipped first
+    return QueueView(left_sorted[0] if left_sorted else None, len(queue) - len(left), len(left),
+                     len(queue))
+
+
+def next_in_queue(state: ReviewState, kind: str, reviewer: str, *, class_name: str | None = None,
+                  seed: int = 0, skipped: Sequence[int] = ()) -> QueueView:
+    """:func:`build_queue` then :func:`queue_view` for one reviewer (what the page shows)."""
+    queue = build_queue(state, kind, class_name=class_name, seed=seed)
+    return queue_view(queue, reviewed_by(state.relabels, reviewer), skipped)
+
+
+# -- Writing --------------------------------------------------------------------------------
+
+def submit_relabel(db: Database, *, image_id: int, choice: LabelChoice, reviewer: str,
+                   note: str = "", run_ref: str | None = None, score: float | None = None) -> int:
+    """One click: append a relabel row in its own short transaction (lock errors retried).
+
+    Returns:
+        The new relabel id (keep it for undo).
+    """
+    return db.write(lambda s: store.add_relabel(
+        session=s, image_id=image_id, new_label=choice.label, new_subtype=choice.subtype,
+        reviewer=reviewer, note=note, run_ref=run_ref, score=score))
+
+
+def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "") -> int:
+    """Append an undo row for ``relabel_id`` (its own short transaction)."""
+    return db.write(lambda s: store.undo_relabel(session=s, relabel_id=relabel_id,
+                                                 reviewer=reviewer, note=note))
+
+
+# -- Agreement ------------------------------------------------------------------------------
+
+def _latest_by_reviewer(relabels: Iterable[RelabelRecord]) -> dict[str, dict[int, RelabelRecord]]:
+    """reviewer -> image_id -> that reviewer's newest active relabel of the image."""
+    latest: dict[str, dict[int, RelabelRecord]] = defaultdict(dict)
+    for r in active_relabels(relabels):  # id order: newer rows overwrite older ones
+        latest[r.reviewer][r.image_id] = r
+    return latest
+
+
+def labels_by_reviewer(relabels: Iterable[RelabelRecord], image_id: int) -> list[tuple[str, str]]:
+    """(reviewer, label) of every reviewer who labelled the image (their newest label)."""
+    return [(who, format_label(rows[image_id].new_label, rows[image_id].new_subtype))
+            for who, rows in sorted(_latest_by_reviewer(relabels).items()) if image_id in rows]
+
+
+@dataclass(frozen=True)
+class PairAgreement:
+    """Agreement of two reviewers over the images both labelled."""
+
+    reviewer_a: str
+    reviewer_b: str
+    n_images: int
+    agreement: float  # observed fraction of equal labels
+    kappa: float | None  # Cohen's kappa; None when undefined (one label used by both)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An image whose reviewers' newest labels differ."""
+
+    image_id: int
+    relpath: str
+    labels: tuple[tuple[str, str], ...]  # (reviewer, label) pairs
+
+
+@dataclass(frozen=True)
+class Agreement:
+    pairs: tuple[PairAgreement, ...]
+    conflicts: tuple[Conflict, ...]
+
+
+def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
+    """Cohen's kappa of two label sequences (sklearn); None when chance agreement is 1."""
+    from sklearn.metrics import cohen_kappa_score
+
+    if len(a) != len(b):
+        raise ConfigError(f"expected two equally long label lists. Received: {len(a)} and {len(b)}")
+    if not a or len(set(a) | set(b)) < 2:
+        return None
+    k = float(cohen_kappa_score(list(a), list(b)))
+    return None if math.isnan(k) else k
+
+
+def agreement(relabels: Iterable[RelabelRecord]) -> Agreement:
+    """Per-reviewer-pair Cohen's kappa and the list of conflicting images.
+
+    Each reviewer's label of an image is their newest active relabel of it.
+    """
+    rows = _latest_by_reviewer(relabels)
+    latest = {who: {i: format_label(r.new_label, r.new_subtype) for i, r in by_image.items()}
+              for who, by_image in rows.items()}
+    paths = {i: r.relpath for by_image in rows.values() for i, r in by_image.items()}
+    pairs = []
+    for a, b in itertools.combinations(sorted(latest), 2):
+        common = sorted(set(latest[a]) & set(latest[b]))
+        if not common:
+            continue
+        la, lb = [latest[a][i] for i in common], [latest[b][i] for i in common]
+        agree = sum(x == y for x, y in zip(la, lb)) / len(common)
+        pairs.append(PairAgreement(a, b, len(common), agree, cohen_kappa(la, lb)))
+    by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    for reviewer in sorted(latest):
+        for image_id, label in latest[reviewer].items():
+            by_image[image_id].append((reviewer, label))
+    conflicts = [Conflict(i, paths[i], tuple(v)) for i, v in sorted(by_image.items())
+                 if len({label for _, label in v}) > 1]
+    return Agreement(tuple(pairs), tuple(conflicts))
+
+
+# -- Export ---------------------------------------------------------------------------------
+
+_CSV_COLUMNS = [f.name for f in fields(RelabelRecord)]
+
+
+def relabels_to_csv(records: Iterable[RelabelRecord]) -> str:
+    """Every relabel row (undo rows included) as CSV text, one row per relabel."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(_CSV_COLUMNS)
+    for r in records:
+        row = [getattr(r, c) for c in _CSV_COLUMNS]
+        w.writerow(["" if v is None else v.isoformat() if hasattr(v, "isoformat") else v
+                    for v in row])
+    return buf.getvalue()
+
+
+def export_relabels_csv(db: Database, dataset_id: int | None = None) -> str:
+    """CSV of all relabels (of one dataset, or of every dataset)."""
+    with db.session() as s:
+        return relabels_to_csv(store.list_relabels(session=s, dataset_id=dataset_id))
+
+
+# -- Viewing --------------------------------------------------------------------------------
+
+def render_view(image: np.ndarray, *, level: float = 128.0, window: float = 256.0,
+                zoom: float = 1.0, center: tuple[float, float] = (0.5, 0.5),
+                heat: np.ndarray | None = None, alpha: float = 0.4) -> np.ndarray:
+    """Window/level, optional saliency overlay, then zoom: the picture the reviewer sees.
+
+    Args:
+        image: (H, W) or (H, W, 3) uint8 image.
+        level: grey value at the middle of the window (contrast centre).
+        window: width of the grey range stretched to black..white (smaller = more contrast).
+        zoom: magnification >= 1 (a crop of 1/zoom of each side).
+        center: (x, y) of the crop centre as fractions of width and height.
+        heat: optional (h, w) saliency map in [0, 1] blended over the windowed image.
+        alpha: heatmap weight.
+
+    Returns:
+        uint8 (h, w) or (h, w, 3) array.
+
+    Raises:
+        ConfigError: on a window <= 0 or a zoom < 1.
+    """
+    if window <= 0 or zoom < 1:
+        raise ConfigError("expected window > 0 and zoom >= 1. "
+                          f"Received: window={window}, zoom={zoom}")
+    lo = level - window / 2.0
+    out = np.clip((np.asarray(image, dtype=np.float32) - lo) * (255.0 / window), 0, 255)
+    out = np.rint(out).astype(np.uint8)
+    if heat is not None:
+        from cxr_core.saliency import overlay  # keras is imported only when saliency is on
+
+        out = overlay(out, heat, alpha=alpha)
+    h, w = out.shape[:2]
+    ch, cw = max(1, round(h / zoom)), max(1, round(w / zoom))
+    y0 = int(np.clip(round(center[1] * h - ch / 2), 0, h - ch))
+    x0 = int(np.clip(round(center[0] * w - cw / 2), 0, w - cw))
+    return out[y0:y0 + ch, x0:x0 + cw]
+
+
+def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
+    """The .keras file behind a model reference, if one exists on disk."""
+    if ref == "default":
+        folder = DEFAULT_MODEL_DIR
+    elif ref and ref.startswith("run:"):
+        folder = Path(artifact_dir) if artifact_dir else None
+    else:
+        path = Path(ref) if ref else None
+        return path if path is not None and path.is_file() else None
+    if folder is None or not folder.is_dir():
+        return None
+    return next(iter(sorted(folder.rglob("*.keras"))), None)
+
+
+def _loader_available() -> bool:
+    # find_spec does not import the module (which would import keras on every page load).
+    return _LOADER in sys.modules or importlib.util.find_spec(_LOADER) is not None
+
+
+def saliency_unavailable(ref: str | None,
+                         artifact_dirs: dict[str, str | None] | None = None) -> str | None:
+    """Why saliency cannot be shown for ``ref`` (None when it can).
+
+    Args:
+        ref: the model reference shown with the image ("run:ID", "default", a path) or None.
+        artifact_dirs: "run:ID" -> the run's artifact folder (where it keeps its model file).
+    """
+    if ref is None:
+        return "no model output is shown for this image, so there is no model to explain"
+    if model_file(ref, (artifact_dirs or {}).get(ref)) is None:
+        return f"{ref} has no model file (.keras) on disk"
+    if not _loader_available():
+        return "model loading (cxr_core.predict.load_model_ref) is not available yet"
+    return None
+
+
+def load_explainer(ref: str) -> Any:
+    """A saliency explainer for a model reference (loads keras: call it only when needed).
+
+    Raises:
+        ModelError: when no loader exists yet or the model cannot be loaded.
+    """
+    try:
+        from cxr_core.predict import load_model_ref
+    except ImportError as exc:
+        raise ModelError(f"cannot load models yet (cxr_core.predict.load_model_ref is missing). "
+                         f"Received: ref={ref!r}") from exc
+    from cxr_core.saliency import SaliencyExplainer
+
+    return SaliencyExplainer(load_model_ref(ref))
+
+
+def view_pixels(path: str | Path) -> np.ndarray:
+    """The image to review as uint8 (H, W) or (H, W, 3), decoded at about 1024 px a side.
+
+    Raises:
+        ImageLoadError: the file cannot be read.
+    """
+    return np.asarray(load_image(path, draft=VIEW_SIZE))
+
+
+def saliency_map(explainer: Any, image: np.ndarray | str | Path, *, threshold: float | None,
+                 method: str = "gradcam") -> np.ndarray:
+    """An (H, W) map in [0, 1] for one image, at the model's input size.
+
+    Args:
+        explainer: a :class:`cxr_core.saliency.SaliencyExplainer` (cached by the caller).
+        image: (H, W) or (H, W, 3) uint8 image, or its path.
+        threshold: the run's binary operating point (None: 0.5).
+        method: one of :data:`cxr_core.saliency.METHODS`.
+    """
+    from PIL import Image
+
+    from cxr_core.images import to_array
+
+    if not isinstance(image, np.ndarray):
+        image = view_pixels(image)
+    _, size, _, channels = explainer.model.input_shape
+    arr = to_array(Image.fromarray(np.asarray(image)), int(size), int(channels))
+    return explainer.explain(arr.astype(np.float32), method,
+                             threshold=0.5 if threshold is None else threshold)[0]

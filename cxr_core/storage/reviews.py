@@ -1,0 +1,401 @@
+"""Review storage: append-only relabels, derived current labels, label snapshots, review items.
+
+Relabel rows are never updated or deleted. An undo is a new row whose ``undo_of`` names the
+row it cancels; the current label of an image is its newest relabel that is neither an undo row
+nor undone, else its original label. Every writer here is one short ``INSERT`` (plus a small
+update of ``review_items.done``), so many reviewers can write through
+:meth:`cxr_core.storage.Database.write` (which retries SQLite lock errors).
+
+Relabel ids grow with commit order on SQLite (one writer at a time), so "newest" means the
+highest id and ``as_of_relabel_id`` reproduces the labels a training run saw.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from cxr_core.errors import ConfigError
+from db.models import (Evaluation, EvalPrediction, ImageRow, OperatingPoint, Relabel, ReviewItem,
+                       Run)
+
+Label = tuple[str, str | None]  # (folder class, subtype)
+REVIEW_SOURCES = ("predict", "compare", "review")
+
+
+@dataclass(frozen=True)
+class RelabelRecord:
+    """One relabel (or undo) row, with the image's path for exports."""
+
+    id: int
+    image_id: int
+    relpath: str
+    old_label: str
+    old_subtype: str | None
+    new_label: str
+    new_subtype: str | None
+    reviewer: str
+    note: str
+    run_ref: str | None  # model shown to the reviewer, e.g. "run:3"
+    score: float | None  # model probability shown
+    undo_of: int | None  # set on undo rows: the id of the undone row
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class LabelSnapshot:
+    """Identity of a dataset's labels at a point in the relabel history (stored on each run)."""
+
+    hash: str  # sha256 over the sorted (image_id, label, subtype) triples
+    newest_relabel_id: int | None  # None: no relabel yet (labels are the originals)
+    n_relabels: int  # relabel rows (undo rows included) up to newest_relabel_id
+
+
+@dataclass(frozen=True)
+class RunPredictions:
+    """A run's newest per-image probabilities on one dataset and its operating point."""
+
+    run_id: int
+    model_ref: str  # "run:ID"
+    labels: tuple[str, ...]  # class names, order of each probability vector
+    probs: dict[int, tuple[float, ...]]  # image_id -> class probabilities
+    threshold: float | None  # newest operating point (binary P(PNEUMONIA)); None: none stored
+
+
+@dataclass(frozen=True)
+class RunOption:
+    """A run that has stored predictions on a dataset (for the review page's run picker)."""
+
+    run_id: int
+    name: str
+    n_predictions: int
+    artifact_dir: str | None
+
+
+@dataclass(frozen=True)
+class ReviewItemRecord:
+    """An image (or upload) sent to review from Predict or Compare."""
+
+    id: int
+    image_id: int | None
+    upload_sha256: str | None
+    source: str
+    run_ref: str | None
+    predicted: str | None
+    probs: tuple[float, ...] | None
+    sent_by: str
+    created_at: datetime
+    done: bool
+
+
+# -- Relabels -------------------------------------------------------------------------------
+
+def _record(row: Relabel, relpath: str) -> RelabelRecord:
+    return RelabelRecord(row.id, row.image_id, relpath, row.old_label, row.old_subtype,
+                         row.new_label, row.new_subtype, row.reviewer, row.note, row.run_ref,
+                         row.score, row.undo_of, row.created_at)
+
+
+def list_relabels(*, session: Session, dataset_id: int | None = None,
+                  image_ids: Sequence[int] | None = None,
+                  as_of_relabel_id: int | None = None) -> list[RelabelRecord]:
+    """Relabel rows (undo rows included), oldest first.
+
+    Args:
+        session: the open session.
+        dataset_id: only images of this dataset (None: every dataset).
+        image_ids: only these images.
+        as_of_relabel_id: only rows with ``id <= as_of_relabel_id``.
+
+    Returns:
+        The rows as records, in id order.
+    """
+    q = select(Relabel, ImageRow.relpath).join(ImageRow, ImageRow.id == Relabel.image_id)
+    if dataset_id is not None:
+        q = q.where(ImageRow.dataset_id == dataset_id)
+    if image_ids is not None:
+        q = q.where(Relabel.image_id.in_(list(image_ids)))
+    if as_of_relabel_id is not None:
+        q = q.where(Relabel.id <= as_of_relabel_id)
+    return [_record(row, relpath) for row, relpath in session.execute(q.order_by(Relabel.id))]
+
+
+def active_relabels(records: Iterable[RelabelRecord]) -> list[RelabelRecord]:
+    """The rows that still assert a label: not undo rows, and not undone (id order kept)."""
+    rows = list(records)
+    undone = {r.undo_of for r in rows if r.undo_of is not None}
+    return [r for r in rows if r.undo_of is None and r.id not in undone]
+
+
+def derive_labels(originals: dict[int, Label],
+                  records: Iterable[RelabelRecord]) -> dict[int, Label]:
+    """Original labels overlaid with each image's newest active relabel."""
+    out = dict(originals)
+    for r in active_relabels(records):  # id order: a newer row overwrites an older one
+        if r.image_id in out:
+            out[r.image_id] = (r.new_label, r.new_subtype)
+    return out
+
+
+def _originals(session: Session, dataset_id: int) -> dict[int, Label]:
+    q = select(ImageRow.id, ImageRow.label, ImageRow.subtype).where(
+        ImageRow.dataset_id == dataset_id)
+    return {i: (label, sub) for i, label, sub in session.connection().execute(q)}
+
+
+def original_labels(*, session: Session, dataset_id: int) -> dict[int, Label]:
+    """image_id -> (label, subtype) as indexed from disk (never changed by review)."""
+    return _originals(session, dataset_id)
+
+
+def current_labels(*, session: Session, dataset_id: int,
+                   as_of_relabel_id: int | None = None) -> dict[int, Label]:
+    """The current label of every image of a dataset.
+
+    Args:
+        session: the open session.
+        dataset_id: the dataset.
+        as_of_relabel_id: ignore relabel rows newer than this id (reproduces a run's snapshot);
+            0 gives the original labels, None the labels as of now.
+
+    Returns:
+        image_id -> (folder label, subtype): the newest active relabel, else the original.
+    """
+    records = list_relabels(session=session, dataset_id=dataset_id,
+                            as_of_relabel_id=as_of_relabel_id)
+    return derive_labels(_originals(session, dataset_id), records)
+
+
+def labels_hash(labels: dict[int, Label]) -> str:
+    """sha256 over the sorted (image_id, label, subtype) triples."""
+    h = hashlib.sha256()
+    for image_id in sorted(labels):
+        label, subtype = labels[image_id]
+        h.update(f"{image_id}\t{label}\t{subtype or ''}\n".encode())
+    return h.hexdigest()
+
+
+def label_snapshot(*, session: Session, dataset_id: int,
+                   as_of_relabel_id: int | None = None) -> LabelSnapshot:
+    """Hash and position of the dataset's current labels (a training run stores both).
+
+    Args:
+        session: the open session.
+        dataset_id: the dataset.
+        as_of_relabel_id: as in :func:`current_labels` (None: as of now).
+
+    Returns:
+        The snapshot; its hash changes whenever a relabel or undo changes a current label.
+    """
+    records = list_relabels(session=session, dataset_id=dataset_id,
+                            as_of_relabel_id=as_of_relabel_id)
+    labels = derive_labels(_originals(session, dataset_id), records)
+    newest = records[-1].id if records else None
+    return LabelSnapshot(labels_hash(labels), newest, len(records))
+
+
+def _image_label(session: Session, image_id: int) -> Label:
+    """The image's current label (newest active relabel, else the original)."""
+    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.id == image_id)).first()
+    if img is None:
+        raise ConfigError(f"image_id must name an indexed image. Received: image_id={image_id}")
+    records = list_relabels(session=session, image_ids=[image_id])
+    return derive_labels({image_id: (img[0], img[1])}, records)[image_id]
+
+
+def _check_reviewer(reviewer: str) -> str:
+    name = (reviewer or "").strip()
+    if not name:
+        raise ConfigError(f"a relabel needs a reviewer name. Received: reviewer={reviewer!r}")
+    return name[:200]
+
+
+def add_relabel(*, session: Session, image_id: int, new_label: str, new_subtype: str | None,
+                reviewer: str, note: str = "", run_ref: str | None = None,
+                score: float | None = None) -> int:
+    """Append a relabel row (a confirmation of the same label is a row too).
+
+    The old label stored is the image's current label at write time. Open review items of the
+    image are marked done.
+
+    Args:
+        session: the open session (one transaction per click).
+        image_id: the indexed image.
+        new_label: folder class, e.g. "PNEUMONIA".
+        new_subtype: "bacteria" | "virus" | None.
+        reviewer: who labelled (login identity or the name typed once per session).
+        note: free text.
+        run_ref: the model whose output was shown, e.g. "run:3".
+        score: the model probability shown.
+
+    Returns:
+        The new row's id.
+
+    Raises:
+        ConfigError: unknown image, empty label or reviewer.
+    """
+    reviewer = _check_reviewer(reviewer)
+    if not (new_label or "").strip():
+        raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
+    old_label, old_subtype = _image_label(session, image_id)
+    row = Relabel(image_id=image_id, old_label=old_label, old_subtype=old_subtype,
+                  new_label=new_label.strip(), new_subtype=new_subtype or None,
+                  reviewer=reviewer, note=note or "", run_ref=run_ref,
+                  score=None if score is None else float(score))
+    session.add(row)
+    session.execute(update(ReviewItem).where(ReviewItem.image_id == image_id,
+                                             ReviewItem.done.is_(False)).values(done=True))
+    session.flush()
+    return row.id
+
+
+def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str = "") -> int:
+    """Append an undo row cancelling ``relabel_id`` (the undone row itself stays).
+
+    The undo row's new label is the image's label once the undone row no longer counts.
+
+    Returns:
+        The undo row's id.
+
+    Raises:
+        ConfigError: the row does not exist, is itself an undo, or was already undone.
+    """
+    reviewer = _check_reviewer(reviewer)
+    target = session.get(Relabel, relabel_id)
+    if target is None:
+        raise ConfigError(f"relabel_id must name a relabel. Received: relabel_id={relabel_id}")
+    if target.undo_of is not None:
+        raise ConfigError("an undo row cannot be undone; relabel the image instead. "
+                          f"Received: relabel_id={relabel_id}")
+    if session.scalar(select(func.count()).where(Relabel.undo_of == relabel_id)):
+        raise ConfigError(f"relabel {relabel_id} was already undone; relabel the image instead. "
+                          f"Received: relabel_id={relabel_id}")
+    old = _image_label(session, target.image_id)
+    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.id == target.image_id)).one()
+    others = [r for r in list_relabels(session=session, image_ids=[target.image_id])
+              if r.id != relabel_id]
+    new = derive_labels({target.image_id: (img[0], img[1])}, others)[target.image_id]
+    row = Relabel(image_id=target.image_id, old_label=old[0], old_subtype=old[1], new_label=new[0],
+                  new_subtype=new[1], reviewer=reviewer, note=note or "", run_ref=target.run_ref,
+                  score=target.score, undo_of=relabel_id)
+    session.add(row)
+    # Items this relabel closed are open again (the image still needs a decision).
+    session.execute(update(ReviewItem).where(ReviewItem.image_id == target.image_id,
+                                             ReviewItem.created_at <= target.created_at)
+                    .values(done=False))
+    session.flush()
+    return row.id
+
+
+# -- Model outputs --------------------------------------------------------------------------
+
+def runs_with_predictions(*, session: Session, dataset_id: int) -> list[RunOption]:
+    """Runs with stored per-image predictions on the dataset, newest run first."""
+    q = (select(Run.id, Run.name, Run.artifact_dir, func.count(EvalPrediction.id))
+         .join(Evaluation, Evaluation.run_id == Run.id)
+         .join(EvalPrediction, EvalPrediction.evaluation_id == Evaluation.id)
+         .where(Evaluation.dataset_id == dataset_id, EvalPrediction.image_id.is_not(None))
+         .group_by(Run.id, Run.name, Run.artifact_dir).order_by(Run.id.desc()))
+    return [RunOption(i, name or f"run {i}", n, art) for i, name, art, n in session.execute(q)]
+
+
+def operating_threshold(*, session: Session, run_id: int) -> float | None:
+    """The run's operating point: threshold of its newest ``operating_points`` row."""
+    return session.scalar(select(OperatingPoint.threshold).where(OperatingPoint.run_id == run_id)
+                          .order_by(OperatingPoint.id.desc()).limit(1))
+
+
+def latest_predictions(*, session: Session, run_id: int, dataset_id: int) -> RunPredictions | None:
+    """Per-image probabilities of a run on a dataset, the newest evaluation winning per image.
+
+    Returns:
+        The predictions and the run's operating point, or None when the run has no
+        evaluation with per-image outputs on this dataset.
+    """
+    evals = session.execute(select(Evaluation.id, Evaluation.labels_json).where(
+        Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id)
+        .order_by(Evaluation.id)).all()
+    if not evals:
+        return None
+    probs: dict[int, tuple[float, ...]] = {}
+    q = (select(EvalPrediction.image_id, EvalPrediction.probs_json)
+         .where(EvalPrediction.evaluation_id.in_([e[0] for e in evals]),
+                EvalPrediction.image_id.is_not(None))
+         .order_by(EvalPrediction.evaluation_id, EvalPrediction.id))
+    for image_id, probs_json in session.connection().execute(q):
+        probs[image_id] = tuple(float(p) for p in json.loads(probs_json))  # newer overwrites
+    if not probs:
+        return None
+    labels = tuple(json.loads(evals[-1][1]))
+    return RunPredictions(run_id, f"run:{run_id}", labels, probs,
+                          operating_threshold(session=session, run_id=run_id))
+
+
+def run_artifact_dir(*, session: Session, run_id: int) -> str | None:
+    """Where a run keeps its model file (None when unknown)."""
+    return session.scalar(select(Run.artifact_dir).where(Run.id == run_id))
+
+
+# -- Review items ---------------------------------------------------------------------------
+
+def send_to_review(*, session: Session, image_id: int | None, upload_sha256: str | None,
+                   source: str, run_ref: str | None, predicted: str | None,
+                   probs: list[float] | None, sent_by: str) -> int:
+    """Queue an image (indexed, or an upload stored by its hash) for clinician review.
+
+    Args:
+        session: the open session.
+        image_id: an indexed image, or None for an upload.
+        upload_sha256: the upload's content hash (its file under ``CXR_HOME/uploads``).
+        source: "predict" | "compare" | "review".
+        run_ref: the model shown, "run:ID" | "default" | a file path.
+        predicted: the class the model predicted.
+        probs: the class probabilities shown.
+        sent_by: who sent it.
+
+    Returns:
+        The review item's id.
+
+    Raises:
+        ConfigError: neither or both of image_id / upload_sha256, or an unknown source.
+    """
+    if (image_id is None) == (upload_sha256 is None):
+        raise ConfigError("send_to_review needs exactly one of image_id or upload_sha256. "
+                          f"Received: image_id={image_id}, upload_sha256={upload_sha256!r}")
+    if source not in REVIEW_SOURCES:
+        raise ConfigError(f"source must be one of {REVIEW_SOURCES}. Received: source={source!r}")
+    row = ReviewItem(image_id=image_id, upload_sha256=upload_sha256, source=source,
+                     run_ref=run_ref, predicted=predicted,
+                     probs_json=None if probs is None else json.dumps([float(p) for p in probs]),
+                     sent_by=sent_by or "")
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def list_review_items(*, session: Session, dataset_id: int | None = None,
+                      open_only: bool = True) -> list[ReviewItemRecord]:
+    """Review items, newest first; with ``dataset_id`` only that dataset's indexed images."""
+    q = select(ReviewItem)
+    if dataset_id is not None:
+        q = q.join(ImageRow, ImageRow.id == ReviewItem.image_id).where(
+            ImageRow.dataset_id == dataset_id)
+    if open_only:
+        q = q.where(ReviewItem.done.is_(False))
+    rows = session.scalars(q.order_by(ReviewItem.id.desc())).all()
+    return [ReviewItemRecord(r.id, r.image_id, r.upload_sha256, r.source, r.run_ref, r.predicted,
+                             None if r.probs_json is None else tuple(json.loads(r.probs_json)),
+                             r.sent_by, r.created_at, r.done) for r in rows]
+
+
+def count_open_uploads(*, session: Session) -> int:
+    """Open review items for uploads (not in any indexed dataset, so not relabelable here)."""
+    return session.scalar(select(func.count()).select_from(ReviewItem).where(
+        ReviewItem.image_id.is_(None), ReviewItem.done.is_(False))) or 0

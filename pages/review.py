@@ -1,0 +1,149 @@
+"""Review: clinicians confirm or correct labels; each click appends one relabel row."""
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from cxr_core import review
+from cxr_core.errors import CxrError
+from pages._shared import dataset_picker, get_db, image_path
+
+
+def reviewer_ui() -> str | None:
+    """The login identity (st.user) when auth is configured, else a name typed once a session."""
+    if st.user.get("is_logged_in"):
+        return str(st.user.get("email") or st.user.get("name") or st.user.get("sub"))
+    if "is_logged_in" in st.user:  # auth is configured but nobody is logged in
+        st.button("Log in to review", on_click=st.login, icon=":material/login:")
+        return None
+    if name := st.session_state.get("review_reviewer"):
+        st.sidebar.caption(f"Reviewing as **{name}**")
+        return name
+    if typed := st.text_input("Your name (stored with each label)", key="review_name").strip():
+        st.session_state["review_reviewer"] = typed
+        st.rerun()
+    return None
+
+
+def queue_ui(state: review.ReviewState, classes: list[str]) -> dict:
+    """Queue, class and run pickers; returns the queue arguments of ``next_in_queue``."""
+    kind = st.sidebar.radio("Queue", list(review.QUEUES), format_func=review.QUEUES.get,
+                            key="review_queue")
+    cls = st.sidebar.selectbox("Class", classes, key="review_class") if kind == "class" else None
+    names = {r.run_id: f"{r.name} (run:{r.run_id})" for r in state.runs}
+    if names:
+        st.sidebar.selectbox("Model run", list(names), format_func=names.get, key="review_run")
+    elif kind in ("disagreement", "uncertain"):
+        st.info("No run has stored predictions on this dataset yet; train one first.")
+    if state.open_uploads:
+        st.sidebar.caption(f"{state.open_uploads} uploads sent to review (index them to label).")
+    seed = st.session_state.setdefault("review_seed", int(np.random.randint(1 << 30)))
+    return {"kind": kind, "class_name": cls, "seed": seed,
+            "skipped": st.session_state.get("review_skipped", [])}
+
+
+def view_ui() -> dict:
+    c1, c2, c3 = st.columns(3)
+    view = {"zoom": c1.slider("Zoom", 1.0, 4.0, 1.0, 0.25, key="review_zoom"),
+            "level": c2.slider("Level", 0, 255, 128, key="review_level"),
+            "window": c3.slider("Window (contrast)", 16, 512, 256, 8, key="review_window")}
+    if view["zoom"] > 1:
+        view["center"] = (c1.slider("Pan x", 0.0, 1.0, 0.5, key="review_pan_x"),
+                          c1.slider("Pan y", 0.0, 1.0, 0.5, key="review_pan_y"))
+    return view
+
+
+explainer = st.cache_resource(show_spinner="Loading the model…")(review.load_explainer)
+
+
+@st.cache_data(show_spinner="Computing saliency…", max_entries=64)
+def heatmap(ref: str, path: str, version: str | None, threshold: float | None) -> np.ndarray:
+    """Saliency of one image; ``version`` (the content hash) keys the cache."""
+    return review.saliency_map(explainer(ref), path, threshold=threshold)
+
+
+def act(action: str, reviewer: str, entry=None, choice=None) -> None:
+    """Button callback: one relabel / undo row (its own short transaction), or a skip."""
+    stack = st.session_state.setdefault("review_undo", [])
+    try:
+        if action == "label":
+            stack.append(review.submit_relabel(
+                get_db(), image_id=entry.image_id, choice=choice, reviewer=reviewer,
+                note=st.session_state.pop("review_note", ""), run_ref=entry.run_ref,
+                score=entry.score))
+        elif action == "undo":
+            review.submit_undo(get_db(), relabel_id=stack.pop(), reviewer=reviewer, note="undo")
+        else:
+            st.session_state.setdefault("review_skipped", []).append(entry.image_id)
+    except CxrError as exc:
+        st.toast(str(exc), icon=":material/error:")
+
+
+def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: str,
+                choices: list[review.LabelChoice]) -> None:
+    """What is known about the image, then one button per label, skip and undo."""
+    rec = state.images[entry.image_id]
+    others = ", ".join(f"{who}: `{label}`" for who, label in
+                       review.labels_by_reviewer(state.relabels, entry.image_id))
+    st.markdown(f"**{rec.relpath}**  \nOriginal: `{review.format_label(rec.label, rec.subtype)}`"
+                f"  \nCurrent: `{review.format_label(*state.current[entry.image_id])}`"
+                + (f"  \nReviewers: {others}" if others else ""))
+    if entry.score is not None:
+        st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
+                  help=f"The model predicts {entry.predicted}")
+    st.text_area("Note (optional)", key="review_note", height=68)
+    for n, (col, choice) in enumerate(zip(st.columns(len(choices)), choices)):
+        col.button(choice.text, key=f"review_label_{n}", type="primary", width="stretch",
+                   shortcut=str(n + 1) if n < 9 else None, on_click=act,
+                   args=("label", reviewer, entry, choice))
+    c1, c2 = st.columns(2)
+    c1.button("Skip", key="review_skip", shortcut="S", icon=":material/skip_next:",
+              width="stretch", on_click=act, args=("skip", reviewer, entry))
+    c2.button("Undo", key="review_undo_btn", shortcut="U", icon=":material/undo:",
+              width="stretch", disabled=not st.session_state.get("review_undo"), on_click=act,
+              args=("undo", reviewer))
+
+
+def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
+    rec = state.images[entry.image_id]
+    path = image_path(info, rec.relpath)
+    why_not = review.saliency_unavailable(entry.run_ref, state.artifact_dirs)
+    show = st.toggle("Saliency", key="review_saliency", disabled=bool(why_not)) and not why_not
+    if why_not:
+        st.caption(f"Saliency unavailable: {why_not}.")
+    view = view_ui()
+    try:
+        heat = heatmap(entry.run_ref, path, rec.sha256, state.threshold) if show else None
+        st.image(review.render_view(review.view_pixels(path), heat=heat, **view), width="stretch")
+    except CxrError as exc:
+        st.error(str(exc))
+
+
+def agreement_ui(state: review.ReviewState) -> None:
+    agr = review.agreement(state.relabels)
+    with st.expander(f"Reviewer agreement (Cohen's kappa) · {len(agr.conflicts)} conflicts"):
+        st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
+        st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
+                     hide_index=True)
+    st.download_button("Export all relabels (CSV)", review.relabels_to_csv(state.relabels),
+                       file_name="relabels.csv", mime="text/csv", icon=":material/download:")
+
+
+st.title("Review")
+reviewer = reviewer_ui()
+info = dataset_picker("review") if reviewer else None
+if info is None:
+    st.stop()
+state = review.load_state(get_db(), info.id, st.session_state.get("review_run"))
+view = review.next_in_queue(state, reviewer=reviewer, **queue_ui(state, sorted(info.classes)))
+st.progress(view.done_fraction, text=f"{view.n_reviewed} reviewed, {view.n_left} left")
+if view.current is None:
+    st.success("Nothing left in this queue.", icon=":material/done_all:")
+else:
+    left, right = st.columns([3, 2])
+    with left:
+        image_ui(state, view.current, info)
+    with right:
+        decision_ui(state, view.current, reviewer,
+                    review.label_choices(info.classes, state.images.values()))
+agreement_ui(state)

@@ -1,0 +1,160 @@
+"""AppTest of the review page: name once, relabel, undo, skip, sent queue, export."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from cxr_core.indexing import index_dataset
+from cxr_core.storage import open_db
+from cxr_core.storage import reviews as store
+
+PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "review.py")
+FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
+         "PNEUMONIA": ["person1_bacteria_1.png", "person2_virus_2.png"]}
+
+
+@pytest.fixture()
+def tiny(cxr_home, tmp_path):
+    """(db, dataset_id) of five generated images indexed into the test's CXR_HOME."""
+    for n, (cls, names) in enumerate(FILES.items()):
+        (tmp_path / "tiny" / "train" / cls).mkdir(parents=True)
+        for k, name in enumerate(names):
+            arr = np.full((48, 40), 60 * n + 20 * k, np.uint8)
+            Image.fromarray(arr).save(tmp_path / "tiny" / "train" / cls / name)
+    db = open_db()
+    dataset_id = index_dataset(db, tmp_path / "tiny", name="tiny").dataset_id
+    st.cache_resource.clear()  # get_db() must open this test's CXR_HOME
+    st.cache_data.clear()
+    return db, dataset_id
+
+
+def start(reviewer: str = "Dr Test") -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception, at.exception
+    at.text_input(key="review_name").input(reviewer).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def progress_text(at: AppTest) -> str:
+    return at.get("progress")[0].proto.text
+
+
+def relabels(db, dataset_id):
+    with db.session() as s:
+        return store.list_relabels(session=s, dataset_id=dataset_id)
+
+
+def test_name_is_asked_once_then_the_queue_shows(tiny):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert at.text_input(key="review_name") and not at.get("progress")
+    at.text_input(key="review_name").input("Dr Test").run()
+    assert "Reviewing as **Dr Test**" in [c.value for c in at.sidebar.caption]
+    assert [b.label for b in at.button if b.key and b.key.startswith("review_label_")] == []
+    assert "Nothing left" in at.success[0].value  # no run yet: the disagreement queue is empty
+
+
+def test_relabel_then_undo(tiny):
+    db, dataset_id = tiny
+    at = start()
+    at.radio(key="review_queue").set_value("class").run()
+    assert progress_text(at) == "0 reviewed, 3 left"
+    labels = [at.button(key=f"review_label_{i}").label for i in range(3)]
+    assert labels == ["NORMAL", "PNEUMONIA·bacteria", "PNEUMONIA·virus"]
+    at.text_area(key="review_note").input("consolidation left base").run()
+    at.button(key="review_label_1").click().run()
+    assert not at.exception, at.exception
+    rows = relabels(db, dataset_id)
+    assert [(r.old_label, r.new_label, r.new_subtype, r.reviewer, r.note) for r in rows] == [
+        ("NORMAL", "PNEUMONIA", "bacteria", "Dr Test", "consolidation left base")]
+    assert progress_text(at) == "1 reviewed, 2 left"
+    assert at.text_area(key="review_note").value == ""  # the note belongs to one click
+    at.button(key="review_undo_btn").click().run()
+    rows = relabels(db, dataset_id)
+    assert len(rows) == 2 and rows[1].undo_of == rows[0].id
+    assert progress_text(at) == "0 reviewed, 3 left"
+    assert at.button(key="review_undo_btn").disabled
+
+
+def test_skip_moves_to_the_next_image(tiny):
+    at = start()
+    at.radio(key="review_queue").set_value("class").run()
+    first = at.markdown[0].value
+    at.button(key="review_skip").click().run()
+    assert at.markdown[0].value != first
+    assert progress_text(at) == "0 reviewed, 3 left"  # skipped is still left
+
+
+def test_sent_queue_shows_model_output_and_exports(tiny):
+    db, dataset_id = tiny
+    with db.session() as s:
+        image_id = max(store.original_labels(session=s, dataset_id=dataset_id))
+        store.send_to_review(session=s, image_id=image_id, upload_sha256=None, source="predict",
+                             run_ref="default", predicted="PNEUMONIA", probs=[0.1, 0.9],
+                             sent_by="dr b")
+    at = start()
+    at.radio(key="review_queue").set_value("sent").run()
+    assert progress_text(at) == "0 reviewed, 1 left"
+    assert at.metric[0].value == "0.900"
+    assert not at.toggle(key="review_saliency").value
+    at.button(key="review_label_0").click().run()
+    row = relabels(db, dataset_id)[0]
+    assert (row.image_id, row.run_ref, row.score, row.new_label) == (image_id, "default", 0.9,
+                                                                     "NORMAL")
+    assert "Nothing left" in at.success[0].value
+    assert at.get("download_button")
+
+
+def _tiny_model():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    # Entry block
+    inputs = keras.Input((32, 32, 1))
+    x = keras.layers.Rescaling(1.0 / 255)(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(x))
+
+
+def test_saliency_toggle_with_a_model_loader(tiny, tmp_path, monkeypatch):
+    """With a run whose model file exists and a loader, the toggle overlays a map."""
+    import json
+    import sys
+    import types
+
+    from db.models import Evaluation, EvalPrediction, Run
+
+    db, dataset_id = tiny
+    (tmp_path / "run1").mkdir()
+    (tmp_path / "run1" / "model.keras").write_bytes(b"stand-in: the loader below is faked")
+    loader = types.ModuleType("cxr_core.predict")
+    loader.load_model_ref = lambda ref: _tiny_model()
+    monkeypatch.setitem(sys.modules, "cxr_core.predict", loader)
+    with db.session() as s:
+        run = Run(name="r1", status="finished", config_json="{}",
+                  artifact_dir=str(tmp_path / "run1"))
+        s.add(run)
+        s.flush()
+        ev = Evaluation(run_id=run.id, model_ref=f"run:{run.id}", dataset_id=dataset_id,
+                        split="val", labels_json='["NORMAL", "PNEUMONIA"]', images_key="k")
+        s.add(ev)
+        s.flush()
+        s.add_all([EvalPrediction(evaluation_id=ev.id, image_id=i, y_true=0,
+                                  probs_json=json.dumps([1 - p, p]))
+                   for i, p in zip(store.original_labels(session=s, dataset_id=dataset_id),
+                                   (0.1, 0.45, 0.9, 0.7, 0.2))])
+    at = start()
+    at.radio(key="review_queue").set_value("uncertain").run()
+    assert progress_text(at) == "0 reviewed, 5 left"
+    assert at.metric[0].value == "0.450"
+    plain = at.get("image")[0].value[0]
+    at.toggle(key="review_saliency").set_value(True).run()
+    assert not at.exception, at.exception
+    assert at.get("image")[0].value[0] != plain

@@ -1,0 +1,93 @@
+"""Four processes writing 250 relabels each against one SQLite DB lose nothing and raise nothing."""
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from cxr_core import review
+from cxr_core.indexing import index_dataset
+from cxr_core.storage import open_db
+from cxr_core.storage import reviews as store
+
+N_PROCS, N_EACH = 4, 250
+
+
+def _worker(home: str, dataset_id: int, reviewer: str, start, out) -> None:
+    """One reviewer process: its own engine (open_db), one short transaction per relabel."""
+    os.environ["CXR_HOME"] = home
+    os.environ.pop("CXR_DB_URL", None)
+    db = open_db()
+    with db.session() as s:
+        ids = sorted(store.original_labels(session=s, dataset_id=dataset_id))
+    choices = [review.LabelChoice("NORMAL", None), review.LabelChoice("PNEUMONIA", "virus")]
+    start.wait()  # all processes write at the same time
+    written, errors = [], []
+    for n in range(N_EACH):
+        try:
+            written.append(review.submit_relabel(db, image_id=ids[n % len(ids)],
+                                                 choice=choices[n % 2], reviewer=reviewer,
+                                                 note=f"{reviewer} {n}"))
+        except Exception as exc:  # the test reports any error a user would have seen
+            errors.append(f"{type(exc).__name__}: {exc}")
+    db.engine.dispose()
+    out.put((reviewer, written, errors))
+
+
+def _spawnable_worker(monkeypatch):
+    """``_worker`` under an importable module name: spawned children import it by name, and
+    ``tests`` itself is shadowed by a site-packages package in some environments."""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    return importlib.import_module(Path(__file__).stem)._worker
+
+
+def _collect(procs, out) -> list:
+    """Results of every process; fails fast (no long timeout) when a process dies."""
+    results, deadline = [], time.monotonic() + 120
+    while len(results) < len(procs) and time.monotonic() < deadline:
+        try:
+            results.append(out.get(timeout=0.5))
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            assert not dead, f"a writer process died with exit code {dead}"
+    return results
+
+
+def test_four_processes_250_relabels_each(cxr_home, tmp_path, monkeypatch):
+    root = tmp_path / "ds" / "train" / "NORMAL"
+    root.mkdir(parents=True)
+    for k in range(8):
+        Image.fromarray(np.full((16, 16), k * 20, np.uint8)).save(root / f"IM-{k:04d}-0001.png")
+    db = open_db()  # migrate once before the workers start
+    dataset_id = index_dataset(db, tmp_path / "ds", name="conc").dataset_id
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Event(), ctx.Queue()
+    worker = _spawnable_worker(monkeypatch)
+    procs = [ctx.Process(target=worker, args=(str(cxr_home), dataset_id, f"r{i}", start, out))
+             for i in range(N_PROCS)]
+    for p in procs:
+        p.start()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    start.set()
+    results = _collect(procs, out)
+    print(f"{N_PROCS} x {N_EACH} relabels in {time.perf_counter() - t0:.1f} s")
+    assert len(results) == N_PROCS
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert [e for _, _, e in results if e] == []
+    written = sorted(i for _, w, _ in results for i in w)
+    assert len(written) == N_PROCS * N_EACH == len(set(written))
+    with db.session() as s:
+        rows = store.list_relabels(session=s, dataset_id=dataset_id)
+    assert sorted(r.id for r in rows) == written
+    for reviewer, _, _ in results:
+        notes = sorted(int(r.note.split()[1]) for r in rows if r.reviewer == reviewer)
+        assert notes == list(range(N_EACH))
