@@ -481,12 +481,6 @@ def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], 
 
 # -- Balance --------------------------------------------------------------------------------
 
-def class_weights(counts: dict[str, int]) -> dict[str, float]:
-    """The reports' formula: total / (n_classes * count) per class."""
-    total, n = sum(counts.values()), len(counts)
-    return {c: (total / (n * k) if k else 0.0) for c, k in counts.items()}
-
-
 def summarize(records: Sequence[ImageRecord]) -> dict[str, object]:
     """Counts for the CLI and the class-balance page (unreadable images excluded)."""
     ok = [r for r in records if not r.error]
@@ -519,6 +513,15 @@ class BalanceReport:
     class_counts: dict[str, int]  # training pool per scheme class
     weights: dict[str, float]
     unlabelled: int  # images with no class in this scheme (e.g. no subtype for three_class)
+
+
+def _weights(class_counts: dict[str, int]) -> dict[str, float]:
+    from cxr_core.balancing import class_weights
+
+    if not all(class_counts.values()):
+        return {}
+    labels = np.repeat(np.arange(len(class_counts)), list(class_counts.values()))
+    return dict(zip(class_counts, class_weights(labels, len(class_counts)).values()))
 
 
 def balance_report(records: Sequence[ImageRecord], scheme: str, *, val_fraction: float = 0.15,
@@ -568,5 +571,5 @@ def balance_report(records: Sequence[ImageRecord], scheme: str, *, val_fraction:
         dups,
         [dict(patient=p, splits=", ".join(s)) for p, s in cross_split_patients(ok).items()],
         [dict(split=s, **{"class": c}, images=n) for (s, c), n in sorted(split_rows.items())],
-        overlap, class_counts, class_weights(class_counts) if all(class_counts.values()) else {},
+        overlap, class_counts, _weights(class_counts),
         sum(1 for y in labels if y is None))

@@ -144,3 +144,24 @@ def register_env_datasets(db: Database, progress: Progress | None = None) -> lis
         except DatasetError as exc:
             out.append(f"CXR_DATA_DIR {path}: {exc}")
     return out
+
+
+def with_labels(records: list[ds.ImageRecord],
+                labels: dict[int, tuple[str, str | None]]) -> list[ds.ImageRecord]:
+    """Records with their label/subtype replaced by ``labels`` (e.g. current labels after
+    clinician relabels); images not in the map keep their original label."""
+    return [r._replace(label=labels[r.id][0], subtype=labels[r.id][1]) if r.id in labels else r
+            for r in records]
+
+
+def current_records(db: Database, dataset_id: int, *,
+                    as_of_relabel_id: int | None = None) -> list[ds.ImageRecord]:
+    """The dataset's records with labels as of now (or as of a relabel id)."""
+    from cxr_core.storage import reviews
+
+    with db.session() as s:
+        records = store.list_images(session=s, dataset_id=dataset_id)
+        labels = reviews.current_labels(session=s, dataset_id=dataset_id,
+                                        as_of_relabel_id=as_of_relabel_id)
+    return with_labels(records, labels)
+

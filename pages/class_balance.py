@@ -7,8 +7,10 @@ import streamlit as st
 
 from cxr_core.datasets import LABEL_SCHEMES, BalanceReport, balance_report
 from cxr_core.errors import CxrError
-from cxr_core.pipeline import BALANCING, balance_summary
-from pages._shared import dataset_picker, image_path, load_records, thumbnail
+from cxr_core.balancing import BALANCING, balance_summary
+from cxr_core.indexing import current_records
+from cxr_core.storage import reviews
+from pages._shared import dataset_picker, get_db, image_path, load_records, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
@@ -16,10 +18,30 @@ SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
 
 
 @st.cache_data(show_spinner="Computing the patient-grouped split…", max_entries=16)
-def cached_report(dataset_id: int, indexed_at: object, scheme: str, val_fraction: float,
-                  seed: int) -> BalanceReport:
-    return balance_report(load_records(dataset_id, indexed_at), scheme,
-                          val_fraction=val_fraction, seed=seed)
+def cached_report(dataset_id: int, indexed_at: object, snapshot: str | None, scheme: str,
+                  val_fraction: float, seed: int) -> BalanceReport:
+    """``snapshot`` is None for original labels, else the current-label hash (cache key)."""
+    records = (load_records(dataset_id, indexed_at) if snapshot is None
+               else current_records(get_db(), dataset_id))
+    return balance_report(records, scheme, val_fraction=val_fraction, seed=seed)
+
+
+def labels_ui(dataset_id: int) -> str | None:
+    """Original labels or labels as of now; returns the snapshot hash for current labels."""
+    with get_db().session() as s:
+        snap = reviews.label_snapshot(session=s, dataset_id=dataset_id)
+    if not snap.n_relabels:
+        return None
+    current = st.toggle(f"Use current labels ({snap.n_relabels} clinician relabels)",
+                        key="balance_current")
+    return snap.hash if current else None
+
+
+def relabel_delta_ui(original: BalanceReport, current: BalanceReport) -> None:
+    orig = pd.DataFrame(original.counts).groupby("class")["images"].sum()
+    cur = pd.DataFrame(current.counts).groupby("class")["images"].sum()
+    st.dataframe(pd.DataFrame({"original": orig, "current": cur}).fillna(0).astype(int)
+                 .assign(change=lambda d: d["current"] - d["original"]), width="stretch")
 
 
 def options_ui() -> tuple[str, float, int]:
@@ -128,11 +150,14 @@ if info is not None:
     for problem in summary.get("problems", [])[:20]:
         st.warning(problem)
     scheme, val, seed = options_ui()
+    snapshot = labels_ui(info.id)
     try:
-        rep = cached_report(info.id, info.indexed_at, scheme, val, seed)
-    except Exception as exc:  # a dataset that cannot be split is shown, not fatal
+        rep = cached_report(info.id, info.indexed_at, snapshot, scheme, val, seed)
+    except CxrError as exc:  # a dataset that cannot be split is shown, not fatal
         st.error(str(exc))
     else:
+        if snapshot is not None:
+            relabel_delta_ui(cached_report(info.id, info.indexed_at, None, scheme, val, seed), rep)
         counts_ui(rep)
         split_ui(rep)
         balancing_ui(rep)

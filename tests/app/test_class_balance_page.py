@@ -64,3 +64,20 @@ def test_class_balance_real_train_split(cxr_home, shared_data):
     at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=120).run()
     assert not at.exception
     assert at.metric[0].value == "5,216"
+
+
+def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
+    from cxr_core.review import LabelChoice, submit_relabel
+    from cxr_core.indexing import open_dataset
+
+    db = open_db()
+    index_dataset(db, tiny_dataset, name="tiny")
+    _, recs = open_dataset(db, "tiny")
+    normal = next(r for r in recs if r.label == "NORMAL" and r.split == "train")
+    submit_relabel(db, image_id=normal.id, choice=LabelChoice("PNEUMONIA", "virus"),
+                   reviewer="dr-a")
+    at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=60).run()
+    at.toggle(key="balance_current").set_value(True).run()
+    assert not at.exception
+    delta = at.dataframe[0].value
+    assert delta.loc["NORMAL", "change"] == -1 and delta.loc["PNEUMONIA", "change"] == 1

@@ -1,0 +1,314 @@
+"""The ONE augmentation builder: the preview page and training both call :func:`build_augmenter`.
+
+Image convention: float32 pixel values in [0, 255] (never [0, 1]); shape (H, W, C) or
+(B, H, W, C), channels last. Every op keeps that range and the last layer clips to it, so the
+model's own preprocessing (part of the model, per architecture) always sees [0, 255].
+
+Every random op is a Keras 3 preprocessing layer (or a small custom layer where Keras has no
+equivalent) seeded from ``AugmentConfig.seed``: a fresh augmenter built from the same config
+gives the same images for the same inputs. The layers hold a random state that advances on
+each call, so consecutive batches (and epochs) differ; rebuild the augmenter to start over.
+
+Chest-X-ray-safe defaults: no vertical flip (films have one orientation) and rotations,
+zooms and shifts fill the uncovered border with black instead of Keras' default mirror
+(a mirrored border shows a second set of ribs that no real film has).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import keras
+import numpy as np
+
+from cxr_core.errors import ConfigError
+
+PIXEL_MAX = 255.0
+_FILL_MODES = ("constant", "nearest", "reflect", "wrap")
+# Seed offsets per op, so two ops of one config never draw the same random stream.
+_SEED_STRIDE = 7919
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """What augmentation a run (or the preview) applies. All ranges are symmetric.
+
+    Attributes:
+        hflip: mirror left-right with probability 1/2 (always, when chosen by ``one_of``).
+        vflip: mirror top-bottom; off by default because films have one orientation.
+        rotation: maximum rotation in degrees, drawn uniformly in [-rotation, rotation].
+        zoom: zoom fraction z: the content is scaled by a factor in [1/(1+z), 1/(1-z)],
+            as ImageDataGenerator's ``zoom_range=z`` did in the reports.
+        width_shift: maximum horizontal shift as a fraction of the width.
+        height_shift: maximum vertical shift as a fraction of the height.
+        brightness: (lo, hi) multiplicative factor range, e.g. (1.2, 1.5); None = off.
+        contrast: c: contrast factor in [1-c, 1+c] around each image's mean; 0 = off.
+        one_of: apply exactly ONE of the enabled ops per image, picked uniformly
+            (imgaug's OneOf); the two shifts count as one op.
+        fill_mode: how rotations/zooms/shifts fill uncovered pixels ("constant" = black).
+        seed: seeds every random op.
+    """
+
+    hflip: bool = False
+    vflip: bool = False
+    rotation: float = 0.0
+    zoom: float = 0.0
+    width_shift: float = 0.0
+    height_shift: float = 0.0
+    brightness: tuple[float, float] | None = None
+    contrast: float = 0.0
+    one_of: bool = False
+    fill_mode: str = "constant"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ConfigError(f"rotation must be in [0, 180]. Received: rotation={self.rotation}")
+        for name in ("zoom", "width_shift", "height_shift", "contrast"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1). Received: {name}={value}")
+        if self.brightness is not None:
+            self._check_brightness()
+        if self.fill_mode not in _FILL_MODES:
+            raise ConfigError(
+                f"fill_mode must be one of {_FILL_MODES}. Received: fill_mode={self.fill_mode!r}")
+        if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
+            raise ConfigError(f"seed must be an integer. Received: seed={self.seed!r}")
+
+    def _check_brightness(self) -> None:
+        value = self.brightness
+        if len(value) != 2 or not 0.0 < value[0] <= value[1]:
+            raise ConfigError(
+                "brightness must be a (lo, hi) factor range with 0 < lo <= hi. "
+                f"Received: brightness={value}")
+        # JSON brings lists back; keep the field hashable (the UI caches on configs).
+        object.__setattr__(self, "brightness", (float(value[0]), float(value[1])))
+
+    @property
+    def enabled_ops(self) -> tuple[str, ...]:
+        """Names of the ops this config turns on, in the order they are applied."""
+        on = {
+            "hflip": self.hflip,
+            "vflip": self.vflip,
+            "rotation": self.rotation > 0,
+            "zoom": self.zoom > 0,
+            "shift": self.width_shift > 0 or self.height_shift > 0,
+            "brightness": self.brightness is not None,
+            "contrast": self.contrast > 0,
+        }
+        return tuple(name for name, flag in on.items() if flag)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (stored with each run)."""
+        data = asdict(self)
+        data["brightness"] = list(self.brightness) if self.brightness else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AugmentConfig:
+        """Rebuild a config from :meth:`to_dict` output.
+
+        Raises:
+            ConfigError: an unknown key or an invalid value.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown augmentation keys {unknown}. Expected some of {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(),
+    "zoom_shift": AugmentConfig(zoom=0.1, width_shift=0.1, height_shift=0.1),
+    "rot30_zoom_shift_flip": AugmentConfig(
+        rotation=30.0, zoom=0.2, width_shift=0.1, height_shift=0.1, hflip=True),
+    "hflip": AugmentConfig(hflip=True),
+    "rot10_shift_flip": AugmentConfig(rotation=10.0, width_shift=0.1, height_shift=0.1, hflip=True),
+    "oneof_flip_rot20_bright": AugmentConfig(
+        hflip=True, rotation=20.0, brightness=(1.2, 1.5), one_of=True),
+}
+
+
+def get_preset(name: str) -> AugmentConfig:
+    """Look up a built-in preset by name.
+
+    Raises:
+        ConfigError: the name is not a preset.
+    """
+    if name not in PRESETS:
+        raise ConfigError(f"unknown augmentation preset. Expected one of {sorted(PRESETS)}. "
+                          f"Received: augment={name!r}")
+    return PRESETS[name]
+
+
+def _batched(images: Any) -> tuple[Any, bool]:
+    """Give a rank-3 image a batch axis; say whether one was added."""
+    if len(images.shape) == 3:
+        return keras.ops.expand_dims(images, 0), True
+    return images, False
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomBrightnessFactor(keras.layers.Layer):
+    """Multiply each image by one factor drawn uniformly in [lo, hi], then clip to [0, 255].
+
+    Keras' RandomBrightness adds an offset; the reports used imgaug's multiplicative
+    brightness (x1.2-1.5), which also keeps black borders black.
+    """
+
+    def __init__(self, factor: tuple[float, float], seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.factor = (float(factor[0]), float(factor[1]))
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: Any, training: bool = True) -> Any:
+        if not training:
+            return images
+        batch, squeeze = _batched(images)
+        scale = keras.random.uniform(
+            (keras.ops.shape(batch)[0], 1, 1, 1), self.factor[0], self.factor[1],
+            seed=self.generator, dtype=batch.dtype)
+        out = keras.ops.clip(batch * scale, 0.0, PIXEL_MAX)
+        return keras.ops.squeeze(out, 0) if squeeze else out
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class HorizontalFlip(keras.layers.Layer):
+    """Always mirror left-right: the flip branch of a OneOf (a 50% RandomFlip there would
+    make "flip" the identity for half of the images that picked it)."""
+
+    def call(self, images: Any, training: bool = True) -> Any:
+        return keras.ops.flip(images, axis=-2) if training else images
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class ClipPixels(keras.layers.Layer):
+    """Clip to [0, 255]: bilinear resampling and contrast can overshoot by a little."""
+
+    def call(self, images: Any) -> Any:
+        return keras.ops.clip(images, 0.0, PIXEL_MAX)
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class OneOf(keras.layers.Layer):
+    """Apply exactly one of ``branches`` to each image, chosen uniformly per image.
+
+    Per image, not per batch: every branch runs on the whole batch and a one-hot mask keeps
+    one result per image. This costs len(branches) x the compute of one op, which is cheap
+    for the 2-4 light ops of a preset and avoids per-image control flow in tf.data graphs.
+    """
+
+    def __init__(self, branches: list[keras.layers.Layer], seed: int | None = None,
+                 **kwargs: Any):
+        super().__init__(**kwargs)
+        if not branches:
+            raise ConfigError("OneOf needs at least one branch. Received: branches=[]")
+        self.branches = list(branches)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: Any, training: bool = True) -> Any:
+        if not training:
+            return images
+        batch, squeeze = _batched(images)
+        n = len(self.branches)
+        choice = keras.random.randint(
+            (keras.ops.shape(batch)[0],), 0, n, seed=self.generator)
+        mask = keras.ops.one_hot(choice, n, dtype=batch.dtype)
+        out = keras.ops.zeros_like(batch)
+        for k, branch in enumerate(self.branches):
+            # 0/1 weights: the chosen branch's pixels pass through exactly.
+            out = out + mask[:, k, None, None, None] * branch(batch, training=True)
+        return keras.ops.squeeze(out, 0) if squeeze else out
+
+    def get_config(self) -> dict[str, Any]:
+        branches = [keras.saving.serialize_keras_object(b) for b in self.branches]
+        return {**super().get_config(), "branches": branches, "seed": self.seed}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> OneOf:
+        config = dict(config)
+        config["branches"] = [keras.saving.deserialize_keras_object(b)
+                              for b in config["branches"]]
+        return cls(**config)
+
+
+def _op_layers(cfg: AugmentConfig, in_one_of: bool) -> list[keras.layers.Layer]:
+    """One seeded layer per enabled op, in ``cfg.enabled_ops`` order."""
+    fill = {"fill_mode": cfg.fill_mode, "fill_value": 0.0}
+    layers: list[keras.layers.Layer] = []
+    for k, op in enumerate(cfg.enabled_ops):
+        seed = cfg.seed + _SEED_STRIDE * (k + 1)
+        if op == "hflip":
+            layers.append(HorizontalFlip(name="hflip") if in_one_of
+                          else keras.layers.RandomFlip("horizontal", seed=seed, name="hflip"))
+        elif op == "vflip":
+            layers.append(keras.layers.RandomFlip("vertical", seed=seed, name="vflip"))
+        elif op == "rotation":
+            # Keras takes the angle as a fraction of a full turn.
+            layers.append(keras.layers.RandomRotation(
+                cfg.rotation / 360.0, seed=seed, name="rotation", **fill))
+        elif op == "zoom":
+            layers.append(keras.layers.RandomZoom(cfg.zoom, seed=seed, name="zoom", **fill))
+        elif op == "shift":
+            layers.append(keras.layers.RandomTranslation(
+                cfg.height_shift, cfg.width_shift, seed=seed, name="shift", **fill))
+        elif op == "brightness":
+            layers.append(RandomBrightnessFactor(cfg.brightness, seed=seed, name="brightness"))
+        elif op == "contrast":
+            layers.append(keras.layers.RandomContrast(
+                cfg.contrast, value_range=(0, PIXEL_MAX), seed=seed, name="contrast"))
+    return layers
+
+
+def build_augmenter(cfg: AugmentConfig | None) -> keras.Sequential:
+    """Build the augmentation model for a config (the one builder: preview and training).
+
+    Call it as ``augmenter(images, training=True)`` on float32 [0, 255] images of shape
+    (H, W, C) or (B, H, W, C); it works eagerly and inside ``tf.data`` maps. Random draws
+    are per image. Build a fresh one per dataset/preview to restart the seeded streams.
+
+    Args:
+        cfg: the config; None or a config with no op gives a clip-only model.
+
+    Returns:
+        A ``keras.Sequential`` of seeded preprocessing layers ending in a clip to [0, 255].
+    """
+    cfg = cfg or AugmentConfig()
+    ops = _op_layers(cfg, in_one_of=cfg.one_of)
+    if cfg.one_of and ops:
+        ops = [OneOf(ops, seed=cfg.seed, name="one_of")]
+    return keras.Sequential([*ops, ClipPixels(name="clip")], name="augment")
+
+
+def augment_preview(image: np.ndarray, cfg: AugmentConfig, n: int) -> list[np.ndarray]:
+    """Return ``n`` augmented variants of one image, deterministic for ``cfg.seed``.
+
+    Args:
+        image: uint8 (or [0, 255] float) array of shape (H, W) or (H, W, C).
+        cfg: the augmentation to preview.
+        n: how many variants.
+
+    Returns:
+        ``n`` uint8 arrays with the input's shape.
+
+    Raises:
+        ConfigError: ``n`` < 1 or the image is not 2-D/3-D.
+    """
+    if n < 1:
+        raise ConfigError(f"n must be at least 1. Received: n={n}")
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3):
+        raise ConfigError(f"image must be HxW or HxWxC. Received: shape={arr.shape}")
+    batch = arr.reshape(arr.shape[0], arr.shape[1], -1).astype(np.float32)
+    batch = np.repeat(batch[None], n, axis=0)
+    out = keras.ops.convert_to_numpy(build_augmenter(cfg)(batch, training=True))
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return [variant.reshape(arr.shape) for variant in out]

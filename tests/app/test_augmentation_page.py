@@ -1,0 +1,53 @@
+"""AppTest: the augmentation page previews, loads built-in presets and saves a preset."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import presets
+from cxr_core.augment import PRESETS
+from cxr_core.indexing import index_dataset
+from cxr_core.storage import open_db
+
+PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "augmentation.py")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+def test_preview_grid_and_presets(cxr_home, tiny_dataset):
+    index_dataset(open_db(), tiny_dataset, name="tiny")
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception
+    n_images = len(at.get("image"))
+    assert n_images >= 9  # the original and 8 variants
+    at.selectbox(key="aug_preset").set_value("rot30_zoom_shift_flip")
+    at.button[0].click().run()
+    assert at.slider(key="aug_rotation").value == 30.0 and at.toggle(key="aug_hflip").value
+    at.text_input[0].set_value("my-preset")
+    at.button[1].click().run()
+    assert not at.exception and not at.error
+    assert presets.resolve("my-preset", open_db()).rotation == 30.0
+
+
+def test_builtin_name_cannot_be_overwritten(cxr_home):
+    with pytest.raises(Exception, match="built-in"):
+        presets.save(open_db(), "hflip", PRESETS["hflip"])
+    with pytest.raises(Exception, match="preset name"):
+        presets.save(open_db(), "", PRESETS["hflip"])
+
+
+def test_same_seed_same_preview():
+    from cxr_core.augment import augment_preview
+
+    img = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
+    a = augment_preview(img, PRESETS["rot30_zoom_shift_flip"], 4)
+    b = augment_preview(img, PRESETS["rot30_zoom_shift_flip"], 4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
