@@ -14,6 +14,9 @@ PAGES = {
         st.Page("pages/class_balance.py", title="Class balance", icon=":material/bar_chart:"),
         st.Page("pages/augmentation.py", title="Augmentation", icon=":material/auto_fix_high:"),
     ],
+    "Models": [
+        st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+    ],
     "Review": [
         st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
     ],

@@ -58,6 +58,7 @@ class Layout:
     classes: tuple[str, ...]
     entries: tuple[FileEntry, ...]
     problems: tuple[str, ...] = ()  # empty class folders and the like: reported, not fatal
+    scope: str = ""  # "test/" when one split folder was given: other splits' rows are kept
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,9 @@ def discover(path: str | Path) -> Layout:
             return _discover_npz(path)
         raise DatasetError(f"expected a folder or a PneumoniaMNIST .npz file. Received: {path}")
     root = _find_root(path)
+    scope = ""
     if root.name.lower() in SPLIT_NAMES:  # pointed at one split folder, e.g. .../train
-        root, split_dirs = root.parent, [root]
+        root, split_dirs, scope = root.parent, [root], f"{root.name}/"
     else:
         split_dirs = [d for d in _subdirs(root) if d.name.lower() in SPLIT_NAMES]
     entries: list[FileEntry] = []
@@ -236,7 +238,7 @@ def discover(path: str | Path) -> Layout:
             f"no images found under {path}: expected <split>/<CLASS>/*.jpeg (train/val/test), "
             f"<CLASS>/*.jpeg, or a PneumoniaMNIST .npz file")
     kind = "splits" if split_dirs else "classes"
-    return Layout(kind, root, tuple(sorted(classes)), tuple(entries), tuple(problems))
+    return Layout(kind, root, tuple(sorted(classes)), tuple(entries), tuple(problems), scope)
 
 
 def _discover_npz(path: Path) -> Layout:
@@ -330,7 +332,8 @@ def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]]
             unchanged.append(entry.relpath)
         else:
             todo.append(entry)
-    gone = sorted(set(known) - {e.relpath for e in layout.entries})
+    in_scope = {p for p in known if p.startswith(layout.scope)}
+    gone = sorted(in_scope - {e.relpath for e in layout.entries})
     total, done = len(layout.entries), len(unchanged)
     if progress:
         progress(done, total)

@@ -180,3 +180,10 @@ def test_real_pneumoniamnist(shared_data, cxr_home):
     rep = index_dataset(open_db(), shared_data / "pneumoniamnist_trainval.npz")
     assert rep.summary["by_split"] == {"train": 4708, "val": 524}
     assert rep.summary["by_class"] == {"NORMAL": 1214 + 135, "PNEUMONIA": 3494 + 389}
+
+
+def test_indexing_one_split_folder_keeps_the_other_splits(tiny_dataset, cxr_home):
+    db = open_db()
+    index_dataset(db, tiny_dataset, name="tiny")
+    rep = index_dataset(db, tiny_dataset / "test", name="tiny")
+    assert rep.removed == 0 and rep.summary["by_split"] == {"test": 4, "train": 14}

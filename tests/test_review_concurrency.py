@@ -49,7 +49,7 @@ def _spawnable_worker(monkeypatch):
 
 def _collect(procs, out) -> list:
     """Results of every process; fails fast (no long timeout) when a process dies."""
-    results, deadline = [], time.monotonic() + 120
+    results, deadline = [], time.monotonic() + 600  # generous: CI machines may be loaded
     while len(results) < len(procs) and time.monotonic() < deadline:
         try:
             results.append(out.get(timeout=0.5))

@@ -1,0 +1,218 @@
+"""Evaluations, their per-image outputs, and run operating points (threshold history).
+
+The ``operating_points`` table is append-only: the newest row of a run is its operating
+point; older rows are its history (who changed it, when, why).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+from sqlalchemy import func, insert, select
+from sqlalchemy.orm import Session
+
+from db.models import Dataset, EvalPrediction, Evaluation, Run
+from db.models import OperatingPoint as OperatingPointRow
+
+
+@dataclass(frozen=True)
+class EvaluationInfo:
+    """One stored evaluation (without its per-image outputs)."""
+
+    id: int
+    run_id: int | None
+    run_name: str | None  # the run's name, when the evaluation belongs to a run
+    model_ref: str  # "run:ID", "default" or a .keras path
+    dataset_id: int | None
+    split: str
+    source: str  # the path evaluated
+    labels: tuple[str, ...]
+    images_key: str  # equal keys = the same images in the same order (comparable)
+    metrics: dict  # EvalReport.to_dict() at the operating point of the time
+    n: int
+    created_at: datetime
+    dataset_name: str | None = None
+
+    @property
+    def title(self) -> str:
+        """A short human name: run name/ref, split and id."""
+        who = self.run_name or self.model_ref
+        split = f" [{self.split}]" if self.split else ""
+        return f"#{self.id} {who}{split}"
+
+
+@dataclass(frozen=True, eq=False)
+class EvalPredictions:
+    """Per-image outputs of one evaluation, in stored (evaluation) order."""
+
+    evaluation_id: int
+    labels: tuple[str, ...]
+    image_ids: tuple[int | None, ...]
+    paths: tuple[str, ...]
+    y_true: np.ndarray  # (N,) class indices
+    probs: np.ndarray  # (N, C)
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """One row of a run's threshold history (the newest row is in force)."""
+
+    id: int
+    run_id: int
+    threshold: float
+    method: str  # sensitivity | youden | manual
+    target: float | None
+    sensitivity: float | None  # on the data it was chosen on (validation), when known
+    specificity: float | None
+    changed_by: str
+    note: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class RunBrief:
+    """What the evaluation pages need to name a run."""
+
+    id: int
+    name: str
+    status: str
+    artifact_dir: str | None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """SQLite returns naive datetimes; the stored values are UTC."""
+    return value.replace(tzinfo=timezone.utc) if value and value.tzinfo is None else value
+
+
+# -- Evaluations ----------------------------------------------------------------------------
+
+def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
+                   dataset_id: int | None, split: str, source: str, labels: Sequence[str],
+                   images_key: str, metrics: dict, image_ids: Sequence[int | None],
+                   paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> int:
+    """Store an evaluation and one prediction row per image; returns the evaluation id."""
+    row = Evaluation(run_id=run_id, model_ref=model_ref, dataset_id=dataset_id, split=split,
+                     source=source, labels_json=json.dumps(list(labels)),
+                     images_key=images_key, metrics_json=json.dumps(metrics))
+    session.add(row)
+    session.flush()
+    rows = [{"evaluation_id": row.id, "image_id": None if i is None else int(i), "path": str(p),
+             "y_true": int(y), "probs_json": json.dumps([float(v) for v in pr])}
+            for i, p, y, pr in zip(image_ids, paths, np.asarray(y_true), np.asarray(probs))]
+    for start in range(0, len(rows), 1000):
+        session.execute(insert(EvalPrediction), rows[start:start + 1000])
+    return row.id
+
+
+def _info(row: Evaluation, run_name: str | None, n: int,
+          dataset_name: str | None) -> EvaluationInfo:
+    return EvaluationInfo(row.id, row.run_id, run_name or (f"run {row.run_id}" if row.run_id
+                                                           else None),
+                          row.model_ref, row.dataset_id, row.split, row.source,
+                          tuple(json.loads(row.labels_json)), row.images_key,
+                          json.loads(row.metrics_json or "{}"), n, _utc(row.created_at),
+                          dataset_name)
+
+
+def list_evaluations(*, session: Session, run_id: int | None = None,
+                     images_key: str | None = None) -> list[EvaluationInfo]:
+    """Stored evaluations, newest first, optionally of one run or on one image set."""
+    counts = (select(EvalPrediction.evaluation_id, func.count().label("n"))
+              .group_by(EvalPrediction.evaluation_id).subquery())
+    q = (select(Evaluation, Run.name, func.coalesce(counts.c.n, 0), Dataset.name)
+         .outerjoin(Run, Run.id == Evaluation.run_id)
+         .outerjoin(Dataset, Dataset.id == Evaluation.dataset_id)
+         .outerjoin(counts, counts.c.evaluation_id == Evaluation.id)
+         .order_by(Evaluation.id.desc()))
+    if run_id is not None:
+        q = q.where(Evaluation.run_id == run_id)
+    if images_key is not None:
+        q = q.where(Evaluation.images_key == images_key)
+    return [_info(row, name, n, ds) for row, name, n, ds in session.execute(q)]
+
+
+def get_evaluation(*, session: Session, evaluation_id: int) -> EvaluationInfo | None:
+    """One evaluation, or None."""
+    row = session.get(Evaluation, evaluation_id)
+    if row is None:
+        return None
+    name = session.scalar(select(Run.name).where(Run.id == row.run_id)) if row.run_id else None
+    ds = (session.scalar(select(Dataset.name).where(Dataset.id == row.dataset_id))
+          if row.dataset_id else None)
+    n = session.scalar(select(func.count()).select_from(EvalPrediction).where(
+        EvalPrediction.evaluation_id == evaluation_id)) or 0
+    return _info(row, name, n, ds)
+
+
+def get_predictions(*, session: Session, evaluation_id: int) -> EvalPredictions | None:
+    """Per-image outputs of an evaluation in stored order, or None if there is no such one."""
+    labels_json = session.scalar(select(Evaluation.labels_json).where(
+        Evaluation.id == evaluation_id))
+    if labels_json is None:
+        return None
+    q = (select(EvalPrediction.image_id, EvalPrediction.path, EvalPrediction.y_true,
+                EvalPrediction.probs_json)
+         .where(EvalPrediction.evaluation_id == evaluation_id).order_by(EvalPrediction.id))
+    rows = session.connection().execute(q).all()  # Core rows: no ORM bookkeeping
+    labels = tuple(json.loads(labels_json))
+    probs = (np.array([json.loads(r[3]) for r in rows], dtype=float) if rows
+             else np.zeros((0, len(labels))))
+    return EvalPredictions(evaluation_id, labels, tuple(r[0] for r in rows),
+                           tuple(r[1] for r in rows),
+                           np.array([r[2] for r in rows], dtype=np.int64), probs)
+
+
+# -- Runs (read-only here: names and artifact folders for the evaluation pages) -------------
+
+def get_run_brief(*, session: Session, run_id: int) -> RunBrief | None:
+    """A run's id, name, status and artifact folder, or None."""
+    row = session.get(Run, run_id)
+    if row is None:
+        return None
+    return RunBrief(row.id, row.name or f"run {row.id}", row.status, row.artifact_dir)
+
+
+def list_run_briefs(*, session: Session, status: str | None = None) -> list[RunBrief]:
+    """Runs, newest first, optionally with one status (e.g. "finished")."""
+    q = select(Run.id, Run.name, Run.status, Run.artifact_dir).order_by(Run.id.desc())
+    if status is not None:
+        q = q.where(Run.status == status)
+    return [RunBrief(i, n or f"run {i}", s, a) for i, n, s, a in session.execute(q)]
+
+
+# -- Operating points -----------------------------------------------------------------------
+
+def _op(row: OperatingPointRow) -> OperatingPoint:
+    return OperatingPoint(row.id, row.run_id, row.threshold, row.method, row.target,
+                          row.sensitivity, row.specificity, row.changed_by, row.note,
+                          _utc(row.created_at))
+
+
+def add_operating_point(*, session: Session, run_id: int, threshold: float, method: str,
+                        target: float | None, sensitivity: float | None,
+                        specificity: float | None, changed_by: str,
+                        note: str = "") -> OperatingPoint:
+    """Append a row to the run's threshold history; it becomes the run's operating point."""
+    row = OperatingPointRow(run_id=run_id, threshold=float(threshold), method=method,
+                            target=target, sensitivity=sensitivity, specificity=specificity,
+                            changed_by=changed_by, note=note)
+    session.add(row)
+    session.flush()
+    return _op(row)
+
+
+def latest_operating_point(*, session: Session, run_id: int) -> OperatingPoint | None:
+    """The run's operating point (its newest history row), or None."""
+    row = session.scalar(select(OperatingPointRow).where(OperatingPointRow.run_id == run_id)
+                         .order_by(OperatingPointRow.id.desc()).limit(1))
+    return None if row is None else _op(row)
+
+
+def operating_points(*, session: Session, run_id: int) -> list[OperatingPoint]:
+    """The run's whole threshold history, newest first."""
+    rows = session.scalars(select(OperatingPointRow).where(OperatingPointRow.run_id == run_id)
+                           .order_by(OperatingPointRow.id.desc())).all()
+    return [_op(r) for r in rows]

@@ -1,0 +1,166 @@
+"""Compare runs on the same images: at their operating points or at a matched sensitivity."""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from cxr_core import evaluation as ev
+from cxr_core import evaluation_service as es
+from cxr_core.errors import CxrError
+from pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
+
+
+@st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
+def comparison(ids: tuple[int, ...], mode: str, target: float) -> es.Comparison:
+    return es.compare_evaluations(get_db(), ids, mode=mode, target=target)
+
+
+def evaluate_ui(db) -> None:
+    """Evaluate a finished run (or the default model) on a dataset, off the script thread."""
+    refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(db)}
+    datasets = {d.name: d for d in list_datasets()}
+    c1, c2, c3 = st.columns(3)
+    ref = c1.selectbox("Model", [*refs, "default"], key="compare_eval_ref",
+                       format_func=lambda r: refs.get(r, "Default model"))
+    name = c2.selectbox("Dataset", list(datasets), key="compare_eval_data")
+    splits = (datasets[name].summary or {}).get("by_split", {}) if name else {}
+    split = c3.selectbox("Split", [s for s in splits if s != "(none)"] + ["(all)"],
+                         key="compare_eval_split")
+    if st.button("Evaluate", icon=":material/play_arrow:", key="compare_eval_go",
+                 disabled=not name):
+        key = st.session_state["compare_job"] = f"compare_eval:{ref}:{name}:{split}"
+        start_job(key, lambda progress: es.evaluate_model(
+            db, ref, name, split=None if split == "(all)" else split, progress=progress))
+    if st.session_state.get("compare_job"):
+        eval_job_ui(st.session_state["compare_job"])
+
+
+@st.fragment(run_every=1.0)
+def eval_job_ui(key: str) -> None:
+    if (job := get_job(key)) is None:
+        return
+    show_job(job, "Decoding, then predicting")
+    if not job.running and job.result is not None:
+        st.session_state.pop("compare_job", None)
+        st.toast(f"Stored evaluation #{job.result[0]}", icon=":material/check:")
+        st.rerun(scope="app")
+
+
+def selection_ui(db) -> tuple[tuple[int, ...], str, float]:
+    """2–4 evaluations of one image set, and the thresholds: operating points or matched."""
+    if not (groups := es.comparable_groups(db)):
+        st.info("No two evaluations share the same images yet: evaluate two runs on one dataset.")
+        return (), "", 0.0
+    g = groups[st.selectbox("Image set", range(len(groups)), key="compare_group",
+                            format_func=lambda i: groups[i].label)]
+    names = {e.id: e.title for e in g.evaluations}
+    ids = st.multiselect("Evaluations (2–4)", list(names), list(names)[:4], names.get,
+                         max_selections=4, key=f"compare_evals_{g.images_key[:12]}")
+    c1, c2, binary = *st.columns(2), len(g.labels) == 2
+    matched = c1.toggle("Matched sensitivity", key="compare_matched", disabled=not binary,
+                        help="On: every run at the threshold reaching the same sensitivity on "
+                             "these images. Off: each run's stored operating point.") and binary
+    target = c2.slider("Target sensitivity", 0.5, 1.0, 0.95, 0.01, key="compare_target",
+                       disabled=not matched)
+    return tuple(sorted(ids)), ("matched" if matched else "operating_point"), target
+
+
+def confusion_ui(cmp: es.Comparison) -> None:
+    for col, name in zip(st.columns(len(cmp.names)), cmp.names):
+        cm, t = cmp.reports[name].confusion_matrix, cmp.thresholds[name]
+        col.markdown(f"**{name}** · {'argmax' if t is None else f'threshold {t:.3f}'}  \n"
+                     f"{cmp.threshold_sources[name]}")
+        for z, fmt, what in ((cm, True, "counts"),
+                             (cm / cm.sum(axis=1, keepdims=True), ".2f", "row-normalised")):
+            fig = px.imshow(z, x=list(cmp.labels), y=list(cmp.labels), text_auto=fmt, title=what,
+                            color_continuous_scale="Blues", labels={"x": "predicted", "y": "true"})
+            fig.update_layout(coloraxis_showscale=False, height=300, margin=dict(t=40, b=0))
+            col.plotly_chart(fig, width="stretch", key=f"compare_cm_{name}_{what}")
+
+
+def curves_ui(cmp: es.Comparison) -> None:
+    line = dict(color="run", line_dash=None if len(cmp.labels) == 2 else "class",
+                hover_data=["threshold", "area"])
+    roc, pr = pd.DataFrame(ev.roc_table(cmp.reports)), pd.DataFrame(ev.pr_table(cmp.reports))
+    cal = px.line(pd.DataFrame(ev.calibration_table(cmp.reports)), x="confidence", y="accuracy",
+                  color="run", markers=True, hover_data=["count"], title="Calibration")
+    cal.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
+    for col, fig in zip(st.columns(3), (px.line(roc, x="fpr", y="tpr", title="ROC", **line),
+                                        px.line(pr, x="recall", y="precision",
+                                                title="Precision–recall", **line), cal)):
+        col.plotly_chart(fig, width="stretch")
+
+
+def metrics_ui(cmp: es.Comparison) -> None:
+    st.dataframe(pd.DataFrame(cmp.metrics_text()), hide_index=True)
+    if len(tests := cmp.mcnemar_rows()) == 1:
+        st.metric("McNemar p-value", f"{tests[0]['p_value']:.4g}", help=tests[0]["test"])
+    st.dataframe(pd.DataFrame(tests), hide_index=True)
+
+
+def send(cmp: es.Comparison, row: dict, sent_by: str) -> None:
+    es.send_disagreement_to_review(get_db(), **cmp.review_payload(row), sent_by=sent_by)
+    st.toast("Sent to review", icon=":material/rate_review:")
+
+
+def disagreements_ui(cmp: es.Comparison) -> None:
+    rows = cmp.disagreement_rows()
+    st.caption(f"The runs disagree on **{len(rows)}** of {len(cmp.y_true)} images.")
+    who = st.text_input("Your name (stored with items sent to review)", key="compare_sent_by")
+    page = st.number_input("Page (12 images a page)", 1, max(1, -(-len(rows) // 12)),
+                           key="compare_page")
+    shown = rows[(page - 1) * 12:page * 12]
+    for start in range(0, len(shown), 4):
+        for col, row in zip(st.columns(4), shown[start:start + 4]):
+            if (thumb := thumbnail(row["path"], None)) is not None:
+                col.image(thumb, width="stretch")
+            col.caption(row["summary"])
+            col.button("Send to review", key=f"compare_send_{row['index']}", on_click=send,
+                       args=(cmp, row, who.strip()), icon=":material/rate_review:",
+                       disabled=row["image_id"] is None or not who.strip())
+
+
+def operating_point_ui(cmp: es.Comparison) -> None:
+    runs = {e.run_id: n for n, e in cmp.evaluations.items() if e.run_id is not None}
+    if len(cmp.labels) != 2 or not runs:
+        st.info("Operating points belong to binary runs (multi-class uses the argmax).")
+        return
+    run_id = st.selectbox("Run", list(runs), format_func=runs.get, key="compare_op_run")
+    history = es.operating_point_history(get_db(), run_id)
+    st.dataframe(pd.DataFrame(history).drop(columns=["id", "run_id"], errors="ignore"),
+                 hide_index=True)
+    with st.form("compare_op_form"):  # an explicit, recorded user action
+        threshold = st.number_input("New threshold", 0.0, 1.0, history[0].threshold if history
+                                    else 0.5, 0.01, format="%.3f", key="compare_op_threshold")
+        who, note = st.text_input("Your name", key="compare_op_who"), st.text_input(
+            "Reason", key="compare_op_note")
+        submitted = st.form_submit_button("Set operating point", icon=":material/tune:", help=(
+            "Changes Predict and Compare for everyone; recorded with your name and reason. "
+            "Prefer thresholds chosen on validation data."))
+    if submitted:
+        try:
+            es.set_manual_threshold(get_db(), run_id=run_id, threshold=threshold, changed_by=who,
+                                    note=note, evaluation_id=cmp.evaluations[runs[run_id]].id)
+            comparison.clear()
+            st.rerun()
+        except CxrError as exc:
+            st.error(str(exc))
+
+
+st.title("Compare runs")
+with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
+    evaluate_ui(get_db())
+ids, mode, target = selection_ui(get_db())
+if len(ids) < 2:
+    st.stop()
+try:
+    cmp = comparison(ids, mode, target)
+except CxrError as exc:
+    st.error(str(exc))
+    st.stop()
+views = {"Confusion matrices": confusion_ui, "Curves": curves_ui, "Metrics (95% CI)": metrics_ui,
+         "Disagreements": disagreements_ui, "Operating points": operating_point_ui}
+for tab, view in zip(st.tabs(list(views)), views.values()):
+    with tab:
+        view(cmp)

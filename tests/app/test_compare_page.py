@@ -1,0 +1,125 @@
+"""AppTest: the Compare page on two real tiny runs evaluated on the same images."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+from test_model_store import BINARY_CARD, make_run, save_tiny_model
+
+from cxr_core import evaluation_service as es
+from cxr_core.indexing import index_dataset
+from cxr_core.storage import open_db
+
+PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "compare.py")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+@pytest.fixture()
+def two_runs(cxr_home, tiny_dataset) -> tuple[int, int]:
+    """Two finished runs (real tiny models with operating points), both evaluated on test."""
+    db = open_db()
+    index_dataset(db, tiny_dataset, name="tiny")
+    runs = []
+    for seed, name in ((1, "alpha"), (2, "beta")):
+        run_id = make_run(db, name)
+        save_tiny_model(cxr_home / "runs" / str(run_id) / "best.keras", seed=seed,
+                        card=BINARY_CARD)
+        es.set_operating_point(db, run_id=run_id, y_true=[0, 1, 0, 1], p_pos=[0.2, 0.6, 0.4, 0.7])
+        es.evaluate_model(db, f"run:{run_id}", "tiny", split="train")
+        runs.append(run_id)
+    return runs[0], runs[1]
+
+
+def _page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=120).run()
+
+
+def test_empty_page_explains_what_to_do(cxr_home):
+    at = _page()
+    assert not at.exception
+    assert any("No two evaluations share the same images" in i.value for i in at.info)
+
+
+def test_compare_two_runs_renders_matrices_metrics_and_mcnemar(two_runs):
+    at = _page()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 2 * 2 + 3  # 2 runs × (counts, normalised) + 3 curves
+    assert [m.label for m in at.metric] == ["McNemar p-value"]
+    assert 0.0 <= float(at.metric[0].value) <= 1.0
+    metrics = at.dataframe[0].value
+    assert {"alpha", "beta"} <= set(metrics.columns) and "auc" in set(metrics["metric"])
+    assert any("threshold 0.600" in m.value for m in at.markdown)  # the stored operating point
+    at.toggle(key="compare_matched").set_value(True).run()
+    assert not at.exception
+    assert any("matched sensitivity 0.95" in m.value for m in at.markdown)
+
+
+def test_manual_threshold_change_is_recorded_and_shown(two_runs):
+    alpha, _ = two_runs
+    at = _page()
+    at.number_input(key="compare_op_threshold").set_value(0.55)
+    at.text_input(key="compare_op_who").set_value("Dr Lee")
+    at.text_input(key="compare_op_note").set_value("fewer false positives")
+    next(b for b in at.button if b.label == "Set operating point").click().run()
+    assert not at.exception
+    history = es.operating_point_history(open_db(), alpha)
+    assert [h.method for h in history] == ["manual", "sensitivity"]
+    assert history[0].threshold == 0.55 and history[0].changed_by == "Dr Lee"
+    assert any("threshold 0.550" in m.value for m in at.markdown)
+
+
+def test_send_a_disagreement_to_review(two_runs):
+    from cxr_core.storage import reviews
+
+    at = _page()
+    at.toggle(key="compare_matched").set_value(True).run()  # per-run thresholds: disagreements
+    sends = [b for b in at.button if b.label == "Send to review"]
+    if not sends:
+        pytest.skip("the two tiny runs happen to agree on every image")
+    assert all(b.disabled for b in sends)  # a name is required first
+    at.text_input(key="compare_sent_by").set_value("Dr Lee").run()
+    next(b for b in at.button if b.label == "Send to review").click().run()
+    assert not at.exception
+    with open_db().session() as s:
+        [item] = reviews.list_review_items(session=s)
+    assert item.source == "compare" and item.sent_by == "Dr Lee"
+
+
+def test_evaluate_form_runs_off_the_script_thread(two_runs):
+    at = _page()
+    at.selectbox(key="compare_eval_ref").set_value(f"run:{two_runs[0]}")
+    at.selectbox(key="compare_eval_split").set_value("test")
+    at.button(key="compare_eval_go").click().run()
+    deadline = time.time() + 60
+    while time.time() < deadline and len(es.list_evaluations(open_db())) < 3:
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception
+    newest = es.list_evaluations(open_db())[0]
+    assert newest.split == "test" and newest.n == 4 and newest.run_id == two_runs[0]
+    assert np.array(newest.metrics["confusion_matrix"]).sum() == 4
+
+
+def test_multiclass_compare_renders_without_thresholds(cxr_home, tiny_dataset, tmp_path):
+    db = open_db()
+    for seed in (1, 2):
+        model = save_tiny_model(tmp_path / f"m{seed}" / "m.keras", units=3, seed=seed)
+        es.evaluate_model(db, str(model), str(tiny_dataset))
+    at = _page()
+    assert not at.exception, at.exception
+    assert at.toggle(key="compare_matched").disabled
+    assert len(at.get("plotly_chart")) == 2 * 2 + 3
+    assert any("argmax" in m.value for m in at.markdown)
+    assert any("multi-class uses the argmax" in i.value for i in at.info)

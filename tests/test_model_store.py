@@ -1,0 +1,146 @@
+"""model_store: run / file / default references, labels, thresholds, predict and decide."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core import evaluation_service as es
+from cxr_core import model_store as ms
+from cxr_core.errors import ConfigError, ModelError
+from cxr_core.storage import open_db
+
+
+def save_tiny_model(path: Path, *, units: int = 1, size: int = 16, channels: int = 1,
+                    seed: int = 0, card: dict | None = None) -> Path:
+    """A tiny flat functional model (Conv → GAP → predictions) saved as .keras (+ card)."""
+    import keras
+
+    init = keras.initializers.GlorotUniform(seed=seed)
+    inp = keras.Input((size, size, channels), name="image")
+    x = keras.layers.Rescaling(1 / 255.0, name="pre_rescale")(inp)
+    x = keras.layers.Conv2D(4, 3, activation="relu", kernel_initializer=init, name="conv")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="head_pool")(x)
+    out = keras.layers.Dense(units, activation="sigmoid" if units == 1 else "softmax",
+                             kernel_initializer=init, bias_initializer=keras.initializers.Constant(
+                                 0.0), name="predictions")(x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keras.Model(inp, out).save(path)
+    if card is not None:
+        (path.parent / ms.CARD_NAME).write_text(json.dumps(card))
+    return path
+
+
+def make_run(db, name: str) -> int:
+    """A finished run row, through the runs storage module."""
+    from cxr_core.storage import runs
+
+    def add(s) -> int:
+        run_id = runs.create_run(session=s, name=name, config={})
+        runs.finish_run(session=s, run_id=run_id, status="finished")
+        return run_id
+    return db.write(add)
+
+
+BINARY_CARD = {"name": "tiny", "model": "tiny", "labels": ["NORMAL", "PNEUMONIA"],
+               "label_scheme": "binary", "image_size": 16, "channels": 1,
+               "saliency_layer": "conv",
+               "operating_point": {"threshold": 0.3, "method": "sensitivity", "target": 0.95,
+                                   "sensitivity": 0.95, "specificity": 0.5}}
+
+
+def test_file_without_card_infers_binary_and_flags_the_threshold(tmp_path):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
+    assert loaded.labels == ("NORMAL", "PNEUMONIA") and loaded.label_scheme == "binary"
+    assert (loaded.image_size, loaded.channels) == (16, 1)
+    assert loaded.threshold == 0.5 and loaded.threshold_source == ms.NO_THRESHOLD
+    assert not loaded.has_operating_point
+    assert loaded.saliency_layer == "conv" and loaded.card == {} and loaded.run_id is None
+
+
+def test_file_with_card_uses_its_labels_and_threshold(tmp_path):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
+    assert loaded.threshold == 0.3 and loaded.threshold_source == "model card"
+    assert loaded.has_operating_point and loaded.card["name"] == "tiny"
+
+
+@pytest.mark.parametrize("units, labels, scheme", [
+    (2, ("NORMAL", "PNEUMONIA"), "binary"),
+    (3, ("NORMAL", "BACTERIA", "VIRUS"), "three_class"),
+])
+def test_output_width_gives_the_labels(tmp_path, units, labels, scheme):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
+    assert loaded.labels == labels and loaded.label_scheme == scheme
+    assert loaded.threshold == (None if units == 3 else 0.5)
+
+
+@pytest.mark.parametrize("ref, card, match", [
+    ("model.h5", None, "a model reference is"),
+    ("missing.keras", None, "model file not found"),
+    ("m.keras", {"labels": ["A", "B", "C"]}, "lists 3 labels"),
+    ("m.keras", {"image_size": 32}, "model card says image_size=32"),
+    ("m.keras", {"operating_point": {"threshold": 1.5}}, "must be in"),
+])
+def test_bad_references_and_cards_are_model_errors(tmp_path, ref, card, match):
+    save_tiny_model(tmp_path / "m.keras", card=card)
+    with pytest.raises(ModelError, match=match):
+        ms.load_model_ref(str(tmp_path / ref))
+
+
+def test_default_is_a_clear_error_until_shipped(tmp_path):
+    with pytest.raises(ModelError, match="no default model shipped yet"):
+        ms.load_model_ref("default", models_dir=tmp_path)
+
+
+def test_default_loads_from_the_models_dir(tmp_path):
+    save_tiny_model(tmp_path / "default" / "model.keras", card=BINARY_CARD)
+    loaded = ms.load_model_ref("default", models_dir=tmp_path / "default")
+    assert loaded.ref == "default" and loaded.threshold == 0.3
+
+
+def test_run_threshold_comes_from_the_db_then_follows_a_manual_change(cxr_home):
+    db = open_db()
+    run_id = make_run(db, "r")
+    save_tiny_model(cxr_home / "runs" / str(run_id) / "best.keras", card=BINARY_CARD)
+    assert ms.load_model_ref(str(run_id), db=db).threshold_source == "model card"
+    y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
+    p = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2, 0.6, 0.7])
+    op = es.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=1.0)
+    loaded = ms.load_model_ref(f"run:{run_id}", db=db)
+    assert loaded.ref == f"run:{run_id}" and loaded.run_id == run_id
+    assert loaded.threshold == op.threshold == 0.35
+    assert ms.decide(loaded, [[0.62, 0.38], [0.7, 0.3]]) == ["PNEUMONIA", "NORMAL"]
+    es.set_manual_threshold(db, run_id=run_id, threshold=0.5, changed_by="dr a", note="fewer FPs")
+    loaded = ms.load_model_ref(f"run:{run_id}", db=db)
+    assert loaded.threshold == 0.5 and "manual" in loaded.threshold_source
+    assert ms.decide(loaded, [[0.62, 0.38], [0.4, 0.6]]) == ["NORMAL", "PNEUMONIA"]
+
+
+def test_run_without_model_file_is_a_model_error(cxr_home):
+    db = open_db()
+    with pytest.raises(ModelError, match="has no model file"):
+        ms.load_model_ref(f"run:{make_run(db, 'r')}", db=db)
+
+
+def test_predict_probs_converts_channels_and_checks_size(tmp_path):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
+    probs = ms.predict_probs(loaded, gray)
+    assert probs.shape == (3, 2) and np.allclose(probs.sum(axis=1), 1.0)
+    rgb = np.repeat(gray, 3, axis=3)
+    assert np.allclose(ms.predict_probs(loaded, rgb), probs, atol=1e-5)
+    with pytest.raises(ConfigError, match="images must be"):
+        ms.predict_probs(loaded, rng.integers(0, 256, (1, 20, 20, 1), dtype=np.uint8))
+
+
+def test_decide_never_silently_uses_half(tmp_path):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
+    probs = np.array([[0.65, 0.35], [0.75, 0.25]])
+    assert ms.decide(loaded, probs) == ["PNEUMONIA", "NORMAL"]  # 0.3, not 0.5
+    assert ms.decide(replace(loaded, threshold=0.2), probs) == ["PNEUMONIA", "PNEUMONIA"]
+    three = ms.load_model_ref(str(save_tiny_model(tmp_path / "t" / "m.keras", units=3)))
+    assert ms.decide(three, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]) == ["VIRUS", "NORMAL"]
