@@ -15,6 +15,7 @@ PAGES = {
         st.Page("pages/augmentation.py", title="Augmentation", icon=":material/auto_fix_high:"),
     ],
     "Models": [
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
     ],
     "Review": [

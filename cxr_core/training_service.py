@@ -1,0 +1,179 @@
+"""Training as user actions: queue, start, cancel, resume, and read runs back.
+
+The Train page and the CLI call these. Starting a run from the app = a queued run row +
+:func:`cxr_core.worker.ensure_worker`; the CLI's ``train`` runs the same claim + train +
+evaluate code (:func:`cxr_core.worker.process_run`) in its own process.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from cxr_core import worker
+from cxr_core.errors import ConfigError
+from cxr_core.storage import Database, open_db
+from cxr_core.storage import datasets as dataset_store
+from cxr_core.storage import runs as store
+from cxr_core.storage.runs import LogLine, RunRecord
+from cxr_core.training import DEFAULT_RECIPE, RECIPES, TrainConfig, gpu_count
+
+Progress = Callable[[int, int], None]
+LIVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc")
+
+
+# -- Configs --------------------------------------------------------------------------------
+
+def host_recipe() -> str:
+    """The recipe the page proposes: ``default224`` with a GPU, ``cpu128`` without."""
+    return DEFAULT_RECIPE if gpu_count() else "cpu128"
+
+
+def recipe_defaults(recipe: str) -> dict[str, Any]:
+    """Every field of a recipe's config (the page's form defaults); dataset left empty.
+
+    Raises:
+        ConfigError: unknown recipe.
+    """
+    if recipe not in RECIPES:
+        raise ConfigError(f"recipe must be one of {sorted(RECIPES)}. Received: recipe={recipe!r}")
+    cfg = TrainConfig.from_dict({"recipe": recipe, "dataset": "-"})
+    return {**cfg.to_dict(), "dataset": ""}
+
+
+def resolve_dataset(db: Database, dataset: str, base_dir: str | Path | None = None) -> str:
+    """An indexed dataset's name as is; a path made absolute (so a worker finds it).
+
+    A relative path is tried against the current folder, then ``base_dir`` (the config
+    file's folder).
+    """
+    with db.session() as s:
+        if dataset_store.get_dataset(session=s, name_or_id=dataset) is not None:
+            return dataset
+    for base in (Path.cwd(), Path(base_dir) if base_dir else None):
+        if base is None:
+            continue
+        path = (base / Path(dataset).expanduser())
+        if path.exists():
+            return str(path.resolve())
+    return dataset  # open_dataset reports the unknown name with its hint
+
+
+def make_config(db: Database, data: Mapping[str, Any],
+                base_dir: str | Path | None = None) -> TrainConfig:
+    """Validate a run config (recipe defaults merged) with its dataset path resolved."""
+    cfg = TrainConfig.from_dict(data)
+    return TrainConfig.from_dict({**cfg.to_dict(),
+                                  "dataset": resolve_dataset(db, cfg.dataset, base_dir)})
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A run config JSON file.
+
+    Raises:
+        ConfigError: not readable or not a JSON object.
+    """
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"run config file not found. Received: {p}") from exc
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read run config {p}: expected a JSON object ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"run config {p} must be a JSON object. Received: {type(data).__name__}")
+    return data
+
+
+# -- Starting, stopping ---------------------------------------------------------------------
+
+def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None) -> int:
+    """Write a queued run (a worker will claim it); returns its id."""
+    return db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
+                                               config=cfg.to_dict()))
+
+
+def start_run(db: Database, cfg: TrainConfig, *, name: str | None = None) -> tuple[int, int]:
+    """Queue a run and make sure a worker process serves it: (run id, worker pid)."""
+    run_id = queue_run(db, cfg, name=name)
+    return run_id, worker.ensure_worker(db)
+
+
+def run_in_process(db: Database, cfg: TrainConfig, *, name: str | None = None,
+                   progress: Progress | None = None) -> worker.RunOutcome:
+    """Train a run in this process: the worker's claim + train + evaluate, run to its end.
+
+    The run is created already claimed by this process (registered as a worker with a
+    heartbeat), so a detached worker never takes it.
+    """
+    worker_id, beat = worker.register(db)
+    try:
+        run_id = db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
+                                                     config=cfg.to_dict(), worker_id=worker_id))
+        beat.run_id = run_id
+        return worker.process_run(db, run_id, progress=progress)
+    finally:
+        worker.unregister(db, worker_id, beat)
+
+
+def train_cli(config_path: str | Path, *, detach: bool = False,
+              progress: Progress | None = None) -> dict:
+    """``python -m cxr_core train --config FILE``: train to the end, or only queue.
+
+    Returns:
+        ``{"run_id", "status", "epochs", "val"}`` (+ ``"error"`` when it failed), or
+        ``{"run_id", "status": "queued"}`` with ``detach`` (a worker is started if none runs).
+    """
+    path = Path(config_path).expanduser()
+    db = open_db()
+    cfg = make_config(db, read_config_file(path), base_dir=path.parent)
+    if detach:
+        run_id, _ = start_run(db, cfg)
+        return {"run_id": run_id, "status": "queued"}
+    return run_in_process(db, cfg, progress=progress).to_json()
+
+
+def cancel_run(db: Database, run_id: int) -> str:
+    """Cancel: queued runs at once, running ones within one batch. Returns the new status."""
+    return db.write(lambda s: store.request_cancel(session=s, run_id=run_id))
+
+
+def resume_run(db: Database, run_id: int, *, start_worker: bool = True) -> int | None:
+    """Queue a failed/cancelled run to continue from its last checkpoint; returns the worker pid."""
+    db.write(lambda s: store.request_resume(session=s, run_id=run_id))
+    return worker.ensure_worker(db) if start_worker else None
+
+
+# -- Reading runs back ----------------------------------------------------------------------
+
+def refresh(db: Database) -> list[int]:
+    """Mark dead workers' runs failed (the page calls this on load)."""
+    return worker.reap_dead_runs(db)
+
+
+def list_runs(db: Database, *, limit: int = 100) -> list[RunRecord]:
+    with db.session() as s:
+        return store.list_runs(session=s, limit=limit)
+
+
+def get_run(db: Database, run_id: int) -> RunRecord | None:
+    with db.session() as s:
+        return store.get_run(session=s, run_id=run_id)
+
+
+def run_logs(db: Database, run_id: int, *, limit: int = 300) -> list[LogLine]:
+    with db.session() as s:
+        return store.get_logs(session=s, run_id=run_id, limit=limit)
+
+
+def metrics_rows(db: Database, run_ids: Sequence[int], *, kind: str = "epoch",
+                 keys: Sequence[str] | None = LIVE_KEYS) -> list[dict]:
+    """Long-form rows ``{run, run_id, kind, step, key, value}`` for ``px.line(color="run")``."""
+    ids = list(run_ids)
+    with db.session() as s:
+        names = {r.id: r.display_name for r in store.list_runs(session=s, limit=10_000)
+                 if r.id in ids}
+        rows = store.get_metrics(session=s, run_ids=ids, kind=kind, keys=keys)
+    return [{"run": f"{names.get(r.run_id, r.run_id)} (#{r.run_id})", **r._asdict()} for r in rows]
+

@@ -1,0 +1,149 @@
+"""Train: queue runs for the worker process, follow them live, cancel or resume them.
+
+Nothing trains in this script's thread: "Start" writes a queued run and makes sure a worker
+process is alive; the curves are redrawn from the DB's long-form metric rows by a fragment.
+"""
+from __future__ import annotations
+
+import time
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from cxr_core import training_service as svc
+from cxr_core.augment import PRESETS
+from cxr_core.datasets import LABEL_SCHEMES
+from cxr_core.errors import CxrError
+from cxr_core.models import MODELS
+from cxr_core.pipeline import BALANCING
+from cxr_core.training import LR_SCHEDULES, OPTIMIZERS, RECIPES
+from pages._shared import dataset_picker, get_db
+
+REFRESH_S = 2.0
+ICONS = dict(queued="⏳", running="🏃", finished="✅", failed="❌", cancelled="⏹️")
+
+
+def _pick(col, label: str, options, value, key: str, **kw):
+    options = list(options)
+    return col.selectbox(label, options, index=options.index(value) if value in options else 0,
+                         key=key, **kw)
+
+
+def form_ui(dataset: str) -> dict | None:
+    """Recipe presets and the fields people change; returns the config changes on submit."""
+    recipe = _pick(st, "Recipe", RECIPES, svc.host_recipe(), "train_recipe",
+                   help="Defaults for every field (without a GPU: cpu128)")
+    d, k = svc.recipe_defaults(recipe), f"train_{recipe}_"  # keys per recipe: its defaults
+    with st.form("train_form"):
+        c1, c2, c3 = st.columns(3)
+        out = dict(recipe=recipe, dataset=dataset, name=c1.text_input("Run name", key=k + "name"))
+        out["model"] = _pick(c1, "Model", MODELS, d["model"], k + "model")
+        out["weights"] = c1.text_input("Weights", d["weights"] or "", key=k + "weights",
+                                       help="empty = random init; imagenet; a file; run:ID") or None
+        out["freeze_epochs"] = c1.number_input("Frozen-backbone epochs", 0, 1000,
+                                               d["freeze_epochs"], key=k + "freeze")
+        out["image_size"] = c2.number_input("Image size (px)", 8, 1024, d["image_size"],
+                                            key=k + "size")
+        out["label_scheme"] = _pick(c2, "Label scheme", LABEL_SCHEMES, d["label_scheme"],
+                                    k + "scheme")
+        out["label_source"] = c2.radio("Labels", ["original", "current"], horizontal=True,
+                                       key=k + "source", help="current = with clinician relabels")
+        out["augment"] = _pick(c2, "Augmentation", PRESETS, d["augment"], k + "augment")
+        out["balancing"] = _pick(c2, "Balancing", BALANCING, d["balancing"], k + "balancing")
+        out["epochs"] = c3.number_input("Epochs", 1, 1000, d["epochs"], key=k + "epochs")
+        out["batch_size"] = c3.number_input("Batch size", 1, 1024, d["batch_size"], key=k + "batch")
+        out["optimizer"] = _pick(c3, "Optimizer", OPTIMIZERS, d["optimizer"], k + "opt")
+        out["learning_rate"] = c3.number_input("Learning rate", 1e-6, 1.0, d["learning_rate"],
+                                               format="%.5f", key=k + "lr")
+        out["lr_schedule"] = _pick(c3, "LR schedule", LR_SCHEDULES, d["lr_schedule"], k + "sched")
+        e1, e2, e3, e4 = st.columns(4)
+        out["max_images"] = e1.number_input("At most N images (0: all)", 0, 10**6, 0,
+                                            key=k + "max") or None
+        out["seed"] = e2.number_input("Seed", 0, 10**6, d["seed"], key=k + "seed")
+        out["patience"] = e3.number_input("Patience", 1, 1000, d["patience"], key=k + "patience")
+        out["mixed_precision"] = e4.toggle("Mixed precision (GPU)", key=k + "mp")
+        submitted = st.form_submit_button("Start training", icon=":material/play_arrow:")
+    return out if submitted else None
+
+
+def start_ui(dataset: str) -> None:
+    changes = form_ui(dataset)
+    if changes is None:
+        return
+    db = get_db()
+    try:
+        run_id, pid = svc.start_run(db, svc.make_config(db, changes))
+    except CxrError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state["train_detail_run"] = run_id
+        st.session_state["train_plot_runs"] = [run_id, *st.session_state.get("train_plot_runs", [])]
+        st.success(f"Run {run_id} queued; worker process {pid} will train it.")
+
+
+def runs_table_ui(runs) -> None:
+    rows = [{"id": r.id, "run": r.display_name, "status": f"{ICONS.get(r.status, '')} {r.status}",
+             "epochs": f"{r.epochs_done}/{r.config.get('epochs', '?')}",
+             "model": r.config.get("model"), "dataset": r.config.get("dataset"),
+             "val AUC": ((r.summary or {}).get("val") or {}).get("auc"),
+             "created": r.created_at} for r in runs]
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=220)
+
+
+def curves_ui(run_ids: list[int]) -> None:
+    rows = svc.metrics_rows(get_db(), run_ids)
+    st.caption(f"{len(rows)} metric rows · refreshed {time.strftime('%H:%M:%S')}")
+    if not rows:
+        st.info("No epoch has finished yet for these runs.")
+        return
+    fig = px.line(pd.DataFrame(rows), x="step", y="value", color="run", facet_col="key",
+                  facet_col_wrap=2, markers=True, labels={"step": "epoch"})
+    fig.update_yaxes(matches=None)
+    st.plotly_chart(fig, width="stretch", key="train_curves")
+
+
+def detail_ui(run) -> None:
+    st.markdown(f"**{run.display_name}** (#{run.id}) — {ICONS.get(run.status, '')} {run.status}")
+    if run.error:
+        st.error(run.error)
+    c1, c2 = st.columns(2)
+    if run.active and c1.button("Cancel", key=f"train_cancel_{run.id}", icon=":material/stop:"):
+        st.toast(f"Run {run.id}: {svc.cancel_run(get_db(), run.id)}")
+    if run.status in ("failed", "cancelled") and c2.button(
+            "Resume", key=f"train_resume_{run.id}", icon=":material/replay:"):
+        svc.resume_run(get_db(), run.id)
+        st.toast(f"Run {run.id} queued to resume from epoch {run.epochs_done}")
+    tab_logs, tab_cfg, tab_sum = st.tabs(["Log", "Config", "Summary"])
+    logs = svc.run_logs(get_db(), run.id)
+    tab_logs.code("\n".join(f"{x.created_at:%H:%M:%S} {x.level:7} {x.message}" for x in logs)
+                  or "(no log lines yet)", language=None)
+    tab_cfg.json(run.config, expanded=False)
+    tab_sum.json(run.summary or {}, expanded=True)
+
+
+def live_ui() -> None:
+    """Run list, curves and the chosen run: redrawn from the DB every REFRESH_S seconds."""
+    svc.refresh(get_db())  # dead workers' runs → failed
+    runs = {r.id: r for r in svc.list_runs(get_db())}
+    if not runs:
+        st.info("No run yet: start one above.")
+        return
+    runs_table_ui(list(runs.values()))
+    kept = st.session_state.get("train_plot_runs")  # a default would clash with it
+    default = [i for i, r in runs.items() if r.active][:4] or list(runs)[:3]
+    curves_ui(st.multiselect("Runs to plot", list(runs), key="train_plot_runs",
+                             default=None if kept is not None else default,
+                             format_func=lambda i: runs[i].display_name))
+    chosen = st.selectbox("Run details", list(runs), key="train_detail_run",
+                          format_func=lambda i: f"#{i} {runs[i].display_name} ({runs[i].status})")
+    detail_ui(runs[chosen])
+
+
+st.title(":material/model_training: Train")
+info = dataset_picker("train")
+if info is not None:
+    with st.expander("New run", expanded=True, icon=":material/add:"):
+        start_ui(info.name)
+st.subheader("Runs")
+st.fragment(live_ui, run_every=REFRESH_S)()

@@ -1,0 +1,126 @@
+"""AppTest: the Train page: form → queued run, live curves from the DB, cancel/resume, reaping."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import worker
+from cxr_core.indexing import index_dataset
+from cxr_core.storage import open_db
+from cxr_core.storage import runs as store
+
+PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "train.py")
+CONFIG = {"recipe": "cpu128", "dataset": "tiny", "model": "small3_50", "epochs": 3}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    yield
+    st.cache_resource.clear()
+    st.cache_data.clear()
+
+
+@pytest.fixture()
+def db(cxr_home, tiny_dataset):
+    database = open_db()
+    index_dataset(database, tiny_dataset, name="tiny")
+    return database
+
+
+def page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=60).run()
+
+
+def running_run(db, pid: int | None = None) -> int:
+    wid = db.write(lambda s: store.register_worker(session=s, pid=pid or os.getpid(),
+                                                   host=socket.gethostname()))
+    return db.write(lambda s: store.create_run(session=s, name="live", config=CONFIG,
+                                               worker_id=wid))
+
+
+def add_epoch(db, run_id: int, epoch: int) -> None:
+    values = {"loss": 1.0 / epoch, "val_loss": 1.2 / epoch, "accuracy": 0.5 + epoch / 10,
+              "val_accuracy": 0.5, "lr": 1e-3}
+    db.write(lambda s: store.add_metrics(session=s, run_id=run_id, kind="epoch", step=epoch,
+                                         values=values))
+
+
+def chart_steps(at: AppTest) -> set[int]:
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    steps: set[int] = set()
+    for trace in spec["data"]:
+        x = trace["x"]
+        if isinstance(x, dict):  # plotly 6+: typed arrays as {"dtype", "bdata"}
+            x = np.frombuffer(base64.b64decode(x["bdata"]), dtype=x["dtype"])
+        steps |= {int(v) for v in x}
+    return steps
+
+
+def caption_rows(at: AppTest) -> int:
+    text = next(c.value for c in at.caption if "metric rows" in c.value)
+    return int(text.split()[0])
+
+
+def test_page_without_runs(db):
+    at = page()
+    assert not at.exception
+    assert any("No run yet" in i.value for i in at.info)
+    assert at.selectbox(key="train_recipe").value == "cpu128"  # no GPU here: CPU defaults
+
+
+def test_live_curves_pick_up_new_metric_rows(db):
+    rid = running_run(db)
+    add_epoch(db, rid, 1)
+    at = page()
+    assert not at.exception and caption_rows(at) == 4 and chart_steps(at) == {1}
+    add_epoch(db, rid, 2)  # the worker writes another epoch; the fragment redraws from the DB
+    at.run()
+    assert not at.exception and caption_rows(at) == 8 and chart_steps(at) == {1, 2}
+
+
+def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
+    started = []
+    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: started.append(1) or 4242)
+    at = page()
+    at.number_input(key="train_cpu128_epochs").set_value(2)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception and started == [1]
+    assert any("worker process 4242" in s.value for s in at.success)
+    with db.session() as s:
+        [run] = store.list_runs(session=s)
+    assert run.status == "queued" and run.config["dataset"] == "tiny"
+    assert run.config["epochs"] == 2 and run.config["recipe"] == "cpu128"
+
+
+def test_cancel_and_resume_buttons(db, monkeypatch):
+    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: 4242)
+    rid = db.write(lambda s: store.create_run(session=s, name="q", config=CONFIG))
+    at = page()
+    at.button(key=f"train_cancel_{rid}").click().run()
+    assert not at.exception
+    with db.session() as s:
+        assert store.get_run(session=s, run_id=rid).status == "cancelled"
+    at.run()
+    at.button(key=f"train_resume_{rid}").click().run()
+    with db.session() as s:
+        run = store.get_run(session=s, run_id=rid)
+    assert run.status == "queued" and run.resume_requested
+
+
+def test_dead_workers_run_is_marked_failed_on_load(db):
+    rid = running_run(db, pid=2**22 + 4321)  # no such process
+    at = page()
+    assert not at.exception
+    with db.session() as s:
+        assert store.get_run(session=s, run_id=rid).status == "failed"
+    assert any("no longer running" in e.value for e in at.error)

@@ -1,0 +1,198 @@
+"""training.py without a database: TrainConfig, recipes, real tiny runs, cancel, seeds."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_core import training
+from cxr_core.errors import ConfigError
+from cxr_core.training import RECIPES, TrainConfig, TrainData, TrainSinks
+
+CLASSES = ("NORMAL", "PNEUMONIA")
+TIMING_KEYS = {"epoch_time_s", "images_per_s"}
+TINY = dict(recipe="cpu128", dataset="slice", model="small3_50", image_size=32, epochs=1,
+            batch_size=16, augment="none", balancing="class_weights")
+
+
+@pytest.fixture(scope="module")
+def real_slice(shared_data, tmp_path_factory) -> Path:
+    """32 NORMAL + 32 PNEUMONIA real 224 px films, linked into a Kaggle-style folder."""
+    root = tmp_path_factory.mktemp("slice") / "train"
+    for cls in CLASSES:
+        files = sorted((shared_data / "chest_xray_224" / "train" / cls).glob("*.jpeg"))
+        (root / cls).mkdir(parents=True)
+        for f in files[::max(1, len(files) // 32)][:32]:
+            (root / cls / f.name).symlink_to(f)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(real_slice) -> TrainData:
+    files = sorted(real_slice.glob("*/*.jpeg"))
+    labels = np.array([CLASSES.index(f.parent.name) for f in files])
+    is_val = np.arange(len(files)) % 5 == 0  # every 5th image of each class (sorted by class)
+    return TrainData("test:slice", CLASSES, tuple(range(1, len(files) + 1)),
+                     tuple(str(f) for f in files), tuple(f.name for f in files), labels, is_val)
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")  # shared: pixels decoded once for the module
+
+
+class Collect:
+    """Sinks that keep everything in lists."""
+
+    def __init__(self, cancel_after_batches: int | None = None):
+        self.epochs, self.batches, self.logs, self.checks = [], [], [], 0
+        self.cancel_after = cancel_after_batches
+
+    def sinks(self) -> TrainSinks:
+        return TrainSinks(lambda e, m: self.epochs.append((e, m)),
+                          lambda s, m: self.batches.append((s, m)), self.should_cancel,
+                          lambda level, msg: self.logs.append((level, msg)), batch_interval_s=0.0)
+
+    def should_cancel(self) -> bool:  # "a user clicks Cancel" once n batches were reported
+        self.checks += 1
+        return self.cancel_after is not None and len(self.batches) >= self.cancel_after
+
+
+def cfg(**changes) -> TrainConfig:
+    return TrainConfig.from_dict({**TINY, **changes})
+
+
+# -- TrainConfig ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("changes, message", [
+    ({"epochs": 0}, "epochs=0"),
+    ({"batch_size": -1}, "batch_size=-1"),
+    ({"learning_rate": 0}, "learning_rate=0"),
+    ({"val_fraction": 0.9}, "val_fraction=0.9"),
+    ({"optimizer": "adagrad"}, "optimizer='adagrad'"),
+    ({"lr_schedule": "step"}, "lr_schedule='step'"),
+    ({"label_scheme": "four"}, "label_scheme='four'"),
+    ({"label_source": "latest"}, "label_source='latest'"),
+    ({"balancing": "smote"}, "balancing='smote'"),
+    ({"balancing": "oversample"}, "augment='none'"),
+    ({"augment": "sepia"}, "augment='sepia'"),
+    ({"model": "resnet9000"}, "name='resnet9000'"),
+    ({"image_size": 4}, "image_size=4"),
+    ({"channels": 2}, "channels=2"),
+    ({"freeze_epochs": 1}, "weights=None"),
+    ({"freeze_epochs": 5, "weights": "x.keras", "epochs": 3}, "freeze_epochs=5"),
+    ({"monitor": "val_auc", "label_scheme": "three_class"}, "monitor='val_auc'"),
+    ({"target_ratio": [2, 0]}, "target_ratio="),
+    ({"mixed_precision": "yes"}, "mixed_precision='yes'"),
+    ({"distribution": "tpu"}, "distribution='tpu'"),
+    ({"dataset": ""}, "dataset=''"),
+    ({"max_images": 2}, "max_images=2"),
+    ({"recipe": "gpu9000"}, "recipe='gpu9000'"),
+    ({"colour": "red"}, "['colour']"),
+])
+def test_config_errors_name_the_value(changes, message):
+    with pytest.raises(ConfigError, match="Received") as info:
+        cfg(**changes)
+    assert message in str(info.value)
+
+
+def test_from_dict_merges_recipe_defaults_and_round_trips():
+    c = TrainConfig.from_dict({"recipe": "small50_3class", "dataset": "d", "epochs": 2})
+    assert (c.model, c.image_size, c.label_scheme, c.balancing) == (
+        "small4_50", 50, "three_class", "oversample")
+    assert c.target_ratio == (2.0, 1.0, 2.0) and c.epochs == 2
+    again = TrainConfig.from_dict(json.loads(c.to_json()))
+    assert again == c
+    assert TrainConfig.from_dict({"dataset": "d"}).recipe == training.DEFAULT_RECIPE
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_every_recipe_is_a_valid_config(recipe):
+    c = TrainConfig.from_dict({"recipe": recipe, "dataset": "d"})
+    assert c.model_config().name == c.model
+
+
+# -- Real runs ------------------------------------------------------------------------------
+
+def test_one_epoch_run_writes_metrics_checkpoint_and_val_probs(data, cache_root, tmp_path):
+    out = Collect()
+    res = training.train(cfg(), data, tmp_path / "run", cache_root=cache_root, sinks=out.sinks())
+    assert res.status == "finished" and res.epochs_done == 1
+    epoch, metrics = out.epochs[0]
+    assert epoch == 1 and {"loss", "accuracy", "auc", "val_loss", "val_auc", "lr"} <= set(metrics)
+    assert out.batches and out.batches[0][0] == 1  # global batch numbers from 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch_001.keras").is_file()
+    assert res.model_path == tmp_path / "run" / "best.keras" and res.model_path.is_file()
+    assert res.val_probs.shape == (int(data.is_val.sum()), 2)
+    assert np.allclose(res.val_probs.sum(axis=1), 1.0)
+    assert set(res.val_image_ids) == {i for i, v in zip(data.image_ids, data.is_val) if v}
+    assert res.saliency_layer == "block3_relu" and res.images_per_s > 0
+
+
+def test_cancel_stops_within_one_batch(data, cache_root, tmp_path):
+    out = Collect(cancel_after_batches=2)
+    res = training.train(cfg(epochs=3), data, tmp_path / "run", cache_root=cache_root,
+                         sinks=out.sinks())
+    assert res.status == "cancelled" and res.epochs_done == 0
+    assert [s for s, _ in out.batches] == [1, 2]  # the batch that saw the flag was the last
+    assert not out.epochs and not list((tmp_path / "run" / "checkpoints").glob("*.keras"))
+
+
+def test_same_seed_gives_identical_metrics(data, cache_root, tmp_path):
+    runs = []
+    for i in range(2):
+        out = Collect()
+        training.train(cfg(augment="hflip", seed=3), data, tmp_path / f"run{i}",
+                       cache_root=cache_root, sinks=out.sinks())
+        runs.append([{k: v for k, v in m.items() if k not in TIMING_KEYS} for _, m in out.epochs])
+    assert runs[0] == runs[1]
+
+
+def test_frozen_stage_trains_the_head_on_cached_features(data, cache_root, tmp_path):
+    import keras
+
+    from cxr_core import models
+
+    pretrained = tmp_path / "pretrained.keras"  # stands in for ImageNet weights (none offline)
+    models.build_model(models.ModelConfig("small3_50", 32, 1), 2).save(pretrained)
+    before = keras.models.load_model(pretrained, custom_objects=models.CUSTOM_OBJECTS)
+    out = Collect()
+    res = training.train(cfg(weights=str(pretrained), freeze_epochs=1, epochs=2), data,
+                         tmp_path / "run", cache_root=cache_root, sinks=out.sinks())
+    assert res.status == "finished" and res.epochs_done == 2 and res.feature_cache
+    assert any("cached features" in msg for _, msg in out.logs)
+    after = models.load_model(res.model_path)
+    conv = "block1_conv"  # frozen in stage 1, fine-tuned at a lower rate in stage 2
+    assert not np.allclose(before.get_layer(conv).get_weights()[0],
+                           after.get_layer(conv).get_weights()[0])
+
+
+def test_mixed_precision_runs_on_cpu_and_policy_is_restored(data, cache_root, tmp_path):
+    import keras
+
+    from cxr_core import models
+
+    res = training.train(cfg(mixed_precision=True, augment="rot10_shift_flip"), data,
+                         tmp_path / "run", cache_root=cache_root, sinks=Collect().sinks())
+    assert res.status == "finished" and np.isfinite(res.val_probs).all()
+    model = models.load_model(res.model_path)
+    assert model.get_layer("block1_conv").dtype_policy.name == "mixed_float16"
+    assert model.get_layer("predictions").dtype_policy.name == "float32"  # final layer float32
+    assert keras.mixed_precision.global_policy().name == "float32"
+
+
+def test_model_card_fields(tmp_path):
+    c = cfg()
+    path = training.write_model_card(
+        tmp_path, name="r", cfg=c, classes=CLASSES, saliency_layer="block3_relu",
+        operating_point={"threshold": 0.3}, val_metrics={"auc": 0.9}, dataset={"name": "d"},
+        label_snapshot={"hash": "abc", "relabel_id": None})
+    card = json.loads(path.read_text())
+    for key in ("name", "model", "labels", "label_scheme", "image_size", "channels",
+                "saliency_layer", "operating_point", "val_metrics", "training_config", "dataset",
+                "label_snapshot", "data_licence"):
+        assert key in card
+    assert card["data_licence"] == "Kermany et al., Cell 2018, CC BY 4.0"
+    assert card["training_config"] == c.to_dict()

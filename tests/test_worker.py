@@ -1,0 +1,279 @@
+"""The worker and run storage: claims, real runs through the DB, cancel, kill + resume, CLI."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from cxr_core import training_service as svc
+from cxr_core import worker
+from cxr_core.errors import RunError
+from cxr_core.storage import open_db
+from cxr_core.storage import evals as eval_store
+from cxr_core.storage import runs as store
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("NORMAL", "PNEUMONIA")
+TINY = dict(recipe="cpu128", model="small3_50", image_size=32, epochs=1, batch_size=16,
+            augment="none", balancing="class_weights")
+
+
+@pytest.fixture(scope="module")
+def real_slice(shared_data, tmp_path_factory) -> Path:
+    """32 NORMAL + 32 PNEUMONIA real 224 px films, linked into a Kaggle-style folder."""
+    root = tmp_path_factory.mktemp("slice") / "chest_xray_slice" / "train"
+    for cls in CLASSES:
+        files = sorted((shared_data / "chest_xray_224" / "train" / cls).glob("*.jpeg"))
+        (root / cls).mkdir(parents=True)
+        for f in files[::max(1, len(files) // 32)][:32]:
+            (root / cls / f.name).symlink_to(f)
+    return root.parent
+
+
+def queue(db, dataset: Path, **changes) -> int:
+    return svc.queue_run(db, svc.make_config(db, {**TINY, "dataset": str(dataset), **changes}))
+
+
+def get(db, run_id: int) -> store.RunRecord:
+    with db.session() as s:
+        return store.get_run(session=s, run_id=run_id)
+
+
+# -- Storage: claims, cancel, resume, reaping -----------------------------------------------
+
+def test_two_workers_claim_each_queued_run_once(cxr_home):
+    db = open_db()
+    ids = [db.write(lambda s: store.create_run(session=s, name="", config={})) for _ in range(12)]
+    claimed: list[list[int]] = [[], []]
+    dbs = [open_db(), open_db()]  # own engines and connections, like two processes
+
+    def claim_all(slot: int) -> None:
+        mine = dbs[slot]
+        wid = mine.write(lambda s: store.register_worker(session=s, pid=os.getpid(), host="h"))
+        while (rid := mine.write(lambda s: store.claim_next_run(session=s, worker_id=wid))):
+            claimed[slot].append(rid)
+
+    threads = [threading.Thread(target=claim_all, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed[0] + claimed[1]) == ids
+
+
+def test_cancel_and_resume_rules(cxr_home):
+    db = open_db()
+    rid = db.write(lambda s: store.create_run(session=s, name="q", config={}))
+    assert svc.cancel_run(db, rid) == "cancelled"  # a queued run is cancelled at once
+    with pytest.raises(RunError, match="only queued or running"):
+        svc.cancel_run(db, rid)
+    svc.resume_run(db, rid, start_worker=False)
+    run = get(db, rid)
+    assert run.status == "queued" and run.resume_requested and run.error is None
+    with pytest.raises(RunError, match="is queued"):
+        svc.resume_run(db, rid, start_worker=False)
+
+
+def test_reap_marks_stale_or_dead_runs_failed(cxr_home):
+    db = open_db()
+    alive = db.write(lambda s: store.register_worker(session=s, pid=os.getpid(),
+                                                     host=socket.gethostname()))
+    gone = db.write(lambda s: store.register_worker(session=s, pid=2**22 + 12345,
+                                                    host=socket.gethostname()))
+    a = db.write(lambda s: store.create_run(session=s, name="", config={}, worker_id=alive))
+    b = db.write(lambda s: store.create_run(session=s, name="", config={}, worker_id=gone))
+    assert worker.reap_dead_runs(db) == [b]  # pid gone: at once
+    assert "no longer running" in get(db, b).error and get(db, a).status == "running"
+    later = store.utcnow() + timedelta(seconds=31)
+    assert db.write(lambda s: store.reap_dead_runs(session=s, stale_after_s=30,
+                                                   is_alive=worker.pid_alive, now=later)) == [a]
+    assert "no heartbeat" in get(db, a).error
+
+
+def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, real_slice):
+    from cxr_core.indexing import open_dataset
+    from cxr_core.storage.reviews import add_relabel
+    from cxr_core.training import TrainConfig
+
+    db = open_db()
+    info, records = open_dataset(db, str(real_slice))
+    normal = next(r for r in records if r.label == "NORMAL")
+    rel = db.write(lambda s: add_relabel(session=s, image_id=normal.id, new_label="PNEUMONIA",
+                                         new_subtype="virus", reviewer="dr a"))
+    cfg = {**TINY, "dataset": info.name}
+    current = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}))
+    original = worker.prepare_data(db, TrainConfig.from_dict(cfg))
+    assert current.snapshot.newest_relabel_id == rel and original.snapshot.newest_relabel_id is None
+    assert current.snapshot.hash != original.snapshot.hash
+    assert current.dataset_name == info.name and current.data.classes == CLASSES
+    for prep, want in ((current, 1), (original, 0)):  # PNEUMONIA is class 1
+        ids = list(prep.data.image_ids)
+        assert prep.data.labels[ids.index(normal.id)] == want
+    as_of = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}),
+                                as_of_relabel_id=0)  # a resumed run reproduces its snapshot
+    assert as_of.snapshot.hash == original.snapshot.hash
+    subset = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "max_images": 20}))
+    n, n_val = len(subset.data.paths), int(subset.data.is_val.sum())
+    assert 16 <= n <= 22 and 0 < n_val < n  # stratified subsample, still split by patient
+
+
+# -- Real runs through the DB ---------------------------------------------------------------
+
+def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
+    from cxr_core.model_store import load_model_ref
+
+    db = open_db()
+    rid = queue(db, real_slice, name="tiny")
+    out = worker.run_worker(once=True, db=db)
+    assert [r["status"] for r in out["runs"]] == ["finished"], out
+    run = get(db, rid)
+    assert run.status == "finished" and run.epochs_done == 1 and run.label_snapshot_hash
+    assert run.summary["val"]["auc"] is not None
+    with db.session() as s:
+        epoch = store.get_metrics(session=s, run_ids=[rid], kind="epoch", keys=None)
+        batch = store.get_metrics(session=s, run_ids=[rid], kind="batch", keys=None)
+        evals = eval_store.list_evaluations(session=s, run_id=rid)
+        op = eval_store.latest_operating_point(session=s, run_id=rid)
+        stopped = store.live_workers(session=s, fresh_after_s=60)
+    assert {m.key for m in epoch} >= {"loss", "val_loss", "auc", "val_auc", "lr"}
+    assert batch and batch[0].step == 1
+    assert [e.split for e in evals] == ["val"] and evals[0].n == run.summary["n_val"]
+    folder = Path(run.artifact_dir)
+    assert (folder / "checkpoints" / "epoch_001.keras").is_file()
+    assert (folder / "best.keras").is_file()
+    card = json.loads((folder / "model_card.json").read_text())
+    assert card["operating_point"]["threshold"] == pytest.approx(op.threshold)
+    assert card["label_snapshot"]["hash"] == run.label_snapshot_hash
+    assert card["labels"] == list(CLASSES) and card["saliency_layer"] == "block3_relu"
+    assert not stopped  # the worker unregistered
+    loaded = load_model_ref(f"run:{rid}", db=db)
+    assert loaded.threshold == pytest.approx(op.threshold) and loaded.image_size == 32
+
+
+def _flagged_run(db, real_slice) -> tuple[int, int, worker.Heartbeat]:
+    wid, beat = worker.register(db)
+    rid = db.write(lambda s: store.create_run(
+        session=s, name="", worker_id=wid,
+        config=svc.make_config(db, {**TINY, "dataset": str(real_slice), "epochs": 3}).to_dict()))
+    assert svc.cancel_run(db, rid) == "running"  # flagged: the worker checks every batch
+    return rid, wid, beat
+
+
+def _batch_steps(db, rid: int) -> set[int]:
+    with db.session() as s:
+        rows = store.get_metrics(session=s, run_ids=[rid], kind="batch", keys=None)
+    return {m.step for m in rows}
+
+
+def test_cancel_flag_stops_a_run_after_one_batch(cxr_home, real_slice, monkeypatch):
+    from cxr_core import training
+
+    db = open_db()
+    monkeypatch.setattr(training, "_cache_progress", lambda sinks: None)  # no check while caching
+    rid, wid, beat = _flagged_run(db, real_slice)
+    outcome = worker.process_run(db, rid)
+    worker.unregister(db, wid, beat)
+    assert outcome.status == "cancelled" and outcome.epochs == 0
+    assert _batch_steps(db, rid) == {1} and get(db, rid).status == "cancelled"
+
+
+def test_cancel_flag_also_stops_image_caching(cxr_home, real_slice):
+    db = open_db()
+    rid, wid, beat = _flagged_run(db, real_slice)
+    outcome = worker.process_run(db, rid)
+    worker.unregister(db, wid, beat)
+    assert outcome.status == "cancelled" and not _batch_steps(db, rid)
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_killed_worker_run_is_failed_then_resumes_from_checkpoint(cxr_home, real_slice):
+    epochs = 6  # enough that even a fast machine is still training when the kill lands
+    db = open_db()
+    rid = queue(db, real_slice, epochs=epochs, early_stopping=False)
+    env = dict(os.environ, CXR_HOME=str(cxr_home), PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "cxr_core", "worker", "--once"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait(lambda: get(db, rid).epochs_done >= 1, 180, "the first epoch")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = get(db, rid).epochs_done
+    assert done < epochs and worker.reap_dead_runs(db) == [rid]
+    failed = get(db, rid)
+    assert failed.status == "failed" and "no longer running" in failed.error
+    svc.resume_run(db, rid, start_worker=False)
+    out = worker.run_worker(once=True, db=db)
+    assert out["runs"][0]["status"] == "finished" and out["runs"][0]["epochs"] == epochs
+    with db.session() as s:
+        logs = [x.message for x in store.get_logs(session=s, run_id=rid)]
+        rows = store.get_metrics(session=s, run_ids=[rid], kind="epoch", keys=["loss"])
+    assert any(f"resuming from epoch {m}" in x for x in logs for m in range(done, epochs))
+    assert [r.step for r in rows] == list(range(1, epochs + 1))  # each epoch once
+
+
+def test_ensure_worker_launches_one_detached_worker(cxr_home):
+    db = open_db()
+    pid = worker.ensure_worker(db, idle_exit_s=1)
+    try:
+        assert worker.ensure_worker(db) == pid  # still starting up: not launched twice
+        assert (cxr_home / "logs" / "worker.log").exists()
+        assert os.getsid(pid) == pid  # its own session: survives the app's process group
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CXR_HOME=str(home), PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "cxr_core", *args], capture_output=True,
+                          text=True, env=env, cwd=REPO, timeout=600)
+
+
+def test_cli_train_json(cxr_home, real_slice, tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**TINY, "dataset": str(real_slice)}))
+    out = _cli("train", "--config", str(config), "--json", home=cxr_home)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["status"] == "finished" and data["epochs"] == 1 and data["run_id"] == 1
+    assert {"auc", "accuracy", "sensitivity", "specificity"} <= set(data["val"])
+
+
+def test_cli_train_detach_only_queues_and_bad_config_is_one_line(cxr_home, real_slice, tmp_path,
+                                                                  capsys):
+    from cxr_core.cli import main
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**TINY, "dataset": str(real_slice)}))
+    code = main(["train", "--config", str(config), "--detach", "--json"])
+    marker = cxr_home / "worker.pid"
+    if marker.exists():  # the worker it launched: stop it before it trains
+        pid = json.loads(marker.read_text())["pid"]
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # our child: do not leave a zombie
+    assert code == 0 and json.loads(capsys.readouterr().out) == {"run_id": 1, "status": "queued"}
+    config.write_text(json.dumps({**TINY, "dataset": str(real_slice), "epochs": 0}))
+    assert main(["train", "--config", str(config), "--json"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.strip() == "error: epochs must be an integer in [1, 10000]. Received: epochs=0"
