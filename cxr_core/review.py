@@ -7,12 +7,10 @@ through :meth:`Database.write` (short transactions, lock errors retried).
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import itertools
 import math
 import random
-import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -51,7 +49,6 @@ QUEUES = {
 }
 SUBTYPES = ("bacteria", "virus")
 VIEW_SIZE = 1024  # decode full-resolution films at about this many pixels a side for viewing
-_LOADER = "cxr_core.predict"  # module with load_model_ref(ref) -> keras.Model (another issue)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
@@ -472,20 +469,12 @@ def render_view(image: np.ndarray, *, level: float = 128.0, window: float = 256.
 def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
     """The .keras file behind a model reference, if one exists on disk."""
     if ref == "default":
-        folder = DEFAULT_MODEL_DIR
+        path = DEFAULT_MODEL_DIR / "model.keras"
     elif ref and ref.startswith("run:"):
-        folder = Path(artifact_dir) if artifact_dir else None
+        path = Path(artifact_dir) / "best.keras" if artifact_dir else None
     else:
         path = Path(ref) if ref else None
-        return path if path is not None and path.is_file() else None
-    if folder is None or not folder.is_dir():
-        return None
-    return next(iter(sorted(folder.rglob("*.keras"))), None)
-
-
-def _loader_available() -> bool:
-    # find_spec does not import the module (which would import keras on every page load).
-    return _LOADER in sys.modules or importlib.util.find_spec(_LOADER) is not None
+    return path if path is not None and path.is_file() else None
 
 
 def saliency_unavailable(ref: str | None,
@@ -500,8 +489,6 @@ def saliency_unavailable(ref: str | None,
         return "no model output is shown for this image, so there is no model to explain"
     if model_file(ref, (artifact_dirs or {}).get(ref)) is None:
         return f"{ref} has no model file (.keras) on disk"
-    if not _loader_available():
-        return "model loading (cxr_core.predict.load_model_ref) is not available yet"
     return None
 
 
@@ -509,16 +496,13 @@ def load_explainer(ref: str) -> Any:
     """A saliency explainer for a model reference (loads keras: call it only when needed).
 
     Raises:
-        ModelError: when no loader exists yet or the model cannot be loaded.
+        ModelError: the model cannot be loaded.
     """
-    try:
-        from cxr_core.predict import load_model_ref
-    except ImportError as exc:
-        raise ModelError(f"cannot load models yet (cxr_core.predict.load_model_ref is missing). "
-                         f"Received: ref={ref!r}") from exc
+    from cxr_core.model_store import load_model_ref
     from cxr_core.saliency import SaliencyExplainer
 
-    return SaliencyExplainer(load_model_ref(ref))
+    loaded = load_model_ref(ref)
+    return SaliencyExplainer(loaded.model, layer=loaded.saliency_layer)
 
 
 def view_pixels(path: str | Path) -> np.ndarray:

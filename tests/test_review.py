@@ -341,8 +341,8 @@ def test_saliency_unavailable_without_model_file(tmp_path):
     dirs = {"run:3": str(tmp_path)}
     assert "run:3 has no model file" in review.saliency_unavailable("run:3", dirs)
     assert "no model" in review.saliency_unavailable(None, None)
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "best.keras").write_bytes(b"x")
-    assert review.model_file("run:3", str(tmp_path)) == tmp_path / "sub" / "best.keras"
-    assert review.model_file(str(tmp_path / "sub" / "best.keras"), None) is not None
+    (tmp_path / "best.keras").write_bytes(b"x")  # the run layout: <artifact_dir>/best.keras
+    assert review.model_file("run:3", str(tmp_path)) == tmp_path / "best.keras"
+    assert review.saliency_unavailable("run:3", dirs) is None
+    assert review.model_file(str(tmp_path / "best.keras"), None) is not None
     assert review.model_file("run:4", None) is None

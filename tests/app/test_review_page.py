@@ -123,20 +123,18 @@ def _tiny_model():
     return keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid", name="predictions")(x))
 
 
-def test_saliency_toggle_with_a_model_loader(tiny, tmp_path, monkeypatch):
-    """With a run whose model file exists and a loader, the toggle overlays a map."""
+def test_saliency_toggle_with_a_real_run_model(tiny, tmp_path):
+    """With a run whose model file exists, the toggle overlays a Grad-CAM map."""
     import json
-    import sys
-    import types
 
     from db.models import Evaluation, EvalPrediction, Run
 
     db, dataset_id = tiny
     (tmp_path / "run1").mkdir()
-    (tmp_path / "run1" / "model.keras").write_bytes(b"stand-in: the loader below is faked")
-    loader = types.ModuleType("cxr_core.predict")
-    loader.load_model_ref = lambda ref: _tiny_model()
-    monkeypatch.setitem(sys.modules, "cxr_core.predict", loader)
+    _tiny_model().save(tmp_path / "run1" / "best.keras")
+    (tmp_path / "run1" / "model_card.json").write_text(json.dumps({
+        "labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary", "image_size": 32,
+        "channels": 1, "saliency_layer": "conv"}))
     with db.session() as s:
         run = Run(name="r1", status="finished", config_json="{}",
                   artifact_dir=str(tmp_path / "run1"))
