@@ -17,6 +17,7 @@ PAGES = {
     "Models": [
         st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
         st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+        st.Page("pages/predict.py", title="Predict", icon=":material/radiology:"),
     ],
     "Review": [
         st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),

@@ -13,6 +13,7 @@ from cxr_core.saliency import (
     SaliencyExplainer,
     compute_saliency,
     find_saliency_layer,
+    heat_density_outside,
     heat_outside_center,
     overlay,
     shortcut_warning,
@@ -133,9 +134,9 @@ def _bright_patch_model() -> keras.Model:
 @pytest.mark.parametrize("method", METHODS)
 def test_maps_find_a_planted_corner_marker_and_warn(method):
     image = np.full((1, 32, 32, 1), 10.0, np.float32)
-    image[0, 2:10, 2:10] = 255.0  # a bright "marker" in the top-left corner
+    image[0, 0:5, 0:5] = 255.0  # a bright "marker" in the top-left corner, outside the chest box
     heat = compute_saliency(_bright_patch_model(), image, method=method, class_index=1, **FAST)[0]
-    assert heat[1:11, 1:11].sum() / heat.sum() > 0.8
+    assert heat[0:7, 0:7].sum() / heat.sum() > 0.8
     assert shortcut_warning(heat) is not None
 
 
@@ -254,19 +255,49 @@ def _map_with_block(rows: slice, cols: slice, size: int = 100) -> np.ndarray:
 @pytest.mark.parametrize(("heat", "expected"), [
     (_map_with_block(slice(0, 10), slice(0, 10)), 1.0),       # a corner marker
     (_map_with_block(slice(40, 60), slice(40, 60)), 0.0),     # the centre of the chest
-    (np.ones((100, 100), np.float32), 1.0 - 0.6 ** 2),        # uniform
+    (np.ones((100, 100), np.float32), 1.0 - 0.75 ** 2),       # uniform
     (np.zeros((100, 100), np.float32), 0.0),                  # no heat at all
 ])
 def test_heat_outside_center(heat, expected):
     assert heat_outside_center(heat) == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize(("heat", "expected"), [
+    (_map_with_block(slice(0, 10), slice(0, 10)), 1.0),       # a corner marker
+    (_map_with_block(slice(40, 60), slice(40, 60)), 0.0),     # the centre of the chest
+    (np.ones((100, 100), np.float32), 0.5),                   # uniform: equal density
+    (np.zeros((100, 100), np.float32), 0.0),                  # no heat at all
+])
+def test_heat_density_outside(heat, expected):
+    assert heat_density_outside(heat) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.75, 0.9])
+def test_uniform_and_noisy_uniform_maps_never_warn(fraction):
+    noisy = np.random.default_rng(0).uniform(0.4, 0.6, (100, 100))
+    for heat in (np.ones((100, 100)), noisy):
+        assert heat_density_outside(heat, center_fraction=fraction) == pytest.approx(0.5, abs=0.02)
+        assert shortcut_warning(heat, center_fraction=fraction) is None
+    assert heat_density_outside(np.ones((10, 10)), center_fraction=1.0) == 0.0  # no outside
+
+
 def test_shortcut_warning_names_the_fraction_outside():
     message = shortcut_warning(_map_with_block(slice(90, 100), slice(0, 100)))
     assert message is not None
-    assert message.startswith("100% of the saliency lies outside the central 60%")
+    assert message.startswith("100% of the saliency lies outside the central 75%")
+    assert "with none inside" in message and "warning above 2.3x" in message
     assert "markers" in message
     assert shortcut_warning(_map_with_block(slice(30, 70), slice(30, 70))) is None
+
+
+def test_shortcut_warning_threshold_is_on_density():
+    # A border ring 2x as dense as the centre: noticeable but below the default 2.3x.
+    heat = np.full((100, 100), 2.0)
+    heat[12:87, 12:87] = 1.0
+    assert heat_density_outside(heat) == pytest.approx(2 / 3, abs=1e-6)
+    assert shortcut_warning(heat) is None
+    message = shortcut_warning(heat, threshold=0.6)
+    assert message is not None and "2.0x as dense as inside" in message
 
 
 @pytest.mark.parametrize(("call", "match"), [

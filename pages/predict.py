@@ -1,0 +1,146 @@
+"""Predict: upload films or pick indexed images, read the decision, explain it, send to review."""
+from __future__ import annotations
+
+import random
+
+import streamlit as st
+
+from cxr_core import predict
+from cxr_core.errors import CxrError
+from pages._shared import dataset_picker, get_db, load_records
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=4)
+def get_model(ref: str) -> predict.LoadedModel:
+    return predict.load_model(ref, get_db())
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def explainer(ref: str):
+    return predict.make_explainer(get_model(ref))
+
+
+@st.cache_data(show_spinner="Computing saliency…", max_entries=256)
+def heatmap(ref: str, sha256: str, method: str, class_index: int, _pixels):
+    """One map per model, image content, method and class (the pixels follow from the hash)."""
+    return predict.saliency_map(explainer(ref), _pixels, method, class_index)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def picture(sha256: str, _item: predict.ImageInput):  # keyed by the content hash
+    return predict.display_pixels(_item)
+
+
+def model_ui() -> str | None:
+    options = {o.ref: o.title for o in predict.model_options(get_db())}
+    if not options:
+        st.warning("No model yet: train one on the Train page (or ship `models/default`).")
+        return None
+    return st.sidebar.selectbox("Model", list(options), format_func=options.get,
+                                key="predict_model")
+
+
+def inputs_ui() -> tuple[tuple, list[predict.ImageInput]]:
+    """The chosen images and a key that changes when the choice does."""
+    source = st.radio("Images", ["Upload", "From a dataset"], horizontal=True,
+                      key="predict_source", label_visibility="collapsed")
+    if source == "Upload":
+        files = st.file_uploader(
+            "Chest X-rays: JPEG, PNG, BMP, TIFF or DICOM (also without extension)",
+            accept_multiple_files=True, key="predict_files")
+        return (tuple(f.file_id for f in files),
+                [predict.ImageInput(f.name, data=f.getvalue()) for f in files])
+    info = dataset_picker("predict")
+    if info is None:
+        return (), []
+    by_path = {r.relpath: r for r in load_records(info.id, info.indexed_at) if not r.error}
+    left, right = st.columns([5, 1], vertical_alignment="bottom")
+    picked = left.multiselect("Images", list(by_path), max_selections=64, key="predict_picked",
+                              placeholder="Type part of a file name")
+    right.button("Sample 8", key="predict_sample", icon=":material/shuffle:", on_click=lambda: (
+        st.session_state.update(predict_picked=random.sample(list(by_path), min(8, len(by_path))))))
+    return (info.id, *picked), predict.dataset_inputs(info.root, [by_path[p] for p in picked])
+
+
+def run_ui(ref: str, key: tuple, items: list[predict.ImageInput]):
+    """Predict once per (model, images) choice; reruns (sliders) reuse the stored result."""
+    if st.session_state.get("predict_key") != (ref, key):
+        bar = st.progress(0.0, text="Reading images…")
+        result = predict.predict_batch(get_model(ref), items, progress=lambda n, total:
+                                       bar.progress(n / total, f"Reading images: {n}/{total}"))
+        bar.empty()
+        st.session_state["predict_key"], st.session_state["predict_result"] = (ref, key), result
+    return st.session_state["predict_result"]
+
+
+def results_ui(result: predict.BatchResult) -> None:
+    if predict.no_operating_point(result):
+        st.warning("This model has no stored operating point: decisions use 0.5.")
+    for err in result.errors:
+        st.error(err.error, icon=":material/broken_image:")
+    if len(result.rows()) > 1:
+        st.dataframe(result.rows(), hide_index=True)
+        st.download_button("Download results (CSV)", result.to_csv(), file_name="predictions.csv",
+                           mime="text/csv", icon=":material/download:", key="predict_csv")
+
+
+def detail_ui(result: predict.BatchResult) -> predict.Prediction:
+    preds = result.predictions
+    names = {i: p.source.name for i, p in enumerate(preds)}
+    pick = st.selectbox("Image", list(names), format_func=names.get,
+                        key="predict_pick") if len(preds) > 1 else 0
+    pred = preds[pick if pick in names else 0]
+    st.markdown(predict.decision_text(result, pred))
+    for col, (label, p) in zip(st.columns(len(result.labels)), pred.probabilities.items()):
+        col.metric(f"P({label})", f"{p:.1%}")
+    return pred
+
+
+def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction) -> None:
+    c1, c2, c3 = st.columns(3)
+    names = predict.METHOD_NAMES
+    method = c1.selectbox("Saliency", list(names), format_func=names.get, key="predict_method")
+    choices = dict(predict.class_choices(result.labels, pred))
+    cls = c2.radio("Explain", list(choices), format_func=choices.get, horizontal=True,
+                   key="predict_class")
+    alpha = c3.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="predict_alpha")
+    try:
+        heat = heatmap(ref, pred.sha256, method, cls, pred.pixels)
+        image = picture(pred.sha256, pred.source)
+    except CxrError as exc:
+        st.error(str(exc))
+        return
+    left, right = st.columns(2)
+    left.image(image, caption=pred.source.name, width="stretch")
+    right.image(predict.overlay_png(image, heat, alpha=alpha), width="stretch",
+                caption=f"{predict.METHOD_NAMES[method]} for {choices[cls]}")
+    if cls == pred.class_index and (warning := predict.saliency_warning(heat)):
+        st.warning(warning, icon=":material/center_focus_weak:")
+
+
+def review_ui(ref: str, pred: predict.Prediction) -> None:
+    left, right = st.columns([3, 1], vertical_alignment="bottom")
+    who = left.text_input("Sent by", key="predict_sent_by", placeholder="Your name")
+    if right.button("Send to review", key="predict_send", icon=":material/rate_review:"):
+        try:
+            item = predict.send_to_review(get_db(), pred, model_ref=ref, sent_by=who.strip())
+            st.success(f"Sent to the review queue (item {item}).", icon=":material/done:")
+        except CxrError as exc:
+            st.error(str(exc))
+
+
+st.title("Predict")
+ref = model_ui()
+key, items = inputs_ui()
+if ref is None or not items:
+    st.stop()
+try:
+    result = run_ui(ref, key, items)
+except CxrError as exc:
+    st.error(str(exc))
+    st.stop()
+results_ui(result)
+if result.predictions:
+    pred = detail_ui(result)
+    saliency_ui(ref, result, pred)
+    review_ui(ref, pred)

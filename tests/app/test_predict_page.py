@@ -1,0 +1,137 @@
+"""AppTest of the Predict page: uploads (good and bad), table + CSV, saliency, send to review,
+and images picked from an indexed dataset. The model is a finished run's tiny 32 px CNN."""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import streamlit as st
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from cxr_core.storage import open_db
+from cxr_core.storage import reviews
+from cxr_core.storage import runs as run_store
+
+PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "predict.py")
+CARD = {"labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary",
+        "operating_point": {"threshold": 0.45, "method": "sensitivity", "target": 0.95}}
+
+
+def _jpeg(seed: int, size: int = 72) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def run_ref(cxr_home) -> str:
+    """A finished run whose artifacts hold a tiny small3_128 model (32 px) and its card."""
+    import keras
+
+    from cxr_core import models as registry
+
+    db = open_db()
+    run_id = db.write(lambda s: run_store.create_run(session=s, name="tiny", config={}))
+    folder = cxr_home / "runs" / str(run_id)
+    folder.mkdir(parents=True)
+    keras.utils.set_random_seed(0)
+    registry.build_model(registry.ModelConfig(name="small3_128", image_size=32, channels=1), 2) \
+        .save(folder / "best.keras")
+    (folder / "model_card.json").write_text(json.dumps(CARD))
+    db.write(lambda s: run_store.set_run_artifacts(session=s, run_id=run_id,
+                                                   artifact_dir=str(folder)))
+    db.write(lambda s: run_store.finish_run(session=s, run_id=run_id, status="finished"))
+    st.cache_resource.clear()  # get_db() must open this test's CXR_HOME
+    st.cache_data.clear()
+    return f"run:{run_id}"
+
+
+def start(ref: str) -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert not at.exception, at.exception
+    at.sidebar.selectbox(key="predict_model").set_value(ref).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_upload_batch_with_bad_files_then_saliency_and_review(run_ref, cxr_home):
+    at = start(run_ref)
+    files = [("a.jpeg", _jpeg(1), "image/jpeg"), ("notes.png", b"not an image", "image/png"),
+             ("empty.dcm", b"", "application/dicom"), ("b.jpeg", _jpeg(2), "image/jpeg")]
+    at.file_uploader(key="predict_files").set_value(files).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert len(errors) == 2
+    assert errors[0].startswith("notes.png: not a readable image")
+    assert errors[1].startswith("empty.dcm: the file is empty")
+    table = at.dataframe[0].value
+    assert list(table["file"]) == ["a.jpeg", "notes.png", "empty.dcm", "b.jpeg"]
+    assert at.get("download_button")  # the CSV of the batch
+    assert "operating point 0.450" in at.markdown[0].value
+
+    # Saliency: every method renders; the class and opacity change without recomputing predict
+    for method in ("gradcam", "gradcam++", "scorecam", "smoothgrad"):
+        at.selectbox(key="predict_method").set_value(method).run()
+        assert not at.exception, at.exception
+        assert len(at.get("image")) == 2  # the image and its overlay
+    explained = at.radio(key="predict_class")
+    assert explained.options[0].endswith("(predicted)")
+    explained.set_value(1 - explained.value)
+    at.slider(key="predict_alpha").set_value(0.8).run()
+    assert not at.exception, at.exception
+
+    # Pick the second good image, then send it to review
+    at.selectbox(key="predict_pick").set_value(1).run()
+    at.text_input(key="predict_sent_by").input("Dr Test").run()
+    at.button(key="predict_send").click().run()
+    assert not at.exception, at.exception
+    assert "Sent to the review queue" in at.success[0].value
+    with open_db().session() as s:
+        [item] = reviews.list_review_items(session=s)
+    assert item.source == "predict" and item.run_ref == run_ref and item.sent_by == "Dr Test"
+    stored = [p.name for p in (cxr_home / "uploads").iterdir()]
+    assert stored == [f"{item.upload_sha256}.jpg"]  # by content hash, not "b.jpeg"
+
+
+def test_single_upload_shows_decision_without_table(run_ref):
+    at = start(run_ref)
+    at.file_uploader(key="predict_files").set_value(("x.png", _jpeg(3), "image/png")).run()
+    assert not at.exception, at.exception
+    assert not at.dataframe and not at.error
+    assert [m.label for m in at.metric] == ["P(NORMAL)", "P(PNEUMONIA)"]
+
+
+def test_pick_images_from_an_indexed_dataset(run_ref, tiny_dataset):
+    from cxr_core.indexing import index_dataset
+
+    index_dataset(open_db(), tiny_dataset, name="tiny")
+    st.cache_data.clear()
+    at = start(run_ref)
+    at.radio(key="predict_source").set_value("From a dataset").run()
+    assert not at.exception, at.exception
+    at.button(key="predict_sample").click().run()
+    assert not at.exception, at.exception
+    assert len(at.multiselect(key="predict_picked").value) == 8
+    assert len(at.dataframe[0].value) == 8
+    at.button(key="predict_send").click().run()
+    with open_db().session() as s:
+        [item] = reviews.list_review_items(session=s)
+    assert item.image_id is not None and item.upload_sha256 is None
+
+
+def test_default_model_on_a_real_film(cxr_home, shared_data):
+    st.cache_resource.clear()
+    st.cache_data.clear()
+    film = sorted((shared_data / "chest_xray_fullres_sample" / "train" / "PNEUMONIA").glob("*"))[0]
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    assert at.sidebar.selectbox(key="predict_model").value == "default"  # the shipped model first
+    at.file_uploader(key="predict_files").set_value((film.name, film.read_bytes(), "image/jpeg"))
+    at.run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value.startswith("**PNEUMONIA**") and "model card" in at.markdown[0].value
+    assert len(at.get("image")) == 2
