@@ -1,8 +1,10 @@
-"""Home: what the tool does, the datasets it knows, where to go next."""
+"""Home: what the tool does, the demo model, the datasets and runs it knows, where to go next."""
 from __future__ import annotations
 
 import streamlit as st
 
+from cxr_core.errors import CxrError
+from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
 from pages._shared import dataset_picker, list_datasets
 
 st.title(":material/pulmonology: CXR Workbench")
@@ -11,6 +13,28 @@ st.markdown(
     "tune augmentation, train with live curves, compare models at matched sensitivity, predict "
     "with saliency maps, and feed clinician relabels into the next training round.")
 
+
+def demo_model_ui() -> None:
+    try:
+        card = read_card(DEFAULT_MODELS_DIR / "model_card.json")
+    except (CxrError, OSError):
+        return
+    if not card:
+        return
+    val, op = card.get("val_metrics", {}), card.get("operating_point", {})
+    st.subheader("Shipped demo model")
+    cols = st.columns(4)
+    cols[0].metric("Validation AUC", f"{val.get('auc', float('nan')):.3f}")
+    cols[1].metric("Sensitivity", f"{op.get('sensitivity', float('nan')):.3f}")
+    cols[2].metric("Specificity", f"{op.get('specificity', float('nan')):.3f}")
+    cols[3].metric("Threshold", f"{op.get('threshold', float('nan')):.3f}")
+    st.caption(f"{card.get('model')} at {card.get('image_size')} px, patient-grouped validation "
+               f"split of the Kermany train set ({val.get('n', '?')} images). Operating point "
+               f"chosen on validation for sensitivity ≥ {op.get('target', 0.95)}.")
+    st.page_link("pages/predict.py", label="Try it on an X-ray", icon=":material/radiology:")
+
+
+demo_model_ui()
 datasets = list_datasets()
 if datasets:
     st.subheader("Datasets")

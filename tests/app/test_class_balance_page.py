@@ -81,3 +81,10 @@ def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
     assert not at.exception
     delta = at.dataframe[0].value
     assert delta.loc["NORMAL", "change"] == -1 and delta.loc["PNEUMONIA", "change"] == 1
+
+
+def test_home_shows_the_demo_model_card(cxr_home):
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
+    assert not at.exception
+    labels = [m.label for m in at.metric]
+    assert "Validation AUC" in labels and float(at.metric[0].value) > 0.9
