@@ -40,7 +40,7 @@ from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, CxrError, ImageLoadError, ModelError
 from cxr_core import model_store
 from cxr_core.model_store import (CARD_NAME, DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, NO_THRESHOLD,
-                                  RUN_MODEL_NAME, LoadedModel, decide, to_probs)
+                                  RUN_MODEL_NAME, LoadedModel, decide)
 from cxr_core.storage import Database
 
 # Same limit as .streamlit/config.toml's maxUploadSize (50 MB): also applied to CLI paths.
@@ -277,7 +277,8 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
             progress(i + 1, len(items))
     predictions: list[Prediction] = []
     if decoded:
-        probs = _probabilities(loaded, np.stack([d[2] for d in decoded]), batch_size)
+        probs = model_store.predict_probs(loaded, np.stack([d[2] for d in decoded]),
+                                          batch_size=batch_size)
         for (i, item, pixels, sha, dicom), p, label in zip(decoded, probs,
                                                            decide(loaded, probs)):
             predictions.append(Prediction(
@@ -285,19 +286,6 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
                 loaded.labels.index(label), sha, pixels, dicom))
     return BatchResult(loaded.ref, loaded.labels, loaded.threshold, loaded.threshold_source,
                        tuple(predictions), tuple(errors), time.perf_counter() - start)
-
-
-def _probabilities(loaded: LoadedModel, pixels: np.ndarray, batch_size: int) -> np.ndarray:
-    """(N, C) probabilities of model-size images (already at the model's channels).
-
-    Like :func:`cxr_core.model_store.predict_probs`, but through ``predict_on_batch``, which
-    reuses the model's traced predict function: about 9 ms for one 128 px film on CPU against
-    about 115 ms for ``model.predict``, whose per-call setup dominates single uploads.
-    """
-    x = np.asarray(pixels, dtype=np.float32)
-    raw = [np.asarray(loaded.model.predict_on_batch(x[i:i + batch_size]))
-           for i in range(0, len(x), batch_size)]
-    return to_probs(np.concatenate(raw))
 
 
 def decision_text(result: BatchResult, prediction: Prediction) -> str:

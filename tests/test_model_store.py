@@ -137,6 +137,18 @@ def test_predict_probs_converts_channels_and_checks_size(tmp_path):
         ms.predict_probs(loaded, rng.integers(0, 256, (1, 20, 20, 1), dtype=np.uint8))
 
 
+@pytest.mark.parametrize("units", [1, 3])
+def test_predict_probs_matches_model_predict_in_any_chunking(tmp_path, units):
+    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
+    x = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
+    before = ms.to_probs(loaded.model.predict(x.astype(np.float32), batch_size=32, verbose=0))
+    np.testing.assert_allclose(ms.predict_probs(loaded, x), before, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ms.predict_probs(loaded, x, batch_size=2), before, atol=1e-6)
+    assert ms.predict_probs(loaded, x[:0]).shape == (0, 2 if units == 1 else 3)
+    with pytest.raises(ConfigError, match="batch_size=0"):
+        ms.predict_probs(loaded, x, batch_size=0)
+
+
 def test_decide_never_silently_uses_half(tmp_path):
     loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
     probs = np.array([[0.65, 0.35], [0.75, 0.25]])

@@ -7,6 +7,11 @@ import pytest
 
 from cxr_core import saliency
 from cxr_core.errors import ConfigError, ModelError
+from tf_keras_vis.gradcam import Gradcam
+from tf_keras_vis.utils import model_modifiers
+from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
+from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
+
 from cxr_core.saliency import (
     COLORMAPS,
     METHODS,
@@ -184,6 +189,67 @@ def test_explainer_clones_once_and_keeps_the_model_intact(monkeypatch):
     assert explainer._visualizer("gradcam") is explainer._visualizer("gradcam")
     assert model.get_layer("predictions").activation is keras.activations.sigmoid
     np.testing.assert_allclose(np.asarray(model(images)), before)
+
+
+# Grad-CAM on the cached graph against plain tf-keras-vis
+
+
+def _score(model: keras.Model, targets: list[int]):
+    if model.outputs[0].shape[-1] == 1:
+        return BinaryScore([bool(t) for t in targets])
+    return CategoricalScore(targets)
+
+
+@pytest.mark.parametrize(("name", "targets"), [
+    ("cnn_binary", [1, 1]), ("cnn_binary", [0, 1]), ("cnn_3class", [2, 0]),
+    ("mobilenet_binary", [0, 0]), ("mobilenet_3class", [1, 2]),
+])
+def test_cached_gradcam_matches_plain_tf_keras_vis(models, explainers, name, targets):
+    model, explainer = models[name], explainers[name]
+    images, score = _images(model), _score(model, targets)
+    options = {"penultimate_layer": explainer.layer, "seek_penultimate_conv_layer": False}
+    plain = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)
+    cached = explainer._visualizer("gradcam")
+    for normalize_cam in (False, True):
+        expected = plain(score, images, normalize_cam=normalize_cam, **options)
+        got = cached(score, images, normalize_cam=normalize_cam, **options)
+        scale = max(1.0, float(np.abs(expected).max()))  # raw CAMs are not in [0, 1]
+        assert np.abs(got - expected).max() / scale < 1e-4
+    index = targets[0] if len(set(targets)) == 1 else None
+    if index is not None:  # explain() is the library map, min-max normalized
+        expected = plain(score, images, normalize_cam=False, **options)
+        maps = explainer.explain(images, "gradcam", index)
+        np.testing.assert_allclose(maps, saliency._normalize_maps(expected), atol=1e-4)
+
+
+def test_cached_gradcam_builds_the_feature_model_once_and_traces_once(monkeypatch):
+    calls = []
+    real_call = model_modifiers.ExtractIntermediateLayerForGradcam.__call__
+    monkeypatch.setattr(model_modifiers.ExtractIntermediateLayerForGradcam, "__call__",
+                        lambda self, model: calls.append(model) or real_call(self, model))
+    model = _cnn(3, size=16)
+    explainer = SaliencyExplainer(model)
+    for n, class_index in ((1, 0), (2, 1), (3, None), (1, 2)):
+        maps = explainer.explain(_images(model, n=n), "gradcam", class_index)
+        assert maps.shape == (n, 16, 16)
+    assert len(calls) == 1
+    assert explainer._visualizer("gradcam")._step.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.parametrize("options", [
+    {"seek_penultimate_conv_layer": True},          # another layer: the library's own path
+    {"score": lambda output: output[:, 1] ** 2},    # a non-linear score: likewise
+])
+def test_cached_gradcam_falls_back_to_the_library(models, explainers, options):
+    model, explainer = models["cnn_3class"], explainers["cnn_3class"]
+    images = _images(model)
+    options = {"score": CategoricalScore([1, 1]), "seek_penultimate_conv_layer": False,
+               "penultimate_layer": explainer.layer, "normalize_cam": False, **options}
+    score = options.pop("score")
+    expected = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)(score, images,
+                                                                            **options)
+    got = explainer._visualizer("gradcam")(score, images, **options)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_compute_saliency_matches_the_explainer(models, explainers):
