@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import presets
@@ -15,11 +14,6 @@ from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "augmentation.py")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
 
 
 def test_preview_grid_and_presets(cxr_home, tiny_dataset):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
@@ -16,14 +15,6 @@ from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "compare.py")
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
-    st.cache_data.clear()
 
 
 @pytest.fixture()

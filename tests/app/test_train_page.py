@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import worker
@@ -20,14 +19,6 @@ from cxr_core.storage import runs as store
 PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "train.py")
 CONFIG = {"recipe": "cpu128", "dataset": "tiny", "model": "small3_50", "epochs": 3}
 
-
-@pytest.fixture(autouse=True)
-def _fresh_caches():
-    st.cache_resource.clear()
-    st.cache_data.clear()
-    yield
-    st.cache_resource.clear()
-    st.cache_data.clear()
 
 
 @pytest.fixture()
