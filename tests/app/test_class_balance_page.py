@@ -1,6 +1,7 @@
 """AppTest: the entry script and the class-balance page, on a real indexed dataset."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -20,17 +21,21 @@ def test_entry_without_dataset_says_how_to_add_one(cxr_home):
 
 
 def test_add_dataset_by_path_in_the_app(cxr_home, tiny_dataset):
+    from cxr_core.storage.datasets import list_datasets
+
+    def indexed() -> list[int]:
+        with open_db().session() as s:
+            return [d.n_images for d in list_datasets(session=s)]
+
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
     at.text_input[0].set_value(str(tiny_dataset))
     at.button[0].click().run()
-    for _ in range(20):  # the scan runs off the script thread; the fragment polls it
-        if any("Indexed" in s.value for s in at.success) or not at.text_input:
-            break
+    deadline = time.monotonic() + 60
+    while indexed() != [18] and time.monotonic() < deadline:
+        time.sleep(0.2)  # the scan runs off the script thread; the page polls it
         at.run()
     assert not at.exception
-    with open_db().session() as s:
-        from cxr_core.storage.datasets import list_datasets
-        assert [d.n_images for d in list_datasets(session=s)] == [18]
+    assert indexed() == [18]
 
 
 def test_class_balance_page_on_tiny_dataset(cxr_home, tiny_dataset):
