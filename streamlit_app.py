@@ -8,19 +8,19 @@ st.session_state.setdefault("dataset_name", None)
 
 PAGES = {
     "Overview": [
-        st.Page("pages/home.py", title="Home", icon=":material/home:", default=True),
+        st.Page("app_pages/home.py", title="Home", icon=":material/home:", default=True),
     ],
     "Data": [
-        st.Page("pages/class_balance.py", title="Class balance", icon=":material/bar_chart:"),
-        st.Page("pages/augmentation.py", title="Augmentation", icon=":material/auto_fix_high:"),
+        st.Page("app_pages/class_balance.py", title="Class balance", icon=":material/bar_chart:"),
+        st.Page("app_pages/augmentation.py", title="Augmentation", icon=":material/auto_fix_high:"),
     ],
     "Models": [
-        st.Page("pages/train.py", title="Train", icon=":material/model_training:"),
-        st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
-        st.Page("pages/predict.py", title="Predict", icon=":material/radiology:"),
+        st.Page("app_pages/train.py", title="Train", icon=":material/model_training:"),
+        st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
+        st.Page("app_pages/predict.py", title="Predict", icon=":material/radiology:"),
     ],
     "Review": [
-        st.Page("pages/review.py", title="Review", icon=":material/rate_review:"),
+        st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:"),
     ],
 }
 

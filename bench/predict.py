@@ -6,7 +6,7 @@ loader, predict at the stored operating point, and compute a Grad-CAM map of the
 Baseline: every request loads the model (``load_model_ref``) and builds a fresh saliency
 explainer first, as a page without ``st.cache_resource`` would.
 Ours: the same request on the ``LoadedModel`` and ``SaliencyExplainer`` kept warm (what
-``pages/predict.py`` caches with ``st.cache_resource``). Target ratio ≥ 10×.
+``app_pages/predict.py`` caches with ``st.cache_resource``). Target ratio ≥ 10×.
 
 Also reported: on the warm model, the Grad-CAM time against a plain predict of the same image.
 Both are measured in the same process on real full-resolution films

@@ -12,7 +12,7 @@ from cxr_core.augment import PRESETS
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 
-PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "augmentation.py")
+PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "augmentation.py")
 
 
 

@@ -40,7 +40,7 @@ def test_add_dataset_by_path_in_the_app(cxr_home, tiny_dataset):
 
 def test_class_balance_page_on_tiny_dataset(cxr_home, tiny_dataset):
     index_dataset(open_db(), tiny_dataset, name="tiny")
-    at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
     assert not at.exception
     assert at.metric[0].value == "18"
     at.radio(key="balance_scheme").set_value("three_class").run()
@@ -50,14 +50,14 @@ def test_class_balance_page_on_tiny_dataset(cxr_home, tiny_dataset):
 
 def test_class_balance_bad_ratio_is_a_message(cxr_home, tiny_dataset):
     index_dataset(open_db(), tiny_dataset, name="tiny")
-    at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
     at.text_input(key="balance_ratio_binary").set_value("2:x").run()
     assert not at.exception and any("Ratio must look like" in e.value for e in at.error)
 
 
 def test_class_balance_real_train_split(cxr_home, shared_data):
     index_dataset(open_db(), shared_data / "chest_xray_224" / "train")
-    at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=120).run()
+    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=120).run()
     assert not at.exception
     assert at.metric[0].value == "5,216"
 
@@ -72,7 +72,7 @@ def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
     normal = next(r for r in recs if r.label == "NORMAL" and r.split == "train")
     submit_relabel(db, image_id=normal.id, choice=LabelChoice("PNEUMONIA", "virus"),
                    reviewer="dr-a")
-    at = AppTest.from_file(str(REPO / "pages" / "class_balance.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
     at.toggle(key="balance_current").set_value(True).run()
     assert not at.exception
     delta = at.dataframe[0].value

@@ -13,7 +13,7 @@ from cxr_core import evaluation_service as es
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 
-PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "compare.py")
+PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
 
 
 

@@ -16,7 +16,7 @@ from cxr_core.storage import open_db
 from cxr_core.storage import reviews
 from cxr_core.storage import runs as run_store
 
-PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "predict.py")
+PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "predict.py")
 CARD = {"labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary",
         "operating_point": {"threshold": 0.45, "method": "sensitivity", "target": 0.95}}
 

@@ -13,7 +13,7 @@ from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import reviews as store
 
-PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "review.py")
+PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "review.py")
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
          "PNEUMONIA": ["person1_bacteria_1.png", "person2_virus_2.png"]}
 

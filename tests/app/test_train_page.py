@@ -16,7 +16,7 @@ from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import runs as store
 
-PAGE = str(Path(__file__).resolve().parents[2] / "pages" / "train.py")
+PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "train.py")
 CONFIG = {"recipe": "cpu128", "dataset": "tiny", "model": "small3_50", "epochs": 3}
 
 

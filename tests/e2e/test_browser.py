@@ -64,6 +64,12 @@ def test_browser_home_and_class_balance(app_server):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--disable-component-update", "--disable-sync", "--no-first-run"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        # A deep link on a freshly started server must get our navigation, not Streamlit's
+        # legacy pages/ auto-discovery (which would list helper modules as pages).
+        page.goto(app_server + "/class_balance", wait_until="domcontentloaded")
+        nav = page.get_by_test_id("stSidebarNav")
+        expect(nav.get_by_text("Augmentation")).to_be_visible(timeout=60_000)
+        expect(nav.get_by_text("shared")).to_have_count(0)
         page.goto(app_server, wait_until="domcontentloaded")
         expect(page.get_by_text("CXR Workbench").first).to_be_visible(timeout=60_000)
         expect(page.get_by_text("Explore class balance").first).to_be_visible(timeout=60_000)

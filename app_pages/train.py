@@ -18,7 +18,7 @@ from cxr_core.errors import CxrError
 from cxr_core.models import MODELS
 from cxr_core.pipeline import BALANCING
 from cxr_core.training import LR_SCHEDULES, OPTIMIZERS, RECIPES
-from pages._shared import dataset_picker, get_db
+from app_pages._shared import dataset_picker, get_db
 
 REFRESH_S = 2.0
 ICONS = dict(queued="⏳", running="🏃", finished="✅", failed="❌", cancelled="⏹️")

@@ -8,7 +8,7 @@ import streamlit as st
 from cxr_core import evaluation as ev
 from cxr_core import evaluation_service as es
 from cxr_core.errors import CxrError
-from pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
+from app_pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)

@@ -10,7 +10,7 @@ from cxr_core.errors import CxrError
 from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.indexing import current_records
 from cxr_core.storage import reviews
-from pages._shared import dataset_picker, get_db, image_path, load_records, thumbnail
+from app_pages._shared import dataset_picker, get_db, image_path, load_records, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",

@@ -8,7 +8,7 @@ from cxr_core import presets
 from cxr_core.augment import AugmentConfig, augment_preview
 from cxr_core.errors import CxrError
 from cxr_core.images import load_image, to_array
-from pages._shared import dataset_picker, get_db, image_path, load_records
+from app_pages._shared import dataset_picker, get_db, image_path, load_records
 
 KEYS = ("hflip", "vflip", "rotation", "zoom", "width_shift", "height_shift", "brightness_on",
         "brightness_lo", "brightness_hi", "contrast", "one_of", "seed")
@@ -29,6 +29,7 @@ def preset_ui(all_presets: dict[str, AugmentConfig]) -> None:
     names = list(all_presets)
     c1, c2 = st.columns([3, 1])
     name = c1.selectbox("Preset", names, key="aug_preset",
+                        index=names.index("rot10_shift_flip") if "rot10_shift_flip" in names else 0,
                         format_func=lambda n: f"{n} — {presets.PRESET_NOTES.get(n, 'saved preset')}")
     if c2.button("Load preset", icon=":material/download:", width="stretch") or \
             "aug_seed" not in st.session_state:
@@ -111,7 +112,7 @@ elif info is not None:
             except CxrError as exc:
                 st.error(str(exc))
                 continue
-            st.markdown(f"**{rec.relpath}** — {cfg.enabled_ops or ('no op',)}")
+            st.markdown(f"**{rec.relpath}** — {', '.join(cfg.enabled_ops) or 'no augmentation'}")
             tiles = [original, *augment_preview(original, cfg, n)]
             cols = st.columns(min(len(tiles), 9))
             for i, tile in enumerate(tiles):

@@ -6,7 +6,7 @@ import streamlit as st
 
 from cxr_core import review
 from cxr_core.errors import CxrError
-from pages._shared import dataset_picker, get_db, image_path
+from app_pages._shared import dataset_picker, get_db, image_path
 
 
 def reviewer_ui() -> str | None:

@@ -5,7 +5,7 @@ import streamlit as st
 
 from cxr_core.errors import CxrError
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
-from pages._shared import dataset_picker, list_datasets
+from app_pages._shared import dataset_picker, list_datasets
 
 st.title(":material/pulmonology: CXR Workbench")
 st.markdown(
@@ -31,7 +31,7 @@ def demo_model_ui() -> None:
     st.caption(f"{card.get('model')} at {card.get('image_size')} px, patient-grouped validation "
                f"split of the Kermany train set ({val.get('n', '?')} images). Operating point "
                f"chosen on validation for sensitivity ≥ {op.get('target', 0.95)}.")
-    st.page_link("pages/predict.py", label="Try it on an X-ray", icon=":material/radiology:")
+    st.page_link("app_pages/predict.py", label="Try it on an X-ray", icon=":material/radiology:")
 
 
 demo_model_ui()
@@ -43,7 +43,7 @@ if datasets:
           "classes": ", ".join(d.classes), "root": d.root,
           "indexed": d.indexed_at.strftime("%Y-%m-%d %H:%M") if d.indexed_at else "—"}
          for d in datasets], hide_index=True, width="stretch")
-    st.page_link("pages/class_balance.py", label="Explore class balance", icon=":material/bar_chart:")
+    st.page_link("app_pages/class_balance.py", label="Explore class balance", icon=":material/bar_chart:")
 else:
     st.subheader("Get started")
     dataset_picker("home")

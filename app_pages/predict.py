@@ -7,7 +7,7 @@ import streamlit as st
 
 from cxr_core import predict
 from cxr_core.errors import CxrError
-from pages._shared import dataset_picker, get_db, load_records
+from app_pages._shared import dataset_picker, get_db, load_records
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
