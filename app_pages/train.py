@@ -12,7 +12,7 @@ import plotly.express as px
 import streamlit as st
 
 from cxr_core import training_service as svc
-from cxr_core.augment import PRESETS
+from cxr_core.presets import all_presets
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.models import MODELS
@@ -49,7 +49,8 @@ def form_ui(dataset: str) -> dict | None:
                                     k + "scheme")
         out["label_source"] = c2.radio("Labels", ["original", "current"], horizontal=True,
                                        key=k + "source", help="current = with clinician relabels")
-        out["augment"] = _pick(c2, "Augmentation", PRESETS, d["augment"], k + "augment")
+        out["augment"] = _pick(c2, "Augmentation", all_presets(get_db()), d["augment"],
+                               k + "augment", help="built-in or saved on the Augmentation page")
         out["balancing"] = _pick(c2, "Balancing", BALANCING, d["balancing"], k + "balancing")
         out["epochs"] = c3.number_input("Epochs", 1, 1000, d["epochs"], key=k + "epochs")
         out["batch_size"] = c3.number_input("Batch size", 1, 1024, d["batch_size"], key=k + "batch")

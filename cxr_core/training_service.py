@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_core import worker
+from cxr_core import presets, worker
+from cxr_core.augment import PRESETS
 from cxr_core.errors import ConfigError
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import datasets as dataset_store
@@ -62,7 +63,15 @@ def resolve_dataset(db: Database, dataset: str, base_dir: str | Path | None = No
 
 def make_config(db: Database, data: Mapping[str, Any],
                 base_dir: str | Path | None = None) -> TrainConfig:
-    """Validate a run config (recipe defaults merged) with its dataset path resolved."""
+    """Validate a run config (recipe defaults merged) with its dataset path resolved.
+
+    An ``augment`` naming a preset saved on the augmentation page is replaced by that preset's
+    settings, so the run's stored config reproduces it even if the preset changes later.
+    """
+    data = dict(data)
+    aug = data.get("augment")
+    if isinstance(aug, str) and aug not in PRESETS:
+        data["augment"] = presets.resolve(aug, db).to_dict()
     cfg = TrainConfig.from_dict(data)
     return TrainConfig.from_dict({**cfg.to_dict(),
                                   "dataset": resolve_dataset(db, cfg.dataset, base_dir)})

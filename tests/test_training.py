@@ -196,3 +196,18 @@ def test_model_card_fields(tmp_path):
         assert key in card
     assert card["data_licence"] == "Kermany et al., Cell 2018, CC BY 4.0"
     assert card["training_config"] == c.to_dict()
+
+
+def test_saved_augmentation_preset_is_resolved_into_the_run_config(cxr_home, tiny_dataset):
+    from cxr_core import presets
+    from cxr_core.augment import AugmentConfig
+    from cxr_core.storage import open_db
+    from cxr_core.training_service import make_config
+
+    db = open_db()
+    presets.save(db, "clinic-mild", AugmentConfig(rotation=7.0, hflip=True, seed=3))
+    cfg = make_config(db, {"recipe": "cpu128", "dataset": str(tiny_dataset),
+                           "augment": "clinic-mild"})
+    assert cfg.augment_config() == AugmentConfig(rotation=7.0, hflip=True, seed=3)
+    with pytest.raises(Exception, match="unknown augmentation preset"):
+        make_config(db, {"recipe": "cpu128", "dataset": str(tiny_dataset), "augment": "nope"})
