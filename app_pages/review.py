@@ -6,7 +6,7 @@ import streamlit as st
 
 from cxr_core import review
 from cxr_core.errors import CxrError
-from app_pages._shared import dataset_picker, get_db, image_path
+from app_pages._shared import dataset_picker, get_db
 
 
 def reviewer_ui() -> str | None:
@@ -36,7 +36,7 @@ def queue_ui(state: review.ReviewState, classes: list[str]) -> dict:
     elif kind in ("disagreement", "uncertain"):
         st.info("No run has stored predictions on this dataset yet; train one first.")
     if state.open_uploads:
-        st.sidebar.caption(f"{state.open_uploads} uploads sent to review (index them to label).")
+        st.sidebar.caption(f"{state.open_uploads} uploads wait in the “sent” queue.")
     seed = st.session_state.setdefault("review_seed", int(np.random.randint(1 << 30)))
     return {"kind": kind, "class_name": cls, "seed": seed,
             "skipped": st.session_state.get("review_skipped", [])}
@@ -68,25 +68,23 @@ def act(action: str, reviewer: str, entry=None, choice=None) -> None:
     try:
         if action == "label":
             stack.append(review.submit_relabel(
-                get_db(), image_id=entry.image_id, choice=choice, reviewer=reviewer,
-                note=st.session_state.pop("review_note", ""), run_ref=entry.run_ref,
-                score=entry.score))
+                get_db(), image_id=entry.image_id, upload_sha256=entry.upload_sha256,
+                choice=choice, reviewer=reviewer, note=st.session_state.pop("review_note", ""),
+                run_ref=entry.run_ref, score=entry.score))
         elif action == "undo":
             review.submit_undo(get_db(), relabel_id=stack.pop(), reviewer=reviewer, note="undo")
         else:
-            st.session_state.setdefault("review_skipped", []).append(entry.image_id)
+            st.session_state.setdefault("review_skipped", []).append(entry.key)
     except CxrError as exc:
         st.toast(str(exc), icon=":material/error:")
 
 
 def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: str,
                 choices: list[review.LabelChoice]) -> None:
-    """What is known about the image, then one button per label, skip and undo."""
-    rec = state.images[entry.image_id]
-    others = ", ".join(f"{who}: `{label}`" for who, label in
-                       review.labels_by_reviewer(state.relabels, entry.image_id))
-    st.markdown(f"**{rec.relpath}**  \nOriginal: `{review.format_label(rec.label, rec.subtype)}`"
-                f"  \nCurrent: `{review.format_label(*state.current[entry.image_id])}`"
+    """What is known about the image (or upload), then one button per label, skip and undo."""
+    about = review.describe_entry(state, entry)
+    others = ", ".join(f"{who}: `{label}`" for who, label in about.reviewers)
+    st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
     if entry.score is not None:
         st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
@@ -105,15 +103,17 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: s
 
 
 def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
-    rec = state.images[entry.image_id]
-    path = image_path(info, rec.relpath)
+    path, sha = review.entry_image(state, entry, info.root)
+    if path is None:
+        st.error(f"The stored upload {entry.upload_sha256} is missing from the uploads folder.")
+        return
     why_not = review.saliency_unavailable(entry.run_ref, state.artifact_dirs)
     show = st.toggle("Saliency", key="review_saliency", disabled=bool(why_not)) and not why_not
     if why_not:
         st.caption(f"Saliency unavailable: {why_not}.")
     view = view_ui()
     try:
-        heat = heatmap(entry.run_ref, path, rec.sha256, state.threshold) if show else None
+        heat = heatmap(entry.run_ref, path, sha, state.threshold) if show else None
         st.image(review.render_view(review.view_pixels(path), heat=heat, **view), width="stretch")
     except CxrError as exc:
         st.error(str(exc))

@@ -13,7 +13,7 @@ import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ __all__ = [
     "QUEUES", "Agreement", "Conflict", "LabelChoice", "LabelSnapshot", "ModelOutput",
     "PairAgreement", "QueueEntry", "QueueView", "RelabelRecord", "ReviewItemRecord",
     "ReviewState", "RunOption", "RunPredictions", "agreement", "build_queue", "cohen_kappa",
-    "current_labels", "eval_class", "export_relabels_csv", "format_label", "label_choices",
+    "current_labels", "describe_entry", "entry_image", "eval_class", "export_relabels_csv",
+    "format_label", "label_choices",
     "label_snapshot", "labels_by_reviewer", "latest_predictions", "load_explainer", "load_state",
     "model_file", "model_output", "next_in_queue", "queue_view", "relabels_to_csv",
     "render_view", "reviewed_by", "saliency_map", "saliency_unavailable", "send_to_review",
@@ -150,16 +151,25 @@ class ReviewState:
     items: tuple[ReviewItemRecord, ...]  # open items of this dataset, newest first
     runs: tuple[RunOption, ...]
     artifact_dirs: dict[str, str | None]  # "run:ID" -> model folder, for every run shown
-    open_uploads: int  # items for uploads: not in a dataset, so not relabelable here
+    upload_items: tuple[ReviewItemRecord, ...] = ()  # open items of uploads, newest first
+    upload_current: dict[str, Label] = field(default_factory=dict)  # sha256 -> current label
 
     @property
     def threshold(self) -> float | None:
         """The chosen run's operating point (None: no run, or none stored)."""
         return self.predictions.threshold if self.predictions else None
 
+    @property
+    def open_uploads(self) -> int:
+        """Uploads waiting in the "sent" queue (distinct content hashes)."""
+        return len({i.upload_sha256 for i in self.upload_items})
+
 
 def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> ReviewState:
     """Read images, relabels, the chosen run's predictions and open review items.
+
+    ``relabels`` holds the dataset's rows and every upload's (uploads are in no dataset but are
+    reviewed on any dataset's "sent" queue); ``current`` covers the dataset's images only.
 
     Args:
         db: the database.
@@ -169,31 +179,41 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
     """
     with db.session() as s:
         images = {r.id: r for r in ds_store.list_images(session=s, dataset_id=dataset_id)}
-        relabels = store.list_relabels(session=s, dataset_id=dataset_id)
+        relabels = store.list_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
         runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
         if runs and run_id not in {r.run_id for r in runs}:
             run_id = runs[0].run_id  # None or a run of another dataset: the newest run
         preds = None if run_id is None else store.latest_predictions(
             session=s, run_id=run_id, dataset_id=dataset_id)
         items = store.list_review_items(session=s, dataset_id=dataset_id)
-        uploads = store.count_open_uploads(session=s)
+        uploads = store.list_upload_items(session=s)
+        upload_current = store.upload_labels(session=s)
         dirs = {f"run:{r.run_id}": r.artifact_dir for r in runs}
-        for ref in {i.run_ref for i in items if i.run_ref and i.run_ref.startswith("run:")}:
+        for ref in {i.run_ref for i in items + uploads
+                    if i.run_ref and i.run_ref.startswith("run:")}:
             if ref not in dirs and ref[4:].isdigit():
                 dirs[ref] = store.run_artifact_dir(session=s, run_id=int(ref[4:]))
     originals = {i: (r.label, r.subtype) for i, r in images.items()}
     return ReviewState(dataset_id, images, originals, store.derive_labels(originals, relabels),
-                       tuple(relabels), preds, tuple(items), tuple(runs), dirs, uploads)
+                       tuple(relabels), preds, tuple(items), tuple(runs), dirs, tuple(uploads),
+                       upload_current)
 
 
 @dataclass(frozen=True)
 class QueueEntry:
-    """One image to review and the model output shown with it."""
+    """One image (or upload) to review and the model output shown with it."""
 
-    image_id: int
+    image_id: int | None  # None for an upload
     run_ref: str | None = None
     score: float | None = None
     predicted: str | None = None
+    upload_sha256: str | None = None  # set for an upload sent to review
+    probs: tuple[float, ...] | None = None  # class probabilities sent with an upload
+
+    @property
+    def key(self) -> int | str:
+        """What is reviewed: the image id, or the upload's sha256 (as ``RelabelRecord.key``)."""
+        return self.image_id if self.image_id is not None else self.upload_sha256
 
 
 def _model_entries(state: ReviewState) -> list[tuple[QueueEntry, ModelOutput, str | None]]:
@@ -255,22 +275,26 @@ def build_queue(state: ReviewState, kind: str, *, class_name: str | None = None,
 
 
 def _sent_queue(state: ReviewState) -> list[QueueEntry]:
-    out: dict[int, QueueEntry] = {}
-    for item in state.items:  # newest first: the newest send of an image wins
-        if item.image_id is None or item.image_id in out or item.image_id not in state.images:
+    """Open items of the dataset's images and of uploads, newest send first (one per target)."""
+    out: dict[int | str, QueueEntry] = {}
+    items = sorted(state.items + state.upload_items, key=lambda i: -i.id)
+    for item in items:  # newest first: the newest send of an image wins
+        key = item.image_id if item.image_id is not None else item.upload_sha256
+        if key in out or (item.image_id is not None and item.image_id not in state.images):
             continue
-        if not (item.run_ref or item.probs):  # sent without a model output: the run's
-            out[item.image_id] = _entry(state, item.image_id)
+        if item.image_id is not None and not (item.run_ref or item.probs):
+            out[key] = _entry(state, item.image_id)  # sent without a model output: the run's
             continue
         binary = item.probs is not None and len(item.probs) in (1, 2)
         score = float(item.probs[-1]) if binary else None  # binary: P(PNEUMONIA) is last
-        out[item.image_id] = QueueEntry(item.image_id, item.run_ref, score, item.predicted)
+        out[key] = QueueEntry(item.image_id, item.run_ref, score, item.predicted,
+                              item.upload_sha256, item.probs)
     return list(out.values())
 
 
-def reviewed_by(relabels: Iterable[RelabelRecord], reviewer: str) -> set[int]:
-    """Images with an active relabel (or confirmation) by ``reviewer``."""
-    return {r.image_id for r in active_relabels(relabels) if r.reviewer == reviewer}
+def reviewed_by(relabels: Iterable[RelabelRecord], reviewer: str) -> set[int | str]:
+    """Images (ids) and uploads (sha256) with an active relabel or confirmation by ``reviewer``."""
+    return {r.key for r in active_relabels(relabels) if r.reviewer == reviewer}
 
 
 @dataclass(frozen=True)
@@ -287,18 +311,21 @@ class QueueView:
         return self.n_reviewed / self.n_total if self.n_total else 1.0
 
 
-def queue_view(queue: Sequence[QueueEntry], reviewed: set[int],
-               skipped: Sequence[int] = ()) -> QueueView:
-    """The next unreviewed image (skipped ones come back after the rest) and the counts."""
-    left = [e for e in queue if e.image_id not in reviewed]
+def queue_view(queue: Sequence[QueueEntry], reviewed: set[int | str],
+               skipped: Sequence[int | str] = ()) -> QueueView:
+    """The next unreviewed image (skipped ones come back after the rest) and the counts.
+
+    ``reviewed`` and ``skipped`` hold entry keys: image ids, and sha256s of uploads.
+    """
+    left = [e for e in queue if e.key not in reviewed]
     order = {i: n for n, i in enumerate(skipped)}
-    left_sorted = sorted(left, key=lambda e: order.get(e.image_id, -1))  # stable: unskipped first
+    left_sorted = sorted(left, key=lambda e: order.get(e.key, -1))  # stable: unskipped first
     return QueueView(left_sorted[0] if left_sorted else None, len(queue) - len(left), len(left),
                      len(queue))
 
 
 def next_in_queue(state: ReviewState, kind: str, reviewer: str, *, class_name: str | None = None,
-                  seed: int = 0, skipped: Sequence[int] = ()) -> QueueView:
+                  seed: int = 0, skipped: Sequence[int | str] = ()) -> QueueView:
     """:func:`build_queue` then :func:`queue_view` for one reviewer (what the page shows)."""
     queue = build_queue(state, kind, class_name=class_name, seed=seed)
     return queue_view(queue, reviewed_by(state.relabels, reviewer), skipped)
@@ -306,16 +333,33 @@ def next_in_queue(state: ReviewState, kind: str, reviewer: str, *, class_name: s
 
 # -- Writing --------------------------------------------------------------------------------
 
-def submit_relabel(db: Database, *, image_id: int, choice: LabelChoice, reviewer: str,
-                   note: str = "", run_ref: str | None = None, score: float | None = None) -> int:
+def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelChoice,
+                   reviewer: str, note: str = "", run_ref: str | None = None,
+                   score: float | None = None, upload_sha256: str | None = None) -> int:
     """One click: append a relabel row in its own short transaction (lock errors retried).
+
+    Args:
+        db: the database.
+        image_id: the indexed image, or None with ``upload_sha256`` for an upload.
+        choice: the label clicked.
+        reviewer, note, run_ref, score: stored with the row.
+        upload_sha256: an upload sent to review (instead of ``image_id``).
 
     Returns:
         The new relabel id (keep it for undo).
+
+    Raises:
+        ConfigError: not exactly one of image_id / upload_sha256, or as the storage functions.
     """
-    return db.write(lambda s: store.add_relabel(
-        session=s, image_id=image_id, new_label=choice.label, new_subtype=choice.subtype,
-        reviewer=reviewer, note=note, run_ref=run_ref, score=score))
+    if (image_id is None) == (upload_sha256 is None):
+        raise ConfigError("a relabel needs exactly one of image_id or upload_sha256. "
+                          f"Received: image_id={image_id}, upload_sha256={upload_sha256!r}")
+    kw = dict(new_label=choice.label, new_subtype=choice.subtype, reviewer=reviewer, note=note,
+              run_ref=run_ref, score=score)
+    if upload_sha256 is not None:
+        return db.write(lambda s: store.add_upload_relabel(session=s, upload_sha256=upload_sha256,
+                                                           **kw))
+    return db.write(lambda s: store.add_relabel(session=s, image_id=image_id, **kw))
 
 
 def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "") -> int:
@@ -324,18 +368,68 @@ def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "")
                                                  reviewer=reviewer, note=note))
 
 
+# -- Showing an entry ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """What the page states about the entry under review."""
+
+    title: str  # the image's path, or "Upload <sha256 prefix>"
+    facts: tuple[tuple[str, str], ...]  # (name, label) pairs: original/model, current
+    reviewers: tuple[tuple[str, str], ...]  # (reviewer, label) of everyone who labelled it
+
+
+def describe_entry(state: ReviewState, entry: QueueEntry) -> EntryInfo:
+    """Title, labels and reviewers' labels of a queue entry (an image or an upload)."""
+    reviewers = tuple(labels_by_reviewer(state.relabels, entry.key))
+    if entry.upload_sha256 is not None:
+        probs = " / ".join(f"{p:.3f}" for p in entry.probs or ())
+        model = f"{entry.predicted or '—'}" + (f" ({probs})" if probs else "")
+        current = state.upload_current.get(entry.upload_sha256, (entry.predicted or "", None))
+        return EntryInfo(f"Upload {entry.upload_sha256[:12]}…",
+                         (("Model", model), ("Current", format_label(*current) or "—")), reviewers)
+    rec = state.images[entry.image_id]
+    return EntryInfo(rec.relpath, (("Original", format_label(rec.label, rec.subtype)),
+                                   ("Current", format_label(*state.current[entry.image_id]))),
+                     reviewers)
+
+
+def entry_image(state: ReviewState, entry: QueueEntry,
+                root: str | Path) -> tuple[str | None, str | None]:
+    """The file to show for an entry and its content hash (keys cached saliency).
+
+    Args:
+        state: from :func:`load_state`.
+        entry: a dataset image (under ``root``, the dataset's folder) or an upload (stored by
+            :func:`cxr_core.predict.store_upload` under the settings' uploads folder).
+        root: the dataset's root folder.
+
+    Returns:
+        (path, sha256); the path is None when an upload's stored file is missing.
+    """
+    if entry.upload_sha256 is None:
+        rec = state.images[entry.image_id]
+        return str(Path(root) / rec.relpath), rec.sha256
+    from cxr_core.predict import upload_path  # lazy: only uploads need the predict module
+
+    path = upload_path(entry.upload_sha256)
+    return (None if path is None else str(path)), entry.upload_sha256
+
+
 # -- Agreement ------------------------------------------------------------------------------
 
-def _latest_by_reviewer(relabels: Iterable[RelabelRecord]) -> dict[str, dict[int, RelabelRecord]]:
-    """reviewer -> image_id -> that reviewer's newest active relabel of the image."""
-    latest: dict[str, dict[int, RelabelRecord]] = defaultdict(dict)
+def _latest_by_reviewer(
+        relabels: Iterable[RelabelRecord]) -> dict[str, dict[int | str, RelabelRecord]]:
+    """reviewer -> key (image id or upload sha256) -> that reviewer's newest active relabel."""
+    latest: dict[str, dict[int | str, RelabelRecord]] = defaultdict(dict)
     for r in active_relabels(relabels):  # id order: newer rows overwrite older ones
-        latest[r.reviewer][r.image_id] = r
+        latest[r.reviewer][r.key] = r
     return latest
 
 
-def labels_by_reviewer(relabels: Iterable[RelabelRecord], image_id: int) -> list[tuple[str, str]]:
-    """(reviewer, label) of every reviewer who labelled the image (their newest label)."""
+def labels_by_reviewer(relabels: Iterable[RelabelRecord],
+                       image_id: int | str) -> list[tuple[str, str]]:
+    """(reviewer, label) of every reviewer who labelled the image (id) or upload (sha256)."""
     return [(who, format_label(rows[image_id].new_label, rows[image_id].new_subtype))
             for who, rows in sorted(_latest_by_reviewer(relabels).items()) if image_id in rows]
 
@@ -353,9 +447,9 @@ class PairAgreement:
 
 @dataclass(frozen=True)
 class Conflict:
-    """An image whose reviewers' newest labels differ."""
+    """An image (or upload) whose reviewers' newest labels differ."""
 
-    image_id: int
+    image_id: int | str  # an upload's sha256
     relpath: str
     labels: tuple[tuple[str, str], ...]  # (reviewer, label) pairs
 
@@ -389,17 +483,18 @@ def agreement(relabels: Iterable[RelabelRecord]) -> Agreement:
     paths = {i: r.relpath for by_image in rows.values() for i, r in by_image.items()}
     pairs = []
     for a, b in itertools.combinations(sorted(latest), 2):
-        common = sorted(set(latest[a]) & set(latest[b]))
+        common = sorted(set(latest[a]) & set(latest[b]), key=str)
         if not common:
             continue
         la, lb = [latest[a][i] for i in common], [latest[b][i] for i in common]
         agree = sum(x == y for x, y in zip(la, lb)) / len(common)
         pairs.append(PairAgreement(a, b, len(common), agree, cohen_kappa(la, lb)))
-    by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    by_image: dict[int | str, list[tuple[str, str]]] = defaultdict(list)
     for reviewer in sorted(latest):
         for image_id, label in latest[reviewer].items():
             by_image[image_id].append((reviewer, label))
-    conflicts = [Conflict(i, paths[i], tuple(v)) for i, v in sorted(by_image.items())
+    conflicts = [Conflict(i, paths[i], tuple(v))  # images (by id) first, then uploads
+                 for i, v in sorted(by_image.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
                  if len({label for _, label in v}) > 1]
     return Agreement(tuple(pairs), tuple(conflicts))
 
@@ -422,9 +517,14 @@ def relabels_to_csv(records: Iterable[RelabelRecord]) -> str:
 
 
 def export_relabels_csv(db: Database, dataset_id: int | None = None) -> str:
-    """CSV of all relabels (of one dataset, or of every dataset)."""
+    """CSV of all relabels (of one dataset, or of every dataset) and of every upload.
+
+    Upload rows have an empty ``image_id`` and their sha256 as ``relpath`` (and
+    ``upload_sha256``).
+    """
     with db.session() as s:
-        return relabels_to_csv(store.list_relabels(session=s, dataset_id=dataset_id))
+        return relabels_to_csv(store.list_relabels(session=s, dataset_id=dataset_id,
+                                                   include_uploads=True))
 
 
 # -- Viewing --------------------------------------------------------------------------------

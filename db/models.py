@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String,
-                        Text, UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
+                        MetaData, String, Text, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -198,11 +198,18 @@ class ReviewItem(Base):
 
 
 class Relabel(Base):
-    """Append-only relabel history. Undo is a new row pointing at the row it undoes."""
+    """Append-only relabel history. Undo is a new row pointing at the row it undoes.
+
+    A row labels either an indexed image or an upload (by content hash), never both.
+    """
 
     __tablename__ = "relabels"
+    __table_args__ = (CheckConstraint("(image_id IS NULL) <> (upload_sha256 IS NULL)",
+                                      name="one_target"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"),
+                                                 index=True)
+    upload_sha256: Mapped[str | None] = mapped_column(String(64), index=True)  # uploads: by hash
     old_label: Mapped[str] = mapped_column(String(100))
     old_subtype: Mapped[str | None] = mapped_column(String(50))
     new_label: Mapped[str] = mapped_column(String(100))

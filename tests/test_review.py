@@ -259,13 +259,105 @@ def test_sent_to_review_queue_closes_on_relabel_and_reopens_on_undo(db, ds):
                              run_ref="run:1", predicted=None, probs=None, sent_by="dr a")
     state = review.load_state(db, dataset_id)
     queue = review.build_queue(state, "sent")
-    assert [(e.image_id, e.run_ref, e.score, e.predicted) for e in queue] == [
-        (img, "default", 0.8, "PNEUMONIA")]
+    assert [(e.key, e.run_ref, e.score, e.predicted) for e in queue] == [
+        ("ab" * 32, "run:1", None, None), (img, "default", 0.8, "PNEUMONIA")]  # newest first
     assert state.open_uploads == 1
     rid = relabel(db, img, "PNEUMONIA", "bacteria", run_ref="default", score=0.8)
-    assert review.build_queue(review.load_state(db, dataset_id), "sent") == []
+    assert [e.key for e in review.build_queue(review.load_state(db, dataset_id), "sent")] == [
+        "ab" * 32]
     review.submit_undo(db, relabel_id=rid, reviewer="alice")
-    assert len(review.build_queue(review.load_state(db, dataset_id), "sent")) == 1
+    assert len(review.build_queue(review.load_state(db, dataset_id), "sent")) == 2
+
+
+# -- Uploads sent to review -----------------------------------------------------------------------
+
+SHA = "cd" * 32
+
+
+def send_upload(db, sha=SHA, predicted="PNEUMONIA", probs=(0.3, 0.7)):
+    with db.session() as s:
+        return store.send_to_review(session=s, image_id=None, upload_sha256=sha, source="predict",
+                                    run_ref="default", predicted=predicted, probs=list(probs),
+                                    sent_by="dr a")
+
+
+def upload_relabel(db, label, subtype=None, reviewer="alice", sha=SHA):
+    return review.submit_relabel(db, upload_sha256=sha, choice=review.LabelChoice(label, subtype),
+                                 reviewer=reviewer, run_ref="default", score=0.7)
+
+
+def test_upload_relabel_undo_and_current_label(db, ds):
+    dataset_id, ids = ds
+    send_upload(db)
+    with db.session() as s:
+        before = store.label_snapshot(session=s, dataset_id=dataset_id)
+        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}  # the prediction
+    r1 = upload_relabel(db, "NORMAL")
+    r2 = upload_relabel(db, "PNEUMONIA", "virus", reviewer="bob")
+    with db.session() as s:
+        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", "virus")}
+        assert store.list_review_items(session=s) == []  # closed by the relabel
+        rows = store.list_upload_relabels(session=s)
+    assert [(r.image_id, r.upload_sha256, r.old_label, r.old_subtype, r.new_label) for r in rows] \
+        == [(None, SHA, "PNEUMONIA", None, "NORMAL"), (None, SHA, "NORMAL", None, "PNEUMONIA")]
+    uid = review.submit_undo(db, relabel_id=r2, reviewer="bob")
+    with db.session() as s:
+        assert store.upload_labels(session=s) == {SHA: ("NORMAL", None)}  # back to r1
+        undo = store.list_upload_relabels(session=s, upload_sha256s=[SHA])[-1]
+        assert len(store.list_review_items(session=s)) == 1  # reopened
+        # Dataset labels, snapshot and relabel list never see upload rows.
+        assert store.label_snapshot(session=s, dataset_id=dataset_id) == before
+        assert store.list_relabels(session=s, dataset_id=dataset_id) == []
+        assert store.list_relabels(session=s) == []
+        assert store.current_labels(session=s, dataset_id=dataset_id) == \
+            store.original_labels(session=s, dataset_id=dataset_id)
+    assert (undo.id, undo.undo_of, undo.old_label, undo.old_subtype, undo.new_label) == (
+        uid, r2, "PNEUMONIA", "virus", "NORMAL")
+    review.submit_undo(db, relabel_id=r1, reviewer="alice")
+    with db.session() as s:
+        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}
+    state = review.load_state(db, dataset_id)
+    assert review.reviewed_by(state.relabels, "alice") == set()
+    assert [e.key for e in review.build_queue(state, "sent")] == [SHA]
+
+
+def test_upload_and_image_relabels_coexist(db, ds):
+    dataset_id, ids = ds
+    send_upload(db)
+    img = ids["IM-0001-0001.png"]
+    upload_relabel(db, "NORMAL")
+    rid = relabel(db, img, "PNEUMONIA", "virus")
+    state = review.load_state(db, dataset_id)
+    assert review.reviewed_by(state.relabels, "alice") == {SHA, img}
+    with db.session() as s:
+        snap = store.label_snapshot(session=s, dataset_id=dataset_id)
+    assert (snap.newest_relabel_id, snap.n_relabels) == (rid, 1)
+    info = review.describe_entry(state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
+                                                          (0.3, 0.7)))
+    assert info.facts == (("Model", "PNEUMONIA (0.300 / 0.700)"), ("Current", "NORMAL"))
+    assert info.reviewers == (("alice", "NORMAL"),)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"upload_sha256": "ef" * 32}, "upload_sha256 must name an upload"),  # never sent
+    ({"upload_sha256": SHA, "image_id": 1}, "exactly one"),
+    ({"upload_sha256": SHA, "reviewer": " "}, "reviewer"),
+])
+def test_upload_relabel_rejects_bad_input(db, ds, kwargs, match):
+    send_upload(db)
+    args = {"reviewer": "alice"} | kwargs
+    with pytest.raises(ConfigError, match=match):
+        review.submit_relabel(db, choice=review.LabelChoice("NORMAL", None), **args)
+
+
+def test_relabels_table_checks_exactly_one_target(db, ds):
+    from sqlalchemy.exc import IntegrityError
+
+    from db.models import Relabel
+
+    for target in ({}, {"image_id": ds[1]["IM-0001-0001.png"], "upload_sha256": SHA}):
+        with pytest.raises(IntegrityError), db.session() as s:
+            s.add(Relabel(old_label="A", new_label="B", reviewer="x", note="", **target))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -319,6 +411,20 @@ def test_export_csv_has_every_row(db, ds):
     assert rows[0]["relpath"].endswith("IM-0001-0001.png")
     assert rows[1]["undo_of"] == str(rid) and rows[0]["undo_of"] == ""
     assert review.export_relabels_csv(db, dataset_id + 1).count("\n") == 1  # header only
+
+
+def test_export_csv_includes_upload_rows(db, ds):
+    dataset_id, ids = ds
+    send_upload(db)
+    img_row = relabel(db, ids["IM-0001-0001.png"], "PNEUMONIA", "virus")
+    up_row = upload_relabel(db, "NORMAL")
+    rows = list(csv.DictReader(io.StringIO(review.export_relabels_csv(db, dataset_id))))
+    assert [r["id"] for r in rows] == [str(img_row), str(up_row)]
+    assert (rows[1]["image_id"], rows[1]["relpath"], rows[1]["upload_sha256"]) == ("", SHA, SHA)
+    assert (rows[1]["old_label"], rows[1]["new_label"]) == ("PNEUMONIA", "NORMAL")
+    assert rows[0]["upload_sha256"] == "" and rows[0]["relpath"].endswith("IM-0001-0001.png")
+    state = review.load_state(db, dataset_id)
+    assert review.relabels_to_csv(state.relabels) == review.export_relabels_csv(db, dataset_id)
 
 
 def test_render_view_window_level_and_zoom():

@@ -5,7 +5,9 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
+import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +68,9 @@ def test_four_processes_250_relabels_each(cxr_home, tmp_path, monkeypatch):
         Image.fromarray(np.full((16, 16), k * 20, np.uint8)).save(root / f"IM-{k:04d}-0001.png")
     db = open_db()  # migrate once before the workers start
     dataset_id = index_dataset(db, tmp_path / "ds", name="conc").dataset_id
+    # Spawned children re-run the parent's __main__ file; after AppTests that is a page script
+    # (Streamlit's test harness leaves it there), so give them an empty __main__ instead.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
     worker = _spawnable_worker(monkeypatch)

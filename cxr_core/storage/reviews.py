@@ -2,7 +2,9 @@
 
 Relabel rows are never updated or deleted. An undo is a new row whose ``undo_of`` names the
 row it cancels; the current label of an image is its newest relabel that is neither an undo row
-nor undone, else its original label. Every writer here is one short ``INSERT`` (plus a small
+nor undone, else its original label. A row labels either an indexed image (``image_id``) or an
+upload sent to review (``upload_sha256``, no dataset: it never enters a dataset's labels or
+snapshot); an upload's label before any relabel is the model's prediction shown with it. Every writer here is one short ``INSERT`` (plus a small
 update of ``review_items.done``), so many reviewers can write through
 :meth:`cxr_core.storage.Database.write` (which retries SQLite lock errors).
 
@@ -17,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import ConfigError
@@ -33,8 +35,8 @@ class RelabelRecord:
     """One relabel (or undo) row, with the image's path for exports."""
 
     id: int
-    image_id: int
-    relpath: str
+    image_id: int | None  # None for an upload
+    relpath: str  # path under the dataset root; an upload's sha256
     old_label: str
     old_subtype: str | None
     new_label: str
@@ -45,6 +47,12 @@ class RelabelRecord:
     score: float | None  # model probability shown
     undo_of: int | None  # set on undo rows: the id of the undone row
     created_at: datetime
+    upload_sha256: str | None = None  # set on rows of uploads (then image_id is None)
+
+    @property
+    def key(self) -> int | str:
+        """What is labelled: the image id, or the upload's sha256."""
+        return self.image_id if self.image_id is not None else self.upload_sha256
 
 
 @dataclass(frozen=True)
@@ -95,15 +103,16 @@ class ReviewItemRecord:
 
 # -- Relabels -------------------------------------------------------------------------------
 
-def _record(row: Relabel, relpath: str) -> RelabelRecord:
-    return RelabelRecord(row.id, row.image_id, relpath, row.old_label, row.old_subtype,
-                         row.new_label, row.new_subtype, row.reviewer, row.note, row.run_ref,
-                         row.score, row.undo_of, row.created_at)
+def _record(row: Relabel, relpath: str | None) -> RelabelRecord:
+    return RelabelRecord(row.id, row.image_id, relpath or row.upload_sha256 or "", row.old_label,
+                         row.old_subtype, row.new_label, row.new_subtype, row.reviewer, row.note,
+                         row.run_ref, row.score, row.undo_of, row.created_at, row.upload_sha256)
 
 
 def list_relabels(*, session: Session, dataset_id: int | None = None,
                   image_ids: Sequence[int] | None = None,
-                  as_of_relabel_id: int | None = None) -> list[RelabelRecord]:
+                  as_of_relabel_id: int | None = None,
+                  include_uploads: bool = False) -> list[RelabelRecord]:
     """Relabel rows (undo rows included), oldest first.
 
     Args:
@@ -111,18 +120,31 @@ def list_relabels(*, session: Session, dataset_id: int | None = None,
         dataset_id: only images of this dataset (None: every dataset).
         image_ids: only these images.
         as_of_relabel_id: only rows with ``id <= as_of_relabel_id``.
+        include_uploads: also every upload's rows (no dataset; ``relpath`` is the sha256).
 
     Returns:
         The rows as records, in id order.
     """
-    q = select(Relabel, ImageRow.relpath).join(ImageRow, ImageRow.id == Relabel.image_id)
-    if dataset_id is not None:
-        q = q.where(ImageRow.dataset_id == dataset_id)
+    # Outer join: upload rows have no image. Without include_uploads they are filtered out,
+    # so dataset labels and snapshots never see them.
+    q = select(Relabel, ImageRow.relpath).outerjoin(ImageRow, ImageRow.id == Relabel.image_id)
+    in_scope = Relabel.image_id.is_not(None) if dataset_id is None else \
+        ImageRow.dataset_id == dataset_id
+    q = q.where(or_(in_scope, Relabel.upload_sha256.is_not(None)) if include_uploads else in_scope)
     if image_ids is not None:
         q = q.where(Relabel.image_id.in_(list(image_ids)))
     if as_of_relabel_id is not None:
         q = q.where(Relabel.id <= as_of_relabel_id)
     return [_record(row, relpath) for row, relpath in session.execute(q.order_by(Relabel.id))]
+
+
+def list_upload_relabels(*, session: Session,
+                         upload_sha256s: Sequence[str] | None = None) -> list[RelabelRecord]:
+    """Relabel rows of uploads (undo rows included), oldest first; optionally only these hashes."""
+    q = select(Relabel).where(Relabel.upload_sha256.is_not(None))
+    if upload_sha256s is not None:
+        q = q.where(Relabel.upload_sha256.in_(list(upload_sha256s)))
+    return [_record(row, None) for row in session.scalars(q.order_by(Relabel.id))]
 
 
 def active_relabels(records: Iterable[RelabelRecord]) -> list[RelabelRecord]:
@@ -140,6 +162,12 @@ def derive_labels(originals: dict[int, Label],
         if r.image_id in out:
             out[r.image_id] = (r.new_label, r.new_subtype)
     return out
+
+
+def _newest_active(base: Label, records: Iterable[RelabelRecord]) -> Label:
+    """``base`` overlaid with the newest active row of ``records`` (rows of one target)."""
+    active = active_relabels(records)
+    return (active[-1].new_label, active[-1].new_subtype) if active else base
 
 
 def _originals(session: Session, dataset_id: int) -> dict[int, Label]:
@@ -199,14 +227,29 @@ def label_snapshot(*, session: Session, dataset_id: int,
     return LabelSnapshot(labels_hash(labels), newest, len(records))
 
 
-def _image_label(session: Session, image_id: int) -> Label:
-    """The image's current label (newest active relabel, else the original)."""
-    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
-        ImageRow.id == image_id)).first()
-    if img is None:
-        raise ConfigError(f"image_id must name an indexed image. Received: image_id={image_id}")
-    records = list_relabels(session=session, image_ids=[image_id])
-    return derive_labels({image_id: (img[0], img[1])}, records)[image_id]
+def _upload_base(session: Session, upload_sha256: str) -> Label:
+    """An upload's label before any relabel: the prediction of its newest review item."""
+    found = session.execute(select(ReviewItem.id, ReviewItem.predicted).where(
+        ReviewItem.upload_sha256 == upload_sha256).order_by(ReviewItem.id.desc()).limit(1)).first()
+    if found is None:
+        raise ConfigError("upload_sha256 must name an upload sent to review. "
+                          f"Received: upload_sha256={upload_sha256!r}")
+    return (found[1] or "", None)  # "" when it was sent without a model output
+
+
+def upload_labels(*, session: Session) -> dict[str, Label]:
+    """sha256 -> current label of every upload sent to review.
+
+    The newest active relabel of the upload, else the model's prediction stored with its
+    newest review item ("" when it was sent without one).
+    """
+    q = (select(ReviewItem.upload_sha256, ReviewItem.predicted)
+         .where(ReviewItem.upload_sha256.is_not(None)).order_by(ReviewItem.id))
+    out: dict[str, Label] = {sha: (predicted or "", None)
+                             for sha, predicted in session.execute(q)}  # newest item wins
+    for r in active_relabels(list_upload_relabels(session=session)):  # id order: newest wins
+        out[r.upload_sha256] = (r.new_label, r.new_subtype)
+    return out
 
 
 def _check_reviewer(reviewer: str) -> str:
@@ -240,16 +283,78 @@ def add_relabel(*, session: Session, image_id: int, new_label: str, new_subtype:
     Raises:
         ConfigError: unknown image, empty label or reviewer.
     """
+    return _append(session, image_id, None, new_label, new_subtype, reviewer, note, run_ref, score)
+
+
+def add_upload_relabel(*, session: Session, upload_sha256: str, new_label: str,
+                       new_subtype: str | None, reviewer: str, note: str = "",
+                       run_ref: str | None = None, score: float | None = None) -> int:
+    """Append a relabel row for an upload sent to review (same semantics as :func:`add_relabel`).
+
+    The old label stored is the upload's current label: its newest active relabel, else the
+    model's predicted label from its newest review item. Open review items of the upload are
+    marked done.
+
+    Args:
+        session: the open session (one transaction per click).
+        upload_sha256: the upload's content hash (its review item's ``upload_sha256``).
+        new_label, new_subtype, reviewer, note, run_ref, score: as in :func:`add_relabel`.
+
+    Returns:
+        The new row's id.
+
+    Raises:
+        ConfigError: no review item names the upload, empty label or reviewer.
+    """
+    if not (upload_sha256 or "").strip():
+        raise ConfigError("upload_sha256 must name an upload sent to review. "
+                          f"Received: upload_sha256={upload_sha256!r}")
+    return _append(session, None, upload_sha256, new_label, new_subtype, reviewer, note, run_ref,
+                   score)
+
+
+def _target_label(session: Session, image_id: int | None, upload_sha256: str | None,
+                  *, without: int | None = None) -> Label:
+    """Current label of an image or an upload; ``without``: as if that relabel did not count.
+
+    Raises:
+        ConfigError: unknown image, or an upload no review item names.
+    """
+    if image_id is not None:
+        img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+            ImageRow.id == image_id)).first()
+        if img is None:
+            raise ConfigError(f"image_id must name an indexed image. Received: image_id={image_id}")
+        base, records = (img[0], img[1]), list_relabels(session=session, image_ids=[image_id])
+    else:
+        base = _upload_base(session, upload_sha256)
+        records = list_upload_relabels(session=session, upload_sha256s=[upload_sha256])
+    return _newest_active(base, [r for r in records if r.id != without])
+
+
+def _items_of(image_id: int | None, upload_sha256: str | None):
+    """Where-clause of the review items of an image or an upload."""
+    return ReviewItem.image_id == image_id if image_id is not None else \
+        ReviewItem.upload_sha256 == upload_sha256
+
+
+def _append(session: Session, image_id: int | None, upload_sha256: str | None, new_label: str,
+            new_subtype: str | None, reviewer: str, note: str, run_ref: str | None,
+            score: float | None) -> int:
+    """Insert one relabel row of exactly one target and close the target's open items."""
+    if (image_id is None) == (upload_sha256 is None):
+        raise ConfigError("a relabel needs exactly one of image_id or upload_sha256. "
+                          f"Received: image_id={image_id}, upload_sha256={upload_sha256!r}")
     reviewer = _check_reviewer(reviewer)
     if not (new_label or "").strip():
         raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
-    old_label, old_subtype = _image_label(session, image_id)
-    row = Relabel(image_id=image_id, old_label=old_label, old_subtype=old_subtype,
-                  new_label=new_label.strip(), new_subtype=new_subtype or None,
-                  reviewer=reviewer, note=note or "", run_ref=run_ref,
-                  score=None if score is None else float(score))
+    old_label, old_subtype = _target_label(session, image_id, upload_sha256)
+    row = Relabel(image_id=image_id, upload_sha256=upload_sha256, old_label=old_label,
+                  old_subtype=old_subtype, new_label=new_label.strip(),
+                  new_subtype=new_subtype or None, reviewer=reviewer, note=note or "",
+                  run_ref=run_ref, score=None if score is None else float(score))
     session.add(row)
-    session.execute(update(ReviewItem).where(ReviewItem.image_id == image_id,
+    session.execute(update(ReviewItem).where(_items_of(image_id, upload_sha256),
                                              ReviewItem.done.is_(False)).values(done=True))
     session.flush()
     return row.id
@@ -258,7 +363,8 @@ def add_relabel(*, session: Session, image_id: int, new_label: str, new_subtype:
 def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str = "") -> int:
     """Append an undo row cancelling ``relabel_id`` (the undone row itself stays).
 
-    The undo row's new label is the image's label once the undone row no longer counts.
+    The undo row's new label is the image's (or upload's) label once the undone row no longer
+    counts.
 
     Returns:
         The undo row's id.
@@ -276,18 +382,15 @@ def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str 
     if session.scalar(select(func.count()).where(Relabel.undo_of == relabel_id)):
         raise ConfigError(f"relabel {relabel_id} was already undone; relabel the image instead. "
                           f"Received: relabel_id={relabel_id}")
-    old = _image_label(session, target.image_id)
-    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
-        ImageRow.id == target.image_id)).one()
-    others = [r for r in list_relabels(session=session, image_ids=[target.image_id])
-              if r.id != relabel_id]
-    new = derive_labels({target.image_id: (img[0], img[1])}, others)[target.image_id]
-    row = Relabel(image_id=target.image_id, old_label=old[0], old_subtype=old[1], new_label=new[0],
-                  new_subtype=new[1], reviewer=reviewer, note=note or "", run_ref=target.run_ref,
-                  score=target.score, undo_of=relabel_id)
+    image_id, sha = target.image_id, target.upload_sha256
+    old = _target_label(session, image_id, sha)
+    new = _target_label(session, image_id, sha, without=relabel_id)
+    row = Relabel(image_id=image_id, upload_sha256=sha, old_label=old[0], old_subtype=old[1],
+                  new_label=new[0], new_subtype=new[1], reviewer=reviewer, note=note or "",
+                  run_ref=target.run_ref, score=target.score, undo_of=relabel_id)
     session.add(row)
     # Items this relabel closed are open again (the image still needs a decision).
-    session.execute(update(ReviewItem).where(ReviewItem.image_id == target.image_id,
+    session.execute(update(ReviewItem).where(_items_of(image_id, sha),
                                              ReviewItem.created_at <= target.created_at)
                     .values(done=False))
     session.flush()
@@ -389,13 +492,24 @@ def list_review_items(*, session: Session, dataset_id: int | None = None,
             ImageRow.dataset_id == dataset_id)
     if open_only:
         q = q.where(ReviewItem.done.is_(False))
-    rows = session.scalars(q.order_by(ReviewItem.id.desc())).all()
-    return [ReviewItemRecord(r.id, r.image_id, r.upload_sha256, r.source, r.run_ref, r.predicted,
-                             None if r.probs_json is None else tuple(json.loads(r.probs_json)),
-                             r.sent_by, r.created_at, r.done) for r in rows]
+    return [_item(r) for r in session.scalars(q.order_by(ReviewItem.id.desc()))]
+
+
+def _item(r: ReviewItem) -> ReviewItemRecord:
+    return ReviewItemRecord(r.id, r.image_id, r.upload_sha256, r.source, r.run_ref, r.predicted,
+                            None if r.probs_json is None else tuple(json.loads(r.probs_json)),
+                            r.sent_by, r.created_at, r.done)
+
+
+def list_upload_items(*, session: Session, open_only: bool = True) -> list[ReviewItemRecord]:
+    """Review items of uploads (not in any dataset), newest first."""
+    q = select(ReviewItem).where(ReviewItem.upload_sha256.is_not(None))
+    if open_only:
+        q = q.where(ReviewItem.done.is_(False))
+    return [_item(r) for r in session.scalars(q.order_by(ReviewItem.id.desc()))]
 
 
 def count_open_uploads(*, session: Session) -> int:
-    """Open review items for uploads (not in any indexed dataset, so not relabelable here)."""
+    """Open review items for uploads (shown in the review page's "sent" queue)."""
     return session.scalar(select(func.count()).select_from(ReviewItem).where(
         ReviewItem.image_id.is_(None), ReviewItem.done.is_(False))) or 0

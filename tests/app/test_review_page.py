@@ -156,3 +156,61 @@ def test_saliency_toggle_with_a_real_run_model(tiny, tmp_path):
     at.toggle(key="review_saliency").set_value(True).run()
     assert not at.exception, at.exception
     assert at.get("image")[0].value[0] != plain
+
+
+def test_upload_sent_to_review_is_relabelled_on_the_page(tiny):
+    """An upload stored by hash and sent from Predict is shown and relabelled like an image."""
+    import io
+
+    from cxr_core.predict import ImageInput, store_upload
+
+    db, dataset_id = tiny
+    shas = []
+    for value, probs in ((90, [0.6, 0.4]), (200, [0.2, 0.8])):  # the second is sent last
+        buf = io.BytesIO()
+        Image.fromarray(np.full((40, 40), value, np.uint8)).save(buf, format="PNG")
+        shas.append(store_upload(ImageInput(f"scan{value}.png", data=buf.getvalue())))
+        with db.session() as s:
+            store.send_to_review(session=s, image_id=None, upload_sha256=shas[-1],
+                                 source="predict", run_ref="default",
+                                 predicted="PNEUMONIA" if probs[1] > .5 else "NORMAL",
+                                 probs=probs, sent_by="dr b")
+    sha = shas[1]
+    at = start()
+    at.radio(key="review_queue").set_value("sent").run()
+    assert not at.exception, at.exception
+    assert progress_text(at) == "0 reviewed, 2 left"
+    assert at.markdown[0].value.startswith(f"**Upload {sha[:12]}")
+    assert "PNEUMONIA (0.200 / 0.800)" in at.markdown[0].value
+    assert at.metric[0].value == "0.800" and not at.error
+    assert at.get("image")  # the stored bytes are shown
+    at.text_area(key="review_note").input("clear lungs").run()
+    at.button(key="review_label_0").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        rows = store.list_upload_relabels(session=s)
+        assert store.upload_labels(session=s)[sha] == ("NORMAL", None)
+    assert [(r.upload_sha256, r.old_label, r.new_label, r.note, r.run_ref, r.score)
+            for r in rows] == [(sha, "PNEUMONIA", "NORMAL", "clear lungs", "default", 0.8)]
+    assert relabels(db, dataset_id) == []  # the dataset's history is untouched
+    assert progress_text(at) == "0 reviewed, 1 left"  # the labelled upload's item is closed
+    assert at.markdown[0].value.startswith(f"**Upload {shas[0][:12]}")
+    at.button(key="review_undo_btn").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        assert store.list_upload_relabels(session=s)[-1].undo_of == rows[0].id
+        assert store.upload_labels(session=s)[sha] == ("PNEUMONIA", None)
+    assert progress_text(at) == "0 reviewed, 2 left"
+
+
+def test_upload_with_missing_file_shows_an_error(tiny):
+    db, _ = tiny
+    with db.session() as s:
+        store.send_to_review(session=s, image_id=None, upload_sha256="ab" * 32, source="compare",
+                             run_ref=None, predicted=None, probs=None, sent_by="dr b")
+    at = start()
+    at.radio(key="review_queue").set_value("sent").run()
+    assert not at.exception, at.exception
+    assert "missing" in at.error[0].value
+    at.button(key="review_skip").click().run()  # skip works with an upload's key
+    assert progress_text(at) == "0 reviewed, 1 left"
