@@ -62,6 +62,12 @@ def heatmap(ref: str, path: str, version: str | None, threshold: float | None) -
     return review.saliency_map(explainer(ref), path, threshold=threshold)
 
 
+@st.cache_data(show_spinner=False, max_entries=32)
+def pixels(path: str, version: str | None) -> np.ndarray:
+    """The decoded film, once per file version (not on every click's rerun)."""
+    return review.view_pixels(path)
+
+
 def act(action: str, reviewer: str, entry=None, choice=None) -> None:
     """Button callback: one relabel / undo row (its own short transaction), or a skip."""
     stack = st.session_state.setdefault("review_undo", [])
@@ -114,7 +120,7 @@ def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
     view = view_ui()
     try:
         heat = heatmap(entry.run_ref, path, sha, state.threshold) if show else None
-        st.image(review.render_view(review.view_pixels(path), heat=heat, **view), width="stretch")
+        st.image(review.render_view(pixels(path, sha), heat=heat, **view), width="stretch")
     except CxrError as exc:
         st.error(str(exc))
 

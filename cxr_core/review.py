@@ -50,7 +50,6 @@ QUEUES = {
 }
 SUBTYPES = ("bacteria", "virus")
 VIEW_SIZE = 1024  # decode full-resolution films at about this many pixels a side for viewing
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
 def format_label(label: str, subtype: str | None) -> str:
@@ -567,11 +566,13 @@ def render_view(image: np.ndarray, *, level: float = 128.0, window: float = 256.
 
 
 def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
-    """The .keras file behind a model reference, if one exists on disk."""
+    """The .keras file behind a model reference, if one exists on disk (model_store's layout)."""
+    from cxr_core.model_store import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, RUN_MODEL_NAME
+
     if ref == "default":
-        path = DEFAULT_MODEL_DIR / "model.keras"
+        path = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
     elif ref and ref.startswith("run:"):
-        path = Path(artifact_dir) / "best.keras" if artifact_dir else None
+        path = Path(artifact_dir) / RUN_MODEL_NAME if artifact_dir else None
     else:
         path = Path(ref) if ref else None
     return path if path is not None and path.is_file() else None
@@ -598,11 +599,9 @@ def load_explainer(ref: str) -> Any:
     Raises:
         ModelError: the model cannot be loaded.
     """
-    from cxr_core.model_store import load_model_ref
-    from cxr_core.saliency import SaliencyExplainer
+    from cxr_core.predict import load_model, make_explainer
 
-    loaded = load_model_ref(ref)
-    return SaliencyExplainer(loaded.model, layer=loaded.saliency_layer)
+    return make_explainer(load_model(ref))
 
 
 def view_pixels(path: str | Path) -> np.ndarray:
