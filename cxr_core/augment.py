@@ -29,6 +29,10 @@ _FILL_MODES = ("constant", "nearest", "reflect", "wrap")
 _SEED_STRIDE = 7919
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """What augmentation a run (or the preview) applies. All ranges are symmetric.
@@ -62,6 +66,7 @@ class AugmentConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not 0.0 <= self.rotation <= 180.0:
             raise ConfigError(f"rotation must be in [0, 180]. Received: rotation={self.rotation}")
         for name in ("zoom", "width_shift", "height_shift", "contrast"):
@@ -76,9 +81,21 @@ class AugmentConfig:
         if not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool):
             raise ConfigError(f"seed must be an integer. Received: seed={self.seed!r}")
 
+    def _check_types(self) -> None:
+        """Wrong JSON types (e.g. ``"rotation": "lots"``) name the field, not a TypeError."""
+        for name in ("hflip", "vflip", "one_of"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ConfigError(f"{name} must be true or false. "
+                                  f"Received: {name}={getattr(self, name)!r}")
+        for name in ("rotation", "zoom", "width_shift", "height_shift", "contrast"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a number. "
+                                  f"Received: {name}={getattr(self, name)!r}")
+
     def _check_brightness(self) -> None:
         value = self.brightness
-        if len(value) != 2 or not 0.0 < value[0] <= value[1]:
+        if (not isinstance(value, (tuple, list)) or len(value) != 2
+                or not all(_is_number(v) for v in value) or not 0.0 < value[0] <= value[1]):
             raise ConfigError(
                 "brightness must be a (lo, hi) factor range with 0 < lo <= hi. "
                 f"Received: brightness={value}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zipfile
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -182,8 +184,13 @@ def _class_files(class_dir: Path, prefix: str, split: str) -> list[FileEntry]:
     """Image files under a class folder (recursively), with their stat from the walk."""
     out: list[FileEntry] = []
     stack = [(str(class_dir), prefix)]
+    seen: set[str] = set()  # real paths walked: a symlink back up the tree is not a loop
     while stack:
         folder, rel = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
         with os.scandir(folder) as it:
             entries = sorted(it, key=lambda e: e.name)
         for e in entries:
@@ -242,23 +249,39 @@ def discover(path: str | Path) -> Layout:
 
 
 def _discover_npz(path: Path) -> Layout:
+    if not zipfile.is_zipfile(path):  # empty, truncated, or not made by np.savez
+        raise DatasetError(f"cannot read .npz file {path}: not a NumPy .npz archive (expected "
+                           f"PneumoniaMNIST arrays train_images/train_labels saved by np.savez)")
     try:
         with np.load(path) as data:
             keys = set(data.files)
-            sizes = {s: int(data[f"{s}_labels"].shape[0]) for s in SPLIT_NAMES
-                     if f"{s}_images" in keys and f"{s}_labels" in keys}
-    except (OSError, ValueError) as exc:
+            labels = {s: _npz_labels(path, s, data[f"{s}_images"].shape, data[f"{s}_labels"])
+                      for s in SPLIT_NAMES if f"{s}_images" in keys and f"{s}_labels" in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise DatasetError(f"cannot read .npz file {path}: {exc}") from exc
-    if not sizes:
+    if not labels:
         raise DatasetError(f"{path.name}: expected keys like train_images/train_labels "
                            f"(PneumoniaMNIST). Received keys: {sorted(keys)}")
-    entries = []
-    with np.load(path) as data:
-        for split, n in sizes.items():
-            labels = np.asarray(data[f"{split}_labels"]).reshape(-1)
-            entries.extend(FileEntry(f"npz:{split}:{i}", split, NPZ_CLASSES[int(lab)])
-                           for i, lab in enumerate(labels))
+    entries = [FileEntry(f"npz:{split}:{i}", split, NPZ_CLASSES[lab])
+               for split, labs in labels.items() for i, lab in enumerate(labs)]
     return Layout("npz", path, NPZ_CLASSES, tuple(entries))
+
+
+def _npz_labels(path: Path, split: str, image_shape: tuple, raw: np.ndarray) -> list[int]:
+    """A split's labels, checked against its images: (N, H, W[, C]) and N labels in {0, 1}."""
+    if len(image_shape) not in (3, 4):
+        raise DatasetError(f"{path.name}: {split}_images must be (N, H, W) or (N, H, W, C). "
+                           f"Received: shape {image_shape}")
+    labels = np.asarray(raw).reshape(-1)
+    if labels.shape[0] != image_shape[0]:
+        raise DatasetError(f"{path.name}: {split}_labels has {labels.shape[0]} labels for "
+                           f"{image_shape[0]} images in {split}_images")
+    if labels.size and (not np.issubdtype(labels.dtype, np.number)
+                        or not np.isin(labels, range(len(NPZ_CLASSES))).all()):
+        bad = [v for v in labels.tolist() if v not in range(len(NPZ_CLASSES))][:5]
+        raise DatasetError(f"{path.name}: {split}_labels must be 0 (normal) or 1 (pneumonia). "
+                           f"Received: {bad}")
+    return [int(v) for v in labels]
 
 
 # -- Header scan ----------------------------------------------------------------------------

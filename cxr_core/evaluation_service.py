@@ -401,6 +401,9 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
     where, split = _split_of(str(data), split)
     info, records = open_dataset(db, where)
     usable = [r for r in records if not r.error and (split is None or r.split == split)]
+    if not usable and split is None:  # "for split None" said nothing
+        raise DatasetError(f"no readable images in {info.name!r} ({info.root}): all "
+                           f"{len(records)} files are unreadable")
     if not usable:
         splits = sorted({r.split or '""' for r in records})
         raise DatasetError(f"no readable images in {info.name!r} for split {split!r}. "

@@ -94,6 +94,8 @@ def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     except UnidentifiedImageError as exc:
         raise ImageLoadError(
             f"{path.name}: not a readable image (expected JPEG, PNG, BMP, TIFF or DICOM)") from exc
+    except Image.DecompressionBombError as exc:  # PIL refuses > 2x its own limit at open
+        raise ImageLoadError(f"{path.name}: image too large to decode safely ({exc})") from exc
     except OSError as exc:
         raise ImageLoadError(f"{path.name}: cannot read image header ({exc})") from exc
     if width * height > max_pixels:
@@ -157,7 +159,7 @@ def _to_8bit(img: Image.Image, label: str) -> Image.Image:
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        return Image.fromarray(_window_to_uint8(arr), mode="L")
+        return Image.fromarray(_window_to_uint8(arr, label=label), mode="L")
     if img.mode in ("1", "P", "LA", "PA"):
         converted = img.convert("RGBA" if img.mode in ("P", "PA") else "L")
         return converted.convert("L") if converted.mode != "RGBA" else converted.convert("RGB")
@@ -166,11 +168,12 @@ def _to_8bit(img: Image.Image, label: str) -> Image.Image:
     raise ImageLoadError(f"{label}: unsupported image mode {img.mode!r}")
 
 
-def _window_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+def _window_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None, *,
+                     label: str = "image") -> np.ndarray:
     lo = float(np.min(arr)) if lo is None else lo
     hi = float(np.max(arr)) if hi is None else hi
     if not np.isfinite(lo) or not np.isfinite(hi):
-        raise ImageLoadError("image holds non-finite pixel values")
+        raise ImageLoadError(f"{label}: holds non-finite pixel values (NaN or infinity)")
     if hi <= lo:
         return np.zeros(arr.shape, dtype=np.uint8)
     scaled = (arr - lo) * (255.0 / (hi - lo))
@@ -200,7 +203,7 @@ def _load_dicom(data: bytes, label: str) -> Image.Image:
     if arr.ndim == 3:
         return Image.fromarray(arr[..., :3].astype(np.uint8), mode="RGB")
     arr = apply_voi_lut(arr, ds).astype(np.float64)
-    out = _window_to_uint8(arr)
+    out = _window_to_uint8(arr, label=label)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: high values are dark
     return Image.fromarray(out, mode="L")

@@ -123,12 +123,25 @@ def open_dataset(db: Database, name_or_path: str | int) -> tuple[store.DatasetIn
             info = next((d for d in store.list_datasets(session=s) if d.root == root), None)
     if info is None:
         if isinstance(name_or_path, str) and Path(name_or_path).expanduser().exists():
-            rep = index_dataset(db, name_or_path)
+            rep = index_dataset(db, name_or_path, name=_free_name(db, name_or_path))
             return open_dataset(db, rep.dataset_id)
-        raise DatasetError(f"no dataset named {name_or_path!r}; index it first "
-                           f"(python -m cxr_core index PATH)")
+        raise DatasetError(f"no dataset named {name_or_path!r} and no folder or .npz file at "
+                           f"that path; index it first (python -m cxr_core index PATH)")
     with db.session() as s:
         return info, store.list_images(session=s, dataset_id=info.id)
+
+
+def _free_name(db: Database, path: str | Path) -> str:
+    """The default name of a path, suffixed -2, -3, ... when another folder already has it
+    (a path given to evaluate or train has no --name to choose one)."""
+    base = default_name(path)
+    with db.session() as s:
+        taken = {d.name for d in store.list_datasets(session=s)}
+    n = 2
+    name = base
+    while name in taken:
+        name, n = f"{base}-{n}", n + 1
+    return name
 
 
 def register_env_datasets(db: Database, progress: Progress | None = None) -> list[IndexReport | str]:

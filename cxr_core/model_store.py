@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,9 @@ def _with_threshold(loaded: LoadedModel, threshold: float, source: str) -> Loade
 def _assemble(ref: str, path: Path, card: dict, run_id: int | None = None) -> LoadedModel:
     from cxr_core import models as registry
 
+    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
+        raise ModelError(f"{path}: not a Keras model file (a .keras file is a zip archive saved "
+                         f"by model.save; an .h5 or other file renamed .keras is not one)")
     model = registry.load_model(path)
     n_out = int(model.output_shape[-1])
     labels, scheme = _labels(card, n_out, path)
@@ -186,11 +190,14 @@ def _assemble(ref: str, path: Path, card: dict, run_id: int | None = None) -> Lo
         raise ModelError(f"{path}: expected a square image input (None, S, S, C). "
                          f"Received: input shape {shape}")
     size, channels = int(shape[1]), int(shape[3])
+    if channels not in (1, 3):
+        raise ModelError(f"{path}: expected a grayscale (1) or RGB (3) image input. "
+                         f"Received: input shape {shape}")
     if card.get("image_size") not in (None, size) or card.get("channels") not in (None, channels):
         raise ModelError(f"{path}: model card says image_size={card.get('image_size')}, "
                          f"channels={card.get('channels')} but the model takes "
                          f"{size}x{size}x{channels}")
-    threshold, source = _card_threshold(card, len(labels))
+    threshold, source = _card_threshold(card, len(labels), path.parent / CARD_NAME)
     saliency = card.get("saliency_layer") or _saliency_layer(model)
     return LoadedModel(ref, model, labels, scheme, size, channels, threshold, source, saliency,
                        card, run_id)
@@ -199,6 +206,9 @@ def _assemble(ref: str, path: Path, card: dict, run_id: int | None = None) -> Lo
 def _labels(card: dict, n_out: int, path: Path) -> tuple[tuple[str, ...], str]:
     """Class names from the card, else inferred from the output width."""
     labels = card.get("labels")
+    if labels and not isinstance(labels, (list, tuple)):
+        raise ModelError(f"{path}: model card \"labels\" must be a list of class names. "
+                         f"Received: labels={labels!r}")
     if labels:
         labels = tuple(str(v) for v in labels)
         width = 2 if n_out == 1 else n_out
@@ -223,15 +233,17 @@ def _guess_scheme(labels: tuple[str, ...]) -> str:
     return "folders"
 
 
-def _card_threshold(card: dict, n_classes: int) -> tuple[float | None, str]:
+def _card_threshold(card: dict, n_classes: int, card_path: Path) -> tuple[float | None, str]:
     if n_classes != 2:
         return None, "argmax"
     op = card.get("operating_point") or {}
     value = op.get("threshold") if isinstance(op, dict) else None
     if value is None:
         return 0.5, NO_THRESHOLD
-    if not 0.0 <= float(value) <= 1.0:
-        raise ModelError(f"model card threshold must be in [0, 1]. Received: threshold={value}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not 0.0 <= float(value) <= 1.0:
+        raise ModelError(f"{card_path}: model card threshold must be in [0, 1]. "
+                         f"Received: threshold={value!r}")
     return float(value), "model card"
 
 

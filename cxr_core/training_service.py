@@ -13,7 +13,7 @@ from typing import Any
 
 from cxr_core import presets, worker
 from cxr_core.augment import PRESETS
-from cxr_core.errors import ConfigError
+from cxr_core.errors import ConfigError, DatasetError
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import datasets as dataset_store
 from cxr_core.storage import runs as store
@@ -48,17 +48,24 @@ def resolve_dataset(db: Database, dataset: str, base_dir: str | Path | None = No
 
     A relative path is tried against the current folder, then ``base_dir`` (the config
     file's folder).
+
+    Raises:
+        DatasetError: neither an indexed dataset (by name or folder) nor an existing path, so
+            the run is refused before it is queued instead of failing in the worker.
     """
     with db.session() as s:
         if dataset_store.get_dataset(session=s, name_or_id=dataset) is not None:
             return dataset
+        roots = {d.root for d in dataset_store.list_datasets(session=s)}
     for base in (Path.cwd(), Path(base_dir) if base_dir else None):
         if base is None:
             continue
         path = (base / Path(dataset).expanduser())
-        if path.exists():
+        if path.exists() or str(path.resolve()) in roots:
             return str(path.resolve())
-    return dataset  # open_dataset reports the unknown name with its hint
+    raise DatasetError(f"dataset {dataset!r} is neither an indexed dataset's name nor an existing "
+                       f"folder or .npz file; index it first (python -m cxr_core index PATH) or "
+                       f"fix the path. Received: dataset={dataset!r}")
 
 
 def make_config(db: Database, data: Mapping[str, Any],
@@ -88,7 +95,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(p.read_text())
     except FileNotFoundError as exc:
         raise ConfigError(f"run config file not found. Received: {p}") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested
         raise ConfigError(f"cannot read run config {p}: expected a JSON object ({exc})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"run config {p} must be a JSON object. Received: {type(data).__name__}")

@@ -21,17 +21,22 @@ from cxr_core.storage import reviews as store
 N_PROCS, N_EACH = 4, 250
 
 
-def _worker(home: str, dataset_id: int, reviewer: str, start, out) -> None:
-    """One reviewer process: its own engine (open_db), one short transaction per relabel."""
+def _worker(home: str, dataset_id: int, reviewer: str, start, out,
+            ids: list[int] | None = None, n_each: int = N_EACH) -> None:
+    """One reviewer process: its own engine (open_db), one short transaction per relabel.
+
+    It relabels ``ids`` (default: every image of the dataset) in turn, ``n_each`` times in all.
+    """
     os.environ["CXR_HOME"] = home
     os.environ.pop("CXR_DB_URL", None)
     db = open_db()
-    with db.session() as s:
-        ids = sorted(store.original_labels(session=s, dataset_id=dataset_id))
+    if ids is None:
+        with db.session() as s:
+            ids = sorted(store.original_labels(session=s, dataset_id=dataset_id))
     choices = [review.LabelChoice("NORMAL", None), review.LabelChoice("PNEUMONIA", "virus")]
     start.wait()  # all processes write at the same time
     written, errors = [], []
-    for n in range(N_EACH):
+    for n in range(n_each):
         try:
             written.append(review.submit_relabel(db, image_id=ids[n % len(ids)],
                                                  choice=choices[n % 2], reviewer=reviewer,

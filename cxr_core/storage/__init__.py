@@ -59,6 +59,20 @@ def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
+def lock_for_write(session: Session) -> None:
+    """On SQLite, take the write lock now (``BEGIN IMMEDIATE``) unless a transaction is open.
+
+    pysqlite starts a transaction only at the first INSERT/UPDATE, so the reads a write depends
+    on (a relabel's "old label") would run before it, outside any transaction: another process
+    could commit in between and the row would record a stale value. Holding the lock from the
+    first read makes read-then-write atomic; the busy timeout makes other writers wait. Other
+    databases keep their own isolation level.
+    """
+    conn = session.connection()
+    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def open_db(settings: Settings | None = None, *, url: str | None = None) -> Database:
     """Open (and migrate to the newest schema) the configured database.
 

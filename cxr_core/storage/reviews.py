@@ -23,6 +23,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import ConfigError
+from cxr_core.storage import lock_for_write
 from db.models import (Evaluation, EvalPrediction, ImageRow, OperatingPoint, Relabel, ReviewItem,
                        Run)
 
@@ -348,6 +349,7 @@ def _append(session: Session, image_id: int | None, upload_sha256: str | None, n
     reviewer = _check_reviewer(reviewer)
     if not (new_label or "").strip():
         raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
+    lock_for_write(session)  # the old label read below must still be current at the INSERT
     old_label, old_subtype = _target_label(session, image_id, upload_sha256)
     row = Relabel(image_id=image_id, upload_sha256=upload_sha256, old_label=old_label,
                   old_subtype=old_subtype, new_label=new_label.strip(),
@@ -373,6 +375,7 @@ def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str 
         ConfigError: the row does not exist, is itself an undo, or was already undone.
     """
     reviewer = _check_reviewer(reviewer)
+    lock_for_write(session)  # "already undone?" and the labels read below stay true until INSERT
     target = session.get(Relabel, relabel_id)
     if target is None:
         raise ConfigError(f"relabel_id must name a relabel. Received: relabel_id={relabel_id}")
