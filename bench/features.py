@@ -20,7 +20,6 @@ Run: ``python -m bench.features [SHARED_DATA]`` or ``python -m cxr_core bench fe
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 import time
@@ -28,22 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import default_shared_data, real_slice
 from cxr_core import models, training
 
-CLASSES = ("NORMAL", "PNEUMONIA")
 MODEL, SIZE, BATCH = "mobilenetv2", 96, 32
-
-
-def _data(shared_data: Path, per_class: int) -> training.TrainData:
-    files = []
-    for cls in CLASSES:
-        found = sorted((Path(shared_data) / "chest_xray_224" / "train" / cls).glob("*.jpeg"))
-        files += found[::max(1, len(found) // per_class)][:per_class]
-    labels = np.array([CLASSES.index(f.parent.name) for f in files])
-    is_val = np.arange(len(files)) % 5 == 0
-    return training.TrainData("bench:features", CLASSES, tuple([None] * len(files)),
-                              tuple(str(f) for f in files), tuple(f.name for f in files),
-                              labels, is_val)
 
 
 def _timed(cfg: training.TrainConfig, data: training.TrainData, run_dir: Path,
@@ -64,7 +51,7 @@ def run(shared_data: Path, *, epochs: int = 5, per_class: int = 200) -> dict:
     Returns:
         ``{"bench": "features", "baseline": {...}, "ours": {...}, "ratio": x, ...}``.
     """
-    data = _data(shared_data, per_class)
+    data = real_slice(shared_data, per_class, "bench:features")
     with tempfile.TemporaryDirectory(prefix="cxr-bench-features-") as tmp:
         root = Path(tmp)
         weights = root / "backbone.keras"
@@ -96,6 +83,4 @@ def run(shared_data: Path, *, epochs: int = 5, per_class: int = 200) -> dict:
 
 
 if __name__ == "__main__":
-    default = (os.environ.get("CXR_SHARED_DATA")
-               or Path(__file__).resolve().parents[2] / "shared" / "data")
-    print(json.dumps(run(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(default))))
+    print(json.dumps(run(Path(sys.argv[1]) if len(sys.argv) > 1 else default_shared_data())))

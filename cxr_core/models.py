@@ -281,6 +281,13 @@ CUSTOM_OBJECTS: dict[str, type] = {"RgbToBgr": RgbToBgr}
 # ----------------------------------------------------------------------------------------------
 
 
+# Keras' default 0.99 leaves a third of the initial variance (1.0) in the moving statistics
+# after ~100 steps, which is a whole run on PneumoniaMNIST (37 steps an epoch): inference then
+# saw mis-scaled activations and every prediction saturated near 1. 0.9 (PyTorch's 0.1)
+# forgets the initial value within an epoch.
+BN_MOMENTUM = 0.9
+
+
 def _plain_blocks(x, filters: Sequence[int]):
     """Conv-ReLU-MaxPool blocks (the 5-conv custom CNN and CNN_1)."""
     for i, f in enumerate(filters, start=1):
@@ -294,10 +301,37 @@ def _bn_blocks(x, filters: Sequence[int], dropouts: Sequence[float]):
     for i, (f, rate) in enumerate(zip(filters, dropouts), start=1):
         # No conv bias: the BatchNorm beta right after it does the same job.
         x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False, name=f"block{i}_conv")(x)
-        x = keras.layers.BatchNormalization(name=f"block{i}_bn")(x)
+        x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"block{i}_bn")(x)
         x = keras.layers.Activation("relu", name=f"block{i}_relu")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
         x = keras.layers.Dropout(rate, name=f"block{i}_dropout")(x)
+    return x, None
+
+
+def _strided_bn(x, stem: int, filters: Sequence[int], convs: int = 1, reduce: bool = True):
+    """A stem, then Conv-BN-ReLU blocks with max pooling between them (the recipes' networks).
+
+    With ``reduce`` the stem is a stride-2 5x5 convolution and a max pool, so a 224 px film
+    costs about what a 56 px one does in the blocks while the stem still sees full detail;
+    without it (28 px inputs) the stem is a plain 3x3 convolution. No dropout sits between
+    the BatchNorm layers: dropout before BatchNorm shifts the variance between training and
+    inference (Li et al., CVPR 2019), which saturated the reports' small CNNs in our runs.
+    """
+    L = keras.layers
+    x = L.Conv2D(stem, 5 if reduce else 3, strides=2 if reduce else 1, padding="same",
+                 use_bias=False, name="stem_conv")(x)
+    x = L.BatchNormalization(momentum=BN_MOMENTUM, name="stem_bn")(x)
+    x = L.Activation("relu", name="stem_relu")(x)
+    if reduce:
+        x = L.MaxPooling2D(2, name="stem_pool")(x)
+    for i, f in enumerate(filters, start=1):
+        for j in range(1, convs + 1):
+            tag = f"block{i}" if convs == 1 else f"block{i}_{j}"
+            x = L.Conv2D(f, 3, padding="same", use_bias=False, name=f"{tag}_conv")(x)
+            x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"{tag}_bn")(x)
+            x = L.Activation("relu", name=f"{tag}_relu")(x)
+        if i < len(filters):
+            x = L.MaxPooling2D(2, name=f"block{i}_pool")(x)
     return x, None
 
 
@@ -356,8 +390,9 @@ def _custom(name: str, description: str, size: int, min_size: int, saliency: str
             backbone: BackboneFn, **kwargs: Any) -> ModelSpec:
     kwargs.setdefault("preprocessing", "unit")
     kwargs.setdefault("rgb", False)
+    kwargs.setdefault("head_pool", "flatten")
     return ModelSpec(name=name, description=description, default_size=size, min_size=min_size,
-                     saliency_layer=saliency, backbone=backbone, head_pool="flatten", **kwargs)
+                     saliency_layer=saliency, backbone=backbone, **kwargs)
 
 
 def _app(name: str, function: str, description: str, preprocessing: PreprocessMode,
@@ -378,6 +413,14 @@ _VGG16_FILE = _notop("vgg16", "vgg16", "6d6bbae143d832006294945121d1f1fc")
 
 # File names, URLs and hashes as in keras/src/applications/*.py (Keras 3.15).
 _SPECS: tuple[ModelSpec, ...] = (
+    _custom("cxrnet_224", "Strided-stem BatchNorm CNN (24-256 filters), 224 px; the default "
+            "recipe's network", 224, 16, "block4_relu",
+            lambda x: _strided_bn(x, 24, (32, 64, 128, 256)), head_pool="avg",
+            head_dropout=(0.3,)),
+    _custom("cxrnet_28", "BatchNorm CNN (32-128 filters) for 28 px PneumoniaMNIST; the mnist28 "
+            "recipe's network", 28, 8, "block3_relu",
+            lambda x: _strided_bn(x, 32, (64, 128, 128), reduce=False), head_pool="avg",
+            head_dropout=(0.3,)),
     _custom("custom5_224", "5-conv custom CNN (16-256 filters), 224 px", 224, 32, "block5_conv",
             lambda x: _plain_blocks(x, (16, 32, 64, 128, 256)),
             head_units=(256,), head_dropout=(0.5,)),

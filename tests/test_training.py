@@ -108,6 +108,17 @@ def test_from_dict_merges_recipe_defaults_and_round_trips():
     assert TrainConfig.from_dict({"dataset": "d"}).recipe == training.DEFAULT_RECIPE
 
 
+@pytest.mark.parametrize("recipe", ["default224", "cpu128", "mnist28"])
+def test_binary_recipes_monitor_val_auc_and_fall_back_to_val_loss_for_three_classes(recipe):
+    assert TrainConfig.from_dict({"recipe": recipe, "dataset": "d"}).monitor == "val_auc"
+    three = TrainConfig.from_dict({"recipe": recipe, "dataset": "d",
+                                   "label_scheme": "three_class"})
+    assert three.monitor == "val_loss"
+    with pytest.raises(ConfigError, match="monitor='val_auc'"):
+        TrainConfig.from_dict({"recipe": recipe, "dataset": "d", "label_scheme": "three_class",
+                               "monitor": "val_auc"})
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_every_recipe_is_a_valid_config(recipe):
     c = TrainConfig.from_dict({"recipe": recipe, "dataset": "d"})

@@ -1,0 +1,121 @@
+"""Runs every benchmark (each in its own process) and writes ``docs/benchmarks.md``.
+
+Run: ``python -m bench.report [--only NAME ...] [--out docs/benchmarks.md]``. Each bench's JSON
+is kept verbatim in the page, with the machine it ran on and how busy it was.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+NAMES = ("index", "pipeline", "features", "predict", "training")
+WHAT = {
+    "index": "re-open of the indexed train split vs its first scan",
+    "pipeline": "decode-once tf.data cache vs `image_dataset_from_directory`, full-res films",
+    "features": "frozen-backbone epochs on cached features vs recomputing the backbone",
+    "predict": "warm model + Grad-CAM vs loading the model per request",
+    "training": "default224 training throughput, mixed precision vs float32 (GPU only)",
+}
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kb = int(next(line.split()[1] for line in Path("/proc/meminfo").read_text()
+                          .splitlines() if line.startswith("MemTotal")))
+        memory = f"{mem_kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        memory = "unknown"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory,
+            "gpus": [tf.config.experimental.get_device_details(g).get("device_name", g.name)
+                     for g in gpus],
+            "python": platform.python_version(), "tensorflow": tf.__version__,
+            "load_1min_at_start": round(load, 2)}
+
+
+def run_bench(name: str, data: str | None) -> dict:
+    cmd = [sys.executable, "-m", "cxr_core", "bench", name, "--json"]
+    if data:
+        cmd += ["--data", data]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"bench": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(result: dict) -> str:
+    if "error" in result:
+        return f"error: {result['error']}"
+    if result.get("ratio") is None:
+        return f"— ({result.get('skipped', 'not measured')})"
+    extra = f"; per epoch {result['epoch_ratio']}×" if "epoch_ratio" in result else ""
+    return f"**{result['ratio']}×**{extra}"
+
+
+def render(results: list[dict], info: dict, when: str) -> str:
+    gpus = ", ".join(info["gpus"]) or "none"
+    lines = [
+        "# Benchmarks",
+        "",
+        "Each benchmark prints a ratio against a baseline measured in the same run "
+        "(`python -m cxr_core bench NAME --json`). This page is written by "
+        "`python -m bench.report`; the numbers below are its latest run.",
+        "",
+        f"- measured: {when}",
+        f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {gpus}",
+        f"- software: Python {info['python']}, TensorFlow {info['tensorflow']}",
+        f"- 1-minute load average when it started: {info['load_1min_at_start']} "
+        "(other work on the same cores lowers the ratios of the CPU-bound benches)",
+        "",
+        "| bench | what is compared | ratio |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{r['bench']}` | {WHAT.get(r['bench'], '')} | {_ratio(r)} |" for r in results]
+    lines += ["", "## Raw results", ""]
+    for r in results:
+        lines += [f"### {r['bench']}", "", "```json", json.dumps(r, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES))
+    parser.add_argument("--data", default=None, help="the shared data folder")
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args(argv)
+    info = machine()
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    results = []
+    for name in args.only:
+        print(f"bench {name} ...", file=sys.stderr, flush=True)
+        results.append(run_bench(name, args.data))
+        print(json.dumps(results[-1]), flush=True)
+    Path(args.out).write_text(render(results, info, when) + "\n")
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

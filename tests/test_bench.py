@@ -1,0 +1,61 @@
+"""The benchmarks' result shape on tiny real slices (correctness only; timings are not tested)."""
+from __future__ import annotations
+
+import pytest
+
+from bench import common
+from bench import training as bench_training
+
+
+def test_real_slice_is_balanced_real_films(shared_data):
+    data = common.real_slice(shared_data, 6, "t")
+    assert list(data.labels).count(0) == list(data.labels).count(1) == 6
+    assert int(data.is_val.sum()) == 3  # every 5th of 12
+    assert all(p.endswith(".jpeg") and "/chest_xray_224/train/" in p for p in data.paths)
+
+
+def test_real_slice_missing_data_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="chest_xray_224/train/NORMAL"):
+        common.real_slice(tmp_path, 2, "t")
+
+
+def test_training_bench_on_cpu_measures_fp32_and_says_why_mixed_is_skipped(shared_data):
+    out = bench_training.run(shared_data, per_class=5, epochs=2, batch_size=4)
+    assert out["bench"] == "training" and out["recipe"] == "default224"
+    assert out["gpus"] == 0 and out["device"] == "CPU only"
+    base = out["baseline"]
+    assert base["precision"] == "float32" and base["images_per_s"] > 0
+    assert base["image_size"] == 224 and len(base["epoch_images_per_s"]) == 2
+    assert out["ours"] is None and out["ratio"] is None and "no GPU" in out["skipped"]
+    assert out["train_images"] + out["val_images"] == 10
+
+
+@pytest.mark.slow
+def test_training_bench_mixed_side_runs_and_ratio_is_ours_over_baseline(shared_data):
+    out = bench_training.run(shared_data, per_class=4, epochs=2, batch_size=4, cpu_mixed=True)
+    assert out["ours"]["precision"] == "mixed_float16"
+    assert out["ratio"] == round(out["ours"]["images_per_s"] / out["baseline"]["images_per_s"], 2)
+    assert "skipped" not in out
+
+
+def test_training_bench_needs_two_epochs(shared_data):
+    with pytest.raises(ValueError, match="at least 2"):
+        bench_training.run(shared_data, epochs=1)
+
+
+def test_report_renders_ratios_skips_and_errors():
+    from bench import report
+
+    info = {"cpu": "Test CPU", "cores": 2, "memory": "24 GiB", "gpus": [], "python": "3.11",
+            "tensorflow": "2.x", "load_1min_at_start": 0.5}
+    page = report.render([
+        {"bench": "index", "ratio": 114.0, "baseline": {}, "ours": {}},
+        {"bench": "features", "ratio": 1.43, "epoch_ratio": 19.8},
+        {"bench": "training", "ratio": None, "skipped": "no GPU: reason"},
+        {"bench": "predict", "error": "boom"},
+    ], info, "2026-11-23 00:00 UTC")
+    assert "Test CPU, 2 cores, 24 GiB RAM, GPU: none" in page
+    assert "| `index` |" in page and "**114.0×**" in page
+    assert "**1.43×**; per epoch 19.8×" in page
+    assert "— (no GPU: reason)" in page and "error: boom" in page
+    assert page.count("```json") == 4
