@@ -36,3 +36,55 @@ def test_migrate_index_and_reopen_on_postgres(pg_url, tiny_dataset, cxr_home):
     assert len(recs) == 18 and all(r.sha256 and r.width == 32 for r in recs)
     assert {r.patient for r in recs} >= {"person1", "0001", "NORMAL2-0003"}
     db.engine.dispose()
+
+
+def test_four_concurrent_reviewers_keep_the_old_label_chain_on_postgres(pg_url, tmp_path,
+                                                                         cxr_home, monkeypatch):
+    # READ COMMITTED alone let two writers read the same "current" label; the advisory lock
+    # in storage.lock_for_write makes every row's old label the one its predecessor set.
+    import multiprocessing as mp
+    import sys
+    import types
+    from collections import defaultdict
+
+    import numpy as np
+    from PIL import Image
+
+    import test_review_concurrency as rc
+    from cxr_core.storage import reviews as store
+
+    root = tmp_path / "ds" / "train" / "NORMAL"
+    root.mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((16, 16), k * 40, np.uint8)).save(root / f"IM-{k:04d}-0001.png")
+    db = open_db(url=pg_url)
+    dataset_id = index_dataset(db, tmp_path / "ds", name="pgconc").dataset_id
+    with db.session() as s:
+        originals = store.original_labels(session=s, dataset_id=dataset_id)
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    ctx = mp.get_context("spawn")
+    start, out = ctx.Barrier(5), ctx.Queue()
+    worker = rc._spawnable_worker(monkeypatch)
+    procs = [ctx.Process(target=worker, args=(str(cxr_home), dataset_id, f"r{i}", start, out,
+                                              sorted(originals), 60, pg_url))
+             for i in range(4)]
+    for p in procs:
+        p.start()
+    start.wait(timeout=180)
+    results = rc._collect(procs, out)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert [e for _, _, e in results if e] == []
+    with db.session() as s:
+        rows = store.list_relabels(session=s, dataset_id=dataset_id)
+    assert len(rows) == 240
+    chains = defaultdict(list)
+    for r in rows:  # list_relabels is in id order
+        chains[r.image_id].append(r)
+    for image_id, label in originals.items():
+        previous = label
+        for r in chains[image_id]:
+            assert (r.old_label, r.old_subtype) == previous, (image_id, r.id)
+            previous = (r.new_label, r.new_subtype)
+    db.engine.dispose()

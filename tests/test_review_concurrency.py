@@ -22,14 +22,15 @@ N_PROCS, N_EACH = 4, 250
 
 
 def _worker(home: str, dataset_id: int, reviewer: str, start, out,
-            ids: list[int] | None = None, n_each: int = N_EACH) -> None:
+            ids: list[int] | None = None, n_each: int = N_EACH, db_url: str | None = None) -> None:
     """One reviewer process: its own engine (open_db), one short transaction per relabel.
 
-    It relabels ``ids`` (default: every image of the dataset) in turn, ``n_each`` times in all.
+    It relabels ``ids`` (default: every image of the dataset) in turn, ``n_each`` times in all,
+    on ``db_url`` (default: the SQLite DB under ``home``).
     """
     os.environ["CXR_HOME"] = home
     os.environ.pop("CXR_DB_URL", None)
-    db = open_db()
+    db = open_db(url=db_url) if db_url else open_db()
     if ids is None:
         with db.session() as s:
             ids = sorted(store.original_labels(session=s, dataset_id=dataset_id))

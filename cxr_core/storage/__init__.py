@@ -59,18 +59,27 @@ def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
     raise AssertionError("unreachable")
 
 
-def lock_for_write(session: Session) -> None:
-    """On SQLite, take the write lock now (``BEGIN IMMEDIATE``) unless a transaction is open.
+_PG_WRITE_LOCK = 0x637872  # "cxr": the advisory lock key of read-then-write sections
 
+
+def lock_for_write(session: Session) -> None:
+    """Serialise a read-then-write section (a relabel reads the label it replaces).
+
+    SQLite: take the write lock now (``BEGIN IMMEDIATE``) unless a transaction is open.
     pysqlite starts a transaction only at the first INSERT/UPDATE, so the reads a write depends
-    on (a relabel's "old label") would run before it, outside any transaction: another process
-    could commit in between and the row would record a stale value. Holding the lock from the
-    first read makes read-then-write atomic; the busy timeout makes other writers wait. Other
-    databases keep their own isolation level.
+    on would run before it, outside any transaction: another process could commit in between
+    and the row would record a stale value. The busy timeout makes other writers wait.
+
+    PostgreSQL: READ COMMITTED lets two transactions read the same "current" label, so take a
+    transaction-scoped advisory lock (released at commit or rollback). Ids are then also
+    drawn from the sequence in commit order, which the "labels as of relabel id" replay needs.
     """
     conn = session.connection()
-    if conn.dialect.name == "sqlite" and not conn.connection.dbapi_connection.in_transaction:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    if conn.dialect.name == "sqlite":
+        if not conn.connection.dbapi_connection.in_transaction:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_WRITE_LOCK})")
 
 
 def open_db(settings: Settings | None = None, *, url: str | None = None) -> Database:
