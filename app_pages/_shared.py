@@ -138,26 +138,35 @@ def add_dataset_ui(key: str = "add_ds") -> None:
         st.session_state[f"{key}_job"] = f"index:{path.strip()}"
     job_key = st.session_state.get(f"{key}_job")
     if job_key:
-        _index_job_status(job_key)
+        _index_job_status(job_key, key)
+    index_report_ui(key)
 
 
 @st.fragment(run_every=0.5)
-def _index_job_status(job_key: str) -> None:
+def _index_job_status(job_key: str, key: str) -> None:
     job = get_job(job_key)
     if job is None:
         return
     show_job(job, "Scanning headers")
     if not job.running and job.result is not None:
-        rep = job.result
-        st.success(f"Indexed **{rep.dataset}**: {rep.summary['images']:,} images "
-                   f"({rep.scanned:,} read, {rep.unchanged:,} unchanged) in {rep.seconds:.1f} s")
-        for p in rep.problems[:10]:
-            st.warning(p)
-        if len(rep.problems) > 10:
-            st.warning(f"… and {len(rep.problems) - 10} more problems")
+        # Reported by index_report_ui after the app rerun: anything drawn here vanishes with it.
+        st.session_state[f"{key}_report"] = job.result
         load_records.clear()
-        st.session_state.pop("add_ds_job", None)
+        st.session_state.pop(f"{key}_job", None)
         st.rerun(scope="app")
+
+
+def index_report_ui(key: str = "add_ds") -> None:
+    """The result of the indexing job started by ``add_dataset_ui(key)``, shown once."""
+    rep = st.session_state.pop(f"{key}_report", None)
+    if rep is None:
+        return
+    st.success(f"Indexed **{rep.dataset}**: {rep.summary['images']:,} images "
+               f"({rep.scanned:,} read, {rep.unchanged:,} unchanged) in {rep.seconds:.1f} s")
+    for p in rep.problems[:10]:
+        st.warning(p)
+    if len(rep.problems) > 10:
+        st.warning(f"… and {len(rep.problems) - 10} more problems")
 
 
 def dataset_picker(key: str) -> store.DatasetInfo | None:

@@ -96,10 +96,12 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: s
         st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
                   help=f"The model predicts {entry.predicted}")
     st.text_area("Note (optional)", key="review_note", height=68)
-    for n, (col, choice) in enumerate(zip(st.columns(len(choices)), choices)):
-        col.button(choice.text, key=f"review_label_{n}", type="primary", width="stretch",
-                   shortcut=str(n + 1) if n < 9 else None, on_click=act,
-                   args=("label", reviewer, entry, choice))
+    # One button per row: side by side, "PNEUMONIA·bacteria" and "PNEUMONIA·virus" truncated
+    # to the same "PNEUMO…" in a 1400 px window.
+    for n, choice in enumerate(choices):
+        st.button(choice.text, key=f"review_label_{n}", type="primary", width="stretch",
+                  shortcut=str(n + 1) if n < 9 else None, on_click=act,
+                  args=("label", reviewer, entry, choice))
     c1, c2 = st.columns(2)
     c1.button("Skip", key="review_skip", shortcut="S", icon=":material/skip_next:",
               width="stretch", on_click=act, args=("skip", reviewer, entry))

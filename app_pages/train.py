@@ -79,8 +79,17 @@ def start_ui(dataset: str) -> None:
         st.error(str(exc))
     else:
         st.session_state["train_detail_run"] = run_id
-        st.session_state["train_plot_runs"] = [run_id, *st.session_state.get("train_plot_runs", [])]
+        # A new widget key with this default, not a value written to the widget's key: the live
+        # fragment can redraw the widget before the browser applied such a value, and the
+        # browser then sends back its old (empty) selection for good.
+        st.session_state["train_plot_default"] = [run_id, *st.session_state.get(_plot_key(), [])]
+        st.session_state["train_plot_gen"] = st.session_state.get("train_plot_gen", 0) + 1
         st.success(f"Run {run_id} queued; worker process {pid} will train it.")
+
+
+def _plot_key() -> str:
+    """The "Runs to plot" widget's key: a new one each time this session starts a run."""
+    return f"train_plot_runs_{st.session_state.get('train_plot_gen', 0)}"
 
 
 def runs_table_ui(runs) -> None:
@@ -131,10 +140,10 @@ def live_ui() -> None:
         st.info("No run yet: start one above.")
         return
     runs_table_ui(list(runs.values()))
-    kept = st.session_state.get("train_plot_runs")  # a default would clash with it
-    default = [i for i, r in runs.items() if r.active][:4] or list(runs)[:3]
-    curves_ui(st.multiselect("Runs to plot", list(runs), key="train_plot_runs",
-                             default=None if kept is not None else default,
+    default = (st.session_state.get("train_plot_default")
+               or [i for i, r in runs.items() if r.active][:4] or list(runs)[:3])
+    curves_ui(st.multiselect("Runs to plot", list(runs), key=_plot_key(),
+                             default=[i for i in default if i in runs],
                              format_func=lambda i: runs[i].display_name))
     chosen = st.selectbox("Run details", list(runs), key="train_detail_run",
                           format_func=lambda i: f"#{i} {runs[i].display_name} ({runs[i].status})")

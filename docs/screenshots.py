@@ -1,72 +1,78 @@
-"""Regenerate the README screenshots with the real data (Playwright on Debian's Chromium).
+"""Regenerate the README screenshots from the browser tests' step screenshots.
 
-    .venv/bin/python docs/screenshots.py [SHARED_DATA]
+    .venv/bin/python docs/screenshots.py [--shared-data DIR] [--from-artifacts DIR]
 
-Starts the app on a temporary CXR_HOME with the Kermany train split registered, then visits
-Class balance, Augmentation and Predict (uploading one real film, Grad-CAM on) and saves PNGs
-under docs/screenshots/.
+Runs ``tests/e2e`` (Playwright on Debian's Chromium, the real full-resolution sample from
+``../shared/data``) with ``CXR_E2E_ARTIFACTS`` set to a temporary folder, then copies a few
+step screenshots into ``docs/screenshots/``: the top of each page, as a 256-colour PNG so
+that each file stays under about 300 KB. ``--from-artifacts test-artifacts/e2e`` reuses the
+screenshots of a test run instead of running the tests again.
 """
 from __future__ import annotations
 
+import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "screenshots"
+# step screenshot (tests/e2e/test_browser.py) -> (README picture, height kept in px)
+STEPS = {
+    "02_index_class_balance": ("class_balance.png", 950),
+    "03_augmentation_after": ("augmentation.png", 1200),
+    "04_train_curves": ("train.png", 1200),
+    "05_compare": ("compare.png", 1150),
+    "06_predict": ("predict.png", 1000),
+    "07_review_before": ("review.png", 1000),
+}
+MAX_BYTES = 300_000
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def save_small(src: Path, dst: Path, height: int) -> int:
+    """Crop to the top ``height`` px, store as a palette PNG; returns the size in bytes."""
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        im = im.crop((0, 0, im.width, min(im.height, height)))
+        im.quantize(256, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+    return dst.stat().st_size
 
 
-def main(shared: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
+def run_tests(artifacts: Path, shared: Path | None) -> None:
+    env = dict(os.environ, CXR_E2E_ARTIFACTS=str(artifacts), CXR_REQUIRE_BROWSER="1",
+               CXR_REQUIRE_DATA="1")
+    if shared is not None:
+        env["CXR_SHARED_DATA"] = str(shared.resolve())
+    subprocess.run([sys.executable, "-m", "pytest", "tests/e2e", "-x", "-q"], cwd=REPO,
+                   env=env, check=True)
 
-    port, home = _port(), tempfile.mkdtemp()
-    env = dict(os.environ, CXR_HOME=home, PYTHONPATH=str(REPO),
-               CXR_DATA_DIR=str(shared / "chest_xray_224" / "train"))
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py",
-                             "--server.port", str(port)], cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        OUT.mkdir(parents=True, exist_ok=True)
-        film = next((shared / "chest_xray_fullres_sample" / "train" / "PNEUMONIA").glob("*.jpeg"))
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(f"{url}/class_balance", wait_until="domcontentloaded")
-            expect(page.get_by_text("Images per split").first).to_be_visible(timeout=180_000)
-            time.sleep(3)
-            page.screenshot(path=str(OUT / "class_balance.png"))
-            page.goto(f"{url}/augmentation", wait_until="domcontentloaded")
-            expect(page.get_by_text("original").first).to_be_visible(timeout=120_000)
-            time.sleep(3)
-            page.screenshot(path=str(OUT / "augmentation.png"))
-            page.goto(f"{url}/predict", wait_until="domcontentloaded")
-            page.locator("input[type=file]").first.set_input_files(str(film), timeout=120_000)
-            expect(page.get_by_text("PNEUMONIA").first).to_be_visible(timeout=180_000)
-            time.sleep(8)
-            page.screenshot(path=str(OUT / "predict.png"))
-            browser.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+def copy_steps(artifacts: Path) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    for step, (name, height) in STEPS.items():
+        size = save_small(artifacts / f"{step}.png", OUT / name, height)
+        print(f"{(OUT / name).relative_to(REPO)}: {size / 1000:.0f} KB")
+        if size > MAX_BYTES:
+            print(f"warning: {name} is over {MAX_BYTES / 1000:.0f} KB", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared-data", type=Path, help="default: ../shared/data")
+    parser.add_argument("--from-artifacts", type=Path,
+                        help="step screenshots of an earlier run of tests/e2e")
+    args = parser.parse_args()
+    if args.from_artifacts is not None:
+        copy_steps(args.from_artifacts)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        run_tests(Path(tmp), args.shared_data)
+        copy_steps(Path(tmp))
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else REPO.parent / "shared" / "data"))
+    main()
