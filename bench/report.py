@@ -69,9 +69,16 @@ def _ratio(result: dict) -> str:
     if "error" in result:
         return f"error: {result['error']}"
     if result.get("ratio") is None:
-        return f"— ({result.get('skipped', 'not measured')})"
-    extra = f"; per epoch {result['epoch_ratio']}×" if "epoch_ratio" in result else ""
-    return f"**{result['ratio']}×**{extra}"
+        base = result.get("baseline") or {}
+        measured = (f"; float32 baseline {base['images_per_s']:g} img/s"
+                    if "images_per_s" in base else "")
+        return f"— ({result.get('skipped', 'not measured')}){measured}"
+    text = f"**{float(result['ratio']):.1f}×**"
+    if "epoch_ratio" in result:
+        text += f"; per epoch {float(result['epoch_ratio']):.1f}×"
+    if "target" in result:
+        text += f" (target ≥ {result['target']:g})"
+    return text
 
 
 def render(results: list[dict], info: dict, when: str) -> str:
@@ -104,9 +111,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES))
     parser.add_argument("--data", default=None, help="the shared data folder")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    parser.add_argument("--from-json", default=None,
+                        help="re-render saved results (one JSON object per line) instead")
     args = parser.parse_args(argv)
     info = machine()
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if args.from_json:
+        saved = Path(args.from_json).read_text().splitlines()
+        results = [json.loads(line) for line in saved if line.strip()]
+        Path(args.out).write_text(render(results, info, when) + "\n")
+        return 0
     results = []
     for name in args.only:
         print(f"bench {name} ...", file=sys.stderr, flush=True)

@@ -49,13 +49,15 @@ def test_report_renders_ratios_skips_and_errors():
     info = {"cpu": "Test CPU", "cores": 2, "memory": "24 GiB", "gpus": [], "python": "3.11",
             "tensorflow": "2.x", "load_1min_at_start": 0.5}
     page = report.render([
-        {"bench": "index", "ratio": 114.0, "baseline": {}, "ours": {}},
+        {"bench": "index", "ratio": 114.0, "baseline": {}, "ours": {}, "target": 50},
         {"bench": "features", "ratio": 1.43, "epoch_ratio": 19.8},
-        {"bench": "training", "ratio": None, "skipped": "no GPU: reason"},
+        {"bench": "training", "ratio": None, "skipped": "no GPU: reason",
+         "baseline": {"images_per_s": 57.5}},
+        {"bench": "pipeline", "ratio": 15.983010748133255},
         {"bench": "predict", "error": "boom"},
     ], info, "2026-11-23 00:00 UTC")
     assert "Test CPU, 2 cores, 24 GiB RAM, GPU: none" in page
-    assert "| `index` |" in page and "**114.0×**" in page
-    assert "**1.43×**; per epoch 19.8×" in page
-    assert "— (no GPU: reason)" in page and "error: boom" in page
-    assert page.count("```json") == 4
+    assert "| `index` |" in page and "**114.0×** (target ≥ 50)" in page
+    assert "**1.4×**; per epoch 19.8×" in page and "**16.0×**" in page
+    assert "— (no GPU: reason); float32 baseline 57.5 img/s" in page and "error: boom" in page
+    assert page.count("```json") == 5

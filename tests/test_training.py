@@ -222,3 +222,15 @@ def test_saved_augmentation_preset_is_resolved_into_the_run_config(cxr_home, tin
     assert cfg.augment_config() == AugmentConfig(rotation=7.0, hflip=True, seed=3)
     with pytest.raises(Exception, match="unknown augmentation preset"):
         make_config(db, {"recipe": "cpu128", "dataset": str(tiny_dataset), "augment": "nope"})
+
+
+@pytest.mark.parametrize("recipe", ["default224", "cpu128", "mnist28"])
+def test_recipe_defaults_are_the_configs_measured_in_docs_experiments(recipe):
+    # docs/experiments.md reports these runs; a recipe edit must come with a new experiment.
+    measured = json.loads((Path(__file__).parents[1] / "docs" / "experiments"
+                           / f"{recipe}.json").read_text())
+    assert measured["recipe"] == recipe
+    from_file = TrainConfig.from_dict(measured).to_dict()
+    from_recipe = TrainConfig.from_dict({"recipe": recipe, "dataset": measured["dataset"],
+                                         "name": measured["name"]}).to_dict()
+    assert from_file == from_recipe
