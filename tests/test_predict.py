@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import dicom_bytes
 from cxr_core import predict as P
 from cxr_core.errors import ConfigError, ModelError
 from cxr_core.model_store import CARD_NAME, DEFAULT_MODELS_DIR
@@ -88,31 +89,6 @@ def _cmyk_jpeg() -> bytes:
 def _gray16_png() -> bytes:
     arr = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
     return _png(arr)
-
-
-def dicom_bytes(pixels: np.ndarray | None, *, photometric: str = "MONOCHROME2") -> bytes:
-    """A DICOM file with a patient name and id in its header; pixels 12-bit, or none at all."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.PatientName, ds.PatientID, ds.Modality = "Doe^Jane", "SECRET-4711", "CR"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.WindowCenter, ds.WindowWidth = 2048, 4096
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _dicom_pixels() -> np.ndarray:

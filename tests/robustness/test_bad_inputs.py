@@ -28,7 +28,7 @@ from cxr_core.errors import ConfigError, DatasetError, ModelError
 from cxr_core.indexing import index_dataset
 from cxr_core.model_store import CARD_NAME, load_model_ref
 from cxr_core.storage import runs as run_store
-from conftest import write_image
+from conftest import dicom_bytes, write_image
 
 pytestmark = [pytest.mark.robustness,  # PIL warns before the loader refuses a huge image
               pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
@@ -91,27 +91,6 @@ def _corrupt_png() -> bytes:
     data = bytearray(_png(_noise()))
     data[-20] ^= 0xFF  # inside the image data: the header still reads
     return bytes(data)
-
-
-def _dicom(pixels: np.ndarray | None, photometric: str = "MONOCHROME2") -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.PatientName, ds.Modality = "Doe^Jane", "CR"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _dicom_pixels() -> np.ndarray:
@@ -325,9 +304,10 @@ UPLOADS = [  # make(tmp) -> ImageInput, what the per-file error must say
                  id="float_tiff_with_nan"),
     pytest.param(_data("inf.tiff", lambda: _float_tiff(np.inf)), "non-finite pixel values",
                  id="float_tiff_with_infinity"),
-    pytest.param(_data("nopixels.dcm", lambda: _dicom(None)), "DICOM file has no pixel data",
+    pytest.param(_data("nopixels.dcm", lambda: dicom_bytes(None)),
+                 "DICOM file has no pixel data",
                  id="dicom_without_pixels"),
-    pytest.param(_data("short.dcm", lambda: _dicom(_dicom_pixels())[:-300]),
+    pytest.param(_data("short.dcm", lambda: dicom_bytes(_dicom_pixels())[:-300]),
                  "cannot decode DICOM pixels", id="dicom_truncated_pixels"),
     pytest.param(_data("junk.dcm", lambda: DICOM_JUNK), "DICOM", id="dicom_magic_then_junk"),
     pytest.param(_data("big.png", lambda: bytes(P.MAX_UPLOAD_BYTES + 1)),
@@ -376,8 +356,9 @@ SUPPORTED = [  # unusual but valid: each is decoded and predicted
     pytest.param(lambda: _png(np.zeros((1, 1), np.uint8)), id="one_pixel_png"),
     pytest.param(lambda: _png(np.zeros((1, 4000), np.uint8)), id="4000x1_png"),
     pytest.param(_exif_rotated, id="jpeg_with_exif_rotation"),
-    pytest.param(lambda: _dicom(_dicom_pixels()), id="dicom_monochrome2"),
-    pytest.param(lambda: _dicom(_dicom_pixels(), "MONOCHROME1"), id="dicom_monochrome1"),
+    pytest.param(lambda: dicom_bytes(_dicom_pixels()), id="dicom_monochrome2"),
+    pytest.param(lambda: dicom_bytes(_dicom_pixels(), photometric="MONOCHROME1"),
+                 id="dicom_monochrome1"),
 ]
 
 
