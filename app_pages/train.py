@@ -98,7 +98,9 @@ def runs_table_ui(runs) -> None:
              "model": r.config.get("model"), "dataset": r.config.get("dataset"),
              "val AUC": ((r.summary or {}).get("val") or {}).get("auc"),
              "created": r.created_at} for r in runs]
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch", height=220)
+    # Fit the rows (35 px each plus the header), scrolling beyond six runs.
+    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch",
+                 height=min(220, 35 * (len(rows) + 1) + 3))
 
 
 def curves_ui(run_ids: list[int]) -> None:
