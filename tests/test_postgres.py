@@ -68,14 +68,7 @@ def test_four_concurrent_reviewers_keep_the_old_label_chain_on_postgres(pg_url, 
     procs = [ctx.Process(target=worker, args=(str(cxr_home), dataset_id, f"r{i}", start, out,
                                               sorted(originals), 60, pg_url))
              for i in range(4)]
-    for p in procs:
-        p.start()
-    start.wait(timeout=180)
-    results = rc._collect(procs, out)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert [e for _, _, e in results if e] == []
+    rc.run_writers(procs, out, lambda: start.wait(timeout=180))
     with db.session() as s:
         rows = store.list_relabels(session=s, dataset_id=dataset_id)
     assert len(rows) == 240

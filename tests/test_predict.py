@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import dicom_bytes
+from conftest import dicom_bytes, png_claiming
 from cxr_core import predict as P
 from cxr_core.errors import ConfigError, ModelError
 from cxr_core.model_store import CARD_NAME, DEFAULT_MODELS_DIR
@@ -61,17 +59,6 @@ def _jpeg(size: int = 96, seed: int = 0, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def _png_bomb(width: int = 30_000, height: int = 30_000) -> bytes:
-    """A PNG whose header says 30k x 30k (900 Mpx). The loader must refuse it from the header,
-    so only a few rows of (highly compressible) data are included."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 8)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
-
-
 def _gif_animated() -> bytes:
     frames = [Image.fromarray(np.full((16, 16), v, np.uint8)) for v in (0, 255)]
     buf = io.BytesIO()
@@ -110,7 +97,7 @@ BAD = {  # name -> (bytes, what the message must say)
     "empty.jpg": (lambda: b"", "empty (0 bytes)"),
     "truncated.jpeg": (lambda: _jpeg(256)[: len(_jpeg(256)) // 2], "truncated"),
     "animated.gif": (_gif_animated, "frames"),
-    "bomb.png": (_png_bomb, "too large"),
+    "bomb.png": (lambda: png_claiming(30_000, 30_000, rows=8), "too large"),
     "nopixels.dcm": (lambda: dicom_bytes(None), "no pixel data"),
 }
 

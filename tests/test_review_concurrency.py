@@ -67,6 +67,21 @@ def _collect(procs, out) -> list:
     return results
 
 
+def run_writers(procs, out, release) -> list:
+    """Starts the writer processes, lets them go at once with ``release()`` and returns each
+    one's ``(reviewer, written ids, errors)``; fails on a dead process or any writer error."""
+    for p in procs:
+        p.start()
+    release()
+    results = _collect(procs, out)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert len(results) == len(procs)
+    assert [e for _, _, e in results if e] == []
+    return results
+
+
 def test_four_processes_250_relabels_each(cxr_home, tmp_path, monkeypatch):
     root = tmp_path / "ds" / "train" / "NORMAL"
     root.mkdir(parents=True)
@@ -82,18 +97,11 @@ def test_four_processes_250_relabels_each(cxr_home, tmp_path, monkeypatch):
     worker = _spawnable_worker(monkeypatch)
     procs = [ctx.Process(target=worker, args=(str(cxr_home), dataset_id, f"r{i}", start, out))
              for i in range(N_PROCS)]
-    for p in procs:
-        p.start()
-    time.sleep(0.5)
     t0 = time.perf_counter()
-    start.set()
-    results = _collect(procs, out)
-    print(f"{N_PROCS} x {N_EACH} relabels in {time.perf_counter() - t0:.1f} s")
+    results = run_writers(procs, out, start.set)
+    print(f"{N_PROCS} x {N_EACH} relabels in {time.perf_counter() - t0:.1f} s (process start "
+          "included)")
     assert len(results) == N_PROCS
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    assert [e for _, _, e in results if e] == []
     written = sorted(i for _, w, _ in results for i in w)
     assert len(written) == N_PROCS * N_EACH == len(set(written))
     with db.session() as s:

@@ -12,9 +12,7 @@ import io
 import json
 import os
 import re
-import struct
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +26,7 @@ from cxr_core.errors import ConfigError, DatasetError, ModelError
 from cxr_core.indexing import index_dataset
 from cxr_core.model_store import CARD_NAME, load_model_ref
 from cxr_core.storage import runs as run_store
-from conftest import dicom_bytes, write_image
+from conftest import dicom_bytes, png_claiming, write_image
 
 pytestmark = [pytest.mark.robustness,  # PIL warns before the loader refuses a huge image
               pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
@@ -64,16 +62,6 @@ def _png(arr: np.ndarray) -> bytes:
 
 def _jpeg(size: int = 64, seed: int = 0) -> bytes:
     return _save(Image.fromarray(_noise(size, seed)), "JPEG", quality=90)
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header claims width x height (a decompression bomb when large)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    rows = zlib.compress(b"\x00" * (width + 1) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
 
 
 def _frames(fmt: str) -> bytes:
@@ -209,9 +197,9 @@ BAD_FILES = [  # file name, its bytes, what the reported problem must say
     pytest.param("IM-0103-0001.jpeg", lambda: PDF, "not a readable image", id="pdf_named_jpeg"),
     pytest.param("IM-0104-0001.jpeg", lambda: _jpeg()[:20], "not a readable image",
                  id="jpeg_cut_inside_header"),
-    pytest.param("IM-0105-0001.png", lambda: _png_claiming(30_000, 30_000),
+    pytest.param("IM-0105-0001.png", lambda: png_claiming(30_000, 30_000),
                  "image too large to decode safely", id="decompression_bomb_png"),
-    pytest.param("IM-0106-0001.png", lambda: _png_claiming(12_500, 12_500),
+    pytest.param("IM-0106-0001.png", lambda: png_claiming(12_500, 12_500),
                  r"image too large \(12500x12500 px", id="oversized_png_header"),
     pytest.param("IM-0107-0001.dcm", lambda: DICOM_JUNK, "unreadable DICOM header",
                  id="dicom_without_header"),
@@ -293,9 +281,9 @@ UPLOADS = [  # make(tmp) -> ImageInput, what the per-file error must say
                  id="truncated_png"),
     pytest.param(_data("crc.png", _corrupt_png), "truncated or corrupt image data",
                  id="png_with_corrupt_data"),
-    pytest.param(_data("bomb.png", lambda: _png_claiming(30_000, 30_000)),
+    pytest.param(_data("bomb.png", lambda: png_claiming(30_000, 30_000)),
                  "image too large to decode safely", id="decompression_bomb"),
-    pytest.param(_data("huge.png", lambda: _png_claiming(12_500, 12_500)), "too large",
+    pytest.param(_data("huge.png", lambda: png_claiming(12_500, 12_500)), "too large",
                  id="oversized_image_header"),
     pytest.param(_data("loop.gif", lambda: _frames("GIF")), "has 2 frames", id="animated_gif"),
     pytest.param(_data("pages.tiff", lambda: _frames("TIFF")), "has 2 frames",

@@ -46,14 +46,8 @@ def test_four_reviewers_relabel_shared_and_own_images_at_once(db, robust_home, t
     procs = [ctx.Process(target=worker, args=(str(robust_home), dataset_id, name, start, out,
                                               shared + mine, N_EACH))
              for name, mine in own.items()]
-    for p in procs:
-        p.start()
-    start.wait(timeout=180)
-    results = rc._collect(procs, out)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    assert len(results) == N_PROCS and [e for _, _, e in results if e] == []
+    results = rc.run_writers(procs, out, lambda: start.wait(timeout=180))
+    assert len(results) == N_PROCS
 
     # No lost relabel: every acknowledged id is a stored row, and nothing else is.
     written = sorted(i for _, w, _ in results for i in w)
