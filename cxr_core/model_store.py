@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -179,9 +178,6 @@ def _with_threshold(loaded: LoadedModel, threshold: float, source: str) -> Loade
 def _assemble(ref: str, path: Path, card: dict, run_id: int | None = None) -> LoadedModel:
     from cxr_core import models as registry
 
-    if path.is_file() and not zipfile.is_zipfile(path):  # Keras would say "File not found"
-        raise ModelError(f"{path}: not a Keras model file (a .keras file is a zip archive saved "
-                         f"by model.save; an .h5 or other file renamed .keras is not one)")
     model = registry.load_model(path)
     n_out = int(model.output_shape[-1])
     labels, scheme = _labels(card, n_out, path)

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import os
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -699,6 +700,9 @@ def load_model(path: str | os.PathLike[str]) -> keras.Model:
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"Model file not found; expected a .keras file. Received: {p}")
+    if p.suffix == ".keras" and not zipfile.is_zipfile(p):  # Keras says "File not found"
+        raise ModelError(f"{p}: not a Keras model file (a .keras file is a zip archive saved "
+                         f"by model.save; an .h5 or other file renamed .keras is not one)")
     try:
         return keras.models.load_model(p, compile=False, custom_objects=CUSTOM_OBJECTS)
     except Exception as exc:  # Keras raises many types (ValueError, OSError, TypeError, ...)

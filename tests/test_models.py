@@ -631,3 +631,12 @@ def test_cxrnet_28_inference_is_not_saturated_after_two_epochs_on_pneumoniamnist
     p = model.predict(data["val_images"][..., None].astype("float32"), verbose=0).ravel()
     assert roc_auc_score(data["val_labels"].ravel(), p) > 0.95
     assert p.min() < 0.5 < p.max()  # inference-mode outputs span the threshold
+
+
+def test_load_model_names_a_non_zip_keras_file_instead_of_file_not_found(tmp_path):
+    # Keras itself reports "File not found" for an existing file that is not a zip archive;
+    # every caller (Predict, Review, weights="file.keras") goes through models.load_model.
+    fake = tmp_path / "model.keras"
+    fake.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    with pytest.raises(ModelError, match="not a Keras model file"):
+        M.load_model(fake)
