@@ -30,10 +30,12 @@ def _pick(col, label: str, options, value, key: str, **kw):
                          key=key, **kw)
 
 
-def form_ui(dataset: str) -> dict | None:
+def form_ui(dataset: str, layout: str) -> dict | None:
     """Recipe presets and the fields people change; returns the config changes on submit."""
-    recipe = _pick(st, "Recipe", RECIPES, svc.host_recipe(), "train_recipe",
-                   help="Defaults for every field (without a GPU: cpu128)")
+    recipe = _pick(st, "Recipe", RECIPES, svc.host_recipe(layout), "train_recipe",
+                   help="Defaults for every field (PneumoniaMNIST: mnist28; otherwise "
+                        "default224 with a GPU, cpu128 without). docs/experiments.md has "
+                        "each recipe's validation results.")
     d, k = svc.recipe_defaults(recipe), f"train_{recipe}_"  # keys per recipe: its defaults
     with st.form("train_form"):
         c1, c2, c3 = st.columns(3)
@@ -68,8 +70,8 @@ def form_ui(dataset: str) -> dict | None:
     return out if submitted else None
 
 
-def start_ui(dataset: str) -> None:
-    changes = form_ui(dataset)
+def start_ui(dataset: str, layout: str) -> None:
+    changes = form_ui(dataset, layout)
     if changes is None:
         return
     db = get_db()
@@ -156,6 +158,6 @@ st.title(":material/model_training: Train")
 info = dataset_picker("train")
 if info is not None:
     with st.expander("New run", expanded=True, icon=":material/add:"):
-        start_ui(info.name)
+        start_ui(info.name, info.layout)
 st.subheader("Runs")
 st.fragment(live_ui, run_every=REFRESH_S)()

@@ -26,8 +26,11 @@ LIVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc")
 
 # -- Configs --------------------------------------------------------------------------------
 
-def host_recipe() -> str:
-    """The recipe the page proposes: ``default224`` with a GPU, ``cpu128`` without."""
+def host_recipe(layout: str | None = None) -> str:
+    """The recipe the page proposes: ``mnist28`` for a PneumoniaMNIST ``.npz`` (dataset
+    ``layout`` "npz"), else ``default224`` with a GPU and ``cpu128`` without."""
+    if layout == "npz":
+        return "mnist28"
     return DEFAULT_RECIPE if gpu_count() else "cpu128"
 
 

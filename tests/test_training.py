@@ -234,3 +234,10 @@ def test_recipe_defaults_are_the_configs_measured_in_docs_experiments(recipe):
     from_recipe = TrainConfig.from_dict({"recipe": recipe, "dataset": measured["dataset"],
                                          "name": measured["name"]}).to_dict()
     assert from_file == from_recipe
+
+
+def test_host_recipe_proposes_mnist28_for_an_npz_and_cpu128_without_a_gpu():
+    from cxr_core import training_service as svc
+
+    assert svc.host_recipe("npz") == "mnist28"
+    assert svc.host_recipe("splits") == svc.host_recipe() == "cpu128"  # tests run without GPU

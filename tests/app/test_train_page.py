@@ -69,6 +69,18 @@ def test_page_without_runs(db):
     assert at.selectbox(key="train_recipe").value == "cpu128"  # no GPU here: CPU defaults
 
 
+def test_a_pneumoniamnist_dataset_proposes_the_mnist28_recipe(cxr_home, tmp_path):
+    npz = tmp_path / "pneumoniamnist.npz"
+    rng = np.random.default_rng(0)
+    np.savez(npz, train_images=rng.integers(0, 255, (8, 28, 28), dtype=np.uint8),
+             train_labels=np.array([[0], [1]] * 4))
+    index_dataset(open_db(), npz, name="mnist")
+    at = page()
+    assert not at.exception
+    assert at.selectbox(key="train_recipe").value == "mnist28"
+    assert at.number_input(key="train_mnist28_size").value == 28
+
+
 def test_live_curves_pick_up_new_metric_rows(db):
     rid = running_run(db)
     add_epoch(db, rid, 1)
