@@ -79,6 +79,7 @@ class ScannedImage:
     bytes: int | None
     mtime_ns: int | None
     error: str | None = None
+    acquired_date: str | None = None  # ISO YYYY-MM-DD (DICOM StudyDate/AcquisitionDate)
 
 
 class ImageRecord(NamedTuple):
@@ -101,6 +102,8 @@ class ImageRecord(NamedTuple):
     mode: str | None
     bytes: int | None
     error: str | None = None
+    acquired_date: str | None = None  # ISO YYYY-MM-DD, from DICOM or a metadata CSV
+    missing: bool = False  # the file is gone from disk (the row and its history are kept)
 
 
 # -- Name parsing ---------------------------------------------------------------------------

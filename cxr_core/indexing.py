@@ -15,6 +15,7 @@ from cxr_core import storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database
 from cxr_core.storage import datasets as store
+from cxr_core.storage import reviews
 
 Progress = Callable[[int, int], None]
 
@@ -32,9 +33,13 @@ class IndexReport:
     cross_split_duplicates: int
     scanned: int  # files read in this run (new or changed)
     unchanged: int
-    removed: int
+    removed: int  # files newly gone from disk: their rows are flagged missing, never deleted
     seconds: float
     problems: tuple[str, ...] = field(default=())  # empty folders, unreadable files
+    content_changed: tuple[str, ...] = ()  # files whose bytes changed in this run (rows kept)
+    restored: int = 0  # files back on disk after being missing
+    missing: int = 0  # rows whose file is gone (all of them, not only this run's)
+    changed_since_relabel: tuple[str, ...] = ()  # relabelled images whose bytes changed since
 
     def to_json(self) -> dict:
         s = self.summary
@@ -44,7 +49,25 @@ class IndexReport:
                 "cross_split_duplicates": self.cross_split_duplicates,
                 "unreadable": s["unreadable"], "layout": self.layout, "root": self.root,
                 "scanned": self.scanned, "unchanged": self.unchanged, "removed": self.removed,
+                "missing": self.missing, "restored": self.restored,
+                "content_changed": list(self.content_changed),
+                "changed_since_relabel": list(self.changed_since_relabel),
                 "seconds": round(self.seconds, 3), "problems": list(self.problems)}
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a person must see: missing files and relabelled images whose bytes changed."""
+        out = []
+        if self.changed_since_relabel:
+            shown = ", ".join(self.changed_since_relabel[:5])
+            more = f" and {len(self.changed_since_relabel) - 5} more" if len(
+                self.changed_since_relabel) > 5 else ""
+            out.append(f"{len(self.changed_since_relabel)} image(s) changed since they were "
+                       f"relabelled (relabels kept; check them on Review): {shown}{more}")
+        if self.missing:
+            out.append(f"{self.missing} indexed file(s) are missing from disk (their rows and "
+                       "relabels are kept; they are left out of training and evaluation)")
+        return out
 
 
 def default_name(path: str | Path) -> str:
@@ -88,19 +111,23 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
         known = store.known_files(session=s, dataset_id=dataset_id)
     rows, unchanged, gone = ds.scan_changed(layout, known, progress=progress)
     cached = existing.summary if existing else None
+    applied = store.ScanApplied(0, 0, (), 0, 0)
     if not rows and not gone and cached and cached.get("problems_layout") == list(layout.problems):
         summary = cached  # nothing changed on disk: the stored counts are still exact
     else:
         with db.session() as s:
-            store.apply_scan(session=s, dataset_id=dataset_id, rows=rows, gone=gone)
+            applied = store.apply_scan(session=s, dataset_id=dataset_id, rows=rows, gone=gone)
             records = store.list_images(session=s, dataset_id=dataset_id)
         summary = _summary(records, layout.problems)
     seconds = time.perf_counter() - t0
     with db.session() as s:
         store.mark_indexed(session=s, dataset_id=dataset_id, seconds=seconds, summary=summary)
+        n_missing = store.count_missing(session=s, dataset_id=dataset_id)
+        changed = reviews.changed_since_relabel(session=s, dataset_id=dataset_id)
     return IndexReport(name, dataset_id, layout.kind, root, summary, summary["duplicate_groups"],
                        summary["cross_split_duplicates"], len(rows), len(unchanged), len(gone),
-                       seconds, tuple(summary["problems"]))
+                       seconds, tuple(summary["problems"]), applied.content_changed,
+                       applied.restored, n_missing, tuple(c.relpath for c in changed))
 
 
 def _summary(records: list[ds.ImageRecord], layout_problems: tuple[str, ...]) -> dict:
@@ -170,8 +197,6 @@ def with_labels(records: list[ds.ImageRecord],
 def current_records(db: Database, dataset_id: int, *,
                     as_of_relabel_id: int | None = None) -> list[ds.ImageRecord]:
     """The dataset's records with labels as of now (or as of a relabel id)."""
-    from cxr_core.storage import reviews
-
     with db.session() as s:
         records = store.list_images(session=s, dataset_id=dataset_id)
         labels = reviews.current_labels(session=s, dataset_id=dataset_id,

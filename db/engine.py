@@ -44,15 +44,36 @@ def make_engine(url: str) -> Engine:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision`` with Alembic (idempotent)."""
+    """Bring the schema to ``revision`` with Alembic (idempotent).
+
+    SQLite: migrations that recreate a table (batch mode) run with foreign keys off, as
+    SQLite's own ALTER TABLE procedure prescribes: with them on, dropping the old copy of a
+    table runs an implicit DELETE that would fire ON DELETE actions or fail on self-references.
+    ``PRAGMA foreign_key_check`` must then come back empty before the migration commits.
+    """
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction
+            conn.commit()
+        try:
+            with conn.begin():
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite:
+                    bad = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if bad:
+                        raise RuntimeError(f"migration to {revision} left foreign-key "
+                                           f"violations (rolled back): {bad[:5]}")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+                conn.commit()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -63,6 +63,13 @@ class ImageRow(Base):
     bytes: Mapped[int | None] = mapped_column(BigInteger)
     mtime_ns: Mapped[int | None] = mapped_column(BigInteger)
     error: Mapped[str | None] = mapped_column(Text)  # why it is unreadable, else None
+    acquired_date: Mapped[str | None] = mapped_column(String(10))  # ISO date (DICOM, metadata)
+    # Identity is (dataset, relpath): a row is never deleted by re-indexing. A file gone from
+    # disk is flagged missing; a file whose bytes changed keeps its row (and its relabels).
+    missing: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    missing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    previous_sha256: Mapped[str | None] = mapped_column(String(64))  # before the last change
+    content_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class AugPreset(Base):
@@ -150,6 +157,23 @@ class Evaluation(Base):
     images_key: Mapped[str] = mapped_column(String(64))  # hash of the ordered image ids/paths
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Label provenance: which labels y_true was scored against ("original" | "current"), and
+    # the dataset's label snapshot then (None on evaluations made before 0003).
+    label_source: Mapped[str | None] = mapped_column(String(20))
+    label_snapshot_hash: Mapped[str | None] = mapped_column(String(64))
+    label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
+    overlap_json: Mapped[str | None] = mapped_column(Text)  # evaluated ∩ the run's own images
+
+
+class RunImage(Base):
+    """The images a run trained on (role "train") and selected on (role "val")."""
+
+    __tablename__ = "run_images"
+    __table_args__ = (UniqueConstraint("run_id", "image_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    role: Mapped[str] = mapped_column(String(10))  # train | val
 
 
 class EvalPrediction(Base):
@@ -186,7 +210,8 @@ class ReviewItem(Base):
 
     __tablename__ = "review_items"
     id: Mapped[int] = mapped_column(primary_key=True)
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    # No ON DELETE CASCADE: nothing a reviewer queued may vanish with an image row.
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
     upload_sha256: Mapped[str | None] = mapped_column(String(64))  # uploads: stored by hash
     source: Mapped[str] = mapped_column(String(30))  # predict | compare
     run_ref: Mapped[str | None] = mapped_column(String(200))  # "run:ID" | "default"
@@ -207,9 +232,10 @@ class Relabel(Base):
     __table_args__ = (CheckConstraint("(image_id IS NULL) <> (upload_sha256 IS NULL)",
                                       name="one_target"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"),
-                                                 index=True)
+    # No ON DELETE CASCADE: a relabel can never be removed by removing its image row.
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
     upload_sha256: Mapped[str | None] = mapped_column(String(64), index=True)  # uploads: by hash
+    image_sha256: Mapped[str | None] = mapped_column(String(64))  # the image's bytes when relabelled
     old_label: Mapped[str] = mapped_column(String(100))
     old_subtype: Mapped[str | None] = mapped_column(String(50))
     new_label: Mapped[str] = mapped_column(String(100))

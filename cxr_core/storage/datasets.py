@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.datasets import ImageRecord, ScannedImage
@@ -57,8 +57,8 @@ def mark_indexed(*, session: Session, dataset_id: int, seconds: float, summary: 
 def list_datasets(*, session: Session) -> list[DatasetInfo]:
     from sqlalchemy import func
 
-    counts = dict(session.execute(select(ImageRow.dataset_id, func.count()).group_by(
-        ImageRow.dataset_id)).all())
+    counts = dict(session.execute(select(ImageRow.dataset_id, func.count()).where(
+        ImageRow.missing.is_(False)).group_by(ImageRow.dataset_id)).all())
     rows = session.scalars(select(Dataset).order_by(Dataset.name)).all()
     return [_info(r, counts.get(r.id, 0)) for r in rows]
 
@@ -73,33 +73,90 @@ def get_dataset(*, session: Session, name_or_id: str | int) -> DatasetInfo | Non
     if row is None:
         return None
     n = session.scalar(select(func.count()).select_from(ImageRow).where(
-        ImageRow.dataset_id == row.id)) or 0
+        ImageRow.dataset_id == row.id, ImageRow.missing.is_(False))) or 0
     return _info(row, n)
 
 
 def known_files(*, session: Session, dataset_id: int) -> dict[str, tuple[int | None, int | None]]:
-    """relpath → (bytes, mtime_ns) of the indexed files (for incremental scans)."""
+    """relpath → (bytes, mtime_ns) of the indexed files present on disk at the last scan.
+
+    Rows flagged missing are left out, so a file that comes back is read again (and its row,
+    with all its history, is marked present).
+    """
     q = select(ImageRow.relpath, ImageRow.bytes, ImageRow.mtime_ns).where(
-        ImageRow.dataset_id == dataset_id)
+        ImageRow.dataset_id == dataset_id, ImageRow.missing.is_(False))
     return {r: (b, m) for r, b, m in session.execute(q)}
 
 
+@dataclass(frozen=True)
+class ScanApplied:
+    """What :func:`apply_scan` changed in the index."""
+
+    added: int
+    updated: int  # rows re-read in place (same identity)
+    content_changed: tuple[str, ...]  # relpaths whose bytes (sha256) changed
+    restored: int  # rows that were missing and are back on disk
+    missing: int  # rows newly flagged missing
+
+
 def apply_scan(*, session: Session, dataset_id: int, rows: Iterable[ScannedImage],
-               gone: Sequence[str]) -> None:
-    """Insert new rows, replace changed ones, delete files gone from disk."""
+               gone: Sequence[str]) -> ScanApplied:
+    """Write a scan without ever deleting a row.
+
+    An image is identified by (dataset, relpath). New files are inserted; a file read again
+    (size/mtime changed, or back after being missing) is updated in place, so its id, relabels,
+    review items and predictions stay attached; when its bytes changed, the old hash is kept
+    in ``previous_sha256`` with ``content_changed_at``. Files gone from disk are flagged
+    ``missing`` (with ``missing_since``), never deleted.
+    """
+    now = datetime.now(timezone.utc)
     rows = list(rows)
-    paths = [r.relpath for r in rows] + list(gone)
+    existing: dict[str, tuple[int, str | None, bool]] = {}
+    paths = [r.relpath for r in rows]
     for i in range(0, len(paths), 500):
-        session.execute(delete(ImageRow).where(ImageRow.dataset_id == dataset_id,
-                                               ImageRow.relpath.in_(paths[i:i + 500])))
-    if rows:
-        session.execute(insert(ImageRow), [dict(r.__dict__, dataset_id=dataset_id) for r in rows])
+        q = select(ImageRow.relpath, ImageRow.id, ImageRow.sha256, ImageRow.missing).where(
+            ImageRow.dataset_id == dataset_id, ImageRow.relpath.in_(paths[i:i + 500]))
+        existing.update({p: (k, sha, bool(m)) for p, k, sha, m in session.execute(q)})
+    new, changed, restored, updates = [], [], 0, []
+    for r in rows:
+        values = dict(r.__dict__, missing=False, missing_since=None)
+        if r.relpath not in existing:
+            new.append(dict(values, dataset_id=dataset_id))
+            continue
+        row_id, old_sha, was_missing = existing[r.relpath]
+        restored += was_missing
+        if old_sha is not None and r.sha256 != old_sha:
+            changed.append(r.relpath)
+            values.update(previous_sha256=old_sha, content_changed_at=now)
+        updates.append(dict(values, id=row_id))
+    if new:
+        session.execute(insert(ImageRow), new)
+    if updates:
+        session.execute(update(ImageRow), updates)  # bulk UPDATE by primary key
+    gone = list(gone)
+    for i in range(0, len(gone), 500):
+        session.execute(update(ImageRow).where(
+            ImageRow.dataset_id == dataset_id, ImageRow.relpath.in_(gone[i:i + 500]),
+            ImageRow.missing.is_(False)).values(missing=True, missing_since=now))
+    return ScanApplied(len(new), len(updates), tuple(changed), restored, len(gone))
 
 
-def list_images(*, session: Session, dataset_id: int) -> list[ImageRecord]:
-    """Every indexed image of a dataset, in relpath order."""
+def count_missing(*, session: Session, dataset_id: int) -> int:
+    """Rows whose file was gone at the last scan (kept with their history)."""
+    from sqlalchemy import func
+
+    return session.scalar(select(func.count()).select_from(ImageRow).where(
+        ImageRow.dataset_id == dataset_id, ImageRow.missing.is_(True))) or 0
+
+
+def list_images(*, session: Session, dataset_id: int,
+                include_missing: bool = False) -> list[ImageRecord]:
+    """The indexed images of a dataset present on disk (all rows with ``include_missing``),
+    in relpath order."""
     cols = [getattr(ImageRow, c) for c in _RECORD_COLS]
     q = select(*cols).where(ImageRow.dataset_id == dataset_id).order_by(ImageRow.relpath)
+    if not include_missing:
+        q = q.where(ImageRow.missing.is_(False))
     # Core execution on the session's connection: no ORM row bookkeeping for 5k+ rows.
     return [ImageRecord._make(r) for r in session.connection().execute(q)]
 

@@ -172,8 +172,10 @@ def _newest_active(base: Label, records: Iterable[RelabelRecord]) -> Label:
 
 
 def _originals(session: Session, dataset_id: int) -> dict[int, Label]:
+    """Original labels of the dataset's images present on disk (missing rows keep their
+    relabels but are in no label set, snapshot or run)."""
     q = select(ImageRow.id, ImageRow.label, ImageRow.subtype).where(
-        ImageRow.dataset_id == dataset_id)
+        ImageRow.dataset_id == dataset_id, ImageRow.missing.is_(False))
     return {i: (label, sub) for i, label, sub in session.connection().execute(q)}
 
 
@@ -333,6 +335,45 @@ def _target_label(session: Session, image_id: int | None, upload_sha256: str | N
     return _newest_active(base, [r for r in records if r.id != without])
 
 
+def _image_sha(session: Session, image_id: int | None) -> str | None:
+    """The image's content hash now: stored on each relabel (the bytes the reviewer saw)."""
+    if image_id is None:
+        return None
+    return session.scalar(select(ImageRow.sha256).where(ImageRow.id == image_id))
+
+
+@dataclass(frozen=True)
+class ChangedImage:
+    """An image whose bytes changed after a reviewer relabelled it."""
+
+    image_id: int
+    relpath: str
+    relabel_id: int  # the newest active relabel
+    relabelled_sha256: str | None
+    current_sha256: str | None
+    missing: bool
+
+
+def changed_since_relabel(*, session: Session, dataset_id: int,
+                          image_ids: Sequence[int] | None = None) -> list[ChangedImage]:
+    """Images whose current content hash differs from the one their newest active relabel
+    was made on ("image changed since it was relabelled"); the relabels are kept as they are."""
+    q = (select(Relabel.id, Relabel.image_id, Relabel.undo_of, Relabel.image_sha256,
+                ImageRow.relpath, ImageRow.sha256, ImageRow.missing)
+         .join(ImageRow, ImageRow.id == Relabel.image_id)
+         .where(ImageRow.dataset_id == dataset_id).order_by(Relabel.id))
+    if image_ids is not None:
+        q = q.where(Relabel.image_id.in_(list(image_ids)))
+    rows = session.execute(q).all()
+    undone = {r.undo_of for r in rows if r.undo_of is not None}
+    newest: dict[int, tuple] = {}
+    for r in rows:
+        if r.undo_of is None and r.id not in undone:
+            newest[r.image_id] = r  # id order: the newest active row wins
+    return [ChangedImage(r.image_id, r.relpath, r.id, r.image_sha256, r.sha256, bool(r.missing))
+            for r in newest.values() if r.image_sha256 is not None and r.image_sha256 != r.sha256]
+
+
 def _items_of(image_id: int | None, upload_sha256: str | None):
     """Where-clause of the review items of an image or an upload."""
     return ReviewItem.image_id == image_id if image_id is not None else \
@@ -351,7 +392,8 @@ def _append(session: Session, image_id: int | None, upload_sha256: str | None, n
         raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
     lock_for_write(session)  # the old label read below must still be current at the INSERT
     old_label, old_subtype = _target_label(session, image_id, upload_sha256)
-    row = Relabel(image_id=image_id, upload_sha256=upload_sha256, old_label=old_label,
+    row = Relabel(image_id=image_id, upload_sha256=upload_sha256, image_sha256=_image_sha(
+                      session, image_id), old_label=old_label,
                   old_subtype=old_subtype, new_label=new_label.strip(),
                   new_subtype=new_subtype or None, reviewer=reviewer, note=note or "",
                   run_ref=run_ref, score=None if score is None else float(score))
@@ -388,7 +430,8 @@ def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str 
     image_id, sha = target.image_id, target.upload_sha256
     old = _target_label(session, image_id, sha)
     new = _target_label(session, image_id, sha, without=relabel_id)
-    row = Relabel(image_id=image_id, upload_sha256=sha, old_label=old[0], old_subtype=old[1],
+    row = Relabel(image_id=image_id, upload_sha256=sha, image_sha256=_image_sha(session, image_id),
+                  old_label=old[0], old_subtype=old[1],
                   new_label=new[0], new_subtype=new[1], reviewer=reviewer, note=note or "",
                   run_ref=target.run_ref, score=target.score, undo_of=relabel_id)
     session.add(row)
