@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 from scipy import stats
@@ -148,6 +148,11 @@ class EvalReport:
     pr: tuple[Curve, ...]  # binary: positive class; multi-class: each class
     calibration: Calibration
     ci: dict[str, Interval] = field(default_factory=dict)  # "auc", "sensitivity", "specificity"
+    # What the bootstrap resampled: "image" (no groups given) or "patient" (whole patient
+    # clusters); None when no intervals were computed (n_boot == 0).
+    ci_unit: Literal["image", "patient"] | None = None
+    # Patient clusters when groups were given (images without an id count one each), else None.
+    n_clusters: int | None = None
 
     @property
     def is_binary(self) -> bool:
@@ -167,6 +172,7 @@ class EvalReport:
             "pr": [_curve_dict(c, "recall", "precision") for c in self.pr],
             "calibration": vars(self.calibration),
             "ci": {k: vars(v) for k, v in self.ci.items()},
+            "ci_unit": self.ci_unit, "n_clusters": self.n_clusters,
         })
 
 
@@ -399,23 +405,107 @@ def _calibration(y: np.ndarray, p: np.ndarray, n_bins: int) -> Calibration:
     return _reliability(top == y, p.max(axis=1), n_bins, "top_label", brier)
 
 
+def _is_missing_group(value: Any) -> bool:
+    """None, a blank string or a float nan (pandas' missing value) means "no patient id"."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _cluster_ids(groups: Any, n: int) -> np.ndarray:
+    """Int cluster id (N,) per image, numbered by first occurrence.
+
+    Equal ids share a cluster; every missing id (see :func:`_is_missing_group`) is a cluster
+    of its own.
+    """
+    if isinstance(groups, (str, bytes)) or not hasattr(groups, "__len__"):
+        raise ConfigError("groups must be a sequence with one patient id (or None) per image. "
+                          f"Received: {type(groups).__name__}")
+    if len(groups) != n:
+        raise ConfigError(f"groups must have one patient id (or None) per image (N={n}, the "
+                          f"length of y_true). Received: {len(groups)} entries")
+    values = groups.tolist() if isinstance(groups, np.ndarray) else list(groups)
+    seen: dict[Any, int] = {}
+    ids = np.empty(n, dtype=np.int64)
+    for i, value in enumerate(values):
+        if _is_missing_group(value):
+            ids[i] = len(seen)
+            seen[object()] = ids[i]  # a fresh key: never shared
+            continue
+        try:
+            ids[i] = seen.setdefault(value, len(seen))
+        except TypeError:
+            raise ConfigError("groups must hold hashable patient ids (str) or None. "
+                              f"Received: {type(value).__name__} at index {i}") from None
+    return ids
+
+
+def _cluster_strata(y: np.ndarray, clusters: np.ndarray, n_classes: int
+                    ) -> tuple[list[np.ndarray], Callable[[np.ndarray], np.ndarray]]:
+    """Strata of cluster ids and the map from drawn cluster ids to their image indices.
+
+    Clusters are stratified by the set of classes among their images: first the clusters
+    holding class 0 only, 1 only, ... (in class order), then mixed clusters by class set. A
+    resample keeps each stratum's cluster count, so every class stays present; when every
+    image is its own cluster the strata and draws are exactly those of the image bootstrap.
+    """
+    n_clusters = int(clusters.max()) + 1
+    present = np.zeros((n_clusters, n_classes), dtype=bool)
+    present[clusters, y] = True
+    code = present.astype(np.int64) @ (np.int64(1) << np.arange(n_classes, dtype=np.int64))
+    pure = [1 << k for k in range(n_classes)]
+    mixed = sorted(set(np.unique(code).tolist()) - set(pure))
+    strata = [np.flatnonzero(code == c) for c in pure + mixed]
+    strata = [s for s in strata if s.size]
+
+    order = np.argsort(clusters, kind="stable")  # images grouped by cluster, in index order
+    sizes = np.bincount(clusters, minlength=n_clusters)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def expand(drawn: np.ndarray) -> np.ndarray:
+        size = sizes[drawn]
+        ends = np.cumsum(size)
+        # position j of the output belongs to draw d(j); its offset into the cluster is
+        # j - (ends[d] - size[d]); add the cluster's start in `order`.
+        shift = np.repeat(starts[drawn] - ends + size, size)
+        return order[shift + np.arange(int(ends[-1]))]
+
+    return strata, expand
+
+
 def _bootstrap(y: np.ndarray, p: np.ndarray, pred: np.ndarray, n_boot: int,
-               seed: int, point: dict[str, float]) -> dict[str, Interval]:
+               seed: int, point: dict[str, float],
+               clusters: np.ndarray | None = None) -> dict[str, Interval]:
     """Stratified percentile bootstrap (95%) of AUC, sensitivity and specificity.
 
-    Each class is resampled with replacement to its own size, so every resample keeps every
-    class (no resample has to be skipped for AUC) and the prevalence is fixed.
+    Without ``clusters`` each class is resampled with replacement to its own size, so every
+    resample keeps every class (no resample has to be skipped for AUC) and the prevalence is
+    fixed. With ``clusters`` (a cluster id per image) whole clusters are resampled instead,
+    stratified by their class set (see :func:`_cluster_strata`): each replicate draws as many
+    clusters as there are, with all their images. A replicate lacking a class would be
+    skipped (nan, ignored by the percentiles); the stratification prevents that.
     """
     rng = np.random.default_rng(seed)
-    strata = [np.flatnonzero(y == k) for k in range(p.shape[1])]
+    n_classes = p.shape[1]
+    if clusters is None:
+        strata = [np.flatnonzero(y == k) for k in range(n_classes)]
+        expand: Callable[[np.ndarray], np.ndarray] = lambda drawn: drawn  # noqa: E731
+    else:
+        strata, expand = _cluster_strata(y, clusters, n_classes)
     draws: dict[str, list[float]] = {key: [] for key in point}
     for _ in range(n_boot):
-        idx = np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata])
-        for key, value in _summary(y[idx], p[idx], pred[idx]).items():
+        idx = expand(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata]))
+        y_b = y[idx]
+        if np.bincount(y_b, minlength=n_classes).min() == 0:
+            continue
+        for key, value in _summary(y_b, p[idx], pred[idx]).items():
             draws[key].append(value)
     out = {}
     for key, values in draws.items():
-        low, high = np.nanpercentile(values, [2.5, 97.5])
+        low, high = (np.nanpercentile(values, [2.5, 97.5]) if values
+                     else (math.nan, math.nan))
         out[key] = Interval(point[key], float(low), float(high), 0.95, n_boot)
     return out
 
@@ -448,7 +538,8 @@ def _curves(y: np.ndarray, p: np.ndarray, labels: list[str]) -> tuple[tuple, tup
 
 
 def evaluate(y_true: Any, probs: Any, labels: list[str], *, threshold: float | None = None,
-             n_boot: int = 1000, seed: int = 0, n_bins: int = 10) -> EvalReport:
+             n_boot: int = 1000, seed: int = 0, n_bins: int = 10,
+             groups: Sequence[str | None] | None = None) -> EvalReport:
     """Evaluate class probabilities against the true labels.
 
     Args:
@@ -461,13 +552,20 @@ def evaluate(y_true: Any, probs: Any, labels: list[str], *, threshold: float | N
         n_boot: bootstrap resamples for the 95% intervals; 0 skips them (``ci`` stays empty).
         seed: seed of the bootstrap; same seed, same intervals.
         n_bins: equal-width reliability bins for the calibration curve and ECE.
+        groups: optional patient id per image (N,). Given, the bootstrap resamples whole
+            patients (all images of a drawn patient enter the replicate), because images of
+            one patient are correlated and image resampling makes the intervals too narrow.
+            None, "" (or nan) entries count as a patient of their own. The report's
+            ``ci_unit`` says "patient" and ``n_clusters`` the number of patients; without
+            groups ``ci_unit`` is "image" and the intervals are as before.
 
     Returns:
         An :class:`EvalReport`.
 
     Raises:
         ConfigError: shapes disagree, probabilities are out of [0, 1] or rows do not sum to 1,
-            a class is missing from y_true, or the threshold/n_boot/n_bins are invalid.
+            a class is missing from y_true, the threshold/n_boot/n_bins are invalid, or groups
+            is not one id per image.
     """
     y, p = _validate(y_true, probs, labels)
     names = list(labels)
@@ -476,6 +574,7 @@ def evaluate(y_true: Any, probs: Any, labels: list[str], *, threshold: float | N
                           f"n_bins={n_bins}")
     if len(names) == 2 and threshold is None:
         threshold = 0.5
+    clusters = None if groups is None else _cluster_ids(groups, y.size)
     pred = predict(p, threshold=threshold)
     cm = _confusion(y, pred, len(names))
     per_class = _per_class(y, p, pred, cm, names)
@@ -485,13 +584,16 @@ def evaluate(y_true: Any, probs: Any, labels: list[str], *, threshold: float | N
     ap = (per_class[POSITIVE].average_precision if len(names) == 2
           else float(np.mean([m.average_precision for m in per_class])))
     roc, pr = _curves(y, p, names)
-    ci = _bootstrap(y, p, pred, n_boot, seed, {**summary, "auc": auc}) if n_boot else {}
+    ci = (_bootstrap(y, p, pred, n_boot, seed, {**summary, "auc": auc}, clusters)
+          if n_boot else {})
+    ci_unit = ("image" if clusters is None else "patient") if n_boot else None
     return EvalReport(
         labels=tuple(names), n=int(y.size), threshold=threshold,
         confusion_matrix=_frozen_array(cm, int), per_class=per_class,
         accuracy=float(skm.accuracy_score(y, pred)), auc=auc, average_precision=ap,
         sensitivity=summary["sensitivity"], specificity=summary["specificity"],
-        roc=roc, pr=pr, calibration=_calibration(y, p, n_bins), ci=ci)
+        roc=roc, pr=pr, calibration=_calibration(y, p, n_bins), ci=ci, ci_unit=ci_unit,
+        n_clusters=None if clusters is None else int(clusters.max()) + 1)
 
 
 # ---------------------------------------------------------------------------------------------
