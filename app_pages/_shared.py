@@ -163,6 +163,8 @@ def index_report_ui(key: str = "add_ds") -> None:
         return
     st.success(f"Indexed **{rep.dataset}**: {rep.summary['images']:,} images "
                f"({rep.scanned:,} read, {rep.unchanged:,} unchanged) in {rep.seconds:.1f} s")
+    for w in rep.warnings:
+        st.warning(w, icon=":material/warning:")
     for p in rep.problems[:10]:
         st.warning(p)
     if len(rep.problems) > 10:

@@ -8,30 +8,35 @@ import streamlit as st
 from cxr_core import evaluation as ev
 from cxr_core import evaluation_service as es
 from cxr_core.errors import CxrError
+from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
-def comparison(ids: tuple[int, ...], mode: str, target: float) -> es.Comparison:
-    return es.compare_evaluations(get_db(), ids, mode=mode, target=target)
+def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str) -> es.Comparison:
+    return es.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth)
 
 
 def evaluate_ui(db) -> None:
     """Evaluate a finished run (or the default model) on a dataset, off the script thread."""
     refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(db)}
     datasets = {d.name: d for d in list_datasets()}
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     ref = c1.selectbox("Model", [*refs, "default"], key="compare_eval_ref",
                        format_func=lambda r: refs.get(r, "Default model"))
     name = c2.selectbox("Dataset", list(datasets), key="compare_eval_data")
     splits = (datasets[name].summary or {}).get("by_split", {}) if name else {}
     split = c3.selectbox("Split", [s for s in splits if s != "(none)"] + ["(all)"],
                          key="compare_eval_split")
+    labels = c4.selectbox("Labels", list(LABEL_SOURCES), key="compare_eval_labels",
+                          format_func=LABEL_SOURCE_TEXT.get,
+                          help="Stored with the evaluation: which labels its numbers use.")
     if st.button("Evaluate", icon=":material/play_arrow:", key="compare_eval_go",
                  disabled=not name):
         key = st.session_state["compare_job"] = f"compare_eval:{ref}:{name}:{split}"
         start_job(key, lambda progress: es.evaluate_model(
-            db, ref, name, split=None if split == "(all)" else split, progress=progress))
+            db, ref, name, split=None if split == "(all)" else split, progress=progress,
+            labels=labels))
     if st.session_state.get("compare_job"):
         eval_job_ui(st.session_state["compare_job"])
 
@@ -47,23 +52,47 @@ def eval_job_ui(key: str) -> None:
         st.rerun(scope="app")
 
 
-def selection_ui(db) -> tuple[tuple[int, ...], str, float]:
-    """2–4 evaluations of one image set, and the thresholds: operating points or matched."""
+def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:
+    """2–4 evaluations of one image set, the labels to score them against, and the
+    thresholds: operating points or matched."""
     if not (groups := es.comparable_groups(db)):
         st.info("No two evaluations share the same images yet: evaluate two runs on one dataset.")
-        return (), "", 0.0
+        return (), "", 0.0, ""
     g = groups[st.selectbox("Image set", range(len(groups)), key="compare_group",
                             format_func=lambda i: groups[i].label)]
     names = {e.id: e.title for e in g.evaluations}
     ids = st.multiselect("Evaluations (2–4)", list(names), list(names)[:4], names.get,
                          max_selections=4, key=f"compare_evals_{g.images_key[:12]}")
+    truth = st.radio("Score every run against", list(LABEL_SOURCES), horizontal=True,
+                     format_func=LABEL_SOURCE_TEXT.get, key="compare_truth",
+                     help="One truth for all runs: each run's stored per-image outputs are "
+                          "re-scored against these labels, whatever labels it was evaluated "
+                          "with at the time.")
     c1, c2, binary = *st.columns(2), len(g.labels) == 2
     matched = c1.toggle("Matched sensitivity", key="compare_matched", disabled=not binary,
                         help="On: every run at the threshold reaching the same sensitivity on "
                              "these images. Off: each run's stored operating point.") and binary
     target = c2.slider("Target sensitivity", 0.5, 1.0, 0.95, 0.01, key="compare_target",
                        disabled=not matched)
-    return tuple(sorted(ids)), ("matched" if matched else "operating_point"), target
+    return tuple(sorted(ids)), ("matched" if matched else "operating_point"), target, truth
+
+
+def provenance_ui(cmp: es.Comparison) -> None:
+    """Which labels every number uses, the interval unit, and data the models have seen."""
+    unit = ("patients (all images of a patient resampled together)" if cmp.ci_unit == "patient"
+            else "images (no patient ids known)")
+    dropped = (f" {cmp.dropped} images have no class under these labels and are left out of "
+               "every run." if cmp.dropped else "")
+    st.caption(f"Every number below is scored against **{cmp.truth_text}** on "
+               f"{len(cmp.y_true):,} images. 95% intervals: bootstrap over {unit}.{dropped}")
+    for row in cmp.provenance_rows:
+        if row["warning"]:
+            st.warning(f"{row['evaluation']}: {row['warning']}", icon=":material/warning:")
+
+
+def provenance_table_ui(cmp: es.Comparison) -> None:
+    with st.expander("Label provenance of each evaluation", icon=":material/fact_check:"):
+        st.dataframe(pd.DataFrame(cmp.provenance_rows), hide_index=True)
 
 
 def confusion_ui(cmp: es.Comparison) -> None:
@@ -151,16 +180,18 @@ def operating_point_ui(cmp: es.Comparison) -> None:
 st.title("Compare runs")
 with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
     evaluate_ui(get_db())
-ids, mode, target = selection_ui(get_db())
+ids, mode, target, truth = selection_ui(get_db())
 if len(ids) < 2:
     st.stop()
 try:
-    cmp = comparison(ids, mode, target)
+    cmp = comparison(ids, mode, target, truth)
 except CxrError as exc:
     st.error(str(exc))
     st.stop()
+provenance_ui(cmp)
 views = {"Confusion matrices": confusion_ui, "Curves": curves_ui, "Metrics (95% CI)": metrics_ui,
          "Disagreements": disagreements_ui, "Operating points": operating_point_ui}
 for tab, view in zip(st.tabs(list(views)), views.values()):
     with tab:
         view(cmp)
+provenance_table_ui(cmp)

@@ -92,6 +92,8 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: s
     others = ", ".join(f"{who}: `{label}`" for who, label in about.reviewers)
     st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
+    if about.warning:
+        st.warning(about.warning, icon=":material/published_with_changes:")
     if entry.score is not None:
         st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
                   help=f"The model predicts {entry.predicted}")
@@ -144,6 +146,10 @@ if info is None:
     st.stop()
 state = review.load_state(get_db(), info.id, st.session_state.get("review_run"))
 view = review.next_in_queue(state, reviewer=reviewer, **queue_ui(state, sorted(info.classes)))
+if state.changed_since_relabel:
+    st.warning(f"{len(state.changed_since_relabel)} relabelled image(s) changed on disk since "
+               "they were relabelled; their relabels are kept and flagged where they appear.",
+               icon=":material/published_with_changes:")
 st.progress(view.done_fraction, text=f"{view.n_reviewed} reviewed, {view.n_left} left")
 if view.current is None:
     st.success("Nothing left in this queue.", icon=":material/done_all:")

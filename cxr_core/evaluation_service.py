@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core import evaluation as ev
+from cxr_core import provenance
 from cxr_core.errors import ConfigError, DatasetError, RunError
 from cxr_core.storage import Database
 from cxr_core.storage import evals as store
@@ -86,7 +87,9 @@ def record_evaluation(db: Database, *, run_id: int | None, model_ref: str,
                       dataset_id: int | None, split: str, labels: list[str],
                       image_ids: list[int | None], paths: list[str], y_true: np.ndarray,
                       probs: np.ndarray, threshold: float | None = None, source: str = "",
-                      n_boot: int = CLI_N_BOOT) -> int:
+                      n_boot: int = CLI_N_BOOT, truth: provenance.Truth | None = None,
+                      groups: Sequence[str | None] | None = None,
+                      overlap: dict | None = None) -> int:
     """Compute and store an evaluation with its per-image outputs.
 
     The stored metrics are at the run's operating point when it has one (else at
@@ -106,6 +109,10 @@ def record_evaluation(db: Database, *, run_id: int | None, model_ref: str,
         threshold: binary threshold when the run has no stored operating point.
         source: the path evaluated, when known.
         n_boot: bootstrap resamples for the intervals in the metrics.
+        truth: the label version ``y_true`` comes from (stored as the evaluation's label
+            provenance); None when the labels came from elsewhere (not re-derivable).
+        groups: patient per image: the intervals resample patients (else images).
+        overlap: :meth:`RunOverlap.to_dict` of the evaluated images with the run's own.
 
     Returns:
         The evaluation id.
@@ -115,27 +122,49 @@ def record_evaluation(db: Database, *, run_id: int | None, model_ref: str,
     """
     return _record(db, run_id=run_id, model_ref=model_ref, dataset_id=dataset_id, split=split,
                    labels=labels, image_ids=image_ids, paths=paths, y_true=y_true, probs=probs,
-                   threshold=threshold, source=source, n_boot=n_boot)[0]
+                   threshold=threshold, source=source, n_boot=n_boot, truth=truth,
+                   groups=groups, overlap=overlap)[0]
 
 
 def _record(db: Database, *, run_id: int | None, model_ref: str, dataset_id: int | None,
             split: str, labels: list[str], image_ids: list[int | None], paths: list[str],
             y_true: np.ndarray, probs: np.ndarray, threshold: float | None, source: str,
-            n_boot: int) -> tuple[int, ev.EvalReport]:
+            n_boot: int, truth: provenance.Truth | None = None,
+            groups: Sequence[str | None] | None = None,
+            overlap: dict | None = None) -> tuple[int, ev.EvalReport]:
     y, p = _check_outputs(labels, image_ids, paths, y_true, probs)
+    if truth is not None and not np.array_equal(truth.y, y):
+        raise ConfigError("y_true does not match the label version it is said to come from "
+                          f"({truth.text})")
     if run_id is not None and len(labels) == 2:
         op = get_operating_point(db, run_id)
         threshold = op.threshold if op is not None else threshold
     report = ev.evaluate(y, p, list(labels), threshold=threshold if len(labels) == 2 else None,
-                         n_boot=n_boot)
+                         n_boot=n_boot, groups=groups)
     key = images_key(image_ids, paths)
+    prov = {} if truth is None else dict(
+        label_source=truth.source, label_scheme=truth.scheme, label_hash=truth.hash,
+        label_relabel_id=truth.relabel_id)
 
     def write(s) -> int:
         return store.add_evaluation(session=s, run_id=run_id, model_ref=model_ref,
                                     dataset_id=dataset_id, split=split or "", source=source,
                                     labels=labels, images_key=key, metrics=report.to_dict(),
-                                    image_ids=image_ids, paths=paths, y_true=y, probs=p)
+                                    image_ids=image_ids, paths=paths, y_true=y, probs=p,
+                                    overlap=overlap, **prov)
     return db.write(write), report
+
+
+def patients_of(db: Database, image_ids: Sequence[int | None]) -> list[str | None] | None:
+    """The patient of each image (None where unknown), or None when no image has one: the
+    bootstrap then resamples images."""
+    from cxr_core.storage import datasets as ds_store
+
+    ids = [i for i in image_ids if i is not None]
+    with db.session() as s:
+        found = {r.id: r.patient for r in ds_store.get_images(session=s, image_ids=ids)}
+    patients = [found.get(i) if i is not None else None for i in image_ids]
+    return patients if any(patients) else None
 
 
 # -- Operating points -----------------------------------------------------------------------
@@ -316,7 +345,13 @@ class EvalOutcome:
     dataset: str
     split: str
     skipped: int  # images left out: unreadable, or no class under the model's label scheme
+    truth: provenance.Truth | None = None  # the labels it was scored against
+    overlap: dict | None = None  # evaluated images / patients the run trained or selected on
 
+    @property
+    def warnings(self) -> list[str]:
+        warning = provenance.overlap_warning(self.overlap, self.report.n)
+        return [warning] if warning else []
 
 def _split_of(data: str, split: str | None) -> tuple[str, str | None]:
     """A path to one split folder (``.../test``) means its dataset, that split.
@@ -391,11 +426,10 @@ def _predict_cache(loaded: Any, cache: Any, progress: Progress | None,
 
 def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | None = None,
                      progress: Progress | None = None, n_boot: int = CLI_N_BOOT,
-                     use_relabels: bool = True) -> EvalOutcome:
+                     labels: str = "current") -> EvalOutcome:
     """:func:`evaluate_model` with the details the CLI prints (see there)."""
     from cxr_core import model_store
     from cxr_core.indexing import open_dataset
-    from cxr_core.storage import reviews
 
     loaded = model_store.load_model_ref(model_ref, db=db)
     where, split = _split_of(str(data), split)
@@ -408,11 +442,10 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
         splits = sorted({r.split or '""' for r in records})
         raise DatasetError(f"no readable images in {info.name!r} for split {split!r}. "
                            f"Expected one of the splits {splits}")
-    current: dict = {}
-    if use_relabels:
-        with db.session() as s:
-            current = reviews.current_labels(session=s, dataset_id=info.id)
-    kept, y = _targets(usable, loaded.labels, loaded.label_scheme, current)
+    provenance.check_source(labels)
+    with db.session() as s:
+        label_map, relabel_id = provenance.dataset_labels(s, info.id, labels)
+    kept, y = _targets(usable, loaded.labels, loaded.label_scheme, label_map)
     if not kept:
         raise DatasetError(f"no image of {info.name!r} has one of the model's classes "
                            f"{list(loaded.labels)} (label scheme {loaded.label_scheme!r}). "
@@ -421,16 +454,26 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
     probs = _predict_cache(loaded, cache, progress)
     y_true = cache.labels()
     paths = [r.relpath if info.layout == "npz" else str(Path(info.root) / r.relpath) for r in kept]
+    ids = [r.id for r in kept]
+    truth = provenance.make_truth(label_map, ids, loaded.labels, loaded.label_scheme, labels,
+                                  relabel_id)
+    overlap = None
+    if loaded.run_id is not None:
+        with db.session() as s:
+            overlap = store.run_overlap(session=s, run_id=loaded.run_id, image_ids=ids).to_dict()
+    patients = [r.patient for r in kept]
     eval_id, report = _record(
         db, run_id=loaded.run_id, model_ref=loaded.ref, dataset_id=info.id, split=split or "",
-        labels=list(loaded.labels), image_ids=[r.id for r in kept], paths=paths, y_true=y_true,
-        probs=probs, threshold=loaded.threshold, source=str(data), n_boot=n_boot)
+        labels=list(loaded.labels), image_ids=ids, paths=paths, y_true=y_true,
+        probs=probs, threshold=loaded.threshold, source=str(data), n_boot=n_boot, truth=truth,
+        groups=patients if any(patients) else None, overlap=overlap)
     return EvalOutcome(eval_id, report, loaded.ref, loaded.threshold_source, info.name,
-                       split or "", len(usable) - len(kept))
+                       split or "", len(usable) - len(kept), truth, overlap)
 
 
 def evaluate_model(db: Database, model_ref: str, data: str, *, split: str | None = None,
-                   progress: Progress | None = None) -> tuple[int, ev.EvalReport]:
+                   progress: Progress | None = None,
+                   labels: str = "current") -> tuple[int, ev.EvalReport]:
     """Evaluate a model on a dataset and store the result with per-image outputs.
 
     Args:
@@ -441,31 +484,37 @@ def evaluate_model(db: Database, model_ref: str, data: str, *, split: str | None
             split folder (``.../test``) evaluates that split.
         split: evaluate only this split ("train", "val", "test"); all images when None.
         progress: ``progress(done, total)`` while decoding, then while predicting.
+        labels: score against the "current" labels (relabels applied; default) or the
+            "original" folder labels; stored with the evaluation either way.
 
     Returns:
-        (evaluation id, report at the model's stored operating point).
+        (evaluation id, report at the model's stored operating point; its intervals resample
+        patients where the images have them).
 
     Raises:
         ModelError: the model cannot be found or loaded.
         DatasetError: no such dataset, or no usable image for the split / label scheme.
         ConfigError: a class of the model has no image (AUC needs every class).
     """
-    out = evaluate_dataset(db, model_ref, data, split=split, progress=progress)
+    out = evaluate_dataset(db, model_ref, data, split=split, progress=progress, labels=labels)
     return out.evaluation_id, out.report
 
 
 def evaluate_cli(model_ref: str, data_path: str, split: str | None = None,
-                 progress: Progress | None = None) -> dict:
+                 progress: Progress | None = None, labels: str = "current") -> dict:
     """``python -m cxr_core evaluate``: evaluate, store, and return the JSON summary.
 
     Returns:
         ``{"n", "auc", "accuracy", "sensitivity", "specificity", "threshold",
         "confusion_matrix", "labels"}`` plus ``ci`` (95% bootstrap intervals as [low, high]),
-        ``evaluation_id``, ``model``, ``threshold_source``, ``dataset``, ``split``, ``skipped``.
+        ``evaluation_id``, ``model``, ``threshold_source``, ``dataset``, ``split``, ``skipped``,
+        ``ci_unit`` ("patient" or "image") and ``n_clusters``, ``label_source``,
+        ``label_snapshot`` ({hash, relabel_id}), ``overlap`` and ``warnings``.
     """
     from cxr_core.storage import open_db
 
-    out = evaluate_dataset(open_db(), model_ref, data_path, split=split, progress=progress)
+    out = evaluate_dataset(open_db(), model_ref, data_path, split=split, progress=progress,
+                           labels=labels)
     full = out.report.to_dict()
     keys = ("n", "auc", "accuracy", "sensitivity", "specificity", "threshold",
             "confusion_matrix", "labels")
@@ -473,7 +522,10 @@ def evaluate_cli(model_ref: str, data_path: str, split: str | None = None,
             "ci": {k: [v["low"], v["high"]] for k, v in full["ci"].items()},
             "evaluation_id": out.evaluation_id, "model": out.model_ref,
             "threshold_source": out.threshold_source, "dataset": out.dataset,
-            "split": out.split, "skipped": out.skipped}
+            "split": out.split, "skipped": out.skipped, "ci_unit": full.get("ci_unit"),
+            "n_clusters": full.get("n_clusters"), "label_source": out.truth.source,
+            "label_snapshot": {"hash": out.truth.hash, "relabel_id": out.truth.relabel_id},
+            "overlap": out.overlap, "warnings": out.warnings}
 
 
 # -- Comparing evaluations on the same images -----------------------------------------------
@@ -498,6 +550,18 @@ class Comparison:
     y_true: np.ndarray
     image_ids: tuple[int | None, ...]
     paths: tuple[str, ...]
+    truth_source: str = "stored"  # "current" | "original" | "stored" (not re-derivable)
+    truth_text: str = ""  # which labels every number of the comparison uses
+    dropped: int = 0  # images left out: no class under the chosen labels
+    ci_unit: str | None = None  # "patient" | "image"
+
+    @property
+    def provenance_rows(self) -> list[dict]:
+        """Per evaluation: the labels it was stored with, and what Compare scores it against."""
+        return [{"evaluation": n, "stored against": e.labels_text,
+                 "compared against": self.truth_text,
+                 "warning": provenance.overlap_warning(e.overlap, e.n) or ""}
+                for n, e in self.evaluations.items()]
 
     def mcnemar_rows(self) -> list[dict]:
         """McNemar's test for every pair of runs (one row for two runs)."""
@@ -562,9 +626,36 @@ def _stored_threshold(db: Database, info: EvaluationInfo) -> tuple[float | None,
     return (float(stored), "at evaluation") if stored is not None else (0.5, "none (0.5)")
 
 
+def _comparison_truth(db: Database, infos: list[EvaluationInfo], preds: list[EvalPredictions],
+                      truth: str) -> tuple[np.ndarray, str, str]:
+    """(y, source, text): the truth every compared number uses.
+
+    Indexed images: re-derived from the chosen label version, for every evaluation alike.
+    Otherwise the stored truths must be identical (same labels), and are used as stored.
+    """
+    provenance.check_source(truth)
+    labels = infos[0].labels
+    if all(i is not None for i in preds[0].image_ids):
+        schemes = {e.label_scheme or provenance.infer_scheme(labels) for e in infos}
+        if len(schemes) != 1:
+            raise ConfigError("these evaluations map folder labels to classes differently "
+                              f"(label schemes {sorted(schemes)}); compare one scheme at a time")
+        with db.session() as s:
+            t = provenance.truth_of(s, preds[0].image_ids, labels, schemes.pop(), truth)
+        return t.y, truth, t.text
+    hashes = {e.label_hash for e in infos}
+    if any(not np.array_equal(p.y_true, preds[0].y_true) for p in preds) or len(hashes) > 1:
+        got = [(e.id, e.labels_text) for e in infos]
+        raise ConfigError("these evaluations were scored against different labels and their "
+                          "images are not indexed, so the labels cannot be re-derived; "
+                          f"compare evaluations scored against the same labels. Received: {got}")
+    return preds[0].y_true, "stored", ("labels stored with the evaluations (images not "
+                                       f"indexed: {infos[0].labels_text})")
+
+
 def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
                         mode: str = "operating_point", target: float = 0.95,
-                        n_boot: int = 500) -> Comparison:
+                        n_boot: int = 500, truth: str = "current") -> Comparison:
     """Evaluate 2–4 stored evaluations of the same images at comparable thresholds.
 
     Args:
@@ -573,14 +664,17 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         mode: "operating_point" (each run's stored operating point) or "matched" (each run
             at the threshold reaching the same sensitivity ``target`` on these images; binary).
         target: the matched sensitivity, in (0, 1].
-        n_boot: bootstrap resamples for the 95% intervals.
+        n_boot: bootstrap resamples for the 95% intervals (patients where known).
+        truth: score every evaluation against the "current" labels (relabels up to now) or
+            the "original" folder labels, re-derived per image; evaluations of images that
+            are not indexed must have been scored against identical labels.
 
     Returns:
-        The comparison.
+        The comparison; ``truth_text`` says which labels every number uses.
 
     Raises:
         ConfigError: fewer than 2 or more than 4 evaluations, different images or labels,
-            an unknown mode, or "matched" for a multi-class comparison.
+            an unknown mode or label version, or "matched" for a multi-class comparison.
     """
     ids = list(dict.fromkeys(int(i) for i in evaluation_ids))
     if not 2 <= len(ids) <= 4:
@@ -602,8 +696,13 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         raise ConfigError("matched sensitivity needs binary models; multi-class compares at "
                           f"the argmax. Received: labels={list(labels)}")
     names = _display_names(infos)
-    y = preds[0].y_true
-    probs = {n: p.probs for n, p in zip(names, preds)}
+    y, source, text = _comparison_truth(db, infos, preds, truth)
+    keep = y >= 0  # images with no class under the chosen labels are left out of every run
+    y = y[keep]
+    probs = {n: p.probs[keep] for n, p in zip(names, preds)}
+    image_ids = tuple(i for i, k in zip(preds[0].image_ids, keep) if k)
+    paths = tuple(p for p, k in zip(preds[0].paths, keep) if k)
+    groups = patients_of(db, image_ids)
     if mode == "matched":
         thresholds: dict[str, float | None] = dict(ev.matched_thresholds(y, probs, target))
         sources = {n: f"matched sensitivity {target:.2f}" for n in names}
@@ -611,12 +710,13 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         pairs = {n: _stored_threshold(db, e) for n, e in zip(names, infos)}
         thresholds = {n: t for n, (t, _) in pairs.items()}
         sources = {n: src for n, (_, src) in pairs.items()}
-    reports = {n: ev.evaluate(y, probs[n], list(labels), threshold=thresholds[n], n_boot=n_boot)
-               for n in names}
+    reports = {n: ev.evaluate(y, probs[n], list(labels), threshold=thresholds[n], n_boot=n_boot,
+                              groups=groups) for n in names}
     predictions = {n: ev.predict(probs[n], threshold=thresholds[n]) for n in names}
     return Comparison(tuple(names), dict(zip(names, infos)), labels, mode,
                       target if mode == "matched" else None, thresholds, sources, reports,
-                      predictions, probs, y, preds[0].image_ids, preds[0].paths)
+                      predictions, probs, y, image_ids, paths, source, text,
+                      int((~keep).sum()), "patient" if groups else "image")
 
 
 def send_disagreement_to_review(db: Database, *, image_id: int, run_ref: str, predicted: str,

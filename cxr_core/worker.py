@@ -349,7 +349,9 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
                  result: Any) -> tuple[dict, dict | None, int | None]:
     """Store the validation probabilities and operating point: (metrics, op, eval id)."""
     from cxr_core import evaluation as ev
-    from cxr_core.evaluation_service import record_evaluation, set_operating_point
+    from cxr_core import provenance
+    from cxr_core.evaluation_service import patients_of, record_evaluation, set_operating_point
+    from cxr_core.storage import evals as evals_store
 
     classes = list(result.classes)
     op = None
@@ -361,11 +363,23 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
         op = {"threshold": chosen.threshold, "method": chosen.method, "target": chosen.target,
               "sensitivity": chosen.sensitivity, "specificity": chosen.specificity,
               "chosen_on": "val"}
+    val_ids = list(result.val_image_ids)
+    truth = overlap = None
+    if val_ids and all(i is not None for i in val_ids):
+        snap = prepared.snapshot  # the labels the run trained and selected on
+        with db.session() as s:
+            label_map, relabel_id = provenance.dataset_labels(
+                s, prepared.dataset_id, cfg.label_source,
+                as_of_relabel_id=snap.newest_relabel_id or 0)
+            overlap = evals_store.run_overlap(session=s, run_id=run.id,
+                                              image_ids=val_ids).to_dict()
+        truth = provenance.make_truth(label_map, val_ids, classes, cfg.label_scheme,
+                                      cfg.label_source, relabel_id)
     eval_id = record_evaluation(
         db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
-        split="val", labels=classes, image_ids=list(result.val_image_ids),
+        split="val", labels=classes, image_ids=val_ids,
         paths=list(result.val_paths), y_true=result.val_y, probs=result.val_probs,
-        n_boot=BOOTSTRAP)
+        n_boot=BOOTSTRAP, truth=truth, groups=patients_of(db, val_ids), overlap=overlap)
     rep = ev.evaluate(result.val_y, result.val_probs, classes,
                       threshold=op["threshold"] if op else None, n_boot=0)
     val = {"n": rep.n, "auc": rep.auc, "accuracy": rep.accuracy, "sensitivity": rep.sensitivity,
@@ -423,6 +437,12 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
                                 snapshot_hash=snap.hash,
                                 snapshot_relabel_id=snap.newest_relabel_id)
         store.set_epochs_done(session=s, run_id=run.id, epochs_done=initial)
+        data = prepared.data  # the images it trains and selects on (overlap warnings)
+        store.set_run_images(session=s, run_id=run.id,
+                             train_ids=[i for i, v in zip(data.image_ids, data.is_val)
+                                        if i is not None and not v],
+                             val_ids=[i for i, v in zip(data.image_ids, data.is_val)
+                                      if i is not None and v])
         if resume:
             store.truncate_metrics(session=s, run_id=run.id, after_epoch=initial)
         store.add_log(session=s, run_id=run.id, message=(

@@ -158,8 +158,10 @@ class Evaluation(Base):
     metrics_json: Mapped[str] = mapped_column(Text, default="{}")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # Label provenance: which labels y_true was scored against ("original" | "current"), and
-    # the dataset's label snapshot then (None on evaluations made before 0003).
+    # the hash of those labels over the evaluated images and the dataset's newest relabel id
+    # then (None on evaluations made before 0003).
     label_source: Mapped[str | None] = mapped_column(String(20))
+    label_scheme: Mapped[str | None] = mapped_column(String(20))  # binary | three_class | folders
     label_snapshot_hash: Mapped[str | None] = mapped_column(String(64))
     label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
     overlap_json: Mapped[str | None] = mapped_column(Text)  # evaluated ∩ the run's own images

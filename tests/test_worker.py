@@ -156,6 +156,18 @@ def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
     assert not stopped  # the worker unregistered
     loaded = load_model_ref(f"run:{rid}", db=db)
     assert loaded.threshold == pytest.approx(op.threshold) and loaded.image_size == 32
+    # Provenance: the val evaluation says which labels it used and that it is the run's own
+    # validation set; evaluating the run on its dataset warns of the training overlap.
+    val = evals[0]
+    assert val.label_source == "original" and val.label_scheme == "binary" and val.label_hash
+    assert val.overlap["recorded"] and val.overlap["val_images"] == val.n
+    assert val.overlap["train_images"] == 0 and val.metrics["ci_unit"] == "patient"
+    from cxr_core import evaluation_service as es
+
+    out = es.evaluate_dataset(db, f"run:{rid}", str(real_slice), n_boot=0)
+    n_train, n_val = run.summary["n_train"], run.summary["n_val"]
+    assert (out.overlap["train_images"], out.overlap["val_images"]) == (n_train, n_val)
+    assert out.warnings and "in its training set" in out.warnings[0]
 
 
 def _flagged_run(db, real_slice) -> tuple[int, int, worker.Heartbeat]:

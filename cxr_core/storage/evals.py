@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from db.models import Dataset, EvalPrediction, Evaluation, Run
+from db.models import Dataset, EvalPrediction, Evaluation, ImageRow, Run, RunImage
 from db.models import OperatingPoint as OperatingPointRow
 
 
@@ -35,6 +35,21 @@ class EvaluationInfo:
     n: int
     created_at: datetime
     dataset_name: str | None = None
+    # Label provenance (None on evaluations stored before it was recorded):
+    label_source: str | None = None  # "original" | "current": the labels y_true came from
+    label_scheme: str | None = None  # how folder labels map to ``labels``
+    label_hash: str | None = None  # sha256 of those labels over the evaluated images
+    label_relabel_id: int | None = None  # the dataset's newest relabel then (None: none)
+    overlap: dict | None = None  # evaluated images the run trained / selected on
+
+    @property
+    def labels_text(self) -> str:
+        """e.g. ``current labels (relabels ≤ #57, 3f2a9c…)`` or ``labels not recorded``."""
+        if self.label_source is None:
+            return "labels not recorded"
+        upto = "" if self.label_source == "original" else (
+            f"relabels ≤ #{self.label_relabel_id}, " if self.label_relabel_id else "no relabels, ")
+        return f"{self.label_source} labels ({upto}{(self.label_hash or '')[:8]}…)"
 
     @property
     def title(self) -> str:
@@ -92,11 +107,18 @@ def _utc(value: datetime | None) -> datetime | None:
 def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
                    dataset_id: int | None, split: str, source: str, labels: Sequence[str],
                    images_key: str, metrics: dict, image_ids: Sequence[int | None],
-                   paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray) -> int:
-    """Store an evaluation and one prediction row per image; returns the evaluation id."""
+                   paths: Sequence[str], y_true: np.ndarray, probs: np.ndarray,
+                   label_source: str | None = None, label_scheme: str | None = None,
+                   label_hash: str | None = None, label_relabel_id: int | None = None,
+                   overlap: dict | None = None) -> int:
+    """Store an evaluation (with the labels it was scored against) and one prediction row per
+    image; returns the evaluation id."""
     row = Evaluation(run_id=run_id, model_ref=model_ref, dataset_id=dataset_id, split=split,
                      source=source, labels_json=json.dumps(list(labels)),
-                     images_key=images_key, metrics_json=json.dumps(metrics))
+                     images_key=images_key, metrics_json=json.dumps(metrics),
+                     label_source=label_source, label_scheme=label_scheme,
+                     label_snapshot_hash=label_hash, label_snapshot_relabel_id=label_relabel_id,
+                     overlap_json=None if overlap is None else json.dumps(overlap))
     session.add(row)
     session.flush()
     rows = [{"evaluation_id": row.id, "image_id": None if i is None else int(i), "path": str(p),
@@ -114,7 +136,9 @@ def _info(row: Evaluation, run_name: str | None, n: int,
                           row.model_ref, row.dataset_id, row.split, row.source,
                           tuple(json.loads(row.labels_json)), row.images_key,
                           json.loads(row.metrics_json or "{}"), n, _utc(row.created_at),
-                          dataset_name)
+                          dataset_name, row.label_source, row.label_scheme,
+                          row.label_snapshot_hash, row.label_snapshot_relabel_id,
+                          json.loads(row.overlap_json) if row.overlap_json else None)
 
 
 def list_evaluations(*, session: Session, run_id: int | None = None,
@@ -216,3 +240,50 @@ def operating_points(*, session: Session, run_id: int) -> list[OperatingPoint]:
     rows = session.scalars(select(OperatingPointRow).where(OperatingPointRow.run_id == run_id)
                            .order_by(OperatingPointRow.id.desc())).all()
     return [_op(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class RunOverlap:
+    """Evaluated images that the evaluated run trained on ("train") or selected on ("val")."""
+
+    recorded: bool  # False: the run's images were not recorded (a run from before 0003)
+    train_images: int = 0
+    val_images: int = 0
+    train_patients: int = 0  # patients of the evaluated images among the training patients
+    val_patients: int = 0
+    same_content: int = 0  # evaluated images byte-identical to a training image elsewhere
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> RunOverlap:
+    """How many of ``image_ids`` (and their patients) the run trained or selected on.
+
+    Images are the same row (dataset, path) or the same bytes (sha256, e.g. the same file
+    indexed as another dataset); patients are compared within the run's dataset.
+    """
+    rows = session.execute(
+        select(RunImage.role, ImageRow.id, ImageRow.dataset_id, ImageRow.patient,
+               ImageRow.sha256).join(ImageRow, ImageRow.id == RunImage.image_id)
+        .where(RunImage.run_id == run_id)).all()
+    if not rows:
+        return RunOverlap(False)
+    ids = [int(i) for i in image_ids]
+    evaluated = []
+    for i in range(0, len(ids), 500):
+        evaluated += session.execute(select(ImageRow.id, ImageRow.dataset_id, ImageRow.patient,
+                                            ImageRow.sha256).where(
+            ImageRow.id.in_(ids[i:i + 500]))).all()
+    out: dict[str, int] = {}
+    seen_sha = {r.sha256 for r in rows if r.sha256}
+    for role in ("train", "val"):
+        mine = [r for r in rows if r.role == role]
+        by_id = {r.id for r in mine}
+        patients = {(r.dataset_id, r.patient) for r in mine if r.patient}
+        out[f"{role}_images"] = sum(e.id in by_id for e in evaluated)
+        out[f"{role}_patients"] = len({(e.dataset_id, e.patient) for e in evaluated
+                                       if e.patient and (e.dataset_id, e.patient) in patients})
+    train_ids = {r.id for r in rows}
+    out["same_content"] = sum(e.id not in train_ids and e.sha256 in seen_sha for e in evaluated)
+    return RunOverlap(True, **out)

@@ -171,21 +171,26 @@ def _newest_active(base: Label, records: Iterable[RelabelRecord]) -> Label:
     return (active[-1].new_label, active[-1].new_subtype) if active else base
 
 
-def _originals(session: Session, dataset_id: int) -> dict[int, Label]:
+def _originals(session: Session, dataset_id: int,
+               include_missing: bool = False) -> dict[int, Label]:
     """Original labels of the dataset's images present on disk (missing rows keep their
-    relabels but are in no label set, snapshot or run)."""
+    relabels but are in no label set, snapshot or run; ``include_missing`` adds them, for
+    re-scoring stored outputs of images that have since gone)."""
     q = select(ImageRow.id, ImageRow.label, ImageRow.subtype).where(
-        ImageRow.dataset_id == dataset_id, ImageRow.missing.is_(False))
+        ImageRow.dataset_id == dataset_id)
+    if not include_missing:
+        q = q.where(ImageRow.missing.is_(False))
     return {i: (label, sub) for i, label, sub in session.connection().execute(q)}
 
 
-def original_labels(*, session: Session, dataset_id: int) -> dict[int, Label]:
+def original_labels(*, session: Session, dataset_id: int,
+                    include_missing: bool = False) -> dict[int, Label]:
     """image_id -> (label, subtype) as indexed from disk (never changed by review)."""
-    return _originals(session, dataset_id)
+    return _originals(session, dataset_id, include_missing)
 
 
-def current_labels(*, session: Session, dataset_id: int,
-                   as_of_relabel_id: int | None = None) -> dict[int, Label]:
+def current_labels(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
+                   include_missing: bool = False) -> dict[int, Label]:
     """The current label of every image of a dataset.
 
     Args:
@@ -193,13 +198,14 @@ def current_labels(*, session: Session, dataset_id: int,
         dataset_id: the dataset.
         as_of_relabel_id: ignore relabel rows newer than this id (reproduces a run's snapshot);
             0 gives the original labels, None the labels as of now.
+        include_missing: also the images whose file is gone (flagged missing).
 
     Returns:
         image_id -> (folder label, subtype): the newest active relabel, else the original.
     """
     records = list_relabels(session=session, dataset_id=dataset_id,
                             as_of_relabel_id=as_of_relabel_id)
-    return derive_labels(_originals(session, dataset_id), records)
+    return derive_labels(_originals(session, dataset_id, include_missing), records)
 
 
 def labels_hash(labels: dict[int, Label]) -> str:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import RunError
-from db.models import Metric, Run, RunLog, Worker
+from db.models import Metric, Run, RunImage, RunLog, Worker
 
 RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
@@ -183,6 +183,16 @@ def claim_next_run(*, session: Session, worker_id: int) -> int | None:
         if claim_run(session=session, run_id=run_id, worker_id=worker_id):
             return run_id
     return None
+
+
+def set_run_images(*, session: Session, run_id: int, train_ids: Iterable[int],
+                   val_ids: Iterable[int]) -> None:
+    """Record the images a run trains on and selects on (replacing a resumed run's rows)."""
+    session.execute(delete(RunImage).where(RunImage.run_id == run_id))
+    rows = [{"run_id": run_id, "image_id": int(i), "role": role}
+            for role, ids in (("train", train_ids), ("val", val_ids)) for i in ids]
+    for start in range(0, len(rows), 1000):
+        session.execute(insert(RunImage), rows[start:start + 1000])
 
 
 def set_run_artifacts(*, session: Session, run_id: int, artifact_dir: str | None = None,

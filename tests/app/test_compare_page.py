@@ -114,3 +114,25 @@ def test_multiclass_compare_renders_without_thresholds(cxr_home, tiny_dataset, t
     assert len(at.get("plotly_chart")) == 2 * 2 + 3
     assert any("argmax" in m.value for m in at.markdown)
     assert any("multi-class uses the argmax" in i.value for i in at.info)
+
+
+def test_page_says_which_labels_every_number_uses_and_warns_of_seen_data(two_runs):
+    db = open_db()
+    from cxr_core.storage import runs as run_store
+
+    with db.session() as s:  # alpha trained on two of the train images it was evaluated on
+        ids = [r for r in es.load_predictions(db, es.list_evaluations(db)[-1].id).image_ids][:2]
+    db.write(lambda s: run_store.set_run_images(session=s, run_id=two_runs[0], train_ids=ids,
+                                                val_ids=[]))
+    es.evaluate_model(db, f"run:{two_runs[0]}", "tiny", split="train")  # re-evaluated: warned
+    at = _page()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "Every number below" in c.value)
+    assert "current labels" in caption and "bootstrap over patients" in caption
+    assert any("in its training set" in w.value for w in at.warning)
+    at.radio(key="compare_truth").set_value("original").run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "Every number below" in c.value)
+    assert "original labels" in caption
+    table = at.dataframe[-1].value
+    assert list(table.columns[:3]) == ["evaluation", "stored against", "compared against"]

@@ -214,3 +214,22 @@ def test_upload_with_missing_file_shows_an_error(tiny):
     assert "missing" in at.error[0].value
     at.button(key="review_skip").click().run()  # skip works with an upload's key
     assert progress_text(at) == "0 reviewed, 1 left"
+
+
+def test_image_changed_since_relabel_is_flagged_and_queued(tiny, tmp_path):
+    db, dataset_id = tiny
+    at = start()
+    at.radio(key="review_queue").set_value("class").run()
+    at.button(key="review_label_1").click().run()  # relabel the first NORMAL image
+    path = tmp_path / "tiny" / "train" / "NORMAL" / "IM-0001-0001.png"
+    Image.fromarray(np.full((48, 40), 201, np.uint8)).save(path)  # a re-export: new bytes
+    index_dataset(db, tmp_path / "tiny", name="tiny")
+    at = start("Dr Two")
+    assert any("changed on disk since they were relabelled" in w.value for w in at.warning)
+    at.radio(key="review_queue").set_value("changed").run()
+    assert not at.exception, at.exception
+    assert at.markdown[0].value.startswith("**train/NORMAL/IM-0001-0001.png**")
+    assert any("Image changed since it was relabelled" in w.value for w in at.warning)
+    at.button(key="review_label_1").click().run()  # confirmed on the new bytes
+    assert "Nothing left" in at.success[0].value
+    assert len(relabels(db, dataset_id)) == 2  # the first relabel is kept beside the new one

@@ -55,6 +55,7 @@ def upgrade() -> None:
 
     with op.batch_alter_table('evaluations', schema=None, recreate='never') as batch_op:
         batch_op.add_column(sa.Column('label_source', sa.String(length=20), nullable=True))
+        batch_op.add_column(sa.Column('label_scheme', sa.String(length=20), nullable=True))
         batch_op.add_column(sa.Column('label_snapshot_hash', sa.String(length=64), nullable=True))
         batch_op.add_column(sa.Column('label_snapshot_relabel_id', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('overlap_json', sa.Text(), nullable=True))
@@ -84,7 +85,7 @@ def downgrade() -> None:
         op.execute(f"ALTER TABLE images DROP COLUMN {col}")
     op.drop_table('run_images')
     for col in ('overlap_json', 'label_snapshot_relabel_id', 'label_snapshot_hash',
-                'label_source'):
+                'label_scheme', 'label_source'):
         op.execute(f"ALTER TABLE evaluations DROP COLUMN {col}")
     with op.batch_alter_table('review_items', schema=None) as batch_op:
         batch_op.drop_constraint('fk_review_items_image_id_images', type_='foreignkey')
