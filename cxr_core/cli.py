@@ -2,6 +2,9 @@
 
 With ``--json`` each command prints exactly one JSON object on stdout; errors go to stderr
 as one line with a non-zero exit (a traceback only with ``--debug``). Progress goes to stderr.
+
+``relabel add|import|list`` writes and reads relabels with the review page's functions
+(:mod:`cxr_core.review`); ``import`` writes every row of its CSV in one transaction, or none.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ def cmd_index(args: argparse.Namespace) -> dict:
     from cxr_core.storage import open_db
 
     report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"))
-    for problem in report.problems[:20]:
+    for problem in [*report.warnings, *report.problems[:20]]:
         print(f"warning: {problem}", file=sys.stderr)
     return report.to_json()
 
@@ -53,7 +56,10 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from cxr_core.evaluation_service import evaluate_cli
 
-    return evaluate_cli(args.model, args.data, split=args.split)
+    out = evaluate_cli(args.model, args.data, split=args.split, labels=args.labels)
+    for warning in out["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    return out
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -68,14 +74,45 @@ def cmd_worker(args: argparse.Namespace) -> dict:
     return run_worker(once=args.once, idle_exit_s=args.idle_exit)
 
 
+def cmd_relabel_add(args: argparse.Namespace) -> dict:
+    from cxr_core.review import relabel_by_path, relabel_json
+    from cxr_core.storage import open_db
+
+    rec = relabel_by_path(open_db(), dataset=args.dataset, relpath=args.path, label=args.label,
+                          subtype=args.subtype, reviewer=args.reviewer, note=args.note)
+    return relabel_json(rec, args.dataset)
+
+
+def cmd_relabel_import(args: argparse.Namespace) -> dict:
+    from cxr_core.review import import_relabels
+    from cxr_core.storage import open_db
+
+    if args.file == "-":
+        records = import_relabels(open_db(), dataset=args.dataset, source=sys.stdin,
+                                  reviewer=args.reviewer, source_name="stdin")
+    else:
+        records = import_relabels(open_db(), dataset=args.dataset, source=args.file,
+                                  reviewer=args.reviewer)
+    return {"dataset": args.dataset, "count": len(records), "ids": [r.id for r in records]}
+
+
+def cmd_relabel_list(args: argparse.Namespace) -> dict:
+    from cxr_core.review import relabel_history, relabel_json
+    from cxr_core.storage import open_db
+
+    info, records = relabel_history(open_db(), dataset=args.dataset)
+    return {"dataset": info.name, "count": len(records),
+            "relabels": [relabel_json(r, info.name) for r in records]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core",
                                      description="Chest X-ray pneumonia classifier workbench.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_)
+    def add(name: str, fn: Callable, help_: str, subs=sub) -> argparse.ArgumentParser:
+        p = subs.add_parser(name, help=help_)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         p.set_defaults(fn=fn)
@@ -91,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None)
+    p.add_argument("--labels", choices=("current", "original"), default="current",
+                   help="score against the current labels (relabels applied) or the original "
+                        "folder labels; stored with the evaluation")
     p = add("predict", cmd_predict, "predict (and explain) images")
     p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
     p.add_argument("images", nargs="+")
@@ -102,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run the training worker in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
+    rsub = relabel.add_subparsers(dest="relabel_command", required=True)
+    p = add("add", cmd_relabel_add, "relabel one image by its path", rsub)
+    p.add_argument("--dataset", required=True, help="the dataset's name")
+    p.add_argument("--path", required=True, help="the image's path under the dataset root")
+    p.add_argument("--label", required=True,
+                   help="a folder class (or a button's text, e.g. PNEUMONIA·virus)")
+    p.add_argument("--subtype", default=None, help="bacteria | virus, where the class has them")
+    p.add_argument("--reviewer", required=True)
+    p.add_argument("--note", default="")
+    p = add("import", cmd_relabel_import,
+            "relabel from a CSV (path,label[,subtype,reviewer,note]): all rows or none", rsub)
+    p.add_argument("file", help="the CSV file (header row required); - reads stdin")
+    p.add_argument("--dataset", required=True, help="the dataset's name")
+    p.add_argument("--reviewer", default=None, help="for rows without a reviewer cell")
+    p = add("list", cmd_relabel_list, "the dataset's relabel history (undo rows included), "
+            "oldest first", rsub)
+    p.add_argument("--dataset", required=True, help="the dataset's name")
     return parser
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxr_core.csv_safe import safe_cell
 from cxr_core import images as image_io
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, CxrError, ImageLoadError, ModelError
@@ -196,7 +197,7 @@ class BatchResult:
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["file"])
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: _csv_safe(v) for k, v in row.items()})
+            writer.writerow({k: safe_cell(v) for k, v in row.items()})
         return buf.getvalue()
 
     def to_json(self) -> dict:
@@ -207,12 +208,6 @@ class BatchResult:
                                  "probabilities": p.probabilities, "threshold": self.threshold,
                                  "saliency": None} for p in self.predictions],
                 "errors": [{"file": e.source.name, "error": e.error} for e in self.errors]}
-
-
-def _csv_safe(value: Any) -> Any:
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return value
 
 
 # -- Predicting -----------------------------------------------------------------------------

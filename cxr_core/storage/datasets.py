@@ -170,3 +170,15 @@ def get_images(*, session: Session, image_ids: Sequence[int]) -> list[ImageRecor
         for r in session.execute(select(*cols).where(ImageRow.id.in_(ids[i:i + 500]))):
             found[r[0]] = ImageRecord(*r)
     return [found[i] for i in ids if i in found]
+
+
+def image_by_path(*, session: Session, dataset_id: int, relpath: str) -> ImageRecord | None:
+    """The image at ``relpath`` in a dataset, or None when no row has that path.
+
+    Rows flagged missing are found too (check ``record.missing``): their history is kept, and
+    a caller that must refuse them (relabelling) can say why instead of "unknown path".
+    """
+    cols = [getattr(ImageRow, c) for c in _RECORD_COLS]
+    row = session.execute(select(*cols).where(ImageRow.dataset_id == dataset_id,
+                                              ImageRow.relpath == relpath)).first()
+    return None if row is None else ImageRecord._make(row)
