@@ -3,12 +3,16 @@
 CXR_HOME      state folder: DB, caches, run artifacts (default ~/.cxr)
 CXR_DB_URL    any SQLAlchemy URL (default sqlite:///$CXR_HOME/cxr.db); PostgreSQL works
 CXR_DATA_DIR  dataset folders/files to register at start, separated by the OS path separator
+CXR_PATIENT_SALT  secret mixed into hashed DICOM PatientIDs (default: $CXR_HOME/patient_salt)
 """
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from cxr_core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,10 @@ class Settings:
     def uploads_dir(self) -> Path:
         return self.home / "uploads"
 
+    @property
+    def patient_salt_file(self) -> Path:
+        return self.home / "patient_salt"
+
 
 def get_settings() -> Settings:
     """Read the settings from environment variables.
@@ -44,3 +52,35 @@ def get_settings() -> Settings:
     raw = os.environ.get("CXR_DATA_DIR", "")
     data_dirs = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip())
     return Settings(home=home, db_url=db_url, data_dirs=data_dirs)
+
+
+def patient_salt(settings: Settings | None = None) -> str:
+    """The secret that DICOM PatientIDs are hashed with, stable for one deployment.
+
+    ``CXR_PATIENT_SALT`` when set (set it when several hosts share one database); else a
+    random salt made once in ``$CXR_HOME/patient_salt`` (mode 0600) and read from there on
+    every later scan. Changing or deleting it changes every DICOM patient on re-index.
+
+    Raises:
+        ConfigError: the salt file exists but is empty.
+    """
+    env = os.environ.get("CXR_PATIENT_SALT")
+    if env:
+        return env
+    path = (settings or get_settings()).patient_salt_file
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # atomic and never overwrites: concurrent first scans agree
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    salt = path.read_text().strip()
+    if not salt:
+        raise ConfigError(
+            f"patient salt file is empty: {path} (restore it or set CXR_PATIENT_SALT)")
+    return salt

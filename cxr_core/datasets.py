@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from cxr_core import config
 from cxr_core.errors import ConfigError, DatasetError, ImageLoadError
 from cxr_core.images import IMAGE_SUFFIXES, read_header
 
@@ -297,8 +298,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def scan_file(root: Path, entry: FileEntry) -> ScannedImage:
-    """Read one file's header and content hash; an unreadable file is reported in ``error``."""
+def scan_file(root: Path, entry: FileEntry, patient_salt: str | None = None) -> ScannedImage:
+    """Read one file's header and content hash; an unreadable file is reported in ``error``.
+
+    A DICOM file's PatientID (salted hash, see :func:`cxr_core.images.patient_key`) wins over
+    the patient parsed from the file name; its StudyDate fills ``acquired_date``. The salt
+    defaults to :func:`cxr_core.config.patient_salt`.
+    """
     path = root / entry.relpath
     subtype, patient = parse_name(path.name)
     base = dict(relpath=entry.relpath, split=entry.split, label=entry.label, subtype=subtype,
@@ -309,10 +315,12 @@ def scan_file(root: Path, entry: FileEntry) -> ScannedImage:
         return ScannedImage(**base, sha256=None, width=None, height=None, mode=None,
                             error=f"cannot read file ({exc.strerror or exc})")
     try:
-        hdr = read_header(path)
+        hdr = read_header(path, patient_salt=patient_salt or config.patient_salt())
     except ImageLoadError as exc:
         return ScannedImage(**base, sha256=sha, width=None, height=None, mode=None, error=str(exc))
-    return ScannedImage(**base, sha256=sha, width=hdr.width, height=hdr.height, mode=hdr.mode)
+    base["patient"] = hdr.patient or patient
+    return ScannedImage(**base, sha256=sha, width=hdr.width, height=hdr.height, mode=hdr.mode,
+                        acquired_date=hdr.acquired_date)
 
 
 def scan_npz(layout: Layout) -> list[ScannedImage]:
@@ -364,8 +372,9 @@ def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]]
     if progress:
         progress(done, total)
     rows: list[ScannedImage] = []
+    salt = config.patient_salt() if todo else None
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for row in pool.map(lambda e: scan_file(layout.root, e), todo):
+        for row in pool.map(lambda e: scan_file(layout.root, e, salt), todo):
             rows.append(row)
             done += 1
             if progress and (done % 64 == 0 or done == total):

@@ -2,19 +2,27 @@
 
 It reads headers without decoding (for the index), and decodes with the guards a clinical
 image tool needs: EXIF orientation, 16-bit and CMYK sources, multi-frame files, decompression
-bombs, truncated files, text files with an image extension, and DICOM (VOI LUT, MONOCHROME1).
+bombs, truncated files, text files with an image extension, and DICOM (size guard from the
+header, first frame only, modality LUT then VOI LUT or window, MONOCHROME1; RLE, JPEG Lossless,
+JPEG-LS and JPEG 2000 through the pylibjpeg plugins).
 """
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cxr_core.errors import ImageLoadError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 # Largest image we decode: 12k x 12k. Full-res chest films are at most ~3k a side; a
 # 30k x 30k PNG is a decompression bomb and must be refused before decoding.
@@ -32,6 +40,8 @@ class ImageHeader:
     mode: str  # PIL mode of the file ("L", "RGB", "I;16", "CMYK", ...) or "DICOM"
     format: str
     bytes: int
+    patient: str | None = None  # DICOM: salted hash of PatientID (never the raw id)
+    acquired_date: str | None = None  # DICOM: ISO YYYY-MM-DD of StudyDate (or fallbacks)
 
 
 def is_dicom(data: bytes) -> bool:
@@ -63,12 +73,15 @@ def _read(source: str | Path | bytes, name: str | None) -> tuple[bytes, str]:
         raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
 
 
-def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                patient_salt: str | None = None) -> ImageHeader:
     """Read size and mode from the file header only (no pixel decoding).
 
     Args:
         path: image file.
         max_pixels: larger images are reported as unreadable (decompression-bomb guard).
+        patient_salt: when given, a DICOM file's PatientID is returned as
+            :func:`patient_key` (salted hash); without it no patient is read.
 
     Returns:
         The header fields stored by the index.
@@ -82,7 +95,7 @@ def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
         with path.open("rb") as fh:
             head = fh.read(_DICOM_MAGIC_OFFSET + 4)
             if is_dicom(head):
-                return _dicom_header(path, size)
+                return _dicom_header(path, size, max_pixels, patient_salt)
     except OSError as exc:
         raise ImageLoadError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
     if size == 0:
@@ -104,14 +117,53 @@ def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Im
     return ImageHeader(width, height, mode, fmt, size)
 
 
-def _dicom_header(path: Path, size: int) -> ImageHeader:
+def patient_key(patient_id: str, salt: str) -> str:
+    """The index's patient value for a DICOM PatientID: "dcm-" + 16 hex of sha256(salt + id)."""
+    return "dcm-" + hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()[:16]
+
+
+def _dicom_date(ds: Dataset) -> str | None:
+    """StudyDate, else AcquisitionDate, else ContentDate, as ISO YYYY-MM-DD (None if invalid)."""
+    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate"):
+        digits = str(ds.get(keyword) or "").strip().replace(".", "")  # also ACR-NEMA YYYY.MM.DD
+        if len(digits) != 8 or not digits.isdigit():
+            continue
+        try:
+            return dt.date(int(digits[:4]), int(digits[4:6]), int(digits[6:])).isoformat()
+        except ValueError:  # e.g. month 13
+            continue
+    return None
+
+
+def _dicom_size(ds: Dataset, label: str, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of one frame from Rows/Columns/NumberOfFrames, refusing bombs."""
+    try:
+        width, height = int(ds.Columns), int(ds.Rows)
+        frames = int(ds.get("NumberOfFrames") or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ImageLoadError(f"{label}: unreadable DICOM header (Rows, Columns or "
+                             f"NumberOfFrames missing or not a number)") from exc
+    if width < 1 or height < 1 or frames < 1:
+        raise ImageLoadError(f"{label}: unreadable DICOM header (claims {width}x{height} px "
+                             f"and {frames} frame(s); expected at least 1 of each)")
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            f"{label}: image too large ({width}x{height} px; at most {max_pixels:,} pixels)")
+    return width, height
+
+
+def _dicom_header(path: Path, size: int, max_pixels: int,
+                  patient_salt: str | None) -> ImageHeader:
     import pydicom
 
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        return ImageHeader(int(ds.Columns), int(ds.Rows), "DICOM", "DICOM", size)
     except Exception as exc:  # pydicom raises many types on malformed files
         raise ImageLoadError(f"{path.name}: unreadable DICOM header ({exc})") from exc
+    width, height = _dicom_size(ds, path.name, max_pixels)
+    patient_id = str(ds.get("PatientID") or "").strip()
+    patient = patient_key(patient_id, patient_salt) if patient_id and patient_salt else None
+    return ImageHeader(width, height, "DICOM", "DICOM", size, patient, _dicom_date(ds))
 
 
 def load_image(source: str | Path | bytes, *, name: str | None = None,
@@ -134,7 +186,7 @@ def load_image(source: str | Path | bytes, *, name: str | None = None,
     """
     data, label = _read(source, name)
     if is_dicom(data):
-        return _load_dicom(data, label)
+        return _load_dicom(data, label, max_pixels)
     img = _open_bytes(data, label)
     width, height = img.size
     if width * height > max_pixels:
@@ -180,13 +232,14 @@ def _window_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None 
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def _load_dicom(data: bytes, label: str) -> Image.Image:
-    """Decode DICOM pixels with the VOI LUT / window applied and MONOCHROME1 inverted.
+def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    """Decode the first frame: modality LUT, then VOI LUT or window, MONOCHROME1 inverted.
 
-    Only pixels leave this function: no header field (patient data) is returned or stored.
+    The size is checked from the header before any pixel is decoded. Only pixels leave this
+    function: no header field (patient data) is returned or stored.
     """
     import pydicom
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
@@ -194,19 +247,44 @@ def _load_dicom(data: bytes, label: str) -> Image.Image:
         raise ImageLoadError(f"{label}: unreadable DICOM file ({exc})") from exc
     if "PixelData" not in ds:
         raise ImageLoadError(f"{label}: DICOM file has no pixel data")
+    _dicom_size(ds, label, max_pixels)
     try:
-        arr = ds.pixel_array
-    except Exception as exc:  # missing decoder plugin, bad transfer syntax
+        arr = pixel_array(ds, index=0)  # decodes the first frame only
+    except Exception as exc:  # missing decoder plugin, bad transfer syntax, short data
         raise ImageLoadError(f"{label}: cannot decode DICOM pixels ({exc})") from exc
-    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
-        arr = arr[0]  # multi-frame: take the first frame
     if arr.ndim == 3:
         return Image.fromarray(arr[..., :3].astype(np.uint8), mode="RGB")
-    arr = apply_voi_lut(arr, ds).astype(np.float64)
-    out = _window_to_uint8(arr, label=label)
+    try:
+        values, lo, hi = _apply_voi(apply_modality_lut(arr, ds), ds)
+    except Exception as exc:  # invalid window width, LUT descriptor, ...
+        raise ImageLoadError(f"{label}: invalid DICOM modality/VOI LUT ({exc})") from exc
+    out = _window_to_uint8(np.asarray(values, dtype=np.float64), lo, hi, label=label)
     if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
         out = 255 - out  # MONOCHROME1: high values are dark
     return Image.fromarray(out, mode="L")
+
+
+def _apply_voi(values: np.ndarray, ds: Dataset,
+               ) -> tuple[np.ndarray, float | None, float | None]:
+    """``apply_voi_lut`` and the range its output spans; (values, None, None) without a VOI.
+
+    The range comes from passing the LUT's whole domain (or values beyond both window edges)
+    through pydicom, so 8 bits span what the LUT or window maps to, not one image's min-max.
+    The LUT is preferred over a window, as ``apply_voi_lut`` does.
+    """
+    from pydicom.pixels import apply_voi_lut
+
+    item = (ds.get("VOILUTSequence") or [None])[0]
+    if item is not None and None not in (item.get("LUTDescriptor"), item.get("LUTData")):
+        entries, first = int(item.LUTDescriptor[0]) or 2 ** 16, int(item.LUTDescriptor[1])
+        probe = np.arange(first, first + entries)
+        values = np.rint(values).astype(np.int64)  # LUT inputs are whole numbers
+    elif None not in (ds.get("WindowCenter"), ds.get("WindowWidth")):
+        probe = np.array([-np.inf, np.inf])
+    else:
+        return values, None, None
+    ends = np.asarray(apply_voi_lut(probe, ds), dtype=np.float64)
+    return apply_voi_lut(values, ds), float(ends.min()), float(ends.max())
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:
