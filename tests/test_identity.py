@@ -15,6 +15,7 @@ from sqlalchemy import create_engine, delete, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from conftest import write_image
+from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 from cxr_core import review
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
@@ -151,13 +152,12 @@ def test_no_cascade_can_remove_a_relabel(relabelled):
     assert [r.id for r in _relabels(db, dataset_id)] == [rid]
 
 
-def _old_schema_db(path):
-    """A SQLite DB made by schema 0002 with a dataset, relabels (one undone), an upload
-    relabel, review items, a run with an evaluation and its predictions."""
-    url = f"sqlite:///{path}"
+def _old_schema_db(url):
+    """A DB made by schema 0002 with a dataset, relabels (one undone), an upload relabel,
+    review items, a run with an evaluation and its predictions."""
     engine = make_engine(url)
     upgrade(engine, "0002")
-    now = datetime(2026, 11, 30, tzinfo=timezone.utc).isoformat(sep=" ")
+    now = datetime(2026, 11, 30, tzinfo=timezone.utc)
     with engine.begin() as c:
         c.execute(text("INSERT INTO datasets (id, name, root, layout, classes_json, created_at) "
                        "VALUES (1, 'kermany', '/data', 'kaggle', '[\"NORMAL\",\"PNEUMONIA\"]', "
@@ -176,10 +176,10 @@ def _old_schema_db(path):
                     dict(id=4, img=None, up="f" * 64, o="", n="NORMAL", who="carol", undo=None)]:
             c.execute(text(rel), dict(row, t=now))
         c.execute(text("INSERT INTO review_items (id, image_id, source, sent_by, created_at, "
-                       "done) VALUES (1, 2, 'predict', 'dave', :t, 0)"), {"t": now})
+                       "done) VALUES (1, 2, 'predict', 'dave', :t, :no)"), {"t": now, "no": False})
         c.execute(text("INSERT INTO runs (id, name, status, config_json, created_at, "
                        "cancel_requested, resume_requested, epochs_done) VALUES "
-                       "(1, 'r', 'finished', '{}', :t, 0, 0, 3)"), {"t": now})
+                       "(1, 'r', 'finished', '{}', :t, :no, :no, 3)"), {"t": now, "no": False})
         c.execute(text("INSERT INTO evaluations (id, run_id, model_ref, split, source, "
                        "labels_json, images_key, metrics_json, created_at) VALUES "
                        "(1, 1, 'run:1', 'val', '/data', '[]', 'k', '{}', :t)"), {"t": now})
@@ -193,8 +193,16 @@ TABLES = ("datasets", "images", "relabels", "review_items", "runs", "evaluations
           "eval_predictions")
 
 
-def test_old_schema_database_upgrades_without_loss(tmp_path):
-    url = _old_schema_db(tmp_path / "old.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def old_db_url(request, tmp_path):
+    """An empty database URL: a SQLite file, or the CI PostgreSQL (a clean schema)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'old.db'}"
+    return request.getfixturevalue("pg_url")
+
+
+def test_old_schema_database_upgrades_without_loss(old_db_url):
+    url = _old_schema_db(old_db_url)
     raw = create_engine(url)
     with raw.connect() as c:
         before = {t: c.execute(text(f"SELECT * FROM {t} ORDER BY id")).mappings().all()
@@ -220,6 +228,7 @@ def test_old_schema_database_upgrades_without_loss(tmp_path):
             s.execute(delete(models.ImageRow).where(models.ImageRow.id == 2))
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(models.Relabel)) == 4
+    db.engine.dispose()
 
 
 def test_review_queue_of_changed_images_empties_when_relabelled(relabelled):
