@@ -17,6 +17,7 @@ import streamlit as st
 
 from cxr_core import images as cxr_images
 from cxr_core.errors import CxrError
+from cxr_core.config import apply_secrets
 from cxr_core.indexing import index_dataset, register_env_datasets
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import datasets as store
@@ -24,7 +25,12 @@ from cxr_core.storage import datasets as store
 
 @st.cache_resource(show_spinner="Opening the database…")
 def get_db() -> Database:
-    """One migrated database per app process; CXR_DATA_DIR datasets are indexed once."""
+    """One migrated database per app process; CXR_DATA_DIR datasets are indexed once.
+
+    Settings: the environment, then the ``[cxr]`` table of ``.streamlit/secrets.toml``.
+    """
+    if st.secrets.load_if_toml_exists() and "cxr" in st.secrets:
+        apply_secrets(st.secrets["cxr"])
     db = open_db()
     for item in register_env_datasets(db):
         if isinstance(item, str):

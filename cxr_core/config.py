@@ -1,4 +1,8 @@
-"""Settings from the environment (or .streamlit/secrets.toml's [cxr] table via the app).
+"""Settings from the environment; the app also reads .streamlit/secrets.toml's [cxr] table.
+
+In the app, ``[cxr]`` keys (``home``, ``db_url``, ``data_dir``, ``patient_salt``, or their
+``CXR_*`` names) fill the matching environment variables that are not already set
+(:func:`apply_secrets`): the environment wins, and worker processes the app starts inherit them.
 
 CXR_HOME      state folder: DB, caches, run artifacts (default ~/.cxr)
 CXR_DB_URL    any SQLAlchemy URL (default sqlite:///$CXR_HOME/cxr.db); PostgreSQL works
@@ -9,8 +13,10 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cxr_core.errors import ConfigError
 
@@ -38,6 +44,38 @@ class Settings:
     @property
     def patient_salt_file(self) -> Path:
         return self.home / "patient_salt"
+
+
+SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA_DIR",
+               "patient_salt": "CXR_PATIENT_SALT"}
+
+
+def apply_secrets(table: Mapping[str, Any]) -> dict[str, str]:
+    """Set the ``CXR_*`` variables named in a ``[cxr]`` secrets table, unless already set.
+
+    Args:
+        table: e.g. ``{"db_url": "postgresql+psycopg2://...", "data_dir": ["/data/a"]}``;
+            ``data_dir`` may be a list of paths.
+
+    Returns:
+        The variables set (name -> value).
+
+    Raises:
+        ConfigError: an unknown key (a typo must not be silently ignored).
+    """
+    names = {**SECRET_KEYS, **{v: v for v in SECRET_KEYS.values()}}
+    unknown = sorted(k for k in table if k not in names)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [cxr] of secrets.toml: {unknown}. "
+                          f"Expected some of {sorted(SECRET_KEYS)}")
+    done = {}
+    for key, value in table.items():
+        var = names[key]
+        if isinstance(value, (list, tuple)):
+            value = os.pathsep.join(str(v) for v in value)
+        if not os.environ.get(var) and str(value).strip():
+            os.environ[var] = done[var] = str(value)
+    return done
 
 
 def get_settings() -> Settings:

@@ -1,0 +1,43 @@
+"""Settings: the environment wins; the app fills unset variables from secrets.toml [cxr]."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cxr_core.config import apply_secrets, get_settings
+from cxr_core.errors import ConfigError
+
+PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "compare.py")
+
+
+def test_secrets_fill_unset_variables_and_the_environment_wins(cxr_home, monkeypatch, tmp_path):
+    monkeypatch.delenv("CXR_PATIENT_SALT", raising=False)
+    url = f"sqlite:///{tmp_path / 'from_secrets.db'}"
+    done = apply_secrets({"db_url": url, "data_dir": ["/a", "/b"], "CXR_HOME": "/elsewhere",
+                          "patient_salt": "s3cret"})
+    assert done == {"CXR_DB_URL": url, "CXR_DATA_DIR": os.pathsep.join(["/a", "/b"]),
+                    "CXR_PATIENT_SALT": "s3cret"}  # CXR_HOME was set: kept
+    s = get_settings()
+    assert s.db_url == url and s.home == cxr_home
+    assert s.data_dirs == (Path("/a"), Path("/b"))
+    for var in done:
+        monkeypatch.delenv(var)
+
+
+def test_unknown_secret_key_is_refused(cxr_home):
+    with pytest.raises(ConfigError, match="unknown key"):
+        apply_secrets({"db-url": "sqlite://"})
+
+
+def test_app_reads_the_cxr_table_of_secrets(cxr_home, monkeypatch, tmp_path):
+    monkeypatch.delenv("CXR_DB_URL", raising=False)
+    url = f"sqlite:///{tmp_path / 'app.db'}"
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.secrets["cxr"] = {"db_url": url}
+    at.run()
+    assert not at.exception, at.exception
+    assert os.environ.get("CXR_DB_URL") == url and (tmp_path / "app.db").is_file()
+    monkeypatch.delenv("CXR_DB_URL")
