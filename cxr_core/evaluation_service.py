@@ -392,10 +392,7 @@ def _cache(info: Any, records: list, y: list[int], loaded: Any, progress: Progre
 
     root = get_settings().cache_dir
     if info.layout == "npz":
-        arrays: dict[str, np.ndarray] = {}
-        for split in sorted({r.split for r in records}):
-            arrays[split] = pipeline.load_npz_split(info.root, split)[0]
-        images = np.stack([arrays[r.split][int(r.relpath.split(":")[2])] for r in records])
+        images = pipeline.npz_record_images(info.root, records)
         cache = pipeline.build_cache_from_arrays(
             images, np.array(y), dataset_key=f"dataset:{info.id}", image_size=loaded.image_size,
             channels=loaded.channels, cache_root=root, progress=progress)

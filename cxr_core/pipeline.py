@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -333,6 +334,28 @@ def build_cache(items: Sequence[CacheItem | tuple], *, dataset_key: str, image_s
 
 
 # Building a cache from arrays (PneumoniaMNIST .npz) -------------------------------------
+
+def npz_record_images(path: str | Path, records: Sequence[Any]) -> np.ndarray:
+    """The images of indexed array records (relpath ``"npz:<split>:<i>"``), in record order.
+
+    The one loader of an indexed ``.npz`` dataset's pixels (training, evaluation, Predict):
+    each split is read once.
+
+    Raises:
+        DatasetError: as :func:`load_npz_split`, or a relpath that is not ``npz:<split>:<i>``.
+    """
+    splits: dict[str, np.ndarray] = {}
+    out = []
+    for r in records:
+        parts = str(r.relpath).split(":")
+        if len(parts) != 3 or parts[0] != "npz" or not parts[2].isdigit():
+            raise DatasetError(f"not an array record: relpath={r.relpath!r}. "
+                               "Expected 'npz:<split>:<index>'")
+        if parts[1] not in splits:
+            splits[parts[1]] = load_npz_split(path, parts[1])[0]
+        out.append(splits[parts[1]][int(parts[2])])
+    return np.stack(out) if out else np.zeros((0, 0, 0), np.uint8)
+
 
 def load_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Read one split of a MedMNIST-style .npz (``{split}_images``, ``{split}_labels``).

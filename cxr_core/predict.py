@@ -108,15 +108,16 @@ def dataset_inputs(root: str | Path, records: Iterable[Any]) -> list[ImageInput]
 
     Array datasets (PneumoniaMNIST ``.npz``, relpath ``"npz:<split>:<i>"``) become PNG bytes.
     """
-    out, arrays = [], {}
+    records = list(records)
+    arrays = [r for r in records if str(r.relpath).startswith("npz:")]
+    if arrays:
+        from cxr_core.pipeline import npz_record_images
+
+        pixels = dict(zip((r.relpath for r in arrays), npz_record_images(root, arrays)))
+    out = []
     for rec in records:
         if str(rec.relpath).startswith("npz:"):
-            from cxr_core.pipeline import load_npz_split
-
-            _, split, index = rec.relpath.split(":")
-            if split not in arrays:
-                arrays[split] = load_npz_split(root, split)[0]
-            out.append(ImageInput(rec.relpath, data=_png_bytes(arrays[split][int(index)]),
+            out.append(ImageInput(rec.relpath, data=_png_bytes(pixels[rec.relpath]),
                                   image_id=rec.id))
         else:
             out.append(ImageInput(rec.relpath, path=str(Path(root) / rec.relpath),

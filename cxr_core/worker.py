@@ -256,7 +256,9 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     val_ids = set(plan.val)
     labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
     is_val = np.array([r.id in val_ids for r in recs])
-    arrays = _npz_arrays(info.root, recs) if info.layout == "npz" else None
+    from cxr_core.pipeline import npz_record_images  # lazy: TensorFlow loads with it
+
+    arrays = npz_record_images(info.root, recs) if info.layout == "npz" else None
     paths = tuple(r.relpath if arrays is not None else str(Path(info.root) / r.relpath)
                   for r in recs)
     data = TrainData(f"dataset:{info.id}", tuple(classes), tuple(r.id for r in recs), paths,
@@ -268,13 +270,6 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
         counts[split] = {name: int(c.get(k, 0)) for k, name in enumerate(classes)}
     return PreparedData(data, info.id, info.name, info.root, snap, counts,
                         len(records) - len(recs))
-
-
-def _npz_arrays(root: str, recs: list) -> np.ndarray:
-    from cxr_core.pipeline import load_npz_split
-
-    splits = {split: load_npz_split(root, split)[0] for split in sorted({r.split for r in recs})}
-    return np.stack([splits[r.split][int(r.relpath.split(":")[2])] for r in recs])
 
 
 # -- One run --------------------------------------------------------------------------------

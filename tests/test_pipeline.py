@@ -316,3 +316,25 @@ def test_channel_conversion_with_augmentation(image_items, tmp_path, cache_chann
     x, _ = _epoch(make_dataset(cache, batch_size=4, shuffle=False, seed=0, channels=want,
                                augment=PRESETS["hflip"]))
     assert x.shape == (12, SIZE, SIZE, want) and x.dtype == np.float32
+
+
+def test_npz_record_images_is_the_one_array_loader(tmp_path):
+    from types import SimpleNamespace
+
+    from cxr_core.errors import DatasetError
+    from cxr_core.pipeline import npz_record_images
+
+    train = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    val = 200 + np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4) % 50
+    path = tmp_path / "d.npz"
+    np.savez(path, train_images=train, train_labels=np.zeros((3, 1)), val_images=val,
+             val_labels=np.ones((2, 1)))
+    recs = [SimpleNamespace(relpath=p) for p in ("npz:val:1", "npz:train:2", "npz:train:0")]
+    out = npz_record_images(path, recs)
+    assert out.shape == (3, 4, 4)
+    assert np.array_equal(out[0], val[1]) and np.array_equal(out[1], train[2])
+    assert np.array_equal(out[2], train[0])
+    with pytest.raises(DatasetError, match="not an array record"):
+        npz_record_images(path, [SimpleNamespace(relpath="train/NORMAL/a.png")])
+    with pytest.raises(DatasetError, match="no 'test' split"):
+        npz_record_images(path, [SimpleNamespace(relpath="npz:test:0")])
