@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from cxr_core.config import apply_secrets, get_settings
@@ -35,9 +36,11 @@ def test_unknown_secret_key_is_refused(cxr_home):
 def test_app_reads_the_cxr_table_of_secrets(cxr_home, monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_DB_URL", raising=False)
     url = f"sqlite:///{tmp_path / 'app.db'}"
+    st.cache_resource.clear()  # get_db() of an earlier test must not be reused
     at = AppTest.from_file(PAGE, default_timeout=60)
     at.secrets["cxr"] = {"db_url": url}
     at.run()
     assert not at.exception, at.exception
     assert os.environ.get("CXR_DB_URL") == url and (tmp_path / "app.db").is_file()
     monkeypatch.delenv("CXR_DB_URL")
+    st.cache_resource.clear()
