@@ -14,18 +14,7 @@ THREE = ["NORMAL", "BACTERIA", "VIRUS"]
 KEYS = ("auc", "sensitivity", "specificity")
 
 
-def _binary(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    return y, np.clip(0.35 * y + 0.65 * rng.random(n), 0.0, 1.0)
-
-
-def _three(n: int = 300, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 3, n)
-    p = rng.dirichlet([1.0, 1.0, 1.0], n)
-    p[np.arange(n), y] += 0.6
-    return y, p / p.sum(axis=1, keepdims=True)
+from test_evaluation import _binary, _three  # the same synthetic scores
 
 
 def _repeated_patients(n_patients: int = 120, per: int = 5, seed: int = 0):
