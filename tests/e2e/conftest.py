@@ -212,6 +212,19 @@ def browser(chromium) -> Iterator:
         instance.close()
 
 
+def _box(locator, attempts: int = 20) -> dict:
+    """``locator``'s bounding box, retried: a fragment that redraws (Train's live chart every
+    2 s) can detach the element between the lookup and the measurement, and Playwright then
+    answers ``None``."""
+    for _ in range(attempts):
+        locator.wait_for(state="visible")
+        box = locator.bounding_box()
+        if box is not None:
+            return box
+        locator.page.wait_for_timeout(250)
+    raise AssertionError(f"{locator} never had a bounding box")
+
+
 def screenshot(page, path: Path, *, start=None, end=None) -> None:
     """The whole page, or the band from locator ``start`` to locator ``end``.
 
@@ -226,7 +239,7 @@ def screenshot(page, path: Path, *, start=None, end=None) -> None:
     try:
         clip = None
         if start is not None:
-            top, bottom = start.bounding_box(), (end or start).bounding_box()
+            top, bottom = _box(start), _box(end or start)
             y0 = max(top["y"] - 16, 0)
             clip = {"x": 0, "y": y0, "width": size["width"],
                     "height": bottom["y"] + bottom["height"] + 16 - y0}
