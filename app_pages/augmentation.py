@@ -5,7 +5,8 @@ import numpy as np
 import streamlit as st
 
 from cxr_core import presets
-from cxr_core.augment import AugmentConfig, augment_preview
+from cxr_core.augment import augment_preview
+from cxr_core.augment_config import AugmentConfig
 from cxr_core.errors import CxrError
 from cxr_core.images import load_image, to_array
 from app_pages._shared import dataset_picker, get_db, image_path, load_records

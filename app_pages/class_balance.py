@@ -5,7 +5,8 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core.datasets import LABEL_SCHEMES, BalanceReport, balance_report
+from cxr_core.balance_report import BalanceReport, balance_report
+from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.indexing import current_records

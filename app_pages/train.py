@@ -15,9 +15,9 @@ from cxr_core import training_service as svc
 from cxr_core.presets import all_presets
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
-from cxr_core.models import MODELS
-from cxr_core.pipeline import BALANCING
-from cxr_core.training import LR_SCHEDULES, OPTIMIZERS, RECIPES
+from cxr_core.balancing import BALANCING
+from cxr_core.model_specs import MODELS
+from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
 from app_pages._shared import dataset_picker, get_db
 
 REFRESH_S = 2.0

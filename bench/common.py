@@ -18,10 +18,10 @@ def default_shared_data() -> Path:
 def real_slice(shared_data: Path, per_class: int, name: str):
     """``per_class`` films of each class from ``chest_xray_224/train``, every 5th for validation.
 
-    Returns a :class:`cxr_core.training.TrainData` (imported here so that the TF-free benches
+    Returns a :class:`cxr_core.train_io.TrainData` (imported here so that the TF-free benches
     never import TensorFlow).
     """
-    from cxr_core import training
+    from cxr_core import train_io
 
     files = []
     for cls in CLASSES:
@@ -31,6 +31,6 @@ def real_slice(shared_data: Path, per_class: int, name: str):
         files += found[::max(1, len(found) // per_class)][:per_class]
     labels = np.array([CLASSES.index(f.parent.name) for f in files])
     is_val = np.arange(len(files)) % 5 == 0
-    return training.TrainData(name, CLASSES, tuple([None] * len(files)),
+    return train_io.TrainData(name, CLASSES, tuple([None] * len(files)),
                               tuple(str(f) for f in files), tuple(f.name for f in files),
                               labels, is_val)

@@ -29,12 +29,15 @@ import numpy as np
 
 from bench.common import default_shared_data, real_slice
 from cxr_core import models, training
+from cxr_core.train_config import TrainConfig
+from cxr_core.train_io import TrainData, TrainResult
+from cxr_core.model_specs import ModelConfig
 
 MODEL, SIZE, BATCH = "mobilenetv2", 96, 32
 
 
-def _timed(cfg: training.TrainConfig, data: training.TrainData, run_dir: Path,
-           cache_root: Path) -> tuple[float, training.TrainResult]:
+def _timed(cfg: TrainConfig, data: TrainData, run_dir: Path,
+           cache_root: Path) -> tuple[float, TrainResult]:
     start = time.perf_counter()
     result = training.train(cfg, data, run_dir, cache_root=cache_root)
     return time.perf_counter() - start, result
@@ -55,16 +58,16 @@ def run(shared_data: Path, *, epochs: int = 5, per_class: int = 200) -> dict:
     with tempfile.TemporaryDirectory(prefix="cxr-bench-features-") as tmp:
         root = Path(tmp)
         weights = root / "backbone.keras"
-        models.build_model(models.ModelConfig(MODEL, SIZE, 1), 2).save(weights)
+        models.build_model(ModelConfig(MODEL, SIZE, 1), 2).save(weights)
         base = dict(dataset="bench", model=MODEL, image_size=SIZE, channels=1,
                     weights=str(weights), augment="none", balancing="none", batch_size=BATCH,
                     early_stopping=False, lr_schedule="none")
-        warm = training.TrainConfig.from_dict({**base, "epochs": 1, "freeze_epochs": 1,
+        warm = TrainConfig.from_dict({**base, "epochs": 1, "freeze_epochs": 1,
                                                "cache_features": False})
         _timed(warm, data, root / "warm", root / "cache")  # pixel cache + first tracing
         spans = {}
         for name, cached in (("baseline", False), ("ours", True)):
-            cfg = training.TrainConfig.from_dict({**base, "epochs": epochs,
+            cfg = TrainConfig.from_dict({**base, "epochs": epochs,
                                                   "freeze_epochs": epochs,
                                                   "cache_features": cached})
             seconds, result = _timed(cfg, data, root / name, root / "cache")

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr_core.augment import PRESETS
+from cxr_core.augment_config import PRESETS
 from cxr_core.pipeline import ImageCache, build_cache, make_dataset
 
 BATCH = 32

@@ -14,10 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cxr_core.cli import BENCHES
+
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ("index", "pipeline", "features", "predict", "training")
 WHAT = {
     "index": "re-open of the indexed train split vs its first scan",
+    "pages": "first visit of Home, Class balance, Train, Compare, Review (fresh process) vs "
+             "the same with TensorFlow imported at load",
     "pipeline": "decode-once tf.data cache vs `image_dataset_from_directory`, full-res films",
     "features": "frozen-backbone epochs on cached features vs recomputing the backbone",
     "predict": "warm model + Grad-CAM vs loading the model per request",
@@ -108,7 +111,7 @@ def render(results: list[dict], info: dict, when: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", nargs="*", choices=NAMES, default=list(NAMES))
+    parser.add_argument("--only", nargs="*", choices=BENCHES, default=list(BENCHES))
     parser.add_argument("--data", default=None, help="the shared data folder")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--from-json", default=None,

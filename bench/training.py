@@ -44,12 +44,13 @@ def _device() -> str:
 
 def _side(mixed: bool, data, root: Path, epochs: int, batch_size: int | None) -> dict:
     from cxr_core import training
+    from cxr_core.train_config import TrainConfig
 
     overrides = {"recipe": RECIPE, "dataset": "bench", "epochs": epochs,
                  "early_stopping": False, "lr_schedule": "none", "mixed_precision": mixed}
     if batch_size:
         overrides["batch_size"] = batch_size
-    cfg = training.TrainConfig.from_dict(overrides)
+    cfg = TrainConfig.from_dict(overrides)
     name = "mixed" if mixed else "fp32"
     start = time.perf_counter()
     result = training.train(cfg, data, root / name, cache_root=root / "cache")
@@ -77,12 +78,12 @@ def run(shared_data: Path, *, per_class: int = 160, epochs: int = 3,
     Returns:
         ``{"bench": "training", "baseline": {...}, "ours": {...} | None, "ratio": x | None}``.
     """
-    from cxr_core import training
+    from cxr_core.train_runtime import gpu_count
 
     if epochs < 2:
         raise ValueError(f"epochs must be at least 2 (the first traces the graph). "
                          f"Received: epochs={epochs}")
-    gpus = training.gpu_count()
+    gpus = gpu_count()
     data = real_slice(shared_data, per_class, "bench:training")
     with tempfile.TemporaryDirectory(prefix="cxr-bench-training-") as tmp:
         root = Path(tmp)

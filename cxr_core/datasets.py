@@ -1,4 +1,4 @@
-"""Datasets: discover layouts, parse labels/subtypes/patients, scan headers, split by patient.
+"""Datasets: discover layouts, parse labels/subtypes/patients, scan headers, find duplicates.
 
 Layouts understood:
 - ``splits``: ``train|val|test/<CLASS>/*`` (Kaggle's ``chest_xray``, also nested one or two
@@ -17,7 +17,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -427,96 +427,6 @@ def cross_split_patients(records: Iterable[ImageRecord]) -> dict[str, tuple[str,
     return {p: tuple(sorted(s)) for p, s in sorted(splits.items()) if len(s) > 1}
 
 
-# -- Splits ---------------------------------------------------------------------------------
-
-class _UnionFind:
-    def __init__(self, n: int) -> None:
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, a: int, b: int) -> None:
-        self.parent[self.find(a)] = self.find(b)
-
-
-def split_groups(records: Sequence[ImageRecord]) -> np.ndarray:
-    """Group ids joining images of one patient AND byte-identical files (so neither straddles)."""
-    uf = _UnionFind(len(records))
-    first: dict[tuple[str, str], int] = {}
-    for i, r in enumerate(records):
-        for key in (("p", r.patient), ("h", r.sha256)):
-            if key[1] is None:
-                continue
-            if key in first:
-                uf.union(i, first[key])
-            else:
-                first[key] = i
-    return np.array([uf.find(i) for i in range(len(records))])
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Image ids per split; validation is carved from train by patient."""
-
-    train: tuple[int, ...]
-    val: tuple[int, ...]
-    test: tuple[int, ...] = ()
-    seed: int = 0
-    val_fraction: float = 0.15
-    excluded: tuple[int, ...] = field(default=())  # unreadable or without a class in the scheme
-
-    def counts(self) -> dict[str, int]:
-        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-
-
-def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
-                  val_fraction: float = 0.15, seed: int = 0) -> SplitPlan:
-    """Stratified, patient-grouped, seeded train/validation split made from the train images.
-
-    Images in a ``test`` folder stay test; images in ``train``, ``val`` (Kaggle's 16-image val
-    is folded back) or without split folder are re-split. Groups join a patient's images and
-    byte-identical files, so 0 patients and 0 duplicate groups are in two splits.
-
-    Args:
-        records: indexed images.
-        labels: the scheme label of each record (None = excluded, e.g. no subtype).
-        val_fraction: share of groups in validation, in (0, 0.5].
-        seed: shuffling seed of the grouped stratified folds.
-
-    Returns:
-        The split plan.
-    """
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    if not 0 < val_fraction <= 0.5:
-        raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
-    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
-    excluded = tuple(records[i].id for i in range(len(records)) if i not in set(keep))
-    test = tuple(records[i].id for i in keep if records[i].split == "test")
-    pool = [i for i in keep if records[i].split != "test"]
-    if len(pool) < 2:
-        raise DatasetError(f"need at least 2 labelled images to split. Received: {len(pool)}")
-    groups = split_groups([records[i] for i in pool])
-    y = np.array([labels[i] for i in pool])
-    # k folds give a 1/k validation share; small datasets cap k at the smallest class size.
-    smallest = min(Counter(y.tolist()).values())
-    n_splits = min(max(2, round(1 / val_fraction)), len(set(groups)), smallest)
-    if n_splits < 2:
-        raise DatasetError(
-            f"cannot make a stratified validation split: need 2+ patient groups and 2+ images "
-            f"per class. Received: {len(set(groups))} groups, smallest class {smallest} images")
-    sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    _, val_idx = next(sgkf.split(np.zeros(len(pool)), y, groups))
-    val_set = set(val_idx.tolist())
-    train = tuple(records[pool[i]].id for i in range(len(pool)) if i not in val_set)
-    val = tuple(records[pool[i]].id for i in sorted(val_set))
-    return SplitPlan(train, val, test, seed, val_fraction, excluded)
-
-
 # -- Balance --------------------------------------------------------------------------------
 
 def summarize(records: Sequence[ImageRecord]) -> dict[str, object]:
@@ -531,83 +441,3 @@ def summarize(records: Sequence[ImageRecord]) -> dict[str, object]:
         "patients": len({r.patient for r in ok if r.patient}),
         "unreadable": len(records) - len(ok),
     }
-
-
-# -- Class-balance report (data for the page; rendering is the page's job) -----------------
-
-@dataclass(frozen=True)
-class BalanceReport:
-    """Long-form tables describing one dataset under one label scheme."""
-
-    scheme: str
-    classes: tuple[str, ...]
-    counts: list[dict]  # split, class, subtype, images
-    patients: list[dict]  # class, patients, images
-    sizes: list[dict]  # width, height, mode, bytes (one row per readable image)
-    duplicates: list[dict]  # group, sha256, relpath, split, label
-    leaked_patients: list[dict]  # patient, splits
-    split_counts: list[dict]  # split, class, images (patient-grouped plan)
-    split_overlap: int  # patients found in both train and validation of the plan (must be 0)
-    class_counts: dict[str, int]  # training pool per scheme class
-    weights: dict[str, float]
-    unlabelled: int  # images with no class in this scheme (e.g. no subtype for three_class)
-
-
-def _weights(class_counts: dict[str, int]) -> dict[str, float]:
-    from cxr_core.balancing import class_weights
-
-    if not all(class_counts.values()):
-        return {}
-    labels = np.repeat(np.arange(len(class_counts)), list(class_counts.values()))
-    return dict(zip(class_counts, class_weights(labels, len(class_counts)).values()))
-
-
-def balance_report(records: Sequence[ImageRecord], scheme: str, *, val_fraction: float = 0.15,
-                   seed: int = 0) -> BalanceReport:
-    """Everything the class-balance page shows, computed from the index (no image decoding).
-
-    Args:
-        records: the dataset's indexed images (current labels may be substituted by the caller).
-        scheme: label scheme (binary, three_class, folders).
-        val_fraction: validation share of the patient-grouped split preview.
-        seed: split seed.
-
-    Returns:
-        The report.
-    """
-    ok = [r for r in records if not r.error]
-    labels = [scheme_label(r.label, r.subtype, scheme) for r in ok]
-    classes = scheme_classes(scheme, sorted({r.label for r in ok}))
-    counts = Counter((r.split or "(none)", y or "(no class)", r.subtype or "—")
-                     for r, y in zip(ok, labels))
-    pat: dict[str, set[str]] = defaultdict(set)
-    for r, y in zip(ok, labels):
-        if y:
-            pat[y].add(r.patient or f"img:{r.id}")
-    plan = patient_split(ok, labels, val_fraction=val_fraction, seed=seed) if len(ok) > 1 else None
-    by_id = {r.id: (r, y) for r, y in zip(ok, labels)}
-    split_rows: Counter = Counter()
-    if plan:
-        for split, ids in (("train", plan.train), ("val", plan.val), ("test", plan.test)):
-            for i in ids:
-                split_rows[(split, by_id[i][1])] += 1
-    overlap = 0
-    if plan:
-        tp = {by_id[i][0].patient for i in plan.train if by_id[i][0].patient}
-        overlap = len(tp & {by_id[i][0].patient for i in plan.val if by_id[i][0].patient})
-    pool = Counter(y for (split, y), n in split_rows.items() for _ in range(n) if split == "train")
-    class_counts = {c: pool.get(c, 0) for c in classes}
-    dups = [dict(group=g_i, sha256=g.sha256[:12], relpath=p, split=s or "(none)", label=lab)
-            for g_i, g in enumerate(find_duplicates(ok), 1)
-            for p, s, lab in zip(g.relpaths, g.splits, g.labels)]
-    return BalanceReport(
-        scheme, classes,
-        [dict(split=s, **{"class": c}, subtype=t, images=n) for (s, c, t), n in sorted(counts.items())],
-        [{"class": c, "patients": len(p), "images": sum(1 for y in labels if y == c)}
-         for c, p in sorted(pat.items())],
-        [dict(width=r.width, height=r.height, mode=r.mode, bytes=r.bytes) for r in ok],
-        dups,
-        [dict(patient=p, splits=", ".join(s)) for p, s in cross_split_patients(ok).items()],
-        [dict(split=s, **{"class": c}, images=n) for (s, c), n in sorted(split_rows.items())],
-        overlap, class_counts, _weights(class_counts),
-        sum(1 for y in labels if y is None))

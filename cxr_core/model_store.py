@@ -15,9 +15,11 @@ Decisions use the stored operating point (:func:`decide`), never a silent 0.5.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,11 +29,13 @@ from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES
 from cxr_core.errors import ConfigError, ModelError
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as eval_store
+from cxr_core.train_config import BEST_MODEL, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO / "models" / "default"
 CARD_NAME = "model_card.json"
-RUN_MODEL_NAME = "best.keras"
+RUN_MODEL_NAME = BEST_MODEL  # a run folder's model (train_config names the run folder's files)
+DATA_LICENCE = "Kermany et al., Cell 2018, CC BY 4.0"
 DEFAULT_MODEL_NAME = "model.keras"
 NO_THRESHOLD = "none (0.5)"  # threshold_source when a binary model has no operating point
 _RUN_REF = re.compile(r"^(?:run:)?(\d+)$")
@@ -323,3 +327,39 @@ def decide(loaded: LoadedModel, probs: np.ndarray) -> list[str]:
         p = p[None, :]
     idx = predict(p, threshold=loaded.threshold if loaded.is_binary else None)
     return [loaded.labels[i] for i in idx]
+
+
+def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
+                     classes: tuple[str, ...], saliency_layer: str | None,
+                     operating_point: Mapping[str, Any] | None, val_metrics: Mapping[str, Any],
+                     dataset: Mapping[str, Any], label_snapshot: Mapping[str, Any],
+                     extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model_card.json`` beside the run's model (what Predict/Evaluate read).
+
+    Returns:
+        The card's path.
+    """
+    card = {
+        "name": name, "model": cfg.model, "model_file": RUN_MODEL_NAME, "labels": list(classes),
+        "label_scheme": cfg.label_scheme, "image_size": cfg.image_size,
+        "channels": cfg.channels, "saliency_layer": saliency_layer,
+        "operating_point": dict(operating_point) if operating_point else None,
+        "val_metrics": dict(val_metrics), "training_config": cfg.to_dict(),
+        "dataset": dict(dataset), "label_snapshot": dict(label_snapshot),
+        "data_licence": DATA_LICENCE, **dict(extra or {}),
+    }
+    path = Path(run_dir) / CARD_NAME
+    tmp = path.with_name(f".tmp-{CARD_NAME}")
+    tmp.write_text(json.dumps(card, indent=2, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

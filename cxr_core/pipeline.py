@@ -34,9 +34,9 @@ import tensorflow as tf
 from PIL import Image
 
 from cxr_core import images as image_io
-from cxr_core.augment import AugmentConfig, build_augmenter
-from cxr_core.balancing import (BALANCING, balance_indices, balance_summary,  # noqa: F401
-                                class_weights)
+from cxr_core.augment import build_augmenter
+from cxr_core.augment_config import AugmentConfig
+from cxr_core.balancing import balance_indices
 from cxr_core.errors import ConfigError, DatasetError, ImageLoadError
 
 # Bump when the on-disk layout changes: old caches then simply stop matching.
@@ -516,8 +516,8 @@ def make_dataset(cache: ImageCache, *, batch_size: int, shuffle: bool, seed: int
         seed: seeds shuffling and balancing (augmentation uses ``augment.seed``).
         indices: rows of the cache to use (a split); all rows when None.
         augment: augmentation for every image, or None.
-        balancing: one of ``BALANCING``; "class_weights" leaves the data as is (pass
-            :func:`class_weights` to ``fit``). "oversample" requires ``augment`` so that
+        balancing: one of ``balancing.BALANCING``; "class_weights" leaves the data as is (pass
+            :func:`balancing.class_weights` to ``fit``). "oversample" requires ``augment`` so that
             the repeated images are not identical copies.
         target_ratio: class ratio for over/undersampling, e.g. (2, 1, 2).
         channels: 1 or 3 channels out (grayscale caches can feed RGB models); cache's if None.

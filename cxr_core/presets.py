@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 
-from cxr_core.augment import PRESETS, AugmentConfig
+from cxr_core.augment_config import PRESETS, AugmentConfig
 from cxr_core.errors import ConfigError
 from cxr_core.storage import Database
 from cxr_core.storage import presets as store

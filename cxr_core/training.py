@@ -1,4 +1,4 @@
-"""TrainConfig → a fitted model, with callbacks. No database code here.
+"""TrainConfig → a fitted model: inputs, compile, callbacks, stages, the run. No database code.
 
 :func:`train` takes prepared inputs (:class:`TrainData`: images, labels, split) and a set of
 sinks (:class:`TrainSinks`: ``on_epoch_end``, ``on_batch_end``, ``should_cancel``, ``log``);
@@ -30,15 +30,10 @@ stage then trains the full graph with the backbone frozen (features recomputed e
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib.util
-import json
 import math
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,396 +44,12 @@ import tensorflow as tf
 
 from cxr_core import models as registry
 from cxr_core import pipeline
-from cxr_core.augment import PRESETS, AugmentConfig
-from cxr_core.datasets import LABEL_SCHEMES
+from cxr_core.balancing import balance_indices, class_weights
+from cxr_core.checkpoints import Checkpoints, save_atomic
 from cxr_core.errors import ConfigError, RunError
-
-DEFAULT_RECIPE = "default224"
-OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
-LR_SCHEDULES = ("none", "plateau", "cosine")
-LABEL_SOURCES = ("original", "current")
-DISTRIBUTIONS = ("auto", "default", "mirrored")
-MONITORS = ("val_loss", "val_auc", "val_accuracy")
-DATA_LICENCE = "Kermany et al., Cell 2018, CC BY 4.0"
-BEST_MODEL = "best.keras"
-MODEL_CARD = "model_card.json"
-CHECKPOINTS = "checkpoints"
-
-# Recipes: a run config names one and gives only what it changes (DESIGN.md).
-RECIPES: dict[str, dict[str, Any]] = {
-    # The three recipes below were chosen by experiments on the patient-grouped validation
-    # split of the real train folder (docs/experiments.md has every run, its numbers and time).
-    # 224 px, trained from scratch (works offline): strided-stem BatchNorm CNN, zoom/shift
-    # augmentation, class weights, plateau LR schedule, best epoch by validation AUC.
-    "default224": dict(model="cxrnet_224", image_size=224, channels=1, augment="zoom_shift",
-                       balancing="class_weights", optimizer="adam", learning_rate=1e-3,
-                       lr_schedule="plateau", batch_size=32, epochs=12, patience=4,
-                       monitor="val_auc"),
-    # For a CPU-only user: the reports' 5-conv CNN at 128 px (the shipped demo model's recipe
-    # until the 224 px one replaced it).
-    "cpu128": dict(model="custom5_224", image_size=128, channels=1, augment="zoom_shift",
-                   balancing="class_weights", optimizer="adam", learning_rate=1e-3,
-                   lr_schedule="plateau", batch_size=32, epochs=12, patience=4,
-                   monitor="val_auc"),
-    # PneumoniaMNIST (28 px .npz): a BatchNorm CNN without downsampling stem.
-    "mnist28": dict(model="cxrnet_28", image_size=28, channels=1, augment="none",
-                    balancing="class_weights", optimizer="adam", learning_rate=1e-3,
-                    lr_schedule="plateau", batch_size=128, epochs=20, patience=5,
-                    monitor="val_auc"),
-    # Small 50 px CNN, three classes, oversampled to NORMAL:BACTERIA:VIRUS = 2:1:2.
-    "small50_3class": dict(model="small4_50", image_size=50, channels=1,
-                           label_scheme="three_class", balancing="oversample",
-                           target_ratio=(2.0, 1.0, 2.0), augment="rot10_shift_flip",
-                           optimizer="adam", learning_rate=1e-3, lr_schedule="plateau",
-                           batch_size=64, epochs=30, patience=6),
-    # Transfer learning, two stages: frozen backbone (cached features), then fine-tune all.
-    "mobilenet_transfer": dict(model="mobilenet", weights="imagenet", image_size=224,
-                               channels=1, augment="none", balancing="class_weights",
-                               freeze_epochs=5, unfreeze_top_k=None, finetune_lr_factor=0.1,
-                               optimizer="adam", learning_rate=1e-3, lr_schedule="none",
-                               batch_size=32, epochs=15, patience=4),
-    "densenet121_transfer": dict(model="densenet121", weights="imagenet", image_size=224,
-                                 channels=1, augment="none", balancing="class_weights",
-                                 freeze_epochs=3, unfreeze_top_k=60, finetune_lr_factor=0.1,
-                                 optimizer="adam", learning_rate=1e-3, lr_schedule="none",
-                                 batch_size=16, epochs=12, patience=4),
-    # COVID-19 folder datasets (COVID19|NORMAL|PNEUMONIA): undersample to the smallest class.
-    "covid_undersample": dict(model="cnn1", image_size=150, channels=1, label_scheme="folders",
-                              balancing="undersample", augment="rot30_zoom_shift_flip",
-                              optimizer="adam", learning_rate=1e-3, lr_schedule="plateau",
-                              batch_size=32, epochs=25, patience=5),
-}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run needs; stored as JSON with the run.
-
-    Build it with :meth:`from_dict` (recipe defaults merged in). Field comments say what is
-    not obvious; every invalid value raises ConfigError naming it.
-    """
-
-    recipe: str = DEFAULT_RECIPE  # the recipe whose defaults this config started from
-    name: str = ""  # run name shown in the UI (default "run <id>")
-    dataset: str = ""  # an indexed dataset's name, or a path (indexed on first use)
-    label_scheme: str = "binary"
-    label_source: str = "original"  # "current": labels as of now, clinician relabels included
-    split_seed: int = 0
-    val_fraction: float = 0.15  # share of patient groups carved from train for validation
-    max_images: int | None = None  # stratified seeded subsample before splitting (quick runs)
-    image_size: int = 224
-    channels: int = 1  # films are grayscale; RGB backbones repeat the channel in-model
-    augment: str | dict = "none"  # a PRESETS name, or an AugmentConfig as a dict
-    balancing: str = "none"  # none | class_weights | oversample | undersample
-    target_ratio: tuple[float, ...] | None = None  # class ratio for over/undersampling
-    model: str = "custom5_224"  # a models.MODELS name
-    weights: str | None = None  # None | "imagenet" | a file path | "run:ID"
-    dropout: float | None = None  # head dropout; None keeps the architecture's own
-    freeze_epochs: int = 0  # stage 1: epochs with the backbone frozen (needs weights)
-    unfreeze_top_k: int | None = None  # stage 2: unfreeze the top K backbone layers (None: all)
-    finetune_lr_factor: float = 0.1  # stage 2 learning rate = learning_rate * this
-    cache_features: bool = True  # frozen stage without augmentation: compute features once
-    optimizer: str = "adam"
-    learning_rate: float = 1e-3
-    lr_schedule: str = "none"  # none | plateau (ReduceLROnPlateau) | cosine (per stage)
-    batch_size: int = 32
-    epochs: int = 10
-    early_stopping: bool = True  # stop after `patience` epochs without a better `monitor`
-    patience: int = 5
-    monitor: str = "val_loss"
-    restore_best: bool = True  # the run's model is the best epoch by `monitor`
-    seed: int = 0
-    deterministic: bool | None = None  # op determinism; None: on without a GPU, off with one
-    mixed_precision: bool = False  # mixed_float16 (GPU speed; runs, slowly, on CPU)
-    xla: bool | None = None  # jit_compile; None: Keras' "auto" (XLA on GPU only)
-    distribution: str = "auto"  # auto (Mirrored with >1 GPU) | default | mirrored
-    keep_checkpoints: int = 2  # newest per-epoch checkpoints kept (resume needs the last)
-    target_sensitivity: float = 0.95  # operating point chosen on validation (binary)
-
-    def __post_init__(self) -> None:
-        self._check_choices()
-        self._check_numbers()
-        self._check_stages()
-        self.model_config()  # the model registry validates model, size, channels, weights
-        aug = self.augment_config()
-        if self.balancing == "oversample" and (aug is None or not aug.enabled_ops):
-            raise ConfigError("balancing='oversample' repeats images and needs augmentation so "
-                              f"the copies differ. Received: augment={self.augment!r}")
-
-    def _check_choices(self) -> None:
-        for name, allowed in (("recipe", tuple(RECIPES)), ("label_scheme", LABEL_SCHEMES),
-                              ("label_source", LABEL_SOURCES), ("balancing", pipeline.BALANCING),
-                              ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                              ("monitor", MONITORS), ("distribution", DISTRIBUTIONS)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"{name} must be one of {list(allowed)}. "
-                                  f"Received: {name}={value!r}")
-        if not isinstance(self.name, str):
-            raise ConfigError(f"name must be a string. Received: name={self.name!r}")
-        if not isinstance(self.dataset, str) or not self.dataset.strip():
-            raise ConfigError("dataset is required: an indexed dataset's name or a folder/.npz "
-                              f"path. Received: dataset={self.dataset!r}")
-        if self.monitor == "val_auc" and self.label_scheme != "binary":
-            raise ConfigError("monitor='val_auc' is only tracked for binary runs. "
-                              f"Received: monitor='val_auc', label_scheme={self.label_scheme!r}")
-        for name in ("early_stopping", "restore_best", "cache_features", "mixed_precision"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false. "
-                                  f"Received: {name}={getattr(self, name)!r}")
-        for name in ("deterministic", "xla"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true, false or null. "
-                                  f"Received: {name}={getattr(self, name)!r}")
-
-    def _check_numbers(self) -> None:
-        ints = {"split_seed": (0, None), "seed": (0, None), "batch_size": (1, 4096),
-                "epochs": (1, 10_000), "patience": (1, 10_000), "freeze_epochs": (0, 10_000),
-                "keep_checkpoints": (1, 1000)}
-        for name, (lo, hi) in ints.items():
-            value = getattr(self, name)
-            if not _is_int(value) or value < lo or (hi is not None and value > hi):
-                span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise ConfigError(f"{name} must be an integer {span}. Received: {name}={value!r}")
-        if self.max_images is not None and (not _is_int(self.max_images) or self.max_images < 4):
-            raise ConfigError(f"max_images must be null or an integer >= 4. "
-                              f"Received: max_images={self.max_images!r}")
-        floats = {"val_fraction": (0.0, 0.5), "learning_rate": (0.0, 10.0),
-                  "finetune_lr_factor": (0.0, 1.0), "target_sensitivity": (0.0, 1.0)}
-        for name, (lo, hi) in floats.items():
-            value = getattr(self, name)
-            if not _is_num(value) or not lo < value <= hi:
-                raise ConfigError(f"{name} must be a number in ({lo:g}, {hi:g}]. "
-                                  f"Received: {name}={value!r}")
-        if self.target_ratio is not None:
-            ratio = self.target_ratio
-            if not isinstance(ratio, (tuple, list)) or not ratio or not all(
-                    _is_num(r) and r > 0 for r in ratio):
-                raise ConfigError("target_ratio must be null or positive numbers, one per "
-                                  f"class (e.g. [2, 1, 2]). Received: target_ratio={ratio!r}")
-            object.__setattr__(self, "target_ratio", tuple(float(r) for r in ratio))
-
-    def _check_stages(self) -> None:
-        if self.freeze_epochs > self.epochs:
-            raise ConfigError(f"freeze_epochs must be at most epochs ({self.epochs}). "
-                              f"Received: freeze_epochs={self.freeze_epochs}")
-        if self.freeze_epochs and self.weights is None:
-            raise ConfigError("a frozen-backbone stage needs pretrained weights (imagenet, a "
-                              f"file or run:ID). Received: freeze_epochs={self.freeze_epochs}, "
-                              "weights=None")
-
-    # -- Views ------------------------------------------------------------------------------
-
-    def augment_config(self) -> AugmentConfig | None:
-        """The augmentation (None for the "none" preset)."""
-        if isinstance(self.augment, dict):
-            return AugmentConfig.from_dict(self.augment)
-        if not isinstance(self.augment, str) or self.augment not in PRESETS:
-            raise ConfigError(f"augment must be one of {sorted(PRESETS)} or an augmentation "
-                              f"dict. Received: augment={self.augment!r}")
-        cfg = PRESETS[self.augment]
-        return cfg if cfg.enabled_ops else None
-
-    @property
-    def augmenting(self) -> bool:
-        aug = self.augment_config()
-        return aug is not None and bool(aug.enabled_ops)
-
-    def model_config(self, weights_path: str | None = None) -> registry.ModelConfig:
-        """The models.ModelConfig; ``weights_path`` replaces a "run:ID" reference."""
-        return registry.ModelConfig(
-            name=self.model, image_size=self.image_size, channels=self.channels,
-            dropout=self.dropout, weights=weights_path or self.weights,
-            freeze_backbone=self.freeze_epochs > 0, unfreeze_top_k=self.unfreeze_top_k)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form stored with the run (every field, recipe defaults resolved)."""
-        data = dataclasses.asdict(self)
-        if data["target_ratio"] is not None:
-            data["target_ratio"] = list(data["target_ratio"])
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        """A config from a run config file: the recipe's defaults, then the given keys.
-
-        Args:
-            data: JSON object; ``recipe`` picks the defaults (``DEFAULT_RECIPE`` if absent).
-
-        Raises:
-            ConfigError: unknown recipe or key, or an invalid value.
-        """
-        if not isinstance(data, Mapping):
-            raise ConfigError("a run config must be a JSON object. "
-                              f"Received: {type(data).__name__}")
-        recipe = data.get("recipe") or DEFAULT_RECIPE
-        if not isinstance(recipe, str) or recipe not in RECIPES:
-            raise ConfigError(f"recipe must be one of {sorted(RECIPES)}. "
-                              f"Received: recipe={recipe!r}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown run config keys; expected some of {sorted(known)}. "
-                              f"Received: {unknown}")
-        merged = {**RECIPES[recipe], **data, "recipe": recipe}
-        if ("monitor" not in data and merged.get("monitor") == "val_auc"
-                and merged.get("label_scheme", "binary") != "binary"):
-            # A binary recipe's val_auc monitor has no multi-class counterpart tracked;
-            # an explicit monitor='val_auc' with three classes still fails validation.
-            merged["monitor"] = "val_loss"
-        if isinstance(merged.get("target_ratio"), list):
-            merged["target_ratio"] = tuple(merged["target_ratio"])
-        return cls(**merged)
-
-
-# -- Inputs and outputs ---------------------------------------------------------------------
-
-@dataclass(frozen=True, eq=False)
-class TrainData:
-    """A run's images, labels and split, prepared from the index (by the worker).
-
-    Attributes:
-        dataset_key: names the dataset in cache keys.
-        classes: class names in model-output order.
-        image_ids: DB id per image (None for unindexed sources).
-        paths: file path per image ("npz:<split>:<i>" for array datasets).
-        file_ids: stable per-image ids for the cache key (id and content hash).
-        labels: (N,) class index per image.
-        is_val: (N,) True for validation images, False for training images.
-        label_snapshot: hash of the labels used (part of the cache key).
-        arrays: (N, H, W[, C]) uint8 pixels for array datasets (PneumoniaMNIST), else None.
-        weights_path: ``weights`` resolved to a file ("run:ID" → that run's best.keras).
-    """
-
-    dataset_key: str
-    classes: tuple[str, ...]
-    image_ids: tuple[int | None, ...]
-    paths: tuple[str, ...]
-    file_ids: tuple[str, ...]
-    labels: np.ndarray
-    is_val: np.ndarray
-    label_snapshot: str = ""
-    arrays: np.ndarray | None = None
-    weights_path: str | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.paths)
-        if not (len(self.image_ids) == len(self.file_ids) == len(self.labels)
-                == len(self.is_val) == n) or (self.arrays is not None and len(self.arrays) != n):
-            raise ConfigError(f"TrainData needs one id, path, label and split flag per image. "
-                              f"Received: {len(self.image_ids)} ids, {n} paths, "
-                              f"{len(self.labels)} labels, {len(self.is_val)} flags")
-        if len(self.classes) < 2:
-            raise ConfigError(f"need at least 2 classes. Received: classes={list(self.classes)}")
-        if not np.any(self.is_val) or np.all(self.is_val):
-            raise ConfigError("need both training and validation images. Received: "
-                              f"{int(np.sum(~self.is_val))} train, {int(np.sum(self.is_val))} val")
-
-
-@dataclass(frozen=True)
-class TrainSinks:
-    """Where training reports to (the worker writes these to the DB; tests collect them).
-
-    Attributes:
-        on_epoch_end: (epoch number from 1, metrics) after the epoch's checkpoint is saved.
-        on_batch_end: (global batch number, running metrics), at most every
-            ``batch_interval_s`` seconds.
-        should_cancel: polled after every batch; True stops the run within that batch.
-        log: (level, message) lines for the run log.
-        batch_interval_s: throttle of ``on_batch_end``.
-    """
-
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
-    on_batch_end: Callable[[int, dict[str, float]], None] | None = None
-    should_cancel: Callable[[], bool] | None = None
-    log: Callable[[str, str], None] | None = None
-    batch_interval_s: float = 2.0
-
-    def say(self, message: str, level: str = "info") -> None:
-        if self.log is not None:
-            self.log(level, message)
-
-
-@dataclass(frozen=True, eq=False)
-class TrainResult:
-    """What a run produced (validation outputs for the worker to store)."""
-
-    status: str  # finished | cancelled
-    epochs_done: int
-    history: tuple[dict[str, float], ...]  # one dict of metrics per epoch of this call
-    best_epoch: int | None
-    stopped_early: bool
-    model_path: Path | None  # best.keras
-    classes: tuple[str, ...]
-    saliency_layer: str | None
-    val_image_ids: tuple[int | None, ...] = ()
-    val_paths: tuple[str, ...] = ()
-    val_y: np.ndarray | None = None
-    val_probs: np.ndarray | None = None  # (N, C)
-    n_train: int = 0  # training images per epoch (after balancing)
-    n_val: int = 0
-    skipped: int = 0  # unreadable images left out
-    images_per_s: float | None = None  # mean training throughput over this call's epochs
-    feature_cache: bool = False  # a frozen stage trained on cached features
-    weights_report: str | None = None
-
-
-class RunCancelled(Exception):
-    """Raised from a batch callback when the cancel flag is set."""
-
-
-# -- Global state: seeds, determinism, precision, strategy ----------------------------------
-
-def gpu_count() -> int:
-    return len(tf.config.list_physical_devices("GPU"))
-
-
-@contextmanager
-def _run_globals(cfg: TrainConfig) -> Iterator[None]:
-    """Seeds, op determinism and the dtype policy for one run; restored afterwards."""
-    policy = keras.mixed_precision.global_policy().name
-    deterministic = cfg.deterministic if cfg.deterministic is not None else gpu_count() == 0
-    det_cfg = _determinism_module()
-    was_deterministic = bool(det_cfg and det_cfg.is_op_determinism_enabled())
-    keras.utils.set_random_seed(cfg.seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-    if cfg.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-        if deterministic and not was_deterministic and det_cfg is not None:
-            det_cfg.disable_op_determinism()
-
-
-def _determinism_module() -> Any:
-    # TF has no public switch back; without it determinism simply stays on in this process.
-    try:
-        from tensorflow.python.framework import config as tf_config
-    except ImportError:  # pragma: no cover - other TF layouts
-        return None
-    ok = hasattr(tf_config, "disable_op_determinism") and hasattr(
-        tf_config, "is_op_determinism_enabled")
-    return tf_config if ok else None
-
-
-def _strategy(cfg: TrainConfig) -> tf.distribute.Strategy:
-    if cfg.distribution == "mirrored" or (cfg.distribution == "auto" and gpu_count() > 1):
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
+from cxr_core.train_config import TrainConfig
+from cxr_core.train_io import RunCancelled, TrainData, TrainResult, TrainSinks
+from cxr_core.train_runtime import float32_policy, gpu_count, run_globals, strategy
 
 
 # -- Data -----------------------------------------------------------------------------------
@@ -551,72 +162,10 @@ def _floats(logs: Mapping[str, Any] | None) -> dict[str, float]:
     return out
 
 
-class _Checkpoints:
-    """Per-epoch checkpoints, the best model and their state file (atomic writes)."""
-
-    def __init__(self, run_dir: Path, monitor: str, keep: int):
-        self.run_dir, self.monitor, self.keep = run_dir, monitor, keep
-        self.folder = run_dir / CHECKPOINTS
-        self.folder.mkdir(parents=True, exist_ok=True)
-        state = self._read_state()
-        self.best: float | None = state.get("best")
-        self.best_epoch: int | None = state.get("best_epoch")
-
-    @property
-    def best_path(self) -> Path:
-        return self.run_dir / BEST_MODEL
-
-    def path(self, epoch: int) -> Path:
-        return self.folder / f"epoch_{epoch:03d}.keras"
-
-    def _read_state(self) -> dict:
-        try:
-            return json.loads((self.folder / "state.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def _better(self, value: float) -> bool:
-        if self.best is None:
-            return True
-        return value < self.best if self.monitor == "val_loss" else value > self.best
-
-    def save(self, model: keras.Model, epoch: int, logs: Mapping[str, float]) -> bool:
-        """Checkpoint ``epoch``; copy it to best.keras if ``monitor`` improved."""
-        path = self.path(epoch)
-        _save_atomic(model, path)
-        value = logs.get(self.monitor)
-        improved = value is not None and math.isfinite(value) and self._better(value)
-        if improved or (value is None and self.best is None):
-            tmp = self.run_dir / f".tmp-{BEST_MODEL}"
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, self.best_path)
-            self.best, self.best_epoch = (value, epoch) if improved else (None, epoch)
-        (self.folder / "state.json").write_text(json.dumps(
-            {"epoch": epoch, "monitor": self.monitor, "best": self.best,
-             "best_epoch": self.best_epoch}))
-        for old in sorted(self.folder.glob("epoch_*.keras"))[:-self.keep]:
-            old.unlink(missing_ok=True)
-        return improved
-
-    def forget_after(self, epoch: int) -> None:
-        """A resume from ``epoch`` re-trains later epochs: their best value no longer counts."""
-        if self.best_epoch is not None and self.best_epoch > epoch:
-            self.best, self.best_epoch = None, None
-
-    def epochs_since_best(self, epoch: int) -> int:
-        return epoch - (self.best_epoch or 0)
-
-
-def _save_atomic(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")  # Keras wants the .keras suffix
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 class _RunCallback(keras.callbacks.Callback):
     """Sinks, cancel checks, checkpoints and early stopping, in that order per event."""
 
-    def __init__(self, *, full_model: keras.Model, ckpts: _Checkpoints, sinks: TrainSinks,
+    def __init__(self, *, full_model: keras.Model, ckpts: Checkpoints, sinks: TrainSinks,
                  batch_size: int, n_train: int, first_step: int, patience: int | None):
         super().__init__()
         self.full_model, self.ckpts, self.sinks = full_model, ckpts, sinks
@@ -693,7 +242,7 @@ class _Fit:
     inputs: _Inputs
     run_dir: Path
     sinks: TrainSinks
-    ckpts: _Checkpoints
+    ckpts: Checkpoints
     model: keras.Model
     n_classes: int
     n_train: int
@@ -725,7 +274,7 @@ def _run_fit(fit: _Fit, trainee: keras.Model, train_ds: Any, val_ds: Any, stage:
              start: int, last: bool) -> None:
     """One ``fit`` call; a cancel still closes TensorBoard's writers."""
     run_cb, cbs = _callbacks(fit, stage, start, last)
-    weights = (pipeline.class_weights(fit.inputs.cache.labels()[fit.inputs.train_rows],
+    weights = (class_weights(fit.inputs.cache.labels()[fit.inputs.train_rows],
                                       fit.n_classes)
                if fit.cfg.balancing == "class_weights" else None)
     try:
@@ -744,21 +293,9 @@ def _run_fit(fit: _Fit, trainee: keras.Model, train_ds: Any, val_ds: Any, stage:
     fit.stopped_early = run_cb.stopped_early
 
 
-@contextmanager
-def _float32_policy() -> Iterator[None]:
-    """Build input pipelines in float32: the augmenter's layers must not pick up
-    mixed_float16 (pixels in [0, 255] lose precision in float16; the model casts itself)."""
-    policy = keras.mixed_precision.global_policy().name
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(policy)
-
-
 def _image_datasets(fit: _Fit, start: int) -> tuple[Any, Any]:
     cfg, inputs = fit.cfg, fit.inputs
-    with _float32_policy():
+    with float32_policy():
         return _make_image_datasets(cfg, inputs, start)
 
 
@@ -790,7 +327,7 @@ def _fit_features(fit: _Fit, stage: _Stage, start: int, last: bool, keep_optimiz
     labels = inputs.cache.labels()
     rows = inputs.train_rows
     if cfg.balancing == "undersample":  # a fixed subset: same images every epoch
-        rows = rows[pipeline.balance_indices(labels[rows], "undersample",
+        rows = rows[balance_indices(labels[rows], "undersample",
                                              target_ratio=cfg.target_ratio, seed=cfg.seed)]
     t0 = time.perf_counter()
     extractor = registry.feature_extractor(fit.model)
@@ -827,7 +364,7 @@ def _prepare_stage(fit: _Fit, stage: _Stage, keep_optimizer: bool) -> None:
         _compile(fit.model, cfg, fit.n_classes, _optimizer(cfg, stage.lr, steps))
 
 
-def _start_model(cfg: TrainConfig, data: TrainData, ckpts: _Checkpoints, initial_epoch: int,
+def _start_model(cfg: TrainConfig, data: TrainData, ckpts: Checkpoints, initial_epoch: int,
                  sinks: TrainSinks) -> tuple[keras.Model, bool, str | None]:
     """A fresh model, or the checkpoint of ``initial_epoch`` with its optimizer state."""
     if initial_epoch:
@@ -835,7 +372,7 @@ def _start_model(cfg: TrainConfig, data: TrainData, ckpts: _Checkpoints, initial
         if not path.is_file():
             raise RunError(f"cannot resume: expected the checkpoint of epoch {initial_epoch} at "
                            f"{path}. Received: no such file")
-        model = keras.models.load_model(path, custom_objects=registry.CUSTOM_OBJECTS)
+        model = registry.load_model(path, compile=True)
         restored = getattr(model, "optimizer", None) is not None
         sinks.say(f"resumed from {path.name} (optimizer state "
                   f"{'restored' if restored else 'not saved: fresh optimizer'})")
@@ -873,24 +410,23 @@ def train(cfg: TrainConfig, data: TrainData, run_dir: str | Path, *, cache_root:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(cfg.to_json())
-    spec = registry.MODELS[cfg.model]
-    with _run_globals(cfg):
+    with run_globals(cfg):
         try:
             inputs = _build_inputs(cfg, data, Path(cache_root), sinks)
         except RunCancelled:
-            return _cancelled(cfg, data, initial_epoch, spec.saliency_layer)
-        n_train = len(pipeline.balance_indices(
+            return _cancelled(data, initial_epoch)
+        n_train = len(balance_indices(
             inputs.cache.labels()[inputs.train_rows],
             cfg.balancing if cfg.balancing != "class_weights" else "none",
             target_ratio=cfg.target_ratio, seed=cfg.seed))
-        ckpts = _Checkpoints(run_dir, cfg.monitor, cfg.keep_checkpoints)
+        ckpts = Checkpoints(run_dir, cfg.monitor, cfg.keep_checkpoints)
         ckpts.forget_after(initial_epoch)
         sinks.say(f"{n_train} training images per epoch, {len(inputs.val_rows)} validation "
                   f"images, classes {list(data.classes)}; {gpu_count()} GPU(s)")
         if not tensorboard_available():
             sinks.say("TensorBoard logs skipped: the tensorboard package is not installed "
                       "(pip install tensorboard)", "warning")
-        with _strategy(cfg).scope():
+        with strategy(cfg).scope():
             model, restored, report = _start_model(cfg, data, ckpts, initial_epoch, sinks)
             fit = _Fit(cfg, data, inputs, run_dir, sinks, ckpts, model, len(data.classes),
                        n_train, math.ceil(n_train / cfg.batch_size))
@@ -898,34 +434,8 @@ def train(cfg: TrainConfig, data: TrainData, run_dir: str | Path, *, cache_root:
                 _fit_stages(fit, initial_epoch, restored)
             except RunCancelled as exc:
                 sinks.say(str(exc), "warning")
-                return _cancelled(cfg, data, initial_epoch + len(fit.history), spec.saliency_layer,
-                                  fit)
-        return _finish(fit, initial_epoch, report, spec.saliency_layer)
-
-
-def resume_epoch(run_dir: str | Path, recorded: int) -> int:
-    """The epoch a resumed run starts from.
-
-    ``recorded`` (the DB's epochs done) when its checkpoint is on disk: its metrics are
-    stored, so the curves stay continuous (a worker killed between saving a checkpoint and
-    recording it re-trains that one epoch). Otherwise the newest checkpoint on disk.
-    """
-    if recorded == 0 or (Path(run_dir) / CHECKPOINTS / f"epoch_{recorded:03d}.keras").is_file():
-        return recorded
-    return last_checkpoint_epoch(run_dir)
-
-
-def last_checkpoint_epoch(run_dir: str | Path) -> int:
-    """The newest epoch with a checkpoint on disk (0: none)."""
-    folder = Path(run_dir) / CHECKPOINTS
-    try:
-        epoch = int(json.loads((folder / "state.json").read_text()).get("epoch", 0))
-    except (OSError, ValueError):
-        epoch = 0
-    if epoch and (folder / f"epoch_{epoch:03d}.keras").is_file():
-        return epoch
-    found = sorted(folder.glob("epoch_*.keras"))
-    return int(found[-1].stem.split("_")[1]) if found else 0
+                return _cancelled(data, initial_epoch + len(fit.history), fit)
+        return _finish(fit, initial_epoch, report)
 
 
 def _fit_stages(fit: _Fit, initial_epoch: int, restored: bool) -> None:
@@ -951,10 +461,9 @@ def _fit_stages(fit: _Fit, initial_epoch: int, restored: bool) -> None:
             break
 
 
-def _cancelled(cfg: TrainConfig, data: TrainData, epochs_done: int, saliency: str | None,
-               fit: _Fit | None = None) -> TrainResult:
+def _cancelled(data: TrainData, epochs_done: int, fit: _Fit | None = None) -> TrainResult:
     return TrainResult("cancelled", epochs_done, tuple(fit.history if fit else ()), None, False,
-                       None, data.classes, saliency)
+                       None, data.classes, None)
 
 
 def _to_probs(raw: np.ndarray) -> np.ndarray:
@@ -965,13 +474,14 @@ def _to_probs(raw: np.ndarray) -> np.ndarray:
     return out
 
 
-def _finish(fit: _Fit, initial_epoch: int, report: str | None, saliency: str) -> TrainResult:
+def _finish(fit: _Fit, initial_epoch: int, report: str | None) -> TrainResult:
     """Make best.keras the run's model and predict the validation images with it."""
     cfg, ckpts, inputs = fit.cfg, fit.ckpts, fit.inputs
     done = initial_epoch + len(fit.history)  # epochs checkpointed (early stopping: fewer)
     if not cfg.restore_best or not ckpts.best_path.is_file():
-        _save_atomic(fit.model, ckpts.best_path)
+        save_atomic(fit.model, ckpts.best_path)
     model = registry.load_model(ckpts.best_path)
+    saliency = registry.saliency_layer_name(model)  # the one rule; the model card records it
     val_ds = pipeline.make_dataset(inputs.cache, batch_size=cfg.batch_size, shuffle=False,
                                    seed=0, indices=inputs.val_rows, channels=cfg.channels)
     probs = _to_probs(model.predict(val_ds, verbose=0))
@@ -986,41 +496,3 @@ def _finish(fit: _Fit, initial_epoch: int, report: str | None, saliency: str) ->
         np.asarray(data.labels)[idx].astype(np.int64), probs, fit.n_train,
         len(inputs.val_rows), inputs.skipped,
         float(np.mean(fit.rates)) if fit.rates else None, fit.feature_cache, report)
-
-
-# -- Model card -----------------------------------------------------------------------------
-
-def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
-                     classes: tuple[str, ...], saliency_layer: str | None,
-                     operating_point: Mapping[str, Any] | None, val_metrics: Mapping[str, Any],
-                     dataset: Mapping[str, Any], label_snapshot: Mapping[str, Any],
-                     extra: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model_card.json`` beside the run's model (what Predict/Evaluate read).
-
-    Returns:
-        The card's path.
-    """
-    card = {
-        "name": name, "model": cfg.model, "model_file": BEST_MODEL, "labels": list(classes),
-        "label_scheme": cfg.label_scheme, "image_size": cfg.image_size,
-        "channels": cfg.channels, "saliency_layer": saliency_layer,
-        "operating_point": dict(operating_point) if operating_point else None,
-        "val_metrics": dict(val_metrics), "training_config": cfg.to_dict(),
-        "dataset": dict(dataset), "label_snapshot": dict(label_snapshot),
-        "data_licence": DATA_LICENCE, **dict(extra or {}),
-    }
-    path = Path(run_dir) / MODEL_CARD
-    tmp = path.with_name(f".tmp-{MODEL_CARD}")
-    tmp.write_text(json.dumps(card, indent=2, default=_json_default))
-    os.replace(tmp, path)
-    return path
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)

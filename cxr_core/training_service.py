@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from cxr_core import presets, worker
-from cxr_core.augment import PRESETS
+from cxr_core.augment_config import PRESETS
 from cxr_core.errors import ConfigError, DatasetError
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import datasets as dataset_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.runs import LogLine, RunRecord
-from cxr_core.training import DEFAULT_RECIPE, RECIPES, TrainConfig, gpu_count
+from cxr_core.devices import visible_gpu_count
+from cxr_core.train_config import DEFAULT_RECIPE, RECIPES, TrainConfig
 
 Progress = Callable[[int, int], None]
 LIVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc")
@@ -31,7 +32,7 @@ def host_recipe(layout: str | None = None) -> str:
     ``layout`` "npz"), else ``default224`` with a GPU and ``cpu128`` without."""
     if layout == "npz":
         return "mnist28"
-    return DEFAULT_RECIPE if gpu_count() else "cpu128"
+    return DEFAULT_RECIPE if visible_gpu_count() else "cpu128"
 
 
 def recipe_defaults(recipe: str) -> dict[str, Any]:

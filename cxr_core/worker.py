@@ -42,6 +42,7 @@ from cxr_core import datasets as ds
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, CxrError, RunError
 from cxr_core.indexing import open_dataset
+from cxr_core.splits import patient_split
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import runs as store
 from cxr_core.storage.reviews import LabelSnapshot, current_labels, label_snapshot
@@ -163,7 +164,7 @@ class Heartbeat:
 class PreparedData:
     """A run's inputs and where they came from (for the run row and the model card)."""
 
-    data: Any  # training.TrainData
+    data: Any  # train_io.TrainData
     dataset_id: int
     dataset_name: str
     dataset_root: str
@@ -212,7 +213,7 @@ def _weights_path(db: Database, weights: str | None) -> str | None:
                           f"Received: weights={weights!r}") from exc
     with db.session() as s:
         run = store.require_run(session=s, run_id=run_id)
-    from cxr_core.training import BEST_MODEL
+    from cxr_core.train_config import BEST_MODEL
 
     path = Path(run.artifact_dir or get_settings().runs_dir / str(run_id)) / BEST_MODEL
     if not path.is_file():
@@ -225,7 +226,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     """Images, labels and the patient-grouped train/validation split of a run.
 
     Test-folder images are never used. Validation is carved from the rest by patient
-    (:func:`cxr_core.datasets.patient_split` with ``split_seed``).
+    (:func:`cxr_core.splits.patient_split` with ``split_seed``).
 
     Args:
         db: the database.
@@ -239,7 +240,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     Raises:
         DatasetError: unknown dataset, or too few labelled images to split.
     """
-    from cxr_core.training import TrainData
+    from cxr_core.train_io import TrainData
 
     info, records = open_dataset(db, cfg.dataset)
     snap, label_map = _read_labels(db, cfg, info, records, as_of_relabel_id)
@@ -251,7 +252,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     if cfg.max_images is not None:
         usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
     recs = [records[i] for i in usable]
-    plan = ds.patient_split(recs, [names[i] for i in usable], val_fraction=cfg.val_fraction,
+    plan = patient_split(recs, [names[i] for i in usable], val_fraction=cfg.val_fraction,
                             seed=cfg.split_seed)
     val_ids = set(plan.val)
     labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
@@ -305,7 +306,7 @@ def _fmt(logs: dict[str, float]) -> str:
 def db_sinks(db: Database, run_id: int, *, epochs: int, progress: Progress | None = None,
              batch_interval_s: float = 2.0) -> Any:
     """TrainSinks that write metrics, epochs done and log lines, and read the cancel flag."""
-    from cxr_core.training import TrainSinks
+    from cxr_core.train_io import TrainSinks
 
     first_batch = [True]
 
@@ -387,7 +388,7 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
 def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedData, result: Any,
               run_dir: Path) -> RunOutcome:
     """Validation outputs, model card and the run's final row."""
-    from cxr_core.training import write_model_card
+    from cxr_core.model_store import write_model_card
 
     try:
         val, op, eval_id = _val_outputs(db, run, cfg, prepared, result)
@@ -419,7 +420,7 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
 
 def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple[PreparedData, int]:
     """Prepare the data, record the snapshot and artifacts; returns (data, initial epoch)."""
-    from cxr_core.training import resume_epoch
+    from cxr_core.checkpoints import resume_epoch
 
     resume = run.resume_requested
     initial = resume_epoch(run_dir, run.epochs_done) if resume else 0
@@ -464,12 +465,13 @@ def process_run(db: Database, run_id: int, *, progress: Progress | None = None) 
         How the run ended.
     """
     from cxr_core import training
+    from cxr_core.train_config import TrainConfig
 
     with db.session() as s:
         run = store.require_run(session=s, run_id=run_id)
     epochs = 0
     try:
-        cfg = training.TrainConfig.from_dict(run.config)
+        cfg = TrainConfig.from_dict(run.config)
         run_dir = Path(run.artifact_dir or get_settings().runs_dir / str(run_id))
         prepared, epochs = _start(db, run, cfg, run_dir)
         result = training.train(cfg, prepared.data, run_dir, cache_root=get_settings().cache_dir,

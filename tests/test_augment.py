@@ -7,13 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_core.augment import (
-    PRESETS,
-    AugmentConfig,
-    augment_preview,
-    build_augmenter,
-    get_preset,
-)
+from cxr_core.augment import augment_preview, build_augmenter
+from cxr_core.augment_config import PRESETS, AugmentConfig, get_preset
 from cxr_core.errors import ConfigError
 
 SIZE = 48

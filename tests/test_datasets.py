@@ -13,6 +13,7 @@ from conftest import write_image
 from cxr_core import datasets as ds
 from cxr_core.errors import ConfigError, DatasetError
 from cxr_core.indexing import index_dataset, open_dataset
+from cxr_core.splits import patient_split
 from cxr_core.storage import open_db
 
 
@@ -135,14 +136,14 @@ def test_duplicates_and_patient_split(tiny_dataset, cxr_home):
     assert rep.duplicate_groups == 1 and rep.cross_split_duplicates == 1
     _, recs = open_dataset(open_db(), rep.dataset)
     labels = [ds.scheme_label(r.label, r.subtype, "binary") for r in recs]
-    plan = ds.patient_split(recs, labels, val_fraction=0.3, seed=1)
+    plan = patient_split(recs, labels, val_fraction=0.3, seed=1)
     by_id = {r.id: r for r in recs}
     train_p = {by_id[i].patient for i in plan.train}
     assert not train_p & {by_id[i].patient for i in plan.val}
     dup_ids = {r.id for r in recs if r.sha256 == by_id[next(
         r.id for r in recs if r.relpath.endswith("person3_bacteria_4.jpeg"))].sha256}
     assert len({("train" if i in plan.train else "val") for i in dup_ids if i not in plan.test}) == 1
-    assert plan == ds.patient_split(recs, labels, val_fraction=0.3, seed=1)  # seeded
+    assert plan == patient_split(recs, labels, val_fraction=0.3, seed=1)  # seeded
 
 
 def test_real_train_split_counts_and_grouped_split(shared_data, cxr_home):
@@ -153,7 +154,7 @@ def test_real_train_split_counts_and_grouped_split(shared_data, cxr_home):
     assert s["unreadable"] == 0 and 20 <= rep.duplicate_groups <= 40
     _, recs = open_dataset(open_db(), rep.dataset)
     labels = [ds.scheme_label(r.label, r.subtype, "binary") for r in recs]
-    plan = ds.patient_split(recs, labels, val_fraction=0.15, seed=0)
+    plan = patient_split(recs, labels, val_fraction=0.15, seed=0)
     by_id = {r.id: r for r in recs}
     patients = lambda ids: {by_id[i].patient for i in ids}
     hashes = lambda ids: {by_id[i].sha256 for i in ids}

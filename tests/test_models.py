@@ -15,6 +15,8 @@ from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
 
+from cxr_core import model_specs as specs
+from cxr_core import model_weights as W
 from cxr_core import models as M
 from cxr_core.errors import ConfigError, ModelError
 
@@ -24,13 +26,13 @@ SLOW_APPS = ["resnet50", "resnet50v2", "resnet152v2", "inceptionv3"]
 
 
 def _tiny(name: str) -> int:
-    return max(M.MODELS[name].min_size, 32)
+    return max(specs.MODELS[name].min_size, 32)
 
 
-def _cfg(name: str, **kw) -> M.ModelConfig:
+def _cfg(name: str, **kw) -> specs.ModelConfig:
     kw.setdefault("image_size", _tiny(name))
     kw.setdefault("channels", 1)
-    return M.ModelConfig(name=name, **kw)
+    return specs.ModelConfig(name=name, **kw)
 
 
 def _images(size: int, channels: int = 1, n: int = 2, seed: int = 0) -> np.ndarray:
@@ -112,7 +114,7 @@ def _params():
 
 @pytest.mark.parametrize(("name", "num_classes"), _params())
 def test_model_builds_flat_and_trains_one_step(name, num_classes):
-    spec = M.MODELS[name]
+    spec = specs.MODELS[name]
     size = _tiny(name)
     built = M.build_model_with_report(_cfg(name), num_classes)
     model = built.model
@@ -137,8 +139,8 @@ def test_model_builds_flat_and_trains_one_step(name, num_classes):
 
 
 def test_registry_names_and_spec_fields():
-    assert set(SMALL + FAST_APPS + SLOW_APPS) == set(M.MODELS)
-    for name, spec in M.MODELS.items():
+    assert set(SMALL + FAST_APPS + SLOW_APPS) == set(specs.MODELS)
+    for name, spec in specs.MODELS.items():
         assert spec.name == name
         assert spec.min_size <= spec.default_size
         assert spec.preprocessing in ("unit", "caffe", "tf", "torch", "none")
@@ -156,7 +158,7 @@ def test_graph_mode_training_step():
 
 def test_rgb_to_bgr_traces_in_graph_mode():
     inp = keras.Input((8, 8, 3))
-    x = M._preprocessing(inp, M.MODELS["vgg16"], 3)
+    x = M._preprocessing(inp, specs.MODELS["vgg16"], 3)
     names = [layer.name for layer in keras.Model(inp, x).layers[1:]]
     assert names == ["pre_rgb_to_bgr", "pre_rescale"]
     out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
@@ -208,9 +210,9 @@ def test_dropout_override_and_head_names():
 @pytest.mark.parametrize("channels", [1, 3])
 def test_preprocessing_matches_keras(name, reference, channels):
     inp = keras.Input((8, 8, channels))
-    pre = keras.Model(inp, M._preprocessing(inp, M.MODELS[name], channels))
+    pre = keras.Model(inp, M._preprocessing(inp, specs.MODELS[name], channels))
     x = _images(8, channels, seed=3)
-    rgb = np.repeat(x, 3, axis=-1) if (channels == 1 and M.MODELS[name].rgb) else x
+    rgb = np.repeat(x, 3, axis=-1) if (channels == 1 and specs.MODELS[name].rgb) else x
     expected = reference(rgb.copy())
     np.testing.assert_allclose(_run(pre, x), expected, rtol=1e-5, atol=1e-4)
 
@@ -249,7 +251,7 @@ def test_efficientnet_has_no_outer_preprocessing():
 )
 def test_invalid_config_raises_config_error(kwargs, match):
     with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(".", r"\.")):
-        M.ModelConfig(**kwargs)
+        specs.ModelConfig(**kwargs)
 
 
 @pytest.mark.parametrize(
@@ -265,13 +267,13 @@ def test_invalid_config_raises_config_error(kwargs, match):
     ],
 )
 def test_valid_configs_round_trip_through_dict(kwargs):
-    cfg = M.ModelConfig(**kwargs)
-    assert M.ModelConfig.from_dict(cfg.to_dict()) == cfg
+    cfg = specs.ModelConfig(**kwargs)
+    assert specs.ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="img_size"):
-        M.ModelConfig.from_dict({"name": "small3_50", "img_size": 50})
+        specs.ModelConfig.from_dict({"name": "small3_50", "img_size": 50})
 
 
 @pytest.mark.parametrize("num_classes", [1, 0, 2.0, True])
@@ -357,7 +359,7 @@ def test_gradcam_runs(name, num_classes):
     size = _tiny(name)
     gradcam = Gradcam(model, model_modifier=ReplaceToLinear(), clone=True)
     score = BinaryScore([1.0, 0.0]) if num_classes == 2 else CategoricalScore([0, 2])
-    cam = gradcam(score, _images(size), penultimate_layer=M.MODELS[name].saliency_layer)
+    cam = gradcam(score, _images(size), penultimate_layer=specs.MODELS[name].saliency_layer)
     assert cam.shape == (2, size, size)
     assert np.isfinite(cam).all()
     # clone=True leaves the model's own head activation alone.
@@ -525,7 +527,7 @@ def test_imagenet_offline_raises_model_error_naming_file_url_and_folder(keras_ho
 def test_imagenet_file_names(keras_home, monkeypatch, name, size, file_name):
     _offline(monkeypatch)
     with pytest.raises(ModelError, match=file_name.replace(".", r"\.")):
-        M.imagenet_weights_path(M.MODELS[name], size)
+        W.imagenet_weights_path(specs.MODELS[name], size)
 
 
 def test_imagenet_download_goes_through_keras_get_file(keras_home, monkeypatch):
@@ -538,7 +540,7 @@ def test_imagenet_download_goes_through_keras_get_file(keras_home, monkeypatch):
         return str(target)
 
     monkeypatch.setattr(keras.utils, "get_file", fake_get_file)
-    path = M.imagenet_weights_path(M.MODELS["resnet50"], 224)
+    path = W.imagenet_weights_path(specs.MODELS["resnet50"], 224)
     assert path == keras_home / "models" / "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
     assert calls == [("resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
                       "https://storage.googleapis.com/tensorflow/keras-applications/resnet/"
@@ -592,7 +594,7 @@ def test_vgg_sep_takes_vgg16_first_blocks_from_imagenet_cache(keras_home, monkey
     _offline(monkeypatch)
     vgg16 = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
     _randomize(vgg16)
-    _write_keras2_h5(vgg16, keras_home / "models" / M.MODELS["vgg16"].imagenet.file_name)
+    _write_keras2_h5(vgg16, keras_home / "models" / specs.MODELS["vgg16"].imagenet.file_name)
 
     built = M.build_model_with_report(_cfg("vgg_sep", weights="imagenet"), 2)
     blocks = ("block1_conv1", "block1_conv2", "block2_conv1", "block2_conv2")
@@ -604,7 +606,7 @@ def test_vgg_sep_takes_vgg16_first_blocks_from_imagenet_cache(keras_home, monkey
     bad = keras_home / "not_vgg.h5"
     _write_keras2_h5(other, bad)
     with pytest.raises(ModelError, match="block1_conv1"):
-        M.load_vgg16_first_blocks(built.model, bad)
+        W.load_vgg16_first_blocks(built.model, bad)
 
 
 def test_batchnorm_layers_forget_their_initial_statistics_within_an_epoch():
@@ -624,7 +626,7 @@ def test_cxrnet_28_inference_is_not_saturated_after_two_epochs_on_pneumoniamnist
     data = np.load(shared_data / "pneumoniamnist_trainval.npz")
     x = data["train_images"][..., None].astype("float32")
     y = data["train_labels"].ravel().astype("float32")
-    model = M.build_model(M.ModelConfig(name="cxrnet_28", image_size=28, channels=1), 2)
+    model = M.build_model(specs.ModelConfig(name="cxrnet_28", image_size=28, channels=1), 2)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="binary_crossentropy")
     keras.utils.set_random_seed(0)
     model.fit(x, y, batch_size=128, epochs=2, verbose=0)

@@ -9,16 +9,10 @@ from PIL import Image
 
 from cxr_core import images as image_io
 from cxr_core import pipeline
-from cxr_core.augment import PRESETS, AugmentConfig
+from cxr_core.augment_config import PRESETS, AugmentConfig
 from cxr_core.errors import ConfigError, DatasetError
-from cxr_core.pipeline import (
-    balance_indices,
-    balance_summary,
-    build_cache,
-    build_cache_from_npz,
-    class_weights,
-    make_dataset,
-)
+from cxr_core.balancing import balance_indices, balance_summary, class_weights
+from cxr_core.pipeline import build_cache, build_cache_from_npz, make_dataset
 
 SIZE = 16
 

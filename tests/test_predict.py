@@ -24,11 +24,12 @@ CARD = {"labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary",
 
 def _registry_model(name: str, size: int, channels: int, num_classes: int = 2):
     from cxr_core import models as registry
+    from cxr_core.model_specs import ModelConfig
 
     import keras
 
     keras.utils.set_random_seed(0)
-    cfg = registry.ModelConfig(name=name, image_size=size, channels=channels)
+    cfg = ModelConfig(name=name, image_size=size, channels=channels)
     return registry.build_model(cfg, num_classes)
 
 

@@ -9,7 +9,9 @@ import pytest
 
 from cxr_core import training
 from cxr_core.errors import ConfigError
-from cxr_core.training import RECIPES, TrainConfig, TrainData, TrainSinks
+from cxr_core.model_store import write_model_card
+from cxr_core.train_config import DEFAULT_RECIPE, RECIPES, TrainConfig
+from cxr_core.train_io import TrainData, TrainSinks
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 TIMING_KEYS = {"epoch_time_s", "images_per_s"}
@@ -105,7 +107,7 @@ def test_from_dict_merges_recipe_defaults_and_round_trips():
     assert c.target_ratio == (2.0, 1.0, 2.0) and c.epochs == 2
     again = TrainConfig.from_dict(json.loads(c.to_json()))
     assert again == c
-    assert TrainConfig.from_dict({"dataset": "d"}).recipe == training.DEFAULT_RECIPE
+    assert TrainConfig.from_dict({"dataset": "d"}).recipe == DEFAULT_RECIPE
 
 
 @pytest.mark.parametrize("recipe", ["default224", "cpu128", "mnist28"])
@@ -165,9 +167,10 @@ def test_frozen_stage_trains_the_head_on_cached_features(data, cache_root, tmp_p
     import keras
 
     from cxr_core import models
+    from cxr_core.model_specs import ModelConfig
 
     pretrained = tmp_path / "pretrained.keras"  # stands in for ImageNet weights (none offline)
-    models.build_model(models.ModelConfig("small3_50", 32, 1), 2).save(pretrained)
+    models.build_model(ModelConfig("small3_50", 32, 1), 2).save(pretrained)
     before = keras.models.load_model(pretrained, custom_objects=models.CUSTOM_OBJECTS)
     out = Collect()
     res = training.train(cfg(weights=str(pretrained), freeze_epochs=1, epochs=2), data,
@@ -196,7 +199,7 @@ def test_mixed_precision_runs_on_cpu_and_policy_is_restored(data, cache_root, tm
 
 def test_model_card_fields(tmp_path):
     c = cfg()
-    path = training.write_model_card(
+    path = write_model_card(
         tmp_path, name="r", cfg=c, classes=CLASSES, saliency_layer="block3_relu",
         operating_point={"threshold": 0.3}, val_metrics={"auc": 0.9}, dataset={"name": "d"},
         label_snapshot={"hash": "abc", "relabel_id": None})
@@ -211,7 +214,7 @@ def test_model_card_fields(tmp_path):
 
 def test_saved_augmentation_preset_is_resolved_into_the_run_config(cxr_home, tiny_dataset):
     from cxr_core import presets
-    from cxr_core.augment import AugmentConfig
+    from cxr_core.augment_config import AugmentConfig
     from cxr_core.storage import open_db
     from cxr_core.training_service import make_config
 

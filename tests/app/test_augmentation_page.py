@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from cxr_core import presets
-from cxr_core.augment import PRESETS
+from cxr_core.augment_config import PRESETS
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 

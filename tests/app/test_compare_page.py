@@ -7,30 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
-from test_model_store import BINARY_CARD, make_run, save_tiny_model
+from test_model_store import save_tiny_model
 
 from cxr_core import evaluation_service as es
-from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
-
-
-
-@pytest.fixture()
-def two_runs(cxr_home, tiny_dataset) -> tuple[int, int]:
-    """Two finished runs (real tiny models with operating points), both evaluated on test."""
-    db = open_db()
-    index_dataset(db, tiny_dataset, name="tiny")
-    runs = []
-    for seed, name in ((1, "alpha"), (2, "beta")):
-        run_id = make_run(db, name)
-        save_tiny_model(cxr_home / "runs" / str(run_id) / "best.keras", seed=seed,
-                        card=BINARY_CARD)
-        es.set_operating_point(db, run_id=run_id, y_true=[0, 1, 0, 1], p_pos=[0.2, 0.6, 0.4, 0.7])
-        es.evaluate_model(db, f"run:{run_id}", "tiny", split="train")
-        runs.append(run_id)
-    return runs[0], runs[1]
 
 
 def _page() -> AppTest:

@@ -34,13 +34,14 @@ def run_ref(cxr_home) -> str:
     import keras
 
     from cxr_core import models as registry
+    from cxr_core.model_specs import ModelConfig
 
     db = open_db()
     run_id = db.write(lambda s: run_store.create_run(session=s, name="tiny", config={}))
     folder = cxr_home / "runs" / str(run_id)
     folder.mkdir(parents=True)
     keras.utils.set_random_seed(0)
-    registry.build_model(registry.ModelConfig(name="small3_128", image_size=32, channels=1), 2) \
+    registry.build_model(ModelConfig(name="small3_128", image_size=32, channels=1), 2) \
         .save(folder / "best.keras")
     (folder / "model_card.json").write_text(json.dumps(CARD))
     db.write(lambda s: run_store.set_run_artifacts(session=s, run_id=run_id,

@@ -101,7 +101,7 @@ def base_data(db, robust_home, tmp_path_factory) -> dict:
     """What is already stored before any bad input: an indexed dataset, a relabel, a saved
     augmentation preset and a (cancelled) run row."""
     from cxr_core import presets, review
-    from cxr_core.augment import AugmentConfig
+    from cxr_core.augment_config import AugmentConfig
     from cxr_core.indexing import index_dataset
     from cxr_core.storage import datasets as ds_store
     from cxr_core.storage import runs
