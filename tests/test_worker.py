@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cxr_core import training_service as svc
-from cxr_core import worker
+from cxr_core import run_data, worker
 from cxr_core.errors import RunError
 from cxr_core.storage import open_db
 from cxr_core.storage import evals as eval_store
@@ -109,18 +109,18 @@ def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, rea
     rel = db.write(lambda s: add_relabel(session=s, image_id=normal.id, new_label="PNEUMONIA",
                                          new_subtype="virus", reviewer="dr a"))
     cfg = {**TINY, "dataset": info.name}
-    current = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}))
-    original = worker.prepare_data(db, TrainConfig.from_dict(cfg))
+    current = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}))
+    original = run_data.prepare_data(db, TrainConfig.from_dict(cfg))
     assert current.snapshot.newest_relabel_id == rel and original.snapshot.newest_relabel_id is None
     assert current.snapshot.hash != original.snapshot.hash
     assert current.dataset_name == info.name and current.data.classes == CLASSES
     for prep, want in ((current, 1), (original, 0)):  # PNEUMONIA is class 1
         ids = list(prep.data.image_ids)
         assert prep.data.labels[ids.index(normal.id)] == want
-    as_of = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}),
+    as_of = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}),
                                 as_of_relabel_id=0)  # a resumed run reproduces its snapshot
     assert as_of.snapshot.hash == original.snapshot.hash
-    subset = worker.prepare_data(db, TrainConfig.from_dict({**cfg, "max_images": 20}))
+    subset = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "max_images": 20}))
     n, n_val = len(subset.data.paths), int(subset.data.is_val.sum())
     assert 16 <= n <= 22 and 0 < n_val < n  # stratified subsample, still split by patient
 

@@ -1,0 +1,133 @@
+"""A run's inputs read from the index: its images, the labels it trains on (original, or
+current as of a relabel id, with the label snapshot's hash) and the patient-grouped
+train/validation split. Test-folder images are never used. No TensorFlow here.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_core import datasets as ds
+from cxr_core.config import get_settings
+from cxr_core.errors import ConfigError, RunError
+from cxr_core.indexing import open_dataset
+from cxr_core.splits import patient_split
+from cxr_core.storage import Database
+from cxr_core.storage import runs as store
+from cxr_core.storage.reviews import LabelSnapshot, current_labels, label_snapshot
+from cxr_core.train_config import BEST_MODEL
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedData:
+    """A run's inputs and where they came from (for the run row and the model card)."""
+
+    data: Any  # train_io.TrainData
+    dataset_id: int
+    dataset_name: str
+    dataset_root: str
+    snapshot: LabelSnapshot
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    excluded: int  # unreadable, test-split, unlabelled or subsampled-out images
+
+
+def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
+    """A stratified, seeded subset of about ``n`` indices (at least 2 per class)."""
+    if n >= len(idx):
+        return idx
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        by_class[labels[i]].append(i)
+    out: list[int] = []
+    for members in by_class.values():
+        k = min(len(members), max(2, round(n * len(members) / len(idx))))
+        out.extend(rng.choice(members, k, replace=False).tolist())
+    return sorted(out)
+
+
+def _read_labels(db: Database, cfg: Any, info: Any, records: list,
+                 as_of_relabel_id: int | None) -> tuple[LabelSnapshot, dict]:
+    """The label snapshot and image_id -> (label, subtype) the run trains on."""
+    with db.session() as s:
+        if cfg.label_source == "original":
+            snap = label_snapshot(session=s, dataset_id=info.id, as_of_relabel_id=0)
+            return snap, {r.id: (r.label, r.subtype) for r in records}
+        snap = label_snapshot(session=s, dataset_id=info.id, as_of_relabel_id=as_of_relabel_id)
+        # Read the labels as of the snapshot's newest relabel: a relabel committed in between
+        # cannot make the labels disagree with the stored hash.
+        labels = current_labels(session=s, dataset_id=info.id,
+                                as_of_relabel_id=snap.newest_relabel_id or 0)
+        return snap, labels
+
+
+def _weights_path(db: Database, weights: str | None) -> str | None:
+    if not weights or not weights.startswith("run:"):
+        return None
+    try:
+        run_id = int(weights[4:])
+    except ValueError as exc:
+        raise ConfigError("weights 'run:ID' needs a numeric id. "
+                          f"Received: weights={weights!r}") from exc
+    with db.session() as s:
+        run = store.require_run(session=s, run_id=run_id)
+    path = Path(run.artifact_dir or get_settings().runs_dir / str(run_id)) / BEST_MODEL
+    if not path.is_file():
+        raise RunError(f"weights {weights!r}: that run has no model file (is it finished?). "
+                       f"Expected: {path}")
+    return str(path)
+
+
+def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None) -> PreparedData:
+    """Images, labels and the patient-grouped train/validation split of a run.
+
+    Test-folder images are never used. Validation is carved from the rest by patient
+    (:func:`cxr_core.splits.patient_split` with ``split_seed``).
+
+    Args:
+        db: the database.
+        cfg: the run's TrainConfig.
+        as_of_relabel_id: for ``label_source="current"``: labels as of this relabel id
+            (a resumed run passes its stored id; 0 = originals); None = as of now.
+
+    Returns:
+        The prepared data.
+
+    Raises:
+        DatasetError: unknown dataset, or too few labelled images to split.
+    """
+    from cxr_core.train_io import TrainData
+
+    info, records = open_dataset(db, cfg.dataset)
+    snap, label_map = _read_labels(db, cfg, info, records, as_of_relabel_id)
+    classes = ds.scheme_classes(cfg.label_scheme, info.classes)
+    names = [ds.scheme_label(*label_map.get(r.id, (r.label, r.subtype)), cfg.label_scheme)
+             for r in records]
+    usable = [i for i, (r, y) in enumerate(zip(records, names))
+              if y in classes and not r.error and r.split != "test"]
+    if cfg.max_images is not None:
+        usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
+    recs = [records[i] for i in usable]
+    plan = patient_split(recs, [names[i] for i in usable], val_fraction=cfg.val_fraction,
+                            seed=cfg.split_seed)
+    val_ids = set(plan.val)
+    labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
+    is_val = np.array([r.id in val_ids for r in recs])
+    from cxr_core.pipeline import npz_record_images  # lazy: TensorFlow loads with it
+
+    arrays = npz_record_images(info.root, recs) if info.layout == "npz" else None
+    paths = tuple(r.relpath if arrays is not None else str(Path(info.root) / r.relpath)
+                  for r in recs)
+    data = TrainData(f"dataset:{info.id}", tuple(classes), tuple(r.id for r in recs), paths,
+                     tuple(f"{r.id}:{r.sha256}" for r in recs), labels, is_val, snap.hash,
+                     arrays, _weights_path(db, cfg.weights))
+    counts: dict[str, dict[str, int]] = {}
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        c = Counter(labels[mask].tolist())
+        counts[split] = {name: int(c.get(k, 0)) for k, name in enumerate(classes)}
+    return PreparedData(data, info.id, info.name, info.root, snap, counts,
+                        len(records) - len(recs))
