@@ -91,22 +91,50 @@ def render(results: list[dict], info: dict, when: str) -> str:
         "",
         "Each benchmark prints a ratio against a baseline measured in the same run "
         "(`python -m cxr_core bench NAME --json`). This page is written by "
-        "`python -m bench.report`; the numbers below are its latest run.",
+        "`python -m bench.report`.",
         "",
-        f"- measured: {when}",
+        f"- latest run: {when} (a partial run, `--only`, keeps the other benches' earlier "
+        "results; the table says when each was measured)",
         f"- machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, GPU: {gpus}",
         f"- software: Python {info['python']}, TensorFlow {info['tensorflow']}",
         f"- 1-minute load average when it started: {info['load_1min_at_start']} "
         "(other work on the same cores lowers the ratios of the CPU-bound benches)",
         "",
-        "| bench | what is compared | ratio |",
-        "|---|---|---|",
+        "| bench | what is compared | ratio | measured |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| `{r['bench']}` | {WHAT.get(r['bench'], '')} | {_ratio(r)} |" for r in results]
+    lines += [f"| `{r['bench']}` | {WHAT.get(r['bench'], '')} | {_ratio(r)} | "
+              f"{r.get('measured', when)} |" for r in results]
+    pages = next((r for r in results if r["bench"] == "pages" and "ours" in r), None)
+    if pages:
+        lines += ["", "## First visit of each page", "",
+                  "Seconds from a fresh interpreter to the page rendered (entry point + page, "
+                  f"median of {pages.get('repeat', 1)}), against a database holding "
+                  f"{pages.get('images', '?')} indexed films. Pages that imported TensorFlow "
+                  f"on their own: {', '.join(pages.get('tensorflow_at_load') or []) or 'none'}.",
+                  "", "| page | now (s) | with TensorFlow at load (s) | ratio |", "|---|---|---|---|"]
+        lines += [f"| {p} | {pages['ours'][p]:.2f} | {pages['baseline'][p]:.2f} | "
+                  f"{pages['per_page_ratio'][p]:.1f}× |" for p in pages["ours"]]
     lines += ["", "## Raw results", ""]
     for r in results:
         lines += [f"### {r['bench']}", "", "```json", json.dumps(r, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def saved_results(page: Path) -> list[dict]:
+    """The raw results kept in a page :func:`render` wrote (none if there is no page)."""
+    try:
+        text = page.read_text()
+    except OSError:
+        return []
+    blocks = text.split("```json\n")[1:]
+    return [json.loads(block.split("\n```", 1)[0]) for block in blocks]
+
+
+def merge(earlier: list[dict], new: list[dict]) -> list[dict]:
+    """``new`` replaces the earlier result of the same bench; order follows ``BENCHES``."""
+    by_name = {r["bench"]: r for r in earlier} | {r["bench"]: r for r in new}
+    return [by_name[n] for n in BENCHES if n in by_name]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for name in args.only:
         print(f"bench {name} ...", file=sys.stderr, flush=True)
-        results.append(run_bench(name, args.data))
+        results.append({**run_bench(name, args.data), "measured": when})
         print(json.dumps(results[-1]), flush=True)
-    Path(args.out).write_text(render(results, info, when) + "\n")
+    page = Path(args.out)
+    page.write_text(render(merge(saved_results(page), results), info, when) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in results) else 1
 

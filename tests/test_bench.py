@@ -61,3 +61,22 @@ def test_report_renders_ratios_skips_and_errors():
     assert "**1.4×**; per epoch 19.8×" in page and "**16.0×**" in page
     assert "— (no GPU: reason); float32 baseline 57.5 img/s" in page and "error: boom" in page
     assert page.count("```json") == 5
+
+
+def test_a_partial_report_keeps_the_other_benches_results(tmp_path):
+    from bench import report
+
+    info = {"cpu": "Test CPU", "cores": 2, "memory": "24 GiB", "gpus": [], "python": "3.11",
+            "tensorflow": "2.x", "load_1min_at_start": 0.5}
+    page = tmp_path / "benchmarks.md"
+    old = [{"bench": "index", "ratio": 114.0, "measured": "2026-11-23 02:15 UTC"},
+           {"bench": "pages", "ratio": 2.0, "measured": "2026-11-23 02:15 UTC"}]
+    page.write_text(report.render(old, info, "2026-11-23 02:15 UTC"))
+    assert report.saved_results(page) == old
+    merged = report.merge(report.saved_results(page),
+                          [{"bench": "pages", "ratio": 3.04, "measured": "2026-12-03 12:30 UTC"}])
+    assert [(r["bench"], r["ratio"]) for r in merged] == [("index", 114.0), ("pages", 3.04)]
+    text = report.render(merged, info, "2026-12-03 12:30 UTC")
+    assert "| `index` |" in text and "| 2026-11-23 02:15 UTC |" in text
+    assert "**3.0×** | 2026-12-03 12:30 UTC |" in text
+    assert report.saved_results(tmp_path / "absent.md") == []
