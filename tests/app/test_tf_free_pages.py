@@ -36,3 +36,23 @@ def test_first_visit_imports_no_tensorflow(page, env):
 def test_the_check_sees_tensorflow_when_it_is_imported(env):
     """The baseline side imports TensorFlow first: the flag must then say so."""
     assert first_visit("home", "tf", env)["tensorflow"] is True
+
+
+def test_cli_and_config_validation_import_no_tensorflow():
+    """The configuration layer (TrainConfig, recipes, model specs, augmentation) is TF-free."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from cxr_core import cli, training_service\n"
+            "from cxr_core.train_config import RECIPES, TrainConfig\n"
+            "from cxr_core.model_specs import MODELS, ModelConfig\n"
+            "from cxr_core.augment_config import PRESETS\n"
+            "for recipe in RECIPES:\n"
+            "    TrainConfig.from_dict({'recipe': recipe, 'dataset': 'd'}).model_config()\n"
+            "TrainConfig.from_dict({'dataset': 'd'}).augment_config()\n"
+            "cli.build_parser().parse_args(['train', '--config', 'run.json'])\n"
+            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
