@@ -5,7 +5,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core import evaluation as ev
+from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
@@ -111,9 +111,11 @@ def confusion_ui(cmp: es.Comparison) -> None:
 def curves_ui(cmp: es.Comparison) -> None:
     line = dict(color="run", line_dash=None if len(cmp.labels) == 2 else "class",
                 hover_data=["threshold", "area"])
-    roc, pr = pd.DataFrame(ev.roc_table(cmp.reports)), pd.DataFrame(ev.pr_table(cmp.reports))
-    cal = px.line(pd.DataFrame(ev.calibration_table(cmp.reports)), x="confidence", y="accuracy",
-                  color="run", markers=True, hover_data=["count"], title="Calibration")
+    roc = pd.DataFrame(tables.roc_table(cmp.reports))
+    pr = pd.DataFrame(tables.pr_table(cmp.reports))
+    cal = px.line(pd.DataFrame(tables.calibration_table(cmp.reports)), x="confidence",
+                  y="accuracy", color="run", markers=True, hover_data=["count"],
+                  title="Calibration")
     cal.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
     for col, fig in zip(st.columns(3), (px.line(roc, x="fpr", y="tpr", title="ROC", **line),
                                         px.line(pr, x="recall", y="precision",

@@ -21,10 +21,12 @@ from typing import Any
 import numpy as np
 
 from cxr_core import evaluation as ev
+from cxr_core import eval_tables, metrics, paired
 from cxr_core import provenance
 from cxr_core.errors import ConfigError, DatasetError, RunError
 from cxr_core.storage import Database
 from cxr_core.storage import evals as store
+from cxr_core.thresholds import choose_threshold, matched_thresholds
 from cxr_core.storage.evals import EvalPredictions, EvaluationInfo, OperatingPoint, RunBrief
 
 __all__ = [
@@ -197,8 +199,8 @@ def set_operating_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any,
         ConfigError: bad inputs, multi-class probabilities or unknown method.
         RunError: no such run.
     """
-    chosen = ev.choose_threshold(y_true, p_pos, method=method,  # type: ignore[arg-type]
-                                 target_sensitivity=target)
+    chosen = choose_threshold(y_true, p_pos, method=method,  # type: ignore[arg-type]
+                              target_sensitivity=target)
     _require_run(db, run_id)
     return db.write(lambda s: store.add_operating_point(
         session=s, run_id=run_id, threshold=chosen.threshold, method=chosen.method,
@@ -249,9 +251,9 @@ def _sens_spec_at(db: Database, run_id: int, evaluation_id: int,
     if info is None or preds is None or info.run_id != run_id or len(info.labels) != 2:
         raise ConfigError(f"evaluation {evaluation_id} is not a binary evaluation of run "
                           f"{run_id}. Received: evaluation_id={evaluation_id}")
-    pred = (preds.probs[:, ev.POSITIVE] >= threshold).astype(np.int64)
+    pred = (preds.probs[:, metrics.POSITIVE] >= threshold).astype(np.int64)
     y = preds.y_true
-    pos, neg = y == ev.POSITIVE, y != ev.POSITIVE
+    pos, neg = y == metrics.POSITIVE, y != metrics.POSITIVE
     sens = float(np.mean(pred[pos] == 1)) if pos.any() else float("nan")
     spec = float(np.mean(pred[neg] == 0)) if neg.any() else float("nan")
     return sens, spec
@@ -565,7 +567,7 @@ class Comparison:
         rows = []
         for i, a in enumerate(self.names):
             for b in self.names[i + 1:]:
-                res = ev.mcnemar(self.y_true, self.predictions[a], self.predictions[b])
+                res = paired.mcnemar(self.y_true, self.predictions[a], self.predictions[b])
                 rows.append({"run A": a, "run B": b, "A right, B wrong": res.b,
                              "A wrong, B right": res.c, "statistic": res.statistic,
                              "p_value": res.p_value, "test": res.method})
@@ -573,7 +575,7 @@ class Comparison:
 
     def disagreement_rows(self, *, with_truth: bool = False) -> list[dict]:
         """Images on which the runs disagree: truth, each run's prediction and P(class)."""
-        idx = ev.disagreements(self.y_true, self.predictions, with_truth=with_truth)
+        idx = paired.disagreements(self.y_true, self.predictions, with_truth=with_truth)
         rows = []
         for i in idx:
             row = {"index": int(i), "image_id": self.image_ids[i], "path": self.paths[i],
@@ -588,7 +590,7 @@ class Comparison:
 
     def metrics_rows(self) -> list[dict]:
         """Top-level metrics with their 95% intervals, one row per (run, metric)."""
-        return [r for r in ev.metrics_table(self.reports) if r["class"] == "all"]
+        return [r for r in eval_tables.metrics_table(self.reports) if r["class"] == "all"]
 
     def metrics_text(self) -> list[dict]:
         """One row per metric, one column per run: ``"0.912 (0.880–0.940)"`` for display."""
@@ -701,7 +703,7 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
     paths = tuple(p for p, k in zip(preds[0].paths, keep) if k)
     groups = patients_of(db, image_ids)
     if mode == "matched":
-        thresholds: dict[str, float | None] = dict(ev.matched_thresholds(y, probs, target))
+        thresholds: dict[str, float | None] = dict(matched_thresholds(y, probs, target))
         sources = {n: f"matched sensitivity {target:.2f}" for n in names}
     else:
         pairs = {n: _stored_threshold(db, e) for n, e in zip(names, infos)}
@@ -709,7 +711,7 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         sources = {n: src for n, (_, src) in pairs.items()}
     reports = {n: ev.evaluate(y, probs[n], list(labels), threshold=thresholds[n], n_boot=n_boot,
                               groups=groups) for n in names}
-    predictions = {n: ev.predict(probs[n], threshold=thresholds[n]) for n in names}
+    predictions = {n: metrics.predict(probs[n], threshold=thresholds[n]) for n in names}
     return Comparison(tuple(names), dict(zip(names, infos)), labels, mode,
                       target if mode == "matched" else None, thresholds, sources, reports,
                       predictions, probs, y, image_ids, paths, source, text,

@@ -320,7 +320,7 @@ def decide(loaded: LoadedModel, probs: np.ndarray) -> list[str]:
     Returns:
         One label per row.
     """
-    from cxr_core.evaluation import predict
+    from cxr_core.metrics import predict
 
     p = np.asarray(probs, dtype=float)
     if p.ndim == 1:

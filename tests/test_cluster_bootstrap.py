@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cxr_core import evaluation as ev
+from cxr_core import intervals
 from cxr_core.errors import ConfigError
 
 BINARY = ["NORMAL", "PNEUMONIA"]
@@ -100,9 +101,9 @@ def test_no_bootstrap_has_no_unit_but_counts_clusters():
 
 # --- (d) missing ids --------------------------------------------------------------------------
 def test_missing_ids_are_each_their_own_cluster():
-    ids = ev._cluster_ids(["a", None, "b", "a", "", None, "b", float("nan"), "  "], 9)
+    ids = intervals.cluster_ids(["a", None, "b", "a", "", None, "b", float("nan"), "  "], 9)
     assert ids.tolist() == [0, 1, 2, 0, 3, 4, 2, 5, 6]
-    arr = ev._cluster_ids(np.array(["x", None, "x"], dtype=object), 3)
+    arr = intervals.cluster_ids(np.array(["x", None, "x"], dtype=object), 3)
     assert arr.tolist() == [0, 1, 0]
 
 
@@ -125,13 +126,13 @@ def test_patients_with_mixed_labels_and_multiclass():
 # --- whole clusters are drawn ----------------------------------------------------------------
 def test_replicates_hold_whole_clusters():
     y = np.array([0, 1, 1, 0, 1, 0, 1, 1])
-    clusters = ev._cluster_ids(["a", "b", "b", "c", "b", "d", "e", "e"], y.size)
-    strata, expand = ev._cluster_strata(y, clusters, 2)
+    clusters = intervals.cluster_ids(["a", "b", "b", "c", "b", "d", "e", "e"], y.size)
+    strata, expand = intervals._cluster_strata(y, clusters, 2)
     assert [s.tolist() for s in strata] == [[0, 2, 3], [1, 4]]  # class 0 only, class 1 only
     idx = expand(np.array([1, 1, 2, 4]))  # b twice, c, e
     assert sorted(idx.tolist()) == sorted([1, 2, 4, 1, 2, 4, 3, 6, 7])
-    mixed = ev._cluster_ids(["a", "a", "b", "c", "c", "d", "e", "e"], y.size)
-    strata, _ = ev._cluster_strata(y, mixed, 2)
+    mixed = intervals.cluster_ids(["a", "a", "b", "c", "c", "d", "e", "e"], y.size)
+    strata, _ = intervals._cluster_strata(y, mixed, 2)
     assert [s.tolist() for s in strata] == [[3], [1, 4], [0, 2]]  # mixed clusters last
 
 

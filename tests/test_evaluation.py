@@ -10,6 +10,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
+from cxr_core import eval_tables, metrics, paired, thresholds
 from cxr_core import evaluation as ev
 from cxr_core.errors import ConfigError, CxrError
 
@@ -157,7 +158,7 @@ def test_bootstrap_contains_estimate_and_is_seeded(make, labels):
 def test_rank_auc_equals_sklearn_with_ties():
     y, p = _binary(200, seed=5)
     p = np.round(p, 1)  # many ties
-    assert ev._rank_auc(y == 1, p) == pytest.approx(skm.roc_auc_score(y, p))
+    assert metrics._rank_auc(y == 1, p) == pytest.approx(skm.roc_auc_score(y, p))
 
 
 # --- operating points ------------------------------------------------------------------------
@@ -165,26 +166,26 @@ def test_rank_auc_equals_sklearn_with_ties():
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sensitivity_threshold_is_highest_meeting_target(target, seed):
     y, p = _binary(257, seed=seed)
-    t = ev.threshold_for_sensitivity(y, p, target)
+    t = thresholds.threshold_for_sensitivity(y, p, target)
     sens = lambda thr: np.mean(p[y == 1] >= thr)  # noqa: E731
     assert sens(t) >= target
     higher = np.unique(p[p > t])
     assert all(sens(h) < target for h in higher)  # no higher candidate still meets it
-    op = ev.choose_threshold(y, p, method="sensitivity", target_sensitivity=target)
+    op = thresholds.choose_threshold(y, p, method="sensitivity", target_sensitivity=target)
     assert op.threshold == t and op.target == target and op.sensitivity == pytest.approx(sens(t))
 
 
 def test_sensitivity_threshold_exact_fraction():
     # 4 positives: target 0.75 needs 3 of them -> the 3rd highest positive score (0.6)
-    assert ev.threshold_for_sensitivity(Y_HAND, P_HAND, 0.75) == 0.6
-    assert ev.threshold_for_sensitivity(Y_HAND, P_HAND, 0.7) == 0.6
-    assert ev.threshold_for_sensitivity(Y_HAND, P_HAND, 1.0) == 0.2
+    assert thresholds.threshold_for_sensitivity(Y_HAND, P_HAND, 0.75) == 0.6
+    assert thresholds.threshold_for_sensitivity(Y_HAND, P_HAND, 0.7) == 0.6
+    assert thresholds.threshold_for_sensitivity(Y_HAND, P_HAND, 1.0) == 0.2
 
 
 def test_youden_known_answer():
     y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8])
-    op = ev.choose_threshold(y, p, method="youden")
+    op = thresholds.choose_threshold(y, p, method="youden")
     # t=0.4: sens 1, spec 3/4 -> J .75 ; t=0.6: sens .75, spec 1 -> J .75 ; tie -> higher 0.6
     assert op.threshold == 0.6 and op.target is None
     assert (op.sensitivity, op.specificity) == pytest.approx((0.75, 1.0))
@@ -193,7 +194,7 @@ def test_youden_known_answer():
 def test_youden_separable():
     y = np.array([0, 0, 0, 1, 1])
     p = np.array([0.1, 0.2, 0.3, 0.7, 0.9])
-    op = ev.choose_threshold(y, p, method="youden")
+    op = thresholds.choose_threshold(y, p, method="youden")
     assert op.threshold == 0.7 and (op.sensitivity, op.specificity) == (1.0, 1.0)
     assert json.loads(json.dumps(op.to_dict()))["method"] == "youden"
 
@@ -201,7 +202,7 @@ def test_youden_separable():
 def test_matched_thresholds_reach_same_sensitivity():
     y, p = _binary(seed=2)
     q = np.clip(p ** 2, 0, 1)
-    out = ev.matched_thresholds(y, {"a": p, "b": q}, target=0.9)
+    out = thresholds.matched_thresholds(y, {"a": p, "b": q}, target=0.9)
     for scores, t in ((p, out["a"]), (q, out["b"])):
         assert np.mean(scores[y == 1] >= t) >= 0.9
 
@@ -217,14 +218,14 @@ def _mcnemar_case(b: int, c: int, both_right: int = 5, both_wrong: int = 3):
 
 
 def test_mcnemar_exact_small_table():
-    res = ev.mcnemar(*_mcnemar_case(10, 2))
+    res = paired.mcnemar(*_mcnemar_case(10, 2))
     assert (res.b, res.c, res.method, res.n) == (10, 2, "exact", 20)
     assert res.p_value == pytest.approx(0.0386, abs=1e-4)
     assert res.p_value == pytest.approx(158 / 4096)
 
 
 def test_mcnemar_chi_square_large_table():
-    res = ev.mcnemar(*_mcnemar_case(40, 20))
+    res = paired.mcnemar(*_mcnemar_case(40, 20))
     expected = (abs(40 - 20) - 1) ** 2 / 60
     assert res.method == "chi2_cc"
     assert res.statistic == pytest.approx(expected)
@@ -240,7 +241,7 @@ def test_mcnemar_chi_square_large_table():
     (30, 30, "chi2_cc", 1.0),
 ])
 def test_mcnemar_boundaries(b, c, method, p):
-    res = ev.mcnemar(*_mcnemar_case(b, c))
+    res = paired.mcnemar(*_mcnemar_case(b, c))
     assert res.method == method and res.p_value == pytest.approx(p)
 
 
@@ -248,9 +249,10 @@ def test_mcnemar_boundaries(b, c, method, p):
 def test_disagreements_between_runs_and_with_truth():
     y = np.array([0, 1, 1, 0, 1])
     preds = {"a": np.array([0, 1, 0, 1, 1]), "b": np.array([0, 0, 0, 1, 1])}
-    np.testing.assert_array_equal(ev.disagreements(y, preds), [1])
-    np.testing.assert_array_equal(ev.disagreements(y, preds, with_truth=True), [1, 2, 3])
-    np.testing.assert_array_equal(ev.disagreements(y, {"a": preds["a"]}, with_truth=True), [2, 3])
+    np.testing.assert_array_equal(paired.disagreements(y, preds), [1])
+    np.testing.assert_array_equal(paired.disagreements(y, preds, with_truth=True), [1, 2, 3])
+    np.testing.assert_array_equal(paired.disagreements(y, {"a": preds["a"]}, with_truth=True),
+                                  [2, 3])
 
 
 # --- long-form tables ------------------------------------------------------------------------
@@ -259,20 +261,20 @@ def test_tables_are_long_form_and_json_safe():
     y3, p3 = _three()
     reports = {"bin": ev.evaluate(y, p, BINARY, n_boot=20),
                "tri": ev.evaluate(y3, p3, THREE, n_boot=20)}
-    roc = ev.roc_table(reports)
+    roc = eval_tables.roc_table(reports)
     assert {r["run"] for r in roc} == {"bin", "tri"}
     assert {r["class"] for r in roc if r["run"] == "tri"} == {*THREE, "macro"}
     assert set(roc[0]) == {"run", "class", "fpr", "tpr", "threshold", "area"}
-    assert {"recall", "precision"} <= set(ev.pr_table(reports)[0])
-    cal = ev.calibration_table(reports)
+    assert {"recall", "precision"} <= set(eval_tables.pr_table(reports)[0])
+    cal = eval_tables.calibration_table(reports)
     assert sum(r["count"] for r in cal if r["run"] == "bin") == len(y)
-    conf = ev.confusion_table(reports)
+    conf = eval_tables.confusion_table(reports)
     assert len(conf) == 4 + 9
     assert sum(r["count"] for r in conf if r["run"] == "tri") == len(y3)
-    met = ev.metrics_table(reports)
+    met = eval_tables.metrics_table(reports)
     auc = next(r for r in met if r["run"] == "bin" and r["class"] == "all" and r["metric"] == "auc")
     assert auc["low"] <= auc["value"] <= auc["high"]
-    for rows in (roc, ev.pr_table(reports), cal, conf, met):
+    for rows in (roc, eval_tables.pr_table(reports), cal, conf, met):
         json.dumps(rows, allow_nan=False)
 
 
@@ -313,14 +315,14 @@ def test_evaluate_bad_inputs(y, p, labels, kwargs, match):
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: ev.choose_threshold([0, 1, 2], np.eye(3)), r"argmax.*3 columns"),
-    (lambda: ev.choose_threshold([0, 1], [0.2, 0.8], method="f1"), r"method='f1'"),
-    (lambda: ev.choose_threshold([0, 1], [0.2, 0.8], target_sensitivity=0), r"Received: 0"),
-    (lambda: ev.threshold_for_sensitivity([1, 1], [0.2, 0.8]), r"counts="),
-    (lambda: ev.threshold_for_sensitivity([0, 1], [0.2, 0.8], 1.5), r"Received: 1\.5"),
-    (lambda: ev.mcnemar([0, 1, 1], [0, 1], [0, 1, 1]), r"'A'.*N=3.*Received: 2"),
-    (lambda: ev.disagreements([0, 1], {"a": [0, 1]}), r"1 run\(s\): \['a'\]"),
-    (lambda: ev.disagreements([0, 1], {"a": [0, 1], "b": [1]}), r"'b'.*Received: 1"),
+    (lambda: thresholds.choose_threshold([0, 1, 2], np.eye(3)), r"argmax.*3 columns"),
+    (lambda: thresholds.choose_threshold([0, 1], [0.2, 0.8], method="f1"), r"method='f1'"),
+    (lambda: thresholds.choose_threshold([0, 1], [0.2, 0.8], target_sensitivity=0), r"Received: 0"),
+    (lambda: thresholds.threshold_for_sensitivity([1, 1], [0.2, 0.8]), r"counts="),
+    (lambda: thresholds.threshold_for_sensitivity([0, 1], [0.2, 0.8], 1.5), r"Received: 1\.5"),
+    (lambda: paired.mcnemar([0, 1, 1], [0, 1], [0, 1, 1]), r"'A'.*N=3.*Received: 2"),
+    (lambda: paired.disagreements([0, 1], {"a": [0, 1]}), r"1 run\(s\): \['a'\]"),
+    (lambda: paired.disagreements([0, 1], {"a": [0, 1], "b": [1]}), r"'b'.*Received: 1"),
 ])
 def test_other_bad_inputs(call, match):
     with pytest.raises(ConfigError, match=match) as info:
