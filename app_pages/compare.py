@@ -5,16 +5,18 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from cxr_core import compare_service as cs
 from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
+from cxr_core import operating_point_service as ops
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
-def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str) -> es.Comparison:
-    return es.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth)
+def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str) -> cs.Comparison:
+    return cs.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth)
 
 
 def evaluate_ui(db) -> None:
@@ -55,7 +57,7 @@ def eval_job_ui(key: str) -> None:
 def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:
     """2–4 evaluations of one image set, the labels to score them against, and the
     thresholds: operating points or matched."""
-    if not (groups := es.comparable_groups(db)):
+    if not (groups := cs.comparable_groups(db)):
         st.info("No two evaluations share the same images yet: evaluate two runs on one dataset.")
         return (), "", 0.0, ""
     g = groups[st.selectbox("Image set", range(len(groups)), key="compare_group",
@@ -77,7 +79,7 @@ def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:
     return tuple(sorted(ids)), ("matched" if matched else "operating_point"), target, truth
 
 
-def provenance_ui(cmp: es.Comparison) -> None:
+def provenance_ui(cmp: cs.Comparison) -> None:
     """Which labels every number uses, the interval unit, and data the models have seen."""
     unit = ("patients (all images of a patient resampled together)" if cmp.ci_unit == "patient"
             else "images (no patient ids known)")
@@ -90,12 +92,12 @@ def provenance_ui(cmp: es.Comparison) -> None:
             st.warning(f"{row['evaluation']}: {row['warning']}", icon=":material/warning:")
 
 
-def provenance_table_ui(cmp: es.Comparison) -> None:
+def provenance_table_ui(cmp: cs.Comparison) -> None:
     with st.expander("Label provenance of each evaluation", icon=":material/fact_check:"):
         st.dataframe(pd.DataFrame(cmp.provenance_rows), hide_index=True)
 
 
-def confusion_ui(cmp: es.Comparison) -> None:
+def confusion_ui(cmp: cs.Comparison) -> None:
     for col, name in zip(st.columns(len(cmp.names)), cmp.names):
         cm, t = cmp.reports[name].confusion_matrix, cmp.thresholds[name]
         col.markdown(f"**{name}** · {'argmax' if t is None else f'threshold {t:.3f}'}  \n"
@@ -108,7 +110,7 @@ def confusion_ui(cmp: es.Comparison) -> None:
             col.plotly_chart(fig, width="stretch", key=f"compare_cm_{name}_{what}")
 
 
-def curves_ui(cmp: es.Comparison) -> None:
+def curves_ui(cmp: cs.Comparison) -> None:
     line = dict(color="run", line_dash=None if len(cmp.labels) == 2 else "class",
                 hover_data=["threshold", "area"])
     roc = pd.DataFrame(tables.roc_table(cmp.reports))
@@ -123,19 +125,19 @@ def curves_ui(cmp: es.Comparison) -> None:
         col.plotly_chart(fig, width="stretch")
 
 
-def metrics_ui(cmp: es.Comparison) -> None:
+def metrics_ui(cmp: cs.Comparison) -> None:
     st.dataframe(pd.DataFrame(cmp.metrics_text()), hide_index=True)
     if len(tests := cmp.mcnemar_rows()) == 1:
         st.metric("McNemar p-value", f"{tests[0]['p_value']:.4g}", help=tests[0]["test"])
     st.dataframe(pd.DataFrame(tests), hide_index=True)
 
 
-def send(cmp: es.Comparison, row: dict, sent_by: str) -> None:
-    es.send_disagreement_to_review(get_db(), **cmp.review_payload(row), sent_by=sent_by)
+def send(cmp: cs.Comparison, row: dict, sent_by: str) -> None:
+    cs.send_disagreement_to_review(get_db(), **cmp.review_payload(row), sent_by=sent_by)
     st.toast("Sent to review", icon=":material/rate_review:")
 
 
-def disagreements_ui(cmp: es.Comparison) -> None:
+def disagreements_ui(cmp: cs.Comparison) -> None:
     rows = cmp.disagreement_rows()
     st.caption(f"The runs disagree on **{len(rows)}** of {len(cmp.y_true)} images.")
     who = st.text_input("Your name (stored with items sent to review)", key="compare_sent_by")
@@ -152,13 +154,13 @@ def disagreements_ui(cmp: es.Comparison) -> None:
                        disabled=row["image_id"] is None or not who.strip())
 
 
-def operating_point_ui(cmp: es.Comparison) -> None:
+def operating_point_ui(cmp: cs.Comparison) -> None:
     runs = {e.run_id: n for n, e in cmp.evaluations.items() if e.run_id is not None}
     if len(cmp.labels) != 2 or not runs:
         st.info("Operating points belong to binary runs (multi-class uses the argmax).")
         return
     run_id = st.selectbox("Run", list(runs), format_func=runs.get, key="compare_op_run")
-    history = es.operating_point_history(get_db(), run_id)
+    history = ops.operating_point_history(get_db(), run_id)
     st.dataframe(pd.DataFrame(history).drop(columns=["id", "run_id"], errors="ignore"),
                  hide_index=True)
     with st.form("compare_op_form"):  # an explicit, recorded user action
@@ -171,7 +173,7 @@ def operating_point_ui(cmp: es.Comparison) -> None:
             "Prefer thresholds chosen on validation data."))
     if submitted:
         try:
-            es.set_manual_threshold(get_db(), run_id=run_id, threshold=threshold, changed_by=who,
+            ops.set_manual_threshold(get_db(), run_id=run_id, threshold=threshold, changed_by=who,
                                     note=note, evaluation_id=cmp.evaluations[runs[run_id]].id)
             comparison.clear()
             st.rerun()

@@ -5,30 +5,51 @@ or "current" labels with relabels up to a relabel id, and their hash over the ev
 images). Compare re-derives the truth of stored per-image outputs from one chosen version, so
 runs evaluated before and after a round of relabelling are scored against the same labels.
 
-TF-free: pages import it at load.
+The rules only, no database: the labels of a version are read by
+:func:`cxr_core.storage.reviews.label_version` (up to :func:`as_of_relabel_id`), which hashes
+them with :func:`labels_hash` as here. TF-free: pages import it at load.
 """
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy.orm import Session
 
 from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
 from cxr_core.errors import ConfigError
-from cxr_core.storage import datasets as ds_store
-from cxr_core.storage import reviews
 
+Label = tuple[str, str | None]  # (folder class, subtype)
 LABEL_SOURCES = ("current", "original")
 LABEL_SOURCE_TEXT = {"current": "current labels (relabels applied)",
                      "original": "original labels (as indexed from the folders)"}
 
 
 def check_source(source: str) -> str:
+    """``source`` if it is a label source ("current" or "original"), else ConfigError."""
     if source not in LABEL_SOURCES:
         raise ConfigError(f"labels must be one of {LABEL_SOURCES}. Received: labels={source!r}")
     return source
+
+
+def as_of_relabel_id(source: str, relabel_id: int | None = None) -> int | None:
+    """The newest relabel id a label version reads: 0 (no relabel) for "original"; for
+    "current" ``relabel_id`` (None: every relabel up to now).
+
+    Raises:
+        ConfigError: an unknown label source.
+    """
+    return 0 if check_source(source) == "original" else relabel_id
+
+
+def labels_hash(labels: Mapping[int, Label]) -> str:
+    """sha256 over the sorted (image_id, label, subtype) triples: the identity of a label set."""
+    h = hashlib.sha256()
+    for image_id in sorted(labels):
+        label, subtype = labels[image_id]
+        h.update(f"{image_id}\t{label}\t{subtype or ''}\n".encode())
+    return h.hexdigest()
 
 
 def infer_scheme(labels: Sequence[str]) -> str:
@@ -61,52 +82,12 @@ class Truth:
         return f"{what} · {self.hash[:8]}"
 
 
-def dataset_labels(session: Session, dataset_id: int, source: str, *,
-                   as_of_relabel_id: int | None = None, include_missing: bool = False
-                   ) -> tuple[dict[int, reviews.Label], int | None]:
-    """(image id -> (label, subtype), newest relabel applied) of one label version.
-
-    "current" reads the relabels once and derives the labels from exactly those rows, so a
-    relabel committed meanwhile cannot make labels and relabel id disagree.
-    """
-    check_source(source)
-    if source == "original":
-        return reviews.original_labels(session=session, dataset_id=dataset_id,
-                                       include_missing=include_missing), None
-    records = reviews.list_relabels(session=session, dataset_id=dataset_id,
-                                    as_of_relabel_id=as_of_relabel_id)
-    originals = reviews.original_labels(session=session, dataset_id=dataset_id,
-                                        include_missing=include_missing)
-    return reviews.derive_labels(originals, records), (records[-1].id if records else None)
-
-
-def truth_of(session: Session, image_ids: Sequence[int | None], labels: Sequence[str],
-             scheme: str, source: str) -> Truth:
-    """The truth of indexed images (any datasets) under one label version, as of now.
-
-    Raises:
-        ConfigError: an image without a DB id (its labels cannot be re-derived).
-    """
-    if any(i is None for i in image_ids):
-        raise ConfigError("labels can only be re-derived for indexed images; this evaluation "
-                          "has images without a database id")
-    ids = [int(i) for i in image_ids]  # type: ignore[arg-type]
-    datasets = {r.id: r.dataset_id for r in ds_store.get_images(session=session, image_ids=ids)}
-    label_map: dict[int, reviews.Label] = {}
-    newest: int | None = None
-    for dataset_id in sorted(set(datasets.values())):
-        found, rid = dataset_labels(session, dataset_id, source, include_missing=True)
-        label_map.update(found)
-        newest = max(newest or 0, rid or 0) or None
-    return make_truth(label_map, ids, labels, scheme, source, newest)
-
-
-def make_truth(label_map: Mapping[int, reviews.Label], image_ids: Sequence[int],
+def make_truth(label_map: Mapping[int, Label], image_ids: Sequence[int],
                labels: Sequence[str], scheme: str, source: str,
                relabel_id: int | None) -> Truth:
     """:class:`Truth` of ``image_ids`` from an image id -> (label, subtype) map."""
     y = np.full(len(image_ids), -1, dtype=np.int64)
-    scoped: dict[int, reviews.Label] = {}
+    scoped: dict[int, Label] = {}
     for k, image_id in enumerate(image_ids):
         if image_id not in label_map:
             continue
@@ -115,7 +96,7 @@ def make_truth(label_map: Mapping[int, reviews.Label], image_ids: Sequence[int],
         if name in labels:
             y[k] = list(labels).index(name)
     return Truth(source, scheme, relabel_id if source == "current" else None,
-                 reviews.labels_hash(scoped), y)
+                 labels_hash(scoped), y)
 
 
 def overlap_warning(overlap: Mapping | None, n: int) -> str | None:

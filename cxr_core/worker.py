@@ -226,8 +226,10 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
     """Store the validation probabilities and operating point: (metrics, op, eval id)."""
     from cxr_core import evaluation as ev
     from cxr_core import provenance
-    from cxr_core.evaluation_service import patients_of, record_evaluation, set_operating_point
+    from cxr_core.evaluation_service import patients_of, record_evaluation
+    from cxr_core.operating_point_service import set_operating_point
     from cxr_core.storage import evals as evals_store
+    from cxr_core.storage import reviews
 
     classes = list(result.classes)
     op = None
@@ -243,14 +245,14 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
     truth = overlap = None
     if val_ids and all(i is not None for i in val_ids):
         snap = prepared.snapshot  # the labels the run trained and selected on
+        as_of = provenance.as_of_relabel_id(cfg.label_source, snap.newest_relabel_id or 0)
         with db.session() as s:
-            label_map, relabel_id = provenance.dataset_labels(
-                s, prepared.dataset_id, cfg.label_source,
-                as_of_relabel_id=snap.newest_relabel_id or 0)
+            version = reviews.label_version(session=s, dataset_id=prepared.dataset_id,
+                                            as_of_relabel_id=as_of)
             overlap = evals_store.run_overlap(session=s, run_id=run.id,
                                               image_ids=val_ids).to_dict()
-        truth = provenance.make_truth(label_map, val_ids, classes, cfg.label_scheme,
-                                      cfg.label_source, relabel_id)
+        truth = provenance.make_truth(version.labels, val_ids, classes, cfg.label_scheme,
+                                      cfg.label_source, version.newest_relabel_id)
     eval_id = record_evaluation(
         db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
         split="val", labels=classes, image_ids=val_ids,

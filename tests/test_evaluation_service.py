@@ -12,7 +12,9 @@ import pytest
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
 from cxr_core import evaluation as ev
+from cxr_core import compare_service as cs
 from cxr_core import evaluation_service as es
+from cxr_core import operating_point_service as ops
 from cxr_core.errors import ConfigError, DatasetError, RunError
 from cxr_core.storage import open_db
 from cxr_core.storage.datasets import list_datasets
@@ -77,17 +79,17 @@ def test_threshold_meets_its_target_on_validation(cxr_home, target):
     db = open_db()
     run_id = make_run(db, "r")
     y, p = _scores(seed=int(target * 100))
-    op = es.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=target)
+    op = ops.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=target)
     assert np.mean(p[y == 1] >= op.threshold) >= target
     assert op.sensitivity >= target and op.method == "sensitivity" and op.target == target
-    assert es.get_operating_point(db, run_id) == op
+    assert ops.get_operating_point(db, run_id) == op
 
 
 def test_youden_and_record_uses_the_run_operating_point(cxr_home):
     db = open_db()
     run_id = make_run(db, "r")
     y, p = _scores()
-    op = es.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, method="youden")
+    op = ops.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, method="youden")
     assert op.method == "youden" and op.target is None
     eval_id = _record(db, run_id, y, p, threshold=0.99, n_boot=0)  # the run's point wins
     [info] = es.list_evaluations(db, run_id=run_id)
@@ -98,15 +100,15 @@ def test_manual_threshold_is_recorded_in_history(cxr_home):
     db = open_db()
     run_id = make_run(db, "r")
     y, p = _scores()
-    auto = es.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p)
+    auto = ops.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p)
     eval_id = _record(db, run_id, y, p, n_boot=0)
-    manual = es.set_manual_threshold(db, run_id=run_id, threshold=0.6, changed_by=" Dr Lee ",
+    manual = ops.set_manual_threshold(db, run_id=run_id, threshold=0.6, changed_by=" Dr Lee ",
                                      note="too many false positives", evaluation_id=eval_id)
     assert manual.method == "manual" and manual.changed_by == "Dr Lee"
     assert manual.sensitivity == pytest.approx(np.mean(p[y == 1] >= 0.6))
-    history = es.operating_point_history(db, run_id)
+    history = ops.operating_point_history(db, run_id)
     assert [h.id for h in history] == [manual.id, auto.id]  # newest first, nothing overwritten
-    assert es.get_operating_point(db, run_id).threshold == 0.6
+    assert ops.get_operating_point(db, run_id).threshold == 0.6
 
 
 @pytest.mark.parametrize("kw, exc, match", [
@@ -119,7 +121,7 @@ def test_manual_threshold_errors(cxr_home, kw, exc, match):
     db = open_db()
     args = {"run_id": make_run(db, "r"), "threshold": 0.5, "changed_by": "me", **kw}
     with pytest.raises(exc, match=match):
-        es.set_manual_threshold(db, **args)
+        ops.set_manual_threshold(db, **args)
 
 
 # -- evaluate_model ----------------------------------------------------------------------------
@@ -152,7 +154,7 @@ def test_evaluate_split_folder_path_and_comparable_groups(cxr_home, tiny_dataset
         assert [d.n_images for d in list_datasets(session=s)] == [18]
     with pytest.raises(DatasetError, match="split folder"):
         es.evaluate_model(db, str(a), str(tiny_dataset / "test"), split="train")
-    [group] = es.comparable_groups(db)
+    [group] = cs.comparable_groups(db)
     assert {e.id for e in group.evaluations} == {id_a, id_b}
     assert group.label == "chest_xray [test] · 4 images · 2 models"
 
@@ -165,10 +167,10 @@ def test_evaluate_model_multiclass(cxr_home, tiny_dataset, tmp_path):
     assert report.confusion_matrix.shape == (3, 3) and report.n == 18
     other = save_tiny_model(tmp_path / "u" / "m.keras", units=3, seed=5)
     other_id, _ = es.evaluate_model(db, str(other), str(tiny_dataset))
-    cmp = es.compare_evaluations(db, [eval_id, other_id], n_boot=20)
+    cmp = cs.compare_evaluations(db, [eval_id, other_id], n_boot=20)
     assert cmp.thresholds == {n: None for n in cmp.names} and len(cmp.mcnemar_rows()) == 1
     with pytest.raises(ConfigError, match="matched sensitivity needs binary"):
-        es.compare_evaluations(db, [eval_id, other_id], mode="matched")
+        cs.compare_evaluations(db, [eval_id, other_id], mode="matched")
 
 
 def test_evaluate_model_on_real_pneumoniamnist(cxr_home, shared_data, tmp_path):
@@ -219,13 +221,13 @@ def test_compare_at_operating_points_and_matched_sensitivity(cxr_home):
     _, p2 = _scores(seed=2)
     p2 = np.clip(0.4 * y + 0.6 * np.random.default_rng(3).random(len(y)), 0, 1)
     r1, r2 = make_run(db, "alpha"), make_run(db, "beta")
-    es.set_operating_point(db, run_id=r1, y_true=y, p_pos=p1, target=0.9)
+    ops.set_operating_point(db, run_id=r1, y_true=y, p_pos=p1, target=0.9)
     e1, e2 = _record(db, r1, y, p1, n_boot=0), _record(db, r2, y, p2, n_boot=0)
-    cmp = es.compare_evaluations(db, [e1, e2], n_boot=20)
+    cmp = cs.compare_evaluations(db, [e1, e2], n_boot=20)
     assert cmp.names == ("alpha", "beta")
-    assert cmp.thresholds["alpha"] == es.get_operating_point(db, r1).threshold
+    assert cmp.thresholds["alpha"] == ops.get_operating_point(db, r1).threshold
     assert cmp.threshold_sources["beta"] == "at evaluation" and cmp.thresholds["beta"] == 0.5
-    matched = es.compare_evaluations(db, [e1, e2], mode="matched", target=0.9, n_boot=20)
+    matched = cs.compare_evaluations(db, [e1, e2], mode="matched", target=0.9, n_boot=20)
     for name in matched.names:
         assert matched.reports[name].sensitivity >= 0.9
     [row] = matched.mcnemar_rows()
@@ -244,7 +246,7 @@ def test_compare_rejects_incomparable_sets(cxr_home, which, match):
     ids = [e1] if which == "one" else [e1, _record(db, None, y, p, n_boot=0,
                                                    paths=[f"/o/{i}" for i in range(20)])]
     with pytest.raises(ConfigError, match=match):
-        es.compare_evaluations(db, ids)
+        cs.compare_evaluations(db, ids)
 
 
 def test_send_disagreement_to_review(cxr_home, tiny_dataset):
@@ -253,7 +255,7 @@ def test_send_disagreement_to_review(cxr_home, tiny_dataset):
 
     db = open_db()
     _, records = open_dataset(db, str(tiny_dataset))
-    item = es.send_disagreement_to_review(db, image_id=records[0].id, run_ref="run:1",
+    item = cs.send_disagreement_to_review(db, image_id=records[0].id, run_ref="run:1",
                                           predicted="PNEUMONIA", probs=[0.2, 0.8], sent_by="me")
     with db.session() as s:
         [row] = reviews.list_review_items(session=s)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core import evaluation_service as es
+from cxr_core import operating_point_service as ops
 from cxr_core import model_store as ms
 from cxr_core.errors import ConfigError, ModelError
 from cxr_core.storage import open_db
@@ -108,12 +108,12 @@ def test_run_threshold_comes_from_the_db_then_follows_a_manual_change(cxr_home):
     assert ms.load_model_ref(str(run_id), db=db).threshold_source == "model card"
     y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
     p = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2, 0.6, 0.7])
-    op = es.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=1.0)
+    op = ops.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=1.0)
     loaded = ms.load_model_ref(f"run:{run_id}", db=db)
     assert loaded.ref == f"run:{run_id}" and loaded.run_id == run_id
     assert loaded.threshold == op.threshold == 0.35
     assert ms.decide(loaded, [[0.62, 0.38], [0.7, 0.3]]) == ["PNEUMONIA", "NORMAL"]
-    es.set_manual_threshold(db, run_id=run_id, threshold=0.5, changed_by="dr a", note="fewer FPs")
+    ops.set_manual_threshold(db, run_id=run_id, threshold=0.5, changed_by="dr a", note="fewer FPs")
     loaded = ms.load_model_ref(f"run:{run_id}", db=db)
     assert loaded.threshold == 0.5 and "manual" in loaded.threshold_source
     assert ms.decide(loaded, [[0.62, 0.38], [0.4, 0.6]]) == ["NORMAL", "PNEUMONIA"]

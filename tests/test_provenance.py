@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cxr_core import compare_service as cs
 from cxr_core import evaluation_service as es
 from cxr_core import provenance, review
 from cxr_core.errors import ConfigError
@@ -65,8 +66,8 @@ def eval_store_info(db, evaluation_id):
 def test_compare_scores_every_run_against_the_chosen_labels(two_evals):
     db, first, second, target, rid = two_evals
     ids = [first.evaluation_id, second.evaluation_id]
-    current = es.compare_evaluations(db, ids, n_boot=0, truth="current")
-    original = es.compare_evaluations(db, ids, n_boot=0, truth="original")
+    current = cs.compare_evaluations(db, ids, n_boot=0, truth="current")
+    original = cs.compare_evaluations(db, ids, n_boot=0, truth="original")
     k = current.image_ids.index(target.id)
     assert current.y_true[k] == 1 and original.y_true[k] == 0  # one truth for both runs
     assert current.truth_source == "current" and f"#{rid}" in current.truth_text
@@ -80,7 +81,7 @@ def test_compare_scores_every_run_against_the_chosen_labels(two_evals):
     assert {r["stored against"] for r in rows} == {
         e.labels_text for e in current.evaluations.values()}
     with pytest.raises(ConfigError, match="labels must be one of"):
-        es.compare_evaluations(db, ids, truth="stored")
+        cs.compare_evaluations(db, ids, truth="stored")
 
 
 def test_compare_leaves_out_images_without_a_class_under_the_chosen_labels(
@@ -94,7 +95,7 @@ def test_compare_leaves_out_images_without_a_class_under_the_chosen_labels(
     virus = next(r for r in records if r.subtype == "virus")
     review.submit_relabel(db, image_id=virus.id, reviewer="dr a",  # no subtype: no 3-class
                           choice=review.LabelChoice("PNEUMONIA", None))
-    cmp = es.compare_evaluations(db, [e1.evaluation_id, e2.evaluation_id], n_boot=0)
+    cmp = cs.compare_evaluations(db, [e1.evaluation_id, e2.evaluation_id], n_boot=0)
     assert cmp.dropped == 1 and virus.id not in cmp.image_ids
     assert len(cmp.y_true) == e1.report.n - 1
 
@@ -110,13 +111,13 @@ def test_unindexed_evaluations_need_identical_stored_labels(cxr_home):
                                     split="test", labels=LABELS, image_ids=[None] * 20,
                                     paths=paths, y_true=y_true, probs=p, n_boot=0)
     e1, e2 = record(y), record(y)
-    cmp = es.compare_evaluations(db, [e1, e2], n_boot=0)
+    cmp = cs.compare_evaluations(db, [e1, e2], n_boot=0)
     assert cmp.truth_source == "stored" and "not indexed" in cmp.truth_text
     flipped = y.copy()
     flipped[0] = 1
     e3 = record(flipped)
     with pytest.raises(ConfigError, match="scored against different labels"):
-        es.compare_evaluations(db, [e1, e3], n_boot=0)
+        cs.compare_evaluations(db, [e1, e3], n_boot=0)
 
 
 def test_record_refuses_a_truth_that_does_not_match_y(cxr_home):

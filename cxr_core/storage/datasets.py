@@ -172,6 +172,16 @@ def get_images(*, session: Session, image_ids: Sequence[int]) -> list[ImageRecor
     return [found[i] for i in ids if i in found]
 
 
+def image_patients(*, session: Session,
+                   image_ids: Sequence[int | None]) -> list[str | None] | None:
+    """The patient of each image, in order (None where unknown or not indexed), or None when
+    no image has one."""
+    ids = [i for i in image_ids if i is not None]
+    found = {r.id: r.patient for r in get_images(session=session, image_ids=ids)}
+    patients = [found.get(i) if i is not None else None for i in image_ids]
+    return patients if any(patients) else None
+
+
 def image_by_path(*, session: Session, dataset_id: int, relpath: str) -> ImageRecord | None:
     """The image at ``relpath`` in a dataset, or None when no row has that path.
 

@@ -13,7 +13,6 @@ highest id and ``as_of_relabel_id`` reproduces the labels a training run saw.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import ConfigError
+from cxr_core.provenance import Label, labels_hash
 from cxr_core.storage import lock_for_write
 from db.models import (Evaluation, EvalPrediction, ImageRow, OperatingPoint, Relabel, ReviewItem,
                        Run)
 
-Label = tuple[str, str | None]  # (folder class, subtype)
 REVIEW_SOURCES = ("predict", "compare", "review")
 
 
@@ -54,6 +53,15 @@ class RelabelRecord:
     def key(self) -> int | str:
         """What is labelled: the image id, or the upload's sha256."""
         return self.image_id if self.image_id is not None else self.upload_sha256
+
+
+@dataclass(frozen=True)
+class LabelVersion:
+    """Labels at one point of the relabel history, and that point."""
+
+    labels: dict[int, Label]  # image_id -> (folder label, subtype)
+    newest_relabel_id: int | None  # newest relabel row applied (None: none, the originals)
+    n_relabels: int  # relabel rows (undo rows included) up to newest_relabel_id
 
 
 @dataclass(frozen=True)
@@ -189,32 +197,60 @@ def original_labels(*, session: Session, dataset_id: int,
     return _originals(session, dataset_id, include_missing)
 
 
-def current_labels(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
-                   include_missing: bool = False) -> dict[int, Label]:
-    """The current label of every image of a dataset.
+def label_version(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
+                  include_missing: bool = False) -> LabelVersion:
+    """The one derivation of a dataset's labels as of a relabel id.
+
+    The relabel rows are read once and the labels derived from exactly those rows, so a
+    relabel committed meanwhile cannot make the labels, their hash and the relabel id disagree.
 
     Args:
         session: the open session.
         dataset_id: the dataset.
         as_of_relabel_id: ignore relabel rows newer than this id (reproduces a run's snapshot);
-            0 gives the original labels, None the labels as of now.
+            0 gives the original labels, None the labels as of now
+            (:func:`cxr_core.provenance.as_of_relabel_id` maps a label source to it).
         include_missing: also the images whose file is gone (flagged missing).
 
     Returns:
-        image_id -> (folder label, subtype): the newest active relabel, else the original.
+        The labels (the newest active relabel of each image, else its original) and the
+        newest relabel row read.
     """
     records = list_relabels(session=session, dataset_id=dataset_id,
                             as_of_relabel_id=as_of_relabel_id)
-    return derive_labels(_originals(session, dataset_id, include_missing), records)
+    labels = derive_labels(_originals(session, dataset_id, include_missing), records)
+    return LabelVersion(labels, records[-1].id if records else None, len(records))
 
 
-def labels_hash(labels: dict[int, Label]) -> str:
-    """sha256 over the sorted (image_id, label, subtype) triples."""
-    h = hashlib.sha256()
-    for image_id in sorted(labels):
-        label, subtype = labels[image_id]
-        h.update(f"{image_id}\t{label}\t{subtype or ''}\n".encode())
-    return h.hexdigest()
+def image_label_version(*, session: Session, image_ids: Sequence[int],
+                        as_of_relabel_id: int | None = None) -> LabelVersion:
+    """:func:`label_version` of every dataset holding one of these images (files gone included).
+
+    Used to re-score stored per-image outputs, whose images may span datasets and may have
+    gone from disk since. The relabel id is the newest over those datasets.
+    """
+    ids = list(image_ids)
+    dataset_ids: set[int] = set()
+    for i in range(0, len(ids), 500):
+        dataset_ids.update(session.scalars(
+            select(ImageRow.dataset_id).where(ImageRow.id.in_(ids[i:i + 500])).distinct()))
+    labels: dict[int, Label] = {}
+    newest: int | None = None
+    n_relabels = 0
+    for dataset_id in sorted(dataset_ids):
+        version = label_version(session=session, dataset_id=dataset_id,
+                                as_of_relabel_id=as_of_relabel_id, include_missing=True)
+        labels.update(version.labels)
+        newest = max(newest or 0, version.newest_relabel_id or 0) or None
+        n_relabels += version.n_relabels
+    return LabelVersion(labels, newest, n_relabels)
+
+
+def current_labels(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
+                   include_missing: bool = False) -> dict[int, Label]:
+    """image_id -> (folder label, subtype) of :func:`label_version` (same arguments)."""
+    return label_version(session=session, dataset_id=dataset_id,
+                         as_of_relabel_id=as_of_relabel_id, include_missing=include_missing).labels
 
 
 def label_snapshot(*, session: Session, dataset_id: int,
@@ -224,16 +260,15 @@ def label_snapshot(*, session: Session, dataset_id: int,
     Args:
         session: the open session.
         dataset_id: the dataset.
-        as_of_relabel_id: as in :func:`current_labels` (None: as of now).
+        as_of_relabel_id: as in :func:`label_version` (None: as of now).
 
     Returns:
         The snapshot; its hash changes whenever a relabel or undo changes a current label.
     """
-    records = list_relabels(session=session, dataset_id=dataset_id,
+    version = label_version(session=session, dataset_id=dataset_id,
                             as_of_relabel_id=as_of_relabel_id)
-    labels = derive_labels(_originals(session, dataset_id), records)
-    newest = records[-1].id if records else None
-    return LabelSnapshot(labels_hash(labels), newest, len(records))
+    return LabelSnapshot(labels_hash(version.labels), version.newest_relabel_id,
+                         version.n_relabels)
 
 
 def _upload_base(session: Session, upload_sha256: str) -> Label:

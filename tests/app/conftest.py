@@ -10,6 +10,7 @@ import streamlit as st
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
 from cxr_core import evaluation_service as es
+from cxr_core import operating_point_service as ops
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 
@@ -33,7 +34,7 @@ def two_runs(cxr_home, tiny_dataset) -> tuple[int, int]:
         run_id = make_run(db, name)
         save_tiny_model(cxr_home / "runs" / str(run_id) / "best.keras", seed=seed,
                         card=BINARY_CARD)
-        es.set_operating_point(db, run_id=run_id, y_true=[0, 1, 0, 1], p_pos=[0.2, 0.6, 0.4, 0.7])
+        ops.set_operating_point(db, run_id=run_id, y_true=[0, 1, 0, 1], p_pos=[0.2, 0.6, 0.4, 0.7])
         es.evaluate_model(db, f"run:{run_id}", "tiny", split="train")
         runs.append(run_id)
     return runs[0], runs[1]

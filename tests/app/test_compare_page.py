@@ -10,6 +10,7 @@ from streamlit.testing.v1 import AppTest
 from test_model_store import save_tiny_model
 
 from cxr_core import evaluation_service as es
+from cxr_core import operating_point_service as ops
 from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
@@ -47,7 +48,7 @@ def test_manual_threshold_change_is_recorded_and_shown(two_runs):
     at.text_input(key="compare_op_note").set_value("fewer false positives")
     next(b for b in at.button if b.label == "Set operating point").click().run()
     assert not at.exception
-    history = es.operating_point_history(open_db(), alpha)
+    history = ops.operating_point_history(open_db(), alpha)
     assert [h.method for h in history] == ["manual", "sensitivity"]
     assert history[0].threshold == 0.55 and history[0].changed_by == "Dr Lee"
     assert any("threshold 0.550" in m.value for m in at.markdown)
