@@ -34,11 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, CxrError
-from cxr_core.storage import Database, open_db
+from cxr_core.storage import Database, StorageError, open_db
 from cxr_core.storage import runs as store
 from cxr_core.run_data import PreparedData, prepare_data
 
@@ -141,7 +139,7 @@ class Heartbeat:
         try:
             self.db.write(lambda s: store.heartbeat(session=s, worker_id=self.worker_id,
                                                     run_id=self.run_id))
-        except SQLAlchemyError as exc:  # a missed beat is retried at the next one
+        except StorageError as exc:  # a missed beat is retried at the next one
             print(f"heartbeat failed: {exc}", file=sys.stderr)
 
     def _loop(self) -> None:

@@ -15,12 +15,17 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from cxr_core.config import Settings, get_settings
 
 T = TypeVar("T")
+
+# The base of every error a database call can raise (driver and ORM errors alike). Code outside
+# storage that survives a failed call (the worker's heartbeat retries at the next beat) catches
+# this, so it need not import SQLAlchemy.
+StorageError = SQLAlchemyError
 
 
 @dataclass
