@@ -16,11 +16,10 @@ from pathlib import Path
 import streamlit as st
 
 from cxr_core import images as cxr_images
-from cxr_core.errors import CxrError
+from cxr_core import indexing
 from cxr_core.config import apply_secrets
-from cxr_core.indexing import index_dataset, register_env_datasets
-from cxr_core.storage import Database, open_db
-from cxr_core.storage import datasets as store
+from cxr_core.errors import CxrError
+from cxr_core.indexing import Database, DatasetInfo, index_dataset
 
 
 @st.cache_resource(show_spinner="Opening the database…")
@@ -31,23 +30,20 @@ def get_db() -> Database:
     """
     if st.secrets.load_if_toml_exists() and "cxr" in st.secrets:
         apply_secrets(st.secrets["cxr"])
-    db = open_db()
-    for item in register_env_datasets(db):
-        if isinstance(item, str):
-            print(f"warning: {item}")
+    db, warnings = indexing.open_indexed_db()
+    for warning in warnings:
+        print(f"warning: {warning}")
     return db
 
 
-def list_datasets() -> list[store.DatasetInfo]:
-    with get_db().session() as s:
-        return store.list_datasets(session=s)
+def list_datasets() -> list[DatasetInfo]:
+    return indexing.list_datasets(get_db())
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
 def load_records(dataset_id: int, indexed_at: object) -> list:
     """Records of a dataset; ``indexed_at`` keys the cache so a re-index refreshes it."""
-    with get_db().session() as s:
-        return store.list_images(session=s, dataset_id=dataset_id)
+    return indexing.indexed_records(get_db(), dataset_id)
 
 
 @st.cache_data(show_spinner=False, max_entries=2000)
@@ -59,7 +55,7 @@ def thumbnail(path: str, mtime_ns: int | None, size: int = 160):
         return None
 
 
-def image_path(info: store.DatasetInfo, relpath: str) -> str:
+def image_path(info: DatasetInfo, relpath: str) -> str:
     return str(Path(info.root) / relpath)
 
 
@@ -177,7 +173,7 @@ def index_report_ui(key: str = "add_ds") -> None:
         st.warning(f"… and {len(rep.problems) - 10} more problems")
 
 
-def dataset_picker(key: str) -> store.DatasetInfo | None:
+def dataset_picker(key: str) -> DatasetInfo | None:
     """Sidebar select of indexed datasets, shared across pages; None when there are none."""
     datasets = list_datasets()
     if not datasets:

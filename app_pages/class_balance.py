@@ -9,8 +9,7 @@ from cxr_core.balance_report import BalanceReport, balance_report
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.balancing import BALANCING, balance_summary
-from cxr_core.indexing import current_records
-from cxr_core.storage import reviews
+from cxr_core.indexing import current_records, label_snapshot
 from app_pages._shared import dataset_picker, get_db, image_path, load_records, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
@@ -29,8 +28,7 @@ def cached_report(dataset_id: int, indexed_at: object, snapshot: str | None, sch
 
 def labels_ui(dataset_id: int) -> str | None:
     """Original labels or labels as of now; returns the snapshot hash for current labels."""
-    with get_db().session() as s:
-        snap = reviews.label_snapshot(session=s, dataset_id=dataset_id)
+    snap = label_snapshot(get_db(), dataset_id)
     if not snap.n_relabels:
         return None
     current = st.toggle(f"Use current labels ({snap.n_relabels} clinician relabels)",

@@ -1,7 +1,9 @@
-"""Index a dataset into the DB (incrementally) and open indexed datasets.
+"""Datasets as user actions: open the app's database with its data folders indexed, index a
+dataset (incrementally), list and open indexed datasets, read their records and labels.
 
 The scan reads headers and hashes only; an unchanged file (same size and mtime) is never
-re-read, so opening an indexed dataset again costs a directory walk and one query.
+re-read, so opening an indexed dataset again costs a directory walk and one query. Pages hold
+the :class:`Database` this module opens as an opaque handle and pass it to every service.
 """
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ from pathlib import Path
 from cxr_core import datasets as ds
 from cxr_core import storage
 from cxr_core.errors import DatasetError
-from cxr_core.storage import Database
+from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
 from cxr_core.storage import reviews
+from cxr_core.storage.datasets import DatasetInfo  # returned to the pages, typed from here
+from cxr_core.storage.reviews import LabelSnapshot
 
 Progress = Callable[[int, int], None]
 
@@ -141,7 +145,7 @@ def _summary(records: list[ds.ImageRecord], layout_problems: tuple[str, ...]) ->
     return out
 
 
-def open_dataset(db: Database, name_or_path: str | int) -> tuple[store.DatasetInfo, list[ds.ImageRecord]]:
+def open_dataset(db: Database, name_or_path: str | int) -> tuple[DatasetInfo, list[ds.ImageRecord]]:
     """The dataset and its records from the index; a path not yet indexed is indexed first."""
     with db.session() as s:
         info = store.get_dataset(session=s, name_or_id=name_or_path)
@@ -184,6 +188,35 @@ def register_env_datasets(db: Database, progress: Progress | None = None) -> lis
         except DatasetError as exc:
             out.append(f"CXR_DATA_DIR {path}: {exc}")
     return out
+
+
+def open_indexed_db() -> tuple[Database, list[str]]:
+    """Open the configured database (migrated to the newest schema) and index the
+    ``CXR_DATA_DIR`` datasets into it: what the app does once per process.
+
+    Returns:
+        (the database, one message per data folder that could not be indexed).
+    """
+    db = storage.open_db()
+    return db, [item for item in register_env_datasets(db) if isinstance(item, str)]
+
+
+def list_datasets(db: Database) -> list[DatasetInfo]:
+    """Every indexed dataset."""
+    with db.session() as s:
+        return store.list_datasets(session=s)
+
+
+def indexed_records(db: Database, dataset_id: int) -> list[ds.ImageRecord]:
+    """The dataset's records as indexed (original labels; see :func:`current_records`)."""
+    with db.session() as s:
+        return store.list_images(session=s, dataset_id=dataset_id)
+
+
+def label_snapshot(db: Database, dataset_id: int) -> LabelSnapshot:
+    """The hash and relabel count of the dataset's current labels, as of now."""
+    with db.session() as s:
+        return reviews.label_snapshot(session=s, dataset_id=dataset_id)
 
 
 def with_labels(records: list[ds.ImageRecord],

@@ -1,0 +1,97 @@
+"""Layer rules, checked on the source with ``ast`` (no import runs, so a test fails on the
+file that breaks a rule, with its line, whatever the import order of the suite):
+
+* SQLAlchemy is imported only by the storage layer (``cxr_core/storage/``, ``db/``);
+* pages (``app_pages/``, ``streamlit_app.py``) import nothing from the storage layer and open
+  no database session: they call ``cxr_core`` services and pass the ``Database`` handle those
+  return, unopened.
+"""
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = REPO / "cxr_core"
+STORAGE = CORE / "storage"
+PAGE_FILES = sorted((REPO / "app_pages").glob("*.py")) + [REPO / "streamlit_app.py"]
+
+
+def python_files(*roots: Path) -> list[Path]:
+    """Every ``.py`` file under ``roots`` (a file root is itself)."""
+    return sorted(p for root in roots for p in ([root] if root.is_file() else root.rglob("*.py")))
+
+
+def imported_modules(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, module) of every import in the file, at any depth (functions included).
+
+    ``from a import b`` yields both ``a`` and ``a.b`` (``b`` may be a submodule), so
+    ``from cxr_core import storage`` is seen as ``cxr_core.storage``.
+    """
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, node.module
+            yield from ((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+
+
+def is_within(module: str, package: str) -> bool:
+    """Whether ``module`` is ``package`` or one of its submodules."""
+    return module == package or module.startswith(package + ".")
+
+
+def violations(files: list[Path], packages: tuple[str, ...]) -> list[str]:
+    """``path:line imports module`` for every import of one of ``packages`` in ``files``."""
+    return sorted({f"{p.relative_to(REPO)}:{line} imports {module}"
+                   for p in files for line, module in imported_modules(p)
+                   if any(is_within(module, pkg) for pkg in packages)})
+
+
+def session_calls(path: Path) -> Iterator[int]:
+    """Lines calling ``<anything>.session(...)`` (a database transaction)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "session"):
+            yield node.lineno
+
+
+def test_no_sqlalchemy_outside_storage():
+    files = [p for p in python_files(CORE, *PAGE_FILES) if STORAGE not in p.parents]
+    assert files, "no source files found"
+    bad = violations(files, ("sqlalchemy",))
+    assert not bad, "SQLAlchemy belongs in cxr_core/storage/ and db/ only:\n" + "\n".join(bad)
+
+
+def test_pages_import_nothing_from_storage():
+    bad = violations(PAGE_FILES, ("cxr_core.storage", "db", "sqlalchemy"))
+    assert not bad, ("pages call cxr_core services, not storage (get the Database handle from a "
+                     "service):\n" + "\n".join(bad))
+
+
+def test_pages_open_no_database_session():
+    bad = [f"{p.relative_to(REPO)}:{line}" for p in PAGE_FILES for line in session_calls(p)]
+    assert not bad, "pages open no session; a service owns the transaction:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("import sqlalchemy", ["sqlalchemy"]),
+    ("from sqlalchemy.orm import Session", ["sqlalchemy.orm", "sqlalchemy.orm.Session"]),
+    ("def f():\n    from cxr_core import storage", ["cxr_core", "cxr_core.storage"]),
+    ("from . import storage", []),  # relative imports stay inside their own package
+])
+def test_the_import_walk_sees_every_form(tmp_path, source, expected):
+    path = tmp_path / "mod.py"
+    path.write_text(source, encoding="utf-8")
+    assert [module for _, module in imported_modules(path)] == expected
+
+
+def test_the_rules_catch_a_violation(tmp_path):
+    page = tmp_path / "page.py"
+    page.write_text("from cxr_core.storage import open_db\nwith open_db().session() as s:\n"
+                    "    pass\n", encoding="utf-8")
+    assert any(is_within(m, "cxr_core.storage") for _, m in imported_modules(page))
+    assert list(session_calls(page)) == [2]
