@@ -355,14 +355,14 @@ def display_pixels(item: ImageInput, max_side: int = DISPLAY_SIZE) -> np.ndarray
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4,
                 colormap: str = "jet") -> bytes:
     """PNG bytes of the heatmap blended over the image (the map is resized to the image)."""
-    from cxr_core.saliency import overlay
+    from cxr_core.saliency_render import overlay
 
     return _png_bytes(overlay(image, heatmap, alpha=alpha, colormap=colormap))
 
 
 def saliency_warning(heatmap: np.ndarray) -> str | None:
-    """The shortcut warning of :func:`cxr_core.saliency.shortcut_warning` at its defaults."""
-    from cxr_core.saliency import shortcut_warning
+    """The shortcut warning of :func:`cxr_core.saliency_render.shortcut_warning` at its defaults."""
+    from cxr_core.saliency_render import shortcut_warning
 
     return shortcut_warning(heatmap)
 

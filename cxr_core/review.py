@@ -850,7 +850,7 @@ def render_view(image: np.ndarray, *, level: float = 128.0, window: float = 256.
     out = np.clip((np.asarray(image, dtype=np.float32) - lo) * (255.0 / window), 0, 255)
     out = np.rint(out).astype(np.uint8)
     if heat is not None:
-        from cxr_core.saliency import overlay  # keras is imported only when saliency is on
+        from cxr_core.saliency_render import overlay
 
         out = overlay(out, heat, alpha=alpha)
     h, w = out.shape[:2]

@@ -1,9 +1,13 @@
-"""Tests for cxr_core.saliency: tf-keras-vis maps, rendering and the shortcut check."""
+"""Tests for cxr_core.saliency and saliency_render: tf-keras-vis maps (and the private
+tf-keras-vis methods they rely on), the saliency layer rule, rendering and the shortcut check."""
 from __future__ import annotations
+
+import inspect
 
 import keras
 import numpy as np
 import pytest
+import tf_keras_vis
 
 from cxr_core import saliency
 from cxr_core.errors import ConfigError, ModelError
@@ -12,12 +16,10 @@ from tf_keras_vis.utils import model_modifiers
 from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
 
-from cxr_core.saliency import (
+from cxr_core.models import saliency_layer_name as find_saliency_layer
+from cxr_core.saliency import METHODS, SaliencyExplainer, compute_saliency
+from cxr_core.saliency_render import (
     COLORMAPS,
-    METHODS,
-    SaliencyExplainer,
-    compute_saliency,
-    find_saliency_layer,
     heat_density_outside,
     heat_outside_center,
     overlay,
@@ -250,6 +252,53 @@ def test_cached_gradcam_falls_back_to_the_library(models, explainers, options):
                                                                             **options)
     got = explainer._visualizer("gradcam")(score, images, **options)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+# The tf-keras-vis API _CachedGradcam overrides or calls. Its private methods can change in any
+# release without a deprecation, so an upgrade must fail here, loudly, before maps go wrong.
+
+# (owner, attribute, parameter names in the order _CachedGradcam passes them)
+TF_KERAS_VIS_CALLS = [
+    (Gradcam, "__init__", ("self", "model", "model_modifier", "clone")),
+    (Gradcam, "_get_scores_for_multiple_outputs", ("self", "score")),
+    (Gradcam, "_get_seed_inputs_for_multiple_inputs", ("self", "seed_input")),
+    (Gradcam, "_calculate_scores", ("self", "outputs", "score_functions")),
+    (Gradcam, "_calculate_cam",
+     ("self", "grads", "penultimate_output", "gradient_modifier", "activation_modifier")),
+    (model_modifiers.ExtractIntermediateLayerForGradcam, "__init__",
+     ("self", "penultimate_layer", "seek_conv_layer", "include_model_outputs")),
+]
+
+
+def _changed(what: str, expected: object, received: object) -> str:
+    return (f"tf-keras-vis {tf_keras_vis.__version__}: {what} changed, and "
+            f"cxr_core.saliency._CachedGradcam relies on it. Expected: {expected}. "
+            f"Received: {received}. Update _CachedGradcam for this tf-keras-vis (its Grad-CAM "
+            "fallback is the plain library call) or pin the version it was written for "
+            "(tf-keras-vis==0.8.7, requirements.txt).")
+
+
+@pytest.mark.parametrize(("owner", "name", "expected"), TF_KERAS_VIS_CALLS,
+                         ids=[f"{o.__name__}.{n}" for o, n, _ in TF_KERAS_VIS_CALLS])
+def test_tf_keras_vis_still_has_the_private_methods_we_call(owner, name, expected):
+    what = f"{owner.__module__}.{owner.__qualname__}.{name}"
+    method = getattr(owner, name, None)
+    if not callable(method):
+        pytest.fail(_changed(what, f"a method {name}{expected}", "no such method"))
+    received = tuple(inspect.signature(method).parameters)
+    if received != expected:
+        pytest.fail(_changed(f"the signature of {what}", expected, received))
+
+
+def test_cached_gradcam_call_keeps_the_signature_of_gradcam_call():
+    def params(function) -> list[tuple[str, object, object]]:
+        return [(p.name, p.kind.name, p.default)
+                for p in inspect.signature(function).parameters.values()]
+
+    parent, ours = params(Gradcam.__call__), params(saliency._CachedGradcam.__call__)
+    if parent != ours:
+        pytest.fail(_changed("the signature of tf_keras_vis.gradcam.Gradcam.__call__ (which "
+                             "_CachedGradcam.__call__ overrides)", ours, parent))
 
 
 def test_compute_saliency_matches_the_explainer(models, explainers):
