@@ -67,7 +67,6 @@ def comparable_groups(db: Database, *, min_size: int = 2) -> list[ComparableGrou
     return sorted(out, key=lambda g: (-len(g.evaluations), -g.evaluations[0].id))
 
 
-
 # -- A comparison ----------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -251,8 +250,9 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         keep = y >= 0  # images with no class under the chosen labels are left out of every run
         image_ids = tuple(i for i, k in zip(preds[0].image_ids, keep) if k)
         groups = ds_store.image_patients(session=s, image_ids=image_ids)
-        ops = {e.id: store.latest_operating_point(session=s, run_id=e.run_id)
-               for e in infos if e.run_id is not None and mode == "operating_point"}
+        ops = {} if mode == "matched" else {
+            e.id: store.latest_operating_point(session=s, run_id=e.run_id)
+            for e in infos if e.run_id is not None}
     names = _display_names(infos)
     labels = infos[0].labels
     y = y[keep]

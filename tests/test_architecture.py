@@ -4,7 +4,8 @@ file that breaks a rule, with its line, whatever the import order of the suite):
 * SQLAlchemy is imported only by the storage layer (``cxr_core/storage/``, ``db/``);
 * pages (``app_pages/``, ``streamlit_app.py``) import nothing from the storage layer and open
   no database session: they call ``cxr_core`` services and pass the ``Database`` handle those
-  return, unopened.
+  return, unopened;
+* the evaluation maths and the label-provenance rules are pure: no storage, no Streamlit.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "cxr_core"
 STORAGE = CORE / "storage"
 PAGE_FILES = sorted((REPO / "app_pages").glob("*.py")) + [REPO / "streamlit_app.py"]
+PURE_MODULES = ("metrics", "curves", "intervals", "thresholds", "paired", "evaluation",
+                "eval_tables", "json_safe", "provenance")
 
 
 def python_files(*roots: Path) -> list[Path]:
@@ -75,6 +78,12 @@ def test_pages_import_nothing_from_storage():
 def test_pages_open_no_database_session():
     bad = [f"{p.relative_to(REPO)}:{line}" for p in PAGE_FILES for line in session_calls(p)]
     assert not bad, "pages open no session; a service owns the transaction:\n" + "\n".join(bad)
+
+
+def test_evaluation_maths_and_provenance_rules_are_pure():
+    files = [CORE / f"{name}.py" for name in PURE_MODULES]
+    bad = violations(files, ("cxr_core.storage", "db", "sqlalchemy", "streamlit"))
+    assert not bad, "pure modules compute; services read and write:\n" + "\n".join(bad)
 
 
 @pytest.mark.parametrize("source, expected", [
