@@ -5,30 +5,31 @@ import random
 
 import streamlit as st
 
-from cxr_core import predict
+from cxr_core import explain, model_store, predict, uploads
 from cxr_core.errors import CxrError
+from cxr_core.saliency_render import shortcut_warning
 from app_pages._shared import dataset_picker, get_db, load_records
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
-def get_model(ref: str) -> predict.LoadedModel:
-    return predict.load_model(ref, get_db())
+def get_model(ref: str) -> model_store.LoadedModel:
+    return model_store.load_model_ref(ref, db=get_db())
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def explainer(ref: str):
-    return predict.make_explainer(get_model(ref))
+    return explain.make_explainer(get_model(ref))
 
 
 @st.cache_data(show_spinner="Computing saliency…", max_entries=256)
 def heatmap(ref: str, sha256: str, method: str, class_index: int, _pixels):
     """One map per model, image content, method and class (the pixels follow from the hash)."""
-    return predict.saliency_map(explainer(ref), _pixels, method, class_index)
+    return explain.saliency_map(explainer(ref), _pixels, method, class_index)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def picture(sha256: str, _item: predict.ImageInput):  # keyed by the content hash
-    return predict.display_pixels(_item)
+    return explain.display_pixels(_item)
 
 
 def model_ui() -> str | None:
@@ -98,9 +99,9 @@ def detail_ui(result: predict.BatchResult) -> predict.Prediction:
 
 def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction) -> None:
     c1, c2, c3 = st.columns(3)
-    names = predict.METHOD_NAMES
+    names = explain.METHOD_NAMES
     method = c1.selectbox("Saliency", list(names), format_func=names.get, key="predict_method")
-    choices = dict(predict.class_choices(result.labels, pred))
+    choices = dict(explain.class_choices(result.labels, pred))
     cls = c2.radio("Explain", list(choices), format_func=choices.get, horizontal=True,
                    key="predict_class")
     alpha = c3.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="predict_alpha")
@@ -112,9 +113,9 @@ def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction)
         return
     left, right = st.columns(2)
     left.image(image, caption=pred.source.name, width="stretch")
-    right.image(predict.overlay_png(image, heat, alpha=alpha), width="stretch",
-                caption=f"{predict.METHOD_NAMES[method]} for {choices[cls]}")
-    if cls == pred.class_index and (warning := predict.saliency_warning(heat)):
+    right.image(explain.overlay_png(image, heat, alpha=alpha), width="stretch",
+                caption=f"{names[method]} for {choices[cls]}")
+    if cls == pred.class_index and (warning := shortcut_warning(heat)):
         st.warning(warning, icon=":material/center_focus_weak:")
 
 
@@ -123,7 +124,7 @@ def review_ui(ref: str, pred: predict.Prediction) -> None:
     who = left.text_input("Sent by", key="predict_sent_by", placeholder="Your name")
     if right.button("Send to review", key="predict_send", icon=":material/rate_review:"):
         try:
-            item = predict.send_to_review(get_db(), pred, model_ref=ref, sent_by=who.strip())
+            item = uploads.send_to_review(get_db(), pred, model_ref=ref, sent_by=who.strip())
             st.success(f"Sent to the review queue (item {item}).", icon=":material/done:")
         except CxrError as exc:
             st.error(str(exc))

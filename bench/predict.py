@@ -47,7 +47,8 @@ def run(shared_data: Path, *, repeat: int = 5, model_ref: str = "default") -> di
     Returns:
         ``{"bench": "predict", "baseline": {...}, "ours": {...}, "ratio": cold / warm}``.
     """
-    from cxr_core import predict
+    from cxr_core import explain, predict
+    from cxr_core.model_store import load_model_ref
 
     files = sorted((Path(shared_data) / "chest_xray_fullres_sample" / "train").glob("*/*.jpeg"))
     if not files:
@@ -58,23 +59,23 @@ def run(shared_data: Path, *, repeat: int = 5, model_ref: str = "default") -> di
     def request(loaded, explainer) -> None:
         item = items[next(counter) % len(items)]
         pred = predict.predict_batch(loaded, [item]).predictions[0]
-        predict.saliency_map(explainer, pred.pixels, "gradcam", pred.class_index)
+        explain.saliency_map(explainer, pred.pixels, "gradcam", pred.class_index)
 
     def cold() -> None:
-        loaded = predict.load_model(model_ref)
-        request(loaded, predict.make_explainer(loaded))
+        loaded = load_model_ref(model_ref)
+        request(loaded, explain.make_explainer(loaded))
 
     cold()  # imports and first-use costs belong to neither side
-    load_s = _median_time(lambda: predict.load_model(model_ref), repeat)
+    load_s = _median_time(lambda: load_model_ref(model_ref), repeat)
     cold_s = _median_time(cold, repeat)
 
-    loaded = predict.load_model(model_ref)
-    explainer = predict.make_explainer(loaded)
+    loaded = load_model_ref(model_ref)
+    explainer = explain.make_explainer(loaded)
     request(loaded, explainer)  # warm-up: traces the predict and gradient functions
     warm_s = _median_time(lambda: request(loaded, explainer), repeat * 2)
     pixels = [predict.predict_batch(loaded, [i]).predictions[0] for i in items]
     predict_s = _median_time(lambda: predict.predict_batch(loaded, items[:1]), repeat * 2)
-    gradcam_s = _median_time(lambda: predict.saliency_map(
+    gradcam_s = _median_time(lambda: explain.saliency_map(
         explainer, pixels[0].pixels, "gradcam", pixels[0].class_index), repeat * 2)
     return {
         "bench": "predict", "model": model_ref, "image_size": loaded.image_size,

@@ -63,7 +63,7 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
-    from cxr_core.predict import predict_cli
+    from cxr_core.predict_cli import predict_cli
 
     return predict_cli(args.model, args.images, saliency=args.saliency, out_dir=args.out)
 

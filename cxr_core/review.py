@@ -697,7 +697,7 @@ def entry_image(state: ReviewState, entry: QueueEntry,
     Args:
         state: from :func:`load_state`.
         entry: a dataset image (under ``root``, the dataset's folder) or an upload (stored by
-            :func:`cxr_core.predict.store_upload` under the settings' uploads folder).
+            :func:`cxr_core.uploads.store_upload` under the settings' uploads folder).
         root: the dataset's root folder.
 
     Returns:
@@ -706,7 +706,7 @@ def entry_image(state: ReviewState, entry: QueueEntry,
     if entry.upload_sha256 is None:
         rec = state.images[entry.image_id]
         return str(Path(root) / rec.relpath), rec.sha256
-    from cxr_core.predict import upload_path  # lazy: only uploads need the predict module
+    from cxr_core.uploads import upload_path  # lazy: only uploads need the predict module
 
     path = upload_path(entry.upload_sha256)
     return (None if path is None else str(path)), entry.upload_sha256
@@ -894,9 +894,10 @@ def load_explainer(ref: str) -> Any:
     Raises:
         ModelError: the model cannot be loaded.
     """
-    from cxr_core.predict import load_model, make_explainer
+    from cxr_core.explain import make_explainer
+    from cxr_core.model_store import load_model_ref
 
-    return make_explainer(load_model(ref))
+    return make_explainer(load_model_ref(ref))
 
 
 def view_pixels(path: str | Path) -> np.ndarray:

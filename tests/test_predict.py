@@ -1,5 +1,6 @@
-"""cxr_core.predict: batches mixing good and bad files, saliency per method and family,
-uploads stored by hash (DICOM without its header), review queue, CLI contract, default model."""
+"""cxr_core.predict and its neighbours (explain, uploads, predict_cli, model_export): batches
+mixing good and bad files, saliency per method and family, uploads stored by hash (DICOM without
+its header), review queue, CLI contract, default model."""
 from __future__ import annotations
 
 import io
@@ -11,7 +12,12 @@ import pytest
 from PIL import Image
 
 from conftest import dicom_bytes, png_claiming
+from cxr_core import explain as E
+from cxr_core import model_export as X
 from cxr_core import predict as P
+from cxr_core import uploads as U
+from cxr_core.model_store import load_model_ref
+from cxr_core.predict_cli import predict_cli
 from cxr_core.errors import ConfigError, ModelError
 from cxr_core.model_store import CARD_NAME, DEFAULT_MODELS_DIR
 from cxr_core.saliency import METHODS
@@ -44,7 +50,7 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(model_file):
-    return P.load_model(str(model_file))
+    return load_model_ref(str(model_file))
 
 
 def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
@@ -134,7 +140,7 @@ def mixed_folder(tmp_path) -> Path:
 
 def test_mixed_batch_predicts_good_files_and_reports_each_bad_one(model_file, mixed_folder):
     names = sorted(p.name for p in mixed_folder.iterdir())
-    out = P.predict_cli(str(model_file), [str(mixed_folder / n) for n in names])
+    out = predict_cli(str(model_file), [str(mixed_folder / n) for n in names])
     predicted = {Path(p["file"]).name: p for p in out["predictions"]}
     errors = {Path(e["file"]).name: e["error"] for e in out["errors"]}
     assert all(e["error"].startswith(e["file"]) for e in out["errors"])  # names the file
@@ -192,8 +198,8 @@ def family(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(name)
     _registry_model(name, size, channels).save(folder / "m.keras")
     (folder / CARD_NAME).write_text(json.dumps(CARD))
-    loaded = P.load_model(str(folder / "m.keras"))
-    return loaded, P.make_explainer(loaded)
+    loaded = load_model_ref(str(folder / "m.keras"))
+    return loaded, E.make_explainer(loaded)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -201,18 +207,18 @@ def test_saliency_maps_have_the_input_shape_and_range(family, method):
     loaded, explainer = family
     items = [P.ImageInput("a.png", data=_jpeg(64, seed=3))]
     pred = P.predict_batch(loaded, items).predictions[0]
-    for class_index, _ in P.class_choices(loaded.labels, pred):
-        heat = P.saliency_map(explainer, pred.pixels, method, class_index, fast=True)
+    for class_index, _ in E.class_choices(loaded.labels, pred):
+        heat = E.saliency_map(explainer, pred.pixels, method, class_index, fast=True)
         size = loaded.image_size
         assert heat.shape == (size, size) and heat.dtype == np.float32
         assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() <= 1.0
-    png = P.overlay_png(P.display_pixels(items[0]), heat, alpha=0.5)
+    png = E.overlay_png(E.display_pixels(items[0]), heat, alpha=0.5)
     assert Image.open(io.BytesIO(png)).size == (64, 64)
 
 
 def test_class_choices_put_the_predicted_class_first(loaded):
     pred = P.predict_batch(loaded, [P.ImageInput("a.png", data=_jpeg())]).predictions[0]
-    choices = P.class_choices(loaded.labels, pred)
+    choices = E.class_choices(loaded.labels, pred)
     assert choices[0] == (pred.class_index, f"{pred.label} (predicted)") and len(choices) == 2
     assert choices[1][1] in loaded.labels and choices[1][1] != pred.label
 
@@ -221,7 +227,7 @@ def test_model_without_conv_layer_cannot_be_explained(loaded):
     from dataclasses import replace
 
     with pytest.raises(ModelError, match="no convolutional layer"):
-        P.make_explainer(replace(loaded, saliency_layer=None))
+        E.make_explainer(replace(loaded, saliency_layer=None))
 
 
 # -- Command line ---------------------------------------------------------------------------
@@ -260,13 +266,13 @@ def test_cli_rejects_unknown_saliency_method(model_file, tmp_path, capsys):
 
 def test_dicom_upload_is_stored_as_pixels_only_under_its_hash(tmp_path):
     item = P.ImageInput("Doe_Jane.dcm", data=dicom_bytes(_dicom_pixels()))
-    sha = P.store_upload(item, uploads_dir=tmp_path)
-    stored = P.upload_path(sha, uploads_dir=tmp_path)
+    sha = U.store_upload(item, uploads_dir=tmp_path)
+    stored = U.upload_path(sha, uploads_dir=tmp_path)
     assert stored == tmp_path / f"{sha}.png"
     data = stored.read_bytes()
     assert b"Doe" not in data and b"SECRET-4711" not in data and b"DICM" not in data
     assert Image.open(stored).size == (48, 48)
-    assert P.store_upload(item, uploads_dir=tmp_path) == sha  # idempotent
+    assert U.store_upload(item, uploads_dir=tmp_path) == sha  # idempotent
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"{sha}.png"]
 
 
@@ -278,7 +284,7 @@ def test_send_to_review_stores_upload_and_queues_it(cxr_home, loaded):
     data = _jpeg(64)
     pred = P.predict_batch(loaded, [P.ImageInput("../../etc/evil name.jpg", data=data)]) \
         .predictions[0]
-    item_id = P.send_to_review(db, pred, model_ref="default", sent_by="Dr Test")
+    item_id = U.send_to_review(db, pred, model_ref="default", sent_by="Dr Test")
     with db.session() as s:
         [item] = reviews.list_review_items(session=s)
     assert item.id == item_id and item.source == "predict" and item.image_id is None
@@ -302,7 +308,7 @@ def test_indexed_images_go_to_review_by_id(cxr_home, loaded, tiny_dataset):
         records = ds_store.list_images(session=s, dataset_id=dataset_id)[:2]
     result = P.predict_batch(loaded, P.dataset_inputs(info.root, records))
     assert len(result.predictions) == 2
-    P.send_to_review(db, result.predictions[0], model_ref="default", sent_by="x")
+    U.send_to_review(db, result.predictions[0], model_ref="default", sent_by="x")
     with db.session() as s:
         [item] = reviews.list_review_items(session=s)
     assert item.image_id == records[0].id and item.upload_sha256 is None
@@ -329,7 +335,7 @@ def test_model_options_list_default_and_finished_runs(cxr_home):
 
 def test_module_does_not_import_streamlit_and_names_every_method():
     assert "import streamlit" not in Path(P.__file__).read_text()
-    assert tuple(P.METHOD_NAMES) == METHODS
+    assert tuple(E.METHOD_NAMES) == METHODS
 
 
 # -- Exporting a run as the default model ---------------------------------------------------
@@ -357,14 +363,14 @@ def _finished_run(cxr_home, status: str = "finished") -> tuple[object, int]:
 def test_export_default_writes_a_shippable_model_and_card(cxr_home, tmp_path):
     db, run_id = _finished_run(cxr_home)
     out = tmp_path / "default"
-    card = P.export_default(run_id, db=db, out_dir=out)
+    card = X.export_default(run_id, db=db, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "model.keras", CARD_NAME]
     assert card["data_licence"]["licence"] == "CC BY 4.0" and card["model_file"] == "model.keras"
     assert "run_id" not in card and "model_ref" not in card
     assert card["exported_from"]["run_id"] == run_id and card["exported_from"]["evaluation_id"] == 3
     assert not Path(card["training_config"]["dataset"]).is_absolute()
     assert not Path(card["dataset"]["root"]).is_absolute() and "id" not in card["dataset"]
-    reloaded = P.load_model(str(out / "model.keras"))
+    reloaded = load_model_ref(str(out / "model.keras"))
     assert reloaded.threshold == 0.4 and reloaded.threshold_source == "model card"
     readme = (out / "README.md").read_text()
     assert "| 0.900 | 0.950 | 0.800 |" in readme and "export-default ID" in readme
@@ -374,17 +380,17 @@ def test_export_default_writes_a_shippable_model_and_card(cxr_home, tmp_path):
 def test_export_default_refuses_unfinished_runs_and_large_models(cxr_home, tmp_path):
     db, run_id = _finished_run(cxr_home, status="failed")
     with pytest.raises(ModelError, match="only a finished run"):
-        P.export_default(run_id, db=db, out_dir=tmp_path / "a")
+        X.export_default(run_id, db=db, out_dir=tmp_path / "a")
     db, run_id = _finished_run(cxr_home)
     with pytest.raises(ModelError, match="at most 0.01 MB"):
-        P.export_default(run_id, db=db, out_dir=tmp_path / "b", max_mb=0.01)
+        X.export_default(run_id, db=db, out_dir=tmp_path / "b", max_mb=0.01)
     assert not (tmp_path / "b" / "model.keras").exists()
 
 
 # -- The shipped default model: loads, predicts real films, card complete -------------------
 
 def test_default_model_predicts_real_images(shared_data):
-    loaded = P.load_model("default")
+    loaded = load_model_ref("default")
     assert loaded.threshold_source == "model card" and 0.0 < loaded.threshold < 1.0
     paths = [p for cls in ("NORMAL", "PNEUMONIA")
              for p in sorted((shared_data / "chest_xray_fullres_sample" / "train" / cls)
@@ -394,7 +400,7 @@ def test_default_model_predicts_real_images(shared_data):
     truth = ["PNEUMONIA" if "person" in p.name else "NORMAL" for p in paths]
     correct = sum(p.label == t for p, t in zip(result.predictions, truth))
     assert correct >= 9, [(p.source.name, p.probabilities) for p in result.predictions]
-    heat = P.saliency_map(P.make_explainer(loaded), result.predictions[0].pixels, "gradcam",
+    heat = E.saliency_map(E.make_explainer(loaded), result.predictions[0].pixels, "gradcam",
                           result.predictions[0].class_index)
     assert heat.shape == (loaded.image_size,) * 2 and np.isfinite(heat).all()
 

@@ -162,7 +162,8 @@ def test_upload_sent_to_review_is_relabelled_on_the_page(tiny):
     """An upload stored by hash and sent from Predict is shown and relabelled like an image."""
     import io
 
-    from cxr_core.predict import ImageInput, store_upload
+    from cxr_core.predict import ImageInput
+    from cxr_core.uploads import store_upload
 
     db, dataset_id = tiny
     shas = []

@@ -249,7 +249,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def loaded(model_dir):
-    return P.load_model(str(model_dir / "m.keras"))
+    return load_model_ref(str(model_dir / "m.keras"))
 
 
 def save_model(path: Path, shape: tuple, units: int = 1) -> Path:

@@ -1,0 +1,142 @@
+"""Explaining a prediction: the one saliency entry point of Predict, Review and the CLI.
+
+Pages and the CLI call this module, never :mod:`cxr_core.saliency` directly: that module imports
+Keras and TensorFlow at load, this one only when an explainer is made. The flow:
+
+    model reference -(model_store.load_model_ref)-> LoadedModel -(make_explainer)-> explainer
+    image -(saliency_map: resized as the model's input)-> (S, S) map in [0, 1]
+    map + the picture shown (display_pixels) -(overlay_png)-> PNG bytes
+
+Compute returns arrays; drawing and the shortcut warning are :mod:`cxr_core.saliency_render`.
+:func:`saliency_unavailable` says why a model reference cannot be explained without loading it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from cxr_core import images as image_io
+from cxr_core.errors import ModelError
+from cxr_core.model_store import (DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, RUN_MODEL_NAME,
+                                  LoadedModel, load_model_ref)
+from cxr_core.predict import ImageInput, Prediction, png_bytes
+from cxr_core.saliency_render import overlay
+
+DISPLAY_SIZE = 512  # longest side of the picture an overlay is drawn on
+# cxr_core.saliency.METHODS with display names (kept here so importing this module, and the
+# pages, does not import keras before a model is needed).
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++",
+                "scorecam": "Score-CAM (faster)", "smoothgrad": "SmoothGrad"}
+
+
+# -- Explainers -----------------------------------------------------------------------------
+
+def make_explainer(loaded: LoadedModel) -> Any:
+    """A :class:`cxr_core.saliency.SaliencyExplainer` on the model's recorded saliency layer.
+
+    Raises:
+        ModelError: the model has no convolutional feature map to explain.
+    """
+    from cxr_core.saliency import SaliencyExplainer
+
+    if loaded.saliency_layer is None:
+        raise ModelError(f"{loaded.ref}: the model has no convolutional layer to explain; "
+                         "expected a saliency_layer in its model card")
+    return SaliencyExplainer(loaded.model, loaded.saliency_layer)
+
+
+def load_explainer(ref: str) -> Any:
+    """An explainer for a model reference (loads keras: call it only when needed).
+
+    Raises:
+        ModelError: the model cannot be loaded or explained.
+    """
+    return make_explainer(load_model_ref(ref))
+
+
+def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
+    """The .keras file behind a model reference, if one exists on disk (model_store's layout)."""
+    if ref == "default":
+        path = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
+    elif ref and ref.startswith("run:"):
+        path = Path(artifact_dir) / RUN_MODEL_NAME if artifact_dir else None
+    else:
+        path = Path(ref) if ref else None
+    return path if path is not None and path.is_file() else None
+
+
+def saliency_unavailable(ref: str | None,
+                         artifact_dirs: dict[str, str | None] | None = None) -> str | None:
+    """Why saliency cannot be shown for ``ref`` (None when it can).
+
+    Args:
+        ref: the model reference shown with the image ("run:ID", "default", a path) or None.
+        artifact_dirs: "run:ID" -> the run's artifact folder (where it keeps its model file).
+    """
+    if ref is None:
+        return "no model output is shown for this image, so there is no model to explain"
+    if model_file(ref, (artifact_dirs or {}).get(ref)) is None:
+        return f"{ref} has no model file (.keras) on disk"
+    return None
+
+
+# -- Maps -----------------------------------------------------------------------------------
+
+def class_choices(labels: Sequence[str], prediction: Prediction) -> list[tuple[int, str]]:
+    """(class index, text) pairs to explain: the predicted class first, then the others."""
+    first = (prediction.class_index, f"{labels[prediction.class_index]} (predicted)")
+    return [first] + [(i, c) for i, c in enumerate(labels) if i != prediction.class_index]
+
+
+def saliency_map(explainer: Any, image: np.ndarray, method: str = "gradcam",
+                 class_index: int | None = None, *, threshold: float | None = None,
+                 fast: bool = False) -> np.ndarray:
+    """An (S, S) float32 map in [0, 1] explaining one image, at the model's input size S.
+
+    Args:
+        explainer: from :func:`make_explainer` or :func:`load_explainer` (cached by the caller).
+        image: uint8 (H, W) or (H, W, C): the model-size pixels a prediction saw
+            (:attr:`cxr_core.predict.Prediction.pixels`, used as they are) or a film at any
+            size (resized and converted as :func:`cxr_core.images.to_array` does for the model).
+        method: one of :data:`cxr_core.saliency.METHODS`.
+        class_index: index into the model's labels (binary: 1 = positive class); None: the
+            class the model predicts at ``threshold``.
+        threshold: the binary operating point used when ``class_index`` is None (None: 0.5).
+        fast: fewer SmoothGrad samples / Score-CAM channels (CLI batches, tests).
+
+    Raises:
+        ConfigError: unknown method or class index.
+    """
+    _, size, _, channels = explainer.model.input_shape
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]  # PIL takes a gray image as (H, W)
+    # At the model's size and channels to_array returns the pixels unchanged.
+    pixels = image_io.to_array(Image.fromarray(arr), int(size), int(channels))
+    options = {"smooth_samples": 8, "scorecam_max_n": 16} if fast else {}
+    return explainer.explain(pixels.astype(np.float32), method,
+                             None if class_index is None else int(class_index),
+                             threshold=0.5 if threshold is None else threshold, **options)[0]
+
+
+# -- Pictures -------------------------------------------------------------------------------
+
+def display_pixels(item: ImageInput, max_side: int = DISPLAY_SIZE) -> np.ndarray:
+    """The image as uint8 (H, W) or (H, W, 3) at most ``max_side`` a side, aspect kept.
+
+    Raises:
+        ImageLoadError: the file cannot be read.
+    """
+    img = image_io.load_image(item.read(), name=item.name, draft=max_side)
+    img.thumbnail((max_side, max_side))
+    return np.asarray(img)
+
+
+def overlay_png(image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.4,
+                colormap: str = "jet") -> bytes:
+    """PNG bytes of the heatmap blended over the image (the map is resized to the image)."""
+    return png_bytes(overlay(image, heatmap, alpha=alpha, colormap=colormap))

@@ -1,0 +1,83 @@
+"""The demo model's card for people: ``models/default/README.md`` rendered from its JSON card.
+
+Also holds :data:`DATA_LICENCE`, the training data's licence that every exported card carries
+and the README repeats.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+DATA_LICENCE = {
+    "dataset": "Chest X-Ray Images (Pneumonia), Guangzhou Women and Children's Medical Center",
+    "citation": "Kermany DS, Goldbaum M, Cai W, et al. Identifying Medical Diagnoses and "
+                "Treatable Diseases by Image-Based Deep Learning. Cell 172(5):1122-1131, 2018. "
+                "doi:10.1016/j.cell.2018.02.010",
+    "source": "Mendeley Data, doi:10.17632/rscbjbr9sj.2",
+    "licence": "CC BY 4.0",
+}
+
+
+def card_markdown(card: dict) -> str:
+    """A short human-readable model card (``models/default/README.md``)."""
+    val = card.get("val_metrics") or {}
+    op = card.get("operating_point") or {}
+    lic = card.get("data_licence") or DATA_LICENCE
+    cfg = card.get("training_config") or {}
+    exp = card.get("exported_from") or {}
+    counts = (card.get("dataset") or {}).get("counts") or {}
+    minutes = f"{exp['training_wall_s'] / 60:.1f} min" if exp.get("training_wall_s") else "?"
+    positive = (card.get("labels") or ["", "PNEUMONIA"])[-1]
+    lines = [
+        "# Demo model card (`models/default`)", "",
+        "A small pneumonia classifier shipped so Predict works on a fresh clone. **Not a medical "
+        "device**: a demo model trained from scratch on one public pediatric dataset.", "",
+        "| | |", "|---|---|",
+        f"| Labels | {', '.join(card.get('labels', []))} ({card.get('label_scheme', '?')}) |",
+        f"| Architecture | `{card.get('model', '?')}` from the registry, {card.get('image_size')} "
+        f"px, {card.get('channels')} channel(s), random init (no ImageNet weights) |",
+        f"| Training | recipe `{cfg.get('recipe', '?')}` overridden by `train_config.json`: "
+        f"{cfg.get('epochs', '?')} epochs max (best epoch {card.get('best_epoch', '?')}), "
+        f"augment `{cfg.get('augment', '?')}`, balancing `{cfg.get('balancing', '?')}`, "
+        f"monitor `{cfg.get('monitor', '?')}`; {minutes} wall on 2 shared CPU cores |",
+        f"| Data | `{cfg.get('dataset', '?')}`: train {_counts(counts.get('train'))}, "
+        f"validation {_counts(counts.get('val'))} (split by patient, seed "
+        f"{cfg.get('split_seed', '?')}) |",
+        f"| Operating point | {positive} iff P({positive}) >= {_fmt(op.get('threshold'))} "
+        f"(chosen on validation for sensitivity >= {_fmt(op.get('target'))}) |",
+        f"| Saliency layer | `{card.get('saliency_layer')}` |",
+        f"| File | `model.keras`, {exp.get('file_mb', '?')} MB (exported from run "
+        f"{exp.get('run_id', '?')}) |", "",
+        "## Validation metrics", "",
+        "| AUC | sensitivity | specificity | accuracy | average precision | n |",
+        "|---|---|---|---|---|---|",
+        f"| {_fmt(val.get('auc'))} | {_fmt(val.get('sensitivity'))} | "
+        f"{_fmt(val.get('specificity'))} | {_fmt(val.get('accuracy'))} | "
+        f"{_fmt(val.get('average_precision'))} | {val.get('n', '?')} |", "",
+        "Sensitivity and specificity are at the operating point above, on the patient-grouped "
+        "validation split carved from the official train folder. For reference, Kermany et al. "
+        "report AUC 0.968, sensitivity 0.932 and specificity 0.901 on their held-out test set "
+        "(ImageNet-pretrained Inception V3). Validation images come from the same distribution "
+        "as the training images while the official test set does not, so expect lower numbers "
+        "there (`python -m cxr_core evaluate --model default --data PATH --split test`).", "",
+        "## Data licence", "",
+        f"{lic['dataset']}. {lic['citation']}. {lic['source']}. Licence: {lic['licence']} "
+        "(attribution required wherever the model or its outputs are shown or shipped).", "",
+        "## Reproduce", "",
+        "From the repository root (state goes to `CXR_HOME`, default `~/.cxr`):",
+        "", "```bash",
+        "python -m cxr_core train --config models/default/train_config.json --json",
+        "# prints {\"run_id\": ID, \"status\": \"finished\", ...}",
+        "python -m cxr_core.model_export export-default ID   # writes model.keras, "
+        "model_card.json, README.md here", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _counts(counts: dict | None) -> str:
+    if not counts:
+        return "?"
+    return " + ".join(f"{v:,} {k}" for k, v in counts.items())
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "?"
