@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 
 from cxr_core import datasets as ds
+from cxr_core import provenance
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, RunError
 from cxr_core.indexing import open_dataset
 from cxr_core.splits import patient_split
 from cxr_core.storage import Database
 from cxr_core.storage import runs as store
-from cxr_core.storage.reviews import LabelSnapshot, current_labels, label_snapshot
+from cxr_core.storage.reviews import LabelSnapshot, label_version
 from cxr_core.train_config import BEST_MODEL
 
 
@@ -50,19 +51,15 @@ def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int
     return sorted(out)
 
 
-def _read_labels(db: Database, cfg: Any, info: Any, records: list,
-                 as_of_relabel_id: int | None) -> tuple[LabelSnapshot, dict]:
-    """The label snapshot and image_id -> (label, subtype) the run trains on."""
+def _read_labels(db: Database, cfg: Any, info: Any,
+                 relabel_id: int | None) -> tuple[LabelSnapshot, dict]:
+    """The label snapshot and image_id -> (label, subtype) the run trains on, derived once
+    (labels and hash from the same relabel rows)."""
     with db.session() as s:
-        if cfg.label_source == "original":
-            snap = label_snapshot(session=s, dataset_id=info.id, as_of_relabel_id=0)
-            return snap, {r.id: (r.label, r.subtype) for r in records}
-        snap = label_snapshot(session=s, dataset_id=info.id, as_of_relabel_id=as_of_relabel_id)
-        # Read the labels as of the snapshot's newest relabel: a relabel committed in between
-        # cannot make the labels disagree with the stored hash.
-        labels = current_labels(session=s, dataset_id=info.id,
-                                as_of_relabel_id=snap.newest_relabel_id or 0)
-        return snap, labels
+        version = label_version(session=s, dataset_id=info.id,
+                                as_of_relabel_id=provenance.as_of_relabel_id(
+                                    cfg.label_source, relabel_id))
+    return version.snapshot(), version.labels
 
 
 def _weights_path(db: Database, weights: str | None) -> str | None:
@@ -103,7 +100,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     from cxr_core.train_io import TrainData
 
     info, records = open_dataset(db, cfg.dataset)
-    snap, label_map = _read_labels(db, cfg, info, records, as_of_relabel_id)
+    snap, label_map = _read_labels(db, cfg, info, as_of_relabel_id)
     classes = ds.scheme_classes(cfg.label_scheme, info.classes)
     names = [ds.scheme_label(*label_map.get(r.id, (r.label, r.subtype)), cfg.label_scheme)
              for r in records]

@@ -63,6 +63,10 @@ class LabelVersion:
     newest_relabel_id: int | None  # newest relabel row applied (None: none, the originals)
     n_relabels: int  # relabel rows (undo rows included) up to newest_relabel_id
 
+    def snapshot(self) -> LabelSnapshot:
+        """This version's identity: the hash of its labels and its place in the history."""
+        return LabelSnapshot(labels_hash(self.labels), self.newest_relabel_id, self.n_relabels)
+
 
 @dataclass(frozen=True)
 class LabelSnapshot:
@@ -265,10 +269,8 @@ def label_snapshot(*, session: Session, dataset_id: int,
     Returns:
         The snapshot; its hash changes whenever a relabel or undo changes a current label.
     """
-    version = label_version(session=session, dataset_id=dataset_id,
-                            as_of_relabel_id=as_of_relabel_id)
-    return LabelSnapshot(labels_hash(version.labels), version.newest_relabel_id,
-                         version.n_relabels)
+    return label_version(session=session, dataset_id=dataset_id,
+                         as_of_relabel_id=as_of_relabel_id).snapshot()
 
 
 def _upload_base(session: Session, upload_sha256: str) -> Label:
