@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from cxr_core import review
+from cxr_core import agreement, explain, review, review_export, review_view
 from cxr_core.errors import CxrError
 from app_pages._shared import dataset_picker, get_db
 
@@ -53,19 +53,19 @@ def view_ui() -> dict:
     return view
 
 
-explainer = st.cache_resource(show_spinner="Loading the model…")(review.load_explainer)
+explainer = st.cache_resource(show_spinner="Loading the model…")(explain.load_explainer)
 
 
 @st.cache_data(show_spinner="Computing saliency…", max_entries=64)
 def heatmap(ref: str, path: str, version: str | None, threshold: float | None) -> np.ndarray:
     """Saliency of one image; ``version`` (the content hash) keys the cache."""
-    return review.saliency_map(explainer(ref), path, threshold=threshold)
+    return explain.saliency_map(explainer(ref), pixels(path, version), threshold=threshold)
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
 def pixels(path: str, version: str | None) -> np.ndarray:
     """The decoded film, once per file version (not on every click's rerun)."""
-    return review.view_pixels(path)
+    return review_view.view_pixels(path)
 
 
 def act(action: str, reviewer: str, entry=None, choice=None) -> None:
@@ -88,7 +88,7 @@ def act(action: str, reviewer: str, entry=None, choice=None) -> None:
 def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: str,
                 choices: list[review.LabelChoice]) -> None:
     """What is known about the image (or upload), then one button per label, skip and undo."""
-    about = review.describe_entry(state, entry)
+    about = review_view.describe_entry(state, entry)
     others = ", ".join(f"{who}: `{label}`" for who, label in about.reviewers)
     st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
@@ -113,29 +113,29 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: s
 
 
 def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
-    path, sha = review.entry_image(state, entry, info.root)
+    path, sha = review_view.entry_image(state, entry, info.root)
     if path is None:
         st.error(f"The stored upload {entry.upload_sha256} is missing from the uploads folder.")
         return
-    why_not = review.saliency_unavailable(entry.run_ref, state.artifact_dirs)
+    why_not = explain.saliency_unavailable(entry.run_ref, state.artifact_dirs)
     show = st.toggle("Saliency", key="review_saliency", disabled=bool(why_not)) and not why_not
     if why_not:
         st.caption(f"Saliency unavailable: {why_not}.")
     view = view_ui()
     try:
         heat = heatmap(entry.run_ref, path, sha, state.threshold) if show else None
-        st.image(review.render_view(pixels(path, sha), heat=heat, **view), width="stretch")
+        st.image(review_view.render_view(pixels(path, sha), heat=heat, **view), width="stretch")
     except CxrError as exc:
         st.error(str(exc))
 
 
 def agreement_ui(state: review.ReviewState) -> None:
-    agr = review.agreement(state.relabels)
+    agr = agreement.agreement(state.relabels)
     with st.expander(f"Reviewer agreement (Cohen's kappa) · {len(agr.conflicts)} conflicts"):
         st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
         st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
                      hide_index=True)
-    st.download_button("Export all relabels (CSV)", review.relabels_to_csv(state.relabels),
+    st.download_button("Export all relabels (CSV)", review_export.relabels_to_csv(state.relabels),
                        file_name="relabels.csv", mime="text/csv", icon=":material/download:")
 
 

@@ -3,8 +3,9 @@
 With ``--json`` each command prints exactly one JSON object on stdout; errors go to stderr
 as one line with a non-zero exit (a traceback only with ``--debug``). Progress goes to stderr.
 
-``relabel add|import|list`` writes and reads relabels with the review page's functions
-(:mod:`cxr_core.review`); ``import`` writes every row of its CSV in one transaction, or none.
+``relabel add|import|list`` writes and reads relabels with the review page's writers
+(:mod:`cxr_core.relabel_import`); ``import`` writes every row of its CSV in one transaction, or
+none.
 """
 from __future__ import annotations
 
@@ -75,7 +76,7 @@ def cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_add(args: argparse.Namespace) -> dict:
-    from cxr_core.review import relabel_by_path, relabel_json
+    from cxr_core.relabel_import import relabel_by_path, relabel_json
     from cxr_core.storage import open_db
 
     rec = relabel_by_path(open_db(), dataset=args.dataset, relpath=args.path, label=args.label,
@@ -84,7 +85,7 @@ def cmd_relabel_add(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_import(args: argparse.Namespace) -> dict:
-    from cxr_core.review import import_relabels
+    from cxr_core.relabel_import import import_relabels
     from cxr_core.storage import open_db
 
     if args.file == "-":
@@ -97,7 +98,7 @@ def cmd_relabel_import(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_list(args: argparse.Namespace) -> dict:
-    from cxr_core.review import relabel_history, relabel_json
+    from cxr_core.relabel_import import relabel_history, relabel_json
     from cxr_core.storage import open_db
 
     info, records = relabel_history(open_db(), dataset=args.dataset)

@@ -8,7 +8,7 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pytest
 
-from cxr_core import review
+from cxr_core import review, review_export
 from cxr_core.csv_safe import FORMULA_PREFIXES, cell, rows_to_csv, safe_cell, write_rows
 
 
@@ -88,7 +88,7 @@ def test_relabel_export_guards_text_but_not_scores(cxr_home, tmp_path):
     evil = '=HYPERLINK("http://evil.example","x")'
     rid = review.submit_relabel(db, image_id=image.id, choice=review.LabelChoice("NORMAL", None),
                                 reviewer="@SUM(A1)", note=evil, run_ref="-run", score=-0.5)
-    (row,) = csv.DictReader(io.StringIO(review.export_relabels_csv(db, dataset_id)))
+    (row,) = csv.DictReader(io.StringIO(review_export.export_relabels_csv(db, dataset_id)))
     assert row["id"] == str(rid)
     assert row["reviewer"] == "'@SUM(A1)" and row["note"] == "'" + evil
     assert row["run_ref"] == "'-run"

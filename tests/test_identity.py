@@ -17,6 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from conftest import write_image
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 from cxr_core import review
+from cxr_core.review_view import describe_entry
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import datasets as dstore
@@ -238,11 +239,11 @@ def test_review_queue_of_changed_images_empties_when_relabelled(relabelled):
     state = review.load_state(db, dataset_id)
     view = review.next_in_queue(state, "changed", reviewer="alice")  # alice made the old one
     assert view.current is not None and view.current.image_id == image_id
-    info = review.describe_entry(state, view.current)
+    info = describe_entry(state, view.current)
     assert info.warning and "changed since it was relabelled" in info.warning
     review.submit_relabel(db, image_id=image_id, reviewer="bob",
                           choice=review.LabelChoice("PNEUMONIA", "virus"))
     state = review.load_state(db, dataset_id)
     assert review.next_in_queue(state, "changed", reviewer="alice").current is None
-    assert review.describe_entry(state, review.QueueEntry(image_id, None, None, None)).warning \
+    assert describe_entry(state, review.QueueEntry(image_id, None, None, None)).warning \
         is None

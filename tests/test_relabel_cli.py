@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import cli, review
+from cxr_core import cli, relabel_import, review
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import open_db
@@ -58,7 +58,7 @@ def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
 
 
 def rows(db, dataset="tiny"):
-    return review.relabel_history(db, dataset=dataset)[1]
+    return relabel_import.relabel_history(db, dataset=dataset)[1]
 
 
 def write_csv(tmp_path, text: str, name="relabels.csv") -> str:
@@ -279,8 +279,8 @@ def test_import_names_every_kind_of_bad_row(db, root, capsys, tmp_path):
     assert "line 2:" not in problems and "line 11" not in problems
     assert "7 bad row(s)" in err and err.count("\n") == 1
     assert rows(db) == []
-    with pytest.raises(review.RelabelImportError) as info:
-        review.import_relabels(db, dataset="tiny", source=tmp_path / "relabels.csv")
+    with pytest.raises(relabel_import.RelabelImportError) as info:
+        relabel_import.import_relabels(db, dataset="tiny", source=tmp_path / "relabels.csv")
     assert [n for n, _ in info.value.problems] == [3, 4, 5, 6, 7, 8, 9]
 
 
@@ -335,7 +335,7 @@ def test_import_writes_in_one_transaction(db, root, monkeypatch, tmp_path):
     monkeypatch.setattr(store, "add_relabel", failing)
     path = write_csv(tmp_path, f"path,label\n{N1},NORMAL\n{N2},NORMAL\n{N3},NORMAL\n")
     with pytest.raises(RuntimeError):
-        review.import_relabels(db, dataset="tiny", source=path, reviewer="bob")
+        relabel_import.import_relabels(db, dataset="tiny", source=path, reviewer="bob")
     assert len(calls) == 3 and rows(db) == []
 
 

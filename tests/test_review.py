@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import review
+from cxr_core import explain, review, review_view
+from cxr_core.agreement import agreement, cohen_kappa
+from cxr_core.review_export import export_relabels_csv, relabels_to_csv
+from cxr_core.review_view import describe_entry
 from cxr_core.errors import ConfigError
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
@@ -160,10 +163,10 @@ def test_cohen_kappa_on_a_known_table():
     # 50 images: yes/yes 20, yes/no 5, no/yes 10, no/no 15 -> p_o = .7, p_e = .5, kappa = .4
     a = ["yes"] * 25 + ["no"] * 25
     b = ["yes"] * 20 + ["no"] * 5 + ["yes"] * 10 + ["no"] * 15
-    assert review.cohen_kappa(a, b) == pytest.approx(0.4)
-    assert review.cohen_kappa(["x", "x"], ["x", "x"]) is None  # undefined: chance agreement 1
+    assert cohen_kappa(a, b) == pytest.approx(0.4)
+    assert cohen_kappa(["x", "x"], ["x", "x"]) is None  # undefined: chance agreement 1
     with pytest.raises(ConfigError, match="equally long"):
-        review.cohen_kappa(["x"], [])
+        cohen_kappa(["x"], [])
 
 
 def test_agreement_pairs_and_conflicts(db, ds):
@@ -177,7 +180,7 @@ def test_agreement_pairs_and_conflicts(db, ds):
     wrong = relabel(db, ids[names[0]], "PNEUMONIA", reviewer="carol")
     review.submit_undo(db, relabel_id=wrong, reviewer="carol")  # undone labels do not count
     with db.session() as s:
-        agr = review.agreement(store.list_relabels(session=s, dataset_id=dataset_id))
+        agr = agreement(store.list_relabels(session=s, dataset_id=dataset_id))
     assert len(agr.pairs) == 1
     pair = agr.pairs[0]
     assert (pair.reviewer_a, pair.reviewer_b, pair.n_images) == ("alice", "bob", 4)
@@ -332,8 +335,8 @@ def test_upload_and_image_relabels_coexist(db, ds):
     with db.session() as s:
         snap = store.label_snapshot(session=s, dataset_id=dataset_id)
     assert (snap.newest_relabel_id, snap.n_relabels) == (rid, 1)
-    info = review.describe_entry(state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
-                                                          (0.3, 0.7)))
+    info = describe_entry(state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
+                                                   (0.3, 0.7)))
     assert info.facts == (("Model", "PNEUMONIA (0.300 / 0.700)"), ("Current", "NORMAL"))
     assert info.reviewers == (("alice", "NORMAL"),)
 
@@ -405,12 +408,12 @@ def test_export_csv_has_every_row(db, ds):
     dataset_id, ids = ds
     rid = relabel(db, ids["IM-0001-0001.png"], "PNEUMONIA", "virus", note='says "RLL", maybe')
     review.submit_undo(db, relabel_id=rid, reviewer="bob")
-    rows = list(csv.DictReader(io.StringIO(review.export_relabels_csv(db, dataset_id))))
+    rows = list(csv.DictReader(io.StringIO(export_relabels_csv(db, dataset_id))))
     assert [r["id"] for r in rows] == [str(rid), str(rid + 1)]
     assert rows[0]["note"] == 'says "RLL", maybe'
     assert rows[0]["relpath"].endswith("IM-0001-0001.png")
     assert rows[1]["undo_of"] == str(rid) and rows[0]["undo_of"] == ""
-    assert review.export_relabels_csv(db, dataset_id + 1).count("\n") == 1  # header only
+    assert export_relabels_csv(db, dataset_id + 1).count("\n") == 1  # header only
 
 
 def test_export_csv_includes_upload_rows(db, ds):
@@ -418,37 +421,37 @@ def test_export_csv_includes_upload_rows(db, ds):
     send_upload(db)
     img_row = relabel(db, ids["IM-0001-0001.png"], "PNEUMONIA", "virus")
     up_row = upload_relabel(db, "NORMAL")
-    rows = list(csv.DictReader(io.StringIO(review.export_relabels_csv(db, dataset_id))))
+    rows = list(csv.DictReader(io.StringIO(export_relabels_csv(db, dataset_id))))
     assert [r["id"] for r in rows] == [str(img_row), str(up_row)]
     assert (rows[1]["image_id"], rows[1]["relpath"], rows[1]["upload_sha256"]) == ("", SHA, SHA)
     assert (rows[1]["old_label"], rows[1]["new_label"]) == ("PNEUMONIA", "NORMAL")
     assert rows[0]["upload_sha256"] == "" and rows[0]["relpath"].endswith("IM-0001-0001.png")
     state = review.load_state(db, dataset_id)
-    assert review.relabels_to_csv(state.relabels) == review.export_relabels_csv(db, dataset_id)
+    assert relabels_to_csv(state.relabels) == export_relabels_csv(db, dataset_id)
 
 
 def test_render_view_window_level_and_zoom():
     img = np.arange(256, dtype=np.uint8).reshape(16, 16)
-    same = review.render_view(img, level=128, window=256)
+    same = review_view.render_view(img, level=128, window=256)
     assert np.abs(same.astype(int) - img).max() <= 1
-    narrow = review.render_view(img, level=128, window=64)
+    narrow = review_view.render_view(img, level=128, window=64)
     assert narrow[0, 0] == 0 and narrow[-1, -1] == 255 and narrow[8, 0] == 128
-    zoomed = review.render_view(img, zoom=2.0, center=(0.0, 1.0))
+    zoomed = review_view.render_view(img, zoom=2.0, center=(0.0, 1.0))
     assert zoomed.shape == (8, 8) and zoomed[0, 0] == same[8, 0]
 
 
 @pytest.mark.parametrize("kwargs", [{"window": 0}, {"zoom": 0.5}])
 def test_render_view_rejects_bad_settings(kwargs):
     with pytest.raises(ConfigError, match="Received"):
-        review.render_view(np.zeros((4, 4), np.uint8), **kwargs)
+        review_view.render_view(np.zeros((4, 4), np.uint8), **kwargs)
 
 
 def test_saliency_unavailable_without_model_file(tmp_path):
     dirs = {"run:3": str(tmp_path)}
-    assert "run:3 has no model file" in review.saliency_unavailable("run:3", dirs)
-    assert "no model" in review.saliency_unavailable(None, None)
+    assert "run:3 has no model file" in explain.saliency_unavailable("run:3", dirs)
+    assert "no model" in explain.saliency_unavailable(None, None)
     (tmp_path / "best.keras").write_bytes(b"x")  # the run layout: <artifact_dir>/best.keras
-    assert review.model_file("run:3", str(tmp_path)) == tmp_path / "best.keras"
-    assert review.saliency_unavailable("run:3", dirs) is None
-    assert review.model_file(str(tmp_path / "best.keras"), None) is not None
-    assert review.model_file("run:4", None) is None
+    assert explain.model_file("run:3", str(tmp_path)) == tmp_path / "best.keras"
+    assert explain.saliency_unavailable("run:3", dirs) is None
+    assert explain.model_file(str(tmp_path / "best.keras"), None) is not None
+    assert explain.model_file("run:4", None) is None

@@ -1,0 +1,36 @@
+"""Relabels as CSV: every append-only row (undo rows included), for download and the CLI.
+
+Cells a spreadsheet would run as a formula are quoted (:mod:`cxr_core.csv_safe`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import fields
+
+from cxr_core.csv_safe import rows_to_csv
+from cxr_core.storage import Database
+from cxr_core.storage import reviews as store
+from cxr_core.storage.reviews import RelabelRecord
+
+_CSV_COLUMNS = [f.name for f in fields(RelabelRecord)]
+
+
+def relabels_to_csv(records: Iterable[RelabelRecord]) -> str:
+    """Every relabel row (undo rows included) as CSV text, one row per relabel.
+
+    Cells go through :func:`cxr_core.csv_safe.cell`: a reviewer name or note a spreadsheet
+    would run as a formula (``=...``, ``+...``, ``@...``) gets a leading ``'``; numbers
+    (``score``, ids) are written as they are.
+    """
+    return rows_to_csv(_CSV_COLUMNS, ([getattr(r, c) for c in _CSV_COLUMNS] for r in records))
+
+
+def export_relabels_csv(db: Database, dataset_id: int | None = None) -> str:
+    """CSV of all relabels (of one dataset, or of every dataset) and of every upload.
+
+    Upload rows have an empty ``image_id`` and their sha256 as ``relpath`` (and
+    ``upload_sha256``).
+    """
+    with db.session() as s:
+        return relabels_to_csv(store.list_relabels(session=s, dataset_id=dataset_id,
+                                                   include_uploads=True))
