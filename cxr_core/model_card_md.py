@@ -15,6 +15,8 @@ DATA_LICENCE = {
     "source": "Mendeley Data, doi:10.17632/rscbjbr9sj.2",
     "licence": "CC BY 4.0",
 }
+# The one-line attribution a run's model_card.json carries.
+DATA_ATTRIBUTION = f"Kermany et al., Cell 2018, {DATA_LICENCE['licence']}"
 
 
 def card_markdown(card: dict) -> str:

@@ -27,6 +27,7 @@ import numpy as np
 from cxr_core.config import get_settings
 from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES
 from cxr_core.errors import ConfigError, ModelError
+from cxr_core.model_card_md import DATA_ATTRIBUTION
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as eval_store
 from cxr_core.train_config import BEST_MODEL, TrainConfig
@@ -35,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS_DIR = REPO / "models" / "default"
 CARD_NAME = "model_card.json"
 RUN_MODEL_NAME = BEST_MODEL  # a run folder's model (train_config names the run folder's files)
-DATA_LICENCE = "Kermany et al., Cell 2018, CC BY 4.0"
 DEFAULT_MODEL_NAME = "model.keras"
 NO_THRESHOLD = "none (0.5)"  # threshold_source when a binary model has no operating point
 _RUN_REF = re.compile(r"^(?:run:)?(\d+)$")
@@ -346,7 +346,7 @@ def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
         "operating_point": dict(operating_point) if operating_point else None,
         "val_metrics": dict(val_metrics), "training_config": cfg.to_dict(),
         "dataset": dict(dataset), "label_snapshot": dict(label_snapshot),
-        "data_licence": DATA_LICENCE, **dict(extra or {}),
+        "data_licence": DATA_ATTRIBUTION, **dict(extra or {}),
     }
     path = Path(run_dir) / CARD_NAME
     tmp = path.with_name(f".tmp-{CARD_NAME}")

@@ -386,21 +386,64 @@ _NOT_SALIENCY = (
 )
 
 
+_SPATIAL_END = (keras.layers.GlobalAveragePooling2D, keras.layers.GlobalMaxPooling2D,
+                keras.layers.Flatten)  # the first layer of a classifier's head
+
+
+def _is_map(layer: keras.layers.Layer, *, min_positions: int = 1) -> bool:
+    """Whether a layer outputs a 4-D feature map with at least ``min_positions`` positions."""
+    try:
+        shape = tuple(layer.output.shape)
+    except (AttributeError, ValueError):  # shared layers or layers never called
+        return False
+    if len(shape) != 4:
+        return False
+    return shape[1] is None or shape[2] is None or shape[1] * shape[2] >= min_positions
+
+
+def _head_start(layers: list) -> int:
+    """Index of the global pooling / flatten that starts the head (len(layers): none).
+
+    The last such layer that no map of more than one position follows: a squeeze-excite block
+    (EfficientNet, MobileNetV3) pools and then scales a full map again, while a head may keep
+    1x1 maps (MobileNet's keepdims pooling and 1x1 ``conv_preds`` classifier).
+    """
+    for i in range(len(layers) - 1, -1, -1):
+        if isinstance(layers[i], _SPATIAL_END):
+            return i
+        if _is_map(layers[i], min_positions=2):
+            break
+    return len(layers)
+
+
 def saliency_layer_name(model: keras.Model) -> str:
-    """Name of the last 4-D conv/activation layer before the head (the Grad-CAM target).
+    """Name of the layer whose feature maps CAM methods explain (the Grad-CAM target): the one
+    rule, used by training (recorded in the model card), Predict, Review and model loading.
+
+    The last layer with a 4-D output before the head's global pooling or flatten, at or after
+    the first convolution (else the maps would explain raw pixels), skipping ``pre_*`` and
+    ``head_*`` layers, nested models and layers that only resample or regularise a map
+    (pooling, padding, dropout): ``out_relu`` in MobileNetV2, ``top_activation`` in
+    EfficientNetB0, ``block3_relu`` (not ``block3_dropout``) in the small CNNs. Models from
+    elsewhere, without the ``pre_``/``head_`` names, get the same answer.
 
     Raises:
-        ModelError: The model has no such layer.
+        ModelError: The model has no convolutional 4-D feature map before its head.
     """
-    for layer in reversed(model.layers):
+    layers = list(model.layers)
+    first_conv = next((i for i, layer in enumerate(layers)
+                       if "conv" in type(layer).__name__.lower()), len(layers))
+    for layer in reversed(layers[first_conv:_head_start(layers)]):
         if layer.name.startswith((HEAD_PREFIX, PRE_PREFIX)) or layer.name == PREDICTIONS:
             continue
-        if isinstance(layer, _NOT_SALIENCY) or isinstance(layer, keras.Model):
+        if isinstance(layer, (_NOT_SALIENCY, keras.Model)):
             continue
-        output = getattr(layer, "output", None)
-        if output is not None and len(output.shape) == 4:
+        if _is_map(layer):
             return layer.name
-    raise ModelError(f"Model '{model.name}' has no 4-D conv/activation layer for saliency.")
+    raise ModelError(
+        "Expected a model with a convolutional 4-D feature map before global pooling. "
+        f"Received: model={model.name!r} with no such layer."
+    )
 
 
 def load_model(path: str | os.PathLike[str], *, compile: bool = False) -> keras.Model:
