@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cxr_core.errors import ConfigError
 from cxr_core.review import format_label
-from cxr_core.storage.reviews import RelabelRecord, active_relabels
+from cxr_core.storage.relabels import RelabelRecord, active_relabels
 
 
 def _latest_by_reviewer(

@@ -24,9 +24,9 @@ from cxr_core.paired import disagreements, mcnemar
 from cxr_core.storage import Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
-from cxr_core.storage import reviews
+from cxr_core.storage import relabels, reviews
 from cxr_core.storage.evals import EvalPredictions, EvaluationInfo, OperatingPoint
-from cxr_core.storage.reviews import LabelVersion
+from cxr_core.storage.relabels import LabelVersion
 from cxr_core.thresholds import matched_thresholds
 
 
@@ -243,7 +243,7 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
             ids, [store.get_evaluation(session=s, evaluation_id=i) for i in ids], mode)
         preds = [store.get_predictions(session=s, evaluation_id=i) for i in ids]
         indexed = [i for i in preds[0].image_ids if i is not None]
-        version = (reviews.image_label_version(
+        version = (relabels.image_label_version(
             session=s, image_ids=indexed, as_of_relabel_id=provenance.as_of_relabel_id(truth))
             if len(indexed) == len(preds[0].image_ids) else None)
         y, source, text = _comparison_truth(infos, preds, truth, version)

@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from cxr_core import evaluation as ev
+from cxr_core import images as image_io
 from cxr_core import provenance
 from cxr_core.errors import ConfigError, DatasetError
 from cxr_core.operating_point_service import get_operating_point
 from cxr_core.storage import Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
-from cxr_core.storage import reviews
+from cxr_core.storage import relabels
 from cxr_core.storage.evals import EvalPredictions, EvaluationInfo, RunBrief
 
 Progress = Callable[[int, int], None]
@@ -227,7 +228,7 @@ def _cache(info: Any, records: list, y: list[int], loaded: Any, progress: Progre
 
     root = get_settings().cache_dir
     if info.layout == "npz":
-        images = pipeline.npz_record_images(info.root, records)
+        images = image_io.npz_record_images(info.root, records)
         cache = pipeline.build_cache_from_arrays(
             images, np.array(y), dataset_key=f"dataset:{info.id}", image_size=loaded.image_size,
             channels=loaded.channels, cache_root=root, progress=progress)
@@ -276,7 +277,7 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
                            f"Expected one of the splits {splits}")
     as_of = provenance.as_of_relabel_id(labels)
     with db.session() as s:
-        version = reviews.label_version(session=s, dataset_id=info.id, as_of_relabel_id=as_of)
+        version = relabels.label_version(session=s, dataset_id=info.id, as_of_relabel_id=as_of)
     kept, y = _targets(usable, loaded.labels, loaded.label_scheme, version.labels)
     if not kept:
         raise DatasetError(f"no image of {info.name!r} has one of the model's classes "

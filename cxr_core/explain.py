@@ -13,7 +13,6 @@ Compute returns arrays; drawing and the shortcut warning are :mod:`cxr_core.sali
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,7 @@ from PIL import Image
 
 from cxr_core import images as image_io
 from cxr_core.errors import ModelError
-from cxr_core.model_store import (DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, RUN_MODEL_NAME,
-                                  LoadedModel, load_model_ref)
+from cxr_core.model_store import LoadedModel, load_model_ref, model_file
 from cxr_core.predict import ImageInput, Prediction, png_bytes
 from cxr_core.saliency_render import overlay
 
@@ -56,17 +54,6 @@ def load_explainer(ref: str) -> Any:
         ModelError: the model cannot be loaded or explained.
     """
     return make_explainer(load_model_ref(ref))
-
-
-def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
-    """The .keras file behind a model reference, if one exists on disk (model_store's layout)."""
-    if ref == "default":
-        path = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
-    elif ref and ref.startswith("run:"):
-        path = Path(artifact_dir) / RUN_MODEL_NAME if artifact_dir else None
-    else:
-        path = Path(ref) if ref else None
-    return path if path is not None and path.is_file() else None
 
 
 def saliency_unavailable(ref: str | None,

@@ -4,7 +4,8 @@ It reads headers without decoding (for the index), and decodes with the guards a
 image tool needs: EXIF orientation, 16-bit and CMYK sources, multi-frame files, decompression
 bombs, truncated files, text files with an image extension, and DICOM (size guard from the
 header, first frame only, modality LUT then VOI LUT or window, MONOCHROME1; RLE, JPEG Lossless,
-JPEG-LS and JPEG 2000 through the pylibjpeg plugins).
+JPEG-LS and JPEG 2000 through the pylibjpeg plugins). It also reads the pixels of array
+datasets (PneumoniaMNIST-style ``.npz``): :func:`npz_record_images`, the one loader of them.
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cxr_core.errors import ImageLoadError
+from cxr_core.errors import DatasetError, ImageLoadError
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -314,3 +316,51 @@ def thumbnail(source: str | Path | bytes, size: int = 160) -> np.ndarray:
     img = load_image(source, draft=size)
     img.thumbnail((size, size))
     return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+# -- Array datasets (PneumoniaMNIST-style .npz) -----------------------------------------
+
+def npz_record_images(path: str | Path, records: Sequence[Any]) -> np.ndarray:
+    """The images of indexed array records (relpath ``"npz:<split>:<i>"``), in record order.
+
+    The one loader of an indexed ``.npz`` dataset's pixels (training, evaluation, Predict):
+    each split is read once.
+
+    Raises:
+        DatasetError: as :func:`load_npz_split`, or a relpath that is not ``npz:<split>:<i>``.
+    """
+    splits: dict[str, np.ndarray] = {}
+    out = []
+    for r in records:
+        parts = str(r.relpath).split(":")
+        if len(parts) != 3 or parts[0] != "npz" or not parts[2].isdigit():
+            raise DatasetError(f"not an array record: relpath={r.relpath!r}. "
+                               "Expected 'npz:<split>:<index>'")
+        if parts[1] not in splits:
+            splits[parts[1]] = load_npz_split(path, parts[1])[0]
+        out.append(splits[parts[1]][int(parts[2])])
+    return np.stack(out) if out else np.zeros((0, 0, 0), np.uint8)
+
+
+def load_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one split of a MedMNIST-style .npz (``{split}_images``, ``{split}_labels``).
+
+    The official PneumoniaMNIST file has train/val/test; the shared copy has no test arrays.
+
+    Returns:
+        (uint8 images (N, H, W) or (N, H, W, C), int64 labels (N,)).
+
+    Raises:
+        DatasetError: the file cannot be read or has no such split.
+    """
+    try:
+        with np.load(path) as data:
+            splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
+            if f"{split}_images" not in data.files or f"{split}_labels" not in data.files:
+                raise DatasetError(f"{Path(path).name}: no {split!r} split. "
+                                   f"Expected one of {splits}. Received: split={split!r}")
+            images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
+    labels = np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(np.int64)
+    return np.asarray(images, dtype=np.uint8), labels

@@ -17,9 +17,9 @@ from cxr_core import storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
-from cxr_core.storage import reviews
+from cxr_core.storage import relabels
 from cxr_core.storage.datasets import DatasetInfo  # returned to the pages, typed from here
-from cxr_core.storage.reviews import LabelSnapshot
+from cxr_core.storage.relabels import LabelSnapshot
 
 Progress = Callable[[int, int], None]
 
@@ -127,7 +127,7 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
     with db.session() as s:
         store.mark_indexed(session=s, dataset_id=dataset_id, seconds=seconds, summary=summary)
         n_missing = store.count_missing(session=s, dataset_id=dataset_id)
-        changed = reviews.changed_since_relabel(session=s, dataset_id=dataset_id)
+        changed = relabels.changed_since_relabel(session=s, dataset_id=dataset_id)
     return IndexReport(name, dataset_id, layout.kind, root, summary, summary["duplicate_groups"],
                        summary["cross_split_duplicates"], len(rows), len(unchanged), len(gone),
                        seconds, tuple(summary["problems"]), applied.content_changed,
@@ -216,7 +216,7 @@ def indexed_records(db: Database, dataset_id: int) -> list[ds.ImageRecord]:
 def label_snapshot(db: Database, dataset_id: int) -> LabelSnapshot:
     """The hash and relabel count of the dataset's current labels, as of now."""
     with db.session() as s:
-        return reviews.label_snapshot(session=s, dataset_id=dataset_id)
+        return relabels.label_snapshot(session=s, dataset_id=dataset_id)
 
 
 def with_labels(records: list[ds.ImageRecord],
@@ -232,7 +232,7 @@ def current_records(db: Database, dataset_id: int, *,
     """The dataset's records with labels as of now (or as of a relabel id)."""
     with db.session() as s:
         records = store.list_images(session=s, dataset_id=dataset_id)
-        labels = reviews.current_labels(session=s, dataset_id=dataset_id,
+        labels = relabels.current_labels(session=s, dataset_id=dataset_id,
                                         as_of_relabel_id=as_of_relabel_id)
     return with_labels(records, labels)
 

@@ -146,6 +146,17 @@ def load_model_ref(ref: str, *, db: Database | None = None,
     return _assemble(str(path), path, read_card(path.parent / CARD_NAME))
 
 
+def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
+    """The .keras file behind a model reference, if one exists on disk (the layout :func:`load_model_ref` reads)."""
+    if ref == "default":
+        path = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
+    elif ref and ref.startswith("run:"):
+        path = Path(artifact_dir) / RUN_MODEL_NAME if artifact_dir else None
+    else:
+        path = Path(ref) if ref else None
+    return path if path is not None and path.is_file() else None
+
+
 def _run_folder(run_id: int, db: Database | None) -> Path:
     default = get_settings().runs_dir / str(run_id)
     if (default / RUN_MODEL_NAME).is_file() or db is None:

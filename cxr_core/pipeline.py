@@ -27,7 +27,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -335,52 +334,6 @@ def build_cache(items: Sequence[CacheItem | tuple], *, dataset_key: str, image_s
 
 # Building a cache from arrays (PneumoniaMNIST .npz) -------------------------------------
 
-def npz_record_images(path: str | Path, records: Sequence[Any]) -> np.ndarray:
-    """The images of indexed array records (relpath ``"npz:<split>:<i>"``), in record order.
-
-    The one loader of an indexed ``.npz`` dataset's pixels (training, evaluation, Predict):
-    each split is read once.
-
-    Raises:
-        DatasetError: as :func:`load_npz_split`, or a relpath that is not ``npz:<split>:<i>``.
-    """
-    splits: dict[str, np.ndarray] = {}
-    out = []
-    for r in records:
-        parts = str(r.relpath).split(":")
-        if len(parts) != 3 or parts[0] != "npz" or not parts[2].isdigit():
-            raise DatasetError(f"not an array record: relpath={r.relpath!r}. "
-                               "Expected 'npz:<split>:<index>'")
-        if parts[1] not in splits:
-            splits[parts[1]] = load_npz_split(path, parts[1])[0]
-        out.append(splits[parts[1]][int(parts[2])])
-    return np.stack(out) if out else np.zeros((0, 0, 0), np.uint8)
-
-
-def load_npz_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one split of a MedMNIST-style .npz (``{split}_images``, ``{split}_labels``).
-
-    The official PneumoniaMNIST file has train/val/test; the shared copy has no test arrays.
-
-    Returns:
-        (uint8 images (N, H, W) or (N, H, W, C), int64 labels (N,)).
-
-    Raises:
-        DatasetError: the file cannot be read or has no such split.
-    """
-    try:
-        with np.load(path) as data:
-            splits = sorted(k[: -len("_images")] for k in data.files if k.endswith("_images"))
-            if f"{split}_images" not in data.files or f"{split}_labels" not in data.files:
-                raise DatasetError(f"{Path(path).name}: no {split!r} split. "
-                                   f"Expected one of {splits}. Received: split={split!r}")
-            images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{path}: not a readable .npz file ({exc})") from exc
-    labels = np.asarray(labels).reshape(len(labels), -1)[:, 0].astype(np.int64)
-    return np.asarray(images, dtype=np.uint8), labels
-
-
 def _resize_array(img: np.ndarray, size: int, channels: int) -> np.ndarray:
     if img.shape[:2] == (size, size) and (img.ndim == 2 and channels == 1
                                           or img.ndim == 3 and img.shape[2] == channels):
@@ -445,8 +398,8 @@ def build_cache_from_npz(path: str | Path, split: str, *, image_size: int = 28,
                          channels: int = 1, cache_root: str | Path, label_snapshot: str = "",
                          dataset_key: str | None = None,
                          progress: Progress | None = None) -> ImageCache:
-    """Cache one split of a PneumoniaMNIST-style .npz (see :func:`load_npz_split`)."""
-    images, labels = load_npz_split(path, split)
+    """Cache one split of a PneumoniaMNIST-style .npz (see :func:`cxr_core.images.load_npz_split`)."""
+    images, labels = image_io.load_npz_split(path, split)
     return build_cache_from_arrays(
         images, labels, dataset_key=dataset_key or f"{Path(path).name}:{split}",
         image_size=image_size, channels=channels, cache_root=cache_root,

@@ -91,9 +91,8 @@ def dataset_inputs(root: str | Path, records: Iterable[Any]) -> list[ImageInput]
     records = list(records)
     arrays = [r for r in records if str(r.relpath).startswith("npz:")]
     if arrays:
-        from cxr_core.pipeline import npz_record_images
 
-        pixels = dict(zip((r.relpath for r in arrays), npz_record_images(root, arrays)))
+        pixels = dict(zip((r.relpath for r in arrays), image_io.npz_record_images(root, arrays)))
     out = []
     for rec in records:
         if str(rec.relpath).startswith("npz:"):

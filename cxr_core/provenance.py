@@ -6,7 +6,7 @@ images). Compare re-derives the truth of stored per-image outputs from one chose
 runs evaluated before and after a round of relabelling are scored against the same labels.
 
 The rules only, no database: the labels of a version are read by
-:func:`cxr_core.storage.reviews.label_version` (up to :func:`as_of_relabel_id`), which hashes
+:func:`cxr_core.storage.relabels.label_version` (up to :func:`as_of_relabel_id`), which hashes
 them with :func:`labels_hash` as here. TF-free: pages import it at load.
 """
 from __future__ import annotations

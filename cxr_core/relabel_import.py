@@ -18,8 +18,8 @@ from cxr_core.errors import ConfigError
 from cxr_core.review import LabelChoice, format_label, label_choices, submit_relabel
 from cxr_core.storage import Database, lock_for_write
 from cxr_core.storage import datasets as ds_store
-from cxr_core.storage import reviews as store
-from cxr_core.storage.reviews import RelabelRecord
+from cxr_core.storage import relabels as store
+from cxr_core.storage.relabels import RelabelRecord
 
 IMPORT_COLUMNS = ("path", "label", "subtype", "reviewer", "note")
 _SUBTYPE_SEPARATORS = ("·", "/")  # "PNEUMONIA·virus" (the button's text) or "PNEUMONIA/virus"

@@ -1,6 +1,7 @@
 """Clinician review: label choices, the model output shown, review state, queues, relabel clicks.
 
-Storage (append-only relabels, derived labels, snapshots) is in :mod:`cxr_core.storage.reviews`;
+Storage: append-only relabels, derived labels and snapshots in :mod:`cxr_core.storage.relabels`,
+review items and model outputs in :mod:`cxr_core.storage.reviews`;
 this module turns stored rows into the queues the review page walks and writes one relabel per
 click through :meth:`Database.write` (short transactions, lock errors retried).
 
@@ -22,9 +23,9 @@ from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, ImageRecord, scheme
 from cxr_core.errors import ConfigError
 from cxr_core.storage import Database
 from cxr_core.storage import datasets as ds_store
-from cxr_core.storage import reviews as store
-from cxr_core.storage.reviews import (ChangedImage, Label, RelabelRecord, ReviewItemRecord,
-                                      RunOption, RunPredictions, active_relabels)
+from cxr_core.storage import relabels as rel_store, reviews as store
+from cxr_core.storage.relabels import ChangedImage, Label, RelabelRecord, active_relabels
+from cxr_core.storage.reviews import ReviewItemRecord, RunOption, RunPredictions
 
 QUEUES = {
     "disagreement": "Model disagrees with the dataset label",
@@ -165,7 +166,7 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
     """
     with db.session() as s:
         images = {r.id: r for r in ds_store.list_images(session=s, dataset_id=dataset_id)}
-        relabels = store.list_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
+        relabels = rel_store.list_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
         runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
         if runs and run_id not in {r.run_id for r in runs}:
             run_id = runs[0].run_id  # None or a run of another dataset: the newest run
@@ -173,8 +174,8 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
             session=s, run_id=run_id, dataset_id=dataset_id)
         items = store.list_review_items(session=s, dataset_id=dataset_id)
         uploads = store.list_upload_items(session=s)
-        upload_current = store.upload_labels(session=s)
-        changed = {c.image_id: c for c in store.changed_since_relabel(session=s,
+        upload_current = rel_store.upload_labels(session=s)
+        changed = {c.image_id: c for c in rel_store.changed_since_relabel(session=s,
                                                                       dataset_id=dataset_id)}
         dirs = {f"run:{r.run_id}": r.artifact_dir for r in runs}
         for ref in {i.run_ref for i in items + uploads
@@ -182,7 +183,7 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
             if ref not in dirs and ref[4:].isdigit():
                 dirs[ref] = store.run_artifact_dir(session=s, run_id=int(ref[4:]))
     originals = {i: (r.label, r.subtype) for i, r in images.items()}
-    return ReviewState(dataset_id, images, originals, store.derive_labels(originals, relabels),
+    return ReviewState(dataset_id, images, originals, rel_store.derive_labels(originals, relabels),
                        tuple(relabels), preds, tuple(items), tuple(runs), dirs, tuple(uploads),
                        upload_current, changed)
 
@@ -351,12 +352,12 @@ def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelCh
     kw = dict(new_label=choice.label, new_subtype=choice.subtype, reviewer=reviewer, note=note,
               run_ref=run_ref, score=score)
     if upload_sha256 is not None:
-        return db.write(lambda s: store.add_upload_relabel(session=s, upload_sha256=upload_sha256,
+        return db.write(lambda s: rel_store.add_upload_relabel(session=s, upload_sha256=upload_sha256,
                                                            **kw))
-    return db.write(lambda s: store.add_relabel(session=s, image_id=image_id, **kw))
+    return db.write(lambda s: rel_store.add_relabel(session=s, image_id=image_id, **kw))
 
 
 def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "") -> int:
     """Append an undo row for ``relabel_id`` (its own short transaction)."""
-    return db.write(lambda s: store.undo_relabel(session=s, relabel_id=relabel_id,
+    return db.write(lambda s: rel_store.undo_relabel(session=s, relabel_id=relabel_id,
                                                  reviewer=reviewer, note=note))

@@ -9,8 +9,8 @@ from dataclasses import fields
 
 from cxr_core.csv_safe import rows_to_csv
 from cxr_core.storage import Database
-from cxr_core.storage import reviews as store
-from cxr_core.storage.reviews import RelabelRecord
+from cxr_core.storage import relabels as store
+from cxr_core.storage.relabels import RelabelRecord
 
 _CSV_COLUMNS = [f.name for f in fields(RelabelRecord)]
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core import datasets as ds
+from cxr_core import images as image_io
 from cxr_core import provenance
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, RunError
@@ -19,7 +20,7 @@ from cxr_core.indexing import open_dataset
 from cxr_core.splits import patient_split
 from cxr_core.storage import Database
 from cxr_core.storage import runs as store
-from cxr_core.storage.reviews import LabelSnapshot, label_version
+from cxr_core.storage.relabels import LabelSnapshot, label_version
 from cxr_core.train_config import BEST_MODEL
 
 
@@ -114,9 +115,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     val_ids = set(plan.val)
     labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
     is_val = np.array([r.id in val_ids for r in recs])
-    from cxr_core.pipeline import npz_record_images  # lazy: TensorFlow loads with it
-
-    arrays = npz_record_images(info.root, recs) if info.layout == "npz" else None
+    arrays = image_io.npz_record_images(info.root, recs) if info.layout == "npz" else None
     paths = tuple(r.relpath if arrays is not None else str(Path(info.root) / r.relpath)
                   for r in recs)
     data = TrainData(f"dataset:{info.id}", tuple(classes), tuple(r.id for r in recs), paths,

@@ -227,7 +227,7 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
     from cxr_core.evaluation_service import patients_of, record_evaluation
     from cxr_core.operating_point_service import set_operating_point
     from cxr_core.storage import evals as evals_store
-    from cxr_core.storage import reviews
+    from cxr_core.storage import relabels
 
     classes = list(result.classes)
     op = None
@@ -245,7 +245,7 @@ def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: Prepare
         snap = prepared.snapshot  # the labels the run trained and selected on
         as_of = provenance.as_of_relabel_id(cfg.label_source, snap.newest_relabel_id or 0)
         with db.session() as s:
-            version = reviews.label_version(session=s, dataset_id=prepared.dataset_id,
+            version = relabels.label_version(session=s, dataset_id=prepared.dataset_id,
                                             as_of_relabel_id=as_of)
             overlap = evals_store.run_overlap(session=s, run_id=run.id,
                                               image_ids=val_ids).to_dict()

@@ -5,7 +5,8 @@ file that breaks a rule, with its line, whatever the import order of the suite):
 * pages (``app_pages/``, ``streamlit_app.py``) import nothing from the storage layer and open
   no database session: they call ``cxr_core`` services and pass the ``Database`` handle those
   return, unopened;
-* the evaluation maths and the label-provenance rules are pure: no storage, no Streamlit.
+* the evaluation maths and the label-provenance rules are pure: no storage, no Streamlit;
+* only the modules that build, train or run models import TensorFlow when they are imported.
 """
 from __future__ import annotations
 
@@ -104,3 +105,31 @@ def test_the_rules_catch_a_violation(tmp_path):
                     "    pass\n", encoding="utf-8")
     assert any(is_within(m, "cxr_core.storage") for _, m in imported_modules(page))
     assert list(session_calls(page)) == [2]
+
+
+# The modules that build, train or run models; everything else imports TensorFlow (Keras,
+# tf-keras-vis) only inside the function that needs it (docs/architecture.md).
+TF_MODULES = ("augment", "checkpoints", "model_weights", "models", "pipeline", "saliency",
+              "train_runtime", "training")
+
+
+def top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
+    """(line, module) of the imports a module runs when it is imported (not inside functions)."""
+    for node in ast.parse(path.read_text(encoding="utf-8"), str(path)).body:
+        if isinstance(node, ast.Import):
+            yield from ((node.lineno, alias.name) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            yield node.lineno, node.module
+
+
+def test_tensorflow_is_imported_at_load_only_by_the_model_modules():
+    tf_free = [p for p in python_files(CORE, *PAGE_FILES)
+               if not (p.parent == CORE and p.stem in TF_MODULES)]
+    bad = sorted(f"{p.relative_to(REPO)}:{line} imports {module}"
+                 for p in tf_free for line, module in top_level_imports(p)
+                 if any(is_within(module, pkg) for pkg in ("tensorflow", "keras", "tf_keras_vis")))
+    assert not bad, ("only " + ", ".join(TF_MODULES) + " import TensorFlow at load; import it "
+                     "inside the function that needs it:\n" + "\n".join(bad))
+    for stem in TF_MODULES:  # the list names real modules that do import it
+        assert any(is_within(m, pkg) for _, m in top_level_imports(CORE / f"{stem}.py")
+                   for pkg in ("tensorflow", "keras", "tf_keras_vis")), stem

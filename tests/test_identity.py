@@ -21,7 +21,7 @@ from cxr_core.review_view import describe_entry
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import datasets as dstore
-from cxr_core.storage import reviews as rstore
+from cxr_core.storage import relabels as rel_store, reviews as rstore
 from db import models
 from db.engine import make_engine, upgrade
 
@@ -36,12 +36,12 @@ def _ids(db, dataset_id):
 
 def _relabels(db, dataset_id):
     with db.session() as s:
-        return rstore.list_relabels(session=s, dataset_id=dataset_id)
+        return rel_store.list_relabels(session=s, dataset_id=dataset_id)
 
 
 def _current(db, dataset_id, image_id):
     with db.session() as s:
-        return rstore.current_labels(session=s, dataset_id=dataset_id).get(image_id)
+        return rel_store.current_labels(session=s, dataset_id=dataset_id).get(image_id)
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_changed_bytes_keep_the_relabel_and_are_flagged(relabelled):
         row = s.get(models.ImageRow, image_id)
         assert row.previous_sha256 == before and row.sha256 != before
         assert row.content_changed_at is not None
-        flagged = rstore.changed_since_relabel(session=s, dataset_id=dataset_id)
+        flagged = rel_store.changed_since_relabel(session=s, dataset_id=dataset_id)
     assert [(c.image_id, c.relabel_id, c.relabelled_sha256) for c in flagged] == \
         [(image_id, rid, before)]
     # The Review state shows it; a new relabel made on the new bytes clears the flag.
@@ -125,7 +125,7 @@ def test_gone_file_is_marked_missing_and_comes_back_with_its_history(relabelled)
         assert row.missing and row.missing_since is not None
         present = {r.id for r in dstore.list_images(session=s, dataset_id=dataset_id)}
         assert image_id not in present  # left out of training, evaluation and label sets
-        assert image_id not in rstore.current_labels(session=s, dataset_id=dataset_id)
+        assert image_id not in rel_store.current_labels(session=s, dataset_id=dataset_id)
         assert dstore.get_dataset(session=s, name_or_id=dataset_id).n_images == 17
     assert [r.id for r in _relabels(db, dataset_id)] == [rid]  # the relabel is still there
     moved.rename(root / NORMAL)
@@ -220,7 +220,7 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
         sha = dict(c.execute(text("SELECT id, image_sha256 FROM relabels")).all())
     assert sha == {1: "1".zfill(64), 2: "1".zfill(64), 3: "2".zfill(64), 4: None}
     with db.session() as s:
-        assert rstore.current_labels(session=s, dataset_id=1) == {1: ("NORMAL", None),
+        assert rel_store.current_labels(session=s, dataset_id=1) == {1: ("NORMAL", None),
                                                                     2: ("NORMAL", None)}
         assert s.scalar(select(func.count()).select_from(models.ImageRow).where(
             models.ImageRow.missing.is_(False))) == 2

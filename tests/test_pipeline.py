@@ -316,7 +316,7 @@ def test_npz_record_images_is_the_one_array_loader(tmp_path):
     from types import SimpleNamespace
 
     from cxr_core.errors import DatasetError
-    from cxr_core.pipeline import npz_record_images
+    from cxr_core.images import npz_record_images
 
     train = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
     val = 200 + np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4) % 50

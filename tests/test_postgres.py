@@ -51,7 +51,7 @@ def test_four_concurrent_reviewers_keep_the_old_label_chain_on_postgres(pg_url, 
     from PIL import Image
 
     import test_review_concurrency as rc
-    from cxr_core.storage import reviews as store
+    from cxr_core.storage import relabels as store
 
     root = tmp_path / "ds" / "train" / "NORMAL"
     root.mkdir(parents=True)

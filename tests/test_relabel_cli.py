@@ -15,7 +15,7 @@ from cxr_core import cli, relabel_import, review
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import open_db
-from cxr_core.storage import reviews as store
+from cxr_core.storage import relabels as store
 from db.models import Relabel
 
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],

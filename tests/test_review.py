@@ -16,7 +16,7 @@ from cxr_core.review_view import describe_entry
 from cxr_core.errors import ConfigError
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
-from cxr_core.storage import reviews as store
+from cxr_core.storage import relabels as rel_store, reviews as store
 from db.models import Evaluation, EvalPrediction, ImageRow, OperatingPoint, Run
 
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
@@ -82,7 +82,7 @@ def test_relabel_appends_and_undo_is_a_new_row(db, ds):
     rid = relabel(db, img, "PNEUMONIA", "virus", note="opacity RLL", run_ref="run:1", score=0.7)
     uid = review.submit_undo(db, relabel_id=rid, reviewer="bob")
     with db.session() as s:
-        rows = store.list_relabels(session=s, dataset_id=dataset_id)
+        rows = rel_store.list_relabels(session=s, dataset_id=dataset_id)
         original = s.get(ImageRow, img)
         assert (original.label, original.subtype) == ("NORMAL", None)  # never overwritten
     assert [r.id for r in rows] == [rid, uid]
@@ -93,7 +93,7 @@ def test_relabel_appends_and_undo_is_a_new_row(db, ds):
     assert undo.undo_of == rid and undo.reviewer == "bob"
     assert (undo.old_label, undo.old_subtype, undo.new_label) == ("PNEUMONIA", "virus", "NORMAL")
     with db.session() as s:
-        assert store.current_labels(session=s, dataset_id=dataset_id)[img] == ("NORMAL", None)
+        assert rel_store.current_labels(session=s, dataset_id=dataset_id)[img] == ("NORMAL", None)
 
 
 @pytest.mark.parametrize("case", ["twice", "undo_of_undo", "missing"])
@@ -125,36 +125,36 @@ def test_current_label_is_newest_non_undone_relabel(db, ds):
     r2 = relabel(db, img, "NORMAL", reviewer="bob")
     relabel(db, other, "PNEUMONIA", "bacteria")
     with db.session() as s:
-        assert store.current_labels(session=s, dataset_id=dataset_id)[img] == ("NORMAL", None)
-        assert store.list_relabels(session=s, image_ids=[img])[1].old_subtype == "virus"
+        assert rel_store.current_labels(session=s, dataset_id=dataset_id)[img] == ("NORMAL", None)
+        assert rel_store.list_relabels(session=s, image_ids=[img])[1].old_subtype == "virus"
     review.submit_undo(db, relabel_id=r2, reviewer="bob")
     with db.session() as s:
-        now = store.current_labels(session=s, dataset_id=dataset_id)
+        now = rel_store.current_labels(session=s, dataset_id=dataset_id)
         assert now[img] == ("PNEUMONIA", "virus")  # back to the previous relabel, not the original
         assert now[other] == ("PNEUMONIA", "bacteria")
         assert now[ids["IM-0003-0001.png"]] == ("NORMAL", None)
-        assert store.current_labels(session=s, dataset_id=dataset_id,
+        assert rel_store.current_labels(session=s, dataset_id=dataset_id,
                                     as_of_relabel_id=r1)[img] == ("PNEUMONIA", "virus")
-        assert store.current_labels(session=s, dataset_id=dataset_id, as_of_relabel_id=0) == \
-            store.original_labels(session=s, dataset_id=dataset_id)
+        assert rel_store.current_labels(session=s, dataset_id=dataset_id, as_of_relabel_id=0) == \
+            rel_store.original_labels(session=s, dataset_id=dataset_id)
 
 
 def test_snapshot_hash_changes_when_a_relabel_lands(db, ds):
     dataset_id, ids = ds
     with db.session() as s:
-        before = store.label_snapshot(session=s, dataset_id=dataset_id)
+        before = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
     assert (before.newest_relabel_id, before.n_relabels) == (None, 0)
     rid = relabel(db, ids["IM-0001-0001.png"], "PNEUMONIA", "virus")
     with db.session() as s:
-        after = store.label_snapshot(session=s, dataset_id=dataset_id)
+        after = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
     assert after.hash != before.hash and (after.newest_relabel_id, after.n_relabels) == (rid, 1)
     uid = review.submit_undo(db, relabel_id=rid, reviewer="alice")
     with db.session() as s:
-        undone = store.label_snapshot(session=s, dataset_id=dataset_id)
-        replay = store.label_snapshot(session=s, dataset_id=dataset_id, as_of_relabel_id=rid)
-        labels = store.current_labels(session=s, dataset_id=dataset_id, as_of_relabel_id=rid)
+        undone = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
+        replay = rel_store.label_snapshot(session=s, dataset_id=dataset_id, as_of_relabel_id=rid)
+        labels = rel_store.current_labels(session=s, dataset_id=dataset_id, as_of_relabel_id=rid)
     assert undone.hash == before.hash and (undone.newest_relabel_id, undone.n_relabels) == (uid, 2)
-    assert replay == after and store.labels_hash(labels) == after.hash
+    assert replay == after and rel_store.labels_hash(labels) == after.hash
 
 
 # -- Agreement ----------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_agreement_pairs_and_conflicts(db, ds):
     wrong = relabel(db, ids[names[0]], "PNEUMONIA", reviewer="carol")
     review.submit_undo(db, relabel_id=wrong, reviewer="carol")  # undone labels do not count
     with db.session() as s:
-        agr = agreement(store.list_relabels(session=s, dataset_id=dataset_id))
+        agr = agreement(rel_store.list_relabels(session=s, dataset_id=dataset_id))
     assert len(agr.pairs) == 1
     pair = agr.pairs[0]
     assert (pair.reviewer_a, pair.reviewer_b, pair.n_images) == ("alice", "bob", 4)
@@ -293,32 +293,32 @@ def test_upload_relabel_undo_and_current_label(db, ds):
     dataset_id, ids = ds
     send_upload(db)
     with db.session() as s:
-        before = store.label_snapshot(session=s, dataset_id=dataset_id)
-        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}  # the prediction
+        before = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
+        assert rel_store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}  # the prediction
     r1 = upload_relabel(db, "NORMAL")
     r2 = upload_relabel(db, "PNEUMONIA", "virus", reviewer="bob")
     with db.session() as s:
-        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", "virus")}
+        assert rel_store.upload_labels(session=s) == {SHA: ("PNEUMONIA", "virus")}
         assert store.list_review_items(session=s) == []  # closed by the relabel
-        rows = store.list_upload_relabels(session=s)
+        rows = rel_store.list_upload_relabels(session=s)
     assert [(r.image_id, r.upload_sha256, r.old_label, r.old_subtype, r.new_label) for r in rows] \
         == [(None, SHA, "PNEUMONIA", None, "NORMAL"), (None, SHA, "NORMAL", None, "PNEUMONIA")]
     uid = review.submit_undo(db, relabel_id=r2, reviewer="bob")
     with db.session() as s:
-        assert store.upload_labels(session=s) == {SHA: ("NORMAL", None)}  # back to r1
-        undo = store.list_upload_relabels(session=s, upload_sha256s=[SHA])[-1]
+        assert rel_store.upload_labels(session=s) == {SHA: ("NORMAL", None)}  # back to r1
+        undo = rel_store.list_upload_relabels(session=s, upload_sha256s=[SHA])[-1]
         assert len(store.list_review_items(session=s)) == 1  # reopened
         # Dataset labels, snapshot and relabel list never see upload rows.
-        assert store.label_snapshot(session=s, dataset_id=dataset_id) == before
-        assert store.list_relabels(session=s, dataset_id=dataset_id) == []
-        assert store.list_relabels(session=s) == []
-        assert store.current_labels(session=s, dataset_id=dataset_id) == \
-            store.original_labels(session=s, dataset_id=dataset_id)
+        assert rel_store.label_snapshot(session=s, dataset_id=dataset_id) == before
+        assert rel_store.list_relabels(session=s, dataset_id=dataset_id) == []
+        assert rel_store.list_relabels(session=s) == []
+        assert rel_store.current_labels(session=s, dataset_id=dataset_id) == \
+            rel_store.original_labels(session=s, dataset_id=dataset_id)
     assert (undo.id, undo.undo_of, undo.old_label, undo.old_subtype, undo.new_label) == (
         uid, r2, "PNEUMONIA", "virus", "NORMAL")
     review.submit_undo(db, relabel_id=r1, reviewer="alice")
     with db.session() as s:
-        assert store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}
+        assert rel_store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}
     state = review.load_state(db, dataset_id)
     assert review.reviewed_by(state.relabels, "alice") == set()
     assert [e.key for e in review.build_queue(state, "sent")] == [SHA]
@@ -333,7 +333,7 @@ def test_upload_and_image_relabels_coexist(db, ds):
     state = review.load_state(db, dataset_id)
     assert review.reviewed_by(state.relabels, "alice") == {SHA, img}
     with db.session() as s:
-        snap = store.label_snapshot(session=s, dataset_id=dataset_id)
+        snap = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
     assert (snap.newest_relabel_id, snap.n_relabels) == (rid, 1)
     info = describe_entry(state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
                                                    (0.3, 0.7)))
@@ -388,7 +388,7 @@ def test_reviewed_by_ignores_undone_rows(db, ds):
     relabel(db, ids["IM-0002-0001.png"], "NORMAL")
     review.submit_undo(db, relabel_id=a, reviewer="alice")
     with db.session() as s:
-        rows = store.list_relabels(session=s, dataset_id=dataset_id)
+        rows = rel_store.list_relabels(session=s, dataset_id=dataset_id)
     assert review.reviewed_by(rows, "alice") == {ids["IM-0002-0001.png"]}
     assert review.reviewed_by(rows, "bob") == set()
 

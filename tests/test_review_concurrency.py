@@ -16,7 +16,7 @@ from PIL import Image
 from cxr_core import review
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
-from cxr_core.storage import reviews as store
+from cxr_core.storage import relabels as store
 
 N_PROCS, N_EACH = 4, 250
 

@@ -100,7 +100,7 @@ def test_reap_marks_stale_or_dead_runs_failed(cxr_home):
 
 def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, real_slice):
     from cxr_core.indexing import open_dataset
-    from cxr_core.storage.reviews import add_relabel
+    from cxr_core.storage.relabels import add_relabel
     from cxr_core.train_config import TrainConfig
 
     db = open_db()

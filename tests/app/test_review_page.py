@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
-from cxr_core.storage import reviews as store
+from cxr_core.storage import relabels as rel_store, reviews as store
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "review.py")
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
@@ -47,7 +47,7 @@ def progress_text(at: AppTest) -> str:
 
 def relabels(db, dataset_id):
     with db.session() as s:
-        return store.list_relabels(session=s, dataset_id=dataset_id)
+        return rel_store.list_relabels(session=s, dataset_id=dataset_id)
 
 
 def test_name_is_asked_once_then_the_queue_shows(tiny):
@@ -94,7 +94,7 @@ def test_skip_moves_to_the_next_image(tiny):
 def test_sent_queue_shows_model_output_and_exports(tiny):
     db, dataset_id = tiny
     with db.session() as s:
-        image_id = max(store.original_labels(session=s, dataset_id=dataset_id))
+        image_id = max(rel_store.original_labels(session=s, dataset_id=dataset_id))
         store.send_to_review(session=s, image_id=image_id, upload_sha256=None, source="predict",
                              run_ref="default", predicted="PNEUMONIA", probs=[0.1, 0.9],
                              sent_by="dr b")
@@ -146,7 +146,7 @@ def test_saliency_toggle_with_a_real_run_model(tiny, tmp_path):
         s.flush()
         s.add_all([EvalPrediction(evaluation_id=ev.id, image_id=i, y_true=0,
                                   probs_json=json.dumps([1 - p, p]))
-                   for i, p in zip(store.original_labels(session=s, dataset_id=dataset_id),
+                   for i, p in zip(rel_store.original_labels(session=s, dataset_id=dataset_id),
                                    (0.1, 0.45, 0.9, 0.7, 0.2))])
     at = start()
     at.radio(key="review_queue").set_value("uncertain").run()
@@ -189,8 +189,8 @@ def test_upload_sent_to_review_is_relabelled_on_the_page(tiny):
     at.button(key="review_label_0").click().run()
     assert not at.exception, at.exception
     with db.session() as s:
-        rows = store.list_upload_relabels(session=s)
-        assert store.upload_labels(session=s)[sha] == ("NORMAL", None)
+        rows = rel_store.list_upload_relabels(session=s)
+        assert rel_store.upload_labels(session=s)[sha] == ("NORMAL", None)
     assert [(r.upload_sha256, r.old_label, r.new_label, r.note, r.run_ref, r.score)
             for r in rows] == [(sha, "PNEUMONIA", "NORMAL", "clear lungs", "default", 0.8)]
     assert relabels(db, dataset_id) == []  # the dataset's history is untouched
@@ -199,8 +199,8 @@ def test_upload_sent_to_review_is_relabelled_on_the_page(tiny):
     at.button(key="review_undo_btn").click().run()
     assert not at.exception, at.exception
     with db.session() as s:
-        assert store.list_upload_relabels(session=s)[-1].undo_of == rows[0].id
-        assert store.upload_labels(session=s)[sha] == ("PNEUMONIA", None)
+        assert rel_store.list_upload_relabels(session=s)[-1].undo_of == rows[0].id
+        assert rel_store.upload_labels(session=s)[sha] == ("PNEUMONIA", None)
     assert progress_text(at) == "0 reviewed, 2 left"
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 import test_review_concurrency as rc
 from cxr_core.indexing import index_dataset
-from cxr_core.storage import reviews as store
+from cxr_core.storage import relabels as store
 
 pytestmark = pytest.mark.robustness
 N_PROCS, N_EACH, SHARED, PRIVATE = 4, 90, 2, 1

@@ -1,0 +1,443 @@
+"""Relabel storage: append-only relabels, the labels derived from them, label snapshots.
+
+Relabel rows are never updated or deleted. An undo is a new row whose ``undo_of`` names the
+row it cancels; the current label of an image is its newest relabel that is neither an undo row
+nor undone, else its original label. A row labels either an indexed image (``image_id``) or an
+upload sent to review (``upload_sha256``, no dataset: it never enters a dataset's labels or
+snapshot); an upload's label before any relabel is the model's prediction shown with it. Every writer here is one short ``INSERT`` (plus a small
+update of ``review_items.done``), so many reviewers can write through
+:meth:`cxr_core.storage.Database.write` (which retries SQLite lock errors).
+
+Relabel ids grow with commit order on SQLite (one writer at a time), so "newest" means the
+highest id and ``as_of_relabel_id`` reproduces the labels a training run saw.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from cxr_core.errors import ConfigError
+from cxr_core.provenance import Label, labels_hash
+from cxr_core.storage import lock_for_write
+from db.models import ImageRow, Relabel, ReviewItem
+
+
+@dataclass(frozen=True)
+class RelabelRecord:
+    """One relabel (or undo) row, with the image's path for exports."""
+
+    id: int
+    image_id: int | None  # None for an upload
+    relpath: str  # path under the dataset root; an upload's sha256
+    old_label: str
+    old_subtype: str | None
+    new_label: str
+    new_subtype: str | None
+    reviewer: str
+    note: str
+    run_ref: str | None  # model shown to the reviewer, e.g. "run:3"
+    score: float | None  # model probability shown
+    undo_of: int | None  # set on undo rows: the id of the undone row
+    created_at: datetime
+    upload_sha256: str | None = None  # set on rows of uploads (then image_id is None)
+
+    @property
+    def key(self) -> int | str:
+        """What is labelled: the image id, or the upload's sha256."""
+        return self.image_id if self.image_id is not None else self.upload_sha256
+
+
+@dataclass(frozen=True)
+class LabelVersion:
+    """Labels at one point of the relabel history, and that point."""
+
+    labels: dict[int, Label]  # image_id -> (folder label, subtype)
+    newest_relabel_id: int | None  # newest relabel row applied (None: none, the originals)
+    n_relabels: int  # relabel rows (undo rows included) up to newest_relabel_id
+
+    def snapshot(self) -> LabelSnapshot:
+        """This version's identity: the hash of its labels and its place in the history."""
+        return LabelSnapshot(labels_hash(self.labels), self.newest_relabel_id, self.n_relabels)
+
+
+@dataclass(frozen=True)
+class LabelSnapshot:
+    """Identity of a dataset's labels at a point in the relabel history (stored on each run)."""
+
+    hash: str  # sha256 over the sorted (image_id, label, subtype) triples
+    newest_relabel_id: int | None  # None: no relabel yet (labels are the originals)
+    n_relabels: int  # relabel rows (undo rows included) up to newest_relabel_id
+
+
+def _record(row: Relabel, relpath: str | None) -> RelabelRecord:
+    return RelabelRecord(row.id, row.image_id, relpath or row.upload_sha256 or "", row.old_label,
+                         row.old_subtype, row.new_label, row.new_subtype, row.reviewer, row.note,
+                         row.run_ref, row.score, row.undo_of, row.created_at, row.upload_sha256)
+
+
+def list_relabels(*, session: Session, dataset_id: int | None = None,
+                  image_ids: Sequence[int] | None = None,
+                  as_of_relabel_id: int | None = None,
+                  include_uploads: bool = False) -> list[RelabelRecord]:
+    """Relabel rows (undo rows included), oldest first.
+
+    Args:
+        session: the open session.
+        dataset_id: only images of this dataset (None: every dataset).
+        image_ids: only these images.
+        as_of_relabel_id: only rows with ``id <= as_of_relabel_id``.
+        include_uploads: also every upload's rows (no dataset; ``relpath`` is the sha256).
+
+    Returns:
+        The rows as records, in id order.
+    """
+    # Outer join: upload rows have no image. Without include_uploads they are filtered out,
+    # so dataset labels and snapshots never see them.
+    q = select(Relabel, ImageRow.relpath).outerjoin(ImageRow, ImageRow.id == Relabel.image_id)
+    in_scope = Relabel.image_id.is_not(None) if dataset_id is None else \
+        ImageRow.dataset_id == dataset_id
+    q = q.where(or_(in_scope, Relabel.upload_sha256.is_not(None)) if include_uploads else in_scope)
+    if image_ids is not None:
+        q = q.where(Relabel.image_id.in_(list(image_ids)))
+    if as_of_relabel_id is not None:
+        q = q.where(Relabel.id <= as_of_relabel_id)
+    return [_record(row, relpath) for row, relpath in session.execute(q.order_by(Relabel.id))]
+
+
+def list_upload_relabels(*, session: Session,
+                         upload_sha256s: Sequence[str] | None = None) -> list[RelabelRecord]:
+    """Relabel rows of uploads (undo rows included), oldest first; optionally only these hashes."""
+    q = select(Relabel).where(Relabel.upload_sha256.is_not(None))
+    if upload_sha256s is not None:
+        q = q.where(Relabel.upload_sha256.in_(list(upload_sha256s)))
+    return [_record(row, None) for row in session.scalars(q.order_by(Relabel.id))]
+
+
+def active_relabels(records: Iterable[RelabelRecord]) -> list[RelabelRecord]:
+    """The rows that still assert a label: not undo rows, and not undone (id order kept)."""
+    rows = list(records)
+    undone = {r.undo_of for r in rows if r.undo_of is not None}
+    return [r for r in rows if r.undo_of is None and r.id not in undone]
+
+
+def derive_labels(originals: dict[int, Label],
+                  records: Iterable[RelabelRecord]) -> dict[int, Label]:
+    """Original labels overlaid with each image's newest active relabel."""
+    out = dict(originals)
+    for r in active_relabels(records):  # id order: a newer row overwrites an older one
+        if r.image_id in out:
+            out[r.image_id] = (r.new_label, r.new_subtype)
+    return out
+
+
+def _newest_active(base: Label, records: Iterable[RelabelRecord]) -> Label:
+    """``base`` overlaid with the newest active row of ``records`` (rows of one target)."""
+    active = active_relabels(records)
+    return (active[-1].new_label, active[-1].new_subtype) if active else base
+
+
+def _originals(session: Session, dataset_id: int,
+               include_missing: bool = False) -> dict[int, Label]:
+    """Original labels of the dataset's images present on disk (missing rows keep their
+    relabels but are in no label set, snapshot or run; ``include_missing`` adds them, for
+    re-scoring stored outputs of images that have since gone)."""
+    q = select(ImageRow.id, ImageRow.label, ImageRow.subtype).where(
+        ImageRow.dataset_id == dataset_id)
+    if not include_missing:
+        q = q.where(ImageRow.missing.is_(False))
+    return {i: (label, sub) for i, label, sub in session.connection().execute(q)}
+
+
+def original_labels(*, session: Session, dataset_id: int,
+                    include_missing: bool = False) -> dict[int, Label]:
+    """image_id -> (label, subtype) as indexed from disk (never changed by review)."""
+    return _originals(session, dataset_id, include_missing)
+
+
+def label_version(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
+                  include_missing: bool = False) -> LabelVersion:
+    """The one derivation of a dataset's labels as of a relabel id.
+
+    The relabel rows are read once and the labels derived from exactly those rows, so a
+    relabel committed meanwhile cannot make the labels, their hash and the relabel id disagree.
+
+    Args:
+        session: the open session.
+        dataset_id: the dataset.
+        as_of_relabel_id: ignore relabel rows newer than this id (reproduces a run's snapshot);
+            0 gives the original labels, None the labels as of now
+            (:func:`cxr_core.provenance.as_of_relabel_id` maps a label source to it).
+        include_missing: also the images whose file is gone (flagged missing).
+
+    Returns:
+        The labels (the newest active relabel of each image, else its original) and the
+        newest relabel row read.
+    """
+    records = list_relabels(session=session, dataset_id=dataset_id,
+                            as_of_relabel_id=as_of_relabel_id)
+    labels = derive_labels(_originals(session, dataset_id, include_missing), records)
+    return LabelVersion(labels, records[-1].id if records else None, len(records))
+
+
+def image_label_version(*, session: Session, image_ids: Sequence[int],
+                        as_of_relabel_id: int | None = None) -> LabelVersion:
+    """:func:`label_version` of every dataset holding one of these images (files gone included).
+
+    Used to re-score stored per-image outputs, whose images may span datasets and may have
+    gone from disk since. The relabel id is the newest over those datasets.
+    """
+    ids = list(image_ids)
+    dataset_ids: set[int] = set()
+    for i in range(0, len(ids), 500):
+        dataset_ids.update(session.scalars(
+            select(ImageRow.dataset_id).where(ImageRow.id.in_(ids[i:i + 500])).distinct()))
+    labels: dict[int, Label] = {}
+    newest: int | None = None
+    n_relabels = 0
+    for dataset_id in sorted(dataset_ids):
+        version = label_version(session=session, dataset_id=dataset_id,
+                                as_of_relabel_id=as_of_relabel_id, include_missing=True)
+        labels.update(version.labels)
+        newest = max(newest or 0, version.newest_relabel_id or 0) or None
+        n_relabels += version.n_relabels
+    return LabelVersion(labels, newest, n_relabels)
+
+
+def current_labels(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,
+                   include_missing: bool = False) -> dict[int, Label]:
+    """image_id -> (folder label, subtype) of :func:`label_version` (same arguments)."""
+    return label_version(session=session, dataset_id=dataset_id,
+                         as_of_relabel_id=as_of_relabel_id, include_missing=include_missing).labels
+
+
+def label_snapshot(*, session: Session, dataset_id: int,
+                   as_of_relabel_id: int | None = None) -> LabelSnapshot:
+    """Hash and position of the dataset's current labels (a training run stores both).
+
+    Args:
+        session: the open session.
+        dataset_id: the dataset.
+        as_of_relabel_id: as in :func:`label_version` (None: as of now).
+
+    Returns:
+        The snapshot; its hash changes whenever a relabel or undo changes a current label.
+    """
+    return label_version(session=session, dataset_id=dataset_id,
+                         as_of_relabel_id=as_of_relabel_id).snapshot()
+
+
+def _upload_base(session: Session, upload_sha256: str) -> Label:
+    """An upload's label before any relabel: the prediction of its newest review item."""
+    found = session.execute(select(ReviewItem.id, ReviewItem.predicted).where(
+        ReviewItem.upload_sha256 == upload_sha256).order_by(ReviewItem.id.desc()).limit(1)).first()
+    if found is None:
+        raise ConfigError("upload_sha256 must name an upload sent to review. "
+                          f"Received: upload_sha256={upload_sha256!r}")
+    return (found[1] or "", None)  # "" when it was sent without a model output
+
+
+def upload_labels(*, session: Session) -> dict[str, Label]:
+    """sha256 -> current label of every upload sent to review.
+
+    The newest active relabel of the upload, else the model's prediction stored with its
+    newest review item ("" when it was sent without one).
+    """
+    q = (select(ReviewItem.upload_sha256, ReviewItem.predicted)
+         .where(ReviewItem.upload_sha256.is_not(None)).order_by(ReviewItem.id))
+    out: dict[str, Label] = {sha: (predicted or "", None)
+                             for sha, predicted in session.execute(q)}  # newest item wins
+    for r in active_relabels(list_upload_relabels(session=session)):  # id order: newest wins
+        out[r.upload_sha256] = (r.new_label, r.new_subtype)
+    return out
+
+
+def _check_reviewer(reviewer: str) -> str:
+    name = (reviewer or "").strip()
+    if not name:
+        raise ConfigError(f"a relabel needs a reviewer name. Received: reviewer={reviewer!r}")
+    return name[:200]
+
+
+def add_relabel(*, session: Session, image_id: int, new_label: str, new_subtype: str | None,
+                reviewer: str, note: str = "", run_ref: str | None = None,
+                score: float | None = None) -> int:
+    """Append a relabel row (a confirmation of the same label is a row too).
+
+    The old label stored is the image's current label at write time. Open review items of the
+    image are marked done.
+
+    Args:
+        session: the open session (one transaction per click).
+        image_id: the indexed image.
+        new_label: folder class, e.g. "PNEUMONIA".
+        new_subtype: "bacteria" | "virus" | None.
+        reviewer: who labelled (login identity or the name typed once per session).
+        note: free text.
+        run_ref: the model whose output was shown, e.g. "run:3".
+        score: the model probability shown.
+
+    Returns:
+        The new row's id.
+
+    Raises:
+        ConfigError: unknown image, empty label or reviewer.
+    """
+    return _append(session, image_id, None, new_label, new_subtype, reviewer, note, run_ref, score)
+
+
+def add_upload_relabel(*, session: Session, upload_sha256: str, new_label: str,
+                       new_subtype: str | None, reviewer: str, note: str = "",
+                       run_ref: str | None = None, score: float | None = None) -> int:
+    """Append a relabel row for an upload sent to review (same semantics as :func:`add_relabel`).
+
+    The old label stored is the upload's current label: its newest active relabel, else the
+    model's predicted label from its newest review item. Open review items of the upload are
+    marked done.
+
+    Args:
+        session: the open session (one transaction per click).
+        upload_sha256: the upload's content hash (its review item's ``upload_sha256``).
+        new_label, new_subtype, reviewer, note, run_ref, score: as in :func:`add_relabel`.
+
+    Returns:
+        The new row's id.
+
+    Raises:
+        ConfigError: no review item names the upload, empty label or reviewer.
+    """
+    if not (upload_sha256 or "").strip():
+        raise ConfigError("upload_sha256 must name an upload sent to review. "
+                          f"Received: upload_sha256={upload_sha256!r}")
+    return _append(session, None, upload_sha256, new_label, new_subtype, reviewer, note, run_ref,
+                   score)
+
+
+def _target_label(session: Session, image_id: int | None, upload_sha256: str | None,
+                  *, without: int | None = None) -> Label:
+    """Current label of an image or an upload; ``without``: as if that relabel did not count.
+
+    Raises:
+        ConfigError: unknown image, or an upload no review item names.
+    """
+    if image_id is not None:
+        img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+            ImageRow.id == image_id)).first()
+        if img is None:
+            raise ConfigError(f"image_id must name an indexed image. Received: image_id={image_id}")
+        base, records = (img[0], img[1]), list_relabels(session=session, image_ids=[image_id])
+    else:
+        base = _upload_base(session, upload_sha256)
+        records = list_upload_relabels(session=session, upload_sha256s=[upload_sha256])
+    return _newest_active(base, [r for r in records if r.id != without])
+
+
+def _image_sha(session: Session, image_id: int | None) -> str | None:
+    """The image's content hash now: stored on each relabel (the bytes the reviewer saw)."""
+    if image_id is None:
+        return None
+    return session.scalar(select(ImageRow.sha256).where(ImageRow.id == image_id))
+
+
+@dataclass(frozen=True)
+class ChangedImage:
+    """An image whose bytes changed after a reviewer relabelled it."""
+
+    image_id: int
+    relpath: str
+    relabel_id: int  # the newest active relabel
+    relabelled_sha256: str | None
+    current_sha256: str | None
+    missing: bool
+
+
+def changed_since_relabel(*, session: Session, dataset_id: int,
+                          image_ids: Sequence[int] | None = None) -> list[ChangedImage]:
+    """Images whose current content hash differs from the one their newest active relabel
+    was made on ("image changed since it was relabelled"); the relabels are kept as they are."""
+    q = (select(Relabel.id, Relabel.image_id, Relabel.undo_of, Relabel.image_sha256,
+                ImageRow.relpath, ImageRow.sha256, ImageRow.missing)
+         .join(ImageRow, ImageRow.id == Relabel.image_id)
+         .where(ImageRow.dataset_id == dataset_id).order_by(Relabel.id))
+    if image_ids is not None:
+        q = q.where(Relabel.image_id.in_(list(image_ids)))
+    rows = session.execute(q).all()
+    undone = {r.undo_of for r in rows if r.undo_of is not None}
+    newest: dict[int, tuple] = {}
+    for r in rows:
+        if r.undo_of is None and r.id not in undone:
+            newest[r.image_id] = r  # id order: the newest active row wins
+    return [ChangedImage(r.image_id, r.relpath, r.id, r.image_sha256, r.sha256, bool(r.missing))
+            for r in newest.values() if r.image_sha256 is not None and r.image_sha256 != r.sha256]
+
+
+def _items_of(image_id: int | None, upload_sha256: str | None):
+    """Where-clause of the review items of an image or an upload."""
+    return ReviewItem.image_id == image_id if image_id is not None else \
+        ReviewItem.upload_sha256 == upload_sha256
+
+
+def _append(session: Session, image_id: int | None, upload_sha256: str | None, new_label: str,
+            new_subtype: str | None, reviewer: str, note: str, run_ref: str | None,
+            score: float | None) -> int:
+    """Insert one relabel row of exactly one target and close the target's open items."""
+    if (image_id is None) == (upload_sha256 is None):
+        raise ConfigError("a relabel needs exactly one of image_id or upload_sha256. "
+                          f"Received: image_id={image_id}, upload_sha256={upload_sha256!r}")
+    reviewer = _check_reviewer(reviewer)
+    if not (new_label or "").strip():
+        raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
+    lock_for_write(session)  # the old label read below must still be current at the INSERT
+    old_label, old_subtype = _target_label(session, image_id, upload_sha256)
+    row = Relabel(image_id=image_id, upload_sha256=upload_sha256, image_sha256=_image_sha(
+                      session, image_id), old_label=old_label,
+                  old_subtype=old_subtype, new_label=new_label.strip(),
+                  new_subtype=new_subtype or None, reviewer=reviewer, note=note or "",
+                  run_ref=run_ref, score=None if score is None else float(score))
+    session.add(row)
+    session.execute(update(ReviewItem).where(_items_of(image_id, upload_sha256),
+                                             ReviewItem.done.is_(False)).values(done=True))
+    session.flush()
+    return row.id
+
+
+def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str = "") -> int:
+    """Append an undo row cancelling ``relabel_id`` (the undone row itself stays).
+
+    The undo row's new label is the image's (or upload's) label once the undone row no longer
+    counts.
+
+    Returns:
+        The undo row's id.
+
+    Raises:
+        ConfigError: the row does not exist, is itself an undo, or was already undone.
+    """
+    reviewer = _check_reviewer(reviewer)
+    lock_for_write(session)  # "already undone?" and the labels read below stay true until INSERT
+    target = session.get(Relabel, relabel_id)
+    if target is None:
+        raise ConfigError(f"relabel_id must name a relabel. Received: relabel_id={relabel_id}")
+    if target.undo_of is not None:
+        raise ConfigError("an undo row cannot be undone; relabel the image instead. "
+                          f"Received: relabel_id={relabel_id}")
+    if session.scalar(select(func.count()).where(Relabel.undo_of == relabel_id)):
+        raise ConfigError(f"relabel {relabel_id} was already undone; relabel the image instead. "
+                          f"Received: relabel_id={relabel_id}")
+    image_id, sha = target.image_id, target.upload_sha256
+    old = _target_label(session, image_id, sha)
+    new = _target_label(session, image_id, sha, without=relabel_id)
+    row = Relabel(image_id=image_id, upload_sha256=sha, image_sha256=_image_sha(session, image_id),
+                  old_label=old[0], old_subtype=old[1],
+                  new_label=new[0], new_subtype=new[1], reviewer=reviewer, note=note or "",
+                  run_ref=target.run_ref, score=target.score, undo_of=relabel_id)
+    session.add(row)
+    # Items this relabel closed are open again (the image still needs a decision).
+    session.execute(update(ReviewItem).where(_items_of(image_id, sha),
+                                             ReviewItem.created_at <= target.created_at)
+                    .values(done=False))
+    session.flush()
+    return row.id
