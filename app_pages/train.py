@@ -105,14 +105,35 @@ def runs_table_ui(runs) -> None:
                  height=min(220, 35 * (len(rows) + 1) + 3))
 
 
-def curves_ui(run_ids: list[int]) -> None:
-    rows = svc.metrics_rows(get_db(), run_ids)
+def _eta(seconds: float) -> str:
+    minutes = seconds / 60
+    return (f"{seconds:.0f} s" if seconds < 90 else f"{minutes:.0f} min" if minutes < 90
+            else f"{minutes / 60:.1f} h")
+
+
+def progress_ui(runs: dict, run_ids: list[int]) -> None:
+    """Where each running run is, from its newest batch row, and the time left at its pace."""
+    active = [i for i in run_ids if runs[i].status == "running"]
+    for i, p in svc.run_progress(get_db(), active).items():
+        total = runs[i].config.get("epochs", "?")
+        st.caption(f"{runs[i].display_name} (#{i}): epoch {p.epoch_progress:.2f} of {total} · "
+                   f"about {_eta(p.eta_s)} left at the current pace (early stopping may end "
+                   "it sooner)")
+
+
+def curves_ui(runs: dict, run_ids: list[int]) -> None:
+    rows = svc.live_curves(get_db(), run_ids)
     st.caption(f"{len(rows)} metric rows · refreshed {time.strftime('%H:%M:%S')}")
+    progress_ui(runs, run_ids)
     if not rows:
-        st.info("No epoch has finished yet for these runs.")
+        st.info("No batch has been reported yet for these runs.")
         return
-    fig = px.line(pd.DataFrame(rows), x="step", y="value", color="run", facet_col="key",
-                  facet_col_wrap=2, markers=True, labels={"step": "epoch"})
+    fig = px.line(pd.DataFrame(rows), x="epoch", y="value", color="run", line_dash="kind",
+                  facet_col="key", facet_col_wrap=2, markers=True,
+                  category_orders={"kind": ["epoch end", "during epoch"]})
+    # Epoch ends as points; the running metrics within epochs as a thin line.
+    fig.for_each_trace(lambda t: t.update(mode="lines", line_width=1, opacity=0.6)
+                       if "during epoch" in t.name else None)
     fig.update_yaxes(matches=None)
     st.plotly_chart(fig, width="stretch", key="train_curves")
 
@@ -146,9 +167,9 @@ def live_ui() -> None:
     runs_table_ui(list(runs.values()))
     default = (st.session_state.get("train_plot_default")
                or [i for i, r in runs.items() if r.active][:4] or list(runs)[:3])
-    curves_ui(st.multiselect("Runs to plot", list(runs), key=_plot_key(),
-                             default=[i for i in default if i in runs],
-                             format_func=lambda i: runs[i].display_name))
+    curves_ui(runs, st.multiselect("Runs to plot", list(runs), key=_plot_key(),
+                                   default=[i for i in default if i in runs],
+                                   format_func=lambda i: runs[i].display_name))
     chosen = st.selectbox("Run details", list(runs), key="train_detail_run",
                           format_func=lambda i: f"#{i} {runs[i].display_name} ({runs[i].status})")
     detail_ui(runs[chosen])

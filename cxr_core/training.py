@@ -166,10 +166,12 @@ class _RunCallback(keras.callbacks.Callback):
     """Sinks, cancel checks, checkpoints and early stopping, in that order per event."""
 
     def __init__(self, *, full_model: keras.Model, ckpts: Checkpoints, sinks: TrainSinks,
-                 batch_size: int, n_train: int, first_step: int, patience: int | None):
+                 batch_size: int, n_train: int, first_step: int, patience: int | None,
+                 epochs: int, steps_per_epoch: int):
         super().__init__()
         self.full_model, self.ckpts, self.sinks = full_model, ckpts, sinks
         self.batch_size, self.n_train, self.patience = batch_size, n_train, patience
+        self.epochs, self.steps_per_epoch, self._epoch = epochs, max(1, steps_per_epoch), 0
         self.step = first_step
         self.history: list[dict[str, float]] = []
         self.stopped_early = False
@@ -179,7 +181,15 @@ class _RunCallback(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch: int, logs: Mapping | None = None) -> None:
         self._t0 = self._t_last = time.perf_counter()
-        self._seen = 0
+        self._seen, self._epoch = 0, epoch
+
+    def _progress(self, batch: int) -> dict[str, float]:
+        """Where the run is (epochs as a fraction) and the seconds left at this epoch's pace."""
+        done = batch + 1
+        left = (self.epochs - self._epoch - 1) * self.steps_per_epoch + max(
+            self.steps_per_epoch - done, 0)
+        return {"epoch_progress": self._epoch + min(done / self.steps_per_epoch, 1.0),
+                "eta_s": left * (self._t_last - self._t0) / done}
 
     def on_train_batch_end(self, batch: int, logs: Mapping | None = None) -> None:
         self.step += 1
@@ -189,7 +199,7 @@ class _RunCallback(keras.callbacks.Callback):
         if self.sinks.on_batch_end is not None and (
                 now - self._last_emit >= self.sinks.batch_interval_s):
             self._last_emit = now
-            self.sinks.on_batch_end(self.step, _floats(logs))
+            self.sinks.on_batch_end(self.step, {**_floats(logs), **self._progress(batch)})
         if self.sinks.should_cancel is not None and self.sinks.should_cancel():
             raise RunCancelled(f"cancel requested; stopped after batch {self.step}")
 
@@ -258,7 +268,8 @@ def _callbacks(fit: _Fit, stage: _Stage, start: int, last: bool) -> tuple[_RunCa
     run_cb = _RunCallback(full_model=fit.model, ckpts=fit.ckpts, sinks=fit.sinks,
                           batch_size=cfg.batch_size, n_train=fit.n_train,
                           first_step=start * fit.steps_per_epoch,
-                          patience=cfg.patience if (cfg.early_stopping and last) else None)
+                          patience=cfg.patience if (cfg.early_stopping and last) else None,
+                          epochs=cfg.epochs, steps_per_epoch=fit.steps_per_epoch)
     cbs: list = [run_cb]
     if tensorboard_available():
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(fit.run_dir / "tensorboard"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from cxr_core.train_config import DEFAULT_RECIPE, RECIPES, TrainConfig
 
 Progress = Callable[[int, int], None]
 LIVE_KEYS = ("loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc")
+BATCH_KEYS = ("loss", "accuracy", "auc")  # the running training metrics a batch row carries
+BATCH_POINTS = 300  # batch rows per run and key the live chart draws at most
 
 
 # -- Configs --------------------------------------------------------------------------------
@@ -187,13 +190,44 @@ def run_logs(db: Database, run_id: int, *, limit: int = 300) -> list[LogLine]:
         return store.get_logs(session=s, run_id=run_id, limit=limit)
 
 
-def metrics_rows(db: Database, run_ids: Sequence[int], *, kind: str = "epoch",
-                 keys: Sequence[str] | None = LIVE_KEYS) -> list[dict]:
-    """Long-form rows ``{run, run_id, kind, step, key, value}`` for ``px.line(color="run")``."""
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a running run is, from its newest batch row."""
+
+    epoch_progress: float  # epochs done, as a fraction (1.4 = 40% into the second epoch)
+    eta_s: float  # seconds left at the current epoch's pace (an estimate)
+
+
+def live_curves(db: Database, run_ids: Sequence[int], *,
+                max_batch_points: int = BATCH_POINTS) -> list[dict]:
+    """The live chart's rows ``{run, run_id, kind, epoch, key, value}``: one row per epoch end
+    (``kind`` "epoch end") and, thinned in SQL, the running training metrics within epochs
+    (``kind`` "during epoch", ``epoch`` fractional), so a long first epoch shows progress."""
     ids = list(run_ids)
     with db.session() as s:
         names = {r.id: r.display_name for r in store.list_runs(session=s, limit=10_000)
                  if r.id in ids}
-        rows = store.get_metrics(session=s, run_ids=ids, kind=kind, keys=keys)
-    return [{"run": f"{names.get(r.run_id, r.run_id)} (#{r.run_id})", **r._asdict()} for r in rows]
+        epochs = store.get_metrics(session=s, run_ids=ids, kind="epoch", keys=LIVE_KEYS)
+        batches = store.get_metrics_thinned(session=s, run_ids=ids, kind="batch",
+                                            keys=(*BATCH_KEYS, "epoch_progress"),
+                                            max_points=max_batch_points)
+    where = {(r.run_id, r.step): r.value for r in batches if r.key == "epoch_progress"}
+    label = {i: f"{names.get(i, i)} (#{i})" for i in ids}
+    rows = [dict(run=label[r.run_id], run_id=r.run_id, kind="epoch end", epoch=r.step,
+                 key=r.key, value=r.value) for r in epochs]
+    rows += [dict(run=label[r.run_id], run_id=r.run_id, kind="during epoch",
+                  epoch=where[(r.run_id, r.step)], key=r.key, value=r.value)
+             for r in batches if r.key != "epoch_progress" and (r.run_id, r.step) in where]
+    return rows
 
+
+def run_progress(db: Database, run_ids: Sequence[int]) -> dict[int, RunProgress]:
+    """Each run's newest position and ETA (runs without batch rows are left out)."""
+    with db.session() as s:
+        rows = store.get_metrics_thinned(session=s, run_ids=list(run_ids), kind="batch",
+                                         keys=("epoch_progress", "eta_s"), max_points=1)
+    newest: dict[int, dict[str, float]] = {}
+    for r in rows:
+        newest.setdefault(r.run_id, {})[r.key] = r.value
+    return {i: RunProgress(v["epoch_progress"], v["eta_s"]) for i, v in newest.items()
+            if {"epoch_progress", "eta_s"} <= set(v)}

@@ -144,6 +144,20 @@ def test_one_epoch_run_writes_metrics_checkpoint_and_val_probs(data, cache_root,
     assert res.saliency_layer == "block3_relu" and res.images_per_s > 0
 
 
+def test_batch_rows_say_where_the_run_is_and_how_long_is_left(data, cache_root, tmp_path):
+    """Within-epoch progress: the fraction of epochs done and an ETA at the current pace."""
+    out = Collect()
+    res = training.train(cfg(epochs=2, early_stopping=False), data, tmp_path / "run",
+                         cache_root=cache_root, sinks=out.sinks())
+    steps = -(-res.n_train // 16)  # batches per epoch
+    progress = [m["epoch_progress"] for _, m in out.batches]
+    assert len(out.batches) == 2 * steps  # batch_interval_s=0: every batch is reported
+    assert progress == pytest.approx([(i + 1) / steps for i in range(2 * steps)])
+    eta = [m["eta_s"] for _, m in out.batches]
+    assert all(e >= 0 for e in eta) and eta[-1] == 0.0 and eta[0] > 0
+    assert eta[steps] > eta[-1]  # the second epoch's first batch still has most of it to go
+
+
 def test_cancel_stops_within_one_batch(data, cache_root, tmp_path):
     out = Collect(cancel_after_batches=2)
     res = training.train(cfg(epochs=3), data, tmp_path / "run", cache_root=cache_root,

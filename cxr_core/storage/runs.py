@@ -386,6 +386,28 @@ def get_metrics(*, session: Session, run_ids: Iterable[int], kind: str = "epoch"
     return [MetricRow._make(r) for r in session.connection().execute(q)]
 
 
+def get_metrics_thinned(*, session: Session, run_ids: Iterable[int], kind: str,
+                        keys: Sequence[str], max_points: int) -> list[MetricRow]:
+    """Like :func:`get_metrics`, with at most about ``max_points`` rows per run and key: every
+    k-th row counted back from the newest (always kept), thinned in SQL with window functions
+    (SQLite and PostgreSQL), so a long run's batch rows never all leave the database.
+    ``max_points=1`` gives each run's newest row per key.
+    """
+    if max_points < 1:
+        raise ValueError(f"max_points must be at least 1. Received: max_points={max_points}")
+    part = (Metric.run_id, Metric.key)
+    newest_first = func.row_number().over(partition_by=part, order_by=Metric.step.desc())
+    sub = (select(Metric.run_id, Metric.kind, Metric.step, Metric.key, Metric.value,
+                  newest_first.label("rn"), func.count().over(partition_by=part).label("n"))
+           .where(Metric.run_id.in_(list(run_ids)), Metric.kind == kind,
+                  Metric.key.in_(list(keys))).subquery())
+    stride = (sub.c.n + (max_points - 1)) // max_points  # SQL integer division (2.0: // )
+    q = (select(sub.c.run_id, sub.c.kind, sub.c.step, sub.c.key, sub.c.value)
+         .where((sub.c.rn - 1) % stride == 0)
+         .order_by(sub.c.run_id, sub.c.step, sub.c.key))
+    return [MetricRow._make(r) for r in session.connection().execute(q)]
+
+
 def truncate_metrics(*, session: Session, run_id: int, after_epoch: int | None = None,
                      after_batch_step: int | None = None) -> None:
     """Drop rows a resumed run writes again.

@@ -91,6 +91,22 @@ def test_live_curves_pick_up_new_metric_rows(db):
     assert not at.exception and caption_rows(at) == 8 and chart_steps(at) == {1, 2}
 
 
+def test_a_first_epoch_in_progress_shows_running_metrics_and_an_eta(db):
+    rid = running_run(db)
+    for step in range(1, 4):  # 3 of 10 batches of epoch 1 reported, no epoch row yet
+        db.write(lambda s, step=step: store.add_metrics(
+            session=s, run_id=rid, kind="batch", step=step,
+            values={"loss": 1.0 / step, "accuracy": 0.5, "epoch_progress": step / 10,
+                    "eta_s": 1620.0}))
+    at = page()
+    assert not at.exception
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert any("during epoch" in t["name"] for t in spec["data"])
+    assert caption_rows(at) == 6  # loss and accuracy at 3 positions
+    assert any("epoch 0.30 of 3" in c.value and "about 27 min left" in c.value
+               for c in at.caption)
+
+
 def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
     started = []
     monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: started.append(1) or 4242)
