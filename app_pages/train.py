@@ -86,7 +86,9 @@ def start_ui(dataset: str, layout: str) -> None:
         # browser then sends back its old (empty) selection for good.
         st.session_state["train_plot_default"] = [run_id, *st.session_state.get(_plot_key(), [])]
         st.session_state["train_plot_gen"] = st.session_state.get("train_plot_gen", 0) + 1
-        st.success(f"Run {run_id} queued; worker process {pid} will train it.")
+        st.success(f"Run {run_id} queued; worker process {pid} will train it." if pid else
+                   f"Run {run_id} queued for the workers that share this database (this app "
+                   "starts none: CXR_WORKER=off, or a live worker runs on another host).")
 
 
 def _plot_key() -> str:

@@ -70,6 +70,8 @@ def cmd_predict(args: argparse.Namespace) -> dict:
 
 
 def cmd_worker(args: argparse.Namespace) -> dict:
+    if args.gpu is not None:  # before TensorFlow is imported: it reads the variable once
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     from cxr_core.worker import run_worker
 
     return run_worker(once=args.once, idle_exit_s=args.idle_exit)
@@ -143,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run the training worker in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    p.add_argument("--gpu", default=None, metavar="IDS",
+                   help="the GPUs this worker may use (CUDA_VISIBLE_DEVICES, e.g. 0 or 2,3; "
+                        "'' = CPU only): one worker per GPU serves sweeps in parallel")
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
     rsub = relabel.add_subparsers(dest="relabel_command", required=True)
     p = add("add", cmd_relabel_add, "relabel one image by its path", rsub)

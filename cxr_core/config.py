@@ -28,18 +28,26 @@ class Settings:
     home: Path
     db_url: str
     data_dirs: tuple[Path, ...]
+    artifacts: Path | None = None  # CXR_ARTIFACTS: runs and uploads (shared across hosts)
+    worker: str = "auto"  # CXR_WORKER: "auto" (the app starts a local worker) or "off"
+
+    @property
+    def artifacts_root(self) -> Path:
+        """Where runs and uploads live: ``CXR_ARTIFACTS``, else ``CXR_HOME``. Several hosts
+        sharing one database must share this folder too (a network filesystem)."""
+        return self.artifacts or self.home
 
     @property
     def cache_dir(self) -> Path:
-        return self.home / "cache"
+        return self.home / "cache"  # decoded pixels: per host, rebuilt when missing
 
     @property
     def runs_dir(self) -> Path:
-        return self.home / "runs"
+        return self.artifacts_root / "runs"
 
     @property
     def uploads_dir(self) -> Path:
-        return self.home / "uploads"
+        return self.artifacts_root / "uploads"
 
     @property
     def patient_salt_file(self) -> Path:
@@ -47,7 +55,9 @@ class Settings:
 
 
 SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA_DIR",
-               "patient_salt": "CXR_PATIENT_SALT"}
+               "patient_salt": "CXR_PATIENT_SALT", "artifacts": "CXR_ARTIFACTS",
+               "worker": "CXR_WORKER"}
+WORKER_MODES = ("auto", "off")
 
 
 def apply_secrets(table: Mapping[str, Any]) -> dict[str, str]:
@@ -83,13 +93,21 @@ def get_settings() -> Settings:
 
     Returns:
         The current settings; CXR_HOME is created if missing.
+
+    Raises:
+        ConfigError: CXR_WORKER is neither "auto" nor "off".
     """
     home = Path(os.environ.get("CXR_HOME") or Path.home() / ".cxr").expanduser()
     home.mkdir(parents=True, exist_ok=True)
     db_url = os.environ.get("CXR_DB_URL") or f"sqlite:///{home / 'cxr.db'}"
     raw = os.environ.get("CXR_DATA_DIR", "")
     data_dirs = tuple(Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip())
-    return Settings(home=home, db_url=db_url, data_dirs=data_dirs)
+    artifacts = os.environ.get("CXR_ARTIFACTS", "").strip()
+    worker = os.environ.get("CXR_WORKER", "").strip().lower() or "auto"
+    if worker not in WORKER_MODES:
+        raise ConfigError(f"CXR_WORKER must be one of {WORKER_MODES}. Received: {worker!r}")
+    return Settings(home=home, db_url=db_url, data_dirs=data_dirs,
+                    artifacts=Path(artifacts).expanduser() if artifacts else None, worker=worker)
 
 
 def patient_salt(settings: Settings | None = None) -> str:

@@ -117,8 +117,10 @@ def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None) -> int
                                                config=cfg.to_dict()))
 
 
-def start_run(db: Database, cfg: TrainConfig, *, name: str | None = None) -> tuple[int, int]:
-    """Queue a run and make sure a worker process serves it: (run id, worker pid)."""
+def start_run(db: Database, cfg: TrainConfig, *,
+              name: str | None = None) -> tuple[int, int | None]:
+    """Queue a run and make sure a worker process serves it: (run id, local worker pid, or
+    None when another host's worker or, with ``CXR_WORKER=off``, no local one will)."""
     run_id = queue_run(db, cfg, name=name)
     return run_id, worker.ensure_worker(db)
 

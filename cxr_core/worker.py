@@ -85,22 +85,31 @@ def reap_dead_runs(db: Database, stale_after_s: float = STALE_AFTER_S) -> list[i
                                                    is_alive=pid_alive))
 
 
-def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int:
+def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int | None:
     """Make sure a worker serves the queue; launch one (detached) if none is alive.
+
+    With ``CXR_WORKER=off`` this process never launches one: workers on other hosts (or one
+    started by hand) claim the queued runs.
 
     Args:
         db: the database (its URL is passed to the worker).
         idle_exit_s: a launched worker exits after this long with an empty queue.
 
     Returns:
-        The pid of the live (or launched) worker.
+        The pid of the live (or launched) worker on this host; None when the live workers are
+        elsewhere, or none is alive and ``CXR_WORKER=off``.
     """
     settings = get_settings()
     with db.session() as s:
         live = store.live_workers(session=s, fresh_after_s=STALE_AFTER_S)
     for w in live:
-        if pid_alive(w.pid, w.host) is not False:
+        alive = pid_alive(w.pid, w.host)
+        if alive is True:
             return w.pid
+        if alive is None:  # another host's worker, heartbeat fresh: it serves the queue
+            return None
+    if settings.worker == "off":
+        return None
     marker = settings.home / "worker.pid"
     try:  # launched moments ago and still importing TensorFlow: not registered yet
         launched = json.loads(marker.read_text())

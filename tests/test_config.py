@@ -44,3 +44,25 @@ def test_app_reads_the_cxr_table_of_secrets(cxr_home, monkeypatch, tmp_path):
     assert os.environ.get("CXR_DB_URL") == url and (tmp_path / "app.db").is_file()
     monkeypatch.delenv("CXR_DB_URL")
     st.cache_resource.clear()
+
+
+def test_artifacts_root_holds_runs_and_uploads_the_cache_stays_local(cxr_home, monkeypatch,
+                                                                      tmp_path):
+    assert get_settings().runs_dir == cxr_home / "runs"  # default: under CXR_HOME
+    shared = tmp_path / "nfs" / "cxr"
+    monkeypatch.setenv("CXR_ARTIFACTS", str(shared))
+    s = get_settings()
+    assert s.runs_dir == shared / "runs" and s.uploads_dir == shared / "uploads"
+    assert s.cache_dir == cxr_home / "cache"  # decoded pixels are per host
+
+
+@pytest.mark.parametrize("value, mode", [("", "auto"), ("auto", "auto"), ("OFF", "off")])
+def test_worker_mode(cxr_home, monkeypatch, value, mode):
+    monkeypatch.setenv("CXR_WORKER", value)
+    assert get_settings().worker == mode
+
+
+def test_a_mistyped_worker_mode_is_refused(cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_WORKER", "of")
+    with pytest.raises(ConfigError, match="CXR_WORKER must be one of"):
+        get_settings()

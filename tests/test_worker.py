@@ -220,6 +220,23 @@ def test_ensure_worker_launches_one_detached_worker(cxr_home):
         os.waitpid(pid, 0)
 
 
+def test_worker_off_means_the_app_launches_none(cxr_home, monkeypatch):
+    """CXR_WORKER=off: runs stay queued for workers elsewhere; this process starts nothing."""
+    monkeypatch.setenv("CXR_WORKER", "off")
+    db = open_db()
+    launched = []
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: launched.append(a))
+    assert worker.ensure_worker(db) is None
+    assert not launched and not (cxr_home / "worker.pid").exists()
+
+
+def test_a_live_worker_on_another_host_serves_the_queue(cxr_home, monkeypatch):
+    db = open_db()
+    db.write(lambda s: store.register_worker(session=s, pid=4242, host="gpu-host-2"))
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    assert worker.ensure_worker(db) is None
+
+
 # -- CLI --------------------------------------------------------------------------------------
 
 def _cli(*args: str, home: Path) -> subprocess.CompletedProcess:
@@ -256,3 +273,14 @@ def test_cli_train_detach_only_queues_and_bad_config_is_one_line(cxr_home, real_
     out = capsys.readouterr()
     assert out.out == ""
     assert out.err.strip() == "error: epochs must be an integer in [1, 10000]. Received: epochs=0"
+
+
+def test_cli_worker_gpu_limits_the_devices_before_tensorflow_loads(cxr_home, monkeypatch):
+    from cxr_core.cli import main
+
+    seen = []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(worker, "run_worker", lambda **kw: seen.append(
+        os.environ.get("CUDA_VISIBLE_DEVICES")) or {"runs": 0})
+    assert main(["worker", "--once", "--gpu", "2,3"]) == 0
+    assert seen == ["2,3"]

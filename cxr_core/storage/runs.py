@@ -33,6 +33,17 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def db_now(session: Session) -> datetime:
+    """The database's clock (UTC), so hosts with skewed clocks agree on heartbeat ages.
+
+    PostgreSQL: ``now()`` (the transaction's start; transactions here are short). SQLite is a
+    file on this host, so this host's clock is the database's clock.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return utcnow()
+    return as_utc(session.scalar(select(func.now())))
+
+
 def as_utc(dt: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes (stored as UTC); make them comparable."""
     if dt is None or dt.tzinfo is not None:
@@ -129,7 +140,7 @@ def create_run(*, session: Session, name: str, config: Mapping,
     Returns:
         The run id.
     """
-    now = utcnow()
+    now = db_now(session)  # a run created running is judged by heartbeat ages from now on
     row = Run(name=name or "", config_json=json.dumps(dict(config)), created_at=now,
               status="queued" if worker_id is None else "running", worker_id=worker_id,
               started_at=None if worker_id is None else now,
@@ -163,7 +174,7 @@ def list_runs(*, session: Session, statuses: Sequence[str] | None = None,
 
 def claim_run(*, session: Session, run_id: int, worker_id: int) -> bool:
     """Atomically move one queued run to running for ``worker_id``; False if it was taken."""
-    now = utcnow()
+    now = db_now(session)
     res = session.execute(
         update(Run).where(Run.id == run_id, Run.status == "queued")
         .values(status="running", worker_id=worker_id, heartbeat_at=now, error=None,
@@ -174,9 +185,20 @@ def claim_run(*, session: Session, run_id: int, worker_id: int) -> bool:
 def claim_next_run(*, session: Session, worker_id: int) -> int | None:
     """Claim the oldest queued run for ``worker_id``.
 
+    PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED`` picks the oldest queued run no other
+    worker is claiming, so many workers never wait on (or fight over) one row. SQLite has one
+    writer at a time: the conditional UPDATE of :func:`claim_run` settles it.
+
     Returns:
         The claimed run id, or None when nothing is queued.
     """
+    if session.get_bind().dialect.name != "sqlite":
+        run_id = session.scalar(select(Run.id).where(Run.status == "queued").order_by(Run.id)
+                                .limit(1).with_for_update(skip_locked=True))
+        if run_id is not None and claim_run(session=session, run_id=run_id,
+                                            worker_id=worker_id):
+            return run_id
+        return None
     ids = session.scalars(select(Run.id).where(Run.status == "queued")
                           .order_by(Run.id).limit(20)).all()
     for run_id in ids:
@@ -214,7 +236,7 @@ def set_run_artifacts(*, session: Session, run_id: int, artifact_dir: str | None
 def set_epochs_done(*, session: Session, run_id: int, epochs_done: int) -> None:
     """Epochs with a saved checkpoint (a resume continues from there)."""
     session.execute(update(Run).where(Run.id == run_id).values(
-        epochs_done=epochs_done, heartbeat_at=utcnow()))
+        epochs_done=epochs_done, heartbeat_at=db_now(session)))
 
 
 def finish_run(*, session: Session, run_id: int, status: str, error: str | None = None,
@@ -290,8 +312,8 @@ def request_resume(*, session: Session, run_id: int) -> None:
 
 
 def heartbeat(*, session: Session, worker_id: int, run_id: int | None = None) -> None:
-    """Stamp the worker (and the run it trains) as alive."""
-    now = utcnow()
+    """Stamp the worker (and the run it trains) as alive, on the database's clock."""
+    now = db_now(session)
     session.execute(update(Worker).where(Worker.id == worker_id).values(heartbeat_at=now))
     if run_id is not None:
         session.execute(update(Run).where(Run.id == run_id, Run.status == "running")
@@ -309,7 +331,7 @@ def reap_dead_runs(*, session: Session, stale_after_s: float,
     Returns:
         The ids of the runs marked failed.
     """
-    now = now or utcnow()
+    now = now or db_now(session)
     cutoff = now - timedelta(seconds=stale_after_s)
     rows = session.execute(select(Run, Worker).outerjoin(Worker, Worker.id == Run.worker_id)
                            .where(Run.status == "running")).all()
@@ -340,7 +362,7 @@ def reap_dead_runs(*, session: Session, stale_after_s: float,
 # -- Workers --------------------------------------------------------------------------------
 
 def register_worker(*, session: Session, pid: int, host: str) -> int:
-    now = utcnow()
+    now = db_now(session)
     row = Worker(pid=pid, host=host, started_at=now, heartbeat_at=now)
     session.add(row)
     session.flush()
@@ -348,12 +370,13 @@ def register_worker(*, session: Session, pid: int, host: str) -> int:
 
 
 def stop_worker(*, session: Session, worker_id: int) -> None:
-    session.execute(update(Worker).where(Worker.id == worker_id).values(stopped_at=utcnow()))
+    session.execute(update(Worker).where(Worker.id == worker_id)
+                    .values(stopped_at=db_now(session)))
 
 
 def live_workers(*, session: Session, fresh_after_s: float) -> list[WorkerRecord]:
     """Workers not stopped whose heartbeat is younger than ``fresh_after_s``."""
-    cutoff = utcnow() - timedelta(seconds=fresh_after_s)
+    cutoff = db_now(session) - timedelta(seconds=fresh_after_s)
     rows = session.scalars(select(Worker).where(Worker.stopped_at.is_(None))
                            .order_by(Worker.id.desc())).all()
     return [_worker(r) for r in rows if as_utc(r.heartbeat_at) >= cutoff]
