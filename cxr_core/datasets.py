@@ -341,7 +341,8 @@ def scan_npz(layout: Layout) -> list[ScannedImage]:
 
 def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]],
                  progress: Progress | None = None, workers: int = 4,
-                 ) -> tuple[list[ScannedImage], list[str], list[str]]:
+                 on_batch: Callable[[list[ScannedImage]], None] | None = None,
+                 batch_size: int = 500) -> tuple[list[ScannedImage], list[str], list[str]]:
     """Incremental scan: read only files that are new or whose size/mtime changed.
 
     Args:
@@ -349,6 +350,9 @@ def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]]
         known: relpath → (bytes, mtime_ns) already in the index.
         progress: called with (done, total) as files are checked.
         workers: threads for hashing (file reads release the GIL).
+        on_batch: called with every ``batch_size`` rows read (not the last, partial batch),
+            so the caller can store them as it goes and a killed scan resumes where it was.
+        batch_size: rows per ``on_batch`` call.
 
     Returns:
         (new or changed rows, relpaths unchanged, relpaths gone from disk).
@@ -377,6 +381,8 @@ def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]]
         for row in pool.map(lambda e: scan_file(layout.root, e, salt), todo):
             rows.append(row)
             done += 1
+            if on_batch is not None and len(rows) % batch_size == 0:
+                on_batch(rows[-batch_size:])
             if progress and (done % 64 == 0 or done == total):
                 progress(done, total)
     return rows, unchanged, gone

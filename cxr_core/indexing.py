@@ -22,6 +22,7 @@ from cxr_core.storage.datasets import DatasetInfo  # returned to the pages, type
 from cxr_core.storage.relabels import LabelSnapshot
 
 Progress = Callable[[int, int], None]
+BATCH = 500  # scanned rows per transaction: a killed or restarted index resumes from the last
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,10 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
                   progress: Progress | None = None) -> IndexReport:
     """Discover, scan (incrementally) and store a dataset's image index.
 
+    Rows are committed every :data:`BATCH` files read, so an index killed midway (an app
+    restart) keeps what it read: the next run reads only the files not stored yet. Files gone
+    from disk are flagged at the end, once the whole folder was walked.
+
     Args:
         db: the database.
         path: dataset folder or .npz file.
@@ -113,15 +118,32 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
         dataset_id = store.upsert_dataset(session=s, name=name, root=root, layout=layout.kind,
                                           classes=layout.classes)
         known = store.known_files(session=s, dataset_id=dataset_id)
-    rows, unchanged, gone = ds.scan_changed(layout, known, progress=progress)
     cached = existing.summary if existing else None
-    applied = store.ScanApplied(0, 0, (), 0, 0)
+    batches: list[store.ScanApplied] = []
+
+    def commit(chunk: list) -> None:  # every BATCH rows: a killed index resumes from here
+        def write(s) -> None:
+            if not batches:
+                store.mark_indexing(session=s, dataset_id=dataset_id)
+            batches.append(store.apply_scan(session=s, dataset_id=dataset_id, rows=chunk,
+                                            gone=()))
+        db.write(write)
+
+    rows, unchanged, gone = ds.scan_changed(layout, known, progress=progress, on_batch=commit,
+                                            batch_size=BATCH)
     if not rows and not gone and cached and cached.get("problems_layout") == list(layout.problems):
         summary = cached  # nothing changed on disk: the stored counts are still exact
+        applied = store.ScanApplied(0, 0, (), 0, 0)
     else:
+        rest = rows[len(batches) * BATCH:]
         with db.session() as s:
-            applied = store.apply_scan(session=s, dataset_id=dataset_id, rows=rows, gone=gone)
+            batches.append(store.apply_scan(session=s, dataset_id=dataset_id, rows=rest,
+                                            gone=gone))
             records = store.list_images(session=s, dataset_id=dataset_id)
+        applied = store.ScanApplied(
+            sum(b.added for b in batches), sum(b.updated for b in batches),
+            tuple(p for b in batches for p in b.content_changed),
+            sum(b.restored for b in batches), sum(b.missing for b in batches))
         summary = _summary(records, layout.problems)
     seconds = time.perf_counter() - t0
     with db.session() as s:

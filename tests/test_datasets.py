@@ -188,3 +188,63 @@ def test_indexing_one_split_folder_keeps_the_other_splits(tiny_dataset, cxr_home
     index_dataset(db, tiny_dataset, name="tiny")
     rep = index_dataset(db, tiny_dataset / "test", name="tiny")
     assert rep.removed == 0 and rep.summary["by_split"] == {"test": 4, "train": 14}
+
+
+def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr_home,
+                                                               monkeypatch):
+    """Rows are committed in batches: a restart reads only the files not stored yet."""
+    import cxr_core.indexing as indexing
+
+    monkeypatch.setattr(indexing, "BATCH", 5)
+    real_scan, reads = ds.scan_file, []
+
+    def crash_on_13th(root, entry, salt=None):
+        reads.append(entry.relpath)
+        if len(reads) == 13:
+            raise KeyboardInterrupt("the app was restarted")
+        return real_scan(root, entry, salt)
+
+    db = open_db()
+    monkeypatch.setattr(ds, "scan_file", crash_on_13th)
+    with pytest.raises(KeyboardInterrupt):
+        index_dataset(db, tiny_dataset, name="tiny", progress=None)
+    monkeypatch.setattr(ds, "scan_file", real_scan)
+    with db.session() as s:
+        from cxr_core.storage import datasets as dstore
+
+        info = dstore.get_dataset(session=s, name_or_id="tiny")
+        stored = dstore.list_images(session=s, dataset_id=info.id)
+    assert len(stored) == 10 and info.summary is None  # two batches of 5; no stale counts
+    rep = index_dataset(db, tiny_dataset, name="tiny")
+    assert rep.scanned == 8 and rep.unchanged == 10  # only the rest is read
+    assert rep.summary["images"] == 18
+    _, records = open_dataset(db, "tiny")
+    assert sorted(r.id for r in records if r.relpath in {x.relpath for x in stored}) == sorted(
+        r.id for r in stored)  # the rows stored before the crash kept their ids
+
+
+def test_a_killed_reindex_leaves_no_stale_counts(tiny_dataset, cxr_home, monkeypatch):
+    import cxr_core.indexing as indexing
+    from cxr_core.storage import datasets as dstore
+
+    monkeypatch.setattr(indexing, "BATCH", 5)
+    db = open_db()
+    index_dataset(db, tiny_dataset, name="tiny")
+    for f in tiny_dataset.rglob("*.*"):  # a copy without mtimes: every file is read again
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    real_scan, reads = ds.scan_file, []
+
+    def crash_on_13th(root, entry, salt=None):
+        reads.append(entry.relpath)
+        if len(reads) == 13:
+            raise KeyboardInterrupt("the app was restarted")
+        return real_scan(root, entry, salt)
+
+    monkeypatch.setattr(ds, "scan_file", crash_on_13th)
+    with pytest.raises(KeyboardInterrupt):
+        index_dataset(db, tiny_dataset, name="tiny")
+    monkeypatch.setattr(ds, "scan_file", real_scan)
+    with db.session() as s:
+        assert dstore.get_dataset(session=s, name_or_id="tiny").summary is None
+    rep = index_dataset(db, tiny_dataset, name="tiny")
+    assert rep.scanned == 8 and rep.summary["images"] == 18

@@ -47,6 +47,12 @@ def upsert_dataset(*, session: Session, name: str, root: str, layout: str,
     return row.id
 
 
+def mark_indexing(*, session: Session, dataset_id: int) -> None:
+    """An index run has started writing rows: the stored summary no longer holds until it
+    ends (a run killed midway leaves none, so the next one recounts)."""
+    session.execute(update(Dataset).where(Dataset.id == dataset_id).values(summary_json=None))
+
+
 def mark_indexed(*, session: Session, dataset_id: int, seconds: float, summary: dict) -> None:
     """Stamp the index time and keep the summary, so an unchanged re-open needs no recount."""
     session.execute(update(Dataset).where(Dataset.id == dataset_id).values(
