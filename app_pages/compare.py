@@ -9,9 +9,10 @@ from cxr_core import compare_service as cs
 from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
 from cxr_core import operating_point_service as ops
+from cxr_core import jobs
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from app_pages._shared import get_db, get_job, list_datasets, show_job, start_job, thumbnail
+from app_pages._shared import get_db, list_datasets, thumbnail
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
@@ -35,22 +36,29 @@ def evaluate_ui(db) -> None:
                           help="Stored with the evaluation: which labels its numbers use.")
     if st.button("Evaluate", icon=":material/play_arrow:", key="compare_eval_go",
                  disabled=not name):
-        key = st.session_state["compare_job"] = f"compare_eval:{ref}:{name}:{split}"
-        start_job(key, lambda progress: es.evaluate_model(
-            db, ref, name, split=None if split == "(all)" else split, progress=progress,
+        # A worker process decodes and predicts; this page only polls the job's progress.
+        st.session_state["compare_job"] = jobs.submit(db, "evaluate", dict(
+            model_ref=ref, data=name, split=None if split == "(all)" else split,
             labels=labels))
     if st.session_state.get("compare_job"):
         eval_job_ui(st.session_state["compare_job"])
 
 
 @st.fragment(run_every=1.0)
-def eval_job_ui(key: str) -> None:
-    if (job := get_job(key)) is None:
+def eval_job_ui(job_id: int) -> None:
+    if (job := jobs.get_job(get_db(), job_id)) is None:
         return
-    show_job(job, "Decoding, then predicting")
-    if not job.running and job.result is not None:
+    if job.status == "queued":
+        st.progress(0.0, text=f"Evaluation job #{job.id} queued for a worker")
+    elif job.status == "running":
+        st.progress(job.done / job.total if job.total else 0.0,
+                    text=f"Decoding, then predicting (worker): {job.done:,}/{job.total:,}")
+    else:
         st.session_state.pop("compare_job", None)
-        st.toast(f"Stored evaluation #{job.result[0]}", icon=":material/check:")
+        if job.status == "failed":
+            st.error(job.error)
+            return
+        st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
         st.rerun(scope="app")
 
 

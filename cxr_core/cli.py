@@ -74,7 +74,7 @@ def cmd_worker(args: argparse.Namespace) -> dict:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     from cxr_core.worker import run_worker
 
-    return run_worker(once=args.once, idle_exit_s=args.idle_exit)
+    return run_worker(once=args.once, idle_exit_s=args.idle_exit, kinds=args.kinds)
 
 
 def cmd_relabel_add(args: argparse.Namespace) -> dict:
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("worker", cmd_worker, "run the training worker in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    p.add_argument("--kinds", choices=("all", "runs", "jobs"), default="all",
+                   help="serve training runs, jobs (evaluations) or both")
     p.add_argument("--gpu", default=None, metavar="IDS",
                    help="the GPUs this worker may use (CUDA_VISIBLE_DEVICES, e.g. 0 or 2,3; "
                         "'' = CPU only): one worker per GPU serves sweeps in parallel")

@@ -37,6 +37,7 @@ from typing import Any
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, CxrError
 from cxr_core.storage import Database, StorageError, open_db
+from cxr_core.storage import jobs as job_store
 from cxr_core.storage import runs as store
 from cxr_core.run_data import PreparedData, prepare_data
 
@@ -85,15 +86,27 @@ def reap_dead_runs(db: Database, stale_after_s: float = STALE_AFTER_S) -> list[i
                                                    is_alive=pid_alive))
 
 
-def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int | None:
-    """Make sure a worker serves the queue; launch one (detached) if none is alive.
+WORKER_KINDS = ("all", "runs", "jobs")  # what a worker serves: training runs, jobs, or both
 
+
+def _serves(worker_kinds: str, wanted: str) -> bool:
+    return worker_kinds == "all" or worker_kinds == wanted
+
+
+def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S,
+                  kinds: str = "runs") -> int | None:
+    """Make sure a worker serves the queue of ``kinds`` ("runs" or "jobs"); launch one
+    (detached) if none is alive.
+
+    A worker training a run takes no job until the run ends, so for "jobs" a live worker
+    counts only while it is not training; otherwise a worker serving only jobs is launched.
     With ``CXR_WORKER=off`` this process never launches one: workers on other hosts (or one
-    started by hand) claim the queued runs.
+    started by hand) claim the queue.
 
     Args:
         db: the database (its URL is passed to the worker).
         idle_exit_s: a launched worker exits after this long with an empty queue.
+        kinds: the queue to serve.
 
     Returns:
         The pid of the live (or launched) worker on this host; None when the live workers are
@@ -101,8 +114,12 @@ def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int 
     """
     settings = get_settings()
     with db.session() as s:
-        live = store.live_workers(session=s, fresh_after_s=STALE_AFTER_S)
+        live = [w for w in store.live_workers(session=s, fresh_after_s=STALE_AFTER_S)
+                if _serves(w.kinds, kinds)]
+        busy = store.busy_worker_ids(session=s) if kinds == "jobs" else set()
     for w in live:
+        if w.id in busy:
+            continue
         alive = pid_alive(w.pid, w.host)
         if alive is True:
             return w.pid
@@ -110,8 +127,8 @@ def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int 
             return None
     if settings.worker == "off":
         return None
-    marker = settings.home / "worker.pid"
-    try:  # launched moments ago and still importing TensorFlow: not registered yet
+    marker = settings.home / ("worker.pid" if kinds == "runs" else "worker-jobs.pid")
+    try:  # launched moments ago and still starting: not registered yet
         launched = json.loads(marker.read_text())
         if (time.time() - launched["started"] < LAUNCH_GRACE_S
                 and pid_alive(int(launched["pid"]), socket.gethostname())):
@@ -123,7 +140,9 @@ def ensure_worker(db: Database, *, idle_exit_s: float = APP_IDLE_EXIT_S) -> int 
     env = dict(os.environ, CXR_HOME=str(settings.home), CXR_DB_URL=db.url,
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
                                           if p))
-    cmd = [sys.executable, "-m", "cxr_core", "worker", "--idle-exit", str(idle_exit_s)]
+    # A runs worker also takes jobs while it is idle; a jobs worker never trains.
+    cmd = [sys.executable, "-m", "cxr_core", "worker", "--idle-exit", str(idle_exit_s),
+           "--kinds", "all" if kinds == "runs" else "jobs"]
     with open(log_dir / "worker.log", "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
@@ -137,6 +156,7 @@ class Heartbeat:
     def __init__(self, db: Database, worker_id: int, interval_s: float = HEARTBEAT_S):
         self.db, self.worker_id, self.interval_s = db, worker_id, interval_s
         self.run_id: int | None = None
+        self.job_id: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="cxr-heartbeat", daemon=True)
 
@@ -148,6 +168,8 @@ class Heartbeat:
         try:
             self.db.write(lambda s: store.heartbeat(session=s, worker_id=self.worker_id,
                                                     run_id=self.run_id))
+            if self.job_id is not None:
+                self.db.write(lambda s: job_store.heartbeat_job(session=s, job_id=self.job_id))
         except StorageError as exc:  # a missed beat is retried at the next one
             print(f"heartbeat failed: {exc}", file=sys.stderr)
 
@@ -414,10 +436,11 @@ def _sigterm_to_exit() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, old)
 
 
-def register(db: Database) -> tuple[int, Heartbeat]:
-    """Register this process as a worker and start its heartbeat."""
+def register(db: Database, kinds: str = "all") -> tuple[int, Heartbeat]:
+    """Register this process as a worker (serving ``kinds``) and start its heartbeat."""
     worker_id = db.write(lambda s: store.register_worker(session=s, pid=os.getpid(),
-                                                         host=socket.gethostname()))
+                                                         host=socket.gethostname(),
+                                                         kinds=kinds))
     return worker_id, Heartbeat(db, worker_id).start()
 
 
@@ -428,8 +451,8 @@ def unregister(db: Database, worker_id: int, heartbeat: Heartbeat) -> None:
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
                db: Database | None = None, poll_s: float = POLL_S,
-               stale_after_s: float = STALE_AFTER_S) -> dict:
-    """Claim and train queued runs until stopped.
+               stale_after_s: float = STALE_AFTER_S, kinds: str = "all") -> dict:
+    """Claim and do queued jobs and train queued runs until stopped (jobs first: short).
 
     Args:
         once: exit as soon as the queue is empty.
@@ -437,19 +460,41 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
         db: the database (opened from the settings when None).
         poll_s: seconds between queue checks while idle.
         stale_after_s: heartbeat age after which another worker's run is reaped.
+        kinds: "all", "runs" (training only) or "jobs" (jobs only).
 
     Returns:
-        ``{"worker_id", "pid", "runs": [outcome...], "status": "finished"}``.
+        ``{"worker_id", "pid", "runs": [outcome...], "jobs": [id...], "status": "finished"}``.
+
+    Raises:
+        ConfigError: an unknown ``kinds``.
     """
+    from cxr_core import jobs
+
+    if kinds not in WORKER_KINDS:
+        raise ConfigError(f"kinds must be one of {WORKER_KINDS}. Received: kinds={kinds!r}")
     db = db or open_db()
-    worker_id, beat = register(db)
+    worker_id, beat = register(db, kinds)
+    done_jobs: list[int] = []
     restore = _sigterm_to_exit()
     outcomes = []
     idle_since = time.monotonic()
     try:
         while True:
             reap_dead_runs(db, stale_after_s)
-            run_id = db.write(lambda s: store.claim_next_run(session=s, worker_id=worker_id))
+            if kinds != "runs":
+                db.write(lambda s: job_store.reap_dead_jobs(session=s,
+                                                            stale_after_s=stale_after_s))
+                job_id = db.write(lambda s: job_store.claim_next_job(session=s,
+                                                                     worker_id=worker_id))
+                if job_id is not None:
+                    beat.job_id = job_id
+                    jobs.run_job(db, job_id)
+                    beat.job_id = None
+                    done_jobs.append(job_id)
+                    idle_since = time.monotonic()
+                    continue
+            run_id = None if kinds == "jobs" else db.write(
+                lambda s: store.claim_next_run(session=s, worker_id=worker_id))
             if run_id is None:
                 if once or (idle_exit_s is not None
                             and time.monotonic() - idle_since >= idle_exit_s):
@@ -463,4 +508,5 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
     finally:
         restore()
         unregister(db, worker_id, beat)
-    return {"worker_id": worker_id, "pid": os.getpid(), "runs": outcomes, "status": "finished"}
+    return {"worker_id": worker_id, "pid": os.getpid(), "runs": outcomes, "jobs": done_jobs,
+            "status": "finished"}

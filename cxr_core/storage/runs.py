@@ -92,6 +92,7 @@ class WorkerRecord:
     started_at: datetime
     heartbeat_at: datetime
     stopped_at: datetime | None
+    kinds: str = "all"  # what it serves: "all", "runs" or "jobs"
 
 
 class MetricRow(NamedTuple):
@@ -125,7 +126,7 @@ def _record(row: Run) -> RunRecord:
 
 def _worker(row: Worker) -> WorkerRecord:
     return WorkerRecord(row.id, row.pid, row.host, as_utc(row.started_at),
-                        as_utc(row.heartbeat_at), as_utc(row.stopped_at))
+                        as_utc(row.heartbeat_at), as_utc(row.stopped_at), row.kinds or "all")
 
 
 # -- Runs -----------------------------------------------------------------------------------
@@ -361,9 +362,9 @@ def reap_dead_runs(*, session: Session, stale_after_s: float,
 
 # -- Workers --------------------------------------------------------------------------------
 
-def register_worker(*, session: Session, pid: int, host: str) -> int:
+def register_worker(*, session: Session, pid: int, host: str, kinds: str = "all") -> int:
     now = db_now(session)
-    row = Worker(pid=pid, host=host, started_at=now, heartbeat_at=now)
+    row = Worker(pid=pid, host=host, started_at=now, heartbeat_at=now, kinds=kinds)
     session.add(row)
     session.flush()
     return row.id
@@ -372,6 +373,12 @@ def register_worker(*, session: Session, pid: int, host: str) -> int:
 def stop_worker(*, session: Session, worker_id: int) -> None:
     session.execute(update(Worker).where(Worker.id == worker_id)
                     .values(stopped_at=db_now(session)))
+
+
+def busy_worker_ids(*, session: Session) -> set[int]:
+    """Workers training a run right now."""
+    return set(session.scalars(select(Run.worker_id).where(Run.status == "running",
+                                                           Run.worker_id.is_not(None))))
 
 
 def live_workers(*, session: Session, fresh_after_s: float) -> list[WorkerRecord]:

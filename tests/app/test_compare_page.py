@@ -1,7 +1,6 @@
 """AppTest: the Compare page on two real tiny runs evaluated on the same images."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -71,19 +70,40 @@ def test_send_a_disagreement_to_review(two_runs):
     assert item.source == "compare" and item.sent_by == "Dr Lee"
 
 
-def test_evaluate_form_runs_off_the_script_thread(two_runs):
+def test_evaluate_form_queues_a_job_that_a_worker_runs(two_runs, monkeypatch):
+    """The page only queues the evaluation; a worker process decodes and predicts."""
+    from cxr_core import jobs, worker
+
+    launched = []
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: launched.append(kw) or None)
     at = _page()
     at.selectbox(key="compare_eval_ref").set_value(f"run:{two_runs[0]}")
     at.selectbox(key="compare_eval_split").set_value("test")
     at.button(key="compare_eval_go").click().run()
-    deadline = time.time() + 60
-    while time.time() < deadline and len(es.list_evaluations(open_db())) < 3:
-        time.sleep(0.5)
+    assert not at.exception and launched == [{"kinds": "jobs"}]
+    job = jobs.get_job(open_db(), at.session_state["compare_job"])
+    assert job.status == "queued" and len(es.list_evaluations(open_db())) == 2  # not run here
+    out = worker.run_worker(once=True, kinds="jobs")  # what the launched worker does
+    assert out["jobs"] == [job.id] and out["runs"] == []
     at.run()
     assert not at.exception
     newest = es.list_evaluations(open_db())[0]
     assert newest.split == "test" and newest.n == 4 and newest.run_id == two_runs[0]
     assert np.array(newest.metrics["confusion_matrix"]).sum() == 4
+    assert jobs.get_job(open_db(), job.id).result == {"evaluation_id": newest.id}
+
+
+def test_a_failed_evaluation_job_shows_its_error(two_runs, monkeypatch):
+    from cxr_core import jobs, worker
+
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    db = open_db()
+    job_id = jobs.submit(db, "evaluate", {"model_ref": "run:999", "data": "tiny"})
+    assert jobs.run_job(db, job_id).status == "failed"
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state["compare_job"] = job_id
+    at.run()
+    assert not at.exception and any("999" in e.value for e in at.error)
 
 
 def test_multiclass_compare_renders_without_thresholds(cxr_home, tiny_dataset, tmp_path):

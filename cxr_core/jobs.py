@@ -1,0 +1,89 @@
+"""Jobs as user actions: a page asks for heavy work (evaluating a model over a dataset) and a
+worker process does it, so the Streamlit process never decodes a dataset or runs a model over
+one. The page polls :func:`get_job` for progress; the result is JSON in the database, so a
+reload or an app restart loses nothing.
+
+Kinds (:data:`KINDS`): ``evaluate`` (params of :func:`cxr_core.evaluation_service.
+evaluate_model`; result ``{"evaluation_id"}``).
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cxr_core.errors import ConfigError, CxrError
+from cxr_core.storage import Database
+from cxr_core.storage import jobs as store
+from cxr_core.storage.jobs import JobRecord
+
+Progress = Callable[[int, int], None]
+PROGRESS_EVERY_S = 0.5  # progress writes per job at most this often
+
+
+def _evaluate(db: Database, params: Mapping[str, Any], progress: Progress) -> dict:
+    from cxr_core import evaluation_service as es
+
+    evaluation_id, _ = es.evaluate_model(db, params["model_ref"], params["data"],
+                                         split=params.get("split"), progress=progress,
+                                         labels=params.get("labels", "current"))
+    return {"evaluation_id": evaluation_id}
+
+
+KINDS: dict[str, Callable[[Database, Mapping[str, Any], Progress], dict]] = {
+    "evaluate": _evaluate,
+}
+
+
+def submit(db: Database, kind: str, params: Mapping[str, Any], *,
+           start_worker: bool = True) -> int:
+    """Queue a job and make sure a worker will take it; returns the job id.
+
+    A worker busy training does not take jobs until its run ends, so when every live local
+    worker is training, a second one serving only jobs is started (``CXR_WORKER=auto``).
+
+    Raises:
+        ConfigError: an unknown kind.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"job kind must be one of {sorted(KINDS)}. Received: kind={kind!r}")
+    job_id = db.write(lambda s: store.create_job(session=s, kind=kind, params=params))
+    if start_worker:
+        from cxr_core import worker
+
+        worker.ensure_worker(db, kinds="jobs")
+    return job_id
+
+
+def get_job(db: Database, job_id: int) -> JobRecord | None:
+    with db.session() as s:
+        return store.get_job(session=s, job_id=job_id)
+
+
+def run_job(db: Database, job_id: int) -> JobRecord:
+    """Do one claimed job and record how it ended (a failure is stored, not raised)."""
+    job = get_job(db, job_id)
+    if job is None:
+        raise ConfigError(f"no job {job_id}")
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= PROGRESS_EVERY_S or done == total:
+            last[0] = now
+            db.write(lambda s: store.set_progress(session=s, job_id=job_id, done=done,
+                                                  total=total))
+
+    error, result = None, None
+    try:
+        result = KINDS[job.kind](db, job.params, progress)
+    except CxrError as exc:
+        error = str(exc)
+    except Exception as exc:  # stored for the page; the worker goes on with the next job
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
+    db.write(lambda s: store.finish_job(session=s, job_id=job_id,
+                                        status="failed" if error else "finished",
+                                        result=result, error=error))
+    return get_job(db, job_id)

@@ -1,0 +1,109 @@
+"""Jobs: heavy work a page asks for and a worker does (queued → running → finished | failed).
+
+Claims are conditional UPDATEs (PostgreSQL: ``FOR UPDATE SKIP LOCKED`` picks the row), times
+come from the database's clock, and progress is two integers the page polls.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from cxr_core.errors import ConfigError
+from cxr_core.storage.runs import as_utc, db_now
+from db.models import Job
+
+JOB_STATUSES = ("queued", "running", "finished", "failed")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job as the rest of the package sees it."""
+
+    id: int
+    kind: str
+    params: dict
+    status: str
+    done: int
+    total: int
+    result: Any
+    error: str | None
+    worker_id: int | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+
+def _record(row: Job) -> JobRecord:
+    return JobRecord(row.id, row.kind, json.loads(row.params_json), row.status, row.done,
+                     row.total, json.loads(row.result_json) if row.result_json else None,
+                     row.error, row.worker_id, as_utc(row.created_at), as_utc(row.finished_at))
+
+
+def create_job(*, session: Session, kind: str, params: Mapping[str, Any]) -> int:
+    row = Job(kind=kind, params_json=json.dumps(dict(params)), status="queued", done=0, total=0,
+              created_at=db_now(session))
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def get_job(*, session: Session, job_id: int) -> JobRecord | None:
+    row = session.get(Job, job_id)
+    return _record(row) if row is not None else None
+
+
+def claim_next_job(*, session: Session, worker_id: int,
+                   kinds: Sequence[str] | None = None) -> int | None:
+    """Claim the oldest queued job (of ``kinds``, all when None) for ``worker_id``."""
+    q = select(Job.id).where(Job.status == "queued").order_by(Job.id).limit(20)
+    if kinds is not None:
+        q = q.where(Job.kind.in_(list(kinds)))
+    if session.get_bind().dialect.name != "sqlite":
+        q = q.limit(1).with_for_update(skip_locked=True)
+    now = db_now(session)
+    for job_id in session.scalars(q).all():
+        res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
+            status="running", worker_id=worker_id, started_at=now, heartbeat_at=now))
+        if res.rowcount == 1:
+            return job_id
+    return None
+
+
+def set_progress(*, session: Session, job_id: int, done: int, total: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(
+        done=int(done), total=int(total), heartbeat_at=db_now(session)))
+
+
+def heartbeat_job(*, session: Session, job_id: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id, Job.status == "running")
+                    .values(heartbeat_at=db_now(session)))
+
+
+def finish_job(*, session: Session, job_id: int, status: str, result: Any = None,
+               error: str | None = None) -> None:
+    if status not in ("finished", "failed"):
+        raise ConfigError(f"a job ends finished or failed. Received: status={status!r}")
+    session.execute(update(Job).where(Job.id == job_id).values(
+        status=status, finished_at=db_now(session), error=error,
+        result_json=None if result is None else json.dumps(result)))
+
+
+def reap_dead_jobs(*, session: Session, stale_after_s: float) -> list[int]:
+    """Running jobs whose worker stopped stamping them are marked failed (ask again)."""
+    cutoff = db_now(session) - timedelta(seconds=stale_after_s)
+    ids = session.scalars(select(Job.id).where(Job.status == "running",
+                                               Job.heartbeat_at < cutoff)).all()
+    for job_id in ids:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+            status="failed", finished_at=db_now(session),
+            error=f"its worker stopped (no heartbeat for {stale_after_s:g} s); start it again"))
+    return list(ids)
