@@ -23,7 +23,7 @@ from cxr_core.indexing import Database, DatasetInfo, index_dataset
 
 
 @st.cache_resource(show_spinner="Opening the database…")
-def get_db() -> Database:
+def _open_db() -> Database:
     """One migrated database per app process; CXR_DATA_DIR datasets are indexed once.
 
     Settings: the environment, then the ``[cxr]`` table of ``.streamlit/secrets.toml``.
@@ -34,6 +34,17 @@ def get_db() -> Database:
     for warning in warnings:
         print(f"warning: {warning}")
     return db
+
+
+def get_db() -> Database:
+    """The app's database; a settings mistake (a mistyped CXR_* value, a bad secrets table,
+    an unreachable DB URL) stops the page with its message instead of a traceback. Nothing is
+    cached then, so fixing the setting and reloading is enough."""
+    try:
+        return _open_db()
+    except CxrError as exc:
+        st.error(f"The app cannot start with these settings: {exc}", icon=":material/error:")
+        st.stop()
 
 
 def list_datasets() -> list[DatasetInfo]:

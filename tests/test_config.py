@@ -66,3 +66,16 @@ def test_a_mistyped_worker_mode_is_refused(cxr_home, monkeypatch):
     monkeypatch.setenv("CXR_WORKER", "of")
     with pytest.raises(ConfigError, match="CXR_WORKER must be one of"):
         get_settings()
+
+
+def test_the_app_names_a_settings_mistake_instead_of_a_traceback(cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_WORKER", "of")
+    st.cache_resource.clear()
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    assert any("cannot start with these settings" in e.value and "CXR_WORKER" in e.value
+               for e in at.error)
+    monkeypatch.setenv("CXR_WORKER", "auto")  # fixed: a reload works, nothing was cached
+    at.run()
+    assert not at.exception and not at.error
+    st.cache_resource.clear()
