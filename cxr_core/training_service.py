@@ -207,8 +207,8 @@ def live_curves(db: Database, run_ids: Sequence[int], *,
     (``kind`` "during epoch", ``epoch`` fractional), so a long first epoch shows progress."""
     ids = list(run_ids)
     with db.session() as s:
-        names = {r.id: r.display_name for r in store.list_runs(session=s, limit=10_000)
-                 if r.id in ids}
+        names = {i: r.display_name for i in ids
+                 if (r := store.get_run(session=s, run_id=i)) is not None}
         epochs = store.get_metrics(session=s, run_ids=ids, kind="epoch", keys=LIVE_KEYS)
         batches = store.get_metrics_thinned(session=s, run_ids=ids, kind="batch",
                                             keys=(*BATCH_KEYS, "epoch_progress"),

@@ -190,12 +190,8 @@ def test_indexing_one_split_folder_keeps_the_other_splits(tiny_dataset, cxr_home
     assert rep.removed == 0 and rep.summary["by_split"] == {"test": 4, "train": 14}
 
 
-def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr_home,
-                                                               monkeypatch):
-    """Rows are committed in batches: a restart reads only the files not stored yet."""
-    import cxr_core.indexing as indexing
-
-    monkeypatch.setattr(indexing, "BATCH", 5)
+def _index_killed_at_the_13th_file(db, path, monkeypatch) -> None:
+    """Index ``path`` as "tiny" and crash while reading the 13th file (an app restart)."""
     real_scan, reads = ds.scan_file, []
 
     def crash_on_13th(root, entry, salt=None):
@@ -204,11 +200,20 @@ def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr
             raise KeyboardInterrupt("the app was restarted")
         return real_scan(root, entry, salt)
 
-    db = open_db()
     monkeypatch.setattr(ds, "scan_file", crash_on_13th)
     with pytest.raises(KeyboardInterrupt):
-        index_dataset(db, tiny_dataset, name="tiny", progress=None)
+        index_dataset(db, path, name="tiny")
     monkeypatch.setattr(ds, "scan_file", real_scan)
+
+
+def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr_home,
+                                                               monkeypatch):
+    """Rows are committed in batches: a restart reads only the files not stored yet."""
+    import cxr_core.indexing as indexing
+
+    monkeypatch.setattr(indexing, "BATCH", 5)
+    db = open_db()
+    _index_killed_at_the_13th_file(db, tiny_dataset, monkeypatch)
     with db.session() as s:
         from cxr_core.storage import datasets as dstore
 
@@ -232,18 +237,7 @@ def test_a_killed_reindex_leaves_no_stale_counts(tiny_dataset, cxr_home, monkeyp
     index_dataset(db, tiny_dataset, name="tiny")
     for f in tiny_dataset.rglob("*.*"):  # a copy without mtimes: every file is read again
         os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
-    real_scan, reads = ds.scan_file, []
-
-    def crash_on_13th(root, entry, salt=None):
-        reads.append(entry.relpath)
-        if len(reads) == 13:
-            raise KeyboardInterrupt("the app was restarted")
-        return real_scan(root, entry, salt)
-
-    monkeypatch.setattr(ds, "scan_file", crash_on_13th)
-    with pytest.raises(KeyboardInterrupt):
-        index_dataset(db, tiny_dataset, name="tiny")
-    monkeypatch.setattr(ds, "scan_file", real_scan)
+    _index_killed_at_the_13th_file(db, tiny_dataset, monkeypatch)
     with db.session() as s:
         assert dstore.get_dataset(session=s, name_or_id="tiny").summary is None
     rep = index_dataset(db, tiny_dataset, name="tiny")

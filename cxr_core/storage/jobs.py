@@ -15,11 +15,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import ConfigError
-from cxr_core.storage.runs import as_utc, db_now
+from cxr_core.storage.runs import as_utc, claim_candidates, db_now
 from db.models import Job
-
-JOB_STATUSES = ("queued", "running", "finished", "failed")
-
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -36,10 +33,6 @@ class JobRecord:
     worker_id: int | None
     created_at: datetime
     finished_at: datetime | None
-
-    @property
-    def active(self) -> bool:
-        return self.status in ("queued", "running")
 
 
 def _record(row: Job) -> JobRecord:
@@ -64,13 +57,11 @@ def get_job(*, session: Session, job_id: int) -> JobRecord | None:
 def claim_next_job(*, session: Session, worker_id: int,
                    kinds: Sequence[str] | None = None) -> int | None:
     """Claim the oldest queued job (of ``kinds``, all when None) for ``worker_id``."""
-    q = select(Job.id).where(Job.status == "queued").order_by(Job.id).limit(20)
+    queued = select(Job.id).where(Job.status == "queued").order_by(Job.id)
     if kinds is not None:
-        q = q.where(Job.kind.in_(list(kinds)))
-    if session.get_bind().dialect.name != "sqlite":
-        q = q.limit(1).with_for_update(skip_locked=True)
+        queued = queued.where(Job.kind.in_(list(kinds)))
     now = db_now(session)
-    for job_id in session.scalars(q).all():
+    for job_id in claim_candidates(session, queued):
         res = session.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(
             status="running", worker_id=worker_id, started_at=now, heartbeat_at=now))
         if res.rowcount == 1:
@@ -99,11 +90,12 @@ def finish_job(*, session: Session, job_id: int, status: str, result: Any = None
 
 def reap_dead_jobs(*, session: Session, stale_after_s: float) -> list[int]:
     """Running jobs whose worker stopped stamping them are marked failed (ask again)."""
-    cutoff = db_now(session) - timedelta(seconds=stale_after_s)
+    now = db_now(session)
+    cutoff = now - timedelta(seconds=stale_after_s)
     ids = session.scalars(select(Job.id).where(Job.status == "running",
                                                Job.heartbeat_at < cutoff)).all()
     for job_id in ids:
         session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-            status="failed", finished_at=db_now(session),
+            status="failed", finished_at=now,
             error=f"its worker stopped (no heartbeat for {stale_after_s:g} s); start it again"))
     return list(ids)

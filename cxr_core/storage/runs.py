@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import RunError
@@ -183,26 +183,26 @@ def claim_run(*, session: Session, run_id: int, worker_id: int) -> bool:
     return res.rowcount == 1
 
 
-def claim_next_run(*, session: Session, worker_id: int) -> int | None:
-    """Claim the oldest queued run for ``worker_id``.
+def claim_candidates(session: Session, query: Select) -> list[int]:
+    """Ids of ``query`` (oldest queued first) a worker should try to claim.
 
-    PostgreSQL: ``SELECT … FOR UPDATE SKIP LOCKED`` picks the oldest queued run no other
-    worker is claiming, so many workers never wait on (or fight over) one row. SQLite has one
-    writer at a time: the conditional UPDATE of :func:`claim_run` settles it.
+    PostgreSQL: the oldest row no other worker is claiming (``FOR UPDATE SKIP LOCKED``), so
+    many workers never wait on or fight over one row. SQLite has one writer at a time: a few
+    candidates, and the caller's conditional UPDATE settles who gets each.
+    """
+    if session.get_bind().dialect.name == "sqlite":
+        return list(session.scalars(query.limit(20)))
+    return list(session.scalars(query.limit(1).with_for_update(skip_locked=True)))
+
+
+def claim_next_run(*, session: Session, worker_id: int) -> int | None:
+    """Claim the oldest queued run for ``worker_id`` (see :func:`claim_candidates`).
 
     Returns:
         The claimed run id, or None when nothing is queued.
     """
-    if session.get_bind().dialect.name != "sqlite":
-        run_id = session.scalar(select(Run.id).where(Run.status == "queued").order_by(Run.id)
-                                .limit(1).with_for_update(skip_locked=True))
-        if run_id is not None and claim_run(session=session, run_id=run_id,
-                                            worker_id=worker_id):
-            return run_id
-        return None
-    ids = session.scalars(select(Run.id).where(Run.status == "queued")
-                          .order_by(Run.id).limit(20)).all()
-    for run_id in ids:
+    queued = select(Run.id).where(Run.status == "queued").order_by(Run.id)
+    for run_id in claim_candidates(session, queued):
         if claim_run(session=session, run_id=run_id, worker_id=worker_id):
             return run_id
     return None
