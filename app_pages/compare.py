@@ -21,7 +21,7 @@ def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str) -> cs
 
 
 def evaluate_ui(db) -> None:
-    """Evaluate a finished run (or the default model) on a dataset, off the script thread."""
+    """Evaluate a finished run (or the default model) on a dataset: a job a worker runs."""
     refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(db)}
     datasets = {d.name: d for d in list_datasets()}
     c1, c2, c3, c4 = st.columns(4)
