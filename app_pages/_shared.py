@@ -5,35 +5,33 @@ arguments starting with ``_`` when those must not be hashed.
 """
 from __future__ import annotations
 
-import threading
-import time
-import traceback
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import streamlit as st
 
 from cxr_core import images as cxr_images
-from cxr_core import indexing
+from cxr_core import indexing, jobs
 from cxr_core.config import apply_secrets
 from cxr_core.errors import CxrError
-from cxr_core.indexing import Database, DatasetInfo, index_dataset
+from cxr_core.indexing import Database, DatasetInfo
+from cxr_core.jobs import JobRecord
 
 
 @st.cache_resource(show_spinner="Opening the database…")
-def _open_db() -> Database:
-    """One migrated database per app process; CXR_DATA_DIR datasets are indexed once.
+def _open_app() -> tuple[Database, list[int]]:
+    """One migrated database per app process; CXR_DATA_DIR datasets are queued for indexing.
 
     Settings: the environment, then the ``[cxr]`` table of ``.streamlit/secrets.toml``.
     """
     if st.secrets.load_if_toml_exists() and "cxr" in st.secrets:
         apply_secrets(st.secrets["cxr"])
-    db, warnings = indexing.open_indexed_db()
-    for warning in warnings:
-        print(f"warning: {warning}")
-    return db
+    return indexing.open_app_db()
+
+
+def _startup_jobs() -> list[int]:
+    """The index jobs of CXR_DATA_DIR, queued once per app process."""
+    get_db()  # stops the page on a settings mistake
+    return _open_app()[1]
 
 
 def get_db() -> Database:
@@ -41,7 +39,7 @@ def get_db() -> Database:
     an unreachable DB URL) stops the page with its message instead of a traceback. Nothing is
     cached then, so fixing the setting and reloading is enough."""
     try:
-        return _open_db()
+        return _open_app()[0]
     except CxrError as exc:
         st.error(f"The app cannot start with these settings: {exc}", icon=":material/error:")
         st.stop()
@@ -70,73 +68,55 @@ def image_path(info: DatasetInfo, relpath: str) -> str:
     return str(Path(info.root) / relpath)
 
 
-# -- Background jobs: long work off the script thread, polled by fragments ------------------
+# -- Jobs: heavy work a worker process does, polled by fragments ----------------------------
 
-@dataclass
-class Job:
-    """State of one background job, updated by the worker thread, read by the page."""
+def job_ui(state_key: str, label: str) -> None:
+    """Progress of the job whose id is in ``st.session_state[state_key]``, polled each second.
 
-    name: str
-    done: int = 0
-    total: int = 0
-    result: object = None
-    error: str | None = None
-    started: float = field(default_factory=time.time)
-    future: Future | None = None
-
-    @property
-    def running(self) -> bool:
-        return self.future is not None and not self.future.done()
+    When it ends the id moves to ``state_key + "_done"`` and the whole page reruns, so the
+    caller draws the result with :func:`finished_job` (anything drawn inside a fragment
+    vanishes with the rerun).
+    """
+    if st.session_state.get(state_key):
+        _job_progress(state_key, label)
 
 
-@st.cache_resource
-def _jobs() -> tuple[ThreadPoolExecutor, dict[str, Job], threading.Lock]:
-    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="cxr-job"), {}, threading.Lock()
+@st.fragment(run_every=1.0)
+def _job_progress(state_key: str, label: str) -> None:
+    job_id = st.session_state.get(state_key)
+    if not job_id or (job := jobs.get_job(get_db(), job_id)) is None:
+        return
+    if job.status == "queued":
+        st.progress(0.0, text=f"{label}: job #{job.id} queued for a worker")
+    elif job.status == "running":
+        st.progress(job.done / job.total if job.total else 0.0,
+                    text=f"{label} (worker): {job.done:,}/{job.total:,}" if job.total else label)
+    else:
+        st.session_state.pop(state_key, None)
+        st.session_state[f"{state_key}_done"] = job.id
+        st.rerun(scope="app")
 
 
-def start_job(key: str, fn: Callable[[Callable[[int, int], None]], object]) -> Job:
-    """Run ``fn(progress)`` in a background thread once per key (no Streamlit calls inside)."""
-    pool, jobs, lock = _jobs()
-    with lock:
-        job = jobs.get(key)
-        if job is not None and job.running:
-            return job
-        job = Job(key)
-        jobs[key] = job
-
-    def progress(done: int, total: int) -> None:
-        job.done, job.total = done, total
-
-    def run() -> None:
-        try:
-            job.result = fn(progress)
-        except CxrError as exc:
-            job.error = str(exc)
-        except Exception as exc:  # shown to the user; the app keeps running
-            job.error = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
-
-    job.future = pool.submit(run)
+def finished_job(state_key: str, *, keep: bool = False) -> JobRecord | None:
+    """The job of ``state_key`` once it has ended (returned once, unless ``keep``), whether
+    :func:`job_ui` saw it end or this page did not poll it; its error is shown here."""
+    done_key = f"{state_key}_done"
+    if (job_id := st.session_state.get(state_key)) and (job := jobs.get_job(
+            get_db(), job_id)) is not None and job.status in ("finished", "failed"):
+        st.session_state.pop(state_key)
+        st.session_state[done_key] = job_id
+    job_id = (st.session_state.get if keep else st.session_state.pop)(done_key, None)
+    job = jobs.get_job(get_db(), job_id) if job_id else None
+    if job is not None and job.status == "failed":
+        st.error(job.error, icon=":material/error:")
+        return None
     return job
-
-
-def get_job(key: str) -> Job | None:
-    return _jobs()[1].get(key)
-
-
-def show_job(job: Job, label: str) -> None:
-    """Progress bar of a running job, or its error."""
-    if job.running:
-        frac = job.done / job.total if job.total else 0.0
-        st.progress(frac, text=f"{label}: {job.done:,}/{job.total:,}" if job.total else label)
-    elif job.error:
-        st.error(job.error)
 
 
 # -- Dataset picker -------------------------------------------------------------------------
 
 def add_dataset_ui(key: str = "add_ds") -> None:
-    """Register a dataset by path (indexed in the background with a progress bar)."""
+    """Register a dataset by path: a worker indexes it; the page shows the job's progress."""
     with st.form(f"{key}_form", clear_on_submit=False, border=False):
         path = st.text_input("Dataset folder or PneumoniaMNIST .npz",
                              placeholder="/data/chest_xray or /data/pneumoniamnist.npz",
@@ -145,48 +125,50 @@ def add_dataset_ui(key: str = "add_ds") -> None:
         name = st.text_input("Name (optional)")
         submitted = st.form_submit_button("Index dataset", icon=":material/add:")
     if submitted and path.strip():
-        db = get_db()
-        start_job(f"index:{path.strip()}", lambda progress: index_dataset(
-            db, path.strip(), name=name.strip() or None, progress=progress))
-        st.session_state[f"{key}_job"] = f"index:{path.strip()}"
-    job_key = st.session_state.get(f"{key}_job")
-    if job_key:
-        _index_job_status(job_key, key)
+        st.session_state[f"{key}_job"] = jobs.submit_once(
+            get_db(), "index", {"path": path.strip(), "name": name.strip() or None})
+    job_ui(f"{key}_job", "Scanning headers")
     index_report_ui(key)
 
 
-@st.fragment(run_every=0.5)
-def _index_job_status(job_key: str, key: str) -> None:
-    job = get_job(job_key)
-    if job is None:
-        return
-    show_job(job, "Scanning headers")
-    if not job.running and job.result is not None:
-        # Reported by index_report_ui after the app rerun: anything drawn here vanishes with it.
-        st.session_state[f"{key}_report"] = job.result
-        load_records.clear()
-        st.session_state.pop(f"{key}_job", None)
-        st.rerun(scope="app")
-
-
 def index_report_ui(key: str = "add_ds") -> None:
-    """The result of the indexing job started by ``add_dataset_ui(key)``, shown once."""
-    rep = st.session_state.pop(f"{key}_report", None)
-    if rep is None:
+    """The report of the index job started by ``add_dataset_ui(key)``, shown once."""
+    job = finished_job(f"{key}_job")
+    if job is None or not job.result:
         return
-    st.success(f"Indexed **{rep.dataset}**: {rep.summary['images']:,} images "
-               f"({rep.scanned:,} read, {rep.unchanged:,} unchanged) in {rep.seconds:.1f} s")
-    for w in rep.warnings:
+    rep = job.result
+    st.success(f"Indexed **{rep['dataset']}**: {rep['images']:,} images "
+               f"({rep['scanned']:,} read, {rep['unchanged']:,} unchanged) in "
+               f"{rep['seconds']:.1f} s")
+    for w in rep.get("warnings", []):
         st.warning(w, icon=":material/warning:")
-    for p in rep.problems[:10]:
+    problems = rep.get("problems", [])
+    for p in problems[:10]:
         st.warning(p)
-    if len(rep.problems) > 10:
-        st.warning(f"… and {len(rep.problems) - 10} more problems")
+    if len(problems) > 10:
+        st.warning(f"… and {len(problems) - 10} more problems")
+
+
+def startup_index_ui() -> None:
+    """The ``CXR_DATA_DIR`` index jobs queued at start: progress while they run, and the
+    error of one that failed (a path that is not a dataset)."""
+    for job_id in _startup_jobs():
+        job = jobs.get_job(get_db(), job_id)
+        if job is None:
+            continue
+        if job.status in ("queued", "running"):
+            key = f"startup_job_{job_id}"
+            st.session_state.setdefault(key, job_id)
+            job_ui(key, f"Indexing {job.params['path']}")
+        elif job.status == "failed":
+            st.warning(f"CXR_DATA_DIR {job.params['path']}: {job.error}",
+                       icon=":material/warning:")
 
 
 def dataset_picker(key: str) -> DatasetInfo | None:
     """Sidebar select of indexed datasets, shared across pages; None when there are none."""
     datasets = list_datasets()
+    startup_index_ui()
     if not datasets:
         st.info("No dataset yet. Add one below by path, set `CXR_DATA_DIR` before starting the "
                 "app, or run `python -m cxr_core index PATH`.", icon=":material/info:")

@@ -12,7 +12,7 @@ from cxr_core import operating_point_service as ops
 from cxr_core import jobs
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from app_pages._shared import get_db, list_datasets, thumbnail
+from app_pages._shared import finished_job, get_db, job_ui, list_datasets, thumbnail
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
@@ -40,26 +40,9 @@ def evaluate_ui(db) -> None:
         st.session_state["compare_job"] = jobs.submit(db, "evaluate", dict(
             model_ref=ref, data=name, split=None if split == "(all)" else split,
             labels=labels))
-    if st.session_state.get("compare_job"):
-        eval_job_ui(st.session_state["compare_job"])
-
-
-@st.fragment(run_every=1.0)
-def eval_job_ui(job_id: int) -> None:
-    if (job := jobs.get_job(get_db(), job_id)) is None:
-        return
-    if job.status == "queued":
-        st.progress(0.0, text=f"Evaluation job #{job.id} queued for a worker")
-    elif job.status == "running":
-        st.progress(job.done / job.total if job.total else 0.0,
-                    text=f"Decoding, then predicting (worker): {job.done:,}/{job.total:,}")
-    else:
-        st.session_state.pop("compare_job", None)
-        if job.status == "failed":
-            st.error(job.error)
-            return
+    job_ui("compare_job", "Decoding, then predicting")
+    if (job := finished_job("compare_job")) is not None:
         st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
-        st.rerun(scope="app")
 
 
 def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:

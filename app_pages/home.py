@@ -5,7 +5,7 @@ import streamlit as st
 
 from cxr_core.errors import CxrError
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
-from app_pages._shared import dataset_picker, index_report_ui, list_datasets
+from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
 
 st.title(":material/pulmonology: CXR Workbench")
 st.markdown(
@@ -38,6 +38,7 @@ demo_model_ui()
 datasets = list_datasets()
 if datasets:
     st.subheader("Datasets")
+    startup_index_ui()
     index_report_ui()  # a dataset just added from "Get started" below
     st.dataframe(
         [{"name": d.name, "images": d.n_images, "layout": d.layout,

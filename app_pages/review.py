@@ -1,12 +1,14 @@
 """Review: clinicians confirm or correct labels; each click appends one relabel row."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import streamlit as st
 
-from cxr_core import agreement, explain, review, review_export, review_view
+from cxr_core import agreement, explain, jobs, review, review_view
 from cxr_core.errors import CxrError
-from app_pages._shared import dataset_picker, get_db
+from app_pages._shared import dataset_picker, finished_job, get_db, job_ui
 
 
 def reviewer_ui() -> str | None:
@@ -135,8 +137,22 @@ def agreement_ui(state: review.ReviewState) -> None:
         st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
         st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
                      hide_index=True)
-    st.download_button("Export all relabels (CSV)", review_export.relabels_to_csv(state.relabels),
-                       file_name="relabels.csv", mime="text/csv", icon=":material/download:")
+    export_ui(state.dataset_id)
+
+
+def export_ui(dataset_id: int) -> None:
+    """Every relabel row as CSV: a worker writes the file, then it downloads from here."""
+    if st.button("Prepare CSV of all relabels", icon=":material/table_view:",
+                 key="review_export_go"):
+        st.session_state["review_export"] = jobs.submit(get_db(), "export_relabels",
+                                                        {"dataset_id": dataset_id})
+    job_ui("review_export", "Writing relabels CSV")
+    if (job := finished_job("review_export", keep=True)) is not None and job.result:
+        path = Path(job.result["path"])
+        st.download_button(f"Download relabels.csv ({job.result['rows']:,} rows)",
+                           data=path.read_bytes, file_name="relabels.csv", mime="text/csv",
+                           icon=":material/download:", key="review_export_download",
+                           on_click="ignore", disabled=not path.exists())
 
 
 st.title("Review")

@@ -197,30 +197,21 @@ def _free_name(db: Database, path: str | Path) -> str:
     return name
 
 
-def register_env_datasets(db: Database, progress: Progress | None = None) -> list[IndexReport | str]:
-    """Index every path in CXR_DATA_DIR (incremental, so cheap when already indexed).
+def open_app_db(*, start_worker: bool = True) -> tuple[Database, list[int]]:
+    """Open the configured database (migrated to the newest schema) and queue an index job
+    per ``CXR_DATA_DIR`` path: what the app does once per process. A worker does the indexing
+    (incremental, so cheap when nothing changed); the web process reads no folder.
 
     Returns:
-        A report per path, or the error message for a path that could not be indexed.
+        (the database, the index job ids, one per data folder; an already queued or running
+        job for a path is reused).
     """
-    out: list[IndexReport | str] = []
-    for path in storage.get_settings().data_dirs:
-        try:
-            out.append(index_dataset(db, path, progress=progress))
-        except DatasetError as exc:
-            out.append(f"CXR_DATA_DIR {path}: {exc}")
-    return out
+    from cxr_core import jobs
 
-
-def open_indexed_db() -> tuple[Database, list[str]]:
-    """Open the configured database (migrated to the newest schema) and index the
-    ``CXR_DATA_DIR`` datasets into it: what the app does once per process.
-
-    Returns:
-        (the database, one message per data folder that could not be indexed).
-    """
     db = storage.open_db()
-    return db, [item for item in register_env_datasets(db) if isinstance(item, str)]
+    return db, [jobs.submit_once(db, "index", {"path": str(path), "name": None},
+                                 start_worker=start_worker)
+                for path in storage.get_settings().data_dirs]
 
 
 def list_datasets(db: Database) -> list[DatasetInfo]:

@@ -3,8 +3,16 @@ worker process does it, so the Streamlit process never decodes a dataset or runs
 one. The page polls :func:`get_job` for progress; the result is JSON in the database, so a
 reload or an app restart loses nothing.
 
-Kinds (:data:`KINDS`): ``evaluate`` (params of :func:`cxr_core.evaluation_service.
-evaluate_model`; result ``{"evaluation_id"}``).
+Kinds (:data:`KINDS`):
+
+- ``index``: params ``{"path", "name"}`` of :func:`cxr_core.indexing.index_dataset`; result
+  the index report (:meth:`~cxr_core.indexing.IndexReport.to_json` plus ``dataset_id`` and
+  ``warnings``). Batches commit as it goes, so a job failed by a killed worker resumes where
+  it stopped when asked again.
+- ``evaluate``: params of :func:`cxr_core.evaluation_service.evaluate_model`; result
+  ``{"evaluation_id"}``.
+- ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
+  every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
 """
 from __future__ import annotations
 
@@ -19,10 +27,29 @@ from cxr_core.storage import jobs as store
 from cxr_core.storage.jobs import JobRecord
 
 Progress = Callable[[int, int], None]
+Handler = Callable[[Database, int, Mapping[str, Any], Progress], dict]
 PROGRESS_EVERY_S = 0.5  # progress writes per job at most this often
 
 
-def _evaluate(db: Database, params: Mapping[str, Any], progress: Progress) -> dict:
+def _index(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
+    from cxr_core import indexing
+
+    rep = indexing.index_dataset(db, params["path"], name=params.get("name"), progress=progress)
+    return {**rep.to_json(), "dataset_id": rep.dataset_id, "warnings": rep.warnings}
+
+
+def _export_relabels(db: Database, job_id: int, params: Mapping[str, Any],
+                     progress: Progress) -> dict:
+    from cxr_core import review_export
+    from cxr_core.storage import get_settings
+
+    out = get_settings().artifacts_root / "exports" / f"relabels-job{job_id}.csv"
+    rows = review_export.write_relabels_csv(db, out, dataset_id=params.get("dataset_id"),
+                                            progress=progress)
+    return {"path": str(out), "rows": rows}
+
+
+def _evaluate(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
     from cxr_core import evaluation_service as es
 
     evaluation_id, _ = es.evaluate_model(db, params["model_ref"], params["data"],
@@ -31,8 +58,10 @@ def _evaluate(db: Database, params: Mapping[str, Any], progress: Progress) -> di
     return {"evaluation_id": evaluation_id}
 
 
-KINDS: dict[str, Callable[[Database, Mapping[str, Any], Progress], dict]] = {
+KINDS: dict[str, Handler] = {
+    "index": _index,
     "evaluate": _evaluate,
+    "export_relabels": _export_relabels,
 }
 
 
@@ -61,6 +90,28 @@ def get_job(db: Database, job_id: int) -> JobRecord | None:
         return store.get_job(session=s, job_id=job_id)
 
 
+def recent_jobs(db: Database, kind: str, *, limit: int = 10) -> list[JobRecord]:
+    """The newest jobs of a kind, newest first."""
+    with db.session() as s:
+        return store.list_jobs(session=s, kind=kind, limit=limit)
+
+
+def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
+                start_worker: bool = True) -> int:
+    """:func:`submit`, unless a job of that kind with the same params is queued or running
+    (two tabs asking to index one folder get one job); returns that job's id."""
+    with db.session() as s:
+        for job in store.list_jobs(session=s, kind=kind, statuses=("queued", "running"),
+                                   limit=None):
+            if job.params == dict(params):
+                if start_worker:
+                    from cxr_core import worker
+
+                    worker.ensure_worker(db, kinds="jobs")
+                return job.id
+    return submit(db, kind, params, start_worker=start_worker)
+
+
 def run_job(db: Database, job_id: int) -> JobRecord:
     """Do one claimed job and record how it ended (a failure is stored, not raised)."""
     job = get_job(db, job_id)
@@ -77,7 +128,7 @@ def run_job(db: Database, job_id: int) -> JobRecord:
 
     error, result = None, None
     try:
-        result = KINDS[job.kind](db, job.params, progress)
+        result = KINDS[job.kind](db, job_id, job.params, progress)
     except CxrError as exc:
         error = str(exc)
     except Exception as exc:  # stored for the page; the worker goes on with the next job

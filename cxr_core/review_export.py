@@ -4,10 +4,11 @@ Cells a spreadsheet would run as a formula are quoted (:mod:`cxr_core.csv_safe`)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import fields
+from pathlib import Path
 
-from cxr_core.csv_safe import rows_to_csv
+from cxr_core.csv_safe import rows_to_csv, write_rows
 from cxr_core.storage import Database
 from cxr_core.storage import relabels as store
 from cxr_core.storage.relabels import RelabelRecord
@@ -34,3 +35,39 @@ def export_relabels_csv(db: Database, dataset_id: int | None = None) -> str:
     with db.session() as s:
         return relabels_to_csv(store.list_relabels(session=s, dataset_id=dataset_id,
                                                    include_uploads=True))
+
+
+EXPORT_PAGE = 5000  # rows read per query while writing an export
+
+
+def write_relabels_csv(db: Database, path: str | Path, dataset_id: int | None = None,
+                       progress: Callable[[int, int], None] | None = None) -> int:
+    """Write :func:`export_relabels_csv`'s CSV to ``path`` page by page (keyset on the row id,
+    so memory stays flat at any size); the file appears whole (written aside, then renamed).
+
+    Returns:
+        The number of rows written.
+    """
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".part")
+    with db.session() as s:
+        total = store.count_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
+    done, last = 0, 0
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        write_rows(f, _CSV_COLUMNS, [])
+        while True:
+            with db.session() as s:
+                page = store.list_relabels(session=s, dataset_id=dataset_id,
+                                           include_uploads=True, after_id=last,
+                                           limit=EXPORT_PAGE)
+            if not page:
+                break
+            write_rows(f, None, ([getattr(r, c) for c in _CSV_COLUMNS] for r in page))
+            done, last = done + len(page), page[-1].id
+            if progress is not None:
+                progress(done, max(total, done))
+    tmp.replace(out)
+    if progress is not None:
+        progress(done, max(total, done))
+    return done

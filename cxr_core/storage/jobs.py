@@ -54,6 +54,19 @@ def get_job(*, session: Session, job_id: int) -> JobRecord | None:
     return _record(row) if row is not None else None
 
 
+def list_jobs(*, session: Session, kind: str | None = None,
+              statuses: Sequence[str] | None = None, limit: int | None = 10) -> list[JobRecord]:
+    """Jobs (of a kind, in some statuses), newest first; ``limit`` None returns them all."""
+    q = select(Job).order_by(Job.id.desc())
+    if kind is not None:
+        q = q.where(Job.kind == kind)
+    if statuses is not None:
+        q = q.where(Job.status.in_(list(statuses)))
+    if limit is not None:
+        q = q.limit(limit)
+    return [_record(r) for r in session.scalars(q)]
+
+
 def claim_next_job(*, session: Session, worker_id: int,
                    kinds: Sequence[str] | None = None) -> int | None:
     """Claim the oldest queued job (of ``kinds``, all when None) for ``worker_id``."""

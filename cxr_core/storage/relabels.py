@@ -82,8 +82,10 @@ def _record(row: Relabel, relpath: str | None) -> RelabelRecord:
 def list_relabels(*, session: Session, dataset_id: int | None = None,
                   image_ids: Sequence[int] | None = None,
                   as_of_relabel_id: int | None = None,
-                  include_uploads: bool = False) -> list[RelabelRecord]:
-    """Relabel rows (undo rows included), oldest first.
+                  include_uploads: bool = False, after_id: int | None = None,
+                  limit: int | None = None, newest_first: bool = False) -> list[RelabelRecord]:
+    """Relabel rows (undo rows included), oldest first (keyset pages with ``after_id`` and
+    ``limit``; ``newest_first`` with ``after_id`` pages backwards: ids below it).
 
     Args:
         session: the open session.
@@ -91,6 +93,9 @@ def list_relabels(*, session: Session, dataset_id: int | None = None,
         image_ids: only these images.
         as_of_relabel_id: only rows with ``id <= as_of_relabel_id``.
         include_uploads: also every upload's rows (no dataset; ``relpath`` is the sha256).
+        after_id: only rows past this id (below it when ``newest_first``).
+        limit: at most this many rows.
+        newest_first: newest row first.
 
     Returns:
         The rows as records, in id order.
@@ -105,7 +110,22 @@ def list_relabels(*, session: Session, dataset_id: int | None = None,
         q = q.where(Relabel.image_id.in_(list(image_ids)))
     if as_of_relabel_id is not None:
         q = q.where(Relabel.id <= as_of_relabel_id)
-    return [_record(row, relpath) for row, relpath in session.execute(q.order_by(Relabel.id))]
+    if after_id is not None:
+        q = q.where(Relabel.id < after_id if newest_first else Relabel.id > after_id)
+    q = q.order_by(Relabel.id.desc() if newest_first else Relabel.id)
+    if limit is not None:
+        q = q.limit(limit)
+    return [_record(row, relpath) for row, relpath in session.execute(q)]
+
+
+def count_relabels(*, session: Session, dataset_id: int | None = None,
+                   include_uploads: bool = False) -> int:
+    """How many rows :func:`list_relabels` would return (undo rows included)."""
+    q = select(func.count(Relabel.id)).outerjoin(ImageRow, ImageRow.id == Relabel.image_id)
+    in_scope = Relabel.image_id.is_not(None) if dataset_id is None else \
+        ImageRow.dataset_id == dataset_id
+    q = q.where(or_(in_scope, Relabel.upload_sha256.is_not(None)) if include_uploads else in_scope)
+    return int(session.scalar(q) or 0)
 
 
 def list_upload_relabels(*, session: Session,

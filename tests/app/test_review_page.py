@@ -91,7 +91,10 @@ def test_skip_moves_to_the_next_image(tiny):
     assert progress_text(at) == "0 reviewed, 3 left"  # skipped is still left
 
 
-def test_sent_queue_shows_model_output_and_exports(tiny):
+def test_sent_queue_shows_model_output_and_exports(tiny, monkeypatch):
+    from cxr_core import jobs, worker
+
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
     db, dataset_id = tiny
     with db.session() as s:
         image_id = max(rel_store.original_labels(session=s, dataset_id=dataset_id))
@@ -108,7 +111,18 @@ def test_sent_queue_shows_model_output_and_exports(tiny):
     assert (row.image_id, row.run_ref, row.score, row.new_label) == (image_id, "default", 0.9,
                                                                      "NORMAL")
     assert "Nothing left" in at.success[0].value
-    assert at.get("download_button")
+    # The export is a job: the page queues it, a worker writes the file, the page offers it.
+    assert not at.get("download_button")
+    at.button(key="review_export_go").click().run()
+    job = jobs.get_job(db, at.session_state["review_export"])
+    assert job.kind == "export_relabels" and job.status == "queued"
+    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
+    at.run()
+    assert not at.exception, at.exception
+    (button,) = at.get("download_button")
+    assert "1 rows" in button.proto.label
+    path = Path(jobs.get_job(db, job.id).result["path"])
+    assert path.read_text().count("\n") == 2 and "Dr Test" in path.read_text()
 
 
 def _tiny_model():

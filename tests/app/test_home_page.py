@@ -1,0 +1,58 @@
+"""AppTest of Home: datasets are indexed by worker jobs (CXR_DATA_DIR at start, the form)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from cxr_core import jobs, worker
+from cxr_core.storage import open_db
+
+PAGE = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")  # Home is its default
+
+
+@pytest.fixture(autouse=True)
+def _no_launch(monkeypatch):
+    """The test plays the worker; the page must not launch a process."""
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+
+
+def run_page() -> AppTest:
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_data_dirs_are_indexed_by_a_worker_not_the_page(cxr_home, tiny_dataset, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.setenv("CXR_DATA_DIR", f"{tiny_dataset}:{tmp_path / 'gone'}")
+    at = run_page()
+    assert [p.proto.text for p in at.get("progress")] == [
+        f"Indexing {tiny_dataset}: job #1 queued for a worker",
+        f"Indexing {tmp_path / 'gone'}: job #2 queued for a worker"]
+    assert at.info and "No dataset yet" in at.info[0].value  # nothing read in the page
+    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [1, 2]
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.get("progress")
+    assert at.dataframe[0].value["name"].tolist() == ["chest_xray"]
+    (warning,) = at.warning
+    assert f"CXR_DATA_DIR {tmp_path / 'gone'}" in warning.value
+
+
+def test_the_add_form_queues_an_index_job_and_shows_its_report(cxr_home, tiny_dataset):
+    at = run_page()
+    at.text_input[0].input(str(tiny_dataset))
+    at.text_input[1].input("tiny")
+    at.button[0].click().run()
+    assert not at.exception, at.exception
+    (job,) = jobs.recent_jobs(open_db(), "index")
+    assert job.status == "queued" and job.params == {"path": str(tiny_dataset), "name": "tiny"}
+    assert "queued for a worker" in at.get("progress")[0].proto.text
+    worker.run_worker(once=True, kinds="jobs")
+    at.run()
+    assert not at.exception, at.exception
+    assert "Indexed **tiny**: 18 images (18 read, 0 unchanged)" in at.success[0].value
+    at.run()  # shown once
+    assert not at.success and at.dataframe[0].value["name"].tolist() == ["tiny"]
