@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from cxr_core import agreement, explain, jobs, review, review_view
+from cxr_core import agreement as agreement_mod
+from cxr_core import explain, jobs, review, review_view
 from cxr_core.errors import CxrError
 from app_pages._shared import dataset_picker, finished_job, get_db, job_ui
 
@@ -90,7 +91,7 @@ def act(action: str, reviewer: str, entry=None, choice=None) -> None:
 def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: str,
                 choices: list[review.LabelChoice]) -> None:
     """What is known about the image (or upload), then one button per label, skip and undo."""
-    about = review_view.describe_entry(state, entry)
+    about = review_view.describe_entry(get_db(), state, entry)
     others = ", ".join(f"{who}: `{label}`" for who, label in about.reviewers)
     st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
@@ -115,7 +116,7 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: s
 
 
 def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
-    path, sha = review_view.entry_image(state, entry, info.root)
+    path, sha = review_view.entry_image(get_db(), entry, info.root)
     if path is None:
         st.error(f"The stored upload {entry.upload_sha256} is missing from the uploads folder.")
         return
@@ -131,12 +132,31 @@ def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
         st.error(str(exc))
 
 
+@st.cache_data(show_spinner="Comparing reviewers…", max_entries=16)
+def agreement(dataset_id: int, newest_relabel_id: int | None,
+              page: int) -> agreement_mod.Agreement:
+    """Kappa and conflicts (SQL aggregates), cached until the next relabel (the id keys it)."""
+    return agreement_mod.agreement(get_db(), dataset_id, conflicts_limit=CONFLICTS_PAGE,
+                                   conflicts_offset=(page - 1) * CONFLICTS_PAGE)
+
+
+CONFLICTS_PAGE = 25
+
+
 def agreement_ui(state: review.ReviewState) -> None:
-    agr = agreement.agreement(state.relabels)
-    with st.expander(f"Reviewer agreement (Cohen's kappa) · {len(agr.conflicts)} conflicts"):
-        st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
-        st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
-                     hide_index=True)
+    if not st.toggle("Reviewer agreement (Cohen's kappa) and conflicts", key="review_agreement"):
+        export_ui(state.dataset_id)
+        return
+    newest = review.newest_relabel_id(get_db(), state.dataset_id)
+    page = int(st.session_state.get("review_conflicts_page", 1))
+    agr = agreement(state.dataset_id, newest, page)
+    st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
+    st.caption(f"{agr.n_conflicts:,} images where reviewers' newest labels differ")
+    st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
+                 hide_index=True)
+    if agr.n_conflicts > CONFLICTS_PAGE:
+        st.number_input("Conflicts page", 1, -(-agr.n_conflicts // CONFLICTS_PAGE),
+                        key="review_conflicts_page")
     export_ui(state.dataset_id)
 
 
@@ -161,7 +181,8 @@ info = dataset_picker("review") if reviewer else None
 if info is None:
     st.stop()
 state = review.load_state(get_db(), info.id, st.session_state.get("review_run"))
-view = review.next_in_queue(state, reviewer=reviewer, **queue_ui(state, sorted(info.classes)))
+view = review.next_in_queue(get_db(), state, reviewer=reviewer,
+                            **queue_ui(state, sorted(info.classes)))
 if state.changed_since_relabel:
     st.warning(f"{len(state.changed_since_relabel)} relabelled image(s) changed on disk since "
                "they were relabelled; their relabels are kept and flagged where they appear.",
@@ -175,5 +196,5 @@ else:
         image_ui(state, view.current, info)
     with right:
         decision_ui(state, view.current, reviewer,
-                    review.label_choices(info.classes, state.images.values()))
+                    review.label_choices(info.classes, state.label_pairs))
 agreement_ui(state)

@@ -1,11 +1,11 @@
 """Agreement between reviewers: each reviewer's newest label, Cohen's kappa per pair, conflicts.
 
 Computed from the append-only relabel rows (undone rows left out), for dataset images (by id)
-and uploads (by sha256) alike.
+and uploads (by sha256) alike: :func:`agreement` aggregates them in SQL;
+:func:`labels_by_reviewer` reads the rows of one image.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from cxr_core.errors import ConfigError
 from cxr_core.review import format_label
+from cxr_core.storage import Database
+from cxr_core.storage import review_queue as queue_store
 from cxr_core.storage.relabels import RelabelRecord, active_relabels
 
 
@@ -57,7 +59,8 @@ class Agreement:
     """Every reviewer pair's agreement and the images they disagree on."""
 
     pairs: tuple[PairAgreement, ...]
-    conflicts: tuple[Conflict, ...]
+    conflicts: tuple[Conflict, ...]  # a page of them
+    n_conflicts: int = 0  # all of them
 
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
@@ -72,28 +75,27 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     return None if math.isnan(k) else k
 
 
-def agreement(relabels: Iterable[RelabelRecord]) -> Agreement:
-    """Per-reviewer-pair Cohen's kappa and the list of conflicting images.
+def agreement(db: Database, dataset_id: int, *, conflicts_limit: int = 50,
+              conflicts_offset: int = 0) -> Agreement:
+    """Per-reviewer-pair Cohen's kappa and a page of the conflicting images, aggregated in SQL
+    (:mod:`cxr_core.storage.review_queue`): no relabel table is read into Python.
 
-    Each reviewer's label of an image is their newest active relabel of it.
+    Each reviewer's label of an image (or upload) is their newest active relabel of it.
     """
-    rows = _latest_by_reviewer(relabels)
-    latest = {who: {i: format_label(r.new_label, r.new_subtype) for i, r in by_image.items()}
-              for who, by_image in rows.items()}
-    paths = {i: r.relpath for by_image in rows.values() for i, r in by_image.items()}
+    with db.session() as s:
+        cells = queue_store.pair_contingency(session=s, dataset_id=dataset_id)
+        n_conflicts, page = queue_store.conflicts(session=s, dataset_id=dataset_id,
+                                                  limit=conflicts_limit,
+                                                  offset=conflicts_offset)
+    tables: dict[tuple[str, str], list[tuple[str, str, int]]] = defaultdict(list)
+    for a, b, la, lb, n in cells:
+        tables[(a, b)].append((la, lb, n))
     pairs = []
-    for a, b in itertools.combinations(sorted(latest), 2):
-        common = sorted(set(latest[a]) & set(latest[b]), key=str)
-        if not common:
-            continue
-        la, lb = [latest[a][i] for i in common], [latest[b][i] for i in common]
-        agree = sum(x == y for x, y in zip(la, lb)) / len(common)
-        pairs.append(PairAgreement(a, b, len(common), agree, cohen_kappa(la, lb)))
-    by_image: dict[int | str, list[tuple[str, str]]] = defaultdict(list)
-    for reviewer in sorted(latest):
-        for image_id, label in latest[reviewer].items():
-            by_image[image_id].append((reviewer, label))
-    conflicts = [Conflict(i, paths[i], tuple(v))  # images (by id) first, then uploads
-                 for i, v in sorted(by_image.items(), key=lambda kv: (isinstance(kv[0], str), kv[0]))
-                 if len({label for _, label in v}) > 1]
-    return Agreement(tuple(pairs), tuple(conflicts))
+    for (a, b), rows in sorted(tables.items()):
+        la = [x for x, _, n in rows for _ in range(n)]
+        lb = [y for _, y, n in rows for _ in range(n)]
+        agree = sum(n for x, y, n in rows if x == y) / len(la)
+        pairs.append(PairAgreement(a, b, len(la), agree, cohen_kappa(la, lb)))
+    conflicts = tuple(Conflict(int(k) if k.isdigit() else k, relpath, tuple(labels))
+                      for k, relpath, labels in page)
+    return Agreement(tuple(pairs), conflicts, n_conflicts)

@@ -20,7 +20,7 @@ from pathlib import Path
 from cxr_core.errors import CxrError
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHES = ("index", "pages", "pipeline", "features", "predict", "training")
+BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale")
 
 
 def _progress(label: str) -> Callable[[int, int], None]:

@@ -18,7 +18,7 @@ from cxr_core.errors import ConfigError
 from cxr_core.review import LabelChoice, format_label, label_choices, submit_relabel
 from cxr_core.storage import Database, lock_for_write
 from cxr_core.storage import datasets as ds_store
-from cxr_core.storage import relabels as store
+from cxr_core.storage import relabels as store, review_queue
 from cxr_core.storage.relabels import RelabelRecord
 
 IMPORT_COLUMNS = ("path", "label", "subtype", "reviewer", "note")
@@ -146,7 +146,8 @@ def relabel_by_path(db: Database, *, dataset: str | int, relpath: str, label: st
         why = _path_problem(rec, relpath, info.name)
         if why:
             raise ConfigError(f"{why}. Received: path={relpath!r}")
-        choices = label_choices(info.classes, ds_store.list_images(session=s, dataset_id=info.id))
+        choices = label_choices(info.classes, review_queue.label_pairs(session=s,
+                                                                       dataset_id=info.id))
     choice = choose_label(choices, label, subtype)
     relabel_id = submit_relabel(db, image_id=rec.id, choice=choice, reviewer=reviewer, note=note)
     with db.session() as s:
@@ -236,7 +237,8 @@ def import_relabels(db: Database, *, dataset: str | int,
         info = find_dataset(session=s, dataset=dataset)
         images = {r.relpath: r for r in ds_store.list_images(session=s, dataset_id=info.id,
                                                              include_missing=True)}
-        choices = label_choices(info.classes, [r for r in images.values() if not r.missing])
+        choices = label_choices(info.classes, {(r.label, r.subtype) for r in images.values()
+                                               if not r.missing})
         problems: list[tuple[int, str]] = []
         todo: list[_ImportRow] = []
         first_line: dict[str, int] = {}

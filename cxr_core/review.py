@@ -1,9 +1,11 @@
 """Clinician review: label choices, the model output shown, review state, queues, relabel clicks.
 
 Storage: append-only relabels, derived labels and snapshots in :mod:`cxr_core.storage.relabels`,
-review items and model outputs in :mod:`cxr_core.storage.reviews`;
-this module turns stored rows into the queues the review page walks and writes one relabel per
-click through :meth:`Database.write` (short transactions, lock errors retried).
+review items and model outputs in :mod:`cxr_core.storage.reviews`, the queues themselves as
+SQL in :mod:`cxr_core.storage.review_queue` (a click reads the next image and the counts with
+a few indexed queries; no page reads a dataset's images, relabels or predictions whole);
+this module serves those queues to the review page and writes one relabel per click through
+:meth:`Database.write` (short transactions, lock errors retried).
 
 Next to it: :mod:`cxr_core.review_view` (what the page shows of one entry: facts and the
 windowed picture), :mod:`cxr_core.agreement` (reviewers' agreement, Cohen's kappa),
@@ -12,20 +14,20 @@ named by path: the ``relabel`` CLI) and :mod:`cxr_core.explain` (saliency).
 """
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, ImageRecord, scheme_label
+from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
 from cxr_core.errors import ConfigError
 from cxr_core.storage import Database
 from cxr_core.storage import datasets as ds_store
-from cxr_core.storage import relabels as rel_store, reviews as store
-from cxr_core.storage.relabels import ChangedImage, Label, RelabelRecord, active_relabels
-from cxr_core.storage.reviews import ReviewItemRecord, RunOption, RunPredictions
+from cxr_core.storage import relabels as rel_store, review_queue as queue_store, reviews as store
+from cxr_core.storage.relabels import ChangedImage, Label
+from cxr_core.storage.review_queue import QueueRow, RunScores
+from cxr_core.storage.reviews import ReviewItemRecord, RunOption
 
 QUEUES = {
     "disagreement": "Model disagrees with the dataset label",
@@ -55,16 +57,17 @@ class LabelChoice:
         return format_label(self.label, self.subtype)
 
 
-def label_choices(classes: Sequence[str], records: Iterable[ImageRecord]) -> list[LabelChoice]:
+def label_choices(classes: Sequence[str], pairs: Iterable[Label]) -> list[LabelChoice]:
     """The buttons for a dataset: each folder class, split by subtype where the data has them.
 
+    ``pairs`` are the dataset's (label, subtype) pairs (``ReviewState.label_pairs``).
     ``NORMAL | PNEUMONIA`` with Kermany file names gives NORMAL, PNEUMONIA·bacteria,
     PNEUMONIA·virus; classes without subtypes (NORMAL, COVID19, PneumoniaMNIST) stay whole.
     """
     with_sub: dict[str, set[str]] = defaultdict(set)
-    for r in records:
-        if r.subtype in SUBTYPES:
-            with_sub[r.label].add(r.subtype)
+    for label, subtype in pairs:
+        if subtype in SUBTYPES:
+            with_sub[label].add(subtype)
     out: list[LabelChoice] = []
     for c in sorted(set(classes) | set(with_sub)):
         if with_sub.get(c):
@@ -125,26 +128,28 @@ def eval_class(label: str, subtype: str | None, labels: Sequence[str]) -> str | 
 
 @dataclass(frozen=True)
 class ReviewState:
-    """Everything the review page needs about one dataset, read in one transaction."""
+    """What the review page needs about one dataset besides the queue itself (which is SQL,
+    :mod:`cxr_core.storage.review_queue`): no image, relabel or prediction table is read."""
 
     dataset_id: int
-    images: dict[int, ImageRecord]
-    originals: dict[int, Label]
-    current: dict[int, Label]
-    relabels: tuple[RelabelRecord, ...]
-    predictions: RunPredictions | None
+    label_pairs: tuple[Label, ...]  # distinct (original label, subtype): the label buttons
+    scores: RunScores | None  # the chosen run's predictions feeding the model queues
     items: tuple[ReviewItemRecord, ...]  # open items of this dataset, newest first
     runs: tuple[RunOption, ...]
     artifact_dirs: dict[str, str | None]  # "run:ID" -> model folder, for every run shown
     upload_items: tuple[ReviewItemRecord, ...] = ()  # open items of uploads, newest first
-    upload_current: dict[str, Label] = field(default_factory=dict)  # sha256 -> current label
     # image id -> its newest relabel made on other bytes ("image changed since it was relabelled")
     changed_since_relabel: dict[int, ChangedImage] = field(default_factory=dict)
+    readable_items: frozenset[int] = frozenset()  # sent images that are readable and on disk
 
     @property
     def threshold(self) -> float | None:
         """The chosen run's operating point (None: no run, or none stored)."""
-        return self.predictions.threshold if self.predictions else None
+        return self.scores.threshold if self.scores else None
+
+    @property
+    def model_ref(self) -> str | None:
+        return f"run:{self.scores.run_id}" if self.scores else None
 
     @property
     def open_uploads(self) -> int:
@@ -153,10 +158,8 @@ class ReviewState:
 
 
 def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> ReviewState:
-    """Read images, relabels, the chosen run's predictions and open review items.
-
-    ``relabels`` holds the dataset's rows and every upload's (uploads are in no dataset but are
-    reviewed on any dataset's "sent" queue); ``current`` covers the dataset's images only.
+    """Read the run options, the chosen run's score source and the short lists (open review
+    items, images changed since their relabel); a few small queries at any dataset size.
 
     Args:
         db: the database.
@@ -165,27 +168,28 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
             dataset) picks the newest run with predictions.
     """
     with db.session() as s:
-        images = {r.id: r for r in ds_store.list_images(session=s, dataset_id=dataset_id)}
-        relabels = rel_store.list_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
         runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
         if runs and run_id not in {r.run_id for r in runs}:
             run_id = runs[0].run_id  # None or a run of another dataset: the newest run
-        preds = None if run_id is None else store.latest_predictions(
-            session=s, run_id=run_id, dataset_id=dataset_id)
+        scores = None if run_id is None else queue_store.run_scores(
+            session=s, run_id=run_id, dataset_id=dataset_id,
+            threshold=store.operating_threshold(session=s, run_id=run_id))
         items = store.list_review_items(session=s, dataset_id=dataset_id)
         uploads = store.list_upload_items(session=s)
-        upload_current = rel_store.upload_labels(session=s)
         changed = {c.image_id: c for c in rel_store.changed_since_relabel(session=s,
                                                                       dataset_id=dataset_id)}
+        readable = {r.id for r in ds_store.get_images(
+            session=s, image_ids=sorted({i.image_id for i in items if i.image_id is not None}
+                                        | set(changed)))
+            if not r.error and not r.missing}
         dirs = {f"run:{r.run_id}": r.artifact_dir for r in runs}
         for ref in {i.run_ref for i in items + uploads
                     if i.run_ref and i.run_ref.startswith("run:")}:
             if ref not in dirs and ref[4:].isdigit():
                 dirs[ref] = store.run_artifact_dir(session=s, run_id=int(ref[4:]))
-    originals = {i: (r.label, r.subtype) for i, r in images.items()}
-    return ReviewState(dataset_id, images, originals, rel_store.derive_labels(originals, relabels),
-                       tuple(relabels), preds, tuple(items), tuple(runs), dirs, tuple(uploads),
-                       upload_current, changed)
+        pairs = queue_store.label_pairs(session=s, dataset_id=dataset_id)
+    return ReviewState(dataset_id, tuple(sorted(pairs, key=str)), scores, tuple(items),
+                       tuple(runs), dirs, tuple(uploads), changed, frozenset(readable))
 
 
 @dataclass(frozen=True)
@@ -205,77 +209,37 @@ class QueueEntry:
         return self.image_id if self.image_id is not None else self.upload_sha256
 
 
-def _model_entries(state: ReviewState) -> list[tuple[QueueEntry, ModelOutput, str | None]]:
-    p = state.predictions
-    if p is None:
-        return []
-    out = []
-    for image_id, probs in p.probs.items():
-        if image_id not in state.images or state.images[image_id].error:
-            continue
-        m = model_output(probs, p.labels, p.threshold)
-        truth = eval_class(*state.originals[image_id], p.labels)
-        out.append((QueueEntry(image_id, p.model_ref, m.score, m.predicted), m, truth))
-    return out
-
-
-def _entry(state: ReviewState, image_id: int) -> QueueEntry:
-    p = state.predictions
-    if p is None or image_id not in p.probs:
+def _entry(db: Database, state: ReviewState, image_id: int) -> QueueEntry:
+    """An image with the chosen run's newest output on it (none when it has none)."""
+    if state.scores is None:
         return QueueEntry(image_id)
-    m = model_output(p.probs[image_id], p.labels, p.threshold)
-    return QueueEntry(image_id, p.model_ref, m.score, m.predicted)
+    with db.session() as s:
+        row = queue_store.image_score(session=s, dataset_id=state.dataset_id,
+                                      image_id=image_id, scores=state.scores)
+    if row.score is None:
+        return QueueEntry(image_id)
+    return QueueEntry(image_id, state.model_ref, row.score, row.predicted)
 
 
-def build_queue(state: ReviewState, kind: str, *, class_name: str | None = None,
-                seed: int = 0) -> list[QueueEntry]:
-    """The images of a queue, in review order.
+def _from_row(state: ReviewState, kind: str, row: QueueRow) -> QueueEntry | None:
+    if kind in ("disagreement", "uncertain"):
+        return QueueEntry(row.image_id, state.model_ref, row.score, row.predicted)
+    return None  # the run's output is looked up for the one entry shown
 
-    Queues are defined on the dataset's original labels, so they stay stable while reviewers
-    work (each reviewer's progress is counted separately: several reviewers may label the same
-    images, which is what the agreement table needs).
 
-    Args:
-        state: from :func:`load_state`.
-        kind: one of :data:`QUEUES`.
-        class_name: the folder class of the "class" queue.
-        seed: order of the "random" queue.
-
-    Raises:
-        ConfigError: unknown queue kind.
-    """
-    if kind not in QUEUES:
-        raise ConfigError(f"queue must be one of {tuple(QUEUES)}. Received: queue={kind!r}")
-    readable = [i for i, r in state.images.items() if not r.error]
-    if kind == "disagreement":
-        rows = [(e, m) for e, m, truth in _model_entries(state)
-                if truth is not None and m.predicted != truth]
-        return [e for e, m in sorted(rows, key=lambda x: (-x[1].margin, x[0].image_id))]
-    if kind == "uncertain":
-        rows = [(e, m) for e, m, _ in _model_entries(state)]
-        return [e for e, m in sorted(rows, key=lambda x: (x[1].margin, x[0].image_id))]
-    if kind == "sent":
-        return _sent_queue(state)
+def _short_queue(db: Database, state: ReviewState, kind: str) -> list[QueueEntry]:
+    """The "sent" and "changed" queues: short lists, in review order."""
     if kind == "changed":  # empties itself: a relabel made on the new bytes clears the flag
-        return [_entry(state, i) for i in sorted(state.changed_since_relabel)
-                if i in state.images]
-    if kind == "random":
-        ids = sorted(readable)
-        random.Random(seed).shuffle(ids)
-        return [_entry(state, i) for i in ids]
-    return [_entry(state, i) for i in sorted(readable) if state.originals[i][0] == class_name]
-
-
-def _sent_queue(state: ReviewState) -> list[QueueEntry]:
-    """Open items of the dataset's images and of uploads, newest send first (one per target)."""
+        return [QueueEntry(i) for i in sorted(state.changed_since_relabel)
+                if i in state.readable_items]
     out: dict[int | str, QueueEntry] = {}
     items = sorted(state.items + state.upload_items, key=lambda i: -i.id)
     for item in items:  # newest first: the newest send of an image wins
         key = item.image_id if item.image_id is not None else item.upload_sha256
-        if key in out or (item.image_id is not None and item.image_id not in state.images):
+        if key in out or (item.image_id is not None and item.image_id not in state.readable_items):
             continue
         if item.image_id is not None and not (item.run_ref or item.probs):
-            out[key] = _entry(state, item.image_id)  # sent without a model output: the run's
+            out[key] = QueueEntry(item.image_id)  # sent without a model output: the run's
             continue
         binary = item.probs is not None and len(item.probs) in (1, 2)
         score = float(item.probs[-1]) if binary else None  # binary: P(PNEUMONIA) is last
@@ -284,9 +248,41 @@ def _sent_queue(state: ReviewState) -> list[QueueEntry]:
     return list(out.values())
 
 
-def reviewed_by(relabels: Iterable[RelabelRecord], reviewer: str) -> set[int | str]:
-    """Images (ids) and uploads (sha256) with an active relabel or confirmation by ``reviewer``."""
-    return {r.key for r in active_relabels(relabels) if r.reviewer == reviewer}
+def _check_kind(kind: str) -> None:
+    if kind not in QUEUES:
+        raise ConfigError(f"queue must be one of {tuple(QUEUES)}. Received: queue={kind!r}")
+
+
+def build_queue(db: Database, state: ReviewState, kind: str, *, class_name: str | None = None,
+                seed: int = 0, offset: int = 0, limit: int = 50) -> list[QueueEntry]:
+    """A page of a queue in review order (reviewed images included).
+
+    Queues are defined on the dataset's original labels, so they stay stable while reviewers
+    work (each reviewer's progress is counted separately: several reviewers may label the same
+    images, which is what the agreement table needs).
+
+    Args:
+        db: the database.
+        state: from :func:`load_state`.
+        kind: one of :data:`QUEUES`.
+        class_name: the folder class of the "class" queue.
+        seed: order of the "random" queue.
+        offset, limit: the page.
+
+    Raises:
+        ConfigError: unknown queue kind.
+    """
+    _check_kind(kind)
+    if kind in ("sent", "changed"):
+        entries = _short_queue(db, state, kind)[offset:offset + limit]
+    else:
+        with db.session() as s:
+            rows = queue_store.queue_page(session=s, dataset_id=state.dataset_id, kind=kind,
+                                          class_name=class_name, seed=seed,
+                                          scores=state.scores, offset=offset, limit=limit)
+        entries = [_from_row(state, kind, r) or QueueEntry(r.image_id) for r in rows]
+    return [_entry(db, state, e.image_id) if e.image_id is not None and e.score is None
+            and kind in ("random", "class", "changed") else e for e in entries]
 
 
 @dataclass(frozen=True)
@@ -305,10 +301,8 @@ class QueueView:
 
 def queue_view(queue: Sequence[QueueEntry], reviewed: set[int | str],
                skipped: Sequence[int | str] = ()) -> QueueView:
-    """The next unreviewed image (skipped ones come back after the rest) and the counts.
-
-    ``reviewed`` and ``skipped`` hold entry keys: image ids, and sha256s of uploads.
-    """
+    """The next unreviewed entry of a short queue (skipped ones come back after the rest)
+    and the counts. ``reviewed`` and ``skipped`` hold entry keys: image ids, and sha256s."""
     left = [e for e in queue if e.key not in reviewed]
     order = {i: n for n, i in enumerate(skipped)}
     left_sorted = sorted(left, key=lambda e: order.get(e.key, -1))  # stable: unskipped first
@@ -316,14 +310,44 @@ def queue_view(queue: Sequence[QueueEntry], reviewed: set[int | str],
                      len(queue))
 
 
-def next_in_queue(state: ReviewState, kind: str, reviewer: str, *, class_name: str | None = None,
-                  seed: int = 0, skipped: Sequence[int | str] = ()) -> QueueView:
-    """:func:`build_queue` then :func:`queue_view` for one reviewer (what the page shows)."""
-    queue = build_queue(state, kind, class_name=class_name, seed=seed)
-    # An image changed since its relabel waits until someone relabels the new bytes, even if
-    # this reviewer labelled the old ones.
-    reviewed = set() if kind == "changed" else reviewed_by(state.relabels, reviewer)
-    return queue_view(queue, reviewed, skipped)
+def next_in_queue(db: Database, state: ReviewState, kind: str, reviewer: str, *,
+                  class_name: str | None = None, seed: int = 0,
+                  skipped: Sequence[int | str] = ()) -> QueueView:
+    """The entry ``reviewer`` sees next and the queue's counts (what the page shows): SQL
+    for the dataset queues, the short lists for "sent" and "changed"."""
+    _check_kind(kind)
+    if kind in ("sent", "changed"):
+        queue = _short_queue(db, state, kind)
+        # An image changed since its relabel waits until someone relabels the new bytes, even
+        # if this reviewer labelled the old ones.
+        reviewed: set[int | str] = set()
+        if kind == "sent":
+            with db.session() as s:
+                reviewed = queue_store.reviewed_among(
+                    session=s, reviewer=reviewer,
+                    image_ids=[e.image_id for e in queue if e.image_id is not None],
+                    upload_sha256s=[e.upload_sha256 for e in queue if e.upload_sha256])
+        view = queue_view(queue, reviewed, skipped)
+        if view.current is not None and view.current.image_id is not None \
+                and view.current.score is None and kind == "changed":
+            view = QueueView(_entry(db, state, view.current.image_id), view.n_reviewed,
+                             view.n_left, view.n_total)
+        return view
+    args = dict(dataset_id=state.dataset_id, kind=kind, reviewer=reviewer,
+                class_name=class_name, scores=state.scores)
+    with db.session() as s:
+        total, done = queue_store.queue_counts(session=s, **args)
+        row = queue_store.queue_next(session=s, seed=seed, skipped=skipped, **args)
+    current = None if row is None else (_from_row(state, kind, row)
+                                        or _entry(db, state, row.image_id))
+    return QueueView(current, done, total - done, total)
+
+
+def newest_relabel_id(db: Database, dataset_id: int) -> int | None:
+    """The newest relabel row of the dataset's images or of any upload: labels and agreement
+    as of it are fixed (rows are append-only), so it keys their caches."""
+    with db.session() as s:
+        return rel_store.newest_relabel_id(session=s, dataset_id=dataset_id)
 
 
 # -- Writing --------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from cxr_core.errors import ConfigError
 from cxr_core.images import load_image
 from cxr_core.review import QueueEntry, ReviewState, format_label
 from cxr_core.saliency_render import overlay
+from cxr_core.storage import Database
+from cxr_core.storage import datasets as ds_store, relabels as rel_store
 from cxr_core.uploads import upload_path
 
 VIEW_SIZE = 1024  # decode full-resolution films at about this many pixels a side for viewing
@@ -31,32 +33,44 @@ class EntryInfo:
     warning: str | None = None  # "image changed since it was relabelled", when it did
 
 
-def describe_entry(state: ReviewState, entry: QueueEntry) -> EntryInfo:
-    """Title, labels and reviewers' labels of a queue entry (an image or an upload)."""
-    reviewers = tuple(labels_by_reviewer(state.relabels, entry.key))
-    if entry.upload_sha256 is not None:
+def describe_entry(db: Database, state: ReviewState, entry: QueueEntry) -> EntryInfo:
+    """Title, labels and reviewers' labels of a queue entry (an image or an upload), read for
+    that one entry (its relabel rows only)."""
+    with db.session() as s:
+        if entry.upload_sha256 is not None:
+            rows = rel_store.list_upload_relabels(session=s, upload_sha256s=[entry.upload_sha256])
+            upload_label = rel_store.upload_labels(session=s,
+                                                   upload_sha256s=[entry.upload_sha256])
+            rec = None
+        else:
+            rows = rel_store.list_relabels(session=s, dataset_id=state.dataset_id,
+                                           image_ids=[entry.image_id])
+            (rec,) = ds_store.get_images(session=s, image_ids=[entry.image_id])
+    reviewers = tuple(labels_by_reviewer(rows, entry.key))
+    active = rel_store.active_relabels(rows)
+    if rec is None:
         probs = " / ".join(f"{p:.3f}" for p in entry.probs or ())
         model = f"{entry.predicted or '—'}" + (f" ({probs})" if probs else "")
-        current = state.upload_current.get(entry.upload_sha256, (entry.predicted or "", None))
+        current = upload_label.get(entry.upload_sha256, (entry.predicted or "", None))
         return EntryInfo(f"Upload {entry.upload_sha256[:12]}…",
                          (("Model", model), ("Current", format_label(*current) or "—")), reviewers)
-    rec = state.images[entry.image_id]
+    current = (active[-1].new_label, active[-1].new_subtype) if active else (rec.label,
+                                                                             rec.subtype)
     changed = state.changed_since_relabel.get(entry.image_id)
     warning = None if changed is None else (
         f"Image changed since it was relabelled: relabel {changed.relabel_id} was made on "
         f"content {str(changed.relabelled_sha256)[:12]}…, the file now holds "
         f"{str(changed.current_sha256)[:12]}…. The relabel is kept; confirm or correct it.")
     return EntryInfo(rec.relpath, (("Original", format_label(rec.label, rec.subtype)),
-                                   ("Current", format_label(*state.current[entry.image_id]))),
-                     reviewers, warning)
+                                   ("Current", format_label(*current))), reviewers, warning)
 
 
-def entry_image(state: ReviewState, entry: QueueEntry,
+def entry_image(db: Database, entry: QueueEntry,
                 root: str | Path) -> tuple[str | None, str | None]:
     """The file to show for an entry and its content hash (keys cached saliency).
 
     Args:
-        state: from :func:`cxr_core.review.load_state`.
+        db: the database.
         entry: a dataset image (under ``root``, the dataset's folder) or an upload (stored by
             :func:`cxr_core.uploads.store_upload` under the settings' uploads folder).
         root: the dataset's root folder.
@@ -65,7 +79,8 @@ def entry_image(state: ReviewState, entry: QueueEntry,
         (path, sha256); the path is None when an upload's stored file is missing.
     """
     if entry.upload_sha256 is None:
-        rec = state.images[entry.image_id]
+        with db.session() as s:
+            (rec,) = ds_store.get_images(session=s, image_ids=[entry.image_id])
         return str(Path(root) / rec.relpath), rec.sha256
     path = upload_path(entry.upload_sha256)
     return (None if path is None else str(path)), entry.upload_sha256

@@ -48,7 +48,9 @@ class ImageRow(Base):
 
     __tablename__ = "images"
     __table_args__ = (UniqueConstraint("dataset_id", "relpath"),
-                      Index("ix_images_dataset_sha", "dataset_id", "sha256"))
+                      Index("ix_images_dataset_sha", "dataset_id", "sha256"),
+                      Index("ix_images_dataset_label", "dataset_id", "label", "subtype"),
+                      Index("ix_images_dataset_patient", "dataset_id", "patient"))
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     relpath: Mapped[str] = mapped_column(Text)  # path under root; "npz:<split>:<i>" for arrays
@@ -87,6 +89,7 @@ class Run(Base):
     """A training run: queued → running → finished | failed | cancelled."""
 
     __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_created", "created_at"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(20), index=True, default="queued")
@@ -169,6 +172,7 @@ class Evaluation(Base):
     """One evaluation of a model on a set of images; per-image outputs in EvalPrediction."""
 
     __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_run_dataset", "run_id", "dataset_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     model_ref: Mapped[str] = mapped_column(Text)  # "run:ID", "default" or a file path
@@ -204,6 +208,7 @@ class EvalPrediction(Base):
     """Per-image probabilities of an evaluation."""
 
     __tablename__ = "eval_predictions"
+    __table_args__ = (Index("ix_eval_predictions_image", "image_id", "evaluation_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     evaluation_id: Mapped[int] = mapped_column(
         ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
@@ -211,6 +216,11 @@ class EvalPrediction(Base):
     path: Mapped[str] = mapped_column(Text, default="")
     y_true: Mapped[int] = mapped_column(Integer)
     probs_json: Mapped[str] = mapped_column(Text)
+    # From probs, for SQL sorting and filtering (review queues): P(pneumonia) as the review
+    # page shows it, the argmax class index and the top-2 gap (storage.evals.prediction_columns).
+    score: Mapped[float | None] = mapped_column(Float)
+    pred_index: Mapped[int | None] = mapped_column(Integer)
+    top2_margin: Mapped[float | None] = mapped_column(Float)
 
 
 class OperatingPoint(Base):
@@ -233,6 +243,7 @@ class ReviewItem(Base):
     """An image sent to the review queue (from Predict or Compare) with the model output shown."""
 
     __tablename__ = "review_items"
+    __table_args__ = (Index("ix_review_items_image", "image_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     # No ON DELETE CASCADE: nothing a reviewer queued may vanish with an image row.
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
@@ -254,7 +265,9 @@ class Relabel(Base):
 
     __tablename__ = "relabels"
     __table_args__ = (CheckConstraint("(image_id IS NULL) <> (upload_sha256 IS NULL)",
-                                      name="one_target"),)
+                                      name="one_target"),
+                      Index("ix_relabels_image_reviewer", "image_id", "reviewer"),
+                      Index("ix_relabels_undo_of", "undo_of"))
     id: Mapped[int] = mapped_column(primary_key=True)
     # No ON DELETE CASCADE: a relabel can never be removed by removing its image row.
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)

@@ -211,13 +211,17 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
     raw.dispose()
     db = open_db(url=url)  # migrates to head
     with db.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0004"  # head
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"  # head
         for t in TABLES:
             after = c.execute(text(f"SELECT * FROM {t} ORDER BY id")).mappings().all()
             assert len(after) == len(before[t]), t
             for old, new in zip(before[t], after):  # every old column keeps its value
                 assert {k: new[k] for k in old} == dict(old), t
         sha = dict(c.execute(text("SELECT id, image_sha256 FROM relabels")).all())
+        # 0005: the model output as SQL columns, from the stored probabilities.
+        (score, pred, margin), = c.execute(text(
+            "SELECT score, pred_index, top2_margin FROM eval_predictions")).all()
+    assert (score, pred, margin) == pytest.approx((0.8, 1, 0.6))
     assert sha == {1: "1".zfill(64), 2: "1".zfill(64), 3: "2".zfill(64), 4: None}
     with db.session() as s:
         assert rel_store.current_labels(session=s, dataset_id=1) == {1: ("NORMAL", None),
@@ -237,13 +241,13 @@ def test_review_queue_of_changed_images_empties_when_relabelled(relabelled):
     write_image(root / NORMAL, seed=778)
     index_dataset(db, root)
     state = review.load_state(db, dataset_id)
-    view = review.next_in_queue(state, "changed", reviewer="alice")  # alice made the old one
+    view = review.next_in_queue(db, state, "changed", reviewer="alice")  # alice made the old one
     assert view.current is not None and view.current.image_id == image_id
-    info = describe_entry(state, view.current)
+    info = describe_entry(db, state, view.current)
     assert info.warning and "changed since it was relabelled" in info.warning
     review.submit_relabel(db, image_id=image_id, reviewer="bob",
                           choice=review.LabelChoice("PNEUMONIA", "virus"))
     state = review.load_state(db, dataset_id)
-    assert review.next_in_queue(state, "changed", reviewer="alice").current is None
-    assert describe_entry(state, review.QueueEntry(image_id, None, None, None)).warning \
+    assert review.next_in_queue(db, state, "changed", reviewer="alice").current is None
+    assert describe_entry(db, state, review.QueueEntry(image_id, None, None, None)).warning \
         is None

@@ -17,6 +17,7 @@ from cxr_core.errors import ConfigError
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as rel_store, reviews as store
+from cxr_core.storage.evals import prediction_columns
 from db.models import Evaluation, EvalPrediction, ImageRow, OperatingPoint, Run
 
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
@@ -60,7 +61,8 @@ def add_predictions(db, dataset_id, probs_by_image, *, labels=("NORMAL", "PNEUMO
         s.add(ev)
         s.flush()
         s.add_all([EvalPrediction(evaluation_id=ev.id, image_id=i, y_true=0,
-                                  probs_json=json.dumps(list(p)))
+                                  probs_json=json.dumps(list(p)),
+                                  **prediction_columns(p, labels))
                    for i, p in probs_by_image.items()])
         if threshold is not None:
             s.add(OperatingPoint(run_id=run.id, threshold=0.5, method="youden"))
@@ -179,8 +181,7 @@ def test_agreement_pairs_and_conflicts(db, ds):
         relabel(db, ids[name], lb, reviewer="bob")
     wrong = relabel(db, ids[names[0]], "PNEUMONIA", reviewer="carol")
     review.submit_undo(db, relabel_id=wrong, reviewer="carol")  # undone labels do not count
-    with db.session() as s:
-        agr = agreement(rel_store.list_relabels(session=s, dataset_id=dataset_id))
+    agr = agreement(db, dataset_id)
     assert len(agr.pairs) == 1
     pair = agr.pairs[0]
     assert (pair.reviewer_a, pair.reviewer_b, pair.n_images) == ("alice", "bob", 4)
@@ -192,7 +193,7 @@ def test_agreement_pairs_and_conflicts(db, ds):
 
 # -- Model outputs and queues --------------------------------------------------------------------
 
-def test_latest_predictions_newest_evaluation_and_operating_point(db, ds):
+def test_newest_evaluation_and_operating_point_feed_the_queues(db, ds):
     dataset_id, ids = ds
     img = ids["IM-0001-0001.png"]
     run_id = add_predictions(db, dataset_id, {img: (0.9, 0.1)}, threshold=0.3)
@@ -202,13 +203,19 @@ def test_latest_predictions_newest_evaluation_and_operating_point(db, ds):
         s.flush()
         newest = s.query(Evaluation).order_by(Evaluation.id.desc()).first()
         s.add(EvalPrediction(evaluation_id=newest.id, image_id=img, y_true=0,
-                             probs_json="[0.2, 0.8]"))
+                             probs_json="[0.2, 0.8]",
+                             **prediction_columns([0.2, 0.8], ("NORMAL", "PNEUMONIA"))))
+    from cxr_core.storage import review_queue
+
     with db.session() as s:
-        preds = store.latest_predictions(session=s, run_id=run_id, dataset_id=dataset_id)
         runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
-        assert store.latest_predictions(session=s, run_id=run_id, dataset_id=dataset_id + 1) is None
-    assert preds.probs == {img: (0.2, 0.8)} and preds.threshold == 0.3
-    assert preds.labels == ("NORMAL", "PNEUMONIA") and preds.model_ref == f"run:{run_id}"
+        assert review_queue.run_scores(session=s, run_id=run_id, dataset_id=dataset_id + 1,
+                                       threshold=None) is None
+    state = review.load_state(db, dataset_id)
+    assert state.threshold == 0.3 and state.model_ref == f"run:{run_id}"
+    assert state.scores.labels == ("NORMAL", "PNEUMONIA")
+    entry = review.build_queue(db, state, "class", class_name="NORMAL")[0]
+    assert (entry.image_id, entry.score, entry.predicted) == (img, 0.8, "PNEUMONIA")  # newest
     assert [(r.run_id, r.n_predictions) for r in runs] == [(run_id, 2)]
 
 
@@ -237,7 +244,7 @@ def test_queues(db, ds):
     state = review.load_state(db, dataset_id)
 
     def ids_of(kind, **kw):
-        return [e.image_id for e in review.build_queue(state, kind, **kw)]
+        return [e.image_id for e in review.build_queue(db, state, kind, **kw)]
 
     assert ids_of("disagreement") == [p1, n1]  # most confident disagreement first
     assert ids_of("uncertain") == [n2, p2, n1, p1]
@@ -245,10 +252,10 @@ def test_queues(db, ds):
         v for k, v in ids.items() if k.startswith("IM"))
     assert sorted(ids_of("random", seed=1)) == sorted(ids.values())
     assert ids_of("random", seed=1) == ids_of("random", seed=1)
-    entry = review.build_queue(state, "uncertain")[0]
-    assert (entry.run_ref, entry.predicted) == (state.predictions.model_ref, "NORMAL")
+    entry = review.build_queue(db, state, "uncertain")[0]
+    assert (entry.run_ref, entry.predicted) == (state.model_ref, "NORMAL")
     with pytest.raises(ConfigError, match="queue"):
-        review.build_queue(state, "nope")
+        review.build_queue(db, state, "nope")
 
 
 def test_sent_to_review_queue_closes_on_relabel_and_reopens_on_undo(db, ds):
@@ -261,15 +268,15 @@ def test_sent_to_review_queue_closes_on_relabel_and_reopens_on_undo(db, ds):
         store.send_to_review(session=s, image_id=None, upload_sha256="ab" * 32, source="compare",
                              run_ref="run:1", predicted=None, probs=None, sent_by="dr a")
     state = review.load_state(db, dataset_id)
-    queue = review.build_queue(state, "sent")
+    queue = review.build_queue(db, state, "sent")
     assert [(e.key, e.run_ref, e.score, e.predicted) for e in queue] == [
         ("ab" * 32, "run:1", None, None), (img, "default", 0.8, "PNEUMONIA")]  # newest first
     assert state.open_uploads == 1
     rid = relabel(db, img, "PNEUMONIA", "bacteria", run_ref="default", score=0.8)
-    assert [e.key for e in review.build_queue(review.load_state(db, dataset_id), "sent")] == [
+    assert [e.key for e in review.build_queue(db, review.load_state(db, dataset_id), "sent")] == [
         "ab" * 32]
     review.submit_undo(db, relabel_id=rid, reviewer="alice")
-    assert len(review.build_queue(review.load_state(db, dataset_id), "sent")) == 2
+    assert len(review.build_queue(db, review.load_state(db, dataset_id), "sent")) == 2
 
 
 # -- Uploads sent to review -----------------------------------------------------------------------
@@ -282,6 +289,15 @@ def send_upload(db, sha=SHA, predicted="PNEUMONIA", probs=(0.3, 0.7)):
         return store.send_to_review(session=s, image_id=None, upload_sha256=sha, source="predict",
                                     run_ref="default", predicted=predicted, probs=list(probs),
                                     sent_by="dr a")
+
+
+def reviewed(db, reviewer, image_ids, shas=(SHA,)):
+    """Images (ids) and uploads (sha256) ``reviewer`` has an active relabel of (SQL)."""
+    from cxr_core.storage import review_queue
+
+    with db.session() as s:
+        return review_queue.reviewed_among(session=s, reviewer=reviewer, image_ids=image_ids,
+                                           upload_sha256s=shas)
 
 
 def upload_relabel(db, label, subtype=None, reviewer="alice", sha=SHA):
@@ -320,8 +336,8 @@ def test_upload_relabel_undo_and_current_label(db, ds):
     with db.session() as s:
         assert rel_store.upload_labels(session=s) == {SHA: ("PNEUMONIA", None)}
     state = review.load_state(db, dataset_id)
-    assert review.reviewed_by(state.relabels, "alice") == set()
-    assert [e.key for e in review.build_queue(state, "sent")] == [SHA]
+    assert reviewed(db, "alice", ids.values()) == set()
+    assert [e.key for e in review.build_queue(db, state, "sent")] == [SHA]
 
 
 def test_upload_and_image_relabels_coexist(db, ds):
@@ -331,11 +347,11 @@ def test_upload_and_image_relabels_coexist(db, ds):
     upload_relabel(db, "NORMAL")
     rid = relabel(db, img, "PNEUMONIA", "virus")
     state = review.load_state(db, dataset_id)
-    assert review.reviewed_by(state.relabels, "alice") == {SHA, img}
+    assert reviewed(db, "alice", ids.values()) == {SHA, img}
     with db.session() as s:
         snap = rel_store.label_snapshot(session=s, dataset_id=dataset_id)
     assert (snap.newest_relabel_id, snap.n_relabels) == (rid, 1)
-    info = describe_entry(state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
+    info = describe_entry(db, state, review.QueueEntry(None, "default", 0.7, "PNEUMONIA", SHA,
                                                    (0.3, 0.7)))
     assert info.facts == (("Model", "PNEUMONIA (0.300 / 0.700)"), ("Current", "NORMAL"))
     assert info.reviewers == (("alice", "NORMAL"),)
@@ -387,10 +403,8 @@ def test_reviewed_by_ignores_undone_rows(db, ds):
     a = relabel(db, ids["IM-0001-0001.png"], "NORMAL")
     relabel(db, ids["IM-0002-0001.png"], "NORMAL")
     review.submit_undo(db, relabel_id=a, reviewer="alice")
-    with db.session() as s:
-        rows = rel_store.list_relabels(session=s, dataset_id=dataset_id)
-    assert review.reviewed_by(rows, "alice") == {ids["IM-0002-0001.png"]}
-    assert review.reviewed_by(rows, "bob") == set()
+    assert reviewed(db, "alice", ids.values()) == {ids["IM-0002-0001.png"]}
+    assert reviewed(db, "bob", ids.values()) == set()
 
 
 # -- Labels, export, viewing ---------------------------------------------------------------------
@@ -398,7 +412,7 @@ def test_reviewed_by_ignores_undone_rows(db, ds):
 def test_label_choices_split_classes_with_subtypes(db, ds):
     state = review.load_state(db, ds[0])
     texts = [c.text for c in review.label_choices(["NORMAL", "PNEUMONIA", "COVID19"],
-                                                  state.images.values())]
+                                                  state.label_pairs)]
     assert texts == ["COVID19", "NORMAL", "PNEUMONIA·bacteria", "PNEUMONIA·virus"]
     assert [c.text for c in review.label_choices(["NORMAL", "PNEUMONIA"], [])] == [
         "NORMAL", "PNEUMONIA"]
@@ -426,8 +440,9 @@ def test_export_csv_includes_upload_rows(db, ds):
     assert (rows[1]["image_id"], rows[1]["relpath"], rows[1]["upload_sha256"]) == ("", SHA, SHA)
     assert (rows[1]["old_label"], rows[1]["new_label"]) == ("PNEUMONIA", "NORMAL")
     assert rows[0]["upload_sha256"] == "" and rows[0]["relpath"].endswith("IM-0001-0001.png")
-    state = review.load_state(db, dataset_id)
-    assert relabels_to_csv(state.relabels) == export_relabels_csv(db, dataset_id)
+    with db.session() as s:
+        every = rel_store.list_relabels(session=s, dataset_id=dataset_id, include_uploads=True)
+    assert relabels_to_csv(every) == export_relabels_csv(db, dataset_id)
 
 
 def test_render_view_window_level_and_zoom():

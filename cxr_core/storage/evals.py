@@ -104,6 +104,25 @@ def _utc(value: datetime | None) -> datetime | None:
 
 # -- Evaluations ----------------------------------------------------------------------------
 
+def prediction_columns(probs: Sequence[float], labels: Sequence[str]) -> dict:
+    """The SQL-sortable columns of one probability vector: ``score`` (P(pneumonia): column 1
+    of a binary model, else 1 - P(NORMAL), else the top probability), ``pred_index`` (argmax)
+    and ``top2_margin`` (top-2 gap). Migration 0005 backfills old rows the same way."""
+    p = [float(v) for v in probs]
+    if len(p) == 1 and len(labels) == 2:
+        p = [1.0 - p[0], p[0]]  # a sigmoid model's single P(positive)
+    if len(p) < 2:
+        return {"score": None, "pred_index": None, "top2_margin": None}
+    top = sorted(p, reverse=True)
+    if len(p) == 2:
+        score = p[1]
+    elif "NORMAL" in labels:
+        score = 1.0 - p[list(labels).index("NORMAL")]
+    else:
+        score = top[0]
+    return {"score": score, "pred_index": p.index(top[0]), "top2_margin": top[0] - top[1]}
+
+
 def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
                    dataset_id: int | None, split: str, source: str, labels: Sequence[str],
                    images_key: str, metrics: dict, image_ids: Sequence[int | None],
@@ -122,7 +141,8 @@ def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
     session.add(row)
     session.flush()
     rows = [{"evaluation_id": row.id, "image_id": None if i is None else int(i), "path": str(p),
-             "y_true": int(y), "probs_json": json.dumps([float(v) for v in pr])}
+             "y_true": int(y), "probs_json": json.dumps([float(v) for v in pr]),
+             **prediction_columns(np.atleast_1d(pr), labels)}
             for i, p, y, pr in zip(image_ids, paths, np.asarray(y_true), np.asarray(probs))]
     for start in range(0, len(rows), 1000):
         session.execute(insert(EvalPrediction), rows[start:start + 1000])

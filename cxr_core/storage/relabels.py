@@ -128,6 +128,18 @@ def count_relabels(*, session: Session, dataset_id: int | None = None,
     return int(session.scalar(q) or 0)
 
 
+def newest_relabel_id(*, session: Session, dataset_id: int,
+                      include_uploads: bool = True) -> int | None:
+    """The id of the newest relabel row of the dataset (and of uploads): one indexed MAX."""
+    in_dataset = select(func.max(Relabel.id)).join(ImageRow, ImageRow.id == Relabel.image_id) \
+        .where(ImageRow.dataset_id == dataset_id)
+    ids = [session.scalar(in_dataset)]
+    if include_uploads:
+        ids.append(session.scalar(select(func.max(Relabel.id)).where(
+            Relabel.upload_sha256.is_not(None))))
+    return max((i for i in ids if i is not None), default=None)
+
+
 def list_upload_relabels(*, session: Session,
                          upload_sha256s: Sequence[str] | None = None) -> list[RelabelRecord]:
     """Relabel rows of uploads (undo rows included), oldest first; optionally only these hashes."""
@@ -260,17 +272,21 @@ def _upload_base(session: Session, upload_sha256: str) -> Label:
     return (found[1] or "", None)  # "" when it was sent without a model output
 
 
-def upload_labels(*, session: Session) -> dict[str, Label]:
-    """sha256 -> current label of every upload sent to review.
+def upload_labels(*, session: Session,
+                  upload_sha256s: Sequence[str] | None = None) -> dict[str, Label]:
+    """sha256 -> current label of every upload sent to review (or of these).
 
     The newest active relabel of the upload, else the model's prediction stored with its
     newest review item ("" when it was sent without one).
     """
     q = (select(ReviewItem.upload_sha256, ReviewItem.predicted)
          .where(ReviewItem.upload_sha256.is_not(None)).order_by(ReviewItem.id))
+    if upload_sha256s is not None:
+        q = q.where(ReviewItem.upload_sha256.in_(list(upload_sha256s)))
     out: dict[str, Label] = {sha: (predicted or "", None)
                              for sha, predicted in session.execute(q)}  # newest item wins
-    for r in active_relabels(list_upload_relabels(session=session)):  # id order: newest wins
+    rows = list_upload_relabels(session=session, upload_sha256s=upload_sha256s)
+    for r in active_relabels(rows):  # id order: newest wins
         out[r.upload_sha256] = (r.new_label, r.new_subtype)
     return out
 

@@ -18,17 +18,6 @@ REVIEW_SOURCES = ("predict", "compare", "review")
 
 
 @dataclass(frozen=True)
-class RunPredictions:
-    """A run's newest per-image probabilities on one dataset and its operating point."""
-
-    run_id: int
-    model_ref: str  # "run:ID"
-    labels: tuple[str, ...]  # class names, order of each probability vector
-    probs: dict[int, tuple[float, ...]]  # image_id -> class probabilities
-    threshold: float | None  # newest operating point (binary P(PNEUMONIA)); None: none stored
-
-
-@dataclass(frozen=True)
 class RunOption:
     """A run that has stored predictions on a dataset (for the review page's run picker)."""
 
@@ -70,32 +59,6 @@ def operating_threshold(*, session: Session, run_id: int) -> float | None:
     """The run's operating point: threshold of its newest ``operating_points`` row."""
     return session.scalar(select(OperatingPoint.threshold).where(OperatingPoint.run_id == run_id)
                           .order_by(OperatingPoint.id.desc()).limit(1))
-
-
-def latest_predictions(*, session: Session, run_id: int, dataset_id: int) -> RunPredictions | None:
-    """Per-image probabilities of a run on a dataset, the newest evaluation winning per image.
-
-    Returns:
-        The predictions and the run's operating point, or None when the run has no
-        evaluation with per-image outputs on this dataset.
-    """
-    evals = session.execute(select(Evaluation.id, Evaluation.labels_json).where(
-        Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id)
-        .order_by(Evaluation.id)).all()
-    if not evals:
-        return None
-    probs: dict[int, tuple[float, ...]] = {}
-    q = (select(EvalPrediction.image_id, EvalPrediction.probs_json)
-         .where(EvalPrediction.evaluation_id.in_([e[0] for e in evals]),
-                EvalPrediction.image_id.is_not(None))
-         .order_by(EvalPrediction.evaluation_id, EvalPrediction.id))
-    for image_id, probs_json in session.connection().execute(q):
-        probs[image_id] = tuple(float(p) for p in json.loads(probs_json))  # newer overwrites
-    if not probs:
-        return None
-    labels = tuple(json.loads(evals[-1][1]))
-    return RunPredictions(run_id, f"run:{run_id}", labels, probs,
-                          operating_threshold(session=session, run_id=run_id))
 
 
 def run_artifact_dir(*, session: Session, run_id: int) -> str | None:

@@ -12,6 +12,7 @@ from streamlit.testing.v1 import AppTest
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as rel_store, reviews as store
+from cxr_core.storage.evals import prediction_columns
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "review.py")
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
@@ -159,7 +160,8 @@ def test_saliency_toggle_with_a_real_run_model(tiny, tmp_path):
         s.add(ev)
         s.flush()
         s.add_all([EvalPrediction(evaluation_id=ev.id, image_id=i, y_true=0,
-                                  probs_json=json.dumps([1 - p, p]))
+                                  probs_json=json.dumps([1 - p, p]),
+                                  **prediction_columns([1 - p, p], ("NORMAL", "PNEUMONIA")))
                    for i, p in zip(rel_store.original_labels(session=s, dataset_id=dataset_id),
                                    (0.1, 0.45, 0.9, 0.7, 0.2))])
     at = start()

@@ -1,0 +1,628 @@
+"""Scale benchmark: every page's data at 100,000 images against the same at 5,000.
+
+Each level is built in a temp dir by its own process (``build``): tiny distinct generated PNGs
+in the Kaggle layout with Kermany file names (several images per patient), indexed with the
+real indexer, then relabel rows (several reviewers per image, ~5% undos) and evaluations of
+the test split with per-image outputs (one comparable image group, an operating point per
+run), stored the way the app stores them. A second, fresh process per level plays the web
+process (``measure``, ``CXR_WORKER=off``): it renders each page through the entry point with
+``AppTest`` (first render with empty data caches, then the median of a few reruns = clicks),
+times the cxr_core calls each page makes (:data:`DATA_CALLS`) and reads its peak RSS.
+
+Goals (the issue): every page under 1.5 s at 100k, time growing at most 3× from 5k to 100k,
+peak RSS of the web process under 1.5 GB. ``ratio`` is the growth of the slowest page.
+
+Run: ``python -m cxr_core bench scale --json``; ``CXR_BENCH_SCALE_LEVELS=2000,10000`` for a
+quick check at other sizes. The shared data folder is not used (the images are generated).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = (5_000, 100_000)
+GOAL_PAGE_S, GOAL_GROWTH, GOAL_RSS_MB = 1.5, 3.0, 1536.0
+REVIEWERS = ("bench", "dr_adams", "dr_baker", "dr_chen", "dr_diaz", "dr_evans", "dr_fox",
+             "dr_gupta")
+REVIEWER = "bench"  # the name the Review page is rendered with (one of REVIEWERS)
+DATASET = "scale"
+
+
+def _m(name: str):
+    """``cxr_core.<name>``, imported when a call runs (a renamed module is that call's error)."""
+    return importlib.import_module(f"cxr_core.{name}")
+
+
+def _keep(c: dict, key: str, value):
+    c[key] = value
+    return value
+
+
+# ===================================================================================== #
+# DATA_CALLS: the cxr_core functions each page calls, in page order. EDIT HERE when the  #
+# services are renamed/refactored. Each entry is (label, fn(db, ctx)); ``ctx`` holds      #
+# "dataset" (the DatasetInfo), "reviewer", and whatever earlier calls of the page kept    #
+# with _keep(ctx, key, value). A call that raises is reported with its error string.      #
+# ===================================================================================== #
+DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
+    "home": [
+        ("indexing.list_datasets", lambda db, c: _m("indexing").list_datasets(db)),
+    ],
+    "class_balance": [
+        ("indexing.list_datasets", lambda db, c: _m("indexing").list_datasets(db)),
+        ("indexing.indexed_records", lambda db, c: _keep(
+            c, "records", _m("indexing").indexed_records(db, c["dataset"].id))),
+        ("indexing.label_snapshot", lambda db, c: _m("indexing").label_snapshot(
+            db, c["dataset"].id)),
+        ("balance_report(original, binary)", lambda db, c: _m("balance_report").balance_report(
+            c["records"], "binary", val_fraction=0.15, seed=0)),
+        ("indexing.current_records", lambda db, c: _keep(
+            c, "current", _m("indexing").current_records(db, c["dataset"].id))),
+        ("balance_report(current, binary)", lambda db, c: _m("balance_report").balance_report(
+            c["current"], "binary", val_fraction=0.15, seed=0)),
+    ],
+    "augmentation": [
+        ("indexing.indexed_records", lambda db, c: _m("indexing").indexed_records(
+            db, c["dataset"].id)),
+        ("presets.all_presets", lambda db, c: _m("presets").all_presets(db)),
+    ],
+    "train": [
+        ("training_service.refresh", lambda db, c: _m("training_service").refresh(db)),
+        ("training_service.list_runs", lambda db, c: _keep(
+            c, "runs", _m("training_service").list_runs(db))),
+        ("training_service.live_curves", lambda db, c: _m("training_service").live_curves(
+            db, [r.id for r in c["runs"]][:3])),
+        ("training_service.run_progress", lambda db, c: _m("training_service").run_progress(
+            db, [r.id for r in c["runs"]][:3])),
+        ("training_service.run_logs", lambda db, c: _m("training_service").run_logs(
+            db, c["runs"][0].id)),
+        ("presets.all_presets", lambda db, c: _m("presets").all_presets(db)),
+    ],
+    "compare": [
+        ("evaluation_service.list_runs", lambda db, c: _m("evaluation_service").list_runs(db)),
+        ("compare_service.comparable_groups", lambda db, c: _keep(
+            c, "groups", _m("compare_service").comparable_groups(db))),
+        ("compare_service.compare_evaluations", lambda db, c: _keep(
+            c, "cmp", _m("compare_service").compare_evaluations(
+                db, tuple(sorted(e.id for e in c["groups"][0].evaluations[:4])),
+                mode="operating_point", target=0.95, truth="current"))),
+        ("Comparison.disagreement_rows", lambda db, c: c["cmp"].disagreement_rows()),
+        ("Comparison.metrics_text", lambda db, c: c["cmp"].metrics_text()),
+        ("operating_point_service.operating_point_history", lambda db, c: _m(
+            "operating_point_service").operating_point_history(
+                db, next(e.run_id for e in c["cmp"].evaluations.values()))),
+    ],
+    "predict": [
+        ("predict.model_options", lambda db, c: _m("predict").model_options(db)),
+        ("indexing.indexed_records", lambda db, c: _m("indexing").indexed_records(
+            db, c["dataset"].id)),
+    ],
+    "review": [
+        ("review.load_state", lambda db, c: _keep(
+            c, "state", _m("review").load_state(db, c["dataset"].id, None))),
+        ("review.next_in_queue(disagreement)", lambda db, c: _keep(
+            c, "view", _m("review").next_in_queue(db, c["state"], "disagreement",
+                                                  c["reviewer"], seed=0))),
+        ("review.next_in_queue(uncertain)", lambda db, c: _m("review").next_in_queue(
+            db, c["state"], "uncertain", c["reviewer"], seed=0)),
+        ("review.next_in_queue(random)", lambda db, c: _m("review").next_in_queue(
+            db, c["state"], "random", c["reviewer"], seed=0)),
+        ("review.next_in_queue(class)", lambda db, c: _m("review").next_in_queue(
+            db, c["state"], "class", c["reviewer"], class_name="NORMAL", seed=0)),
+        ("review_view.describe_entry", lambda db, c: _m("review_view").describe_entry(
+            db, c["state"], c["view"].current)),
+        ("review.newest_relabel_id", lambda db, c: _m("review").newest_relabel_id(
+            db, c["dataset"].id)),
+        ("agreement.agreement", lambda db, c: _m("agreement").agreement(
+            db, c["dataset"].id, conflicts_limit=25, conflicts_offset=0)),
+    ],
+}
+# ============================ end of DATA_CALLS ======================================== #
+
+# Page renders: name -> (page file, session state set before the first render). The ":"
+# variants are the same page with a toggle on that reads more data.
+PAGES: dict[str, tuple[str, dict]] = {
+    "home": ("app_pages/home.py", {}),
+    "class_balance": ("app_pages/class_balance.py", {}),
+    "class_balance:current": ("app_pages/class_balance.py", {"balance_current": True}),
+    "augmentation": ("app_pages/augmentation.py", {}),
+    "train": ("app_pages/train.py", {}),
+    "compare": ("app_pages/compare.py", {}),
+    "predict": ("app_pages/predict.py", {"predict_source": "From a dataset"}),
+    "review": ("app_pages/review.py", {"review_reviewer": REVIEWER}),
+    "review:agreement": ("app_pages/review.py", {"review_reviewer": REVIEWER,
+                                                 "review_agreement": True}),
+}
+
+
+# -- Building one level ---------------------------------------------------------------------
+
+def _log(msg: str) -> None:
+    print(f"[scale] {msg}", file=sys.stderr, flush=True)
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+_PNG_HEAD = b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+_PNG_TAIL = _chunk(b"IEND", b"")
+
+
+def tiny_png(i: int) -> bytes:
+    """An 8×8 grayscale PNG whose first row spells ``i`` (every file's sha256 differs)."""
+    rows = [i.to_bytes(8, "little")] + [bytes((r * 32 + c * 4 + i % 7 * 3) & 255
+                                               for c in range(8)) for r in range(1, 8)]
+    raw = b"".join(b"\x00" + row for row in rows)
+    return _PNG_HEAD + _chunk(b"IDAT", zlib.compress(raw, 6)) + _PNG_TAIL
+
+
+def write_images(root: Path, n_images: int, seed: int = 0) -> dict:
+    """``n_images`` tiny PNGs in ``train|test/NORMAL|PNEUMONIA`` with Kermany names.
+
+    Patients hold 1–4 images each and sit in one split (~10% of them in test); ~27% are
+    normal (``IM-<p>-<k>.png`` or ``NORMAL2-IM-<p>-<k>.png``), the rest
+    ``person<p>_bacteria|virus_<n>.png`` (~65% bacteria).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+    i = patients = 0
+    while i < n_images:
+        patients += 1
+        k = int(rng.integers(1, 5))
+        split = "test" if rng.random() < 0.1 else "train"
+        normal = rng.random() < 0.27
+        subtype = "bacteria" if rng.random() < 0.65 else "virus"
+        for j in range(min(k, n_images - i)):
+            if normal:
+                name = (f"NORMAL2-IM-{patients:04d}-{j + 1:04d}.png" if patients % 3 == 0
+                        else f"IM-{patients:04d}-{j + 1:04d}.png")
+            else:
+                name = f"person{patients}_{subtype}_{i + 1}.png"
+            (root / split / ("NORMAL" if normal else "PNEUMONIA") / name).write_bytes(tiny_png(i))
+            i += 1
+    return {"images": i, "patients": patients}
+
+
+def _relabel_rows(images: list, n_relabels: int, seed: int = 1) -> list[dict]:
+    """``n_relabels`` relabel rows (ids 1..n, time order) over ``images`` ((id, sha, label,
+    subtype) tuples): half the images (at 2 rows per image) relabelled, about 4 rows each by
+    random reviewers, ~5% undo
+    rows of the image's newest standing relabel, old labels as they were at each write."""
+    from datetime import datetime, timedelta, timezone
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    choices = (("NORMAL", None), ("PNEUMONIA", "bacteria"), ("PNEUMONIA", "virus"))
+    n_targets = max(1, min(len(images), n_relabels // 4))
+    targets = rng.choice(len(images), size=n_targets, replace=False)
+    counts = np.ones(n_targets, dtype=np.int64)
+    extra = rng.choice(n_targets, size=max(0, n_relabels - n_targets))  # the rest, spread
+    np.add.at(counts, extra, 1)
+    events = np.repeat(targets, counts)[:n_relabels]
+    rng.shuffle(events)
+    undo_draw, who, pick, keep = (rng.random(len(events)), rng.integers(0, len(REVIEWERS),
+                                  len(events)), rng.integers(0, 3, len(events)),
+                                  rng.random(len(events)))
+    t0 = datetime.now(timezone.utc) - timedelta(seconds=5 * len(events))
+    stacks: dict[int, list[tuple[int, tuple]]] = {}  # image index -> standing (id, old label)
+    rows = []
+    for k, idx in enumerate(events.tolist()):
+        image_id, sha, label, subtype = images[idx]
+        stack = stacks.setdefault(idx, [])
+        current = rows[stack[-1][0] - 1]["new"] if stack else (label, subtype)
+        rid = k + 1
+        if stack and undo_draw[k] < 0.066:  # ~5% of all rows (the first row of an image is none)
+            undone, old = stack.pop()
+            new, undo_of = old, undone
+        else:
+            new = (label, subtype) if keep[k] < 0.6 else choices[int(pick[k])]
+            undo_of = None
+            stack.append((rid, current))
+        rows.append({"id": rid, "image_id": image_id, "image_sha256": sha,
+                     "old_label": current[0], "old_subtype": current[1], "new_label": new[0],
+                     "new_subtype": new[1], "reviewer": REVIEWERS[int(who[k])], "note": "",
+                     "run_ref": None, "score": None, "undo_of": undo_of,
+                     "created_at": t0 + timedelta(seconds=5 * k), "new": new})
+    return rows
+
+
+def _add_runs_and_evaluations(db, dataset_id: int, root: Path, n_evals: int,
+                              seed: int = 2) -> dict:
+    """``n_evals`` finished runs with epoch/batch metrics, logs and an operating point, each
+    evaluated on the test split (same images, same order: one Compare group) through
+    :func:`cxr_core.evaluation_service.record_evaluation`, current labels as truth."""
+    import numpy as np
+    from sqlalchemy import insert
+
+    from cxr_core import evaluation_service as es
+    from cxr_core import operating_point_service as ops
+    from cxr_core import provenance
+    from cxr_core.datasets import BINARY_CLASSES
+    from cxr_core.storage import datasets as ds_store
+    from cxr_core.storage import relabels as rel_store
+    from cxr_core.storage import runs as runs_store
+    from db.models import Metric
+
+    rng = np.random.default_rng(seed)
+    with db.session() as s:
+        records = [r for r in ds_store.list_images(session=s, dataset_id=dataset_id)
+                   if r.split == "test" and not r.error]
+        version = rel_store.label_version(session=s, dataset_id=dataset_id)
+    records.sort(key=lambda r: r.id)
+    ids = [r.id for r in records]
+    paths = [str(root / r.relpath) for r in records]
+    groups = [r.patient for r in records]
+    truth = provenance.make_truth(version.labels, ids, BINARY_CLASSES, "binary", "current",
+                                  version.newest_relabel_id)
+    y = truth.y
+    t_eval = 0.0
+    for n in range(n_evals):
+        quality = 0.8 + 1.6 * n / max(1, n_evals - 1)
+        config = {"dataset": DATASET, "recipe": "cpu128", "model": "small_cnn",
+                  "label_scheme": "binary", "epochs": 10, "batch_size": 32, "seed": n}
+
+        def make(s, n=n, quality=quality, config=config) -> int:
+            run_id = runs_store.create_run(session=s, name=f"scale-{n:02d}", config=config)
+            rows = []
+            for epoch in range(1, 11):
+                for key in ("loss", "val_loss", "accuracy", "val_accuracy", "auc", "val_auc"):
+                    rows.append({"run_id": run_id, "kind": "epoch", "step": epoch, "key": key,
+                                 "value": float(rng.random())})
+                for b in range(30):
+                    step = (epoch - 1) * 30 + b + 1
+                    for key, v in (("loss", rng.random()), ("accuracy", rng.random()),
+                                   ("auc", rng.random()), ("epoch_progress", step / 30),
+                                   ("eta_s", 300 - step)):
+                        rows.append({"run_id": run_id, "kind": "batch", "step": step,
+                                     "key": key, "value": float(v)})
+                runs_store.add_log(session=s, run_id=run_id, message=f"epoch {epoch}/10")
+            s.execute(insert(Metric), rows)
+            runs_store.set_epochs_done(session=s, run_id=run_id, epochs_done=10)
+            runs_store.finish_run(session=s, run_id=run_id, status="finished",
+                                  summary={"val": {"auc": 0.8 + 0.01 * n}})
+            return run_id
+        run_id = db.write(make)
+        yv = (rng.random(1000) < 0.7).astype(int)  # the run's own validation outputs
+        pv = 1 / (1 + np.exp(-(quality * (2 * yv - 1) + rng.normal(size=1000))))
+        ops.set_operating_point(db, run_id=run_id, y_true=yv, p_pos=pv)
+        p = 1 / (1 + np.exp(-(quality * (2 * y - 1) + rng.normal(size=len(y)))))
+        t1 = time.perf_counter()
+        es.record_evaluation(db, run_id=run_id, model_ref=f"run:{run_id}", dataset_id=dataset_id,
+                             split="test", labels=list(BINARY_CLASSES), image_ids=ids,
+                             paths=paths, y_true=y, probs=np.column_stack([1 - p, p]),
+                             source=str(root), truth=truth,
+                             groups=groups if any(groups) else None)
+        t_eval += time.perf_counter() - t1
+        _log(f"evaluation {n + 1}/{n_evals} stored ({len(ids)} images)")
+    return {"test_images": len(ids), "record_evaluation_s": round(t_eval, 2)}
+
+
+def build(root: Path, home: Path, n_images: int, n_relabels: int, n_evals: int) -> dict:
+    """Build one level: images under ``root``, state in ``home`` (``CXR_HOME`` is set to it).
+
+    Returns:
+        Times of each step (``write_s``, ``index_s`` (the real indexer), ``relabels_s``,
+        ``evals_s``, ``total_s``) and the counts read back from the database.
+    """
+    os.environ["CXR_HOME"] = str(home)
+    for var in ("CXR_DB_URL", "CXR_DATA_DIR", "CXR_ARTIFACTS"):
+        os.environ.pop(var, None)
+    from sqlalchemy import func, insert, select
+
+    from cxr_core.indexing import index_dataset
+    from cxr_core.storage import open_db
+    from db.models import EvalPrediction, Evaluation, ImageRow, OperatingPoint, Relabel, Run
+
+    out: dict[str, Any] = {"n_images": n_images, "n_relabels": n_relabels, "n_evals": n_evals}
+    t0 = time.perf_counter()
+    out["generated"] = write_images(Path(root), n_images)
+    out["write_s"] = round(time.perf_counter() - t0, 2)
+    _log(f"{n_images} PNGs written in {out['write_s']} s")
+    db = open_db()
+    t1 = time.perf_counter()
+    report = index_dataset(db, root, name=DATASET)
+    out["index_s"] = round(time.perf_counter() - t1, 2)
+    _log(f"indexed in {out['index_s']} s: {report.summary['images']} images, "
+         f"{report.summary['patients']} patients")
+    t1 = time.perf_counter()
+    with db.session() as s:
+        images = s.execute(select(ImageRow.id, ImageRow.sha256, ImageRow.label, ImageRow.subtype)
+                           .where(ImageRow.dataset_id == report.dataset_id)
+                           .order_by(ImageRow.id)).all()
+    rows = _relabel_rows([tuple(r) for r in images], n_relabels)
+    for r in rows:
+        del r["new"]
+    for start in range(0, len(rows), 5000):
+        with db.session() as s:
+            s.execute(insert(Relabel), rows[start:start + 5000])
+    out["relabels_s"] = round(time.perf_counter() - t1, 2)
+    _log(f"{len(rows)} relabels inserted in {out['relabels_s']} s")
+    t1 = time.perf_counter()
+    out.update(_add_runs_and_evaluations(db, report.dataset_id, Path(root), n_evals))
+    out["evals_s"] = round(time.perf_counter() - t1, 2)
+    out["total_s"] = round(time.perf_counter() - t0, 2)
+    with db.session() as s:
+        count = lambda model, *where: int(s.scalar(  # noqa: E731
+            select(func.count()).select_from(model).where(*where)) or 0)
+        out["counts"] = {
+            "images": count(ImageRow), "relabels": count(Relabel),
+            "undo_rows": count(Relabel, Relabel.undo_of.is_not(None)),
+            "relabelled_images": int(s.scalar(select(func.count(func.distinct(
+                Relabel.image_id)))) or 0),
+            "runs": count(Run), "evaluations": count(Evaluation),
+            "eval_predictions": count(EvalPrediction), "operating_points": count(OperatingPoint),
+            "comparable_groups": int(s.scalar(select(func.count(func.distinct(
+                Evaluation.images_key)))) or 0)}
+    db.engine.dispose()
+    out["db_mb"] = round(sum(f.stat().st_size for f in Path(home).glob("cxr.db*")) / 2**20, 1)
+    _log(f"built in {out['total_s']} s: {out['counts']}")
+    return out
+
+
+# -- Measuring one level (the web process) --------------------------------------------------
+
+_WARM_IMPORTS = ("pandas", "plotly.express", "sklearn.metrics", "cxr_core.balance_report",
+                 "cxr_core.balancing", "cxr_core.indexing", "cxr_core.presets", "cxr_core.augment",
+                 "cxr_core.images", "cxr_core.training_service", "cxr_core.model_specs",
+                 "cxr_core.train_config", "cxr_core.compare_service", "cxr_core.eval_tables",
+                 "cxr_core.evaluation_service", "cxr_core.operating_point_service",
+                 "cxr_core.jobs", "cxr_core.provenance", "cxr_core.explain",
+                 "cxr_core.model_store", "cxr_core.predict", "cxr_core.uploads",
+                 "cxr_core.saliency_render", "cxr_core.agreement", "cxr_core.review",
+                 "cxr_core.review_view")
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+
+def _err(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _render(page: str, state: dict, reruns: int) -> dict:
+    """First render of a page (data caches emptied first) and the median of ``reruns``."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    st.cache_data.clear()  # the page's own data, cold; the database (cache_resource) stays
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    for k, v in state.items():
+        at.session_state[k] = v
+    out: dict[str, Any] = {}
+    try:
+        t0 = time.perf_counter()
+        at.switch_page(page).run()
+        out["first_s"] = round(time.perf_counter() - t0, 3)
+        times = []
+        for _ in range(reruns):
+            t0 = time.perf_counter()
+            at.run()
+            times.append(time.perf_counter() - t0)
+        out["rerun_s"] = round(statistics.median(times), 3) if times else None
+    except Exception as exc:  # noqa: BLE001 — a timeout or a crash of the harness is reported
+        out["harness_error"] = _err(exc)
+    out["title"] = next((t.value for t in at.title), None)
+    out["exceptions"] = [str(e.value)[:300] for e in at.exception]
+    out["errors"] = [str(e.value)[:300] for e in at.error]
+    return out
+
+
+def _time_calls(db, page: str, ctx: dict, repeat: int) -> dict:
+    """Each data call of a page: first call and the median of ``repeat`` (the first included)."""
+    out = {}
+    for label, fn in DATA_CALLS.get(page, []):
+        times = []
+        try:
+            for _ in range(max(1, repeat)):
+                t0 = time.perf_counter()
+                fn(db, ctx)
+                times.append(time.perf_counter() - t0)
+            out[label] = {"s": round(statistics.median(times), 4), "first_s": round(times[0], 4)}
+        except Exception as exc:  # noqa: BLE001 — a renamed / failing call is reported
+            out[label] = {"error": _err(exc)}
+    return out
+
+
+def measure_here(*, reruns: int = 3, repeat: int = 3,
+                 pages: tuple[str, ...] | None = None) -> dict:
+    """The web process's side (run in a fresh process with the level's ``CXR_HOME``)."""
+    os.environ["CXR_WORKER"] = "off"
+    t0 = time.perf_counter()
+    for name in _WARM_IMPORTS:  # import cost is not page time
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001
+            pass
+    import pandas as pd
+    import plotly.express as px
+    import plotly.io as pio
+
+    pio.to_json(px.bar(pd.DataFrame({"a": [1, 2]}), x="a"))  # plotly's first-figure setup
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at.run()  # opens the database once, as the app process does
+    out: dict[str, Any] = {"cold_start_s": round(time.perf_counter() - t0, 3), "pages": {}}
+    for name in pages or tuple(PAGES):
+        path, state = PAGES[name]
+        out["pages"][name] = _render(path, state, reruns)
+        _log(f"rendered {name}: {out['pages'][name].get('first_s')} s first, "
+             f"{out['pages'][name].get('rerun_s')} s rerun"
+             + (f" EXCEPTION {out['pages'][name]['exceptions']}"
+                if out["pages"][name]["exceptions"] else ""))
+    out["rss_mb"] = _rss_mb()
+    from cxr_core import indexing
+    from cxr_core.storage import open_db
+
+    db = open_db()
+    info = next((d for d in indexing.list_datasets(db) if d.name == DATASET), None)
+    ctx_base = {"dataset": info, "reviewer": REVIEWER}
+    out["calls"] = {}
+    for page in DATA_CALLS:
+        if pages is not None and page not in {p.split(":")[0] for p in pages}:
+            continue
+        out["calls"][page] = _time_calls(db, page, dict(ctx_base), repeat)
+    out["rss_mb_after_calls"] = _rss_mb()
+    return out
+
+
+def _child_env(home: Path) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("CXR_DB_URL", "CXR_DATA_DIR", "CXR_ARTIFACTS")}
+    env.update(CXR_HOME=str(home), CXR_WORKER="off", PYTHONPATH=str(REPO),
+               TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+def _child(args: list[str], home: Path, timeout: float) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", *args], cwd=REPO,
+                          env=_child_env(home), stdout=subprocess.PIPE, text=True,
+                          timeout=timeout)
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"bench.scale {args[0]} failed (exit {proc.returncode})")
+    return json.loads(lines[-1])
+
+
+def measure(home: Path, *, reruns: int = 3, repeat: int = 3,
+            pages: tuple[str, ...] | None = None, timeout: float = 3600) -> dict:
+    """:func:`measure_here` in a fresh process with ``CXR_HOME=home`` and ``CXR_WORKER=off``
+    (its peak RSS is the web process's alone)."""
+    args = ["measure", "--reruns", str(reruns), "--repeat", str(repeat)]
+    if pages:
+        args += ["--pages", ",".join(pages)]
+    return _child(args, Path(home), timeout)
+
+
+# -- The benchmark --------------------------------------------------------------------------
+
+def _levels_from_env() -> tuple[int, ...] | None:
+    raw = os.environ.get("CXR_BENCH_SCALE_LEVELS", "").strip()
+    return tuple(int(x) for x in raw.split(",") if x.strip()) if raw else None
+
+
+def _page_time(level: dict, page: str) -> float | None:
+    return level["pages"].get(page, {}).get("first_s")
+
+
+def _data_time(level: dict, page: str) -> float | None:
+    calls = level["calls"].get(page.split(":")[0])
+    if not calls or any("error" in c for c in calls.values()):
+        return None
+    return round(sum(c["s"] for c in calls.values()), 4)
+
+
+def run(shared_data: Path | None = None, *, levels: tuple[int, ...] | None = None,
+        relabels_per_image: int = 2, evals: int = 20, reruns: int = 3,
+        repeat: int = 3) -> dict:
+    """Build and measure each level (smallest first); ``shared_data`` is not used.
+
+    Returns:
+        ``{"bench": "scale", "levels": {n: {"build", "pages": {page: {first_s, rerun_s,
+        exceptions, errors}}, "calls": {page: {label: {s, first_s} | {error}}}, "data_s":
+        {page: sum of its calls}, "rss_mb", ...}}, "slowest_page", "slowest_page_s",
+        "slowest_rerun_s", "slowest_data_s", "growth": {page: first render t_big / t_small},
+        "data_growth", "max_growth", "ratio" (growth of the slowest page), "goals"}``.
+    """
+    levels = tuple(sorted(levels or _levels_from_env() or LEVELS))
+    results: dict[str, dict] = {}
+    for n in levels:
+        with tempfile.TemporaryDirectory(prefix=f"cxr-bench-scale-{n}-") as tmp:
+            home, root = Path(tmp) / "home", Path(tmp) / "chest_xray_scale"
+            home.mkdir()
+            _log(f"level {n:,}: building in {tmp}")
+            built = _child(["build", str(root), str(home), str(n), str(relabels_per_image * n),
+                            str(evals)], home, timeout=7200)
+            _log(f"level {n:,}: measuring")
+            measured = measure(home, reruns=reruns, repeat=repeat)
+        measured["data_s"] = {p: _data_time(measured, p) for p in PAGES}
+        results[str(n)] = {"build": built, **measured}
+    small, big = results[str(levels[0])], results[str(levels[-1])]
+    timed = {p: _page_time(big, p) for p in PAGES if _page_time(big, p) is not None}
+    slowest = max(timed, key=timed.get) if timed else None
+
+    def growth(fn) -> dict:
+        out = {}
+        for p in PAGES:
+            a, b = fn(small, p), fn(big, p)
+            out[p] = round(b / a, 2) if a and b is not None else None
+        return out
+    page_growth, data_growth = growth(_page_time), growth(_data_time)
+    finite = [g for g in page_growth.values() if g is not None]
+    failed = {f"{n}/{p}": r["exceptions"] or r.get("harness_error")
+              for n, lv in results.items() for p, r in lv["pages"].items()
+              if r["exceptions"] or r.get("harness_error")}
+    call_errors = {f"{n}/{p}/{label}": c["error"] for n, lv in results.items()
+                   for p, calls in lv["calls"].items() for label, c in calls.items()
+                   if "error" in c}
+    data_big = [v for v in big["data_s"].values() if v is not None]
+    rss = max(big["rss_mb"], big.get("rss_mb_after_calls") or 0)
+    return {
+        "bench": "scale", "levels": results, "sizes": list(levels),
+        "slowest_page": slowest, "slowest_page_s": timed.get(slowest),
+        "slowest_rerun_s": max((r.get("rerun_s") or 0 for r in big["pages"].values()),
+                               default=None),
+        "slowest_data_s": max(data_big, default=None),
+        "growth": page_growth, "data_growth": data_growth,
+        "max_growth": max(finite, default=None),
+        "ratio": page_growth.get(slowest) if slowest else None,
+        "rss_mb": rss, "page_exceptions": failed, "call_errors": call_errors,
+        "goals": {"page_under_1_5s": bool(timed) and max(timed.values()) < GOAL_PAGE_S,
+                  "data_under_1_5s": bool(data_big) and max(data_big) < GOAL_PAGE_S,
+                  "growth_at_most_3x": bool(finite) and max(finite) <= GOAL_GROWTH,
+                  "rss_under_1_5gb": rss < GOAL_RSS_MB},
+    }
+
+
+def _main(argv: list[str]) -> int:
+    """``build ROOT HOME N RELABELS EVALS`` | ``measure [--reruns --repeat --pages]`` (the
+    two child processes), else the whole benchmark (``[DATA]``, unused)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.scale")
+    if argv[:1] == ["build"]:
+        for name in ("root", "home"):
+            parser.add_argument(name)
+        for name in ("n_images", "n_relabels", "n_evals"):
+            parser.add_argument(name, type=int)
+        a = parser.parse_args(argv[1:])
+        out = build(Path(a.root), Path(a.home), a.n_images, a.n_relabels, a.n_evals)
+    elif argv[:1] == ["measure"]:
+        parser.add_argument("--reruns", type=int, default=3)
+        parser.add_argument("--repeat", type=int, default=3)
+        parser.add_argument("--pages", default=None)
+        a = parser.parse_args(argv[1:])
+        out = measure_here(reruns=a.reruns, repeat=a.repeat,
+                           pages=tuple(a.pages.split(",")) if a.pages else None)
+    else:
+        parser.add_argument("data", nargs="?", default=None)
+        a = parser.parse_args(argv)
+        out = run(Path(a.data) if a.data else None)
+    print(json.dumps(out, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))

@@ -1,0 +1,289 @@
+"""Review queues as SQL: the next image of a queue and its counts, without reading the dataset.
+
+Each queue is one SELECT over indexed columns (images by dataset/label, the run's newest
+prediction per image with its score columns, a reviewer's active relabels by image and
+reviewer), so a click costs a few indexed queries at any dataset size:
+
+- ``random``: readable images in a seeded hash order (stable per seed, any size);
+- ``class``: readable images of one original folder class, by id;
+- ``disagreement`` / ``uncertain``: the run's newest prediction of each image, ordered by the
+  distance to the decision (binary: ``|score - threshold|``; multi-class: the top-2 gap),
+  disagreement keeping those whose predicted class differs from the original label.
+
+The "sent" and "changed" queues are short lists (what people sent, what changed on disk) and
+are built by :mod:`cxr_core.review` from their own tables.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import BigInteger, ColumnElement, Select, String, and_, case, cast, exists, func, literal, or_, select
+from sqlalchemy.orm import Session, aliased
+
+from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
+from db.models import EvalPrediction, Evaluation, ImageRow, Relabel
+
+SQL_QUEUES = ("disagreement", "uncertain", "random", "class")
+_HASH_P = 4294967291  # a prime above 2**31: the random queue's order is a hash mod P
+
+
+@dataclass(frozen=True)
+class RunScores:
+    """Where a model queue reads its scores: a run's predictions on a dataset."""
+
+    run_id: int
+    labels: tuple[str, ...]  # class names of the newest evaluation
+    threshold: float | None  # binary operating point (None: 0.5)
+
+
+@dataclass(frozen=True)
+class QueueRow:
+    """One image of a queue, with the model output when the queue has one."""
+
+    image_id: int
+    score: float | None = None
+    predicted: str | None = None
+
+
+def active_relabel_by(reviewer: str, image_id: ColumnElement) -> ColumnElement[bool]:
+    """True where ``reviewer`` has a relabel (or confirmation) of the image that still
+    stands: not an undo row, and not undone (uses ix_relabels_image_reviewer, ix_relabels_undo_of)."""
+    r, u = aliased(Relabel), aliased(Relabel)
+    return exists().where(r.image_id == image_id, r.reviewer == reviewer, r.undo_of.is_(None),
+                          ~exists().where(u.undo_of == r.id))
+
+
+def _readable(dataset_id: int):
+    return and_(ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None),
+                ImageRow.missing.is_(False))
+
+
+def latest_prediction_ids(run_id: int, dataset_id: int) -> Select:
+    """The id of the run's newest prediction row of each image of the dataset."""
+    return (select(func.max(EvalPrediction.id).label("pid"))
+            .join(Evaluation, Evaluation.id == EvalPrediction.evaluation_id)
+            .where(Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id,
+                   EvalPrediction.image_id.is_not(None))
+            .group_by(EvalPrediction.image_id))
+
+
+def run_scores(*, session: Session, run_id: int, dataset_id: int,
+               threshold: float | None) -> RunScores | None:
+    """The class names of the run's newest evaluation on the dataset (None: no evaluation)."""
+    import json
+
+    labels = session.scalar(select(Evaluation.labels_json).where(
+        Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id)
+        .order_by(Evaluation.id.desc()).limit(1))
+    return None if labels is None else RunScores(run_id, tuple(json.loads(labels)), threshold)
+
+
+def _truth_index(session: Session, dataset_id: int, labels: Sequence[str]) -> ColumnElement:
+    """The image's original label as a class index of ``labels`` (NULL: no class there)."""
+    if tuple(labels) == BINARY_CLASSES:
+        scheme = "binary"
+    elif tuple(labels) == THREE_CLASSES:
+        scheme = "three_class"
+    else:
+        scheme = "folders"
+    pairs = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.dataset_id == dataset_id).distinct()).all()
+    whens = []
+    for label, subtype in pairs:
+        cls = scheme_label(label, subtype, scheme)
+        if cls in labels:
+            sub = ImageRow.subtype.is_(None) if subtype is None else ImageRow.subtype == subtype
+            whens.append((and_(ImageRow.label == label, sub), list(labels).index(cls)))
+    return case(*whens, else_=None) if whens else literal(None)
+
+
+def _model_query(session: Session, dataset_id: int, kind: str, scores: RunScores):
+    """(select of image_id, score, predicted index, margin; the ORDER BY) of a model queue."""
+    binary = len(scores.labels) == 2
+    t = 0.5 if scores.threshold is None else float(scores.threshold)
+    predicted = case((EvalPrediction.score >= t, 1), else_=0) if binary \
+        else EvalPrediction.pred_index
+    margin = func.abs(EvalPrediction.score - t) if binary else EvalPrediction.top2_margin
+    latest = latest_prediction_ids(scores.run_id, dataset_id).subquery()
+    q = (select(ImageRow.id, EvalPrediction.score, predicted.label("predicted"))
+         .select_from(latest)
+         .join(EvalPrediction, EvalPrediction.id == latest.c.pid)
+         .join(ImageRow, ImageRow.id == EvalPrediction.image_id)
+         .where(_readable(dataset_id), EvalPrediction.score.is_not(None)))
+    if kind == "disagreement":
+        truth = _truth_index(session, dataset_id, scores.labels)
+        q = q.where(truth.is_not(None), predicted != truth)
+        return q, (margin.desc(), ImageRow.id)
+    return q, (margin.asc(), ImageRow.id)
+
+
+def _queue_query(session: Session, dataset_id: int, kind: str, *, class_name: str | None,
+                 seed: int, scores: RunScores | None):
+    """(select whose first columns are image_id[, score, predicted index]; the ORDER BY)."""
+    if kind in ("disagreement", "uncertain"):
+        if scores is None:
+            return None, ()
+        return _model_query(session, dataset_id, kind, scores)
+    q = select(ImageRow.id).where(_readable(dataset_id))
+    if kind == "class":
+        return q.where(ImageRow.label == class_name), (ImageRow.id,)
+    return q, (_seeded_order(seed), ImageRow.id)
+
+
+def _seeded_order(seed: int) -> ColumnElement:
+    """``(id * m + c) mod P``: a bijection of the ids for each seed, with the multiplier and
+    offset drawn from the seed's hash (so seeds 7 and 8 give unrelated orders)."""
+    h = int.from_bytes(hashlib.sha256(str(int(seed)).encode()).digest()[:8], "big")
+    m = 2 + h % (_HASH_P - 2)
+    c = (h >> 32) % _HASH_P
+    return (cast(ImageRow.id, BigInteger) * m + c) % _HASH_P  # 64-bit (PostgreSQL ints are 32)
+
+
+def _row(scores: RunScores | None, row) -> QueueRow:
+    if len(row) == 1 or scores is None:
+        return QueueRow(int(row[0]))
+    return QueueRow(int(row[0]), None if row[1] is None else float(row[1]),
+                    scores.labels[int(row[2])] if row[2] is not None else None)
+
+
+def queue_counts(*, session: Session, dataset_id: int, kind: str, reviewer: str,
+                 class_name: str | None = None, scores: RunScores | None = None) -> tuple[int, int]:
+    """(images in the queue, of them reviewed by ``reviewer``)."""
+    q, _ = _queue_query(session, dataset_id, kind, class_name=class_name, seed=0, scores=scores)
+    if q is None:
+        return 0, 0
+    sub = q.subquery()
+    total = session.scalar(select(func.count()).select_from(sub)) or 0
+    done = session.scalar(select(func.count()).select_from(sub).where(
+        active_relabel_by(reviewer, sub.c.id))) or 0
+    return int(total), int(done)
+
+
+def queue_next(*, session: Session, dataset_id: int, kind: str, reviewer: str,
+               class_name: str | None = None, seed: int = 0, scores: RunScores | None = None,
+               skipped: Sequence[int] = ()) -> QueueRow | None:
+    """The first image of the queue ``reviewer`` has not reviewed; skipped images come back
+    (in the order they were skipped) once the rest is done."""
+    q, order = _queue_query(session, dataset_id, kind, class_name=class_name, seed=seed,
+                            scores=scores)
+    if q is None:
+        return None
+    q = q.where(~active_relabel_by(reviewer, ImageRow.id))
+    skipped_ids = [int(i) for i in skipped if isinstance(i, int)]
+    if skipped_ids:
+        row = session.execute(q.where(ImageRow.id.not_in(skipped_ids)).order_by(*order)
+                              .limit(1)).first()
+        if row is not None:
+            return _row(scores, row)
+        left = {int(r[0]): r for r in session.execute(q.where(ImageRow.id.in_(skipped_ids)))}
+        first = next((i for i in skipped_ids if i in left), None)
+        return None if first is None else _row(scores, left[first])
+    row = session.execute(q.order_by(*order).limit(1)).first()
+    return None if row is None else _row(scores, row)
+
+
+def queue_page(*, session: Session, dataset_id: int, kind: str, class_name: str | None = None,
+               seed: int = 0, scores: RunScores | None = None, offset: int = 0,
+               limit: int = 50) -> list[QueueRow]:
+    """A page of the queue in review order (reviewed images included)."""
+    q, order = _queue_query(session, dataset_id, kind, class_name=class_name, seed=seed,
+                            scores=scores)
+    if q is None:
+        return []
+    return [_row(scores, r) for r in session.execute(q.order_by(*order).offset(offset)
+                                                     .limit(limit))]
+
+
+def image_score(*, session: Session, dataset_id: int, image_id: int,
+                scores: RunScores) -> QueueRow:
+    """The run's newest output on one image (no score when it has none)."""
+    binary = len(scores.labels) == 2
+    t = 0.5 if scores.threshold is None else float(scores.threshold)
+    predicted = case((EvalPrediction.score >= t, 1), else_=0) if binary \
+        else EvalPrediction.pred_index
+    row = session.execute(
+        select(EvalPrediction.image_id, EvalPrediction.score, predicted)
+        .join(Evaluation, Evaluation.id == EvalPrediction.evaluation_id)
+        .where(EvalPrediction.image_id == image_id, Evaluation.run_id == scores.run_id,
+               Evaluation.dataset_id == dataset_id, EvalPrediction.score.is_not(None))
+        .order_by(EvalPrediction.id.desc()).limit(1)).first()
+    return QueueRow(image_id) if row is None else _row(scores, row)
+
+
+def reviewed_among(*, session: Session, reviewer: str, image_ids: Iterable[int] = (),
+                   upload_sha256s: Iterable[str] = ()) -> set[int | str]:
+    """Which of these images (ids) and uploads (sha256) ``reviewer`` has an active relabel of."""
+    u = aliased(Relabel)
+    active = and_(Relabel.reviewer == reviewer, Relabel.undo_of.is_(None),
+                  ~exists().where(u.undo_of == Relabel.id))
+    out: set[int | str] = set()
+    ids, shas = list(image_ids), list(upload_sha256s)
+    for i in range(0, len(ids), 500):
+        out.update(session.scalars(select(Relabel.image_id).where(
+            active, Relabel.image_id.in_(ids[i:i + 500]))))
+    for i in range(0, len(shas), 500):
+        out.update(session.scalars(select(Relabel.upload_sha256).where(
+            active, Relabel.upload_sha256.in_(shas[i:i + 500]))))
+    return out
+
+
+def label_pairs(*, session: Session, dataset_id: int) -> list[tuple[str, str | None]]:
+    """The distinct (original label, subtype) pairs of a dataset (the label buttons)."""
+    return [tuple(r) for r in session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.dataset_id == dataset_id).distinct())]
+
+
+# -- Agreement: each reviewer's newest label of an image, compared pair by pair, in SQL -------
+
+def _latest_labels(dataset_id: int):
+    """Subquery (key, reviewer, label) of each reviewer's newest active relabel per image of
+    the dataset and per upload; ``key`` is the image id as text or the upload's sha256."""
+    u = aliased(Relabel)
+    key = func.coalesce(cast(Relabel.image_id, String), Relabel.upload_sha256)
+    label = Relabel.new_label + case((Relabel.new_subtype.is_(None), ""),
+                                     else_="·" + Relabel.new_subtype)
+    ranked = (select(key.label("key"), Relabel.reviewer.label("reviewer"),
+                     label.label("label"), ImageRow.relpath.label("relpath"),
+                     func.row_number().over(partition_by=(key, Relabel.reviewer),
+                                            order_by=Relabel.id.desc()).label("rn"))
+              .outerjoin(ImageRow, ImageRow.id == Relabel.image_id)
+              .where(or_(ImageRow.dataset_id == dataset_id, Relabel.upload_sha256.is_not(None)),
+                     Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id))
+              .subquery())
+    return select(ranked.c.key, ranked.c.reviewer, ranked.c.label, ranked.c.relpath).where(
+        ranked.c.rn == 1).subquery()
+
+
+def pair_contingency(*, session: Session,
+                     dataset_id: int) -> list[tuple[str, str, str, str, int]]:
+    """(reviewer a, reviewer b, label of a, label of b, images) over the images (and uploads)
+    both labelled, a < b: what Cohen's kappa of each pair is computed from."""
+    latest = _latest_labels(dataset_id)
+    a, b = latest.alias("a"), latest.alias("b")
+    q = (select(a.c.reviewer, b.c.reviewer, a.c.label, b.c.label, func.count())
+         .join(b, and_(a.c.key == b.c.key, a.c.reviewer < b.c.reviewer))
+         .group_by(a.c.reviewer, b.c.reviewer, a.c.label, b.c.label))
+    return [(ra, rb, la, lb, int(n)) for ra, rb, la, lb, n in session.execute(q)]
+
+
+def conflicts(*, session: Session, dataset_id: int, limit: int = 50,
+              offset: int = 0) -> tuple[int, list[tuple[str, str | None, list[tuple[str, str]]]]]:
+    """(how many images/uploads have reviewers whose newest labels differ, a page of them as
+    (key, relpath, [(reviewer, label), ...])); images first by id, then uploads."""
+    latest = _latest_labels(dataset_id)
+    keys = (select(latest.c.key).group_by(latest.c.key)
+            .having(func.count(func.distinct(latest.c.label)) > 1))
+    total = session.scalar(select(func.count()).select_from(keys.subquery())) or 0
+    ordered = keys.order_by(func.length(latest.c.key) > 20, func.length(latest.c.key),
+                            latest.c.key).offset(offset).limit(limit)
+    page = [k for (k,) in session.execute(ordered)]
+    rows = session.execute(select(latest.c.key, latest.c.relpath, latest.c.reviewer,
+                                  latest.c.label).where(latest.c.key.in_(page))
+                           .order_by(latest.c.reviewer)).all() if page else []
+    by_key: dict[str, list] = {k: [None, []] for k in page}
+    for key, relpath, reviewer, label in rows:
+        by_key[key][0] = relpath if relpath is not None else key
+        by_key[key][1].append((reviewer, label))
+    return int(total), [(k, v[0], v[1]) for k, v in by_key.items()]
