@@ -5,38 +5,37 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core.balance_report import BalanceReport, balance_report
+from cxr_core import indexing, jobs
+from cxr_core.balance_report import Aggregates, SplitPreview, balance_tables
+from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
-from cxr_core.balancing import BALANCING, balance_summary
-from cxr_core.indexing import current_records, label_snapshot
-from app_pages._shared import dataset_picker, get_db, image_path, load_records, thumbnail
+from app_pages._shared import dataset_picker, get_db, image_path, job_ui, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
                 "folders": "Folder classes"}
 
 
-@st.cache_data(show_spinner="Computing the patient-grouped split…", max_entries=16)
-def cached_report(dataset_id: int, indexed_at: object, snapshot: str | None, scheme: str,
-                  val_fraction: float, seed: int) -> BalanceReport:
-    """``snapshot`` is None for original labels, else the current-label hash (cache key)."""
-    records = (load_records(dataset_id, indexed_at) if snapshot is None
-               else current_records(get_db(), dataset_id))
-    return balance_report(records, scheme, val_fraction=val_fraction, seed=seed)
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_tables(dataset_id: int, indexed_at: object, relabel_id: int | None,
+                  current: bool, scheme: str) -> Aggregates:
+    """SQL aggregates of one label version: ``relabel_id`` (the newest relabel row, labels as
+    of it never change) and the index time key the cache."""
+    return balance_tables(get_db(), dataset_id, scheme, as_of_relabel_id=relabel_id,
+                          current=current)
 
 
-def labels_ui(dataset_id: int) -> str | None:
-    """Original labels or labels as of now; returns the snapshot hash for current labels."""
-    snap = label_snapshot(get_db(), dataset_id)
-    if not snap.n_relabels:
-        return None
-    current = st.toggle(f"Use current labels ({snap.n_relabels} clinician relabels)",
-                        key="balance_current")
-    return snap.hash if current else None
+def labels_ui(dataset_id: int) -> tuple[bool, int | None]:
+    """Original labels or labels as of now: (current?, the newest relabel id then)."""
+    n, newest = indexing.relabel_position(get_db(), dataset_id)
+    if not n:
+        return False, None
+    current = st.toggle(f"Use current labels ({n} clinician relabels)", key="balance_current")
+    return current, newest
 
 
-def relabel_delta_ui(original: BalanceReport, current: BalanceReport) -> None:
+def relabel_delta_ui(original: Aggregates, current: Aggregates) -> None:
     orig = pd.DataFrame(original.counts).groupby("class")["images"].sum()
     cur = pd.DataFrame(current.counts).groupby("class")["images"].sum()
     st.dataframe(pd.DataFrame({"original": orig, "current": cur}).fillna(0).astype(int)
@@ -52,29 +51,52 @@ def options_ui() -> tuple[str, float, int]:
     return scheme, val, seed
 
 
-def counts_ui(rep: BalanceReport) -> None:
+def counts_ui(rep: Aggregates) -> None:
     counts = pd.DataFrame(rep.counts)
+    if counts.empty:
+        return
     c1, c2 = st.columns(2)
     c1.plotly_chart(px.bar(counts, x="class", y="images", color="subtype", facet_col="split",
                            title="Images per split × class × subtype"), width="stretch")
     pats = pd.DataFrame(rep.patients)
-    c2.plotly_chart(px.bar(pats.melt(id_vars="class", var_name="count"), x="class", y="value",
-                           color="count", barmode="group", title="Patients and images per class"),
-                    width="stretch")
+    if not pats.empty:
+        c2.plotly_chart(px.bar(pats.melt(id_vars="class", var_name="count"), x="class",
+                               y="value", color="count", barmode="group",
+                               title="Patients and images per class"), width="stretch")
 
 
-def sizes_ui(rep: BalanceReport) -> None:
+def sizes_ui(rep: Aggregates) -> None:
     sizes = pd.DataFrame(rep.sizes)
     if sizes.empty:
         return
     c1, c2 = st.columns(2)
-    c1.plotly_chart(px.scatter(sizes, x="width", y="height", color="mode", opacity=0.5,
-                               title="Image sizes (px) and modes"), width="stretch")
-    c2.plotly_chart(px.histogram(sizes, x="mode", title="Colour modes"), width="stretch")
+    c1.plotly_chart(px.scatter(sizes, x="width", y="height", color="mode", size="images",
+                               opacity=0.6, hover_data=["images"],
+                               title="Image sizes (px) and modes (marker size: images)"),
+                    width="stretch")
+    c2.plotly_chart(px.bar(sizes.groupby("mode", as_index=False)["images"].sum(), x="mode",
+                           y="images", title="Colour modes"), width="stretch")
 
 
-def split_ui(rep: BalanceReport) -> None:
+def split_ui(params: dict) -> SplitPreview | None:
+    """The patient-grouped split preview: computed by a worker, kept with its job (keyed by
+    the label version), so each version is split once."""
     st.subheader("Patient-grouped split (validation made from train)")
+    job = jobs.latest_job(get_db(), "split_preview", params)
+    if job is None or job.status in ("queued", "running"):
+        if job is None or st.session_state.get("balance_split_job") != job.id:
+            st.session_state["balance_split_job"] = jobs.submit_once(get_db(), "split_preview",
+                                                                     params)
+        job_ui("balance_split_job", "Computing the patient-grouped split")
+        return None
+    if job.status == "failed":
+        st.error(f"Split preview: {job.error}", icon=":material/error:")
+        if st.button("Try again", key="balance_split_retry", icon=":material/refresh:"):
+            st.session_state["balance_split_job"] = jobs.submit(get_db(), "split_preview",
+                                                                params)
+            st.rerun()
+        return None
+    rep = SplitPreview.from_json(job.result)
     ok = rep.split_overlap == 0
     icon = ":material/check_circle:" if ok else ":material/error:"
     st.caption(f"{icon} patients in both train and validation: "
@@ -83,20 +105,19 @@ def split_ui(rep: BalanceReport) -> None:
     if not split.empty:
         st.plotly_chart(px.bar(split, x="split", y="images", color="class", barmode="group"),
                         width="stretch")
-    if rep.unlabelled:
-        st.warning(f"{rep.unlabelled} images have no class under this scheme "
-                   "(e.g. pneumonia files without bacteria/virus in the name) and are left out.")
+    return rep
 
 
-def balancing_ui(rep: BalanceReport) -> None:
+def balancing_ui(rep: SplitPreview) -> None:
     st.subheader("Balancing the training split")
     if rep.weights:
         st.dataframe(pd.DataFrame({"images": rep.class_counts, "class weight": rep.weights}),
                      width="stretch")
         st.caption("Class weight = total / (n_classes × count), as in the reports.")
+    scheme = st.session_state.get("balance_scheme", "binary")
     ratio_txt = st.text_input("Oversampling target ratio (one number per class, in the order "
                               f"{', '.join(rep.classes)})", ":".join("1" * len(rep.classes)),
-                              key=f"balance_ratio_{rep.scheme}")
+                              key=f"balance_ratio_{scheme}")
     try:
         ratio = [float(x) for x in ratio_txt.split(":")]
         rows = {s: balance_summary(rep.class_counts, s, target_ratio=ratio if s == "oversample"
@@ -108,40 +129,43 @@ def balancing_ui(rep: BalanceReport) -> None:
     st.dataframe(pd.DataFrame(rows), width="stretch")
 
 
-def integrity_ui(rep: BalanceReport) -> None:
+def integrity_ui(rep: Aggregates) -> None:
     c1, c2 = st.columns(2)
-    groups = len({d["group"] for d in rep.duplicates})
-    c1.subheader(f"Byte-identical duplicates: {groups} groups")
+    c1.subheader(f"Byte-identical duplicates: {rep.duplicate_groups:,} groups")
     if rep.duplicates:
         c1.dataframe(pd.DataFrame(rep.duplicates), hide_index=True, width="stretch", height=260)
-    c2.subheader(f"Patients in several split folders: {len(rep.leaked_patients)}")
+        if rep.duplicate_groups > len({d["group"] for d in rep.duplicates}):
+            c1.caption(f"The first {len(rep.duplicates)} rows are shown.")
+    c2.subheader(f"Patients in several split folders: {rep.n_leaked:,}")
     if rep.leaked_patients:
         c2.dataframe(pd.DataFrame(rep.leaked_patients), hide_index=True, width="stretch")
+        if rep.n_leaked > len(rep.leaked_patients):
+            c2.caption(f"The first {len(rep.leaked_patients)} patients are shown.")
 
 
-def samples_ui(info, records, n: int = 8) -> None:
+@st.cache_data(show_spinner=False, max_entries=16)
+def samples(dataset_id: int, indexed_at: object) -> dict[str, list]:
+    return indexing.sample_images(get_db(), dataset_id, per_class=8)
+
+
+def samples_ui(info) -> None:
     st.subheader("Samples per class")
-    by_class: dict[str, list] = {}
-    for r in records:
-        if not r.error:
-            by_class.setdefault(r.label, []).append(r)
-    for label, rs in sorted(by_class.items()):
-        st.markdown(f"**{label}** ({len(rs):,})")
-        step = max(1, len(rs) // n)
-        cols = st.columns(n)
-        for col, r in zip(cols, rs[::step][:n]):
-            thumb = thumbnail(image_path(info, r.relpath), r.bytes) if info.layout != "npz" else None
+    sizes = info.summary.get("by_class", {}) if info.summary else {}
+    for label, rows in sorted(samples(info.id, info.indexed_at).items()):
+        n = sizes.get(label)
+        st.markdown(f"**{label}**" + (f" ({n:,})" if n else ""))
+        for col, (relpath, subtype, size) in zip(st.columns(8), rows):
+            thumb = thumbnail(image_path(info, relpath), size) if info.layout != "npz" else None
             if thumb is not None:
-                col.image(thumb, caption=r.subtype or r.relpath.rsplit("/", 1)[-1][:18])
+                col.image(thumb, caption=subtype or relpath.rsplit("/", 1)[-1][:18])
 
 
 st.title(":material/bar_chart: Class balance")
 info = dataset_picker("balance")
 if info is not None:
-    records = load_records(info.id, info.indexed_at)
     summary = info.summary or {}
     m = st.columns(5)
-    m[0].metric("Images", f"{summary.get('images', len(records)):,}")
+    m[0].metric("Images", f"{summary.get('images', info.n_images):,}")
     m[1].metric("Patients", f"{summary.get('patients', 0):,}")
     m[2].metric("Duplicate groups", summary.get("duplicate_groups", 0))
     m[3].metric("Cross-split duplicates", summary.get("cross_split_duplicates", 0))
@@ -149,17 +173,20 @@ if info is not None:
     for problem in summary.get("problems", [])[:20]:
         st.warning(problem)
     scheme, val, seed = options_ui()
-    snapshot = labels_ui(info.id)
-    try:
-        rep = cached_report(info.id, info.indexed_at, snapshot, scheme, val, seed)
-    except CxrError as exc:  # a dataset that cannot be split is shown, not fatal
-        st.error(str(exc))
-    else:
-        if snapshot is not None:
-            relabel_delta_ui(cached_report(info.id, info.indexed_at, None, scheme, val, seed), rep)
-        counts_ui(rep)
-        split_ui(rep)
-        balancing_ui(rep)
-        integrity_ui(rep)
-        sizes_ui(rep)
-    samples_ui(info, records)
+    current, relabel_id = labels_ui(info.id)
+    rep = cached_tables(info.id, info.indexed_at, relabel_id, current, scheme)
+    if current:
+        relabel_delta_ui(cached_tables(info.id, info.indexed_at, None, False, scheme), rep)
+    counts_ui(rep)
+    if rep.unlabelled:
+        st.warning(f"{rep.unlabelled} images have no class under this scheme "
+                   "(e.g. pneumonia files without bacteria/virus in the name) and are left out.")
+    preview = split_ui(dict(dataset_id=info.id, scheme=scheme, val_fraction=val, seed=seed,
+                            labels="current" if current else "original",
+                            as_of_relabel_id=relabel_id if current else None,
+                            indexed_at=str(info.indexed_at)))
+    if preview is not None:
+        balancing_ui(preview)
+    integrity_ui(rep)
+    sizes_ui(rep)
+    samples_ui(info)

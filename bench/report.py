@@ -25,6 +25,8 @@ WHAT = {
     "features": "frozen-backbone epochs on cached features vs recomputing the backbone",
     "predict": "warm model + Grad-CAM vs loading the model per request",
     "training": "default224 training throughput, mixed precision vs float32 (GPU only)",
+    "scale": "every page's data at 100k images / 200k relabels / 20 evaluations vs the same "
+             "at 5k (growth of the slowest page; goals: < 1.5 s, ≤ 3×, RSS < 1.5 GB)",
 }
 
 
@@ -71,6 +73,12 @@ def run_bench(name: str, data: str | None) -> dict:
 def _ratio(result: dict) -> str:
     if "error" in result:
         return f"error: {result['error']}"
+    if result.get("bench") == "scale" and "levels" in result:
+        goals = result.get("goals", {})
+        ok = ", ".join(f"{k} {'✓' if v else '✗'}" for k, v in goals.items())
+        growth = "—" if result.get("ratio") is None else f"**{float(result['ratio']):.1f}×**"
+        return (f"{growth} growth of the slowest page ({result.get('slowest_page')}, "
+                f"{result.get('slowest_page_s') or float('nan'):.2f} s); goals: {ok}")
     if result.get("ratio") is None:
         base = result.get("baseline") or {}
         measured = (f"; float32 baseline {base['images_per_s']:g} img/s"
@@ -115,10 +123,51 @@ def render(results: list[dict], info: dict, when: str) -> str:
                   "", "| page | now (s) | with TensorFlow at load (s) | ratio |", "|---|---|---|---|"]
         lines += [f"| {p} | {pages['ours'][p]:.2f} | {pages['baseline'][p]:.2f} | "
                   f"{pages['per_page_ratio'][p]:.1f}× |" for p in pages["ours"]]
+    scale = next((r for r in results if r["bench"] == "scale" and "levels" in r), None)
+    if scale:
+        lines += scale_section(scale)
     lines += ["", "## Raw results", ""]
     for r in results:
         lines += [f"### {r['bench']}", "", "```json", json.dumps(r, indent=1), "```", ""]
     return "\n".join(lines)
+
+
+def scale_section(result: dict) -> list[str]:
+    """Per page and level: first render (data caches empty), rerun, the page's data calls
+    and the growth from the smallest level to the largest; then build times and RSS."""
+    sizes = [str(n) for n in result.get("sizes") or result["levels"]]
+    levels = result["levels"]
+
+    def num(v, fmt=".2f"):
+        return "—" if v is None else format(v, fmt)
+    head = " | ".join(f"{int(n):,}: first / rerun / data (s)" for n in sizes)
+    lines = ["", "## Pages at scale", "",
+             "Each level is built in a temp dir (tiny generated PNGs, the real indexer, 2 "
+             "relabels per image, 20 evaluations of the test split) and measured in a fresh "
+             "web process (`CXR_WORKER=off`): the first `AppTest` render of a page with empty "
+             "data caches, the median rerun (a click), and the sum of the cxr_core calls the "
+             "page makes.", "",
+             f"| page | {head} | growth (first render) |",
+             "|---|" + "---|" * len(sizes) + "---|"]
+    for page in levels[sizes[-1]]["pages"]:
+        cells = []
+        for n in sizes:
+            r = levels[n]["pages"].get(page, {})
+            data = (levels[n].get("data_s") or {}).get(page)
+            bad = " ⚠" if r.get("exceptions") or r.get("harness_error") else ""
+            cells.append(f"{num(r.get('first_s'))} / {num(r.get('rerun_s'))} / "
+                         f"{num(data)}{bad}")
+        g = (result.get("growth") or {}).get(page)
+        lines.append(f"| {page} | {' | '.join(cells)} | {num(g, '.1f')}× |")
+    lines += ["", "| level | images | build (s) | index (s) | relabels (s) | evaluations (s) "
+              "| DB (MB) | RSS after renders (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for n in sizes:
+        b = levels[n].get("build", {})
+        lines.append(f"| {int(n):,} | {b.get('counts', {}).get('images', '?')} | "
+                     f"{num(b.get('total_s'), '.1f')} | {num(b.get('index_s'), '.1f')} | "
+                     f"{num(b.get('relabels_s'), '.1f')} | {num(b.get('evals_s'), '.1f')} | "
+                     f"{num(b.get('db_mb'), '.0f')} | {num(levels[n].get('rss_mb'), '.0f')} |")
+    return lines
 
 
 def saved_results(page: Path) -> list[dict]:

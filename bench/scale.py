@@ -55,6 +55,7 @@ def _keep(c: dict, key: str, value):
 # services are renamed/refactored. Each entry is (label, fn(db, ctx)); ``ctx`` holds      #
 # "dataset" (the DatasetInfo), "reviewer", and whatever earlier calls of the page kept    #
 # with _keep(ctx, key, value). A call that raises is reported with its error string.      #
+# A "page:variant" key lists the calls a toggle adds to the page's own (see PAGES).       #
 # ===================================================================================== #
 DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
     "home": [
@@ -68,6 +69,8 @@ DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
             db, c["dataset"].id)),
         ("balance_report(original, binary)", lambda db, c: _m("balance_report").balance_report(
             c["records"], "binary", val_fraction=0.15, seed=0)),
+    ],
+    "class_balance:current": [  # the "Use current labels" toggle on: these calls besides
         ("indexing.current_records", lambda db, c: _keep(
             c, "current", _m("indexing").current_records(db, c["dataset"].id))),
         ("balance_report(current, binary)", lambda db, c: _m("balance_report").balance_report(
@@ -123,6 +126,8 @@ DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
             db, c["state"], "class", c["reviewer"], class_name="NORMAL", seed=0)),
         ("review_view.describe_entry", lambda db, c: _m("review_view").describe_entry(
             db, c["state"], c["view"].current)),
+    ],
+    "review:agreement": [  # the agreement toggle on: these calls besides
         ("review.newest_relabel_id", lambda db, c: _m("review").newest_relabel_id(
             db, c["dataset"].id)),
         ("agreement.agreement", lambda db, c: _m("agreement").agreement(
@@ -203,9 +208,9 @@ def write_images(root: Path, n_images: int, seed: int = 0) -> dict:
 
 def _relabel_rows(images: list, n_relabels: int, seed: int = 1) -> list[dict]:
     """``n_relabels`` relabel rows (ids 1..n, time order) over ``images`` ((id, sha, label,
-    subtype) tuples): half the images (at 2 rows per image) relabelled, about 4 rows each by
-    random reviewers, ~5% undo
-    rows of the image's newest standing relabel, old labels as they were at each write."""
+    subtype) tuples): a quarter as many images as rows are relabelled (half the images at 2
+    rows per image), about 4 rows each by random reviewers of :data:`REVIEWERS`; ~5% are undo
+    rows of the image's newest standing relabel; old labels are the labels at each write."""
     from datetime import datetime, timedelta, timezone
 
     import numpy as np
@@ -357,7 +362,7 @@ def build(root: Path, home: Path, n_images: int, n_relabels: int, n_evals: int) 
     out["relabels_s"] = round(time.perf_counter() - t1, 2)
     _log(f"{len(rows)} relabels inserted in {out['relabels_s']} s")
     t1 = time.perf_counter()
-    out.update(_add_runs_and_evaluations(db, report.dataset_id, Path(root), n_evals))
+    out.update(_add_runs_and_evaluations(db, report.dataset_id, Path(report.root), n_evals))
     out["evals_s"] = round(time.perf_counter() - t1, 2)
     out["total_s"] = round(time.perf_counter() - t0, 2)
     with db.session() as s:
@@ -380,6 +385,8 @@ def build(root: Path, home: Path, n_images: int, n_relabels: int, n_evals: int) 
 
 # -- Measuring one level (the web process) --------------------------------------------------
 
+# Imported before timing, so a page's first render is not its imports' time. cxr_core.augment
+# (the Augmentation page) imports TensorFlow: the web process holds it once that page is seen.
 _WARM_IMPORTS = ("pandas", "plotly.express", "sklearn.metrics", "cxr_core.balance_report",
                  "cxr_core.balancing", "cxr_core.indexing", "cxr_core.presets", "cxr_core.augment",
                  "cxr_core.images", "cxr_core.training_service", "cxr_core.model_specs",
@@ -407,7 +414,7 @@ def _render(page: str, state: dict, reruns: int) -> dict:
     from streamlit.testing.v1 import AppTest
 
     st.cache_data.clear()  # the page's own data, cold; the database (cache_resource) stays
-    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=1800)
     for k, v in state.items():
         at.session_state[k] = v
     out: dict[str, Any] = {}
@@ -429,17 +436,22 @@ def _render(page: str, state: dict, reruns: int) -> dict:
     return out
 
 
+SLOW_CALL_S = 5.0  # a call slower than this is not repeated (at 100k some take minutes)
+
+
 def _time_calls(db, page: str, ctx: dict, repeat: int) -> dict:
-    """Each data call of a page: first call and the median of ``repeat`` (the first included)."""
+    """Each data call of a page: the first call and the median of up to ``repeat`` (the first
+    included; one only when it took over :data:`SLOW_CALL_S`)."""
     out = {}
     for label, fn in DATA_CALLS.get(page, []):
-        times = []
+        times: list[float] = []
         try:
-            for _ in range(max(1, repeat)):
+            while len(times) < max(1, repeat) and sum(times) < SLOW_CALL_S:
                 t0 = time.perf_counter()
                 fn(db, ctx)
                 times.append(time.perf_counter() - t0)
-            out[label] = {"s": round(statistics.median(times), 4), "first_s": round(times[0], 4)}
+            out[label] = {"s": round(statistics.median(times), 4), "first_s": round(times[0], 4),
+                          "n": len(times)}
         except Exception as exc:  # noqa: BLE001 — a renamed / failing call is reported
             out[label] = {"error": _err(exc)}
     return out
@@ -462,9 +474,10 @@ def measure_here(*, reruns: int = 3, repeat: int = 3,
     pio.to_json(px.bar(pd.DataFrame({"a": [1, 2]}), x="a"))  # plotly's first-figure setup
     from streamlit.testing.v1 import AppTest
 
-    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=600)
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=1800)
     at.run()  # opens the database once, as the app process does
-    out: dict[str, Any] = {"cold_start_s": round(time.perf_counter() - t0, 3), "pages": {}}
+    out: dict[str, Any] = {"cold_start_s": round(time.perf_counter() - t0, 3),
+                           "rss_mb_after_warmup": _rss_mb(), "pages": {}}
     for name in pages or tuple(PAGES):
         path, state = PAGES[name]
         out["pages"][name] = _render(path, state, reruns)
@@ -481,9 +494,12 @@ def measure_here(*, reruns: int = 3, repeat: int = 3,
     ctx_base = {"dataset": info, "reviewer": REVIEWER}
     out["calls"] = {}
     for page in DATA_CALLS:
-        if pages is not None and page not in {p.split(":")[0] for p in pages}:
+        if pages is not None and page not in pages and page.split(":")[0] not in {
+                p.split(":")[0] for p in pages}:
             continue
         out["calls"][page] = _time_calls(db, page, dict(ctx_base), repeat)
+        _log(f"timed the data calls of {page}: " + ", ".join(
+            f"{k} {v.get('s', 'ERROR')}" for k, v in out["calls"][page].items()))
     out["rss_mb_after_calls"] = _rss_mb()
     return out
 
@@ -507,7 +523,7 @@ def _child(args: list[str], home: Path, timeout: float) -> dict:
 
 
 def measure(home: Path, *, reruns: int = 3, repeat: int = 3,
-            pages: tuple[str, ...] | None = None, timeout: float = 3600) -> dict:
+            pages: tuple[str, ...] | None = None, timeout: float = 7200) -> dict:
     """:func:`measure_here` in a fresh process with ``CXR_HOME=home`` and ``CXR_WORKER=off``
     (its peak RSS is the web process's alone)."""
     args = ["measure", "--reruns", str(reruns), "--repeat", str(repeat)]
@@ -528,10 +544,13 @@ def _page_time(level: dict, page: str) -> float | None:
 
 
 def _data_time(level: dict, page: str) -> float | None:
-    calls = level["calls"].get(page.split(":")[0])
-    if not calls or any("error" in c for c in calls.values()):
+    """Sum of the page's data calls (a variant: the page's and the variant's); None when one
+    of them failed."""
+    keys = [page.split(":")[0]] + ([page] if ":" in page else [])
+    calls = [c for k in keys for c in level["calls"].get(k, {}).values()]
+    if not calls or any("error" in c for c in calls):
         return None
-    return round(sum(c["s"] for c in calls.values()), 4)
+    return round(sum(c["s"] for c in calls), 4)
 
 
 def run(shared_data: Path | None = None, *, levels: tuple[int, ...] | None = None,
@@ -556,10 +575,17 @@ def run(shared_data: Path | None = None, *, levels: tuple[int, ...] | None = Non
             built = _child(["build", str(root), str(home), str(n), str(relabels_per_image * n),
                             str(evals)], home, timeout=7200)
             _log(f"level {n:,}: measuring")
-            measured = measure(home, reruns=reruns, repeat=repeat)
-        measured["data_s"] = {p: _data_time(measured, p) for p in PAGES}
-        results[str(n)] = {"build": built, **measured}
-    small, big = results[str(levels[0])], results[str(levels[-1])]
+            results[str(n)] = {"build": built, **measure(home, reruns=reruns, repeat=repeat)}
+    return summarize(results)
+
+
+def summarize(results: dict[str, dict]) -> dict:
+    """The benchmark's result from ``{str(n_images): {"build": build(...), **measure(...)}}``
+    (see :func:`run`): the smallest level against the largest."""
+    levels = sorted(results, key=int)
+    for level in results.values():
+        level["data_s"] = {p: _data_time(level, p) for p in PAGES}
+    small, big = results[levels[0]], results[levels[-1]]
     timed = {p: _page_time(big, p) for p in PAGES if _page_time(big, p) is not None}
     slowest = max(timed, key=timed.get) if timed else None
 
@@ -580,7 +606,7 @@ def run(shared_data: Path | None = None, *, levels: tuple[int, ...] | None = Non
     data_big = [v for v in big["data_s"].values() if v is not None]
     rss = max(big["rss_mb"], big.get("rss_mb_after_calls") or 0)
     return {
-        "bench": "scale", "levels": results, "sizes": list(levels),
+        "bench": "scale", "sizes": [int(n) for n in levels], "levels": results,
         "slowest_page": slowest, "slowest_page_s": timed.get(slowest),
         "slowest_rerun_s": max((r.get("rerun_s") or 0 for r in big["pages"].values()),
                                default=None),

@@ -1,36 +1,63 @@
-"""The class-balance report: the tables the Class balance page shows for one dataset and label
-scheme, computed from the index (no image decoding). Rendering is the page's job.
+"""The class-balance report: what the Class balance page shows for one dataset, label version
+and scheme, computed from the index (no image decoding). Rendering is the page's job.
+
+Two parts, so a page never reads a dataset's rows:
+
+- :func:`balance_tables`: counts, patients, sizes, duplicates and leaked patients as SQL
+  aggregates (:mod:`cxr_core.storage.aggregates`), fast at any size;
+- :func:`split_preview`: the seeded patient-grouped validation split a run would get
+  (:func:`cxr_core.splits.patient_split`, the same function training uses) and the class
+  weights of its training pool. It reads every labelled image, so the page asks a worker for
+  it (job kind ``split_preview``) and the result is kept with the job, keyed by the label
+  version (the newest relabel id: relabels are append-only, so labels as of an id never
+  change).
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 
 from cxr_core.balancing import class_weights
-from cxr_core.datasets import (ImageRecord, cross_split_patients, find_duplicates, scheme_classes,
-                               scheme_label)
+from cxr_core.datasets import scheme_classes, scheme_label
+from cxr_core.storage import Database
+from cxr_core.storage import aggregates as agg
+from cxr_core.storage import datasets as ds_store
+from cxr_core.storage.aggregates import Aggregates
 from cxr_core.splits import patient_split
+
+__all__ = ["Aggregates", "SplitPreview", "balance_tables", "split_preview"]
+
+
+def balance_tables(db: Database, dataset_id: int, scheme: str, *,
+                   as_of_relabel_id: int | None = None, current: bool = False) -> Aggregates:
+    """The dataset's tables under ``scheme``, with original labels or (``current``) the labels
+    as of ``as_of_relabel_id`` (None: as of now)."""
+    with db.session() as s:
+        return agg.aggregates(session=s, dataset_id=dataset_id, scheme=scheme, current=current,
+                              as_of_relabel_id=as_of_relabel_id)
 
 
 @dataclass(frozen=True)
-class BalanceReport:
-    """Long-form tables describing one dataset under one label scheme."""
+class SplitPreview:
+    """The patient-grouped plan of a dataset under one scheme (JSON-able: a job's result)."""
 
-    scheme: str
-    classes: tuple[str, ...]
-    counts: list[dict]  # split, class, subtype, images
-    patients: list[dict]  # class, patients, images
-    sizes: list[dict]  # width, height, mode, bytes (one row per readable image)
-    duplicates: list[dict]  # group, sha256, relpath, split, label
-    leaked_patients: list[dict]  # patient, splits
-    split_counts: list[dict]  # split, class, images (patient-grouped plan)
-    split_overlap: int  # patients found in both train and validation of the plan (must be 0)
+    classes: list[str]
+    split_counts: list[dict]  # split, class, images
+    split_overlap: int  # patients found in both train and validation (must be 0)
     class_counts: dict[str, int]  # training pool per scheme class
     weights: dict[str, float]
-    unlabelled: int  # images with no class in this scheme (e.g. no subtype for three_class)
+
+    def to_json(self) -> dict:
+        return dict(classes=self.classes, split_counts=self.split_counts,
+                    split_overlap=self.split_overlap, class_counts=self.class_counts,
+                    weights=self.weights)
+
+    @classmethod
+    def from_json(cls, d: dict) -> SplitPreview:
+        return cls(list(d["classes"]), list(d["split_counts"]), int(d["split_overlap"]),
+                   dict(d["class_counts"]), dict(d["weights"]))
 
 
 def _weights(class_counts: dict[str, int]) -> dict[str, float]:
@@ -40,52 +67,33 @@ def _weights(class_counts: dict[str, int]) -> dict[str, float]:
     return dict(zip(class_counts, class_weights(labels, len(class_counts)).values()))
 
 
-def balance_report(records: Sequence[ImageRecord], scheme: str, *, val_fraction: float = 0.15,
-                   seed: int = 0) -> BalanceReport:
-    """Everything the class-balance page shows, computed from the index (no image decoding).
+def split_preview(db: Database, dataset_id: int, scheme: str, *, val_fraction: float = 0.15,
+                  seed: int = 0, as_of_relabel_id: int | None = None,
+                  current: bool = False) -> SplitPreview:
+    """The split a run with these settings would get, and its training pool's class weights.
 
-    Args:
-        records: the dataset's indexed images (current labels may be substituted by the caller).
-        scheme: label scheme (binary, three_class, folders).
-        val_fraction: validation share of the patient-grouped split preview.
-        seed: split seed.
-
-    Returns:
-        The report.
+    Raises:
+        DatasetError: a dataset that cannot be split (fewer than 2 groups or images a class).
     """
+    from cxr_core import indexing
+
+    with db.session() as s:
+        info = ds_store.get_dataset(session=s, name_or_id=dataset_id)
+    records = (indexing.current_records(db, dataset_id, as_of_relabel_id=as_of_relabel_id)
+               if current else indexing.indexed_records(db, dataset_id))
     ok = [r for r in records if not r.error]
     labels = [scheme_label(r.label, r.subtype, scheme) for r in ok]
-    classes = scheme_classes(scheme, sorted({r.label for r in ok}))
-    counts = Counter((r.split or "(none)", y or "(no class)", r.subtype or "—")
-                     for r, y in zip(ok, labels))
-    pat: dict[str, set[str]] = defaultdict(set)
-    for r, y in zip(ok, labels):
-        if y:
-            pat[y].add(r.patient or f"img:{r.id}")
-    plan = patient_split(ok, labels, val_fraction=val_fraction, seed=seed) if len(ok) > 1 else None
+    classes = scheme_classes(scheme, info.classes if info else sorted({r.label for r in ok}))
+    plan = patient_split(ok, labels, val_fraction=val_fraction, seed=seed)
     by_id = {r.id: (r, y) for r, y in zip(ok, labels)}
     split_rows: Counter = Counter()
-    if plan:
-        for split, ids in (("train", plan.train), ("val", plan.val), ("test", plan.test)):
-            for i in ids:
-                split_rows[(split, by_id[i][1])] += 1
-    overlap = 0
-    if plan:
-        tp = {by_id[i][0].patient for i in plan.train if by_id[i][0].patient}
-        overlap = len(tp & {by_id[i][0].patient for i in plan.val if by_id[i][0].patient})
-    pool = Counter(y for (split, y), n in split_rows.items() for _ in range(n) if split == "train")
-    class_counts = {c: pool.get(c, 0) for c in classes}
-    dups = [dict(group=g_i, sha256=g.sha256[:12], relpath=p, split=s or "(none)", label=lab)
-            for g_i, g in enumerate(find_duplicates(ok), 1)
-            for p, s, lab in zip(g.relpaths, g.splits, g.labels)]
-    return BalanceReport(
-        scheme, classes,
-        [dict(split=s, **{"class": c}, subtype=t, images=n) for (s, c, t), n in sorted(counts.items())],
-        [{"class": c, "patients": len(p), "images": sum(1 for y in labels if y == c)}
-         for c, p in sorted(pat.items())],
-        [dict(width=r.width, height=r.height, mode=r.mode, bytes=r.bytes) for r in ok],
-        dups,
-        [dict(patient=p, splits=", ".join(s)) for p, s in cross_split_patients(ok).items()],
-        [dict(split=s, **{"class": c}, images=n) for (s, c), n in sorted(split_rows.items())],
-        overlap, class_counts, _weights(class_counts),
-        sum(1 for y in labels if y is None))
+    for split, ids in (("train", plan.train), ("val", plan.val), ("test", plan.test)):
+        for i in ids:
+            split_rows[(split, by_id[i][1])] += 1
+    tp = {by_id[i][0].patient for i in plan.train if by_id[i][0].patient}
+    overlap = len(tp & {by_id[i][0].patient for i in plan.val if by_id[i][0].patient})
+    class_counts = {c: split_rows.get(("train", c), 0) for c in classes}
+    return SplitPreview(list(classes),
+                        [dict(split=s, **{"class": c}, images=n)
+                         for (s, c), n in sorted(split_rows.items())],
+                        overlap, class_counts, _weights(class_counts))

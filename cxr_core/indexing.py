@@ -17,7 +17,7 @@ from cxr_core import storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
-from cxr_core.storage import relabels
+from cxr_core.storage import aggregates, relabels
 from cxr_core.storage.datasets import DatasetInfo  # returned to the pages, typed from here
 from cxr_core.storage.relabels import LabelSnapshot
 
@@ -249,3 +249,35 @@ def current_records(db: Database, dataset_id: int, *,
                                         as_of_relabel_id=as_of_relabel_id)
     return with_labels(records, labels)
 
+
+
+def relabel_position(db: Database, dataset_id: int) -> tuple[int, int | None]:
+    """(relabel rows of the dataset, the newest one's id): two indexed aggregates; labels as
+    of that id never change, so it keys any cache of derived labels."""
+    with db.session() as s:
+        return (relabels.count_relabels(session=s, dataset_id=dataset_id),
+                relabels.newest_relabel_id(session=s, dataset_id=dataset_id,
+                                           include_uploads=False))
+
+
+def sample_images(db: Database, dataset_id: int, *, per_class: int = 8) -> dict[str, list]:
+    """Up to ``per_class`` images of each class spread over it: class -> [(relpath, subtype,
+    bytes)] (SQL; the Class balance sample grid)."""
+    with db.session() as s:
+        return aggregates.sample_images(session=s, dataset_id=dataset_id, per_class=per_class)
+
+
+def search_images(db: Database, dataset_id: int, text: str = "", *, label: str | None = None,
+                  limit: int = 50) -> list[tuple[int, str]]:
+    """(id, relpath) of up to ``limit`` readable images whose path contains ``text``: the
+    server-side image pickers of Predict and Augmentation."""
+    with db.session() as s:
+        return aggregates.search_images(session=s, dataset_id=dataset_id, text=text,
+                                        label=label, limit=limit)
+
+
+def get_image(db: Database, image_id: int) -> ds.ImageRecord | None:
+    """One indexed image by id."""
+    with db.session() as s:
+        found = store.get_images(session=s, image_ids=[image_id])
+    return found[0] if found else None

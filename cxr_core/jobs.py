@@ -11,6 +11,10 @@ Kinds (:data:`KINDS`):
   it stopped when asked again.
 - ``evaluate``: params of :func:`cxr_core.evaluation_service.evaluate_model`; result
   ``{"evaluation_id"}``.
+- ``split_preview``: params ``{"dataset_id", "scheme", "val_fraction", "seed", "labels"
+  ("original" | "current"), "as_of_relabel_id", "indexed_at"}`` of
+  :func:`cxr_core.balance_report.split_preview`; result its JSON. The label version and the
+  index time are in the params, so a finished job is the cached preview of exactly that state.
 - ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
   every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
 """
@@ -49,6 +53,19 @@ def _export_relabels(db: Database, job_id: int, params: Mapping[str, Any],
     return {"path": str(out), "rows": rows}
 
 
+def _split_preview(db: Database, job_id: int, params: Mapping[str, Any],
+                   progress: Progress) -> dict:
+    from cxr_core import balance_report
+
+    progress(0, 1)
+    out = balance_report.split_preview(
+        db, params["dataset_id"], params["scheme"], val_fraction=params["val_fraction"],
+        seed=params["seed"], as_of_relabel_id=params.get("as_of_relabel_id"),
+        current=params.get("labels") == "current").to_json()
+    progress(1, 1)
+    return out
+
+
 def _evaluate(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
     from cxr_core import evaluation_service as es
 
@@ -62,6 +79,7 @@ KINDS: dict[str, Handler] = {
     "index": _index,
     "evaluate": _evaluate,
     "export_relabels": _export_relabels,
+    "split_preview": _split_preview,
 }
 
 
@@ -101,15 +119,23 @@ def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
     """:func:`submit`, unless a job of that kind with the same params is queued or running
     (two tabs asking to index one folder get one job); returns that job's id."""
     with db.session() as s:
-        for job in store.list_jobs(session=s, kind=kind, statuses=("queued", "running"),
-                                   limit=None):
-            if job.params == dict(params):
-                if start_worker:
-                    from cxr_core import worker
+        open_jobs = store.find_jobs(session=s, kind=kind, params=params,
+                                    statuses=("queued", "running"))
+    if open_jobs:
+        if start_worker:
+            from cxr_core import worker
 
-                    worker.ensure_worker(db, kinds="jobs")
-                return job.id
+            worker.ensure_worker(db, kinds="jobs")
+        return open_jobs[0].id
     return submit(db, kind, params, start_worker=start_worker)
+
+
+def latest_job(db: Database, kind: str, params: Mapping[str, Any]) -> JobRecord | None:
+    """The newest job of ``kind`` with exactly these params, in any status (a finished one
+    holds its result: the page reads it instead of asking again)."""
+    with db.session() as s:
+        found = store.find_jobs(session=s, kind=kind, params=params)
+    return found[0] if found else None
 
 
 def run_job(db: Database, job_id: int) -> JobRecord:

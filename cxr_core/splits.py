@@ -79,7 +79,8 @@ def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], 
     if not 0 < val_fraction <= 0.5:
         raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
     keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
-    excluded = tuple(records[i].id for i in range(len(records)) if i not in set(keep))
+    kept = set(keep)
+    excluded = tuple(records[i].id for i in range(len(records)) if i not in kept)
     test = tuple(records[i].id for i in keep if records[i].split == "test")
     pool = [i for i in keep if records[i].split != "test"]
     if len(pool) < 2:

@@ -114,7 +114,8 @@ class Job(Base):
     process: queued → running → finished | failed, with progress the page polls."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),)
+    __table_args__ = (Index("ix_jobs_status_id", "status", "id"),
+                      Index("ix_jobs_kind_params", "kind", "params_json"))
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))
     params_json: Mapped[str] = mapped_column(Text)

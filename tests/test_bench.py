@@ -80,3 +80,36 @@ def test_a_partial_report_keeps_the_other_benches_results(tmp_path):
     assert "| `index` |" in text and "| 2026-11-23 02:15 UTC |" in text
     assert "**3.0×** | 2026-12-03 12:30 UTC |" in text
     assert report.saved_results(tmp_path / "absent.md") == []
+
+
+def test_scale_bench_builds_the_asked_counts_and_every_page_renders(cxr_home, tmp_path,
+                                                                    monkeypatch):
+    from bench import report
+    from bench import scale
+
+    monkeypatch.delenv("CXR_ARTIFACTS", raising=False)  # build() drops it for its level
+    built = scale.build(tmp_path / "data", cxr_home, 300, 600, 3)
+    counts = built["counts"]
+    assert counts["images"] == 300 and counts["relabels"] == 600
+    assert 0 < counts["undo_rows"] < 60 and counts["relabelled_images"] < 300
+    assert counts["runs"] == counts["evaluations"] == counts["operating_points"] == 3
+    assert counts["eval_predictions"] == 3 * built["test_images"] > 0
+    assert counts["comparable_groups"] == 1 and built["index_s"] > 0
+    measured = scale.measure(cxr_home, reruns=1, repeat=1)
+    assert set(measured["pages"]) == set(scale.PAGES)
+    for page, r in measured["pages"].items():
+        assert not r["exceptions"] and "harness_error" not in r, (page, r)
+        assert r["first_s"] > 0 and r["rerun_s"] > 0 and r["title"], (page, r)
+    assert set(measured["calls"]) == set(scale.DATA_CALLS)
+    errors = {(p, c): v["error"] for p, calls in measured["calls"].items()
+              for c, v in calls.items() if "error" in v}
+    assert not errors, errors
+    assert measured["rss_mb"] > 0
+    out = scale.summarize({"300": {"build": built, **measured}})
+    assert out["bench"] == "scale" and out["slowest_page"] in scale.PAGES
+    assert set(out["goals"]) == {"page_under_1_5s", "data_under_1_5s", "growth_at_most_3x",
+                                 "rss_under_1_5gb"}
+    info = {"cpu": "Test CPU", "cores": 2, "memory": "24 GiB", "gpus": [], "python": "3.11",
+            "tensorflow": "2.x", "load_1min_at_start": 0.5}
+    page = report.render([out], info, "2026-12-03 00:00 UTC")
+    assert "## Pages at scale" in page and "| review |" in page and "growth of the slowest" in page

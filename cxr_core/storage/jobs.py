@@ -41,8 +41,23 @@ def _record(row: Job) -> JobRecord:
                      row.error, row.worker_id, as_utc(row.created_at), as_utc(row.finished_at))
 
 
+def params_key(params: Mapping[str, Any]) -> str:
+    """The params as canonical JSON (sorted keys): equal params, equal text, so a job with
+    given params is found by one indexed equality."""
+    return json.dumps(dict(params), sort_keys=True)
+
+
+def find_jobs(*, session: Session, kind: str, params: Mapping[str, Any],
+              statuses: Sequence[str] | None = None, limit: int = 1) -> list[JobRecord]:
+    """The newest jobs of ``kind`` with exactly these params (in some statuses)."""
+    q = select(Job).where(Job.kind == kind, Job.params_json == params_key(params))
+    if statuses is not None:
+        q = q.where(Job.status.in_(list(statuses)))
+    return [_record(r) for r in session.scalars(q.order_by(Job.id.desc()).limit(limit))]
+
+
 def create_job(*, session: Session, kind: str, params: Mapping[str, Any]) -> int:
-    row = Job(kind=kind, params_json=json.dumps(dict(params)), status="queued", done=0, total=0,
+    row = Job(kind=kind, params_json=params_key(params), status="queued", done=0, total=0,
               created_at=db_now(session))
     session.add(row)
     session.flush()

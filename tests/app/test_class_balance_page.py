@@ -7,10 +7,25 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from cxr_core import worker
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def _no_launch(monkeypatch):
+    """The tests play the worker (:func:`with_jobs_done`); the page launches no process."""
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+
+
+def with_jobs_done(at: AppTest) -> AppTest:
+    """Run the jobs the page queued (what the launched worker does), then the page again."""
+    worker.run_worker(once=True, kinds="jobs")
+    at.run()
+    assert not at.exception, at.exception
+    return at
 
 
 
@@ -30,11 +45,8 @@ def test_add_dataset_by_path_in_the_app(cxr_home, tiny_dataset):
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
     at.text_input[0].set_value(str(tiny_dataset))
     at.button[0].click().run()
-    deadline = time.monotonic() + 60
-    while indexed() != [18] and time.monotonic() < deadline:
-        time.sleep(0.2)  # the scan runs off the script thread; the page polls it
-        at.run()
-    assert not at.exception
+    assert indexed() == []  # queued: a worker reads the folder, not the page
+    with_jobs_done(at)
     assert indexed() == [18]
 
 
@@ -43,14 +55,20 @@ def test_class_balance_page_on_tiny_dataset(cxr_home, tiny_dataset):
     at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
     assert not at.exception
     assert at.metric[0].value == "18"
-    at.radio(key="balance_scheme").set_value("three_class").run()
-    assert not at.exception
+    assert "Computing the patient-grouped split: job #1 queued" in at.get("progress")[0].proto.text
+    with_jobs_done(at)
     assert any("patients in both train and validation: **0**" in c.value for c in at.caption)
+    at.radio(key="balance_scheme").set_value("three_class").run()
+    with_jobs_done(at)
+    assert any("patients in both train and validation: **0**" in c.value for c in at.caption)
+    at.radio(key="balance_scheme").set_value("binary").run()
+    assert not at.get("progress")  # that version's split is kept with its job: not asked again
 
 
 def test_class_balance_bad_ratio_is_a_message(cxr_home, tiny_dataset):
     index_dataset(open_db(), tiny_dataset, name="tiny")
-    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
+    at = with_jobs_done(AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"),
+                                          default_timeout=60).run())
     at.text_input(key="balance_ratio_binary").set_value("2:x").run()
     assert not at.exception and any("Ratio must look like" in e.value for e in at.error)
 

@@ -27,6 +27,7 @@ INDEXES = (
     ('ix_images_dataset_patient', 'images', ['dataset_id', 'patient']),
     ('ix_review_items_image', 'review_items', ['image_id']),
     ('ix_runs_created', 'runs', ['created_at']),
+    ('ix_jobs_kind_params', 'jobs', ['kind', 'params_json']),
 )
 
 

@@ -1,0 +1,170 @@
+"""Dataset aggregates in SQL: what the Class balance page shows, as GROUP BY queries.
+
+Labels are the originals or the current ones as of a relabel id (each image's newest active
+relabel, found with a window function: the same rule as
+:func:`cxr_core.storage.relabels.label_version`), mapped to a label scheme's classes with a
+CASE over the dataset's few (label, subtype) pairs. A page reads counts, never rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import String, and_, case, cast, exists, func, literal, select
+from sqlalchemy.orm import Session, aliased
+
+from cxr_core.datasets import scheme_label
+from db.models import ImageRow, Relabel
+
+LIST_LIMIT = 200  # rows of the duplicate and leaked-patient tables a page shows
+
+
+def labelled(dataset_id: int, as_of_relabel_id: int | None, *, current: bool):
+    """Subquery of the dataset's readable images on disk with the labels to count:
+    (id, split, label, subtype, patient, sha256, width, height, mode, relpath)."""
+    cols = (ImageRow.id, ImageRow.split, ImageRow.patient, ImageRow.sha256, ImageRow.width,
+            ImageRow.height, ImageRow.mode, ImageRow.relpath)
+    where = and_(ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None),
+                 ImageRow.missing.is_(False))
+    if not current:
+        return select(*cols, ImageRow.label, ImageRow.subtype).where(where).subquery()
+    u = aliased(Relabel)
+    undone = exists().where(u.undo_of == Relabel.id)
+    rows = select(Relabel.image_id, Relabel.new_label, Relabel.new_subtype,
+                  func.row_number().over(partition_by=Relabel.image_id,
+                                         order_by=Relabel.id.desc()).label("rn")) \
+        .join(ImageRow, ImageRow.id == Relabel.image_id) \
+        .where(ImageRow.dataset_id == dataset_id, Relabel.undo_of.is_(None))
+    if as_of_relabel_id is not None:
+        rows = rows.where(Relabel.id <= as_of_relabel_id)
+        undone = exists().where(u.undo_of == Relabel.id, u.id <= as_of_relabel_id)
+    ranked = rows.where(~undone).subquery()
+    latest = select(ranked).where(ranked.c.rn == 1).subquery()
+    label = func.coalesce(latest.c.new_label, ImageRow.label)
+    subtype = case((latest.c.image_id.is_(None), ImageRow.subtype), else_=latest.c.new_subtype)
+    return (select(*cols, label.label("label"), subtype.label("subtype"))
+            .outerjoin(latest, latest.c.image_id == ImageRow.id).where(where).subquery())
+
+
+def _pairs(session: Session, images) -> list[tuple[str, str | None]]:
+    return [tuple(r) for r in session.execute(select(images.c.label, images.c.subtype)
+                                              .distinct())]
+
+
+def scheme_class(session: Session, images, scheme: str):
+    """A CASE giving each row's class in ``scheme`` (NULL: none, e.g. no subtype)."""
+    whens = []
+    for label, subtype in _pairs(session, images):
+        cls = scheme_label(label, subtype, scheme)
+        if cls is not None:
+            sub = images.c.subtype.is_(None) if subtype is None else images.c.subtype == subtype
+            whens.append((and_(images.c.label == label, sub), cls))
+    return case(*whens, else_=None) if whens else literal(None, String)
+
+
+@dataclass(frozen=True)
+class Aggregates:
+    """The Class balance tables of one dataset, label version and scheme."""
+
+    counts: list[dict]  # split, class, subtype, images
+    patients: list[dict]  # class, patients, images
+    sizes: list[dict]  # width, height, mode, images
+    duplicates: list[dict]  # group, sha256, relpath, split, label (first LIST_LIMIT rows)
+    duplicate_groups: int
+    leaked_patients: list[dict]  # patient, splits (first LIST_LIMIT)
+    n_leaked: int
+    unlabelled: int  # readable images without a class in the scheme
+    images: int
+
+
+def aggregates(*, session: Session, dataset_id: int, scheme: str, current: bool = False,
+               as_of_relabel_id: int | None = None) -> Aggregates:
+    """Counts per split × class × subtype, patients per class, sizes, duplicates and patients
+    in several split folders, each one GROUP BY over the labelled images."""
+    img = labelled(dataset_id, as_of_relabel_id, current=current)
+    cls = scheme_class(session, img, scheme).label("cls")
+    counts = [dict(split=s or "(none)", **{"class": c or "(no class)"}, subtype=t or "—",
+                   images=int(n))
+              for s, c, t, n in session.execute(
+                  select(img.c.split, cls, img.c.subtype, func.count())
+                  .group_by(img.c.split, cls, img.c.subtype))]
+    counts.sort(key=lambda d: (d["split"], d["class"], d["subtype"]))
+    who = func.coalesce(img.c.patient, literal("img:") + cast(img.c.id, String))
+    patients = [{"class": c, "patients": int(p), "images": int(n)} for c, p, n in session.execute(
+        select(cls, func.count(func.distinct(who)), func.count()).where(cls.is_not(None))
+        .group_by(cls).order_by(cls))]
+    sizes = [dict(width=w, height=h, mode=m, images=int(n)) for w, h, m, n in session.execute(
+        select(img.c.width, img.c.height, img.c.mode, func.count())
+        .group_by(img.c.width, img.c.height, img.c.mode))]
+    dup_keys = select(img.c.sha256).where(img.c.sha256.is_not(None)).group_by(
+        img.c.sha256).having(func.count() > 1)
+    n_groups = session.scalar(select(func.count()).select_from(dup_keys.subquery())) or 0
+    dups: list[dict] = []
+    if n_groups:
+        rows = session.execute(select(img.c.sha256, img.c.relpath, img.c.split, img.c.label)
+                               .where(img.c.sha256.in_(dup_keys.order_by(img.c.sha256)
+                                                       .limit(LIST_LIMIT)))
+                               .order_by(img.c.sha256, img.c.relpath).limit(LIST_LIMIT)).all()
+        group: dict[str, int] = {}
+        for sha, rel, split, label in rows:
+            group.setdefault(sha, len(group) + 1)
+            dups.append(dict(group=group[sha], sha256=sha[:12], relpath=rel,
+                             split=split or "(none)", label=label))
+    leak_keys = select(img.c.patient).where(img.c.patient.is_not(None)).group_by(
+        img.c.patient).having(func.count(func.distinct(img.c.split)) > 1)
+    n_leaked = session.scalar(select(func.count()).select_from(leak_keys.subquery())) or 0
+    leaked: dict[str, list[str]] = {}
+    if n_leaked:
+        for p, split in session.execute(
+                select(img.c.patient, img.c.split).distinct()
+                .where(img.c.patient.in_(leak_keys.order_by(img.c.patient).limit(LIST_LIMIT)))
+                .order_by(img.c.patient, img.c.split)):
+            leaked.setdefault(p, []).append(split or "(none)")
+    total, unlabelled = session.execute(select(func.count(), func.count().filter(
+        cls.is_(None)))).one()
+    return Aggregates(counts, patients, sizes, dups, int(n_groups),
+                      [dict(patient=p, splits=", ".join(s)) for p, s in leaked.items()],
+                      int(n_leaked), int(unlabelled or 0), int(total or 0))
+
+
+def sample_images(*, session: Session, dataset_id: int, per_class: int = 8,
+                  ) -> dict[str, list[tuple[str, str | None, int | None]]]:
+    """Up to ``per_class`` readable images of each original class, spread evenly over the
+    class in path order: class -> [(relpath, subtype, bytes)]."""
+    ranked = select(ImageRow.label, ImageRow.relpath, ImageRow.subtype, ImageRow.bytes,
+                    func.row_number().over(partition_by=ImageRow.label,
+                                           order_by=ImageRow.relpath).label("rn"),
+                    func.count().over(partition_by=ImageRow.label).label("n")) \
+        .where(ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None),
+               ImageRow.missing.is_(False)).subquery()
+    step = case((ranked.c.n // per_class < 1, 1), else_=ranked.c.n // per_class)
+    q = select(ranked.c.label, ranked.c.relpath, ranked.c.subtype, ranked.c.bytes,
+               ranked.c.n).where((ranked.c.rn - 1) % step == 0,
+                                 ranked.c.rn <= step * per_class).order_by(ranked.c.label,
+                                                                           ranked.c.rn)
+    out: dict[str, list] = {}
+    for label, rel, sub, size, _ in session.execute(q):
+        out.setdefault(label, []).append((rel, sub, size))
+    return out
+
+
+def class_sizes(*, session: Session, dataset_id: int) -> dict[str, int]:
+    """Readable images per original class."""
+    return {label: int(n) for label, n in session.execute(
+        select(ImageRow.label, func.count()).where(
+            ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None),
+            ImageRow.missing.is_(False)).group_by(ImageRow.label))}
+
+
+def search_images(*, session: Session, dataset_id: int, text: str = "",
+                  label: str | None = None, limit: int = 50) -> list[tuple[int, str]]:
+    """(id, relpath) of readable images whose path contains ``text`` (case-insensitive),
+    optionally of one original class, in path order: the server-side image picker."""
+    q = select(ImageRow.id, ImageRow.relpath).where(
+        ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None), ImageRow.missing.is_(False))
+    if text.strip():
+        pattern = "%" + text.strip().replace("\\", "\\\\").replace("%", "\\%").replace(
+            "_", "\\_") + "%"
+        q = q.where(ImageRow.relpath.ilike(pattern, escape="\\"))
+    if label is not None:
+        q = q.where(ImageRow.label == label)
+    return [(int(i), p) for i, p in session.execute(q.order_by(ImageRow.relpath).limit(limit))]
