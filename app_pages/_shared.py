@@ -5,6 +5,7 @@ arguments starting with ``_`` when those must not be hashed.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import streamlit as st
@@ -49,12 +50,6 @@ def list_datasets() -> list[DatasetInfo]:
     return indexing.list_datasets(get_db())
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
-def load_records(dataset_id: int, indexed_at: object) -> list:
-    """Records of a dataset; ``indexed_at`` keys the cache so a re-index refreshes it."""
-    return indexing.indexed_records(get_db(), dataset_id)
-
-
 @st.cache_data(show_spinner=False, max_entries=2000)
 def thumbnail(path: str, mtime_ns: int | None, size: int = 160):
     """A cached thumbnail (decoded once per file version, not per rerun); None if unreadable."""
@@ -66,6 +61,36 @@ def thumbnail(path: str, mtime_ns: int | None, size: int = 160):
 
 def image_path(info: DatasetInfo, relpath: str) -> str:
     return str(Path(info.root) / relpath)
+
+
+def image_picker(info: DatasetInfo, key: str, *, label: str | None = None,
+                 max_selections: int = 64, default_first: bool = False,
+                 sample_button: bool = False) -> list:
+    """Pick indexed images by searching their paths on the server (50 matches a search):
+    the browser never gets the dataset's path list. Returns the picked ImageRecords."""
+    picked: dict[str, int] = st.session_state.setdefault(f"{key}_ids", {})
+    c1, c2 = st.columns([2, 3], vertical_alignment="bottom")
+    text = c1.text_input("Search file names", key=f"{key}_search",
+                         placeholder="e.g. person1_ or IM-0115")
+    found = dict((p, i) for i, p in indexing.search_images(get_db(), info.id, text,
+                                                            label=label, limit=50))
+    if default_first and f"{key}_sel" not in st.session_state and found:
+        first = next(iter(found))
+        picked[first] = found[first]
+        st.session_state[f"{key}_sel"] = [first]
+    if sample_button and st.button("Sample 8", key=f"{key}_sample", icon=":material/shuffle:"):
+        drawn = indexing.random_images(get_db(), info.id, 8,
+                                       seed=int(time.time_ns() % (1 << 31)))
+        picked.update({p: i for i, p in drawn})
+        st.session_state[f"{key}_sel"] = [p for _, p in drawn]
+    options = list(dict.fromkeys([*st.session_state.get(f"{key}_sel", []), *found]))
+    chosen = c2.multiselect("Images", options, max_selections=max_selections, key=f"{key}_sel",
+                            placeholder="Choose from the matches",
+                            help="The first 50 paths containing the search text; search "
+                                 "again to add others (picked ones stay).")
+    picked.update({p: found[p] for p in chosen if p in found})
+    ids = [picked[p] for p in chosen if p in picked]
+    return indexing.get_images(get_db(), ids)
 
 
 # -- Jobs: heavy work a worker process does, polled by fragments ----------------------------

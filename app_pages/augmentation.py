@@ -9,7 +9,7 @@ from cxr_core.augment import augment_preview
 from cxr_core.augment_config import AugmentConfig
 from cxr_core.errors import CxrError
 from cxr_core.images import load_image, to_array
-from app_pages._shared import dataset_picker, get_db, image_path, load_records
+from app_pages._shared import dataset_picker, get_db, image_path, image_picker
 
 KEYS = ("hflip", "vflip", "rotation", "zoom", "width_shift", "height_shift", "brightness_on",
         "brightness_lo", "brightness_hi", "contrast", "one_of", "seed")
@@ -77,16 +77,13 @@ def save_ui(cfg: AugmentConfig) -> None:
                 st.error(str(exc))
 
 
-def images_ui(info, records) -> list:
-    classes = sorted({r.label for r in records if not r.error})
-    c1, c2, c3 = st.columns([1, 2, 1])
-    label = c1.selectbox("Class", classes, key="aug_class")
-    pool = [r for r in records if r.label == label and not r.error]
-    picked = c2.multiselect("Images", [r.relpath for r in pool], key="aug_images",
-                            default=[pool[0].relpath] if pool else [], max_selections=4)
-    n = c3.slider("Variants per image", 1, 16, 8, key="aug_n")
-    by_path = {r.relpath: r for r in pool}
-    return [(info, by_path[p], n) for p in picked]
+def images_ui(info) -> list:
+    c1, c2 = st.columns([1, 3])
+    label = c1.selectbox("Class", sorted(info.classes), key="aug_class")
+    n = c2.slider("Variants per image", 1, 16, 8, key="aug_n")
+    records = image_picker(info, f"aug_images_{label}", label=label, max_selections=4,
+                           default_first=True)
+    return [(info, r, n) for r in records]
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -102,12 +99,11 @@ info = dataset_picker("aug")
 if info is not None and info.layout == "npz":
     st.info("Previews read image files; pick a folder dataset (the .npz images are 28 px).")
 elif info is not None:
-    records = load_records(info.id, info.indexed_at)
     preset_ui(presets.all_presets(get_db()))
     cfg = config_ui()
     if cfg is not None:
         save_ui(cfg)
-        for info_, rec, n in images_ui(info, records):
+        for info_, rec, n in images_ui(info):
             try:
                 original = source_image(image_path(info_, rec.relpath))
             except CxrError as exc:

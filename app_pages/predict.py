@@ -1,14 +1,12 @@
 """Predict: upload films or pick indexed images, read the decision, explain it, send to review."""
 from __future__ import annotations
 
-import random
-
 import streamlit as st
 
 from cxr_core import explain, model_store, predict, uploads
 from cxr_core.errors import CxrError
 from cxr_core.saliency_render import shortcut_warning
-from app_pages._shared import dataset_picker, get_db, load_records
+from app_pages._shared import dataset_picker, get_db, image_picker
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
@@ -54,13 +52,8 @@ def inputs_ui() -> tuple[tuple, list[predict.ImageInput]]:
     info = dataset_picker("predict")
     if info is None:
         return (), []
-    by_path = {r.relpath: r for r in load_records(info.id, info.indexed_at) if not r.error}
-    left, right = st.columns([5, 1], vertical_alignment="bottom")
-    picked = left.multiselect("Images", list(by_path), max_selections=64, key="predict_picked",
-                              placeholder="Type part of a file name")
-    right.button("Sample 8", key="predict_sample", icon=":material/shuffle:", on_click=lambda: (
-        st.session_state.update(predict_picked=random.sample(list(by_path), min(8, len(by_path))))))
-    return (info.id, *picked), predict.dataset_inputs(info.root, [by_path[p] for p in picked])
+    records = image_picker(info, "predict_pick_images", sample_button=True)
+    return (info.id, *(r.id for r in records)), predict.dataset_inputs(info.root, records)
 
 
 def run_ui(ref: str, key: tuple, items: list[predict.ImageInput]):

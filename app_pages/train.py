@@ -91,6 +91,9 @@ def start_ui(dataset: str, layout: str) -> None:
                    "starts none: CXR_WORKER=off, or a live worker runs on another host).")
 
 
+RUNS_PAGE = 50  # runs listed at once (newest first)
+
+
 def _plot_key() -> str:
     """The "Runs to plot" widget's key: a new one each time this session starts a run."""
     return f"train_plot_runs_{st.session_state.get('train_plot_gen', 0)}"
@@ -162,11 +165,18 @@ def detail_ui(run) -> None:
 def live_ui() -> None:
     """Run list, curves and the chosen run: redrawn from the DB every REFRESH_S seconds."""
     svc.refresh(get_db())  # dead workers' runs → failed
-    runs = {r.id: r for r in svc.list_runs(get_db())}
-    if not runs:
+    page = int(st.session_state.get("train_runs_page", 1))
+    runs = {r.id: r for r in svc.list_runs(get_db(), limit=RUNS_PAGE,
+                                           offset=(page - 1) * RUNS_PAGE)}
+    if not runs and page == 1:
         st.info("No run yet: start one above.")
         return
     runs_table_ui(list(runs.values()))
+    if (total := svc.count_runs(get_db())) > RUNS_PAGE:
+        st.number_input(f"Page of runs ({total:,} in all, {RUNS_PAGE} a page, newest first)",
+                        1, -(-total // RUNS_PAGE), key="train_runs_page")
+    if not runs:
+        return
     default = (st.session_state.get("train_plot_default")
                or [i for i, r in runs.items() if r.active][:4] or list(runs)[:3])
     curves_ui(runs, st.multiselect("Runs to plot", list(runs), key=_plot_key(),

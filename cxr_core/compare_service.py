@@ -52,14 +52,18 @@ class ComparableGroup:
                 f"{len(self.evaluations)} models")
 
 
+GROUPS_OF_NEWEST = 1000  # evaluations the image-set picker groups (newest first)
+
+
 def comparable_groups(db: Database, *, min_size: int = 2) -> list[ComparableGroup]:
     """Evaluations grouped by image set (same images, same order), largest group first.
 
     Within a group the newest evaluation of each model is kept (re-evaluating a run on the
-    same images replaces the older result for comparison).
+    same images replaces the older result for comparison). Reads the newest
+    :data:`GROUPS_OF_NEWEST` evaluations' descriptions, not their metrics or outputs.
     """
     groups: dict[str, list[EvaluationInfo]] = {}
-    for e in list_evaluations(db):  # newest first
+    for e in list_evaluations(db, with_metrics=False, limit=GROUPS_OF_NEWEST):  # newest first
         group = groups.setdefault(e.images_key, [])
         if all(g.model_ref != e.model_ref for g in group):
             group.append(e)

@@ -142,10 +142,12 @@ def patients_of(db: Database, image_ids: Sequence[int | None]) -> list[str | Non
 # -- Reading evaluations back ---------------------------------------------------------------
 
 def list_evaluations(db: Database, *, run_id: int | None = None,
-                     images_key: str | None = None) -> list[EvaluationInfo]:
-    """Stored evaluations, newest first."""
+                     images_key: str | None = None, with_metrics: bool = True,
+                     limit: int | None = None, offset: int = 0) -> list[EvaluationInfo]:
+    """Stored evaluations, newest first (a page with ``limit``/``offset``)."""
     with db.session() as s:
-        return store.list_evaluations(session=s, run_id=run_id, images_key=images_key)
+        return store.list_evaluations(session=s, run_id=run_id, images_key=images_key,
+                                      with_metrics=with_metrics, limit=limit, offset=offset)
 
 
 def load_predictions(db: Database, evaluation_id: int) -> EvalPredictions:

@@ -17,7 +17,7 @@ from cxr_core import storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
-from cxr_core.storage import aggregates, relabels
+from cxr_core.storage import aggregates, relabels, review_queue
 from cxr_core.storage.datasets import DatasetInfo  # returned to the pages, typed from here
 from cxr_core.storage.relabels import LabelSnapshot
 
@@ -276,8 +276,23 @@ def search_images(db: Database, dataset_id: int, text: str = "", *, label: str |
                                         label=label, limit=limit)
 
 
+def get_images(db: Database, image_ids: list[int]) -> list[ds.ImageRecord]:
+    """Indexed images by id, in the order asked."""
+    with db.session() as s:
+        return store.get_images(session=s, image_ids=image_ids)
+
+
 def get_image(db: Database, image_id: int) -> ds.ImageRecord | None:
     """One indexed image by id."""
-    with db.session() as s:
-        found = store.get_images(session=s, image_ids=[image_id])
+    found = get_images(db, [image_id])
     return found[0] if found else None
+
+
+def random_images(db: Database, dataset_id: int, n: int, *, seed: int) -> list[tuple[int, str]]:
+    """(id, relpath) of ``n`` readable images drawn by ``seed`` (the review page's seeded
+    order: one indexed query at any size)."""
+    with db.session() as s:
+        rows = review_queue.queue_page(session=s, dataset_id=dataset_id, kind="random",
+                                       seed=seed, limit=n)
+        found = store.get_images(session=s, image_ids=[r.image_id for r in rows])
+    return [(r.id, r.relpath) for r in found]

@@ -177,9 +177,14 @@ def refresh(db: Database) -> list[int]:
     return worker.reap_dead_runs(db)
 
 
-def list_runs(db: Database, *, limit: int = 100) -> list[RunRecord]:
+def count_runs(db: Database) -> int:
     with db.session() as s:
-        return store.list_runs(session=s, limit=limit)
+        return store.count_runs(session=s)
+
+
+def list_runs(db: Database, *, limit: int = 100, offset: int = 0) -> list[RunRecord]:
+    with db.session() as s:
+        return store.list_runs(session=s, limit=limit, offset=offset)
 
 
 def get_run(db: Database, run_id: int) -> RunRecord | None:

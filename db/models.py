@@ -192,6 +192,7 @@ class Evaluation(Base):
     label_snapshot_hash: Mapped[str | None] = mapped_column(String(64))
     label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
     overlap_json: Mapped[str | None] = mapped_column(Text)  # evaluated ∩ the run's own images
+    n_predictions: Mapped[int | None] = mapped_column(Integer)  # its eval_predictions rows
 
 
 class RunImage(Base):

@@ -54,6 +54,16 @@ def test_record_round_trip_gives_the_same_metrics(cxr_home):
     assert info.metrics["ci"]["auc"]["n_boot"] == 50
 
 
+def test_evaluations_list_a_page_without_parsing_metrics(cxr_home):
+    db = open_db()
+    y, p = _scores()
+    ids = [_record(db, None, y, p, n_boot=0) for _ in range(5)]
+    page = es.list_evaluations(db, with_metrics=False, limit=2, offset=1)
+    assert [e.id for e in page] == ids[::-1][1:3] and all(e.metrics == {} for e in page)
+    assert all(e.n == len(y) for e in page)  # the stored size, no prediction rows counted
+    assert es.list_evaluations(db, limit=1)[0].metrics["auc"] > 0
+
+
 def test_images_key_is_order_sensitive():
     a = es.images_key([1, 2, None], ["a", "b", "c"])
     assert a == es.images_key([1, 2, None], ["x", "y", "c"])  # ids win over paths

@@ -221,6 +221,7 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
         # 0005: the model output as SQL columns, from the stored probabilities.
         (score, pred, margin), = c.execute(text(
             "SELECT score, pred_index, top2_margin FROM eval_predictions")).all()
+        assert c.execute(text("SELECT n_predictions FROM evaluations")).scalar() == 1
     assert (score, pred, margin) == pytest.approx((0.8, 1, 0.6))
     assert sha == {1: "1".zfill(64), 2: "1".zfill(64), 3: "2".zfill(64), 4: None}
     with db.session() as s:

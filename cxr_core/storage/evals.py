@@ -137,7 +137,8 @@ def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
                      images_key=images_key, metrics_json=json.dumps(metrics),
                      label_source=label_source, label_scheme=label_scheme,
                      label_snapshot_hash=label_hash, label_snapshot_relabel_id=label_relabel_id,
-                     overlap_json=None if overlap is None else json.dumps(overlap))
+                     overlap_json=None if overlap is None else json.dumps(overlap),
+                     n_predictions=len(image_ids))
     session.add(row)
     session.flush()
     rows = [{"evaluation_id": row.id, "image_id": None if i is None else int(i), "path": str(p),
@@ -150,32 +151,41 @@ def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
 
 
 def _info(row: Evaluation, run_name: str | None, n: int,
-          dataset_name: str | None) -> EvaluationInfo:
+          dataset_name: str | None, with_metrics: bool = True) -> EvaluationInfo:
     return EvaluationInfo(row.id, row.run_id, run_name or (f"run {row.run_id}" if row.run_id
                                                            else None),
                           row.model_ref, row.dataset_id, row.split, row.source,
                           tuple(json.loads(row.labels_json)), row.images_key,
-                          json.loads(row.metrics_json or "{}"), n, _utc(row.created_at),
-                          dataset_name, row.label_source, row.label_scheme,
+                          json.loads(row.metrics_json or "{}") if with_metrics else {}, n,
+                          _utc(row.created_at), dataset_name, row.label_source, row.label_scheme,
                           row.label_snapshot_hash, row.label_snapshot_relabel_id,
                           json.loads(row.overlap_json) if row.overlap_json else None)
 
 
+def _n_predictions(session: Session, row: Evaluation) -> int:
+    if row.n_predictions is not None:
+        return row.n_predictions
+    return session.scalar(select(func.count()).where(EvalPrediction.evaluation_id == row.id)) or 0
+
+
 def list_evaluations(*, session: Session, run_id: int | None = None,
-                     images_key: str | None = None) -> list[EvaluationInfo]:
-    """Stored evaluations, newest first, optionally of one run or on one image set."""
-    counts = (select(EvalPrediction.evaluation_id, func.count().label("n"))
-              .group_by(EvalPrediction.evaluation_id).subquery())
-    q = (select(Evaluation, Run.name, func.coalesce(counts.c.n, 0), Dataset.name)
+                     images_key: str | None = None, with_metrics: bool = True,
+                     limit: int | None = None, offset: int = 0) -> list[EvaluationInfo]:
+    """Stored evaluations, newest first, optionally of one run or on one image set; a page of
+    them with ``limit``/``offset``. ``with_metrics=False`` leaves ``metrics`` empty (a list
+    need not parse every evaluation's stored curves)."""
+    q = (select(Evaluation, Run.name, Dataset.name)
          .outerjoin(Run, Run.id == Evaluation.run_id)
          .outerjoin(Dataset, Dataset.id == Evaluation.dataset_id)
-         .outerjoin(counts, counts.c.evaluation_id == Evaluation.id)
          .order_by(Evaluation.id.desc()))
     if run_id is not None:
         q = q.where(Evaluation.run_id == run_id)
     if images_key is not None:
         q = q.where(Evaluation.images_key == images_key)
-    return [_info(row, name, n, ds) for row, name, n, ds in session.execute(q)]
+    if limit is not None:
+        q = q.limit(limit).offset(offset)
+    return [_info(row, name, _n_predictions(session, row), ds, with_metrics)
+            for row, name, ds in session.execute(q)]
 
 
 def get_evaluation(*, session: Session, evaluation_id: int) -> EvaluationInfo | None:
@@ -186,9 +196,7 @@ def get_evaluation(*, session: Session, evaluation_id: int) -> EvaluationInfo | 
     name = session.scalar(select(Run.name).where(Run.id == row.run_id)) if row.run_id else None
     ds = (session.scalar(select(Dataset.name).where(Dataset.id == row.dataset_id))
           if row.dataset_id else None)
-    n = session.scalar(select(func.count()).select_from(EvalPrediction).where(
-        EvalPrediction.evaluation_id == evaluation_id)) or 0
-    return _info(row, name, n, ds)
+    return _info(row, name, _n_predictions(session, row), ds)
 
 
 def get_predictions(*, session: Session, evaluation_id: int) -> EvalPredictions | None:

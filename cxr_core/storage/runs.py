@@ -165,12 +165,16 @@ def require_run(*, session: Session, run_id: int) -> RunRecord:
 
 
 def list_runs(*, session: Session, statuses: Sequence[str] | None = None,
-              limit: int = 200) -> list[RunRecord]:
-    """Runs, newest first."""
-    q = select(Run).order_by(Run.id.desc()).limit(limit)
+              limit: int = 200, offset: int = 0) -> list[RunRecord]:
+    """Runs, newest first (a page: ``limit`` from ``offset``)."""
+    q = select(Run).order_by(Run.id.desc()).limit(limit).offset(offset)
     if statuses:
         q = q.where(Run.status.in_(list(statuses)))
     return [_record(r) for r in session.scalars(q)]
+
+
+def count_runs(*, session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Run)) or 0
 
 
 def claim_run(*, session: Session, run_id: int, worker_id: int) -> bool:

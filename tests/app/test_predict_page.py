@@ -115,10 +115,18 @@ def test_pick_images_from_an_indexed_dataset(run_ref, tiny_dataset):
     at = start(run_ref)
     at.radio(key="predict_source").set_value("From a dataset").run()
     assert not at.exception, at.exception
-    at.button(key="predict_sample").click().run()
+    at.button(key="predict_pick_images_sample").click().run()
     assert not at.exception, at.exception
-    assert len(at.multiselect(key="predict_picked").value) == 8
+    assert len(at.multiselect(key="predict_pick_images_sel").value) == 8
     assert len(at.dataframe[0].value) == 8
+    # The picker searches on the server: only matching paths reach the browser.
+    at.text_input(key="predict_pick_images_search").input("virus").run()
+    picker = at.multiselect(key="predict_pick_images_sel")
+    matches = [o for o in picker.options if o not in picker.value]
+    assert matches and all("virus" in o for o in matches)
+    picker.set_value(picker.value[:1] + matches[:1]).run()
+    assert not at.exception, at.exception
+    assert len(at.dataframe[0].value) == 2
     at.button(key="predict_send").click().run()
     with open_db().session() as s:
         [item] = reviews.list_review_items(session=s)

@@ -143,3 +143,16 @@ def test_dead_workers_run_is_marked_failed_on_load(db):
     with db.session() as s:
         assert store.get_run(session=s, run_id=rid).status == "failed"
     assert any("no longer running" in e.value for e in at.error)
+
+
+def test_runs_are_listed_a_page_at_a_time(db):
+    from app_pages.train import RUNS_PAGE  # noqa: F401  (the page's size, read from the module)
+
+    for n in range(60):
+        db.write(lambda s: store.create_run(session=s, name=f"r{n}", config=CONFIG))
+    at = page()
+    assert not at.exception, at.exception
+    assert len(at.dataframe[0].value) == 50 and at.dataframe[0].value["id"].max() == 60
+    at.number_input(key="train_runs_page").set_value(2).run()
+    assert not at.exception, at.exception
+    assert at.dataframe[0].value["id"].tolist() == list(range(10, 0, -1))  # the oldest ten

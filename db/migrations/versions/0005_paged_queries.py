@@ -1,4 +1,4 @@
-"""paged queries: model outputs as columns (score, predicted class, top-2 margin) so review
+"""paged queries: evaluation sizes stored (lists count no prediction rows); model outputs as columns (score, predicted class, top-2 margin) so review
 queues sort and filter in SQL; indexes the review queues and label derivation use
 
 Revision ID: 0005
@@ -53,8 +53,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('score', sa.Float(), nullable=True))
         batch_op.add_column(sa.Column('pred_index', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('top2_margin', sa.Float(), nullable=True))
+    with op.batch_alter_table('evaluations', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('n_predictions', sa.Integer(), nullable=True))
     for name, table, cols in INDEXES:
         op.create_index(name, table, cols, unique=False)
+    op.execute("UPDATE evaluations SET n_predictions = (SELECT count(*) FROM eval_predictions "
+               "WHERE eval_predictions.evaluation_id = evaluations.id)")
     # Existing rows: the columns from their stored probabilities (nothing else changes).
     bind = op.get_bind()
     preds = sa.table('eval_predictions', sa.column('id', sa.Integer),
@@ -80,6 +84,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     for name, table, _ in reversed(INDEXES):
         op.drop_index(name, table_name=table)
+    with op.batch_alter_table('evaluations', schema=None) as batch_op:
+        batch_op.drop_column('n_predictions')
     with op.batch_alter_table('eval_predictions', schema=None) as batch_op:
         batch_op.drop_column('top2_margin')
         batch_op.drop_column('pred_index')
