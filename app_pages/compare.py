@@ -15,9 +15,23 @@ from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import finished_job, get_db, job_ui, list_datasets, thumbnail
 
 
-@st.cache_data(show_spinner="Comparing runs…", ttl=120, max_entries=16)
-def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str) -> cs.Comparison:
-    return cs.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth)
+@st.cache_data(show_spinner="Comparing runs…", ttl=600, max_entries=16)
+def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str,
+               as_of: int | None) -> cs.Comparison:
+    """Point estimates only (no resampling here): the intervals are a worker's job."""
+    return cs.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth,
+                                  n_boot=0, as_of_relabel_id=as_of)
+
+
+def ci_params(cmp: cs.Comparison, ids: tuple[int, ...], mode: str, target: float, truth: str,
+              as_of: int | None) -> dict:
+    """What the intervals job computes: these evaluations, labels and thresholds."""
+    return dict(evaluation_ids=list(ids), mode=mode, target=target, truth=truth,
+                as_of_relabel_id=as_of if truth == "current" else None,
+                thresholds=dict(cmp.thresholds), n_boot=N_BOOT)
+
+
+N_BOOT = 500
 
 
 def evaluate_ui(db) -> None:
@@ -116,8 +130,23 @@ def curves_ui(cmp: cs.Comparison) -> None:
         col.plotly_chart(fig, width="stretch")
 
 
-def metrics_ui(cmp: cs.Comparison) -> None:
-    st.dataframe(pd.DataFrame(cmp.metrics_text()), hide_index=True)
+def metrics_ui(cmp: cs.Comparison, params: dict) -> None:
+    """Point estimates at once; the bootstrap intervals from a worker's job (kept per label
+    version, so each set of evaluations is resampled once)."""
+    job = jobs.latest_job(get_db(), "compare_ci", params)
+    if job is not None and job.status == "finished":
+        st.dataframe(pd.DataFrame(job.result["rows"]), hide_index=True)
+        st.caption(f"95% intervals: {job.result['n_boot']} bootstrap resamples over "
+                   f"{'patients' if job.result['ci_unit'] == 'patient' else 'images'}.")
+    else:
+        st.dataframe(pd.DataFrame(cmp.metrics_text()), hide_index=True)
+        if job is not None and job.status == "failed":
+            st.error(f"Intervals: {job.error}", icon=":material/error:")
+        else:
+            if job is None or st.session_state.get("compare_ci_job") != job.id:
+                st.session_state["compare_ci_job"] = jobs.submit_once(get_db(), "compare_ci",
+                                                                      params)
+            job_ui("compare_ci_job", f"Bootstrap 95% intervals ({N_BOOT} resamples)")
     if len(tests := cmp.mcnemar_rows()) == 1:
         st.metric("McNemar p-value", f"{tests[0]['p_value']:.4g}", help=tests[0]["test"])
     st.dataframe(pd.DataFrame(tests), hide_index=True)
@@ -178,13 +207,16 @@ with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
 ids, mode, target, truth = selection_ui(get_db())
 if len(ids) < 2:
     st.stop()
+as_of = es.newest_relabel_for(get_db(), ids[0]) if truth == "current" else None
 try:
-    cmp = comparison(ids, mode, target, truth)
+    cmp = comparison(ids, mode, target, truth, as_of)
 except CxrError as exc:
     st.error(str(exc))
     st.stop()
 provenance_ui(cmp)
-views = {"Confusion matrices": confusion_ui, "Curves": curves_ui, "Metrics (95% CI)": metrics_ui,
+views = {"Confusion matrices": confusion_ui, "Curves": curves_ui,
+         "Metrics (95% CI)": lambda c: metrics_ui(c, ci_params(c, ids, mode, target, truth,
+                                                               as_of)),
          "Disagreements": disagreements_ui, "Operating points": operating_point_ui}
 for tab, view in zip(st.tabs(list(views)), views.values()):
     with tab:

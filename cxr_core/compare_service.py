@@ -216,7 +216,8 @@ def _comparison_truth(infos: list[EvaluationInfo], preds: list[EvalPredictions],
 
 def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
                         mode: str = "operating_point", target: float = 0.95,
-                        n_boot: int = 500, truth: str = "current") -> Comparison:
+                        n_boot: int = 500, truth: str = "current",
+                        as_of_relabel_id: int | None = None) -> Comparison:
     """Evaluate 2–4 stored evaluations of the same images at comparable thresholds.
 
     Args:
@@ -229,6 +230,8 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         truth: score every evaluation against the "current" labels (relabels up to now) or
             the "original" folder labels, re-derived per image; evaluations of images that
             are not indexed must have been scored against identical labels.
+        as_of_relabel_id: with truth "current", the labels as of this relabel id (the page
+            and the worker computing the intervals then use one label version); None: now.
 
     Returns:
         The comparison; ``truth_text`` says which labels every number uses.
@@ -248,7 +251,9 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
         preds = [store.get_predictions(session=s, evaluation_id=i) for i in ids]
         indexed = [i for i in preds[0].image_ids if i is not None]
         version = (relabels.image_label_version(
-            session=s, image_ids=indexed, as_of_relabel_id=provenance.as_of_relabel_id(truth))
+            session=s, image_ids=indexed,
+            as_of_relabel_id=provenance.as_of_relabel_id(truth) if truth != "current"
+            or as_of_relabel_id is None else as_of_relabel_id)
             if len(indexed) == len(preds[0].image_ids) else None)
         y, source, text = _comparison_truth(infos, preds, truth, version)
         keep = y >= 0  # images with no class under the chosen labels are left out of every run
@@ -288,3 +293,23 @@ def send_disagreement_to_review(db: Database, *, image_id: int, run_ref: str, pr
     return db.write(lambda s: reviews.send_to_review(
         session=s, image_id=int(image_id), upload_sha256=None, source="compare",
         run_ref=run_ref, predicted=predicted, probs=list(probs), sent_by=sent_by))
+
+
+def comparison_intervals(db: Database, evaluation_ids: Sequence[int], *, mode: str,
+                         target: float, truth: str, as_of_relabel_id: int | None,
+                         thresholds: dict[str, float | None] | None = None,
+                         n_boot: int = 500) -> dict:
+    """The bootstrap 95% intervals of a comparison (what the ``compare_ci`` job computes, off
+    the page's thread): ``{"rows": metrics_text(), "ci_unit", "truth_text", "n_boot"}``.
+
+    Raises:
+        ConfigError: ``thresholds`` (what the page showed) differ from the runs' operating
+            points now (one was changed meanwhile): the page asks again.
+    """
+    cmp = compare_evaluations(db, evaluation_ids, mode=mode, target=target, n_boot=n_boot,
+                              truth=truth, as_of_relabel_id=as_of_relabel_id)
+    if thresholds is not None and cmp.thresholds != thresholds:
+        raise ConfigError("an operating point changed while the intervals were computed; "
+                          f"reload the page. Received: {thresholds}, now {cmp.thresholds}")
+    return {"rows": cmp.metrics_text(), "ci_unit": cmp.ci_unit, "truth_text": cmp.truth_text,
+            "n_boot": n_boot}

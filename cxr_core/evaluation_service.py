@@ -139,6 +139,19 @@ def patients_of(db: Database, image_ids: Sequence[int | None]) -> list[str | Non
         return ds_store.image_patients(session=s, image_ids=image_ids)
 
 
+def newest_relabel_for(db: Database, evaluation_id: int) -> int | None:
+    """The newest relabel row of the dataset an evaluation scored (None: none, or not an
+    indexed dataset): labels "as of now" are the labels as of this id."""
+    from cxr_core.storage import relabels
+
+    with db.session() as s:
+        info = store.get_evaluation(session=s, evaluation_id=evaluation_id)
+        if info is None or info.dataset_id is None:
+            return None
+        return relabels.newest_relabel_id(session=s, dataset_id=info.dataset_id,
+                                          include_uploads=False)
+
+
 # -- Reading evaluations back ---------------------------------------------------------------
 
 def list_evaluations(db: Database, *, run_id: int | None = None,

@@ -15,6 +15,9 @@ Kinds (:data:`KINDS`):
   ("original" | "current"), "as_of_relabel_id", "indexed_at"}`` of
   :func:`cxr_core.balance_report.split_preview`; result its JSON. The label version and the
   index time are in the params, so a finished job is the cached preview of exactly that state.
+- ``compare_ci``: params ``{"evaluation_ids", "mode", "target", "truth",
+  "as_of_relabel_id", "thresholds", "n_boot"}``; result the comparison's metrics with bootstrap 95%
+  intervals (:func:`cxr_core.compare_service.comparison_intervals`), kept per label version.
 - ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
   every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
 """
@@ -66,6 +69,19 @@ def _split_preview(db: Database, job_id: int, params: Mapping[str, Any],
     return out
 
 
+def _compare_ci(db: Database, job_id: int, params: Mapping[str, Any],
+                progress: Progress) -> dict:
+    from cxr_core import compare_service
+
+    progress(0, 1)
+    out = compare_service.comparison_intervals(
+        db, params["evaluation_ids"], mode=params["mode"], target=params["target"],
+        truth=params["truth"], as_of_relabel_id=params.get("as_of_relabel_id"),
+        thresholds=params.get("thresholds"), n_boot=params.get("n_boot", 500))
+    progress(1, 1)
+    return out
+
+
 def _evaluate(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
     from cxr_core import evaluation_service as es
 
@@ -80,6 +96,7 @@ KINDS: dict[str, Handler] = {
     "evaluate": _evaluate,
     "export_relabels": _export_relabels,
     "split_preview": _split_preview,
+    "compare_ci": _compare_ci,
 }
 
 

@@ -127,3 +127,21 @@ def test_split_preview_is_a_job_kept_per_label_version(ds, monkeypatch):
     assert job.result == direct.to_json() and direct.split_overlap == 0
     assert sum(c["images"] for c in direct.split_counts) == 18  # every readable one (binary)
     assert jobs.latest_job(db, "split_preview", {**params, "as_of_relabel_id": r1}) is None
+
+
+def test_label_version_of_some_images_equals_the_dataset_derivation(ds):
+    """What Compare re-scores with (SQL over the evaluated images only) agrees with the one
+    Python derivation over the whole dataset, as of every relabel id."""
+    from cxr_core.storage import relabels
+
+    db, dataset_id, ids = ds
+    for as_of in (None, 0, *ids):
+        with db.session() as s:
+            whole = relabels.label_version(session=s, dataset_id=dataset_id,
+                                           as_of_relabel_id=as_of, include_missing=True)
+            some = sorted(whole.labels)[::2]
+            part = relabels.image_label_version(session=s, image_ids=some,
+                                                as_of_relabel_id=as_of)
+        assert part.labels == {i: whole.labels[i] for i in some}
+        assert (part.newest_relabel_id, part.n_relabels) == (whole.newest_relabel_id,
+                                                             whole.n_relabels)

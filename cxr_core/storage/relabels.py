@@ -17,8 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from cxr_core.errors import ConfigError
 from cxr_core.provenance import Label, labels_hash
@@ -217,26 +217,43 @@ def label_version(*, session: Session, dataset_id: int, as_of_relabel_id: int | 
 
 def image_label_version(*, session: Session, image_ids: Sequence[int],
                         as_of_relabel_id: int | None = None) -> LabelVersion:
-    """:func:`label_version` of every dataset holding one of these images (files gone included).
+    """The labels of these images (any datasets, files gone included) as of a relabel id:
+    each one's newest active relabel (the rule of :func:`label_version`), else its original.
 
-    Used to re-score stored per-image outputs, whose images may span datasets and may have
-    gone from disk since. The relabel id is the newest over those datasets.
+    Used to re-score stored per-image outputs; reads only these images' rows (SQL, in chunks),
+    not their datasets'. The relabel id and count are those of the datasets holding them.
     """
-    ids = list(image_ids)
-    dataset_ids: set[int] = set()
-    for i in range(0, len(ids), 500):
-        dataset_ids.update(session.scalars(
-            select(ImageRow.dataset_id).where(ImageRow.id.in_(ids[i:i + 500])).distinct()))
+    ids = sorted({int(i) for i in image_ids})
     labels: dict[int, Label] = {}
-    newest: int | None = None
-    n_relabels = 0
-    for dataset_id in sorted(dataset_ids):
-        version = label_version(session=session, dataset_id=dataset_id,
-                                as_of_relabel_id=as_of_relabel_id, include_missing=True)
-        labels.update(version.labels)
-        newest = max(newest or 0, version.newest_relabel_id or 0) or None
-        n_relabels += version.n_relabels
-    return LabelVersion(labels, newest, n_relabels)
+    dataset_ids: set[int] = set()
+    u = aliased(Relabel)
+    for i in range(0, len(ids), 500):
+        chunk = ids[i:i + 500]
+        for image_id, ds_id, label, sub in session.execute(
+                select(ImageRow.id, ImageRow.dataset_id, ImageRow.label, ImageRow.subtype)
+                .where(ImageRow.id.in_(chunk))):
+            labels[image_id] = (label, sub)
+            dataset_ids.add(ds_id)
+        rows = select(Relabel.image_id, Relabel.new_label, Relabel.new_subtype,
+                      func.row_number().over(partition_by=Relabel.image_id,
+                                             order_by=Relabel.id.desc()).label("rn")).where(
+            Relabel.image_id.in_(chunk), Relabel.undo_of.is_(None))
+        undone = exists().where(u.undo_of == Relabel.id)
+        if as_of_relabel_id is not None:
+            rows = rows.where(Relabel.id <= as_of_relabel_id)
+            undone = exists().where(u.undo_of == Relabel.id, u.id <= as_of_relabel_id)
+        ranked = rows.where(~undone).subquery()
+        for image_id, label, sub, _ in session.execute(select(ranked).where(ranked.c.rn == 1)):
+            labels[image_id] = (label, sub)
+    newest, n_relabels = None, 0
+    if dataset_ids:
+        q = select(func.max(Relabel.id), func.count(Relabel.id)).join(
+            ImageRow, ImageRow.id == Relabel.image_id).where(
+            ImageRow.dataset_id.in_(sorted(dataset_ids)))
+        if as_of_relabel_id is not None:
+            q = q.where(Relabel.id <= as_of_relabel_id)
+        newest, n_relabels = session.execute(q).one()
+    return LabelVersion(labels, newest, int(n_relabels or 0))
 
 
 def current_labels(*, session: Session, dataset_id: int, as_of_relabel_id: int | None = None,

@@ -8,11 +8,22 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_model_store import save_tiny_model
 
+from cxr_core import compare_service as cs
 from cxr_core import evaluation_service as es
 from cxr_core import operating_point_service as ops
 from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
+
+
+@pytest.fixture(autouse=True)
+def launched(monkeypatch) -> list:
+    """The tests play the worker; the page's launch requests are recorded, not run."""
+    from cxr_core import worker
+
+    calls: list = []
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: calls.append(kw) or None)
+    return calls
 
 
 def _page() -> AppTest:
@@ -37,6 +48,31 @@ def test_compare_two_runs_renders_matrices_metrics_and_mcnemar(two_runs):
     at.toggle(key="compare_matched").set_value(True).run()
     assert not at.exception
     assert any("matched sensitivity 0.95" in m.value for m in at.markdown)
+
+
+def test_intervals_are_a_worker_job_kept_per_thresholds(two_runs):
+    """The page shows point estimates at once and never resamples; a worker computes the
+    bootstrap intervals once per (evaluations, labels, thresholds)."""
+    from cxr_core import jobs, worker
+
+    at = _page()
+    table = at.dataframe[0].value
+    assert not table["alpha"].str.contains("–").any()  # no interval drawn on the page
+    assert any("Bootstrap 95% intervals" in p.proto.text for p in at.get("progress"))
+    (job,) = jobs.recent_jobs(open_db(), "compare_ci")
+    assert job.params["n_boot"] == 500 and job.params["thresholds"] == {"alpha": 0.6,
+                                                                        "beta": 0.6}
+    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert table.loc[table["metric"] == "auc", "alpha"].str.contains("–").all()
+    assert any("500 bootstrap resamples over patients" in c.value for c in at.caption)
+    at.toggle(key="compare_matched").set_value(True).run()  # other thresholds: another job
+    assert len(jobs.recent_jobs(open_db(), "compare_ci")) == 2
+    at.toggle(key="compare_matched").set_value(False).run()  # back: the kept result
+    assert len(jobs.recent_jobs(open_db(), "compare_ci")) == 2
+    assert at.dataframe[0].value["alpha"].str.contains("–").any()
 
 
 def test_manual_threshold_change_is_recorded_and_shown(two_runs):
@@ -70,21 +106,19 @@ def test_send_a_disagreement_to_review(two_runs):
     assert item.source == "compare" and item.sent_by == "Dr Lee"
 
 
-def test_evaluate_form_queues_a_job_that_a_worker_runs(two_runs, monkeypatch):
+def test_evaluate_form_queues_a_job_that_a_worker_runs(two_runs, launched):
     """The page only queues the evaluation; a worker process decodes and predicts."""
     from cxr_core import jobs, worker
 
-    launched = []
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: launched.append(kw) or None)
     at = _page()
     at.selectbox(key="compare_eval_ref").set_value(f"run:{two_runs[0]}")
     at.selectbox(key="compare_eval_split").set_value("test")
     at.button(key="compare_eval_go").click().run()
-    assert not at.exception and launched == [{"kinds": "jobs"}]
+    assert not at.exception and launched and all(k == {"kinds": "jobs"} for k in launched)
     job = jobs.get_job(open_db(), at.session_state["compare_job"])
     assert job.status == "queued" and len(es.list_evaluations(open_db())) == 2  # not run here
     out = worker.run_worker(once=True, kinds="jobs")  # what the launched worker does
-    assert out["jobs"] == [job.id] and out["runs"] == []
+    assert job.id in out["jobs"] and out["runs"] == []
     at.run()
     assert not at.exception
     newest = es.list_evaluations(open_db())[0]
@@ -139,3 +173,15 @@ def test_page_says_which_labels_every_number_uses_and_warns_of_seen_data(two_run
     assert "original labels" in caption
     table = at.dataframe[-1].value
     assert list(table.columns[:3]) == ["evaluation", "stored against", "compared against"]
+
+
+def test_intervals_of_changed_thresholds_are_refused(two_runs):
+    from cxr_core.errors import ConfigError
+
+    ids = [e.id for e in es.list_evaluations(open_db())]
+    kw = dict(mode="operating_point", target=0.95, truth="current", as_of_relabel_id=None,
+              n_boot=20)
+    out = cs.comparison_intervals(open_db(), ids, thresholds={"alpha": 0.6, "beta": 0.6}, **kw)
+    assert out["n_boot"] == 20 and out["ci_unit"] == "patient"
+    with pytest.raises(ConfigError, match="operating point changed"):
+        cs.comparison_intervals(open_db(), ids, thresholds={"alpha": 0.1, "beta": 0.6}, **kw)
