@@ -410,21 +410,28 @@ class ChangedImage:
 def changed_since_relabel(*, session: Session, dataset_id: int,
                           image_ids: Sequence[int] | None = None) -> list[ChangedImage]:
     """Images whose current content hash differs from the one their newest active relabel
-    was made on ("image changed since it was relabelled"); the relabels are kept as they are."""
-    q = (select(Relabel.id, Relabel.image_id, Relabel.undo_of, Relabel.image_sha256,
-                ImageRow.relpath, ImageRow.sha256, ImageRow.missing)
-         .join(ImageRow, ImageRow.id == Relabel.image_id)
-         .where(ImageRow.dataset_id == dataset_id).order_by(Relabel.id))
+    was made on ("image changed since it was relabelled"); the relabels are kept as they are.
+
+    One SQL query (each image's newest active relabel by a window function): the review page
+    runs it on every click, at any number of relabels."""
+    u = aliased(Relabel)
+    ranked = (select(Relabel.id, Relabel.image_id, Relabel.image_sha256,
+                     func.row_number().over(partition_by=Relabel.image_id,
+                                            order_by=Relabel.id.desc()).label("rn"))
+              .join(ImageRow, ImageRow.id == Relabel.image_id)
+              .where(ImageRow.dataset_id == dataset_id, Relabel.undo_of.is_(None),
+                     ~exists().where(u.undo_of == Relabel.id)))
     if image_ids is not None:
-        q = q.where(Relabel.image_id.in_(list(image_ids)))
-    rows = session.execute(q).all()
-    undone = {r.undo_of for r in rows if r.undo_of is not None}
-    newest: dict[int, tuple] = {}
-    for r in rows:
-        if r.undo_of is None and r.id not in undone:
-            newest[r.image_id] = r  # id order: the newest active row wins
-    return [ChangedImage(r.image_id, r.relpath, r.id, r.image_sha256, r.sha256, bool(r.missing))
-            for r in newest.values() if r.image_sha256 is not None and r.image_sha256 != r.sha256]
+        ranked = ranked.where(Relabel.image_id.in_(list(image_ids)))
+    newest = ranked.subquery()
+    q = (select(newest.c.image_id, ImageRow.relpath, newest.c.id, newest.c.image_sha256,
+                ImageRow.sha256, ImageRow.missing)
+         .join(ImageRow, ImageRow.id == newest.c.image_id)
+         .where(newest.c.rn == 1, newest.c.image_sha256.is_not(None),
+                or_(ImageRow.sha256.is_(None), newest.c.image_sha256 != ImageRow.sha256))
+         .order_by(newest.c.id))
+    return [ChangedImage(i, rel, rid, old, new, bool(missing))
+            for i, rel, rid, old, new, missing in session.execute(q)]
 
 
 def _items_of(image_id: int | None, upload_sha256: str | None):
