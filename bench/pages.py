@@ -57,7 +57,8 @@ def run(shared_data: Path, *, repeat: int = 3, pages: tuple[str, ...] = PAGES) -
 
     train = Path(shared_data) / "chest_xray_224" / "train"
     with tempfile.TemporaryDirectory(prefix="cxr-bench-pages-") as home:
-        env = {**os.environ, "CXR_HOME": home, "CXR_DATA_DIR": "", "PYTHONPATH": str(REPO),
+        env = {**os.environ, "CXR_HOME": home, "CXR_DATA_DIR": "", "CXR_WORKER": "off",
+               "PYTHONPATH": str(REPO),
                "TF_CPP_MIN_LOG_LEVEL": "3"}
         db = open_db(url=f"sqlite:///{home}/cxr.db")
         images = index_dataset(db, train, name="train").summary["images"]

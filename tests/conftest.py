@@ -34,10 +34,13 @@ def shared_data() -> Path:
 
 @pytest.fixture()
 def cxr_home(tmp_path, monkeypatch) -> Path:
-    """A fresh CXR_HOME with its own SQLite DB for one test."""
+    """A fresh CXR_HOME with its own SQLite DB for one test. ``CXR_WORKER=off``: a page or
+    service that queues work launches no worker process (a test that wants one sets
+    ``auto``; the others play the worker with ``worker.run_worker(once=True)``)."""
     home = tmp_path / "cxr_home"
     home.mkdir()
     monkeypatch.setenv("CXR_HOME", str(home))
+    monkeypatch.setenv("CXR_WORKER", "off")
     monkeypatch.delenv("CXR_DB_URL", raising=False)
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
     return home

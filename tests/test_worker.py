@@ -208,7 +208,8 @@ def test_cancel_flag_also_stops_image_caching(cxr_home, real_slice):
 # The SIGKILL + resume test lives in tests/robustness/test_killed_worker.py (issue 8).
 
 
-def test_ensure_worker_launches_one_detached_worker(cxr_home):
+def test_ensure_worker_launches_one_detached_worker(cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_WORKER", "auto")  # the default outside the tests
     db = open_db()
     pid = worker.ensure_worker(db, idle_exit_s=1)
     try:

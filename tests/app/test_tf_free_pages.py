@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture()
 def env(cxr_home, two_runs) -> dict:
-    return {**os.environ, "CXR_HOME": str(cxr_home), "CXR_DATA_DIR": "",
+    return {**os.environ, "CXR_HOME": str(cxr_home), "CXR_DATA_DIR": "", "CXR_WORKER": "off",
             "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
