@@ -156,7 +156,7 @@ def scale_section(result: dict) -> list[str]:
             data = (levels[n].get("data_s") or {}).get(page)
             bad = " ⚠" if r.get("exceptions") or r.get("harness_error") else ""
             cells.append(f"{num(r.get('first_s'))} / {num(r.get('rerun_s'))} / "
-                         f"{num(data)}{bad}")
+                         f"{num(data, '.3f')}{bad}")
         g = (result.get("growth") or {}).get(page)
         lines.append(f"| {page} | {' | '.join(cells)} | {num(g, '.1f')}× |")
     lines += ["", "| level | images | build (s) | index (s) | relabels (s) | evaluations (s) "

@@ -75,6 +75,25 @@ def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     return None if math.isnan(k) else k
 
 
+def kappa_from_counts(cells: Sequence[tuple[str, str, int]]) -> float | None:
+    """Cohen's kappa from (label of a, label of b, count) cells: (p_o - p_e) / (1 - p_e), the
+    formula :func:`cohen_kappa` (sklearn) computes from the label lists; None when chance
+    agreement is 1 (one label used by both)."""
+    n = sum(c for _, _, c in cells)
+    if not n:
+        return None
+    observed = sum(c for x, y, c in cells if x == y) / n
+    row: dict[str, int] = defaultdict(int)
+    col: dict[str, int] = defaultdict(int)
+    for x, y, c in cells:
+        row[x] += c
+        col[y] += c
+    chance = sum(row[k] * col.get(k, 0) for k in row) / (n * n)
+    if math.isclose(chance, 1.0):
+        return None
+    return (observed - chance) / (1.0 - chance)
+
+
 def agreement(db: Database, dataset_id: int, *, conflicts_limit: int = 50,
               conflicts_offset: int = 0) -> Agreement:
     """Per-reviewer-pair Cohen's kappa and a page of the conflicting images, aggregated in SQL
@@ -83,19 +102,16 @@ def agreement(db: Database, dataset_id: int, *, conflicts_limit: int = 50,
     Each reviewer's label of an image (or upload) is their newest active relabel of it.
     """
     with db.session() as s:
-        cells = queue_store.pair_contingency(session=s, dataset_id=dataset_id)
-        n_conflicts, page = queue_store.conflicts(session=s, dataset_id=dataset_id,
-                                                  limit=conflicts_limit,
-                                                  offset=conflicts_offset)
+        cells, (n_conflicts, page) = queue_store.agreement_tables(
+            session=s, dataset_id=dataset_id, limit=conflicts_limit, offset=conflicts_offset)
     tables: dict[tuple[str, str], list[tuple[str, str, int]]] = defaultdict(list)
     for a, b, la, lb, n in cells:
         tables[(a, b)].append((la, lb, n))
     pairs = []
     for (a, b), rows in sorted(tables.items()):
-        la = [x for x, _, n in rows for _ in range(n)]
-        lb = [y for _, y, n in rows for _ in range(n)]
-        agree = sum(n for x, y, n in rows if x == y) / len(la)
-        pairs.append(PairAgreement(a, b, len(la), agree, cohen_kappa(la, lb)))
+        n = sum(c for _, _, c in rows)
+        agree = sum(c for x, y, c in rows if x == y) / n
+        pairs.append(PairAgreement(a, b, n, agree, kappa_from_counts(rows)))
     conflicts = tuple(Conflict(int(k) if k.isdigit() else k, relpath, tuple(labels))
                       for k, relpath, labels in page)
     return Agreement(tuple(pairs), conflicts, n_conflicts)

@@ -169,3 +169,18 @@ def test_agreement_and_conflict_pages_in_sql(big):
     page2 = agreement.agreement(db, dataset_id, conflicts_limit=2, conflicts_offset=2)
     assert [c.image_id for c in page2.conflicts] == [some[2]]
     assert review.newest_relabel_id(db, dataset_id) == wrong + 1
+
+
+def test_kappa_from_counts_is_sklearns_kappa():
+    import random
+
+    rng = random.Random(0)
+    labels = ["NORMAL", "PNEUMONIA·virus", "PNEUMONIA·bacteria"]
+    a = [rng.choice(labels) for _ in range(300)]
+    b = [x if rng.random() < 0.7 else rng.choice(labels) for x in a]
+    cells = {}
+    for x, y in zip(a, b):
+        cells[(x, y)] = cells.get((x, y), 0) + 1
+    counts = [(x, y, n) for (x, y), n in cells.items()]
+    assert agreement.kappa_from_counts(counts) == pytest.approx(agreement.cohen_kappa(a, b))
+    assert agreement.kappa_from_counts([("N", "N", 5)]) is None  # one label: undefined

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import (Column, MetaData, String, Table, and_, case, cast, exists, func, insert,
+from sqlalchemy import (Column, Index, MetaData, String, Table, and_, case, cast, exists, func, insert,
                         literal, select, union_all)
 from sqlalchemy.orm import Session, aliased
 
@@ -110,17 +110,22 @@ def aggregates(*, session: Session, dataset_id: int, scheme: str, current: bool 
     """
     if not current:
         return _aggregates(session, labelled(dataset_id, None, current=False), None, scheme)
-    tmp = _materialize(session, labelled(dataset_id, as_of_relabel_id, current=True))
+    tmp = materialize(session, labelled(dataset_id, as_of_relabel_id, current=True))
     try:
         return _aggregates(session, labelled(dataset_id, None, current=False), tmp, scheme)
     finally:
         tmp.drop(session.connection())
 
 
-def _materialize(session: Session, query) -> Table:
-    """``query``'s rows in a temporary table of this connection (dropped by the caller)."""
-    table = Table(f"cxr_tmp_{uuid.uuid4().hex[:12]}", MetaData(),
-                  *(Column(c.name, c.type) for c in query.c), prefixes=["TEMPORARY"])
+def materialize(session: Session, query, *, index_on: tuple[str, ...] = ()) -> Table:
+    """``query``'s rows in a temporary table of this connection, indexed on ``index_on``
+    (dropped by the caller): several queries, or a self-join, over one derived set without
+    deriving it again, and with an index SQLite would not build for a derived table."""
+    name = f"cxr_tmp_{uuid.uuid4().hex[:12]}"
+    table = Table(name, MetaData(), *(Column(c.name, c.type) for c in query.c),
+                  prefixes=["TEMPORARY"])
+    if index_on:
+        Index(f"{name}_ix", *(table.c[c] for c in index_on))
     conn = session.connection()
     table.create(conn)
     conn.execute(insert(table).from_select([c.name for c in query.c], select(query)))

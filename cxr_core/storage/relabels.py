@@ -419,8 +419,10 @@ def changed_since_relabel(*, session: Session, dataset_id: int,
                      func.row_number().over(partition_by=Relabel.image_id,
                                             order_by=Relabel.id.desc()).label("rn"))
               .join(ImageRow, ImageRow.id == Relabel.image_id)
-              .where(ImageRow.dataset_id == dataset_id, Relabel.undo_of.is_(None),
-                     ~exists().where(u.undo_of == Relabel.id)))
+              # Only an image whose bytes changed since it was indexed can differ from the
+              # bytes a relabel was made on: the few rows with content_changed_at set.
+              .where(ImageRow.dataset_id == dataset_id, ImageRow.content_changed_at.is_not(None),
+                     Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id)))
     if image_ids is not None:
         ranked = ranked.where(Relabel.image_id.in_(list(image_ids)))
     newest = ranked.subquery()

@@ -23,6 +23,7 @@ from sqlalchemy import BigInteger, ColumnElement, Select, String, and_, case, ca
 from sqlalchemy.orm import Session, aliased
 
 from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
+from cxr_core.storage.aggregates import materialize
 from db.models import EvalPrediction, Evaluation, ImageRow, Relabel
 
 SQL_QUEUES = ("disagreement", "uncertain", "random", "class")
@@ -260,7 +261,20 @@ def pair_contingency(*, session: Session,
                      dataset_id: int) -> list[tuple[str, str, str, str, int]]:
     """(reviewer a, reviewer b, label of a, label of b, images) over the images (and uploads)
     both labelled, a < b: what Cohen's kappa of each pair is computed from."""
-    latest = _latest_labels(dataset_id)
+    return _with_latest(session, dataset_id, _contingency)
+
+
+def _with_latest(session: Session, dataset_id: int, fn):
+    """``fn(session, latest)`` over each reviewer's newest labels, derived once into a
+    temporary table indexed on the image key (the self-join then costs an index lookup)."""
+    latest = materialize(session, _latest_labels(dataset_id), index_on=("key", "reviewer"))
+    try:
+        return fn(session, latest)
+    finally:
+        latest.drop(session.connection())
+
+
+def _contingency(session: Session, latest) -> list[tuple[str, str, str, str, int]]:
     a, b = latest.alias("a"), latest.alias("b")
     q = (select(a.c.reviewer, b.c.reviewer, a.c.label, b.c.label, func.count())
          .join(b, and_(a.c.key == b.c.key, a.c.reviewer < b.c.reviewer))
@@ -272,7 +286,17 @@ def conflicts(*, session: Session, dataset_id: int, limit: int = 50,
               offset: int = 0) -> tuple[int, list[tuple[str, str | None, list[tuple[str, str]]]]]:
     """(how many images/uploads have reviewers whose newest labels differ, a page of them as
     (key, relpath, [(reviewer, label), ...])); images first by id, then uploads."""
-    latest = _latest_labels(dataset_id)
+    return _with_latest(session, dataset_id,
+                        lambda s, latest: _conflicts(s, latest, limit, offset))
+
+
+def agreement_tables(*, session: Session, dataset_id: int, limit: int = 50, offset: int = 0):
+    """:func:`pair_contingency` and :func:`conflicts` from one derivation of the labels."""
+    return _with_latest(session, dataset_id, lambda s, latest: (
+        _contingency(s, latest), _conflicts(s, latest, limit, offset)))
+
+
+def _conflicts(session: Session, latest, limit: int, offset: int):
     keys = (select(latest.c.key).group_by(latest.c.key)
             .having(func.count(func.distinct(latest.c.label)) > 1))
     total = session.scalar(select(func.count()).select_from(keys.subquery())) or 0

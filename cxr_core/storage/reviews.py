@@ -46,13 +46,16 @@ class ReviewItemRecord:
 # -- Model outputs --------------------------------------------------------------------------
 
 def runs_with_predictions(*, session: Session, dataset_id: int) -> list[RunOption]:
-    """Runs with stored per-image predictions on the dataset, newest run first."""
-    q = (select(Run.id, Run.name, Run.artifact_dir, func.count(EvalPrediction.id))
+    """Runs with stored per-image predictions on the dataset, newest run first (from the
+    evaluations' stored sizes: no prediction row is counted)."""
+    counted = select(func.count()).where(EvalPrediction.evaluation_id == Evaluation.id,
+                                         EvalPrediction.image_id.is_not(None)).scalar_subquery()
+    n = func.coalesce(Evaluation.n_predictions, counted)  # rows counted only where unknown
+    q = (select(Run.id, Run.name, Run.artifact_dir, func.sum(n))
          .join(Evaluation, Evaluation.run_id == Run.id)
-         .join(EvalPrediction, EvalPrediction.evaluation_id == Evaluation.id)
-         .where(Evaluation.dataset_id == dataset_id, EvalPrediction.image_id.is_not(None))
+         .where(Evaluation.dataset_id == dataset_id, n > 0)
          .group_by(Run.id, Run.name, Run.artifact_dir).order_by(Run.id.desc()))
-    return [RunOption(i, name or f"run {i}", n, art) for i, name, art, n in session.execute(q)]
+    return [RunOption(i, name or f"run {i}", int(n), art) for i, name, art, n in session.execute(q)]
 
 
 def operating_threshold(*, session: Session, run_id: int) -> float | None:
