@@ -138,6 +138,28 @@ def finished_job(state_key: str, *, keep: bool = False) -> JobRecord | None:
     return job
 
 
+def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
+    """The result of the job ``kind`` with exactly ``params``, computed once by a worker and
+    kept with the job (the params name everything it depends on: a label version, thresholds).
+
+    None while it is queued or running (its progress is drawn, polled each second) or when it
+    failed (its error is drawn, with a button to ask again).
+    """
+    job = jobs.latest_job(get_db(), kind, params)
+    if job is not None and job.status == "finished":
+        return job.result
+    if job is not None and job.status == "failed":
+        st.error(f"{label}: {job.error}", icon=":material/error:")
+        if st.button("Try again", key=f"{key}_retry", icon=":material/refresh:"):
+            st.session_state[key] = jobs.submit(get_db(), kind, params)
+            st.rerun()
+        return None
+    if job is None or st.session_state.get(key) != job.id:
+        st.session_state[key] = jobs.submit_once(get_db(), kind, params)
+    job_ui(key, label)
+    return None
+
+
 # -- Dataset picker -------------------------------------------------------------------------
 
 def add_dataset_ui(key: str = "add_ds") -> None:

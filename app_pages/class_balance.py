@@ -5,12 +5,12 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core import indexing, jobs
+from cxr_core import indexing
 from cxr_core.balance_report import Aggregates, SplitPreview, balance_tables
 from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
-from app_pages._shared import dataset_picker, get_db, image_path, job_ui, thumbnail
+from app_pages._shared import dataset_picker, get_db, image_path, kept_result, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
@@ -18,12 +18,19 @@ SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
-def cached_tables(dataset_id: int, indexed_at: object, relabel_id: int | None,
-                  current: bool, scheme: str) -> Aggregates:
-    """SQL aggregates of one label version: ``relabel_id`` (the newest relabel row, labels as
-    of it never change) and the index time key the cache."""
-    return balance_tables(get_db(), dataset_id, scheme, as_of_relabel_id=relabel_id,
-                          current=current)
+def original_tables(dataset_id: int, indexed_at: object, scheme: str) -> Aggregates:
+    """SQL aggregates over the original labels (the index time keys the cache)."""
+    return balance_tables(get_db(), dataset_id, scheme)
+
+
+def current_tables(info, relabel_id: int | None, scheme: str) -> Aggregates | None:
+    """The same tables over the labels as of ``relabel_id``: deriving every image's current
+    label reads all relabel rows, so a worker does it once per label version (None while it
+    runs)."""
+    result = kept_result("balance_tables", dict(
+        dataset_id=info.id, scheme=scheme, as_of_relabel_id=relabel_id,
+        indexed_at=str(info.indexed_at)), "Counting the current labels", "balance_tables_job")
+    return None if result is None else Aggregates(**result)
 
 
 def labels_ui(dataset_id: int) -> tuple[bool, int | None]:
@@ -82,21 +89,11 @@ def split_ui(params: dict) -> SplitPreview | None:
     """The patient-grouped split preview: computed by a worker, kept with its job (keyed by
     the label version), so each version is split once."""
     st.subheader("Patient-grouped split (validation made from train)")
-    job = jobs.latest_job(get_db(), "split_preview", params)
-    if job is None or job.status in ("queued", "running"):
-        if job is None or st.session_state.get("balance_split_job") != job.id:
-            st.session_state["balance_split_job"] = jobs.submit_once(get_db(), "split_preview",
-                                                                     params)
-        job_ui("balance_split_job", "Computing the patient-grouped split")
+    result = kept_result("split_preview", params, "Computing the patient-grouped split",
+                         "balance_split_job")
+    if result is None:
         return None
-    if job.status == "failed":
-        st.error(f"Split preview: {job.error}", icon=":material/error:")
-        if st.button("Try again", key="balance_split_retry", icon=":material/refresh:"):
-            st.session_state["balance_split_job"] = jobs.submit(get_db(), "split_preview",
-                                                                params)
-            st.rerun()
-        return None
-    rep = SplitPreview.from_json(job.result)
+    rep = SplitPreview.from_json(result)
     ok = rep.split_overlap == 0
     icon = ":material/check_circle:" if ok else ":material/error:"
     st.caption(f"{icon} patients in both train and validation: "
@@ -174,9 +171,10 @@ if info is not None:
         st.warning(problem)
     scheme, val, seed = options_ui()
     current, relabel_id = labels_ui(info.id)
-    rep = cached_tables(info.id, info.indexed_at, relabel_id, current, scheme)
-    if current:
-        relabel_delta_ui(cached_tables(info.id, info.indexed_at, None, False, scheme), rep)
+    rep = original_tables(info.id, info.indexed_at, scheme)
+    if current and (rep_now := current_tables(info, relabel_id, scheme)) is not None:
+        relabel_delta_ui(rep, rep_now)
+        rep = rep_now
     counts_ui(rep)
     if rep.unlabelled:
         st.warning(f"{rep.unlabelled} images have no class under this scheme "

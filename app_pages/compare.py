@@ -12,7 +12,8 @@ from cxr_core import operating_point_service as ops
 from cxr_core import jobs
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from app_pages._shared import finished_job, get_db, job_ui, list_datasets, thumbnail
+from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
+                               thumbnail)
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=600, max_entries=16)
@@ -133,20 +134,14 @@ def curves_ui(cmp: cs.Comparison) -> None:
 def metrics_ui(cmp: cs.Comparison, params: dict) -> None:
     """Point estimates at once; the bootstrap intervals from a worker's job (kept per label
     version, so each set of evaluations is resampled once)."""
-    job = jobs.latest_job(get_db(), "compare_ci", params)
-    if job is not None and job.status == "finished":
-        st.dataframe(pd.DataFrame(job.result["rows"]), hide_index=True)
-        st.caption(f"95% intervals: {job.result['n_boot']} bootstrap resamples over "
-                   f"{'patients' if job.result['ci_unit'] == 'patient' else 'images'}.")
+    result = kept_result("compare_ci", params,
+                         f"Bootstrap 95% intervals ({N_BOOT} resamples)", "compare_ci_job")
+    if result is not None:
+        st.dataframe(pd.DataFrame(result["rows"]), hide_index=True)
+        st.caption(f"95% intervals: {result['n_boot']} bootstrap resamples over "
+                   f"{'patients' if result['ci_unit'] == 'patient' else 'images'}.")
     else:
         st.dataframe(pd.DataFrame(cmp.metrics_text()), hide_index=True)
-        if job is not None and job.status == "failed":
-            st.error(f"Intervals: {job.error}", icon=":material/error:")
-        else:
-            if job is None or st.session_state.get("compare_ci_job") != job.id:
-                st.session_state["compare_ci_job"] = jobs.submit_once(get_db(), "compare_ci",
-                                                                      params)
-            job_ui("compare_ci_job", f"Bootstrap 95% intervals ({N_BOOT} resamples)")
     if len(tests := cmp.mcnemar_rows()) == 1:
         st.metric("McNemar p-value", f"{tests[0]['p_value']:.4g}", help=tests[0]["test"])
     st.dataframe(pd.DataFrame(tests), hide_index=True)

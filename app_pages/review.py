@@ -9,7 +9,7 @@ import streamlit as st
 from cxr_core import agreement as agreement_mod
 from cxr_core import explain, jobs, review, review_view
 from cxr_core.errors import CxrError
-from app_pages._shared import dataset_picker, finished_job, get_db, job_ui
+from app_pages._shared import dataset_picker, finished_job, get_db, job_ui, kept_result
 
 
 def reviewer_ui() -> str | None:
@@ -132,31 +132,29 @@ def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
         st.error(str(exc))
 
 
-@st.cache_data(show_spinner="Comparing reviewers…", max_entries=16)
-def agreement(dataset_id: int, newest_relabel_id: int | None,
-              page: int) -> agreement_mod.Agreement:
-    """Kappa and conflicts (SQL aggregates), cached until the next relabel (the id keys it)."""
-    return agreement_mod.agreement(get_db(), dataset_id, conflicts_limit=CONFLICTS_PAGE,
-                                   conflicts_offset=(page - 1) * CONFLICTS_PAGE)
-
-
 CONFLICTS_PAGE = 25
 
 
 def agreement_ui(state: review.ReviewState) -> None:
+    """Kappa per reviewer pair and conflicts: SQL aggregates over every relabel, computed by a
+    worker once per relabel version (the newest relabel id keys the kept result)."""
     if not st.toggle("Reviewer agreement (Cohen's kappa) and conflicts", key="review_agreement"):
         export_ui(state.dataset_id)
         return
-    newest = review.newest_relabel_id(get_db(), state.dataset_id)
     page = int(st.session_state.get("review_conflicts_page", 1))
-    agr = agreement(state.dataset_id, newest, page)
-    st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
-    st.caption(f"{agr.n_conflicts:,} images where reviewers' newest labels differ")
-    st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
-                 hide_index=True)
-    if agr.n_conflicts > CONFLICTS_PAGE:
-        st.number_input("Conflicts page", 1, -(-agr.n_conflicts // CONFLICTS_PAGE),
-                        key="review_conflicts_page")
+    result = kept_result("agreement", dict(
+        dataset_id=state.dataset_id, newest_relabel_id=review.newest_relabel_id(
+            get_db(), state.dataset_id), limit=CONFLICTS_PAGE,
+        offset=(page - 1) * CONFLICTS_PAGE), "Comparing reviewers", "review_agreement_job")
+    if result is not None:
+        agr = agreement_mod.Agreement.from_json(result)
+        st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
+        st.caption(f"{agr.n_conflicts:,} images where reviewers' newest labels differ")
+        st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
+                     hide_index=True)
+        if agr.n_conflicts > CONFLICTS_PAGE:
+            st.number_input("Conflicts page", 1, -(-agr.n_conflicts // CONFLICTS_PAGE),
+                            key="review_conflicts_page")
     export_ui(state.dataset_id)
 
 

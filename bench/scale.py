@@ -80,10 +80,13 @@ DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
             db, c["dataset"].id, per_class=8)),
     ],
     "class_balance:current": [  # the "Use current labels" toggle on: these calls besides
-        ("balance_report.balance_tables(current)", lambda db, c: _m(
-            "balance_report").balance_tables(
-                db, c["dataset"].id, "binary", current=True,
-                as_of_relabel_id=_m("indexing").relabel_position(db, c["dataset"].id)[1])),
+        # The current-label tables are a worker job ("balance_tables", timed with the jobs);
+        # the page reads the kept result.
+        ("jobs.latest_job(balance_tables)", lambda db, c: _m("jobs").latest_job(
+            db, "balance_tables", {"dataset_id": c["dataset"].id, "scheme": "binary",
+                                   "as_of_relabel_id": _m("indexing").relabel_position(
+                                       db, c["dataset"].id)[1],
+                                   "indexed_at": str(c["dataset"].indexed_at)})),
     ],
     "augmentation": [
         ("presets.all_presets", lambda db, c: _m("presets").all_presets(db)),
@@ -151,8 +154,11 @@ DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
     "review:agreement": [  # the agreement toggle on: these calls besides
         ("review.newest_relabel_id", lambda db, c: _m("review").newest_relabel_id(
             db, c["dataset"].id)),
-        ("agreement.agreement", lambda db, c: _m("agreement").agreement(
-            db, c["dataset"].id, conflicts_limit=25, conflicts_offset=0)),
+        # Kappa and conflicts are a worker job ("agreement", timed with the jobs).
+        ("jobs.latest_job(agreement)", lambda db, c: _m("jobs").latest_job(
+            db, "agreement", {"dataset_id": c["dataset"].id,
+                              "newest_relabel_id": _m("review").newest_relabel_id(
+                                  db, c["dataset"].id), "limit": 25, "offset": 0})),
     ],
 }
 # ============================ end of DATA_CALLS ======================================== #

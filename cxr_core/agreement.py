@@ -62,6 +62,19 @@ class Agreement:
     conflicts: tuple[Conflict, ...]  # a page of them
     n_conflicts: int = 0  # all of them
 
+    def to_json(self) -> dict:
+        return {"pairs": [p.__dict__ for p in self.pairs],
+                "conflicts": [{"image_id": c.image_id, "relpath": c.relpath,
+                               "labels": [list(x) for x in c.labels]} for c in self.conflicts],
+                "n_conflicts": self.n_conflicts}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Agreement:
+        return cls(tuple(PairAgreement(**p) for p in d["pairs"]),
+                   tuple(Conflict(c["image_id"], c["relpath"],
+                                  tuple(tuple(x) for x in c["labels"])) for c in d["conflicts"]),
+                   int(d["n_conflicts"]))
+
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
     """Cohen's kappa of two label sequences (sklearn); None when chance agreement is 1."""

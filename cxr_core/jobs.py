@@ -18,6 +18,11 @@ Kinds (:data:`KINDS`):
 - ``compare_ci``: params ``{"evaluation_ids", "mode", "target", "truth",
   "as_of_relabel_id", "thresholds", "n_boot"}``; result the comparison's metrics with bootstrap 95%
   intervals (:func:`cxr_core.compare_service.comparison_intervals`), kept per label version.
+- ``balance_tables``: params ``{"dataset_id", "scheme", "as_of_relabel_id", "indexed_at"}``;
+  result the Class balance tables over the labels as of that relabel id
+  (:func:`cxr_core.balance_report.balance_tables`, ``current=True``).
+- ``agreement``: params ``{"dataset_id", "newest_relabel_id", "limit", "offset"}``; result
+  Cohen's kappa per reviewer pair and a page of conflicts (:func:`cxr_core.agreement.agreement`).
 - ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
   every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
 """
@@ -69,6 +74,31 @@ def _split_preview(db: Database, job_id: int, params: Mapping[str, Any],
     return out
 
 
+def _balance_tables(db: Database, job_id: int, params: Mapping[str, Any],
+                    progress: Progress) -> dict:
+    from dataclasses import asdict
+
+    from cxr_core import balance_report
+
+    progress(0, 1)
+    out = asdict(balance_report.balance_tables(db, params["dataset_id"], params["scheme"],
+                                               as_of_relabel_id=params.get("as_of_relabel_id"),
+                                               current=True))
+    progress(1, 1)
+    return out
+
+
+def _agreement(db: Database, job_id: int, params: Mapping[str, Any],
+               progress: Progress) -> dict:
+    from cxr_core import agreement
+
+    progress(0, 1)
+    out = agreement.agreement(db, params["dataset_id"], conflicts_limit=params["limit"],
+                              conflicts_offset=params["offset"]).to_json()
+    progress(1, 1)
+    return out
+
+
 def _compare_ci(db: Database, job_id: int, params: Mapping[str, Any],
                 progress: Progress) -> dict:
     from cxr_core import compare_service
@@ -97,6 +127,8 @@ KINDS: dict[str, Handler] = {
     "export_relabels": _export_relabels,
     "split_preview": _split_preview,
     "compare_ci": _compare_ci,
+    "balance_tables": _balance_tables,
+    "agreement": _agreement,
 }
 
 

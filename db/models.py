@@ -50,7 +50,8 @@ class ImageRow(Base):
     __table_args__ = (UniqueConstraint("dataset_id", "relpath"),
                       Index("ix_images_dataset_sha", "dataset_id", "sha256"),
                       Index("ix_images_dataset_label", "dataset_id", "label", "subtype"),
-                      Index("ix_images_dataset_patient", "dataset_id", "patient"))
+                      Index("ix_images_dataset_patient", "dataset_id", "patient"),
+                      Index("ix_images_dataset_changed", "dataset_id", "content_changed_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
     relpath: Mapped[str] = mapped_column(Text)  # path under root; "npz:<split>:<i>" for arrays

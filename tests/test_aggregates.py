@@ -145,3 +145,15 @@ def test_label_version_of_some_images_equals_the_dataset_derivation(ds):
         assert part.labels == {i: whole.labels[i] for i in some}
         assert (part.newest_relabel_id, part.n_relabels) == (whole.newest_relabel_id,
                                                              whole.n_relabels)
+
+
+def test_current_tables_job_keeps_the_same_tables(ds, monkeypatch):
+    db, dataset_id, (_, _, undo) = ds
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    params = dict(dataset_id=dataset_id, scheme="three_class", as_of_relabel_id=undo,
+                  indexed_at="t")
+    job = jobs.run_job(db, jobs.submit_once(db, "balance_tables", params))
+    assert job.status == "finished", job.error
+    direct = balance_report.balance_tables(db, dataset_id, "three_class", current=True,
+                                           as_of_relabel_id=undo)
+    assert balance_report.Aggregates(**job.result) == direct  # through JSON and back

@@ -210,8 +210,9 @@ def get_predictions(*, session: Session, evaluation_id: int) -> EvalPredictions 
          .where(EvalPrediction.evaluation_id == evaluation_id).order_by(EvalPrediction.id))
     rows = session.connection().execute(q).all()  # Core rows: no ORM bookkeeping
     labels = tuple(json.loads(labels_json))
-    probs = (np.array([json.loads(r[3]) for r in rows], dtype=float) if rows
-             else np.zeros((0, len(labels))))
+    # One parse of all rows (a JSON array of the stored arrays), not one per row.
+    probs = (np.array(json.loads("[" + ",".join(r[3] for r in rows) + "]"), dtype=float)
+             if rows else np.zeros((0, len(labels))))
     return EvalPredictions(evaluation_id, labels, tuple(r[0] for r in rows),
                            tuple(r[1] for r in rows),
                            np.array([r[2] for r in rows], dtype=np.int64), probs)

@@ -227,8 +227,8 @@ def image_label_version(*, session: Session, image_ids: Sequence[int],
     labels: dict[int, Label] = {}
     dataset_ids: set[int] = set()
     u = aliased(Relabel)
-    for i in range(0, len(ids), 500):
-        chunk = ids[i:i + 500]
+    for i in range(0, len(ids), 5000):
+        chunk = ids[i:i + 5000]
         for image_id, ds_id, label, sub in session.execute(
                 select(ImageRow.id, ImageRow.dataset_id, ImageRow.label, ImageRow.subtype)
                 .where(ImageRow.id.in_(chunk))):
@@ -414,17 +414,23 @@ def changed_since_relabel(*, session: Session, dataset_id: int,
 
     One SQL query (each image's newest active relabel by a window function): the review page
     runs it on every click, at any number of relabels."""
+    # Only an image whose bytes changed since it was indexed can differ from the bytes a
+    # relabel was made on: find those few first (index on dataset, content_changed_at).
+    q = select(ImageRow.id).where(ImageRow.dataset_id == dataset_id,
+                                  ImageRow.content_changed_at.is_not(None))
+    if image_ids is not None:
+        q = q.where(ImageRow.id.in_(list(image_ids)))
+    candidates = list(session.scalars(q))
+    if not candidates:
+        return []
+    image_ids = candidates
     u = aliased(Relabel)
     ranked = (select(Relabel.id, Relabel.image_id, Relabel.image_sha256,
                      func.row_number().over(partition_by=Relabel.image_id,
                                             order_by=Relabel.id.desc()).label("rn"))
               .join(ImageRow, ImageRow.id == Relabel.image_id)
-              # Only an image whose bytes changed since it was indexed can differ from the
-              # bytes a relabel was made on: the few rows with content_changed_at set.
-              .where(ImageRow.dataset_id == dataset_id, ImageRow.content_changed_at.is_not(None),
+              .where(ImageRow.dataset_id == dataset_id, Relabel.image_id.in_(image_ids),
                      Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id)))
-    if image_ids is not None:
-        ranked = ranked.where(Relabel.image_id.in_(list(image_ids)))
     newest = ranked.subquery()
     q = (select(newest.c.image_id, ImageRow.relpath, newest.c.id, newest.c.image_sha256,
                 ImageRow.sha256, ImageRow.missing)

@@ -93,6 +93,8 @@ def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
     at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
     at.toggle(key="balance_current").set_value(True).run()
     assert not at.exception
+    assert any("Counting the current labels" in p.proto.text for p in at.get("progress"))
+    with_jobs_done(at)  # a worker derives the current labels once per relabel version
     delta = at.dataframe[0].value
     assert delta.loc["NORMAL", "change"] == -1 and delta.loc["PNEUMONIA", "change"] == 1
 

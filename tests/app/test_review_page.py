@@ -250,3 +250,31 @@ def test_image_changed_since_relabel_is_flagged_and_queued(tiny, tmp_path):
     at.button(key="review_label_1").click().run()  # confirmed on the new bytes
     assert "Nothing left" in at.success[0].value
     assert len(relabels(db, dataset_id)) == 2  # the first relabel is kept beside the new one
+
+
+def test_agreement_is_computed_by_a_worker_once_per_relabel_version(tiny, monkeypatch):
+    from cxr_core import jobs, review, worker
+
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    db, dataset_id = tiny
+    with db.session() as s:
+        ids = sorted(rel_store.original_labels(session=s, dataset_id=dataset_id))
+    normal, virus = review.LabelChoice("NORMAL", None), review.LabelChoice("PNEUMONIA", "virus")
+    for n, image_id in enumerate(ids[:4]):
+        review.submit_relabel(db, image_id=image_id, choice=normal, reviewer="dr a")
+        review.submit_relabel(db, image_id=image_id, choice=virus if n == 0 else normal,
+                              reviewer="dr b")
+    at = start()
+    at.toggle(key="review_agreement").set_value(True).run()
+    assert not at.exception, at.exception
+    assert any("Comparing reviewers" in p.proto.text for p in at.get("progress"))
+    worker.run_worker(once=True, kinds="jobs")
+    at.run()
+    assert not at.exception, at.exception
+    pairs = at.dataframe[0].value
+    assert (pairs["reviewer_a"][0], pairs["reviewer_b"][0], pairs["n_images"][0]) == (
+        "dr a", "dr b", 4)
+    assert pairs["agreement"][0] == 0.75
+    assert any("1 images where reviewers' newest labels differ" in c.value for c in at.caption)
+    at.run()  # the kept result: no new job for the same relabel version
+    assert len(jobs.recent_jobs(db, "agreement")) == 1

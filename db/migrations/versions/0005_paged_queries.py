@@ -25,6 +25,7 @@ INDEXES = (
     ('ix_evaluations_run_dataset', 'evaluations', ['run_id', 'dataset_id']),
     ('ix_images_dataset_label', 'images', ['dataset_id', 'label', 'subtype']),
     ('ix_images_dataset_patient', 'images', ['dataset_id', 'patient']),
+    ('ix_images_dataset_changed', 'images', ['dataset_id', 'content_changed_at']),
     ('ix_review_items_image', 'review_items', ['image_id']),
     ('ix_runs_created', 'runs', ['created_at']),
     ('ix_jobs_kind_params', 'jobs', ['kind', 'params_json']),
