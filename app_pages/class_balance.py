@@ -10,6 +10,7 @@ from cxr_core.balance_report import Aggregates, SplitPreview, balance_tables
 from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
+from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._shared import dataset_picker, get_db, image_path, kept_result, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
@@ -49,13 +50,27 @@ def relabel_delta_ui(original: Aggregates, current: Aggregates) -> None:
                  .assign(change=lambda d: d["current"] - d["original"]), width="stretch")
 
 
-def options_ui() -> tuple[str, float, int]:
+SPLIT_NAMES = {"patient": "Patient (random, in-distribution)",
+               "temporal": "Temporal (earliest patients held out)",
+               "group": "Group (leave one folder out)"}
+
+
+def options_ui() -> tuple[str, float, int, str, str | None]:
     c1, c2, c3 = st.columns([2, 1, 1])
     scheme = c1.radio("Label scheme", LABEL_SCHEMES, format_func=SCHEME_NAMES.get,
                       horizontal=True, key="balance_scheme")
     val = c2.slider("Validation share (by patient)", 0.05, 0.5, 0.15, 0.05, key="balance_val")
     seed = int(c3.number_input("Split seed", 0, 10_000, 0, key="balance_seed"))
-    return scheme, val, seed
+    s1, s2 = st.columns([2, 2])
+    split = s1.radio("Validation split", SPLIT_STRATEGIES, format_func=SPLIT_NAMES.get,
+                     horizontal=True, key="balance_split",
+                     help="Temporal holds out the earliest share of each class (acquisition "
+                          "date, else the patient number of Kermany names): the official test "
+                          "split is the earliest patients, so this is its proxy. Every "
+                          "strategy keeps a patient's images and identical files together.")
+    group = s2.text_input("Folder to hold out", key="balance_group",
+                          placeholder="e.g. train/site_b", disabled=split != "group").strip()
+    return scheme, val, seed, split, (group or None) if split == "group" else None
 
 
 def counts_ui(rep: Aggregates) -> None:
@@ -86,9 +101,13 @@ def sizes_ui(rep: Aggregates) -> None:
 
 
 def split_ui(params: dict) -> SplitPreview | None:
-    """The patient-grouped split preview: computed by a worker, kept with its job (keyed by
-    the label version), so each version is split once."""
-    st.subheader("Patient-grouped split (validation made from train)")
+    """The split preview of the chosen strategy: computed by a worker, kept with its job
+    (keyed by the label version), so each version is split once."""
+    st.subheader(f"{SPLIT_NAMES[params['split']].split(' (')[0]} split "
+                 "(validation made from train, grouped by patient)")
+    if params["split"] == "group" and not params["split_group"]:
+        st.info("Name the folder to hold out (relative to the dataset).")
+        return None
     result = kept_result("split_preview", params, "Computing the patient-grouped split",
                          "balance_split_job")
     if result is None:
@@ -98,6 +117,12 @@ def split_ui(params: dict) -> SplitPreview | None:
     icon = ":material/check_circle:" if ok else ":material/error:"
     st.caption(f"{icon} patients in both train and validation: "
                f"**{rep.split_overlap}**; byte-identical duplicates are kept in one split.")
+    if rep.val_order:
+        st.dataframe(pd.DataFrame(rep.val_order).T.rename_axis("class"), width="stretch")
+        st.caption("Held out (val) and trained on (train): the acquisition dates, or the "
+                   "patient numbers per numbering series, of each class."
+                   + (f" {rep.unordered} images have neither and stay in train."
+                      if rep.unordered else ""))
     split = pd.DataFrame(rep.split_counts)
     if not split.empty:
         st.plotly_chart(px.bar(split, x="split", y="images", color="class", barmode="group"),
@@ -169,7 +194,7 @@ if info is not None:
     m[4].metric("Unreadable", summary.get("unreadable", 0))
     for problem in summary.get("problems", [])[:20]:
         st.warning(problem)
-    scheme, val, seed = options_ui()
+    scheme, val, seed, split, group = options_ui()
     current, relabel_id = labels_ui(info.id)
     rep = original_tables(info.id, info.indexed_at, scheme)
     if current and (rep_now := current_tables(info, relabel_id, scheme)) is not None:
@@ -182,6 +207,7 @@ if info is not None:
     preview = split_ui(dict(dataset_id=info.id, scheme=scheme, val_fraction=val, seed=seed,
                             labels="current" if current else "original",
                             as_of_relabel_id=relabel_id if current else None,
+                            split=split, split_group=group,
                             indexed_at=str(info.indexed_at)))
     if preview is not None:
         balancing_ui(preview)

@@ -18,6 +18,7 @@ from cxr_core.errors import CxrError
 from cxr_core.balancing import BALANCING
 from cxr_core.model_specs import MODELS
 from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
+from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._shared import dataset_picker, get_db
 
 REFRESH_S = 2.0
@@ -63,6 +64,12 @@ def form_ui(dataset: str, layout: str) -> dict | None:
         e1, e2, e3, e4 = st.columns(4)
         out["max_images"] = e1.number_input("At most N images (0: all)", 0, 10**6, 0,
                                             key=k + "max") or None
+        out["split"] = _pick(e1, "Validation split", SPLIT_STRATEGIES, d.get("split", "patient"),
+                             k + "split", help="patient: random patient groups; temporal: the "
+                             "earliest patients of each class (a proxy of the official test "
+                             "split); group: leave the folder below out")
+        out["split_group"] = e1.text_input("Folder to hold out (group split)",
+                                           key=k + "split_group") or None
         out["seed"] = e2.number_input("Seed", 0, 10**6, d["seed"], key=k + "seed")
         out["patience"] = e3.number_input("Patience", 1, 1000, d["patience"], key=k + "patience")
         out["mixed_precision"] = e4.toggle("Mixed precision (GPU)", key=k + "mp")
@@ -74,6 +81,8 @@ def start_ui(dataset: str, layout: str) -> None:
     changes = form_ui(dataset, layout)
     if changes is None:
         return
+    if changes.get("split") != "group":
+        changes["split_group"] = None  # the folder field only counts for a group split
     db = get_db()
     try:
         run_id, pid = svc.start_run(db, svc.make_config(db, changes))

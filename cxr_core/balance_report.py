@@ -25,7 +25,7 @@ from cxr_core.storage import Database
 from cxr_core.storage import aggregates as agg
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage.aggregates import Aggregates
-from cxr_core.splits import patient_split
+from cxr_core.splits import make_split, temporal_key
 
 __all__ = ["Aggregates", "SplitPreview", "balance_tables", "split_preview"]
 
@@ -48,16 +48,21 @@ class SplitPreview:
     split_overlap: int  # patients found in both train and validation (must be 0)
     class_counts: dict[str, int]  # training pool per scheme class
     weights: dict[str, float]
+    strategy: str = "patient"
+    unordered: int = 0  # temporal: images without a date or an ordered id (kept in train)
+    val_order: dict | None = None  # temporal: per class, the latest key held out vs trained on
 
     def to_json(self) -> dict:
         return dict(classes=self.classes, split_counts=self.split_counts,
                     split_overlap=self.split_overlap, class_counts=self.class_counts,
-                    weights=self.weights)
+                    weights=self.weights, strategy=self.strategy, unordered=self.unordered,
+                    val_order=self.val_order)
 
     @classmethod
     def from_json(cls, d: dict) -> SplitPreview:
         return cls(list(d["classes"]), list(d["split_counts"]), int(d["split_overlap"]),
-                   dict(d["class_counts"]), dict(d["weights"]))
+                   dict(d["class_counts"]), dict(d["weights"]), d.get("strategy", "patient"),
+                   int(d.get("unordered", 0)), d.get("val_order"))
 
 
 def _weights(class_counts: dict[str, int]) -> dict[str, float]:
@@ -69,7 +74,8 @@ def _weights(class_counts: dict[str, int]) -> dict[str, float]:
 
 def split_preview(db: Database, dataset_id: int, scheme: str, *, val_fraction: float = 0.15,
                   seed: int = 0, as_of_relabel_id: int | None = None,
-                  current: bool = False) -> SplitPreview:
+                  current: bool = False, strategy: str = "patient",
+                  group: str | None = None) -> SplitPreview:
     """The split a run with these settings would get, and its training pool's class weights.
 
     Raises:
@@ -84,7 +90,7 @@ def split_preview(db: Database, dataset_id: int, scheme: str, *, val_fraction: f
     ok = [r for r in records if not r.error]
     labels = [scheme_label(r.label, r.subtype, scheme) for r in ok]
     classes = scheme_classes(scheme, info.classes if info else sorted({r.label for r in ok}))
-    plan = patient_split(ok, labels, val_fraction=val_fraction, seed=seed)
+    plan = make_split(strategy, ok, labels, val_fraction=val_fraction, seed=seed, group=group)
     by_id = {r.id: (r, y) for r, y in zip(ok, labels)}
     split_rows: Counter = Counter()
     for split, ids in (("train", plan.train), ("val", plan.val), ("test", plan.test)):
@@ -96,4 +102,25 @@ def split_preview(db: Database, dataset_id: int, scheme: str, *, val_fraction: f
     return SplitPreview(list(classes),
                         [dict(split=s, **{"class": c}, images=n)
                          for (s, c), n in sorted(split_rows.items())],
-                        overlap, class_counts, _weights(class_counts))
+                        overlap, class_counts, _weights(class_counts), plan.strategy,
+                        plan.unordered, _val_order(plan, by_id) if strategy == "temporal"
+                        else None)
+
+
+def _val_order(plan, by_id) -> dict:
+    """Per class: the patient id range held out and the one trained on (what "earliest"
+    meant), e.g. {"NORMAL": {"val": "im 115–210", "train": "im 211–766"}}."""
+    out: dict[str, dict[str, str]] = {}
+    for side, ids in (("val", plan.val), ("train", plan.train)):
+        spans: dict[tuple[str, str], list] = {}
+        for i in ids:
+            rec, y = by_id[i]
+            key = temporal_key(rec)
+            if key is not None:
+                spans.setdefault((str(y), key[1] if key[0] == "id" else "date"), []).append(
+                    key[2] if key[0] == "id" else key[1])
+        for (cls, series), values in sorted(spans.items()):
+            text = f"{series} {min(values)}–{max(values)}"
+            out.setdefault(cls, {})[side] = "; ".join(
+                filter(None, [out.get(cls, {}).get(side), text]))
+    return out

@@ -12,7 +12,7 @@ Kinds (:data:`KINDS`):
 - ``evaluate``: params of :func:`cxr_core.evaluation_service.evaluate_model`; result
   ``{"evaluation_id"}``.
 - ``split_preview``: params ``{"dataset_id", "scheme", "val_fraction", "seed", "labels"
-  ("original" | "current"), "as_of_relabel_id", "indexed_at"}`` of
+  ("original" | "current"), "as_of_relabel_id", "indexed_at", "split", "split_group"}`` of
   :func:`cxr_core.balance_report.split_preview`; result its JSON. The label version and the
   index time are in the params, so a finished job is the cached preview of exactly that state.
 - ``compare_ci``: params ``{"evaluation_ids", "mode", "target", "truth",
@@ -69,7 +69,8 @@ def _split_preview(db: Database, job_id: int, params: Mapping[str, Any],
     out = balance_report.split_preview(
         db, params["dataset_id"], params["scheme"], val_fraction=params["val_fraction"],
         seed=params["seed"], as_of_relabel_id=params.get("as_of_relabel_id"),
-        current=params.get("labels") == "current").to_json()
+        current=params.get("labels") == "current", strategy=params.get("split", "patient"),
+        group=params.get("split_group")).to_json()
     progress(1, 1)
     return out
 

@@ -17,7 +17,7 @@ from cxr_core import provenance
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, RunError
 from cxr_core.indexing import open_dataset
-from cxr_core.splits import patient_split
+from cxr_core.splits import make_split
 from cxr_core.storage import Database
 from cxr_core.storage import runs as store
 from cxr_core.storage.relabels import LabelSnapshot, label_version
@@ -83,8 +83,9 @@ def _weights_path(db: Database, weights: str | None) -> str | None:
 def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None) -> PreparedData:
     """Images, labels and the patient-grouped train/validation split of a run.
 
-    Test-folder images are never used. Validation is carved from the rest by patient
-    (:func:`cxr_core.splits.patient_split` with ``split_seed``).
+    Test-folder images are never used. Validation is carved from the rest, grouped by patient,
+    with the run's split strategy (:func:`cxr_core.splits.make_split`: ``patient`` with
+    ``split_seed``, ``temporal`` or ``group``).
 
     Args:
         db: the database.
@@ -110,8 +111,8 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     if cfg.max_images is not None:
         usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
     recs = [records[i] for i in usable]
-    plan = patient_split(recs, [names[i] for i in usable], val_fraction=cfg.val_fraction,
-                            seed=cfg.split_seed)
+    plan = make_split(cfg.split, recs, [names[i] for i in usable],
+                      val_fraction=cfg.val_fraction, seed=cfg.split_seed, group=cfg.split_group)
     val_ids = set(plan.val)
     labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
     is_val = np.array([r.id in val_ids for r in recs])

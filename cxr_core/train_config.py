@@ -16,6 +16,7 @@ import numpy as np
 from cxr_core.augment_config import PRESETS, AugmentConfig
 from cxr_core.balancing import BALANCING
 from cxr_core.datasets import LABEL_SCHEMES
+from cxr_core.splits import SPLIT_STRATEGIES
 from cxr_core.errors import ConfigError
 from cxr_core.model_specs import ModelConfig
 from cxr_core.provenance import LABEL_SOURCES
@@ -95,6 +96,8 @@ class TrainConfig:
     dataset: str = ""  # an indexed dataset's name, or a path (indexed on first use)
     label_scheme: str = "binary"
     label_source: str = "original"  # "current": labels as of now, clinician relabels included
+    split: str = "patient"  # patient | temporal | group (cxr_core.splits.SPLIT_STRATEGIES)
+    split_group: str | None = None  # split="group": the folder held out (e.g. "train/site_b")
     split_seed: int = 0
     val_fraction: float = 0.15  # share of patient groups carved from train for validation
     max_images: int | None = None  # stratified seeded subsample before splitting (quick runs)
@@ -141,13 +144,21 @@ class TrainConfig:
         for name, allowed in (("recipe", tuple(RECIPES)), ("label_scheme", LABEL_SCHEMES),
                               ("label_source", LABEL_SOURCES), ("balancing", BALANCING),
                               ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                              ("monitor", MONITORS), ("distribution", DISTRIBUTIONS)):
+                              ("monitor", MONITORS), ("distribution", DISTRIBUTIONS),
+                              ("split", SPLIT_STRATEGIES)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ConfigError(f"{name} must be one of {list(allowed)}. "
                                   f"Received: {name}={value!r}")
         if not isinstance(self.name, str):
             raise ConfigError(f"name must be a string. Received: name={self.name!r}")
+        if self.split == "group" and not (isinstance(self.split_group, str)
+                                          and self.split_group.strip()):
+            raise ConfigError("split='group' needs split_group: the folder to hold out, "
+                              f"relative to the dataset. Received: split_group={self.split_group!r}")
+        if self.split != "group" and self.split_group is not None:
+            raise ConfigError(f"split_group is only used with split='group'. Received: "
+                              f"split={self.split!r}, split_group={self.split_group!r}")
         if not isinstance(self.dataset, str) or not self.dataset.strip():
             raise ConfigError("dataset is required: an indexed dataset's name or a folder/.npz "
                               f"path. Received: dataset={self.dataset!r}")

@@ -104,3 +104,16 @@ def test_home_shows_the_demo_model_card(cxr_home):
     assert not at.exception
     labels = [m.label for m in at.metric]
     assert "Validation AUC" in labels and float(at.metric[0].value) > 0.9
+
+
+def test_temporal_split_preview_shows_what_was_held_out(cxr_home, tiny_dataset):
+    index_dataset(open_db(), tiny_dataset, name="tiny")
+    at = AppTest.from_file(str(REPO / "app_pages" / "class_balance.py"), default_timeout=60).run()
+    at.radio(key="balance_split").set_value("temporal").run()
+    with_jobs_done(at)
+    assert any("patients in both train and validation: **0**" in c.value for c in at.caption)
+    order = next(d.value for d in at.dataframe if "val" in d.value.columns)
+    assert set(order.index) == {"NORMAL", "PNEUMONIA"}
+    assert order.loc["PNEUMONIA", "val"].startswith("person 1–")  # the earliest patients
+    at.radio(key="balance_split").set_value("group").run()
+    assert any("Name the folder to hold out" in i.value for i in at.info)
