@@ -7,6 +7,10 @@ from cxr_core.errors import CxrError
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
 
+SPLIT_TEXT = {"patient": "a random patient-grouped validation split (in-distribution)",
+              "temporal": "a temporal validation split (the earliest patients held out)",
+              "group": "a held-out folder (group validation)"}
+
 st.title(":material/pulmonology: CXR Workbench")
 st.markdown(
     "Build, check and improve pneumonia classifiers for chest X-rays: explore class balance, "
@@ -22,15 +26,23 @@ def demo_model_ui() -> None:
     if not card:
         return
     val, op = card.get("val_metrics", {}), card.get("operating_point", {})
+    split = (card.get("training_config") or {}).get("split", "patient")
     st.subheader("Shipped demo model")
     cols = st.columns(4)
     cols[0].metric("Validation AUC", f"{val.get('auc', float('nan')):.3f}")
     cols[1].metric("Sensitivity", f"{op.get('sensitivity', float('nan')):.3f}")
     cols[2].metric("Specificity", f"{op.get('specificity', float('nan')):.3f}")
     cols[3].metric("Threshold", f"{op.get('threshold', float('nan')):.3f}")
-    st.caption(f"{card.get('model')} at {card.get('image_size')} px, patient-grouped validation "
-               f"split of the Kermany train set ({val.get('n', '?')} images). Operating point "
-               f"chosen on validation for sensitivity ≥ {op.get('target', 0.95)}.")
+    what = SPLIT_TEXT.get(split, split)
+    st.caption(f"{card.get('model')} at {card.get('image_size')} px. Measured on **{what}** of "
+               f"the Kermany train set ({val.get('n', '?')} images); the operating point was "
+               f"chosen on those same images for sensitivity ≥ {op.get('target', 0.95)}.")
+    if split == "patient":
+        st.warning("These are in-distribution figures: a random patient split of one "
+                   "acquisition period, with the threshold chosen on the images it is scored "
+                   "on. They are optimistic for a new site or period; do not quote them as "
+                   "deployment performance. Evaluate on your own data (Compare) and set the "
+                   "operating point there.", icon=":material/warning:")
     st.page_link("app_pages/predict.py", label="Try it on an X-ray", icon=":material/radiology:")
 
 

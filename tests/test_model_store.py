@@ -156,3 +156,17 @@ def test_decide_never_silently_uses_half(tmp_path):
     assert ms.decide(replace(loaded, threshold=0.2), probs) == ["PNEUMONIA", "PNEUMONIA"]
     three = ms.load_model_ref(str(save_tiny_model(tmp_path / "t" / "m.keras", units=3)))
     assert ms.decide(three, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]) == ["VIRUS", "NORMAL"]
+
+
+def test_the_shipped_card_readme_is_rendered_from_its_json_and_names_its_split():
+    """models/default/README.md is card_markdown(model_card.json): the split its numbers
+    come from is stated (a random patient split: in-distribution, said so)."""
+    import json
+
+    from cxr_core.model_card_md import card_markdown
+
+    folder = Path(__file__).resolve().parents[1] / "models" / "default"
+    card = json.loads((folder / "model_card.json").read_text())
+    text = (folder / "README.md").read_text()
+    assert text == card_markdown(card)
+    assert "random patient" in text and "in-distribution" in text

@@ -104,6 +104,10 @@ def test_home_shows_the_demo_model_card(cxr_home):
     assert not at.exception
     labels = [m.label for m in at.metric]
     assert "Validation AUC" in labels and float(at.metric[0].value) > 0.9
+    # The shipped card's numbers come from a random patient split: said so, with a warning.
+    assert any("random patient-grouped validation split (in-distribution)" in c.value
+               for c in at.caption)
+    assert any("in-distribution figures" in w.value for w in at.warning)
 
 
 def test_temporal_split_preview_shows_what_was_held_out(cxr_home, tiny_dataset):
