@@ -67,7 +67,11 @@ def image_picker(info: DatasetInfo, key: str, *, label: str | None = None,
                  max_selections: int = 64, default_first: bool = False,
                  sample_button: bool = False) -> list:
     """Pick indexed images by searching their paths on the server (50 matches a search):
-    the browser never gets the dataset's path list. Returns the picked ImageRecords."""
+    the browser never gets the dataset's path list. Returns the picked ImageRecords.
+
+    The widgets' keys carry the dataset id: a selection never follows the user to another
+    dataset (whose root would not hold those paths)."""
+    key = f"{key}_{info.id}"
     picked: dict[str, int] = st.session_state.setdefault(f"{key}_ids", {})
     c1, c2 = st.columns([2, 3], vertical_alignment="bottom")
     text = c1.text_input("Search file names", key=f"{key}_search",

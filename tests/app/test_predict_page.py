@@ -115,13 +115,13 @@ def test_pick_images_from_an_indexed_dataset(run_ref, tiny_dataset):
     at = start(run_ref)
     at.radio(key="predict_source").set_value("From a dataset").run()
     assert not at.exception, at.exception
-    at.button(key="predict_pick_images_sample").click().run()
+    at.button(key="predict_pick_images_1_sample").click().run()
     assert not at.exception, at.exception
-    assert len(at.multiselect(key="predict_pick_images_sel").value) == 8
+    assert len(at.multiselect(key="predict_pick_images_1_sel").value) == 8
     assert len(at.dataframe[0].value) == 8
     # The picker searches on the server: only matching paths reach the browser.
-    at.text_input(key="predict_pick_images_search").input("virus").run()
-    picker = at.multiselect(key="predict_pick_images_sel")
+    at.text_input(key="predict_pick_images_1_search").input("virus").run()
+    picker = at.multiselect(key="predict_pick_images_1_sel")
     matches = [o for o in picker.options if o not in picker.value]
     assert matches and all("virus" in o for o in matches)
     picker.set_value(picker.value[:1] + matches[:1]).run()
@@ -131,6 +131,27 @@ def test_pick_images_from_an_indexed_dataset(run_ref, tiny_dataset):
     with open_db().session() as s:
         [item] = reviews.list_review_items(session=s)
     assert item.image_id is not None and item.upload_sha256 is None
+
+
+def test_a_selection_does_not_follow_the_user_to_another_dataset(run_ref, tiny_dataset,
+                                                                tmp_path):
+    import shutil
+
+    from cxr_core.indexing import index_dataset
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dataset, other)
+    index_dataset(open_db(), tiny_dataset, name="a")
+    index_dataset(open_db(), other, name="b")
+    st.cache_data.clear()
+    at = start(run_ref)
+    at.radio(key="predict_source").set_value("From a dataset").run()
+    at.button(key="predict_pick_images_1_sample").click().run()
+    assert len(at.multiselect(key="predict_pick_images_1_sel").value) == 8
+    at.sidebar.selectbox(key="predict_dataset").set_value("b").run()
+    assert not at.exception, at.exception
+    assert at.multiselect(key="predict_pick_images_2_sel").value == []  # a fresh picker
+    assert not at.dataframe  # nothing predicted from dataset a's paths under b's root
 
 
 def test_default_model_on_a_real_film(cxr_home, shared_data):
