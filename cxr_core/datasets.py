@@ -105,6 +105,10 @@ class ImageRecord(NamedTuple):
     error: str | None = None
     acquired_date: str | None = None  # ISO YYYY-MM-DD, from DICOM or a metadata CSV
     missing: bool = False  # the file is gone from disk (the row and its history are kept)
+    site: str | None = None  # from the dataset's metadata CSV (cxr_core.metadata)
+    sex: str | None = None  # F | M | O
+    age_years: float | None = None
+    view: str | None = None  # e.g. PA, AP
 
 
 # -- Name parsing ---------------------------------------------------------------------------

@@ -119,9 +119,10 @@ def read_header(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     return ImageHeader(width, height, mode, fmt, size)
 
 
-def patient_key(patient_id: str, salt: str) -> str:
-    """The index's patient value for a DICOM PatientID: "dcm-" + 16 hex of sha256(salt + id)."""
-    return "dcm-" + hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()[:16]
+def patient_key(patient_id: str, salt: str, prefix: str = "dcm-") -> str:
+    """The index's patient value for a patient id (a DICOM PatientID, or a metadata CSV's
+    ``patient`` with ``prefix="pid-"``): the prefix + 16 hex of sha256(salt + id)."""
+    return prefix + hashlib.sha256((salt + patient_id).encode("utf-8")).hexdigest()[:16]
 
 
 def _dicom_date(ds: Dataset) -> str | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_core import datasets as ds
-from cxr_core import storage
+from cxr_core import metadata, storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
@@ -131,11 +131,23 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
 
     rows, unchanged, gone = ds.scan_changed(layout, known, progress=progress, on_batch=commit,
                                             batch_size=BATCH)
+    meta = _read_metadata(layout.root) if layout.kind != "npz" else None
+    if meta is not None:  # after the scan: a re-read file gets its metadata back
+        rest = rows[len(batches) * BATCH:]
+        db.write(lambda s: batches.append(store.apply_scan(session=s, dataset_id=dataset_id,
+                                                           rows=rest, gone=())))
+        meta_updated, meta_unknown = db.write(lambda s: store.apply_metadata(
+            session=s, dataset_id=dataset_id, rows=meta.rows))
+        meta_problems = list(meta.problems) + [
+            f"{metadata.FILENAME}: no image at {p}" for p in meta_unknown[:50]] + (
+            [f"{metadata.FILENAME}: … and {len(meta_unknown) - 50} more unknown paths"]
+            if len(meta_unknown) > 50 else [])
+        cached = None  # patients may have changed: recount
     if not rows and not gone and cached and cached.get("problems_layout") == list(layout.problems):
         summary = cached  # nothing changed on disk: the stored counts are still exact
         applied = store.ScanApplied(0, 0, (), 0, 0)
     else:
-        rest = rows[len(batches) * BATCH:]
+        rest = [] if meta is not None else rows[len(batches) * BATCH:]  # stored above
         with db.session() as s:
             batches.append(store.apply_scan(session=s, dataset_id=dataset_id, rows=rest,
                                             gone=gone))
@@ -145,6 +157,11 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
             tuple(p for b in batches for p in b.content_changed),
             sum(b.restored for b in batches), sum(b.missing for b in batches))
         summary = _summary(records, layout.problems)
+    if meta is not None:
+        summary = {**summary, "metadata": {"file": metadata.FILENAME, "rows": len(meta.rows),
+                                           "applied": meta_updated,
+                                           "unknown_paths": len(meta_unknown)},
+                   "problems": list(summary["problems"]) + meta_problems}
     seconds = time.perf_counter() - t0
     with db.session() as s:
         store.mark_indexed(session=s, dataset_id=dataset_id, seconds=seconds, summary=summary)
@@ -154,6 +171,15 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
                        summary["cross_split_duplicates"], len(rows), len(unchanged), len(gone),
                        seconds, tuple(summary["problems"]), applied.content_changed,
                        applied.restored, n_missing, tuple(c.relpath for c in changed))
+
+
+def _read_metadata(root: Path) -> metadata.Metadata | None:
+    """The dataset's metadata CSV, patients hashed with the install's salt (as DICOM IDs)."""
+    from cxr_core import config
+    from cxr_core.images import patient_key
+
+    salt = config.patient_salt()
+    return metadata.read_metadata(root, lambda raw: patient_key(raw, salt, prefix="pid-"))
 
 
 def _summary(records: list[ds.ImageRecord], layout_problems: tuple[str, ...]) -> dict:

@@ -73,6 +73,11 @@ class ImageRow(Base):
     missing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     previous_sha256: Mapped[str | None] = mapped_column(String(64))  # before the last change
     content_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # From the dataset's metadata CSV (cxr_core.metadata); None where it says nothing.
+    site: Mapped[str | None] = mapped_column(String(100))
+    sex: Mapped[str | None] = mapped_column(String(1))
+    age_years: Mapped[float | None] = mapped_column(Float)
+    view: Mapped[str | None] = mapped_column(String(100))
 
 
 class AugPreset(Base):

@@ -211,7 +211,7 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
     raw.dispose()
     db = open_db(url=url)  # migrates to head
     with db.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0005"  # head
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"  # head
         for t in TABLES:
             after = c.execute(text(f"SELECT * FROM {t} ORDER BY id")).mappings().all()
             assert len(after) == len(before[t]), t

@@ -147,6 +147,36 @@ def apply_scan(*, session: Session, dataset_id: int, rows: Iterable[ScannedImage
     return ScanApplied(len(new), len(updates), tuple(changed), restored, len(gone))
 
 
+def apply_metadata(*, session: Session, dataset_id: int,
+                   rows: dict[str, dict]) -> tuple[int, list[str]]:
+    """Set the fields of a metadata CSV (relpath -> {column: value}) on the dataset's rows.
+
+    Returns:
+        (rows updated, relpaths the dataset has no image for).
+    """
+    from sqlalchemy import bindparam, update
+
+    known = set(session.scalars(select(ImageRow.relpath).where(
+        ImageRow.dataset_id == dataset_id)))
+    unknown = sorted(r for r in rows if r not in known)
+    by_columns: dict[tuple[str, ...], list[dict]] = {}
+    for rel, fields in rows.items():
+        if rel in known and fields:
+            by_columns.setdefault(tuple(sorted(fields)), []).append(
+                {"_rel": rel, **{f"_{k}": v for k, v in fields.items()}})
+    conn = session.connection()
+    updated = 0
+    for columns, params in by_columns.items():
+        stmt = (update(ImageRow.__table__)
+                .where(ImageRow.__table__.c.dataset_id == dataset_id,
+                       ImageRow.__table__.c.relpath == bindparam("_rel"))
+                .values({c: bindparam(f"_{c}") for c in columns}))
+        for start in range(0, len(params), 1000):
+            conn.execute(stmt, params[start:start + 1000])
+        updated += len(params)
+    return updated, unknown
+
+
 def count_missing(*, session: Session, dataset_id: int) -> int:
     """Rows whose file was gone at the last scan (kept with their history)."""
     from sqlalchemy import func
