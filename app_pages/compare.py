@@ -9,7 +9,7 @@ from cxr_core import compare_service as cs
 from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
 from cxr_core import operating_point_service as ops
-from cxr_core import jobs
+from cxr_core import jobs, subgroups
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
@@ -169,6 +169,16 @@ def disagreements_ui(cmp: cs.Comparison) -> None:
                        disabled=row["image_id"] is None or not who.strip())
 
 
+def subgroups_ui(cmp: cs.Comparison) -> None:
+    by = st.selectbox("Subgroups by", list(subgroups.SUBGROUPS),
+                      format_func=subgroups.SUBGROUPS.get, key="compare_subgroups_by")
+    rows = subgroups.subgroup_rows(get_db(), cmp, by)
+    st.dataframe(pd.DataFrame(rows), hide_index=True)
+    st.caption("Each run at its compared threshold. Site, sex, age and view come from the "
+               "dataset's metadata.csv (\"(unknown)\" where it has none); subtype from the "
+               "file names. Small subgroups give noisy numbers.")
+
+
 def operating_point_ui(cmp: cs.Comparison) -> None:
     runs = {e.run_id: n for n, e in cmp.evaluations.items() if e.run_id is not None}
     if len(cmp.labels) != 2 or not runs:
@@ -212,7 +222,8 @@ provenance_ui(cmp)
 views = {"Confusion matrices": confusion_ui, "Curves": curves_ui,
          "Metrics (95% CI)": lambda c: metrics_ui(c, ci_params(c, ids, mode, target, truth,
                                                                as_of)),
-         "Disagreements": disagreements_ui, "Operating points": operating_point_ui}
+         "Subgroups": subgroups_ui, "Disagreements": disagreements_ui,
+         "Operating points": operating_point_ui}
 for tab, view in zip(st.tabs(list(views)), views.values()):
     with tab:
         view(cmp)

@@ -185,3 +185,29 @@ def test_intervals_of_changed_thresholds_are_refused(two_runs):
     assert out["n_boot"] == 20 and out["ci_unit"] == "patient"
     with pytest.raises(ConfigError, match="operating point changed"):
         cs.comparison_intervals(open_db(), ids, thresholds={"alpha": 0.1, "beta": 0.6}, **kw)
+
+
+def test_subgroup_metrics_by_site_from_metadata_and_by_subtype(two_runs, tiny_dataset):
+    from cxr_core import subgroups
+    from cxr_core.indexing import index_dataset
+
+    rows = ["path,site,age"]
+    for n, p in enumerate(sorted((tiny_dataset / "train").rglob("*.jpeg"))):
+        rows.append(f"{p.relative_to(tiny_dataset).as_posix()},{'a' if n % 2 else 'b'},{n}")
+    (tiny_dataset / "metadata.csv").write_text("\n".join(rows) + "\n")
+    index_dataset(open_db(), tiny_dataset, name="tiny")
+    ids = [e.id for e in es.list_evaluations(open_db())]
+    cmp = cs.compare_evaluations(open_db(), ids, truth="current", n_boot=0)
+    by_site = subgroups.subgroup_rows(open_db(), cmp, "site")
+    assert {r["Site"] for r in by_site} == {"a", "b"}
+    assert sum(r["images"] for r in by_site if r["run"] == "alpha") == len(cmp.y_true)
+    whole = next(r for r in cmp.metrics_rows() if r["run"] == "alpha" and r["metric"] == "auc")
+    assert whole["value"] is not None
+    bands = {r["Age band"] for r in subgroups.subgroup_rows(open_db(), cmp, "age_band")}
+    assert bands <= {"<1 y", "1–2 y", "3–5 y", "6–11 y", "12+ y"}
+    at = _page()
+    at.selectbox(key="compare_subgroups_by").set_value("subtype").run()
+    assert not at.exception, at.exception
+    table = next(d.value for d in at.dataframe if "Subtype (file name)" in d.value.columns)
+    assert set(table["Subtype (file name)"]) <= {"bacteria", "virus", "(unknown)"}
+    assert set(table["run"]) == {"alpha", "beta"}
