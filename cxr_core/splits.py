@@ -68,6 +68,28 @@ class SplitPlan:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
+def _pool(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
+          val_fraction: float | None = None) -> tuple[list[int], tuple[int, ...], tuple[int, ...]]:
+    """(indices of the labelled, readable images outside the test folder, the ids left out,
+    the test-folder ids): what every strategy splits. With ``val_fraction`` it is checked and
+    at least 2 images are required.
+
+    Raises:
+        ConfigError: ``val_fraction`` outside (0, 0.5].
+        DatasetError: fewer than 2 images to split.
+    """
+    if val_fraction is not None and not 0 < val_fraction <= 0.5:
+        raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
+    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
+    kept = set(keep)
+    excluded = tuple(records[i].id for i in range(len(records)) if i not in kept)
+    test = tuple(records[i].id for i in keep if records[i].split == "test")
+    pool = [i for i in keep if records[i].split != "test"]
+    if val_fraction is not None and len(pool) < 2:
+        raise DatasetError(f"need at least 2 labelled images to split. Received: {len(pool)}")
+    return pool, excluded, test
+
+
 def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
                   val_fraction: float = 0.15, seed: int = 0) -> SplitPlan:
     """Stratified, patient-grouped, seeded train/validation split made from the train images.
@@ -87,15 +109,7 @@ def patient_split(records: Sequence[ImageRecord], labels: Sequence[str | None], 
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    if not 0 < val_fraction <= 0.5:
-        raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
-    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
-    kept = set(keep)
-    excluded = tuple(records[i].id for i in range(len(records)) if i not in kept)
-    test = tuple(records[i].id for i in keep if records[i].split == "test")
-    pool = [i for i in keep if records[i].split != "test"]
-    if len(pool) < 2:
-        raise DatasetError(f"need at least 2 labelled images to split. Received: {len(pool)}")
+    pool, excluded, test = _pool(records, labels, val_fraction=val_fraction)
     groups = split_groups([records[i] for i in pool])
     y = np.array([labels[i] for i in pool])
     # k folds give a 1/k validation share; small datasets cap k at the smallest class size.
@@ -149,15 +163,7 @@ def temporal_split(records: Sequence[ImageRecord], labels: Sequence[str | None],
         DatasetError: fewer than 2 labelled images, no image with a date or an ordered id, or
             a class left without validation images.
     """
-    if not 0 < val_fraction <= 0.5:
-        raise ConfigError(f"val_fraction must be in (0, 0.5]. Received: val_fraction={val_fraction}")
-    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
-    kept = set(keep)
-    excluded = tuple(records[i].id for i in range(len(records)) if i not in kept)
-    test = tuple(records[i].id for i in keep if records[i].split == "test")
-    pool = [i for i in keep if records[i].split != "test"]
-    if len(pool) < 2:
-        raise DatasetError(f"need at least 2 labelled images to split. Received: {len(pool)}")
+    pool, excluded, test = _pool(records, labels, val_fraction=val_fraction)
     groups = split_groups([records[i] for i in pool])
     members: dict[int, list[int]] = {}
     for k, g in enumerate(groups.tolist()):
@@ -213,11 +219,7 @@ def group_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
     if not prefix:
         raise ConfigError("split='group' needs split_group: the folder to hold out, relative "
                           "to the dataset (e.g. 'train/site_b')")
-    keep = [i for i, (r, y) in enumerate(zip(records, labels)) if y is not None and not r.error]
-    kept = set(keep)
-    excluded = tuple(records[i].id for i in range(len(records)) if i not in kept)
-    test = tuple(records[i].id for i in keep if records[i].split == "test")
-    pool = [i for i in keep if records[i].split != "test"]
+    pool, excluded, test = _pool(records, labels)
     groups = split_groups([records[i] for i in pool]).tolist()
     inside = {g for k, g in enumerate(groups)
               if (records[pool[k]].relpath + "/").startswith(prefix + "/")}
