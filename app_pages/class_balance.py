@@ -69,7 +69,7 @@ def options_ui() -> tuple[str, float, int, str, str | None]:
                           "split is the earliest patients, so this is its proxy. Every "
                           "strategy keeps a patient's images and identical files together.")
     group = s2.text_input("Folder to hold out", key="balance_group",
-                          placeholder="e.g. train/site_b", disabled=split != "group").strip()
+                          placeholder="e.g. train/site_b or site:site_b", disabled=split != "group").strip()
     return scheme, val, seed, split, (group or None) if split == "group" else None
 
 

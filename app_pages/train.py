@@ -68,7 +68,7 @@ def form_ui(dataset: str, layout: str) -> dict | None:
                              k + "split", help="patient: random patient groups; temporal: the "
                              "earliest patients of each class (a proxy of the official test "
                              "split); group: leave the folder below out")
-        out["split_group"] = e1.text_input("Folder to hold out (group split)",
+        out["split_group"] = e1.text_input("Folder or site:NAME to hold out (group split)",
                                            key=k + "split_group") or None
         out["seed"] = e2.number_input("Seed", 0, 10**6, d["seed"], key=k + "seed")
         out["patience"] = e3.number_input("Patience", 1, 1000, d["patience"], key=k + "patience")

@@ -7,7 +7,8 @@ Strategies (:data:`SPLIT_STRATEGIES`, chosen per run as ``TrainConfig.split``):
 - ``temporal``: the earliest share of each class by acquisition date, else by the ordered
   patient number of Kermany names (the official test split is the earliest patients: this is
   its proxy, TRIPOD temporal validation);
-- ``group``: leave one folder out (``split_group``: a path prefix, e.g. a site's folder).
+- ``group``: leave one folder or site out (``split_group``: a path prefix such as a site's
+  folder, or ``site:NAME`` from the metadata CSV).
 """
 from __future__ import annotations
 
@@ -207,29 +208,37 @@ def temporal_split(records: Sequence[ImageRecord], labels: Sequence[str | None],
 
 def group_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
                 held_out: str) -> SplitPlan:
-    """Validation = the images under the folder ``held_out`` (a relative path prefix such as
-    ``train/site_b``), plus every image sharing a patient or bytes with one of them, so the
-    split stays grouped.
+    """Validation = one group left out, plus every image sharing a patient or bytes with one
+    of its images, so the split stays grouped. ``held_out`` is a folder (a relative path prefix
+    such as ``train/site_b``) or ``site:NAME`` (the ``site`` column of the metadata CSV).
 
     Raises:
-        ConfigError: no ``held_out`` folder given.
-        DatasetError: no image under it, or nothing left to train on.
+        ConfigError: no ``held_out`` group given.
+        DatasetError: no image in it, or nothing left to train on.
     """
-    prefix = (held_out or "").strip().strip("/")
-    if not prefix:
+    spec = (held_out or "").strip()
+    site = spec[5:].strip() if spec.lower().startswith("site:") else None
+    prefix = spec.strip("/")
+    if not prefix or site == "":
         raise ConfigError("split='group' needs split_group: the folder to hold out, relative "
-                          "to the dataset (e.g. 'train/site_b')")
+                          "to the dataset (e.g. 'train/site_b'), or site:NAME")
     pool, excluded, test = _pool(records, labels)
     groups = split_groups([records[i] for i in pool]).tolist()
-    inside = {g for k, g in enumerate(groups)
-              if (records[pool[k]].relpath + "/").startswith(prefix + "/")}
+
+    def held(rec: ImageRecord) -> bool:
+        if site is not None:
+            return rec.site == site
+        return (rec.relpath + "/").startswith(prefix + "/")
+
+    inside = {g for k, g in enumerate(groups) if held(records[pool[k]])}
     if not inside:
-        raise DatasetError(f"no labelled train image under the folder {prefix!r} to hold out. "
+        what = f"of site {site!r}" if site is not None else f"under the folder {prefix!r}"
+        raise DatasetError(f"no labelled train image {what} to hold out. "
                            f"Received: split_group={held_out!r}")
     val = tuple(records[pool[k]].id for k, g in enumerate(groups) if g in inside)
     train = tuple(records[pool[k]].id for k, g in enumerate(groups) if g not in inside)
     if not train:
-        raise DatasetError(f"holding out {prefix!r} leaves no image to train on")
+        raise DatasetError(f"holding out {spec!r} leaves no image to train on")
     return SplitPlan(train, val, test, 0, len(val) / len(pool), excluded, "group")
 
 

@@ -138,3 +138,17 @@ def test_a_run_prepares_its_data_with_the_temporal_split(cxr_home, tiny_dataset)
         v = [temporal_key(r)[2] for r in val if temporal_key(r)[1] == series]
         t = [temporal_key(r)[2] for r in train if temporal_key(r)[1] == series]
         assert v and t and max(v) < min(t)
+
+
+def test_group_can_leave_a_metadata_site_out():
+    records = [rec(1, "IM-0001-0001.jpeg", "NORMAL")._replace(site="a"),
+               rec(2, "IM-0002-0001.jpeg", "NORMAL")._replace(site="b"),
+               rec(3, "IM-0002-0002.jpeg", "NORMAL")._replace(site="a"),  # patient 0002
+               rec(4, "person1_virus_1.jpeg", "PNEUMONIA")._replace(site="b"),
+               rec(5, "person2_virus_2.jpeg", "PNEUMONIA")]  # no site
+    plan = make_split("group", records, labels_of(records), group="site:b")
+    assert sorted(plan.val) == [2, 3, 4] and sorted(plan.train) == [1, 5]
+    with pytest.raises(DatasetError, match="of site 'c'"):
+        make_split("group", records, labels_of(records), group="site:c")
+    with pytest.raises(ConfigError, match="site:NAME"):
+        make_split("group", records, labels_of(records), group="site:")
