@@ -308,12 +308,6 @@ def get_images(db: Database, image_ids: list[int]) -> list[ds.ImageRecord]:
         return store.get_images(session=s, image_ids=image_ids)
 
 
-def get_image(db: Database, image_id: int) -> ds.ImageRecord | None:
-    """One indexed image by id."""
-    found = get_images(db, [image_id])
-    return found[0] if found else None
-
-
 def random_images(db: Database, dataset_id: int, n: int, *, seed: int) -> list[tuple[int, str]]:
     """(id, relpath) of ``n`` readable images drawn by ``seed`` (the review page's seeded
     order: one indexed query at any size)."""

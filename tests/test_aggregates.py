@@ -110,7 +110,7 @@ def test_samples_and_server_side_search(ds):
     normal = indexing.search_images(db, dataset_id, "", label="NORMAL", limit=100)
     assert {p.split("/")[1] for _, p in normal} == {"NORMAL"} and len(normal) == 8
     image_id, relpath = normal[0]
-    assert indexing.get_image(db, image_id).relpath == relpath
+    assert indexing.get_images(db, [image_id])[0].relpath == relpath
 
 
 def test_split_preview_is_a_job_kept_per_label_version(ds, monkeypatch):

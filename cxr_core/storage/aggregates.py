@@ -200,14 +200,6 @@ def sample_images(*, session: Session, dataset_id: int, per_class: int = 8,
     return out
 
 
-def class_sizes(*, session: Session, dataset_id: int) -> dict[str, int]:
-    """Readable images per original class."""
-    return {label: int(n) for label, n in session.execute(
-        select(ImageRow.label, func.count()).where(
-            ImageRow.dataset_id == dataset_id, ImageRow.error.is_(None),
-            ImageRow.missing.is_(False)).group_by(ImageRow.label))}
-
-
 def search_images(*, session: Session, dataset_id: int, text: str = "",
                   label: str | None = None, limit: int = 50) -> list[tuple[int, str]]:
     """(id, relpath) of readable images whose path contains ``text`` (case-insensitive),

@@ -257,23 +257,6 @@ def _latest_labels(dataset_id: int):
         ranked.c.rn == 1).subquery()
 
 
-def pair_contingency(*, session: Session,
-                     dataset_id: int) -> list[tuple[str, str, str, str, int]]:
-    """(reviewer a, reviewer b, label of a, label of b, images) over the images (and uploads)
-    both labelled, a < b: what Cohen's kappa of each pair is computed from."""
-    return _with_latest(session, dataset_id, _contingency)
-
-
-def _with_latest(session: Session, dataset_id: int, fn):
-    """``fn(session, latest)`` over each reviewer's newest labels, derived once into a
-    temporary table indexed on the image key (the self-join then costs an index lookup)."""
-    latest = materialize(session, _latest_labels(dataset_id), index_on=("key", "reviewer"))
-    try:
-        return fn(session, latest)
-    finally:
-        latest.drop(session.connection())
-
-
 def _contingency(session: Session, latest) -> list[tuple[str, str, str, str, int]]:
     a, b = latest.alias("a"), latest.alias("b")
     q = (select(a.c.reviewer, b.c.reviewer, a.c.label, b.c.label, func.count())
@@ -282,18 +265,18 @@ def _contingency(session: Session, latest) -> list[tuple[str, str, str, str, int
     return [(ra, rb, la, lb, int(n)) for ra, rb, la, lb, n in session.execute(q)]
 
 
-def conflicts(*, session: Session, dataset_id: int, limit: int = 50,
-              offset: int = 0) -> tuple[int, list[tuple[str, str | None, list[tuple[str, str]]]]]:
-    """(how many images/uploads have reviewers whose newest labels differ, a page of them as
-    (key, relpath, [(reviewer, label), ...])); images first by id, then uploads."""
-    return _with_latest(session, dataset_id,
-                        lambda s, latest: _conflicts(s, latest, limit, offset))
-
-
 def agreement_tables(*, session: Session, dataset_id: int, limit: int = 50, offset: int = 0):
-    """:func:`pair_contingency` and :func:`conflicts` from one derivation of the labels."""
-    return _with_latest(session, dataset_id, lambda s, latest: (
-        _contingency(s, latest), _conflicts(s, latest, limit, offset)))
+    """From one derivation of each reviewer's newest labels: the contingency cells (reviewer a,
+    reviewer b, label of a, label of b, images; a < b) Cohen's kappa is computed from, and
+    (how many images/uploads have reviewers whose newest labels differ, a page of them as
+    (key, relpath, [(reviewer, label), ...]); images first by id, then uploads)."""
+    # Derived once into a temporary table indexed on the image key: the self-join of the
+    # contingency then costs an index lookup, not a nested loop over a derived table.
+    latest = materialize(session, _latest_labels(dataset_id), index_on=("key", "reviewer"))
+    try:
+        return _contingency(session, latest), _conflicts(session, latest, limit, offset)
+    finally:
+        latest.drop(session.connection())
 
 
 def _conflicts(session: Session, latest, limit: int, offset: int):
