@@ -153,7 +153,7 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
     if job is not None and job.status == "finished":
         return job.result
     if job is not None and job.status == "failed":
-        st.error(f"{label}: {job.error}", icon=":material/error:")
+        st.error(f"{label} failed: {job.error}", icon=":material/error:")
         if st.button("Try again", key=f"{key}_retry", icon=":material/refresh:"):
             st.session_state[key] = jobs.submit(get_db(), kind, params)
             st.rerun()
