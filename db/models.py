@@ -202,14 +202,15 @@ class Evaluation(Base):
 
 
 class RunImage(Base):
-    """The images a run trained on (role "train") and selected on (role "val")."""
+    """The images a run trained on (role "train"), selected on (role "val") and chose its
+    threshold on (role "calib", the calibration slice)."""
 
     __tablename__ = "run_images"
     __table_args__ = (UniqueConstraint("run_id", "image_id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
-    role: Mapped[str] = mapped_column(String(10))  # train | val
+    role: Mapped[str] = mapped_column(String(10))  # train | val | calib (threshold chosen on)
 
 
 class EvalPrediction(Base):
@@ -231,12 +232,30 @@ class EvalPrediction(Base):
     top2_margin: Mapped[float | None] = mapped_column(Float)
 
 
+def _run_ref(context) -> str | None:
+    """A row inserted with only a run id thresholds that run."""
+    run_id = context.get_current_parameters().get("run_id")
+    return None if run_id is None else f"run:{run_id}"
+
+
 class OperatingPoint(Base):
-    """Threshold history of a run; the newest row is the run's operating point."""
+    """Threshold history of a model, global or for one dataset (site); append-only.
+
+    The newest row of (model_ref, dataset NULL) is the model's operating point; the newest
+    row of (model_ref, dataset) is that site's (site calibration, migration 0007).
+    """
 
     __tablename__ = "operating_points"
+    __table_args__ = (Index("ix_operating_points_scope", "model_ref", "dataset_id", "id"),)
     id: Mapped[int] = mapped_column(primary_key=True)
-    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    # None for a model without a run (the shipped "default"): model_ref names it.
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"),
+                                               index=True)
+    model_ref: Mapped[str] = mapped_column(String(300), default=_run_ref)  # "run:ID" | "default"
+    # None: the model's global operating point; else the site it was calibrated for.
+    dataset_id: Mapped[int | None] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    sample_n: Mapped[int | None] = mapped_column(Integer)  # images it was chosen on
+    details_json: Mapped[str | None] = mapped_column(Text)  # CIs, labels, split chosen on
     threshold: Mapped[float] = mapped_column(Float)
     method: Mapped[str] = mapped_column(String(30))  # sensitivity | youden | manual
     target: Mapped[float | None] = mapped_column(Float)

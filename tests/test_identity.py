@@ -21,6 +21,7 @@ from cxr_core.review_view import describe_entry
 from cxr_core.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import datasets as dstore
+from cxr_core.storage import evals as eval_store
 from cxr_core.storage import relabels as rel_store, reviews as rstore
 from db import models
 from db.engine import make_engine, upgrade
@@ -186,12 +187,16 @@ def _old_schema_db(url):
                        "(1, 1, 'run:1', 'val', '/data', '[]', 'k', '{}', :t)"), {"t": now})
         c.execute(text("INSERT INTO eval_predictions (id, evaluation_id, image_id, path, y_true, "
                        "probs_json) VALUES (1, 1, 2, 'b.jpeg', 1, '[0.2,0.8]')"))
+        for threshold in (0.4, 0.7):  # the run's threshold history (ids from the sequence)
+            c.execute(text("INSERT INTO operating_points (run_id, threshold, method, "
+                           "changed_by, note, created_at) VALUES (1, :t, 'sensitivity', "
+                           "'training', '', :at)"), {"t": threshold, "at": now})
     engine.dispose()
     return url
 
 
 TABLES = ("datasets", "images", "relabels", "review_items", "runs", "evaluations",
-          "eval_predictions")
+          "eval_predictions", "operating_points")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -211,7 +216,7 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
     raw.dispose()
     db = open_db(url=url)  # migrates to head
     with db.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0006"  # head
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0007"  # head
         for t in TABLES:
             after = c.execute(text(f"SELECT * FROM {t} ORDER BY id")).mappings().all()
             assert len(after) == len(before[t]), t
@@ -222,8 +227,21 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
         (score, pred, margin), = c.execute(text(
             "SELECT score, pred_index, top2_margin FROM eval_predictions")).all()
         assert c.execute(text("SELECT n_predictions FROM evaluations")).scalar() == 1
+        # 0007: every old operating point is its run's global one.
+        scoped = c.execute(text("SELECT id, model_ref, dataset_id, sample_n FROM "
+                                "operating_points ORDER BY id")).all()
     assert (score, pred, margin) == pytest.approx((0.8, 1, 0.6))
     assert sha == {1: "1".zfill(64), 2: "1".zfill(64), 3: "2".zfill(64), 4: None}
+    assert [tuple(r) for r in scoped] == [(1, "run:1", None, None), (2, "run:1", None, None)]
+    with db.session() as s:
+        assert eval_store.latest_operating_point(session=s, run_id=1).threshold == 0.7
+        site = eval_store.add_operating_point(  # the shipped model, calibrated for a site
+            session=s, run_id=None, model_ref="default", dataset_id=1, threshold=0.9,
+            method="sensitivity", target=0.95, sensitivity=1.0, specificity=0.5,
+            changed_by="dr site", sample_n=2, details={"chosen_on": "site"})
+        assert eval_store.latest_operating_point(session=s, run_id=1).threshold == 0.7
+        assert eval_store.site_operating_point(session=s, model_ref="default",
+                                               dataset_id=1) == site
     with db.session() as s:
         assert rel_store.current_labels(session=s, dataset_id=1) == {1: ("NORMAL", None),
                                                                     2: ("NORMAL", None)}

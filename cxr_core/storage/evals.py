@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import numpy as np
@@ -73,18 +73,34 @@ class EvalPredictions:
 
 @dataclass(frozen=True)
 class OperatingPoint:
-    """One row of a run's threshold history (the newest row is in force)."""
+    """One row of a model's threshold history, global or for one site (the newest row of a
+    scope is in force there)."""
 
     id: int
-    run_id: int
+    run_id: int | None  # None for a model without a run (the shipped "default")
     threshold: float
     method: str  # sensitivity | youden | manual
     target: float | None
-    sensitivity: float | None  # on the data it was chosen on (validation), when known
+    sensitivity: float | None  # on the data it was chosen on, when known
     specificity: float | None
     changed_by: str
     note: str
     created_at: datetime
+    model_ref: str = ""  # "run:ID" | "default"
+    dataset_id: int | None = None  # None: the model's global operating point; else a site's
+    dataset_name: str | None = None
+    sample_n: int | None = None  # images of the sample it was chosen on, when known
+    details: dict = field(default_factory=dict)  # intervals, labels, the split chosen on
+
+    @property
+    def is_site(self) -> bool:
+        """True for a site calibration (a dataset's own operating point)."""
+        return self.dataset_id is not None
+
+    @property
+    def chosen_on(self) -> str | None:
+        """The split or sample it was chosen on ("calibration", "val", "site", ...)."""
+        return self.details.get("chosen_on")
 
 
 @dataclass(frozen=True)
@@ -237,38 +253,78 @@ def list_run_briefs(*, session: Session, status: str | None = None) -> list[RunB
 
 
 # -- Operating points -----------------------------------------------------------------------
+# A row's scope is (model_ref, dataset_id): dataset NULL is the model's global operating point,
+# a dataset id that site's (site calibration). The newest row of a scope is in force.
 
-def _op(row: OperatingPointRow) -> OperatingPoint:
+def _op(row: OperatingPointRow, dataset_name: str | None = None) -> OperatingPoint:
     return OperatingPoint(row.id, row.run_id, row.threshold, row.method, row.target,
                           row.sensitivity, row.specificity, row.changed_by, row.note,
-                          _utc(row.created_at))
+                          _utc(row.created_at), row.model_ref, row.dataset_id, dataset_name,
+                          row.sample_n, json.loads(row.details_json) if row.details_json else {})
 
 
-def add_operating_point(*, session: Session, run_id: int, threshold: float, method: str,
+def add_operating_point(*, session: Session, run_id: int | None, threshold: float, method: str,
                         target: float | None, sensitivity: float | None,
-                        specificity: float | None, changed_by: str,
-                        note: str = "") -> OperatingPoint:
-    """Append a row to the run's threshold history; it becomes the run's operating point."""
-    row = OperatingPointRow(run_id=run_id, threshold=float(threshold), method=method,
+                        specificity: float | None, changed_by: str, note: str = "",
+                        model_ref: str | None = None, dataset_id: int | None = None,
+                        sample_n: int | None = None,
+                        details: dict | None = None) -> OperatingPoint:
+    """Append a row to a model's threshold history (global, or for ``dataset_id``); it becomes
+    the operating point of that scope. ``model_ref`` defaults to ``"run:<run_id>"``."""
+    if model_ref is None and run_id is None:
+        raise ValueError("an operating point needs a run id or a model_ref")
+    row = OperatingPointRow(run_id=run_id, model_ref=model_ref or f"run:{run_id}",
+                            dataset_id=dataset_id, threshold=float(threshold), method=method,
                             target=target, sensitivity=sensitivity, specificity=specificity,
-                            changed_by=changed_by, note=note)
+                            changed_by=changed_by, note=note, sample_n=sample_n,
+                            details_json=json.dumps(details) if details else None)
     session.add(row)
     session.flush()
-    return _op(row)
+    name = session.scalar(select(Dataset.name).where(Dataset.id == dataset_id)) \
+        if dataset_id is not None else None
+    return _op(row, name)
 
 
 def latest_operating_point(*, session: Session, run_id: int) -> OperatingPoint | None:
-    """The run's operating point (its newest history row), or None."""
-    row = session.scalar(select(OperatingPointRow).where(OperatingPointRow.run_id == run_id)
-                         .order_by(OperatingPointRow.id.desc()).limit(1))
+    """The run's global operating point (its newest row without a dataset), or None."""
+    row = session.scalar(select(OperatingPointRow).where(
+        OperatingPointRow.run_id == run_id, OperatingPointRow.dataset_id.is_(None))
+        .order_by(OperatingPointRow.id.desc()).limit(1))
     return None if row is None else _op(row)
 
 
 def operating_points(*, session: Session, run_id: int) -> list[OperatingPoint]:
-    """The run's whole threshold history, newest first."""
-    rows = session.scalars(select(OperatingPointRow).where(OperatingPointRow.run_id == run_id)
-                           .order_by(OperatingPointRow.id.desc())).all()
+    """The run's global threshold history, newest first (site calibrations: :func:`site_points`)."""
+    rows = session.scalars(select(OperatingPointRow).where(
+        OperatingPointRow.run_id == run_id, OperatingPointRow.dataset_id.is_(None))
+        .order_by(OperatingPointRow.id.desc())).all()
     return [_op(r) for r in rows]
+
+
+def site_operating_point(*, session: Session, model_ref: str,
+                         dataset_id: int) -> OperatingPoint | None:
+    """The newest site calibration of ``model_ref`` for one dataset, or None."""
+    found = session.execute(
+        select(OperatingPointRow, Dataset.name).join(Dataset, Dataset.id ==
+                                                     OperatingPointRow.dataset_id)
+        .where(OperatingPointRow.model_ref == model_ref,
+               OperatingPointRow.dataset_id == dataset_id)
+        .order_by(OperatingPointRow.id.desc()).limit(1)).first()
+    return None if found is None else _op(*found)
+
+
+def site_points(*, session: Session, model_ref: str | None = None,
+                dataset_id: int | None = None, limit: int = 100) -> list[OperatingPoint]:
+    """Site calibrations (rows with a dataset), newest first, optionally of one model and/or
+    one dataset; at most ``limit`` rows."""
+    q = (select(OperatingPointRow, Dataset.name)
+         .join(Dataset, Dataset.id == OperatingPointRow.dataset_id)
+         .order_by(OperatingPointRow.id.desc()).limit(limit))
+    if model_ref is not None:
+        q = q.where(OperatingPointRow.model_ref == model_ref)
+    if dataset_id is not None:
+        q = q.where(OperatingPointRow.dataset_id == dataset_id)
+    return [_op(row, name) for row, name in session.execute(q)]
 
 
 @dataclass(frozen=True)

@@ -59,9 +59,11 @@ def runs_with_predictions(*, session: Session, dataset_id: int) -> list[RunOptio
 
 
 def operating_threshold(*, session: Session, run_id: int) -> float | None:
-    """The run's operating point: threshold of its newest ``operating_points`` row."""
-    return session.scalar(select(OperatingPoint.threshold).where(OperatingPoint.run_id == run_id)
-                          .order_by(OperatingPoint.id.desc()).limit(1))
+    """The run's global operating point: threshold of its newest ``operating_points`` row
+    without a dataset (site calibrations apply to their own dataset only)."""
+    return session.scalar(select(OperatingPoint.threshold).where(
+        OperatingPoint.run_id == run_id, OperatingPoint.dataset_id.is_(None))
+        .order_by(OperatingPoint.id.desc()).limit(1))
 
 
 def run_artifact_dir(*, session: Session, run_id: int) -> str | None:
