@@ -28,18 +28,21 @@ def _require_run(db: Database, run_id: int) -> None:
 
 def set_operating_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any,
                         method: str = "sensitivity", target: float = 0.95,
-                        changed_by: str = "system", note: str = "") -> OperatingPoint:
-    """Choose a threshold on validation outputs and make it the run's operating point.
+                        changed_by: str = "system", note: str = "",
+                        details: dict | None = None) -> OperatingPoint:
+    """Choose a threshold on held-out outputs and make it the run's (global) operating point.
 
     Args:
         db: the database.
         run_id: the run.
-        y_true: binary validation labels (1 = positive).
+        y_true: binary labels (1 = positive) of the images it is chosen on.
         p_pos: positive-class probabilities (N,) or (N, 2).
         method: "sensitivity" (highest threshold reaching ``target``) or "youden".
         target: target sensitivity for method "sensitivity".
         changed_by: who (or what) set it.
         note: why.
+        details: stored with the row, e.g. ``{"chosen_on": "calibration"}`` (the split the
+            threshold was chosen on: numbers scored there are not independent of it).
 
     Returns:
         The stored operating point (sensitivity/specificity reached on these data).
@@ -54,7 +57,8 @@ def set_operating_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any,
     return db.write(lambda s: store.add_operating_point(
         session=s, run_id=run_id, threshold=chosen.threshold, method=chosen.method,
         target=chosen.target, sensitivity=chosen.sensitivity, specificity=chosen.specificity,
-        changed_by=changed_by or "system", note=note))
+        changed_by=changed_by or "system", note=note, sample_n=len(np.asarray(y_true)),
+        details=details))
 
 
 def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed_by: str,
@@ -87,9 +91,13 @@ def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed
     sens = spec = None
     if evaluation_id is not None:
         sens, spec = _sens_spec_at(db, run_id, evaluation_id, float(threshold))
+    details = {"chosen_on": "manual"}
+    if evaluation_id is not None:
+        details["measured_on_evaluation"] = evaluation_id
     return db.write(lambda s: store.add_operating_point(
         session=s, run_id=run_id, threshold=float(threshold), method="manual", target=None,
-        sensitivity=sens, specificity=spec, changed_by=changed_by.strip(), note=note))
+        sensitivity=sens, specificity=spec, changed_by=changed_by.strip(), note=note,
+        details=details))
 
 
 def _sens_spec_at(db: Database, run_id: int, evaluation_id: int,
@@ -109,7 +117,8 @@ def _sens_spec_at(db: Database, run_id: int, evaluation_id: int,
 
 
 def get_operating_point(db: Database, run_id: int) -> OperatingPoint | None:
-    """The run's operating point (the newest history row), or None when it has none."""
+    """The run's global operating point (the newest history row without a dataset), or None
+    when it has none. A dataset's own one: :mod:`cxr_core.site_calibration`."""
     with db.session() as s:
         return store.latest_operating_point(session=s, run_id=run_id)
 

@@ -109,7 +109,12 @@ def overlap_warning(overlap: Mapping | None, n: int) -> str | None:
         parts.append(f"{overlap['train_images']} of the {n} images were in its training set")
     if overlap.get("val_images"):
         parts.append(f"{overlap['val_images']} were its validation images (early stopping "
-                     "and the threshold were chosen on them)")
+                     "and the best epoch were chosen on them"
+                     + ("" if overlap.get("calib_images") is not None else ", and the threshold")
+                     + ")")
+    if overlap.get("calib_images"):
+        parts.append(f"{overlap['calib_images']} were its calibration slice (its threshold "
+                     "was chosen on them)")
     if overlap.get("same_content"):
         parts.append(f"{overlap['same_content']} are byte-identical to images it trained or "
                      "selected on")
@@ -117,6 +122,9 @@ def overlap_warning(overlap: Mapping | None, n: int) -> str | None:
         parts.append(f"{overlap['train_patients']} patients are shared with its training set")
     if overlap.get("val_patients") and not overlap.get("val_images"):
         parts.append(f"{overlap['val_patients']} patients are shared with its validation set")
+    if overlap.get("calib_patients") and not overlap.get("calib_images"):
+        parts.append(f"{overlap['calib_patients']} patients are shared with its calibration "
+                     "slice")
     if not parts:
         return None
     return "Scored on data the model has seen: " + "; ".join(parts) + \

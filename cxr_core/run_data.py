@@ -14,6 +14,7 @@ import numpy as np
 from cxr_core import datasets as ds
 from cxr_core import images as image_io
 from cxr_core import provenance
+from cxr_core.calibration import carve_calibration
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, RunError
 from cxr_core.indexing import open_dataset
@@ -35,6 +36,10 @@ class PreparedData:
     snapshot: LabelSnapshot
     counts: dict[str, dict[str, int]]  # split -> class -> images
     excluded: int  # unreadable, test-split, unlabelled or subsampled-out images
+    # The calibration slice (cxr_core.calibration): validation images kept out of training
+    # and model selection, predicted after training to choose the threshold on.
+    calibration: tuple = ()  # ImageRecords
+    calibration_skipped: str | None = None  # why there is none (fraction 0, too small a val)
 
 
 def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
@@ -85,7 +90,9 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
 
     Test-folder images are never used. Validation is carved from the rest, grouped by patient,
     with the run's split strategy (:func:`cxr_core.splits.make_split`: ``patient`` with
-    ``split_seed``, ``temporal`` or ``group``).
+    ``split_seed``, ``temporal`` or ``group``); its calibration slice
+    (``calibration_fraction`` of it, :func:`cxr_core.calibration.carve_calibration`) is kept
+    out of the training data altogether and returned apart.
 
     Args:
         db: the database.
@@ -114,6 +121,15 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     plan = make_split(cfg.split, recs, [names[i] for i in usable],
                       val_fraction=cfg.val_fraction, seed=cfg.split_seed, group=cfg.split_group)
     val_ids = set(plan.val)
+    by_id = {r.id: (r, names[i]) for r, i in zip(recs, usable)}
+    val_recs = [by_id[i] for i in plan.val]
+    carve = carve_calibration([r for r, _ in val_recs], [y for _, y in val_recs],
+                              fraction=cfg.calibration_fraction, seed=cfg.split_seed)
+    calib_ids = set(carve.calibration)
+    if calib_ids:  # out of training and model selection alike
+        val_ids -= calib_ids
+        keep = [k for k, r in enumerate(recs) if r.id not in calib_ids]
+        usable, recs = [usable[k] for k in keep], [recs[k] for k in keep]
     labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
     is_val = np.array([r.id in val_ids for r in recs])
     arrays = image_io.npz_record_images(info.root, recs) if info.layout == "npz" else None
@@ -126,5 +142,9 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     for split, mask in (("train", ~is_val), ("val", is_val)):
         c = Counter(labels[mask].tolist())
         counts[split] = {name: int(c.get(k, 0)) for k, name in enumerate(classes)}
+    calib = tuple(by_id[i][0] for i in carve.calibration)
+    if calib:
+        c = Counter(by_id[i][1] for i in carve.calibration)
+        counts["calibration"] = {name: int(c.get(name, 0)) for name in classes}
     return PreparedData(data, info.id, info.name, info.root, snap, counts,
-                        len(records) - len(recs))
+                        len(records) - len(recs) - len(calib), calib, carve.skipped)

@@ -100,6 +100,9 @@ class TrainConfig:
     split_group: str | None = None  # split="group": the folder held out (e.g. "train/site_b")
     split_seed: int = 0
     val_fraction: float = 0.15  # share of patient groups carved from train for validation
+    # Share of the validation patients set apart as the calibration slice: the threshold is
+    # chosen there only, early stopping and the best epoch on the rest. 0: both on validation.
+    calibration_fraction: float = 0.3
     max_images: int | None = None  # stratified seeded subsample before splitting (quick runs)
     image_size: int = 224
     channels: int = 1  # films are grayscale; RGB backbones repeat the channel in-model
@@ -193,6 +196,16 @@ class TrainConfig:
             if not _is_num(value) or not lo < value <= hi:
                 raise ConfigError(f"{name} must be a number in ({lo:g}, {hi:g}]. "
                                   f"Received: {name}={value!r}")
+        cal = self.calibration_fraction
+        if not _is_num(cal) or not 0.0 <= cal <= 0.7:
+            raise ConfigError("calibration_fraction must be a number in [0, 0.7] (0: the "
+                              "threshold is chosen on the validation split itself). "
+                              f"Received: calibration_fraction={cal!r}")
+        if cal and self.label_scheme != "binary":
+            raise ConfigError("calibration_fraction sets apart images to choose a binary "
+                              "threshold on; multi-class runs decide by argmax: use 0. "
+                              f"Received: calibration_fraction={cal}, "
+                              f"label_scheme={self.label_scheme!r}")
         if self.target_ratio is not None:
             ratio = self.target_ratio
             if not isinstance(ratio, (tuple, list)) or not ratio or not all(
@@ -272,6 +285,9 @@ class TrainConfig:
             # A binary recipe's val_auc monitor has no multi-class counterpart tracked;
             # an explicit monitor='val_auc' with three classes still fails validation.
             merged["monitor"] = "val_loss"
+        if ("calibration_fraction" not in data
+                and merged.get("label_scheme", "binary") != "binary"):
+            merged["calibration_fraction"] = 0.0  # argmax runs choose no threshold
         if isinstance(merged.get("target_ratio"), list):
             merged["target_ratio"] = tuple(merged["target_ratio"])
         return cls(**merged)

@@ -10,8 +10,9 @@ writes a queued run and calls :func:`ensure_worker`, which launches
   :func:`cxr_core.training.train` with sinks that write long-form metric rows (per epoch,
   and per batch at most every 2 s), run log lines, and a cancel check after every batch,
 * beats a heartbeat (worker row and run row) from a thread every 5 s,
-* at the end stores the validation probabilities (``record_evaluation``), the operating
-  point chosen on validation (binary: target sensitivity 0.95) and ``model_card.json``.
+* at the end stores the operating point, chosen on the run's calibration slice (binary:
+  target sensitivity 0.95), the validation and calibration evaluations
+  (:mod:`cxr_core.run_outputs`) and ``model_card.json`` with its ``measured`` list.
 
 A worker killed with SIGKILL stops beating; :func:`reap_dead_runs` (called by the pages and
 by every worker loop) marks its run failed once the heartbeat is older than 30 s, or at once
@@ -47,7 +48,6 @@ STALE_AFTER_S = 30.0
 POLL_S = 2.0
 APP_IDLE_EXIT_S = 600.0  # a worker started by the app exits after this long without work
 LAUNCH_GRACE_S = 90.0  # a just-launched worker has this long to register (TF import)
-BOOTSTRAP = 200  # resamples for the stored validation evaluation's intervals
 
 Progress = Callable[[int, int], None]
 
@@ -250,62 +250,22 @@ def _log(db: Database, run_id: int, message: str, level: str = "info") -> None:
     db.write(lambda s: store.add_log(session=s, run_id=run_id, message=message, level=level))
 
 
-def _val_outputs(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedData,
-                 result: Any) -> tuple[dict, dict | None, int | None]:
-    """Store the validation probabilities and operating point: (metrics, op, eval id)."""
-    from cxr_core import evaluation as ev
-    from cxr_core import provenance
-    from cxr_core.evaluation_service import patients_of, record_evaluation
-    from cxr_core.operating_point_service import set_operating_point
-    from cxr_core.storage import evals as evals_store
-    from cxr_core.storage import relabels
-
-    classes = list(result.classes)
-    op = None
-    if len(classes) == 2:
-        chosen = set_operating_point(db, run_id=run.id, y_true=result.val_y,
-                                     p_pos=result.val_probs[:, 1], method="sensitivity",
-                                     target=cfg.target_sensitivity, changed_by="training",
-                                     note="chosen on the validation split at the end of training")
-        op = {"threshold": chosen.threshold, "method": chosen.method, "target": chosen.target,
-              "sensitivity": chosen.sensitivity, "specificity": chosen.specificity,
-              "chosen_on": "val"}
-    val_ids = list(result.val_image_ids)
-    truth = overlap = None
-    if val_ids and all(i is not None for i in val_ids):
-        snap = prepared.snapshot  # the labels the run trained and selected on
-        as_of = provenance.as_of_relabel_id(cfg.label_source, snap.newest_relabel_id or 0)
-        with db.session() as s:
-            version = relabels.label_version(session=s, dataset_id=prepared.dataset_id,
-                                            as_of_relabel_id=as_of)
-            overlap = evals_store.run_overlap(session=s, run_id=run.id,
-                                              image_ids=val_ids).to_dict()
-        truth = provenance.make_truth(version.labels, val_ids, classes, cfg.label_scheme,
-                                      cfg.label_source, version.newest_relabel_id)
-    eval_id = record_evaluation(
-        db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
-        split="val", labels=classes, image_ids=val_ids,
-        paths=list(result.val_paths), y_true=result.val_y, probs=result.val_probs,
-        n_boot=BOOTSTRAP, truth=truth, groups=patients_of(db, val_ids), overlap=overlap)
-    rep = ev.evaluate(result.val_y, result.val_probs, classes,
-                      threshold=op["threshold"] if op else None, n_boot=0)
-    val = {"n": rep.n, "auc": rep.auc, "accuracy": rep.accuracy, "sensitivity": rep.sensitivity,
-           "specificity": rep.specificity, "average_precision": rep.average_precision,
-           "threshold": rep.threshold}
-    val = {k: (None if isinstance(v, float) and v != v else v) for k, v in val.items()}  # NaN
-    return val, op, eval_id
-
-
 def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedData, result: Any,
               run_dir: Path) -> RunOutcome:
-    """Validation outputs, model card and the run's final row."""
+    """Validation and calibration outputs, model card and the run's final row."""
+    from cxr_core.card_measured import refresh_run_card
     from cxr_core.model_store import write_model_card
+    from cxr_core.run_outputs import RunOutputs, record_outputs
 
     try:
-        val, op, eval_id = _val_outputs(db, run, cfg, prepared, result)
+        out = record_outputs(db, run, cfg, prepared, result)
     except ConfigError as exc:  # e.g. a validation split missing a class: keep the model
         _log(db, run.id, f"validation metrics not stored: {exc}", "warning")
-        val, op, eval_id = {}, None, None
+        out = RunOutputs({}, None, None)
+    val, op, eval_id = out.val, out.operating_point, out.evaluation_id
+    if op and op.get("calibration_skipped"):
+        _log(db, run.id, f"threshold chosen on validation: {op['calibration_skipped']}",
+             "warning")
     snap = prepared.snapshot
     write_model_card(
         run_dir, name=run.display_name, cfg=cfg, classes=result.classes,
@@ -316,12 +276,15 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
                         "relabel_id": snap.newest_relabel_id, "n_relabels": snap.n_relabels},
         extra={"run_id": run.id, "model_ref": f"run:{run.id}", "epochs": result.epochs_done,
                "best_epoch": result.best_epoch, "weights": result.weights_report,
-               "evaluation_id": eval_id})
+               "evaluation_id": eval_id,
+               "calibration_evaluation_id": out.calibration_evaluation_id})
+    refresh_run_card(db, run.id)  # "measured": every split, with patient-clustered intervals
     summary = {"val": val, "epochs": result.epochs_done, "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "images_per_s": result.images_per_s,
                "n_train": result.n_train, "n_val": result.n_val, "skipped": result.skipped,
                "feature_cache": result.feature_cache, "evaluation_id": eval_id,
-               "operating_point": op}
+               "operating_point": op, "n_calibration": len(prepared.calibration),
+               "calibration_evaluation_id": out.calibration_evaluation_id}
     db.write(lambda s: store.finish_run(session=s, run_id=run.id, status="finished",
                                         summary=summary, only_if="running"))
     _log(db, run.id, "finished: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()
@@ -344,19 +307,21 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
                                 snapshot_hash=snap.hash,
                                 snapshot_relabel_id=snap.newest_relabel_id)
         store.set_epochs_done(session=s, run_id=run.id, epochs_done=initial)
-        data = prepared.data  # the images it trains and selects on (overlap warnings)
+        data = prepared.data  # the images it trains, selects and calibrates on (warnings)
         store.set_run_images(session=s, run_id=run.id,
                              train_ids=[i for i, v in zip(data.image_ids, data.is_val)
                                         if i is not None and not v],
                              val_ids=[i for i, v in zip(data.image_ids, data.is_val)
-                                      if i is not None and v])
+                                      if i is not None and v],
+                             calib_ids=[r.id for r in prepared.calibration])
         if resume:
             store.truncate_metrics(session=s, run_id=run.id, after_epoch=initial)
         store.add_log(session=s, run_id=run.id, message=(
             f"{'resuming from epoch ' + str(initial) if resume else 'started'} on "
             f"{socket.gethostname()} (pid {os.getpid()}): dataset {prepared.dataset_name!r}, "
             f"{cfg.label_scheme} labels ({cfg.label_source}, snapshot {snap.hash[:12]}), "
-            f"train {prepared.counts['train']}, val {prepared.counts['val']}"))
+            f"train {prepared.counts['train']}, val {prepared.counts['val']}, calibration "
+            f"{prepared.counts.get('calibration') or prepared.calibration_skipped}"))
     db.write(write)
     return prepared, initial
 

@@ -132,7 +132,9 @@ def test_a_run_prepares_its_data_with_the_temporal_split(cxr_home, tiny_dataset)
                                                      val_fraction=0.3))
     data = prepared.data
     by_id = {r.id: r for r in indexed_records(db, prepared.dataset_id)}
-    val = [by_id[i] for i, v in zip(data.image_ids, data.is_val) if v]
+    # Validation = the selection part and the calibration slice carved from it.
+    val = [by_id[i] for i, v in zip(data.image_ids, data.is_val) if v] + list(
+        prepared.calibration)
     train = [by_id[i] for i, v in zip(data.image_ids, data.is_val) if not v]
     for series in ("im", "person"):
         v = [temporal_key(r)[2] for r in val if temporal_key(r)[1] == series]

@@ -145,7 +145,9 @@ def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
         stopped = store.live_workers(session=s, fresh_after_s=60)
     assert {m.key for m in epoch} >= {"loss", "val_loss", "auc", "val_auc", "lr"}
     assert batch and batch[0].step == 1
-    assert [e.split for e in evals] == ["val"] and evals[0].n == run.summary["n_val"]
+    assert sorted(e.split for e in evals) == ["calibration", "val"]
+    val = next(e for e in evals if e.split == "val")
+    assert val.n == run.summary["n_val"]
     folder = Path(run.artifact_dir)
     assert (folder / "checkpoints" / "epoch_001.keras").is_file()
     assert (folder / "best.keras").is_file()
@@ -158,7 +160,6 @@ def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
     assert loaded.threshold == pytest.approx(op.threshold) and loaded.image_size == 32
     # Provenance: the val evaluation says which labels it used and that it is the run's own
     # validation set; evaluating the run on its dataset warns of the training overlap.
-    val = evals[0]
     assert val.label_source == "original" and val.label_scheme == "binary" and val.label_hash
     assert val.overlap["recorded"] and val.overlap["val_images"] == val.n
     assert val.overlap["train_images"] == 0 and val.metrics["ci_unit"] == "patient"
@@ -167,7 +168,73 @@ def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
     out = es.evaluate_dataset(db, f"run:{rid}", str(real_slice), n_boot=0)
     n_train, n_val = run.summary["n_train"], run.summary["n_val"]
     assert (out.overlap["train_images"], out.overlap["val_images"]) == (n_train, n_val)
+    assert out.overlap["calib_images"] == run.summary["n_calibration"] > 0
     assert out.warnings and "in its training set" in out.warnings[0]
+    assert "its calibration slice" in out.warnings[0]
+
+
+def test_threshold_is_chosen_on_a_calibration_slice_disjoint_from_selection(cxr_home,
+                                                                           real_slice):
+    """The slice is kept out of training and model selection (by patient and bytes), the
+    threshold is chosen on it alone, and the card measures every split with intervals."""
+    from cxr_core import evaluation_service as es
+    from cxr_core.storage import datasets as ds_store
+    from cxr_core.thresholds import choose_threshold
+
+    db = open_db()
+    rid = queue(db, real_slice, name="calibrated")
+    assert worker.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
+    run = get(db, rid)
+    with db.session() as s:
+        evals = {e.split: e for e in eval_store.list_evaluations(session=s, run_id=rid)}
+        op = eval_store.latest_operating_point(session=s, run_id=rid)
+    cal, val = evals["calibration"], evals["val"]
+    cal_preds, val_preds = es.load_predictions(db, cal.id), es.load_predictions(db, val.id)
+    assert cal.n == run.summary["n_calibration"] == op.sample_n >= 4
+    assert set(cal_preds.y_true.tolist()) == {0, 1}  # stratified: both classes
+    prepared = run_data.prepare_data(db, svc.make_config(db, {**TINY,
+                                                              "dataset": str(real_slice)}))
+    train_ids = {i for i, v in zip(prepared.data.image_ids, prepared.data.is_val) if not v}
+    sel_ids = set(val_preds.image_ids)
+    cal_ids = set(cal_preds.image_ids)
+    assert cal_ids == {r.id for r in prepared.calibration}  # deterministic by seed
+    assert not cal_ids & (sel_ids | train_ids) and sel_ids.isdisjoint(train_ids)
+    with db.session() as s:
+        images = {r.id: r for r in ds_store.get_images(session=s, image_ids=sorted(
+            cal_ids | sel_ids | train_ids))}
+    for a, b in ((cal_ids, sel_ids), (cal_ids, train_ids)):
+        assert not {images[i].patient for i in a} & {images[i].patient for i in b}
+        assert not {images[i].sha256 for i in a} & {images[i].sha256 for i in b}
+    chosen = choose_threshold(cal_preds.y_true, cal_preds.probs[:, 1],
+                              target_sensitivity=0.95)
+    assert op.threshold == pytest.approx(chosen.threshold) and op.chosen_on == "calibration"
+    card = json.loads((Path(run.artifact_dir) / "model_card.json").read_text())
+    assert card["operating_point"]["chosen_on"] == "calibration"
+    assert card["operating_point"]["calibration_n"] == cal.n
+    measured = {m["split"]: m for m in card["measured"]}
+    assert set(measured) == {"val", "calibration"}
+    for split, role in (("val", "selection"), ("calibration", "calibration")):
+        m = measured[split]
+        assert m["role"] == role and m["threshold"] == pytest.approx(op.threshold)
+        assert m["chosen_on"] == "calibration" and m["ci_unit"] == "patient"
+        for key in ("auc", "sensitivity", "specificity"):
+            low, high = m[f"{key}_ci"]
+            assert low <= m[key] <= high
+    assert measured["calibration"]["threshold_chosen_here"]
+    assert not measured["val"]["threshold_chosen_here"]
+
+
+def test_calibration_fraction_zero_chooses_on_validation_and_says_so(cxr_home, real_slice):
+    db = open_db()
+    rid = queue(db, real_slice, calibration_fraction=0)
+    assert worker.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
+    run = get(db, rid)
+    card = json.loads((Path(run.artifact_dir) / "model_card.json").read_text())
+    assert card["operating_point"]["chosen_on"] == "val"
+    assert "calibration_fraction is 0" in card["operating_point"]["calibration_skipped"]
+    (m,) = card["measured"]
+    assert m["split"] == "val" and m["threshold_chosen_here"] and m["chosen_on"] == "val"
+    assert run.summary["n_calibration"] == 0
 
 
 def _flagged_run(db, real_slice) -> tuple[int, int, worker.Heartbeat]:

@@ -329,7 +329,8 @@ def site_points(*, session: Session, model_ref: str | None = None,
 
 @dataclass(frozen=True)
 class RunOverlap:
-    """Evaluated images that the evaluated run trained on ("train") or selected on ("val")."""
+    """Evaluated images that the evaluated run trained on ("train"), selected on ("val") or
+    chose its threshold on ("calib", the calibration slice)."""
 
     recorded: bool  # False: the run's images were not recorded (a run from before 0003)
     train_images: int = 0
@@ -337,13 +338,17 @@ class RunOverlap:
     train_patients: int = 0  # patients of the evaluated images among the training patients
     val_patients: int = 0
     same_content: int = 0  # evaluated images byte-identical to a training image elsewhere
+    # None: the run has no calibration slice (its threshold was chosen on "val").
+    calib_images: int | None = None
+    calib_patients: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> RunOverlap:
-    """How many of ``image_ids`` (and their patients) the run trained or selected on.
+    """How many of ``image_ids`` (and their patients) the run trained on, selected on or
+    chose its threshold on (its calibration slice).
 
     Images are the same row (dataset, path) or the same bytes (sha256, e.g. the same file
     indexed as another dataset); patients are compared within the run's dataset.
@@ -360,15 +365,17 @@ def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> R
         evaluated += session.execute(select(ImageRow.id, ImageRow.dataset_id, ImageRow.patient,
                                             ImageRow.sha256).where(
             ImageRow.id.in_(ids[i:i + 500]))).all()
-    out: dict[str, int] = {}
+    out: dict[str, int | None] = {}
     seen_sha = {r.sha256 for r in rows if r.sha256}
-    for role in ("train", "val"):
+    for role in ("train", "val", "calib"):
         mine = [r for r in rows if r.role == role]
         by_id = {r.id for r in mine}
         patients = {(r.dataset_id, r.patient) for r in mine if r.patient}
         out[f"{role}_images"] = sum(e.id in by_id for e in evaluated)
         out[f"{role}_patients"] = len({(e.dataset_id, e.patient) for e in evaluated
                                        if e.patient and (e.dataset_id, e.patient) in patients})
+    if not any(r.role == "calib" for r in rows):
+        out["calib_images"] = out["calib_patients"] = None
     train_ids = {r.id for r in rows}
     out["same_content"] = sum(e.id not in train_ids and e.sha256 in seen_sha for e in evaluated)
     return RunOverlap(True, **out)

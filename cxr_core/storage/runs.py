@@ -213,11 +213,13 @@ def claim_next_run(*, session: Session, worker_id: int) -> int | None:
 
 
 def set_run_images(*, session: Session, run_id: int, train_ids: Iterable[int],
-                   val_ids: Iterable[int]) -> None:
-    """Record the images a run trains on and selects on (replacing a resumed run's rows)."""
+                   val_ids: Iterable[int], calib_ids: Iterable[int] = ()) -> None:
+    """Record the images a run trains on, selects on ("val") and chooses its threshold on
+    ("calib", the calibration slice), replacing a resumed run's rows."""
     session.execute(delete(RunImage).where(RunImage.run_id == run_id))
     rows = [{"run_id": run_id, "image_id": int(i), "role": role}
-            for role, ids in (("train", train_ids), ("val", val_ids)) for i in ids]
+            for role, ids in (("train", train_ids), ("val", val_ids), ("calib", calib_ids))
+            for i in ids]
     for start in range(0, len(rows), 1000):
         session.execute(insert(RunImage), rows[start:start + 1000])
 
