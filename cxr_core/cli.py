@@ -108,6 +108,24 @@ def cmd_relabel_list(args: argparse.Namespace) -> dict:
             "relabels": [relabel_json(r, info.name) for r in records]}
 
 
+def cmd_ensemble_create(args: argparse.Namespace) -> dict:
+    from cxr_core.ensembles import create_ensemble
+
+    info = create_ensemble(None, args.name, args.members, threshold=args.threshold,
+                           changed_by=args.by, note=args.note)
+    return {"ensemble": info.ref, "members": list(info.members), "labels": list(info.labels),
+            "threshold": info.threshold, "threshold_source": info.threshold_source}
+
+
+def cmd_ensemble_list(args: argparse.Namespace) -> dict:
+    from cxr_core.ensembles import list_ensembles
+
+    return {"ensembles": [{"ensemble": e.ref, "members": list(e.members),
+                           "labels": list(e.labels), "threshold": e.threshold,
+                           "threshold_source": e.threshold_source, "created_by": e.created_by,
+                           "note": e.note} for e in list_ensembles()]}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core",
                                      description="Chest X-ray pneumonia classifier workbench.")
@@ -128,14 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--detach", action="store_true", help="only queue the run for the worker")
     p = add("evaluate", cmd_evaluate, "evaluate a model on a dataset")
-    p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
+    p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
+                   "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default=None)
     p.add_argument("--labels", choices=("current", "original"), default="current",
                    help="score against the current labels (relabels applied) or the original "
                         "folder labels; stored with the evaluation")
     p = add("predict", cmd_predict, "predict (and explain) images")
-    p.add_argument("--model", required=True, help="RUN_ID, 'default' or a .keras file")
+    p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
+                   "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")
     p.add_argument("images", nargs="+")
     p.add_argument("--saliency", default=None)
     p.add_argument("--out", default=None)
@@ -150,6 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, metavar="IDS",
                    help="the GPUs this worker may use (CUDA_VISIBLE_DEVICES, e.g. 0 or 2,3; "
                         "'' = CPU only): one worker per GPU serves sweeps in parallel")
+    ensemble = sub.add_parser("ensemble", help="named ensembles: the mean of a few models")
+    esub = ensemble.add_subparsers(dest="ensemble_command", required=True)
+    p = add("create", cmd_ensemble_create, "make a named ensemble (ref 'ensemble:NAME'); its "
+            "operating point is chosen on the members' shared validation outputs, or --threshold",
+            esub)
+    p.add_argument("--name", required=True, help="letters, digits, _ . -; never rewritten")
+    p.add_argument("--members", required=True, nargs="+", metavar="REF",
+                   help="2+ of run:ID, ID, default, a .keras file")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="set the binary operating point by hand (needs --by)")
+    p.add_argument("--by", default="", help="who makes it / sets the threshold")
+    p.add_argument("--note", default="", help="why")
+    add("list", cmd_ensemble_list, "the named ensembles", esub)
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
     rsub = relabel.add_subparsers(dest="relabel_command", required=True)
     p = add("add", cmd_relabel_add, "relabel one image by its path", rsub)

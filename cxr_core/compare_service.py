@@ -16,6 +16,7 @@ import numpy as np
 
 from cxr_core import evaluation as ev
 from cxr_core import provenance
+from cxr_core.ensembles import is_ensemble_ref
 from cxr_core.errors import ConfigError
 from cxr_core.eval_tables import metrics_table
 from cxr_core.evaluation_service import list_evaluations
@@ -165,7 +166,11 @@ def _stored_threshold(info: EvaluationInfo, op: OperatingPoint | None) -> tuple[
     if op is not None:
         return op.threshold, f"operating point ({op.method}, {op.changed_by})"
     stored = info.metrics.get("threshold")
-    return (float(stored), "at evaluation") if stored is not None else (0.5, "none (0.5)")
+    # An ensemble has no run row: its own operating point is the one it was evaluated at
+    # (fixed in a named ensemble's card; an ad hoc one re-derives the same from stored outputs).
+    where = ("ensemble operating point, at evaluation" if is_ensemble_ref(info.model_ref)
+             else "at evaluation")
+    return (float(stored), where) if stored is not None else (0.5, "none (0.5)")
 
 
 def _check_comparable(ids: list[int], found: list[EvaluationInfo | None],

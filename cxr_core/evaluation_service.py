@@ -272,6 +272,35 @@ def _predict_cache(loaded: Any, cache: Any, progress: Progress | None,
     return model_store.to_probs(np.concatenate(out))
 
 
+def _outputs(info: Any, records: list, y: list[int], loaded: Any,
+             progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list]:
+    """(probs, y_true, records kept) of a model, or of an ensemble: each member through its
+    own cache (its input size and channels), then the mean over the images every member read."""
+    if not loaded.members:
+        cache, kept = _cache(info, records, y, loaded, progress)
+        return _predict_cache(loaded, cache, progress), cache.labels(), kept
+    outputs = []
+    for member in loaded.members:
+        cache, kept = _cache(info, records, y, member, progress)
+        outputs.append(dict(zip((r.id for r in kept), _predict_cache(member, cache, progress))))
+    both = [(r, yi) for r, yi in zip(records, y) if all(r.id in o for o in outputs)]
+    probs = np.mean([[o[r.id] for r, _ in both] for o in outputs], axis=0)
+    return (probs.reshape(len(both), len(loaded.labels)), np.array([yi for _, yi in both]),
+            [r for r, _ in both])
+
+
+def _overlap(db: Database, loaded: Any, ids: list[int]) -> dict | None:
+    """Evaluated images the model (an ensemble: any run member) trained or selected on."""
+    from cxr_core.ensembles import combined_overlap
+
+    runs = [m.run_id for m in (loaded.members or (loaded,)) if m.run_id is not None]
+    if not runs:
+        return None
+    with db.session() as s:
+        found = [store.run_overlap(session=s, run_id=r, image_ids=ids).to_dict() for r in runs]
+    return found[0] if not loaded.members and found else combined_overlap(found)
+
+
 def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | None = None,
                      progress: Progress | None = None, n_boot: int = CLI_N_BOOT,
                      labels: str = "current") -> EvalOutcome:
@@ -298,17 +327,12 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
         raise DatasetError(f"no image of {info.name!r} has one of the model's classes "
                            f"{list(loaded.labels)} (label scheme {loaded.label_scheme!r}). "
                            f"Received classes: {sorted({r.label for r in usable})}")
-    cache, kept = _cache(info, kept, y, loaded, progress)
-    probs = _predict_cache(loaded, cache, progress)
-    y_true = cache.labels()
+    probs, y_true, kept = _outputs(info, kept, y, loaded, progress)
     paths = [r.relpath if info.layout == "npz" else str(Path(info.root) / r.relpath) for r in kept]
     ids = [r.id for r in kept]
     truth = provenance.make_truth(version.labels, ids, loaded.labels, loaded.label_scheme, labels,
                                   version.newest_relabel_id)
-    overlap = None
-    if loaded.run_id is not None:
-        with db.session() as s:
-            overlap = store.run_overlap(session=s, run_id=loaded.run_id, image_ids=ids).to_dict()
+    overlap = _overlap(db, loaded, ids)
     patients = [r.patient for r in kept]
     eval_id, report = _record(
         db, run_id=loaded.run_id, model_ref=loaded.ref, dataset_id=info.id, split=split or "",
@@ -326,7 +350,8 @@ def evaluate_model(db: Database, model_ref: str, data: str, *, split: str | None
 
     Args:
         db: the database.
-        model_ref: "run:ID", "ID", "default" or a .keras path.
+        model_ref: "run:ID", "ID", "default", a .keras path or an ensemble ("ensemble:...",
+            scored on the mean of its members' probabilities at its own operating point).
         data: an indexed dataset name, or a path (any supported folder layout or a
             PneumoniaMNIST .npz); a path not yet indexed is indexed first. A path to one
             split folder (``.../test``) evaluates that split.

@@ -9,20 +9,28 @@ Keras and TensorFlow at load, this one only when an explainer is made. The flow:
 
 Compute returns arrays; drawing and the shortcut warning are :mod:`cxr_core.saliency_render`.
 :func:`saliency_unavailable` says why a model reference cannot be explained without loading it.
+
+An ensemble (:mod:`cxr_core.ensembles`) gets an :class:`EnsembleExplainer`: the class is the
+ensemble's decision, each member explains it on its own view of the image, and the map is the
+mean of the members' [0, 1] maps at the ensemble's size (not re-stretched: a region every
+member points at reaches 1, one only some members point at stays lower). :func:`method_title`
+labels it so.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from cxr_core import images as image_io
+from cxr_core import ensembles
 from cxr_core.errors import ModelError
-from cxr_core.model_store import LoadedModel, load_model_ref, model_file
+from cxr_core.model_store import LoadedModel, decide, load_model_ref, model_file, predict_probs
 from cxr_core.predict import ImageInput, Prediction, png_bytes
-from cxr_core.saliency_render import overlay
+from cxr_core.saliency_render import overlay, resize_maps
 
 DISPLAY_SIZE = 512  # longest side of the picture an overlay is drawn on
 # cxr_core.saliency.METHODS with display names (kept here so importing this module, and the
@@ -33,14 +41,25 @@ METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++",
 
 # -- Explainers -----------------------------------------------------------------------------
 
+@dataclass(frozen=True, eq=False)
+class EnsembleExplainer:
+    """Explains an ensemble: the ensemble decides the class, each member's explainer maps it."""
+
+    loaded: LoadedModel
+    members: tuple[Any, ...]  # one SaliencyExplainer per member, in ``loaded.members`` order
+
+
 def make_explainer(loaded: LoadedModel) -> Any:
-    """A :class:`cxr_core.saliency.SaliencyExplainer` on the model's recorded saliency layer.
+    """A :class:`cxr_core.saliency.SaliencyExplainer` on the model's recorded saliency layer
+    (an :class:`EnsembleExplainer` of one per member for an ensemble).
 
     Raises:
-        ModelError: the model has no convolutional feature map to explain.
+        ModelError: the model (or a member) has no convolutional feature map to explain.
     """
     from cxr_core.saliency import SaliencyExplainer
 
+    if loaded.members:
+        return EnsembleExplainer(loaded, tuple(make_explainer(m) for m in loaded.members))
     if loaded.saliency_layer is None:
         raise ModelError(f"{loaded.ref}: the model has no convolutional layer to explain; "
                          "expected a saliency_layer in its model card")
@@ -66,6 +85,8 @@ def saliency_unavailable(ref: str | None,
     """
     if ref is None:
         return "no model output is shown for this image, so there is no model to explain"
+    if ensembles.is_ensemble_ref(ref):
+        return ensembles.unavailable(ref, artifact_dirs)
     if model_file(ref, (artifact_dirs or {}).get(ref)) is None:
         return f"{ref} has no model file (.keras) on disk"
     return None
@@ -82,7 +103,8 @@ def class_choices(labels: Sequence[str], prediction: Prediction) -> list[tuple[i
 def saliency_map(explainer: Any, image: np.ndarray, method: str = "gradcam",
                  class_index: int | None = None, *, threshold: float | None = None,
                  fast: bool = False) -> np.ndarray:
-    """An (S, S) float32 map in [0, 1] explaining one image, at the model's input size S.
+    """An (S, S) float32 map in [0, 1] explaining one image, at the model's input size S
+    (an ensemble: the mean of its members' maps at its largest member's size).
 
     Args:
         explainer: from :func:`make_explainer` or :func:`load_explainer` (cached by the caller).
@@ -98,6 +120,8 @@ def saliency_map(explainer: Any, image: np.ndarray, method: str = "gradcam",
     Raises:
         ConfigError: unknown method or class index.
     """
+    if isinstance(explainer, EnsembleExplainer):
+        return _ensemble_map(explainer, image, method, class_index, threshold, fast)
     _, size, _, channels = explainer.model.input_shape
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -108,6 +132,37 @@ def saliency_map(explainer: Any, image: np.ndarray, method: str = "gradcam",
     return explainer.explain(pixels.astype(np.float32), method,
                              None if class_index is None else int(class_index),
                              threshold=0.5 if threshold is None else threshold, **options)[0]
+
+
+def _ensemble_map(explainer: EnsembleExplainer, image: np.ndarray, method: str,
+                  class_index: int | None, threshold: float | None, fast: bool) -> np.ndarray:
+    """The mean of the members' maps of the ensemble's class (its decision when None)."""
+    loaded = explainer.loaded
+    if class_index is None:
+        arr = np.asarray(image)
+        pixels = image_io.to_array(Image.fromarray(arr[..., 0] if arr.ndim == 3
+                                                   and arr.shape[-1] == 1 else arr),
+                                   loaded.image_size, loaded.channels)
+        at = loaded if threshold is None else _with(loaded, threshold)
+        class_index = loaded.labels.index(decide(at, predict_probs(loaded, pixels[None]))[0])
+    maps = [saliency_map(m, image, method, class_index, fast=fast) for m in explainer.members]
+    size = loaded.image_size
+    stacked = np.stack([resize_maps(m[None], size, size)[0] for m in maps])
+    return np.clip(stacked.mean(axis=0), 0.0, 1.0).astype(np.float32)
+
+
+def _with(loaded: LoadedModel, threshold: float) -> LoadedModel:
+    from dataclasses import replace
+
+    return replace(loaded, threshold=float(threshold)) if loaded.is_binary else loaded
+
+
+def method_title(explainer: Any, method: str) -> str:
+    """The method's display name; for an ensemble, says the map is its members' mean."""
+    name = METHOD_NAMES.get(method, method)
+    if isinstance(explainer, EnsembleExplainer):
+        return f"mean of {len(explainer.members)} members' normalised {name} maps"
+    return name
 
 
 # -- Pictures -------------------------------------------------------------------------------

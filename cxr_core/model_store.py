@@ -9,6 +9,8 @@ References (the CLI's ``--model`` and the pages' pickers):
 * a path to a ``.keras`` file, with a ``model_card.json`` beside it when present; without a
   card the labels are inferred from the output size and a binary model gets 0.5, flagged by
   ``threshold_source == "none (0.5)"`` so pages can warn.
+* ``"ensemble:run:3+run:5"`` or ``"ensemble:NAME"``: several of the above read as one model
+  (the mean of their probabilities), with its own operating point: :mod:`cxr_core.ensembles`.
 
 Decisions use the stored operating point (:func:`decide`), never a silent 0.5.
 """
@@ -58,8 +60,10 @@ class LoadedModel:
             <who>)", "model card", "none (0.5)" (no operating point: pages warn), or
             "argmax" for multi-class.
         saliency_layer: the Grad-CAM target layer, or None if the model has none.
-        card: the model card (empty when there is none).
+        card: the model card (empty when there is none; an ensemble's card says what it is).
         run_id: the run's id for run references, else None.
+        members: an ensemble's loaded members (then ``model`` and ``saliency_layer`` are None,
+            and ``image_size``/``channels`` are its largest member's); () for one model.
     """
 
     ref: str
@@ -73,6 +77,7 @@ class LoadedModel:
     saliency_layer: str | None
     card: dict = field(default_factory=dict)
     run_id: int | None = None
+    members: tuple[LoadedModel, ...] = ()
 
     @property
     def is_binary(self) -> bool:
@@ -114,7 +119,8 @@ def load_model_ref(ref: str, *, db: Database | None = None,
     """Load a model by reference (see the module docstring).
 
     Args:
-        ref: "run:ID", "ID", "default" or a path to a ``.keras`` file.
+        ref: "run:ID", "ID", "default", a path to a ``.keras`` file, or an ensemble
+            ("ensemble:run:3+run:5", "ensemble:NAME").
         db: the database, for a run's operating point (opened from the settings when None
             and the reference is a run).
         models_dir: folder of the default model (tests); the repo's ``models/default``.
@@ -126,6 +132,10 @@ def load_model_ref(ref: str, *, db: Database | None = None,
         ModelError: no such run model / default model / file, or an unreadable model or card.
     """
     ref = str(ref).strip()
+    if ref.startswith("ensemble:"):
+        from cxr_core.ensembles import load_ensemble
+
+        return load_ensemble(ref, db=db, models_dir=models_dir)
     run_id = parse_run_ref(ref)
     if run_id is not None:
         return _load_run(run_id, db)
@@ -138,8 +148,8 @@ def load_model_ref(ref: str, *, db: Database | None = None,
         return _assemble("default", path, read_card(folder / CARD_NAME))
     path = Path(ref).expanduser()
     if path.suffix != ".keras":
-        raise ModelError("a model reference is 'run:ID', an ID, 'default' or a .keras file. "
-                         f"Received: {ref!r}")
+        raise ModelError("a model reference is 'run:ID', an ID, 'default', a .keras file or "
+                         f"'ensemble:...'. Received: {ref!r}")
     if not path.is_file():
         raise ModelError(f"model file not found: expected an existing .keras file. "
                          f"Received: {path}")
@@ -281,9 +291,52 @@ def to_probs(raw: np.ndarray) -> np.ndarray:
     return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)  # float32 softmax noise
 
 
+def input_specs(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
+    """The (size, channels) views a prediction decodes each image to: the model's own first,
+    then every other member's of an ensemble (each member reads its own decode)."""
+    specs = [(loaded.image_size, loaded.channels)]
+    specs += [(m.image_size, m.channels) for m in loaded.members]
+    return tuple(dict.fromkeys(specs))
+
+
+def predict_views(loaded: LoadedModel, views: Mapping[tuple[int, int], np.ndarray], *,
+                  batch_size: int = 32) -> np.ndarray:
+    """Class probabilities from the images decoded once per :func:`input_specs` view.
+
+    An ensemble's are the mean of its members' probabilities, each member on its own view.
+
+    Args:
+        loaded: from :func:`load_model_ref`.
+        views: (size, channels) -> (N, size, size, channels) uint8, for every input spec.
+        batch_size: images per forward pass.
+    """
+    if not loaded.members:
+        return predict_probs(loaded, views[(loaded.image_size, loaded.channels)],
+                             batch_size=batch_size)
+    return np.mean([predict_probs(m, views[(m.image_size, m.channels)], batch_size=batch_size)
+                    for m in loaded.members], axis=0)
+
+
+def _resized(x: np.ndarray, size: int) -> np.ndarray:
+    """(N, S, S, C) uint8 resized to ``size`` as the one loader resizes (channels kept)."""
+    from PIL import Image
+
+    from cxr_core.images import to_array
+
+    if x.shape[1] == size:
+        return x
+    if len(x) == 0:
+        return np.zeros((0, size, size, x.shape[-1]), np.uint8)
+    return np.stack([to_array(Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a), size,
+                              a.shape[-1]) for a in x])
+
+
 def predict_probs(loaded: LoadedModel, images_uint8: np.ndarray, *,
                   batch_size: int = 32) -> np.ndarray:
     """Class probabilities for a batch of images already at the model's size.
+
+    An ensemble's members each get the images resized to their own size (prefer
+    :func:`predict_views`, which gives each member its own decode of the file).
 
     Args:
         loaded: from :func:`load_model_ref`.
@@ -304,12 +357,15 @@ def predict_probs(loaded: LoadedModel, images_uint8: np.ndarray, *,
             or x.shape[3] not in (1, 3):
         raise ConfigError(f"images must be (N, {loaded.image_size}, {loaded.image_size}, 1|3). "
                           f"Received: shape={x.shape}")
+    if int(batch_size) < 1:
+        raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    if loaded.members:
+        return np.mean([predict_probs(m, _resized(x, m.image_size), batch_size=batch_size)
+                        for m in loaded.members], axis=0)
     if x.shape[3] != loaded.channels:  # gray repeated, or ITU-R 601 luma (PIL's "L")
         luma = np.array([0.299, 0.587, 0.114], np.float32)
         x = (np.repeat(x, 3, axis=3) if loaded.channels == 3 else
              np.round(x.astype(np.float32) @ luma)[..., None])
-    if int(batch_size) < 1:
-        raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     if len(x) == 0:
         return np.zeros((0, len(loaded.labels)))
     x = x.astype(np.float32)

@@ -125,7 +125,8 @@ class Prediction:
         probabilities: class name → probability, in the model's label order.
         class_index: index of ``label`` in the model's labels (the class saliency explains).
         sha256: hash of the file's bytes.
-        pixels: (S, S, C) uint8: exactly what the model saw.
+        pixels: (S, S, C) uint8: exactly what the model saw (an ensemble: its largest
+            member).
         dicom: whether the file was DICOM.
     """
 
@@ -203,16 +204,28 @@ def decode(item: ImageInput, size: int, channels: int, *,
     Raises:
         ImageLoadError: with a one-line message naming the file and the problem.
     """
+    views, sha, dicom = decode_views(item, ((size, channels),), max_bytes=max_bytes)
+    return views[0], sha, dicom
+
+
+def decode_views(item: ImageInput, specs: Sequence[tuple[int, int]], *,
+                 max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[list[np.ndarray], str, bool]:
+    """:func:`decode` for several (size, channels) views of one file, read once: each view
+    decoded as that model alone would (an ensemble's members, :func:`model_store.input_specs`).
+
+    Raises:
+        ImageLoadError: with a one-line message naming the file and the problem.
+    """
     data = item.read(max_bytes)
     try:
-        img = image_io.load_image(data, name=item.name, draft=size)
-        pixels = image_io.to_array(img, size, channels)
+        views = [image_io.to_array(image_io.load_image(data, name=item.name, draft=size),
+                                   size, channels) for size, channels in specs]
     except ImageLoadError:
         raise
     except Exception as exc:  # a decoder bug on one hostile file must not end the batch
         raise ImageLoadError(f"{item.name}: cannot decode image ({type(exc).__name__}: {exc})") \
             from exc
-    return pixels, hashlib.sha256(data).hexdigest(), image_io.is_dicom(data)
+    return views, hashlib.sha256(data).hexdigest(), image_io.is_dicom(data)
 
 
 def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
@@ -229,27 +242,29 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
         progress: called as ``progress(done, total)`` after each decoded file.
 
     Returns:
-        The predictions (decided at the model's stored operating point) and the errors.
+        The predictions (decided at the model's stored operating point) and the errors. An
+        ensemble's members each read their own decode of a file; the prediction keeps the
+        largest member's pixels.
     """
     start = time.perf_counter()
+    specs = model_store.input_specs(loaded)
     decoded, errors = [], []
     for i, item in enumerate(items):
         try:
-            decoded.append((i, item, *decode(item, loaded.image_size, loaded.channels,
-                                             max_bytes=max_bytes)))
+            decoded.append((i, item, *decode_views(item, specs, max_bytes=max_bytes)))
         except ImageLoadError as exc:
             errors.append(PredictError(i, item, str(exc)))
         if progress is not None:
             progress(i + 1, len(items))
     predictions: list[Prediction] = []
     if decoded:
-        probs = model_store.predict_probs(loaded, np.stack([d[2] for d in decoded]),
-                                          batch_size=batch_size)
+        views = {spec: np.stack([d[2][k] for d in decoded]) for k, spec in enumerate(specs)}
+        probs = model_store.predict_views(loaded, views, batch_size=batch_size)
         for (i, item, pixels, sha, dicom), p, label in zip(decoded, probs,
                                                            decide(loaded, probs)):
             predictions.append(Prediction(
                 i, item, label, {k: float(v) for k, v in zip(loaded.labels, p)},
-                loaded.labels.index(label), sha, pixels, dicom))
+                loaded.labels.index(label), sha, pixels[0], dicom))
     return BatchResult(loaded.ref, loaded.labels, loaded.threshold, loaded.threshold_source,
                        tuple(predictions), tuple(errors), time.perf_counter() - start)
 
@@ -276,12 +291,14 @@ def no_operating_point(result: BatchResult) -> bool:
 class ModelOption:
     """A model the Predict page can use."""
 
-    ref: str  # "default" or "run:ID"
+    ref: str  # "default", "run:ID" or "ensemble:NAME"
     title: str
 
 
 def model_options(db: Database) -> list[ModelOption]:
-    """The shipped default (when present), then finished runs with a model file, newest first."""
+    """The shipped default (when present), finished runs with a model file (newest first), then
+    named ensembles (:mod:`cxr_core.ensembles`)."""
+    from cxr_core.ensembles import list_ensembles
     from cxr_core.storage import evals
 
     out = []
@@ -294,4 +311,4 @@ def model_options(db: Database) -> list[ModelOption]:
         folders = [runs_dir / str(b.id)] + ([Path(b.artifact_dir)] if b.artifact_dir else [])
         if any((f / RUN_MODEL_NAME).is_file() for f in folders):
             out.append(ModelOption(f"run:{b.id}", f"{b.name} (run:{b.id})"))
-    return out
+    return out + [ModelOption(e.ref, e.title) for e in list_ensembles()]
