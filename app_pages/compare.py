@@ -9,7 +9,7 @@ from cxr_core import compare_service as cs
 from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
 from cxr_core import operating_point_service as ops
-from cxr_core import jobs, subgroups
+from cxr_core import ensembles, jobs, subgroups
 from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
@@ -36,8 +36,10 @@ N_BOOT = 500
 
 
 def evaluate_ui(db) -> None:
-    """Evaluate a finished run (or the default model) on a dataset: a job a worker runs."""
+    """Evaluate a finished run, the default model or a named ensemble on a dataset: a job a
+    worker runs."""
     refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(db)}
+    refs.update({e.ref: e.title for e in ensembles.list_ensembles()})
     datasets = {d.name: d for d in list_datasets()}
     c1, c2, c3, c4 = st.columns(4)
     ref = c1.selectbox("Model", [*refs, "default"], key="compare_eval_ref",

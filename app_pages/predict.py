@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core import explain, model_store, predict, uploads
+from cxr_core import ensembles, explain, model_store, predict, uploads
 from cxr_core.errors import CxrError
 from cxr_core.saliency_render import shortcut_warning
 from app_pages._shared import dataset_picker, get_db, image_picker
@@ -67,7 +67,9 @@ def run_ui(ref: str, key: tuple, items: list[predict.ImageInput]):
     return st.session_state["predict_result"]
 
 
-def results_ui(result: predict.BatchResult) -> None:
+def results_ui(ref: str, result: predict.BatchResult) -> None:
+    if note := ensembles.describe(get_model(ref)):
+        st.info(note, icon=":material/join:")
     if predict.no_operating_point(result):
         st.warning("This model has no stored operating point: decisions use 0.5.")
     for err in result.errors:
@@ -107,7 +109,7 @@ def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction)
     left, right = st.columns(2)
     left.image(image, caption=pred.source.name, width="stretch")
     right.image(explain.overlay_png(image, heat, alpha=alpha), width="stretch",
-                caption=f"{names[method]} for {choices[cls]}")
+                caption=f"{explain.method_title(explainer(ref), method)} for {choices[cls]}")
     if cls == pred.class_index and (warning := shortcut_warning(heat)):
         st.warning(warning, icon=":material/center_focus_weak:")
 
@@ -133,7 +135,7 @@ try:
 except CxrError as exc:
     st.error(str(exc))
     st.stop()
-results_ui(result)
+results_ui(ref, result)
 if result.predictions:
     pred = detail_ui(result)
     saliency_ui(ref, result, pred)

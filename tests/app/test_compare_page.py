@@ -211,3 +211,29 @@ def test_subgroup_metrics_by_site_from_metadata_and_by_subtype(two_runs, tiny_da
     table = next(d.value for d in at.dataframe if "Subtype (file name)" in d.value.columns)
     assert set(table["Subtype (file name)"]) <= {"bacteria", "virus", "(unknown)"}
     assert set(table["run"]) == {"alpha", "beta"}
+
+
+def test_an_ensemble_is_evaluated_by_the_job_and_compared_with_its_members(two_runs):
+    """A named ensemble is in the Evaluate picker; its evaluation joins its members' image set
+    and is compared at its own operating point."""
+    from cxr_core import ensembles, jobs, worker
+
+    ensembles.create_ensemble(open_db(), "pair", [f"run:{r}" for r in two_runs],
+                              threshold=0.55, changed_by="dr a", note="by hand")
+    at = _page()
+    assert "pair (ensemble of run:1, run:2)" in at.selectbox(key="compare_eval_ref").options
+    at.selectbox(key="compare_eval_ref").set_value("ensemble:pair")
+    at.selectbox(key="compare_eval_split").set_value("train")
+    at.button(key="compare_eval_go").click().run()
+    assert not at.exception, at.exception
+    job = jobs.get_job(open_db(), at.session_state["compare_job"])
+    assert job.id in worker.run_worker(once=True, kinds="jobs")["jobs"]
+    newest = es.list_evaluations(open_db())[0]
+    assert newest.model_ref == "ensemble:pair" and newest.run_id is None
+    assert newest.metrics["threshold"] == 0.55
+    at = _page()
+    assert not at.exception, at.exception
+    [picked] = [m for m in at.multiselect if m.label.startswith("Evaluations")]
+    assert len(picked.value) == 3  # the ensemble and its two members, on the same images
+    assert any("threshold 0.550" in m.value and "ensemble operating point" in m.value
+               for m in at.markdown)

@@ -169,3 +169,36 @@ def test_default_model_on_a_real_film(cxr_home, shared_data):
     assert not at.exception, at.exception
     assert at.markdown[0].value.startswith("**PNEUMONIA**") and "model card" in at.markdown[0].value
     assert len(at.get("image")) == 2
+
+
+def test_an_ensemble_predicts_explains_and_says_where_its_threshold_comes_from(two_runs):
+    """A named ensemble of two runs is picked like any model; its operating point is its own
+    (chosen on the mean of the members' shared validation outputs), and the page says so."""
+    from cxr_core import ensembles
+    from cxr_core import evaluation_service as es
+
+    db = open_db()
+    y = np.array([0, 1, 0, 1, 0, 1])
+    outputs = ([0.2, 0.7, 0.4, 0.6, 0.1, 0.9], [0.3, 0.5, 0.2, 0.8, 0.6, 0.7])
+    for run_id, p in zip(two_runs, map(np.array, outputs)):
+        es.record_evaluation(db, run_id=run_id, model_ref=f"run:{run_id}", dataset_id=None,
+                             split="val", labels=["NORMAL", "PNEUMONIA"], image_ids=[None] * 6,
+                             paths=[f"v{i}.png" for i in range(6)], y_true=y,
+                             probs=np.column_stack([1 - p, p]), n_boot=0)
+    ensembles.create_ensemble(db, "pair", [f"run:{r}" for r in two_runs], changed_by="ds")
+    st.cache_resource.clear()
+    at = start("ensemble:pair")
+    at.file_uploader(key="predict_files").set_value(("x.png", _jpeg(5), "image/png")).run()
+    assert not at.exception, at.exception
+    [note] = [i.value for i in at.info if "Ensemble" in i.value]
+    assert "Its own operating point" in note and "val outputs, 6 images" in note
+    assert "ensemble operating point" in at.markdown[0].value
+    assert not at.warning or all("decisions use 0.5" not in w.value for w in at.warning)
+    captions = [i.caption for img in at.get("image") for i in img.proto.imgs]
+    assert any("mean of 2 members' normalised Grad-CAM maps" in c for c in captions), captions
+    at.text_input(key="predict_sent_by").input("Dr Test").run()
+    at.button(key="predict_send").click().run()
+    assert not at.exception, at.exception
+    with open_db().session() as s:
+        [item] = reviews.list_review_items(session=s)
+    assert item.run_ref == "ensemble:pair"
