@@ -23,6 +23,10 @@ Kinds (:data:`KINDS`):
   (:func:`cxr_core.balance_report.balance_tables`, ``current=True``).
 - ``agreement``: params ``{"dataset_id", "newest_relabel_id", "limit", "offset"}``; result
   Cohen's kappa per reviewer pair and a page of conflicts (:func:`cxr_core.agreement.agreement`).
+- ``site_calibration``: params ``{"evaluation_id", "sample" ("all" | "reviewed"), "labels",
+  "as_of_relabel_id", "method", "target", "n_boot"}``; result the candidate site operating
+  point with patient-clustered intervals (:func:`cxr_core.site_calibration.candidate`), kept
+  per label version (the page records it only when a person says so).
 - ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
   every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
 """
@@ -122,6 +126,20 @@ def _evaluate(db: Database, job_id: int, params: Mapping[str, Any], progress: Pr
     return {"evaluation_id": evaluation_id}
 
 
+def _site_calibration(db: Database, job_id: int, params: Mapping[str, Any],
+                      progress: Progress) -> dict:
+    from cxr_core import site_calibration
+
+    progress(0, 1)
+    out = site_calibration.candidate(
+        db, evaluation_id=params["evaluation_id"], sample=params.get("sample", "all"),
+        labels=params.get("labels", "current"), method=params.get("method", "sensitivity"),
+        target=params.get("target", 0.95), n_boot=params.get("n_boot", 500),
+        as_of_relabel_id=params.get("as_of_relabel_id")).to_json()
+    progress(1, 1)
+    return out
+
+
 KINDS: dict[str, Handler] = {
     "index": _index,
     "evaluate": _evaluate,
@@ -130,6 +148,7 @@ KINDS: dict[str, Handler] = {
     "compare_ci": _compare_ci,
     "balance_tables": _balance_tables,
     "agreement": _agreement,
+    "site_calibration": _site_calibration,
 }
 
 

@@ -213,12 +213,13 @@ def image_score(*, session: Session, dataset_id: int, image_id: int,
     return QueueRow(image_id) if row is None else _row(scores, row)
 
 
-def reviewed_among(*, session: Session, reviewer: str, image_ids: Iterable[int] = (),
+def reviewed_among(*, session: Session, reviewer: str | None, image_ids: Iterable[int] = (),
                    upload_sha256s: Iterable[str] = ()) -> set[int | str]:
-    """Which of these images (ids) and uploads (sha256) ``reviewer`` has an active relabel of."""
+    """Which of these images (ids) and uploads (sha256) ``reviewer`` (None: anyone) has an
+    active relabel (or confirmation) of."""
     u = aliased(Relabel)
-    active = and_(Relabel.reviewer == reviewer, Relabel.undo_of.is_(None),
-                  ~exists().where(u.undo_of == Relabel.id))
+    active = and_(Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id),
+                  *(() if reviewer is None else (Relabel.reviewer == reviewer,)))
     out: set[int | str] = set()
     ids, shas = list(image_ids), list(upload_sha256s)
     for i in range(0, len(ids), 500):
