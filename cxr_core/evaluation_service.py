@@ -70,7 +70,10 @@ def record_evaluation(db: Database, *, run_id: int | None, model_ref: str,
     """Compute and store an evaluation with its per-image outputs.
 
     The stored metrics are at the run's operating point when it has one (else at
-    ``threshold``, else 0.5 for binary; multi-class uses the argmax).
+    ``threshold``, else 0.5 for binary; multi-class uses the argmax). A binary run's
+    ``model_card.json`` is then rewritten with its ``measured`` list
+    (:func:`cxr_core.card_measured.refresh_run_card`), so the card names every split the run
+    was measured on.
 
     Args:
         db: the database.
@@ -129,7 +132,12 @@ def _record(db: Database, *, run_id: int | None, model_ref: str, dataset_id: int
                                     labels=labels, images_key=key, metrics=report.to_dict(),
                                     image_ids=image_ids, paths=paths, y_true=y, probs=p,
                                     overlap=overlap, **prov)
-    return db.write(write), report
+    evaluation_id = db.write(write)
+    if run_id is not None and len(labels) == 2:  # the run's card measures every split
+        from cxr_core.card_measured import refresh_run_card
+
+        refresh_run_card(db, run_id)
+    return evaluation_id, report
 
 
 def patients_of(db: Database, image_ids: Sequence[int | None]) -> list[str | None] | None:

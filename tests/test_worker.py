@@ -222,6 +222,11 @@ def test_threshold_is_chosen_on_a_calibration_slice_disjoint_from_selection(cxr_
             assert low <= m[key] <= high
     assert measured["calibration"]["threshold_chosen_here"]
     assert not measured["val"]["threshold_chosen_here"]
+    es.evaluate_dataset(db, f"run:{rid}", str(real_slice), n_boot=50)  # a later evaluation
+    card = json.loads((Path(run.artifact_dir) / "model_card.json").read_text())
+    later = card["measured"][-1]
+    assert len(card["measured"]) == 3 and later["split"] == "(all)" and later["role"] == "seen"
+    assert later["n"] == 64 and later["sensitivity_ci"][0] <= later["sensitivity"]
 
 
 def test_calibration_fraction_zero_chooses_on_validation_and_says_so(cxr_home, real_slice):
