@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from cxr_core.card_measured import entry_title, fmt_ci, headline
 from cxr_core.errors import CxrError
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
@@ -18,6 +19,35 @@ st.markdown(
     "with saliency maps, and feed clinician relabels into the next training round.")
 
 
+def measured_ui(card: dict) -> bool:
+    """The card's headline figures: temporal validation first, in-distribution second, each
+    at the locked threshold and never on the images it was chosen on. False: none to show."""
+    heads = headline(card.get("measured") or [])
+    if not heads:
+        return False
+    op = card.get("operating_point") or {}
+    for rank, entry in enumerate(heads):
+        title = entry_title(entry)
+        st.markdown(f"**{title[0].upper() + title[1:]}**" + (" (headline)" if rank == 0 else
+                    " (in-distribution: optimistic for a new site or period)"
+                    if entry.get("validation") == "patient" else ""))
+        cols = st.columns(4)
+        for col, key, name in zip(cols, ("auc", "sensitivity", "specificity"),
+                                  ("AUC", "Sensitivity", "Specificity")):
+            ci = fmt_ci(entry.get(key), entry.get(key + "_ci"))
+            col.metric(name, f"{entry.get(key) or float('nan'):.3f}",
+                       help=f"95% interval over patients: {ci}")
+        cols[3].metric("Threshold", f"{entry.get('threshold') or float('nan'):.3f}")
+        st.caption(f"95% intervals (bootstrap over patients): AUC "
+                   f"{fmt_ci(entry.get('auc'), entry.get('auc_ci'))}, sensitivity "
+                   f"{fmt_ci(entry.get('sensitivity'), entry.get('sensitivity_ci'))}, "
+                   f"specificity {fmt_ci(entry.get('specificity'), entry.get('specificity_ci'))}. "
+                   f"Threshold chosen on the {entry.get('chosen_on')} "
+                   f"{'slice' if entry.get('chosen_on') == 'calibration' else 'split'} for "
+                   f"sensitivity ≥ {op.get('target', 0.95)}, not on these images.")
+    return True
+
+
 def demo_model_ui() -> None:
     try:
         card = read_card(DEFAULT_MODELS_DIR / "model_card.json")
@@ -28,6 +58,13 @@ def demo_model_ui() -> None:
     val, op = card.get("val_metrics", {}), card.get("operating_point", {})
     split = (card.get("training_config") or {}).get("split", "patient")
     st.subheader("Shipped demo model")
+    if measured_ui(card):
+        st.caption(f"{card.get('model')} at {card.get('image_size')} px. Every split it was "
+                   "measured on is in `models/default/README.md`. Evaluate on your own data "
+                   "(Compare) and calibrate the operating point for your site there.")
+        st.page_link("app_pages/predict.py", label="Try it on an X-ray",
+                     icon=":material/radiology:")
+        return
     cols = st.columns(4)
     cols[0].metric("Validation AUC", f"{val.get('auc', float('nan')):.3f}")
     cols[1].metric("Sensitivity", f"{op.get('sensitivity', float('nan')):.3f}")

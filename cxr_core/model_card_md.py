@@ -51,10 +51,11 @@ def card_markdown(card: dict) -> str:
         f"by patient{', seed ' + str(cfg.get('split_seed', '?')) if split == 'patient' else ''})"
         " |",
         f"| Operating point | {positive} iff P({positive}) >= {_fmt(op.get('threshold'))} "
-        f"(chosen on validation for sensitivity >= {_fmt(op.get('target'))}) |",
+        f"(chosen on {_chosen_on_text(op)} for sensitivity >= {_fmt(op.get('target'))}) |",
         f"| Saliency layer | `{card.get('saliency_layer')}` |",
         f"| File | `model.keras`, {exp.get('file_mb', '?')} MB (exported from run "
         f"{exp.get('run_id', '?')}) |", "",
+        *_measured_lines(card.get("measured") or []),
         "## Validation metrics", "",
         "| AUC | sensitivity | specificity | accuracy | average precision | n |",
         "|---|---|---|---|---|---|",
@@ -63,7 +64,10 @@ def card_markdown(card: dict) -> str:
         f"{_fmt(val.get('average_precision'))} | {val.get('n', '?')} |", "",
         f"Sensitivity and specificity are at the operating point above, on the "
         f"{SPLIT_WORDS.get(split, split)} validation split carved from the official train "
-        "folder; the operating point was chosen on these same images, so they flatter it"
+        "folder; " + ("the operating point was chosen on these same images, so they flatter it"
+                      if op.get("chosen_on", "val") == "val" else
+                      "the operating point was chosen on the calibration slice, apart from "
+                      "these images; early stopping and the best epoch were chosen on them")
         + (" (in-distribution: a random patient split of one acquisition period)"
            if split == "patient" else "") + ". For reference, Kermany et al. "
         "report AUC 0.968, sensitivity 0.932 and specificity 0.901 on their held-out test set "
@@ -82,6 +86,46 @@ def card_markdown(card: dict) -> str:
         "model_card.json, README.md here", "```", "",
     ]
     return "\n".join(lines)
+
+
+def _chosen_on_text(op: dict) -> str:
+    if op.get("chosen_on") == "calibration":
+        n = op.get("calibration_n")
+        return ("the calibration slice" + (f" ({n} validation images set apart from model "
+                                           "selection)" if n else ""))
+    return "validation"
+
+
+def _measured_lines(measured: list[dict]) -> list[str]:
+    """The card's ``measured`` list: headline figures first (temporal validation, then
+    independent evaluations, then in-distribution), every split below with its intervals."""
+    from cxr_core.card_measured import entry_title, fmt_ci, headline
+
+    if not measured:
+        return []
+    lines = ["## Headline", "",
+             "At the locked operating point, never on the images it was chosen on; 95% "
+             "bootstrap intervals over patients.", ""]
+    for e in headline(measured) or []:
+        lines.append(f"- **{entry_title(e)}**: AUC {fmt_ci(e.get('auc'), e.get('auc_ci'))}, "
+                     f"sensitivity {fmt_ci(e.get('sensitivity'), e.get('sensitivity_ci'))}, "
+                     f"specificity {fmt_ci(e.get('specificity'), e.get('specificity_ci'))}")
+    if not headline(measured):
+        lines.append("- none yet: every figure was scored on the images its threshold was "
+                     "chosen on, or on data the model has seen")
+    lines += ["", "## Measured on every split", "",
+              "| split | n (patients) | AUC | sensitivity | specificity | threshold | "
+              "chosen on | labels |", "|---|---|---|---|---|---|---|---|"]
+    for e in measured:
+        mark = " (threshold chosen here)" if e.get("threshold_chosen_here") else ""
+        lines.append(
+            f"| {entry_title(e)}{mark} | {e.get('n')} ({e.get('n_patients') or '?'}) | "
+            f"{fmt_ci(e.get('auc'), e.get('auc_ci'))} | "
+            f"{fmt_ci(e.get('sensitivity'), e.get('sensitivity_ci'))} | "
+            f"{fmt_ci(e.get('specificity'), e.get('specificity_ci'))} | "
+            f"{_fmt(e.get('threshold'))} | {e.get('chosen_on') or '?'} | "
+            f"{e.get('label_source') or '?'} |")
+    return [*lines, ""]
 
 
 def _counts(counts: dict | None) -> str:

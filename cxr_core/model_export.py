@@ -31,7 +31,8 @@ def export_default(run_id: int, *, db: Database | None = None,
 
     Re-saves the run's ``best.keras`` without optimizer state as ``model.keras`` and writes
     ``model_card.json`` (the run's card with the data licence, the run's newest operating
-    point, validation metrics, training time, and paths made relative to the repository) and
+    point, validation metrics, the ``measured`` list of every split it was evaluated on,
+    training time, and paths made relative to the repository) and
     ``README.md`` (the card for people).
 
     Args:
@@ -52,6 +53,9 @@ def export_default(run_id: int, *, db: Database | None = None,
     if run is None or run.status != "finished":
         raise ModelError(f"only a finished run can be exported. Received: run {run_id} is "
                          f"{'unknown' if run is None else run.status}")
+    from cxr_core.card_measured import refresh_run_card
+
+    refresh_run_card(db, run_id)  # "measured": every evaluation of the run up to now
     loaded = model_store.load_model_ref(f"run:{run_id}", db=db)
     if not loaded.card:
         raise ModelError(f"run {run_id} has no {CARD_NAME} in its artifacts")
@@ -93,6 +97,8 @@ def _export_card(loaded: LoadedModel, run: Any, size_mb: float) -> dict:
         channels=loaded.channels, saliency_layer=loaded.saliency_layer, operating_point=op,
         recipe=cfg.get("recipe"), training_config=cfg, dataset=dataset,
         data_licence=DATA_LICENCE,
+        measured=[{k: v for k, v in e.items() if k != "evaluation_id"}  # local ids
+                  for e in card.get("measured") or []],
         exported_from={"run_id": run.id, "run_name": run.name,
                        "evaluation_id": loaded.card.get("evaluation_id"),
                        "training_wall_s": None if seconds is None else round(seconds),

@@ -170,3 +170,40 @@ def test_the_shipped_card_readme_is_rendered_from_its_json_and_names_its_split()
     text = (folder / "README.md").read_text()
     assert text == card_markdown(card)
     assert "random patient" in text and "in-distribution" in text
+
+
+def test_card_markdown_headlines_temporal_figures_and_marks_the_calibration_slice():
+    """A card with a 'measured' list: temporal validation first, in-distribution second,
+    the slice the threshold was chosen on only in the full table, marked."""
+    import json
+
+    from cxr_core.model_card_md import card_markdown
+
+    card = json.loads((ms.DEFAULT_MODELS_DIR / "model_card.json").read_text())
+    base = {"dataset": "d", "n": 100, "n_patients": 90, "ci_unit": "patient", "threshold": 0.7,
+            "label_source": "original"}
+    card["operating_point"] = {**card["operating_point"], "chosen_on": "calibration",
+                               "calibration_n": 240}
+    card["measured"] = [
+        {**base, "split": "calibration", "role": "calibration", "validation": "temporal",
+         "auc": 0.99, "auc_ci": [0.98, 1.0], "sensitivity": 0.95, "sensitivity_ci": [0.9, 1.0],
+         "specificity": 0.97, "specificity_ci": [0.9, 1.0], "chosen_on": "calibration",
+         "threshold_chosen_here": True},
+        {**base, "split": "test", "role": "independent", "validation": None, "auc": 0.95,
+         "auc_ci": [0.93, 0.97], "sensitivity": 0.96, "sensitivity_ci": [0.94, 0.98],
+         "specificity": 0.8, "specificity_ci": [0.75, 0.85], "chosen_on": "calibration",
+         "threshold_chosen_here": False},
+        {**base, "split": "val", "role": "selection", "validation": "temporal", "auc": 0.98,
+         "auc_ci": [0.97, 0.99], "sensitivity": 0.955, "sensitivity_ci": [0.93, 0.97],
+         "specificity": 0.88, "specificity_ci": [0.84, 0.92], "chosen_on": "calibration",
+         "threshold_chosen_here": False}]
+    text = card_markdown(card)
+    head = text.split("## Headline")[1].split("## Measured on every split")[0]
+    bullets = [line for line in head.splitlines() if line.startswith("- ")]
+    assert bullets[0].startswith("- **temporal validation: d [val], 100 images**: AUC 0.980 "
+                                 "[0.970, 0.990], sensitivity 0.955 [0.930, 0.970]")
+    assert bullets[1].startswith("- **evaluation: d [test]") and len(bullets) == 2
+    table = text.split("## Measured on every split")[1]
+    assert "calibration slice (temporal validation): d [calibration], 100 images (threshold " \
+           "chosen here)" in table
+    assert "chosen on the calibration slice (240 validation images" in text

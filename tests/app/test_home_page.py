@@ -56,3 +56,41 @@ def test_the_add_form_queues_an_index_job_and_shows_its_report(cxr_home, tiny_da
     assert "Indexed **tiny**: 18 images (18 read, 0 unchanged)" in at.success[0].value
     at.run()  # shown once
     assert not at.success and at.dataframe[0].value["name"].tolist() == ["tiny"]
+
+
+def _entry(split, role, validation, auc, sens, spec, *, here=False, chosen_on="calibration"):
+    return {"split": split, "dataset": "chest_xray_224", "role": role, "validation": validation,
+            "n": 500, "n_patients": 400, "ci_unit": "patient", "auc": auc,
+            "auc_ci": [auc - 0.01, min(1.0, auc + 0.01)], "sensitivity": sens,
+            "sensitivity_ci": [sens - 0.03, min(1.0, sens + 0.02)], "specificity": spec,
+            "specificity_ci": [spec - 0.05, min(1.0, spec + 0.04)], "threshold": 0.8,
+            "chosen_on": chosen_on, "threshold_chosen_here": here, "label_source": "original"}
+
+
+def test_home_headlines_temporal_validation_then_in_distribution(cxr_home, tmp_path,
+                                                                 monkeypatch):
+    """Temporal figures first, in-distribution second and labelled so; never the figures of
+    the slice the threshold was chosen on."""
+    import json
+
+    from cxr_core import model_store
+
+    card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
+    card["measured"] = [
+        _entry("calibration", "calibration", "temporal", 0.999, 0.951, 0.990, here=True),
+        _entry("val", "selection", "patient", 0.998, 0.970, 0.960),
+        _entry("val", "selection", "temporal", 0.981, 0.956, 0.872)]
+    folder = tmp_path / "default"
+    folder.mkdir()
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(model_store, "DEFAULT_MODELS_DIR", folder)
+    at = run_page()
+    titles = [m.value for m in at.markdown if m.value.startswith("**")]
+    assert titles[0].startswith("**Temporal validation: chest_xray_224 [val]") and \
+        titles[0].endswith("(headline)")
+    assert titles[1].startswith("**In-distribution validation") and "optimistic" in titles[1]
+    assert len(titles) == 2  # the calibration slice is never a headline
+    values = [m.value for m in at.metric]
+    assert values[:4] == ["0.981", "0.956", "0.872", "0.800"] and "0.999" not in values
+    assert "0.872 [0.822, 0.912]" in at.caption[0].value
+    assert "not on these images" in at.caption[0].value
