@@ -14,6 +14,7 @@ from cxr_core.errors import CxrError
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
                                thumbnail)
+from app_pages._site_calibration import site_calibration_ui
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=600, max_entries=16)
@@ -211,6 +212,9 @@ def operating_point_ui(cmp: cs.Comparison) -> None:
 st.title("Compare runs")
 with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
     evaluate_ui(get_db())
+with st.expander("Site calibration: an operating point for one dataset",
+                 icon=":material/location_on:"):
+    site_calibration_ui()
 ids, mode, target, truth = selection_ui(get_db())
 if len(ids) < 2:
     st.stop()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core import ensembles, explain, model_store, predict, uploads
+from cxr_core import ensembles, explain, model_store, predict, site_calibration, uploads
 from cxr_core.errors import CxrError
 from cxr_core.saliency_render import shortcut_warning
 from app_pages._shared import dataset_picker, get_db, image_picker
@@ -39,8 +39,9 @@ def model_ui() -> str | None:
                                 key="predict_model")
 
 
-def inputs_ui() -> tuple[tuple, list[predict.ImageInput]]:
-    """The chosen images and a key that changes when the choice does."""
+def inputs_ui() -> tuple[tuple, list[predict.ImageInput], int | None]:
+    """The chosen images, a key that changes when the choice does, and their dataset (None
+    for uploads)."""
     source = st.radio("Images", ["Upload", "From a dataset"], horizontal=True,
                       key="predict_source", label_visibility="collapsed")
     if source == "Upload":
@@ -48,23 +49,43 @@ def inputs_ui() -> tuple[tuple, list[predict.ImageInput]]:
             "Chest X-rays: JPEG, PNG, BMP, TIFF or DICOM (also without extension)",
             accept_multiple_files=True, key="predict_files")
         return (tuple(f.file_id for f in files),
-                [predict.ImageInput(f.name, data=f.getvalue()) for f in files])
+                [predict.ImageInput(f.name, data=f.getvalue()) for f in files], None)
     info = dataset_picker("predict")
     if info is None:
-        return (), []
+        return (), [], None
     records = image_picker(info, "predict_pick_images", sample_button=True)
-    return (info.id, *(r.id for r in records)), predict.dataset_inputs(info.root, records)
+    return ((info.id, *(r.id for r in records)), predict.dataset_inputs(info.root, records),
+            info.id)
 
 
-def run_ui(ref: str, key: tuple, items: list[predict.ImageInput]):
-    """Predict once per (model, images) choice; reruns (sliders) reuse the stored result."""
-    if st.session_state.get("predict_key") != (ref, key):
+def site_ui(ref: str, dataset_id: int | None) -> int | None:
+    """The site whose operating point decides: the picked images' dataset, or, for uploads,
+    the site the user says they come from (among those calibrated for this model)."""
+    if dataset_id is not None:
+        return dataset_id
+    sites = {op.dataset_id: op.dataset_name
+             for op in site_calibration.site_points(get_db(), model_ref=ref)}
+    if not sites:
+        return None
+    return st.selectbox("Site of these films", [None, *sites], key="predict_site",
+                        format_func=lambda i: ("Another site: the global operating point"
+                                               if i is None else f"{sites[i]} (calibrated)"),
+                        help="A site calibrated on Compare → Site calibration decides with "
+                             "its own operating point.")
+
+
+def run_ui(ref: str, key: tuple, items: list[predict.ImageInput], site: int | None):
+    """Predict once per (model, images, operating point) choice; reruns (sliders) reuse the
+    stored result. Returns it with a sentence naming the operating point used."""
+    loaded, used = site_calibration.operating_point_for(get_db(), get_model(ref), site)
+    if st.session_state.get("predict_key") != (ref, key, loaded.threshold, used):
         bar = st.progress(0.0, text="Reading images…")
-        result = predict.predict_batch(get_model(ref), items, progress=lambda n, total:
+        result = predict.predict_batch(loaded, items, progress=lambda n, total:
                                        bar.progress(n / total, f"Reading images: {n}/{total}"))
         bar.empty()
-        st.session_state["predict_key"], st.session_state["predict_result"] = (ref, key), result
-    return st.session_state["predict_result"]
+        st.session_state["predict_key"] = (ref, key, loaded.threshold, used)
+        st.session_state["predict_result"] = result
+    return st.session_state["predict_result"], used
 
 
 def results_ui(ref: str, result: predict.BatchResult) -> None:
@@ -127,14 +148,16 @@ def review_ui(ref: str, pred: predict.Prediction) -> None:
 
 st.title("Predict")
 ref = model_ui()
-key, items = inputs_ui()
+key, items, dataset_id = inputs_ui()
 if ref is None or not items:
     st.stop()
 try:
-    result = run_ui(ref, key, items)
+    result, used = run_ui(ref, key, items, site_ui(ref, dataset_id))
 except CxrError as exc:
     st.error(str(exc))
     st.stop()
+st.caption(f"Decided with the {used}.", help="Site operating points are recorded on Compare "
+           "→ Site calibration; elsewhere the model's global one decides.")
 results_ui(ref, result)
 if result.predictions:
     pred = detail_ui(result)
