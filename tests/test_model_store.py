@@ -160,16 +160,27 @@ def test_decide_never_silently_uses_half(tmp_path):
 
 def test_the_shipped_card_readme_is_rendered_from_its_json_and_names_its_split():
     """models/default/README.md is card_markdown(model_card.json): the split its numbers
-    come from is stated (a random patient split: in-distribution, said so)."""
+    come from is stated (a random patient split: in-distribution, said so), and a card with
+    a calibration slice headlines figures its threshold was not chosen on."""
     import json
 
+    from cxr_core.card_measured import headline
     from cxr_core.model_card_md import card_markdown
 
     folder = Path(__file__).resolve().parents[1] / "models" / "default"
     card = json.loads((folder / "model_card.json").read_text())
     text = (folder / "README.md").read_text()
     assert text == card_markdown(card)
-    assert "random patient" in text and "in-distribution" in text
+    split = card["training_config"].get("split", "patient")
+    if split == "patient":
+        assert "random patient" in text and "in-distribution" in text
+    else:
+        assert split in text
+    if card["operating_point"].get("chosen_on") == "calibration":
+        first = headline(card["measured"])[0]
+        assert first["validation"] == split and not first["threshold_chosen_here"]
+        assert first["threshold"] == pytest.approx(card["operating_point"]["threshold"])
+        assert "evaluation_id" not in first  # no local ids shipped
 
 
 def test_card_markdown_headlines_temporal_figures_and_marks_the_calibration_slice():

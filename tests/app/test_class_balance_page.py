@@ -99,12 +99,26 @@ def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
     assert delta.loc["NORMAL", "change"] == -1 and delta.loc["PNEUMONIA", "change"] == 1
 
 
-def test_home_shows_the_demo_model_card(cxr_home):
+def test_home_shows_the_demo_model_card(cxr_home, tmp_path, monkeypatch):
+    import json
+
+    from cxr_core import model_store
+
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
     assert not at.exception
-    labels = [m.label for m in at.metric]
-    assert "Validation AUC" in labels and float(at.metric[0].value) > 0.9
-    # The shipped card's numbers come from a random patient split: said so, with a warning.
+    # The shipped card headlines its temporal validation at the calibration-locked threshold.
+    assert [m.label for m in at.metric][:3] == ["AUC", "Sensitivity", "Specificity"]
+    assert float(at.metric[0].value) > 0.9
+    assert any(m.value.startswith("**Temporal validation") for m in at.markdown)
+    assert any("Threshold chosen on the calibration slice" in c.value for c in at.caption)
+    # A card without a 'measured' list, from a random patient split: said so, with a warning.
+    card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
+    card.pop("measured")
+    card["training_config"]["split"] = "patient"
+    (tmp_path / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(model_store, "DEFAULT_MODELS_DIR", tmp_path)
+    at.run()
+    assert "Validation AUC" in [m.label for m in at.metric]
     assert any("random patient-grouped validation split (in-distribution)" in c.value
                for c in at.caption)
     assert any("in-distribution figures" in w.value for w in at.warning)
