@@ -28,3 +28,15 @@ class ModelError(CxrError):
 
 class RunError(CxrError):
     """A training run cannot be started, resumed or found."""
+
+
+class PermissionDenied(CxrError, PermissionError):
+    """The signed-in principal's roles do not allow this action (see :mod:`cxr_core.auth`)."""
+
+
+class QuotaExceeded(CxrError):
+    """A per-user quota or a per-run limit from configuration would be exceeded."""
+
+
+class PathNotAllowed(CxrError, PermissionError):
+    """A path lies outside the configured data roots (or escapes one through a symlink)."""
