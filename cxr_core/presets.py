@@ -49,7 +49,7 @@ def resolve(name: str, db: Database | None = None) -> AugmentConfig:
     return presets[name]
 
 
-def save(db: Database, name: str, cfg: AugmentConfig) -> None:
+def save(db: Database, name: str, cfg: AugmentConfig, *, created_by: str | None = None) -> None:
     """Save a user preset under ``name`` (built-in names are read-only).
 
     Raises:
@@ -60,4 +60,11 @@ def save(db: Database, name: str, cfg: AugmentConfig) -> None:
                           f"Received: name={name!r}")
     if name in PRESETS:
         raise ConfigError(f"{name!r} is a built-in preset; save under another name")
-    db.write(lambda s: store.save_preset(session=s, name=name, config=cfg.to_dict()))
+    db.write(lambda s: store.save_preset(session=s, name=name, config=cfg.to_dict(),
+                                         created_by=created_by))
+
+
+def owner(db: Database, name: str) -> tuple[bool, str | None]:
+    """(whether a user preset ``name`` exists, who saved it last)."""
+    with db.session() as s:
+        return store.preset_owner(session=s, name=name)

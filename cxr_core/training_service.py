@@ -111,10 +111,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 # -- Starting, stopping ---------------------------------------------------------------------
 
-def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None) -> int:
-    """Write a queued run (a worker will claim it); returns its id."""
+def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None,
+              created_by: str | None = None) -> int:
+    """Write a queued run (a worker will claim it); returns its id. Pages and the CLI go
+    through :func:`cxr_core.actions.queue_run` (role, limits, quota, audit)."""
     return db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
-                                               config=cfg.to_dict()))
+                                               config=cfg.to_dict(), created_by=created_by))
 
 
 def start_run(db: Database, cfg: TrainConfig, *,

@@ -89,6 +89,7 @@ class AugPreset(Base):
     config_json: Mapped[str] = mapped_column(Text)
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(200))  # identity of the last saver
 
 
 class Run(Base):
@@ -113,6 +114,7 @@ class Run(Base):
     label_snapshot_hash: Mapped[str | None] = mapped_column(String(64))
     label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
     summary_json: Mapped[str | None] = mapped_column(Text)  # final val metrics etc.
+    created_by: Mapped[str | None] = mapped_column(String(200), index=True)  # who queued it
 
 
 class Job(Base):
@@ -310,3 +312,32 @@ class Relabel(Base):
     score: Mapped[float | None] = mapped_column(Float)  # model probability shown
     undo_of: Mapped[int | None] = mapped_column(ForeignKey("relabels.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only record of every gated action: who did (or was refused) what, when.
+
+    Never updated or deleted: migration 0008 adds triggers that refuse UPDATE and DELETE.
+    """
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_actor", "actor", "id"),
+                      Index("ix_audit_events_action", "action", "id"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    actor: Mapped[str] = mapped_column(String(200))  # the principal's identity
+    source: Mapped[str] = mapped_column(String(10))  # oidc | local | cli
+    action: Mapped[str] = mapped_column(String(50))  # a key of cxr_core.auth.POLICY
+    target: Mapped[str] = mapped_column(Text, default="")  # e.g. "run:3", "relabel:17"
+    outcome: Mapped[str] = mapped_column(String(10))  # ok | denied
+    detail_json: Mapped[str] = mapped_column(Text, default="{}")
+
+
+class UserRole(Base):
+    """Roles an admin granted an identity (added to those of the [cxr_roles] secrets table)."""
+
+    __tablename__ = "user_roles"
+    identity: Mapped[str] = mapped_column(String(200), primary_key=True)
+    roles: Mapped[str] = mapped_column(String(200))  # comma-separated, from cxr_core.auth.ROLES
+    granted_by: Mapped[str] = mapped_column(String(200))
+    granted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -81,3 +81,18 @@ def test_four_concurrent_reviewers_keep_the_old_label_chain_on_postgres(pg_url, 
             assert (r.old_label, r.old_subtype) == previous, (image_id, r.id)
             previous = (r.new_label, r.new_subtype)
     db.engine.dispose()
+
+
+def test_audit_log_is_append_only_on_postgres(pg_url, cxr_home):
+    from sqlalchemy.exc import DBAPIError
+
+    from cxr_core import actions, auth
+
+    db = open_db(url=pg_url)
+    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
+    actions.record(db, admin, "manage_roles", "x@h.org")
+    for sql in ("UPDATE audit_events SET actor = 'someone-else'", "DELETE FROM audit_events"):
+        with pytest.raises(DBAPIError, match="append-only"):
+            with db.session() as s:
+                s.execute(text(sql))
+    assert [e.actor for e in actions.audit_log(db, admin)] == ["lead@h.org"]

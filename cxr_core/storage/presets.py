@@ -15,13 +15,20 @@ def list_presets(*, session: Session) -> dict[str, dict]:
     return {r.name: json.loads(r.config_json) for r in rows}
 
 
-def save_preset(*, session: Session, name: str, config: dict) -> None:
-    """Create or replace a user preset."""
+def save_preset(*, session: Session, name: str, config: dict,
+                created_by: str | None = None) -> None:
+    """Create or replace a user preset (``created_by``: who saved it last)."""
     row = session.scalar(select(AugPreset).where(AugPreset.name == name))
     if row is None:
-        session.add(AugPreset(name=name, config_json=json.dumps(config), builtin=False))
+        session.add(AugPreset(name=name, config_json=json.dumps(config), builtin=False,
+                              created_by=created_by))
     else:
-        row.config_json = json.dumps(config)
+        row.config_json, row.created_by = json.dumps(config), created_by
+
+
+def preset_owner(*, session: Session, name: str) -> tuple[bool, str | None]:
+    row = session.scalar(select(AugPreset).where(AugPreset.name == name))
+    return (row is not None, row.created_by if row is not None else None)
 
 
 def delete_preset(*, session: Session, name: str) -> bool:

@@ -132,7 +132,7 @@ def _worker(row: Worker) -> WorkerRecord:
 # -- Runs -----------------------------------------------------------------------------------
 
 def create_run(*, session: Session, name: str, config: Mapping,
-               worker_id: int | None = None) -> int:
+               worker_id: int | None = None, created_by: str | None = None) -> int:
     """Insert a run; queued, or already claimed (running) by ``worker_id``.
 
     Creating it claimed in the same statement is how the in-process CLI keeps a detached
@@ -144,6 +144,7 @@ def create_run(*, session: Session, name: str, config: Mapping,
     now = db_now(session)  # a run created running is judged by heartbeat ages from now on
     row = Run(name=name or "", config_json=json.dumps(dict(config)), created_at=now,
               status="queued" if worker_id is None else "running", worker_id=worker_id,
+              created_by=created_by,
               started_at=None if worker_id is None else now,
               heartbeat_at=None if worker_id is None else now)
     session.add(row)
