@@ -302,6 +302,31 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+OUTSIDE_ROOTS = "not read: a symlink that resolves outside the dataset folder and the data roots"
+
+
+def read_bases(root: Path) -> tuple[Path, ...] | None:
+    """Where a dataset's files may really lie when the data roots are restricted: the
+    dataset folder and every data root (real paths); None in unrestricted local mode."""
+    from cxr_core.data_roots import allowed_roots
+
+    roots = allowed_roots()
+    return None if roots is None else (Path(os.path.realpath(root)), *roots)
+
+
+def refused_link(root: Path, entry: FileEntry, bases: Sequence[Path] | None) -> ScannedImage | None:
+    """The unreadable row of a file whose real path lies under none of ``bases`` (a symlink
+    out of the dataset and the data roots), which is therefore never opened; else None."""
+    if bases is None:
+        return None
+    real = Path(os.path.realpath(root / entry.relpath))
+    if any(real == b or b in real.parents for b in bases):
+        return None
+    subtype, patient = parse_name(Path(entry.relpath).name)
+    return ScannedImage(entry.relpath, entry.split, entry.label, subtype, patient, None, None,
+                        None, None, entry.size, entry.mtime_ns, error=OUTSIDE_ROOTS)
+
+
 def scan_file(root: Path, entry: FileEntry, patient_salt: str | None = None) -> ScannedImage:
     """Read one file's header and content hash; an unreadable file is reported in ``error``.
 
@@ -381,8 +406,10 @@ def scan_changed(layout: Layout, known: dict[str, tuple[int | None, int | None]]
         progress(done, total)
     rows: list[ScannedImage] = []
     salt = config.patient_salt() if todo else None
+    bases = read_bases(layout.root)  # restricted roots: symlinks out are not read
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for row in pool.map(lambda e: scan_file(layout.root, e, salt), todo):
+        for row in pool.map(lambda e: refused_link(layout.root, e, bases)
+                            or scan_file(layout.root, e, salt), todo):
             rows.append(row)
             done += 1
             if on_batch is not None and len(rows) % batch_size == 0:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cxr_core import datasets as ds
-from cxr_core import metadata, storage
+from cxr_core import data_roots, metadata, storage
 from cxr_core.errors import DatasetError
 from cxr_core.storage import Database  # also the pages' handle type: they import it from here
 from cxr_core.storage import datasets as store
@@ -105,8 +105,10 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
     Raises:
         DatasetError: missing path, no images in a known layout, or the name is taken by
             another path.
+        PathNotAllowed: the path (its real path) is outside the configured data roots.
     """
     t0 = time.perf_counter()
+    data_roots.check_path(path, what="dataset folder")
     layout = ds.discover(path)
     name = name or default_name(path)
     root = str(layout.root.resolve())

@@ -94,6 +94,9 @@ def weights_file(spec: ModelSpec, cfg: ModelConfig) -> Path | None:
         )
     if w == "imagenet":
         return imagenet_weights_path(spec, cfg.image_size)
+    from cxr_core.data_roots import check_weights
+
+    check_weights(w)  # restricted data roots: a file under them, models/ or CXR_HOME only
     path = Path(w).expanduser()
     if not path.is_file():
         raise ModelError(

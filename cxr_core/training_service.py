@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_core import presets, worker
+from cxr_core import data_roots, presets, worker
 from cxr_core.augment_config import PRESETS
 from cxr_core.errors import ConfigError, DatasetError
 from cxr_core.storage import Database, open_db
@@ -59,6 +59,7 @@ def resolve_dataset(db: Database, dataset: str, base_dir: str | Path | None = No
     Raises:
         DatasetError: neither an indexed dataset (by name or folder) nor an existing path, so
             the run is refused before it is queued instead of failing in the worker.
+        PathNotAllowed: a folder not indexed yet that lies outside the data roots.
     """
     with db.session() as s:
         if dataset_store.get_dataset(session=s, name_or_id=dataset) is not None:
@@ -68,8 +69,10 @@ def resolve_dataset(db: Database, dataset: str, base_dir: str | Path | None = No
         if base is None:
             continue
         path = (base / Path(dataset).expanduser())
-        if path.exists() or str(path.resolve()) in roots:
+        if str(path.resolve()) in roots:
             return str(path.resolve())
+        if path.exists():  # to be indexed by the worker: refused now if outside the roots
+            return str(data_roots.check_path(path, what="dataset folder"))
     raise DatasetError(f"dataset {dataset!r} is neither an indexed dataset's name nor an existing "
                        f"folder or .npz file; index it first (python -m cxr_core index PATH) or "
                        f"fix the path. Received: dataset={dataset!r}")
@@ -80,13 +83,16 @@ def make_config(db: Database, data: Mapping[str, Any],
     """Validate a run config (recipe defaults merged) with its dataset path resolved.
 
     An ``augment`` naming a preset saved on the augmentation page is replaced by that preset's
-    settings, so the run's stored config reproduces it even if the preset changes later.
+    settings, so the run's stored config reproduces it even if the preset changes later. A
+    ``weights`` file must lie under the data roots when they are restricted
+    (:func:`cxr_core.data_roots.check_weights`; PathNotAllowed otherwise).
     """
     data = dict(data)
     aug = data.get("augment")
     if isinstance(aug, str) and aug not in PRESETS:
         data["augment"] = presets.resolve(aug, db).to_dict()
     cfg = TrainConfig.from_dict(data)
+    data_roots.check_weights(cfg.weights)  # a weights file under the data roots only
     return TrainConfig.from_dict({**cfg.to_dict(),
                                   "dataset": resolve_dataset(db, cfg.dataset, base_dir)})
 
