@@ -8,6 +8,8 @@ CXR_HOME      state folder: DB, caches, run artifacts (default ~/.cxr)
 CXR_DB_URL    any SQLAlchemy URL (default sqlite:///$CXR_HOME/cxr.db); PostgreSQL works
 CXR_DATA_DIR  dataset folders/files to register at start, separated by the OS path separator
 CXR_PATIENT_SALT  secret mixed into hashed DICOM PatientIDs (default: $CXR_HOME/patient_salt)
+CXR_DATA_ROOTS  folders datasets and weights files may lie under (cxr_core.data_roots)
+CXR_MAX_*     per-run limits and the per-user run quota (cxr_core.limits)
 """
 from __future__ import annotations
 
@@ -56,7 +58,11 @@ class Settings:
 
 SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA_DIR",
                "patient_salt": "CXR_PATIENT_SALT", "artifacts": "CXR_ARTIFACTS",
-               "worker": "CXR_WORKER"}
+               "worker": "CXR_WORKER", "data_roots": "CXR_DATA_ROOTS",
+               # per-run limits and quotas (cxr_core.limits)
+               "max_active_runs_per_user": "CXR_MAX_ACTIVE_RUNS_PER_USER",
+               "max_image_size": "CXR_MAX_IMAGE_SIZE", "max_epochs": "CXR_MAX_EPOCHS",
+               "max_train_images": "CXR_MAX_TRAIN_IMAGES"}
 WORKER_MODES = ("auto", "off")
 
 

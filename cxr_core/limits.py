@@ -1,0 +1,118 @@
+"""Per-run limits and per-user quotas from configuration (issue 15 item 4). Pure: no DB.
+
+Read from the environment (the app's ``[cxr]`` secrets table fills the same variables, see
+:func:`cxr_core.config.apply_secrets`):
+
+CXR_MAX_ACTIVE_RUNS_PER_USER  queued + running runs one identity may have (default 3)
+CXR_MAX_IMAGE_SIZE            largest training input side in pixels (default 512)
+CXR_MAX_EPOCHS                most epochs of one run, all stages (default 200)
+CXR_MAX_TRAIN_IMAGES          most images one run may train on (default 0: no limit)
+
+A value of 0 turns that limit off. :func:`cxr_core.actions.start_run` applies them.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from cxr_core.errors import ConfigError, QuotaExceeded
+
+__all__ = ["ENV", "Limits", "check_active", "check_run"]
+
+# field -> environment variable
+ENV = {"max_active_runs": "CXR_MAX_ACTIVE_RUNS_PER_USER", "max_image_size": "CXR_MAX_IMAGE_SIZE",
+       "max_epochs": "CXR_MAX_EPOCHS", "max_train_images": "CXR_MAX_TRAIN_IMAGES"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits in force; 0 means no limit."""
+
+    max_active_runs: int = 3  # queued + running runs of one identity
+    max_image_size: int = 512  # TrainConfig.image_size
+    max_epochs: int = 200  # TrainConfig.epochs (the frozen stage counts in it)
+    max_train_images: int = 0  # TrainConfig.max_images (None: the whole dataset)
+
+    def __post_init__(self) -> None:
+        for name in ENV:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{ENV[name]} must be a whole number >= 0 (0: no limit). "
+                                  f"Received: {name}={value!r}")
+
+    @classmethod
+    def from_env(cls, environ: Any = None) -> Limits:
+        """The limits from ``CXR_MAX_*`` variables; unset or blank ones keep their default.
+
+        Raises:
+            ConfigError: a value that is not a whole number >= 0.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, int] = {}
+        for name, var in ENV.items():
+            raw = str(env.get(var, "")).strip()
+            if not raw:
+                continue
+            try:
+                values[name] = int(raw)
+            except ValueError as exc:
+                raise ConfigError(f"{var} must be a whole number >= 0 (0: no limit). "
+                                  f"Received: {var}={raw!r}") from exc
+        return cls(**values)
+
+
+def _over(what: str, asked: Any, limit: int, var: str, hint: str) -> QuotaExceeded:
+    return QuotaExceeded(f"{what} is limited to {limit}. Received: {asked}. {hint} (an "
+                         f"administrator can change the limit with {var}, or the {var} key "
+                         "in [cxr] of secrets.toml; 0 turns it off)")
+
+
+def check_run(cfg: Any, limits: Limits, *, n_images: int | None = None) -> None:
+    """Refuse a run config over a per-run limit.
+
+    Args:
+        cfg: a :class:`cxr_core.train_config.TrainConfig` (``image_size``, ``epochs``,
+            ``max_images``).
+        limits: the limits in force.
+        n_images: the dataset's image count when known: a run on the whole dataset
+            (``max_images`` None) then passes when the dataset is within the image limit.
+
+    Raises:
+        QuotaExceeded: naming the limit, the value asked and how to change either.
+    """
+    if limits.max_image_size and cfg.image_size > limits.max_image_size:
+        raise _over("image size", f"image_size={cfg.image_size}", limits.max_image_size,
+                    ENV["max_image_size"], "Choose a smaller image size")
+    if limits.max_epochs and cfg.epochs > limits.max_epochs:
+        raise _over("epochs per run", f"epochs={cfg.epochs}", limits.max_epochs,
+                    ENV["max_epochs"], "Choose fewer epochs")
+    cap = limits.max_train_images
+    if cap:
+        asked = cfg.max_images if cfg.max_images is not None else n_images
+        if asked is None or asked > cap:
+            shown = (f"max_images={cfg.max_images}" if cfg.max_images is not None else
+                     "max_images=None (the whole dataset" + (
+                         f", {n_images} images)" if n_images is not None else ")"))
+            raise _over("images per run", shown, cap, ENV["max_train_images"],
+                        f"Set max images to {cap} or fewer")
+
+
+def check_active(n_active: int, limits: Limits, identity: str) -> None:
+    """Refuse one more run when ``identity`` already has the most queued + running runs.
+
+    Args:
+        n_active: the identity's queued and running runs now.
+        limits: the limits in force.
+        identity: who asks (named in the message).
+
+    Raises:
+        QuotaExceeded: the quota is reached.
+    """
+    cap = limits.max_active_runs
+    if cap and n_active >= cap:
+        raise QuotaExceeded(
+            f"{identity} already has {n_active} queued or running run(s); the limit is {cap} "
+            f"per user. Wait for one to finish or cancel one (an administrator can change the "
+            f"limit with {ENV['max_active_runs']}, or that key in [cxr] of secrets.toml; 0 "
+            "turns it off)")
