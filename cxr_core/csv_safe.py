@@ -44,6 +44,18 @@ def cell(value: Any) -> Any:
     return safe_cell(value)
 
 
+class _Terminated:
+    """A stream that writes each CSV row with ``term`` instead of the writer's "\r\n"."""
+
+    def __init__(self, out: TextIO, term: str) -> None:
+        self.out, self.term = out, term
+
+    def write(self, row: str) -> int:
+        if row.endswith("\r\n"):
+            row = row[:-2] + self.term
+        return self.out.write(row)
+
+
 def write_rows(out: TextIO, header: Sequence[Any] | None, rows: Iterable[Sequence[Any]], *,
                lineterminator: str = "\n") -> int:
     """Write a header (None: none) and rows as CSV, every cell through :func:`cell`.
@@ -57,7 +69,11 @@ def write_rows(out: TextIO, header: Sequence[Any] | None, rows: Iterable[Sequenc
     Returns:
         The number of data rows written.
     """
-    w = csv.writer(out, lineterminator=lineterminator)
+    # The csv module quotes a cell only for the characters of its own line terminator, so a
+    # "\r" inside a note would be written bare with "\n": a spreadsheet then starts a new row
+    # there, and the rest of the cell (``x\r=cmd|...``) would be a formula cell of its own.
+    # Write with "\r\n" (every line break in a cell quoted) and put the asked terminator back.
+    w = csv.writer(_Terminated(out, lineterminator), lineterminator="\r\n")
     if header is not None:
         w.writerow([cell(h) for h in header])
     n = 0
