@@ -13,9 +13,11 @@ import streamlit as st
 from cxr_core import images as cxr_images
 from cxr_core import indexing, jobs
 from cxr_core.config import apply_secrets
+from cxr_core.data_roots import allowed_roots, describe
 from cxr_core.errors import CxrError
 from cxr_core.indexing import Database, DatasetInfo
 from cxr_core.jobs import JobRecord
+from cxr_core.text_safe import md_escape
 
 
 @st.cache_resource(show_spinner="Opening the database…")
@@ -153,7 +155,7 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
     if job is not None and job.status == "finished":
         return job.result
     if job is not None and job.status == "failed":
-        st.error(f"{label} failed: {job.error}", icon=":material/error:")
+        st.error(f"{label} failed: {md_escape(job.error)}", icon=":material/error:")
         if st.button("Try again", key=f"{key}_retry", icon=":material/refresh:"):
             st.session_state[key] = jobs.submit(get_db(), kind, params)
             st.rerun()
@@ -174,6 +176,7 @@ def add_dataset_ui(key: str = "add_ds") -> None:
                              help="Kaggle layout train|val|test/NORMAL|PNEUMONIA, class folders "
                                   "(e.g. COVID19|NORMAL|PNEUMONIA), or a MedMNIST .npz")
         name = st.text_input("Name (optional)")
+        st.caption(f"Allowed folders: {md_escape(describe(allowed_roots()))}")
         submitted = st.form_submit_button("Index dataset", icon=":material/add:")
     if submitted and path.strip():
         st.session_state[f"{key}_job"] = jobs.submit_once(
@@ -188,14 +191,14 @@ def index_report_ui(key: str = "add_ds") -> None:
     if job is None or not job.result:
         return
     rep = job.result
-    st.success(f"Indexed **{rep['dataset']}**: {rep['images']:,} images "
+    st.success(f"Indexed **{md_escape(rep['dataset'])}**: {rep['images']:,} images "
                f"({rep['scanned']:,} read, {rep['unchanged']:,} unchanged) in "
                f"{rep['seconds']:.1f} s")
     for w in rep.get("warnings", []):
-        st.warning(w, icon=":material/warning:")
+        st.warning(md_escape(w), icon=":material/warning:")
     problems = rep.get("problems", [])
     for p in problems[:10]:
-        st.warning(p)
+        st.warning(md_escape(p))
     if len(problems) > 10:
         st.warning(f"… and {len(problems) - 10} more problems")
 
@@ -212,7 +215,7 @@ def startup_index_ui() -> None:
             st.session_state.setdefault(key, job_id)
             job_ui(key, f"Indexing {job.params['path']}")
         elif job.status == "failed":
-            st.warning(f"CXR_DATA_DIR {job.params['path']}: {job.error}",
+            st.warning(f"CXR_DATA_DIR {md_escape(job.params['path'])}: {md_escape(job.error)}",
                        icon=":material/warning:")
 
 
