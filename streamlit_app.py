@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app_pages._access import identity_badge, principal
+
 st.set_page_config(page_title="CXR Workbench", page_icon=":material/pulmonology:", layout="wide")
 st.session_state.setdefault("dataset_name", None)
+user = principal()  # with [auth] configured: the sign-in screen until someone signs in
+identity_badge(user)
 
 PAGES = {
     "Overview": [
@@ -19,9 +23,12 @@ PAGES = {
         st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
         st.Page("app_pages/predict.py", title="Predict", icon=":material/radiology:"),
     ],
-    "Review": [
-        st.Page("app_pages/review.py", title="Review", icon=":material/rate_review:"),
-    ],
 }
+if user.can("review"):
+    PAGES["Review"] = [st.Page("app_pages/review.py", title="Review",
+                               icon=":material/rate_review:")]
+if user.can("view_audit"):
+    PAGES["Admin"] = [st.Page("app_pages/admin.py", title="Access and audit",
+                              icon=":material/admin_panel_settings:")]
 
 st.navigation(PAGES).run()

@@ -170,6 +170,11 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
 
 def add_dataset_ui(key: str = "add_ds") -> None:
     """Register a dataset by path: a worker indexes it; the page shows the job's progress."""
+    from app_pages._access import principal
+
+    if not principal().can("index_dataset"):
+        st.caption("Adding datasets needs the scientist role.")
+        return
     with st.form(f"{key}_form", clear_on_submit=False, border=False):
         path = st.text_input("Dataset folder or PneumoniaMNIST .npz",
                              placeholder="/data/chest_xray or /data/pneumoniamnist.npz",
@@ -179,8 +184,13 @@ def add_dataset_ui(key: str = "add_ds") -> None:
         st.caption(f"Allowed folders: {md_escape(describe(allowed_roots()))}")
         submitted = st.form_submit_button("Index dataset", icon=":material/add:")
     if submitted and path.strip():
-        st.session_state[f"{key}_job"] = jobs.submit_once(
-            get_db(), "index", {"path": path.strip(), "name": name.strip() or None})
+        from cxr_core import actions
+
+        try:
+            st.session_state[f"{key}_job"] = actions.submit_job(
+                get_db(), principal(), "index", {"path": path.strip(), "name": name.strip() or None})
+        except CxrError as exc:
+            st.error(str(exc), icon=":material/block:")
     job_ui(f"{key}_job", "Scanning headers")
     index_report_ui(key)
 

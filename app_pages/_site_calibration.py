@@ -9,7 +9,9 @@ from cxr_core import evaluation_service as es
 from cxr_core import jobs
 from cxr_core import site_calibration as sc
 from cxr_core.card_measured import fmt_ci
-from cxr_core.errors import CxrError
+from cxr_core import actions
+from cxr_core.errors import ConfigError, CxrError
+from app_pages._access import acting_as, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import get_db, kept_result, list_datasets
 
@@ -75,7 +77,7 @@ def candidate_ui(cand: dict) -> None:
 def record_ui(cand: dict) -> None:
     """Record the candidate for the site: an explicit action with a name and a reason."""
     with st.form("site_record_form"):
-        who = st.text_input("Your name", key="site_who")
+        who = acting_as("Your name", "site_who")
         note = st.text_input("Reason / note", key="site_note")
         submitted = st.form_submit_button(
             f"Record as {cand['dataset_name']}'s operating point", icon=":material/tune:",
@@ -83,7 +85,10 @@ def record_ui(cand: dict) -> None:
                  "to come from it); the global operating point stays for everything else.")
     if submitted:
         try:
-            op = sc.record(get_db(), cand, changed_by=who, note=note)
+            if who is None:
+                raise ConfigError("recording a site's operating point needs the name of who "
+                                  "records it")
+            op = actions.record_site_calibration(get_db(), who, cand, note=note)
             st.success(f"Recorded: {sc.describe(op)}.", icon=":material/done:")
         except CxrError as exc:
             st.error(str(exc))
@@ -122,5 +127,8 @@ def site_calibration_ui() -> None:
             get_db(), "site_calibration", params) is not None else None
         if cand is not None:
             candidate_ui(cand)
-            record_ui(cand)
+            if principal().can("site_calibration"):
+                record_ui(cand)
+            else:
+                st.caption("Recording a site's operating point needs the scientist role.")
     history_ui(ref)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from cxr_core import presets
+from cxr_core import actions, presets
+from app_pages._access import principal
 from cxr_core.augment import augment_preview
 from cxr_core.augment_config import AugmentConfig
 from cxr_core.errors import CxrError
@@ -71,7 +72,7 @@ def save_ui(cfg: AugmentConfig) -> None:
         name = c1.text_input("Save these settings as a preset", placeholder="my-preset")
         if c2.form_submit_button("Save preset", icon=":material/save:", width="stretch"):
             try:
-                presets.save(get_db(), name.strip(), cfg)
+                actions.save_preset(get_db(), principal(), name.strip(), cfg)
                 st.toast(f"Saved preset {name.strip()!r}", icon=":material/check:")
             except CxrError as exc:
                 st.error(str(exc))

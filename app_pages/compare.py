@@ -9,8 +9,11 @@ from cxr_core import compare_service as cs
 from cxr_core import eval_tables as tables
 from cxr_core import evaluation_service as es
 from cxr_core import operating_point_service as ops
-from cxr_core import ensembles, jobs, subgroups
-from cxr_core.errors import CxrError
+from cxr_core import ensembles, subgroups
+from cxr_core import actions
+from cxr_core.auth import Principal
+from cxr_core.errors import ConfigError, CxrError
+from app_pages._access import acting_as, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
                                thumbnail)
@@ -55,9 +58,12 @@ def evaluate_ui(db) -> None:
     if st.button("Evaluate", icon=":material/play_arrow:", key="compare_eval_go",
                  disabled=not name):
         # A worker process decodes and predicts; this page only polls the job's progress.
-        st.session_state["compare_job"] = jobs.submit(db, "evaluate", dict(
-            model_ref=ref, data=name, split=None if split == "(all)" else split,
-            labels=labels))
+        try:
+            st.session_state["compare_job"] = actions.submit_job(db, principal(), "evaluate", dict(
+                model_ref=ref, data=name, split=None if split == "(all)" else split,
+                labels=labels), once=False)
+        except CxrError as exc:
+            st.error(str(exc), icon=":material/block:")
     job_ui("compare_job", "Decoding, then predicting")
     if (job := finished_job("compare_job")) is not None:
         st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
@@ -150,15 +156,19 @@ def metrics_ui(cmp: cs.Comparison, params: dict) -> None:
     st.dataframe(pd.DataFrame(tests), hide_index=True)
 
 
-def send(cmp: cs.Comparison, row: dict, sent_by: str) -> None:
-    cs.send_disagreement_to_review(get_db(), **cmp.review_payload(row), sent_by=sent_by)
-    st.toast("Sent to review", icon=":material/rate_review:")
+def send(cmp: cs.Comparison, row: dict, sent_by: Principal) -> None:
+    try:
+        actions.send_disagreement(get_db(), sent_by, **cmp.review_payload(row))
+        st.toast("Sent to review", icon=":material/rate_review:")
+    except CxrError as exc:
+        st.toast(str(exc), icon=":material/error:")
 
 
 def disagreements_ui(cmp: cs.Comparison) -> None:
     rows = cmp.disagreement_rows()
     st.caption(f"The runs disagree on **{len(rows)}** of {len(cmp.y_true)} images.")
-    who = st.text_input("Your name (stored with items sent to review)", key="compare_sent_by")
+    who = acting_as("Your name (stored with items sent to review)", "compare_sent_by") \
+        if principal().can("send_to_review") else None
     page = st.number_input("Page (12 images a page)", 1, max(1, -(-len(rows) // 12)),
                            key="compare_page")
     shown = rows[(page - 1) * 12:page * 12]
@@ -168,8 +178,8 @@ def disagreements_ui(cmp: cs.Comparison) -> None:
                 col.image(thumb, width="stretch")
             col.caption(row["summary"])
             col.button("Send to review", key=f"compare_send_{row['index']}", on_click=send,
-                       args=(cmp, row, who.strip()), icon=":material/rate_review:",
-                       disabled=row["image_id"] is None or not who.strip())
+                       args=(cmp, row, who), icon=":material/rate_review:",
+                       disabled=row["image_id"] is None or who is None)
 
 
 def subgroups_ui(cmp: cs.Comparison) -> None:
@@ -194,15 +204,17 @@ def operating_point_ui(cmp: cs.Comparison) -> None:
     with st.form("compare_op_form"):  # an explicit, recorded user action
         threshold = st.number_input("New threshold", 0.0, 1.0, history[0].threshold if history
                                     else 0.5, 0.01, format="%.3f", key="compare_op_threshold")
-        who, note = st.text_input("Your name", key="compare_op_who"), st.text_input(
-            "Reason", key="compare_op_note")
+        who = acting_as("Your name", "compare_op_who")
+        note = st.text_input("Reason", key="compare_op_note")
         submitted = st.form_submit_button("Set operating point", icon=":material/tune:", help=(
             "Changes Predict and Compare for everyone; recorded with your name and reason. "
             "Prefer thresholds chosen on validation data."))
     if submitted:
         try:
-            ops.set_manual_threshold(get_db(), run_id=run_id, threshold=threshold, changed_by=who,
-                                    note=note, evaluation_id=cmp.evaluations[runs[run_id]].id)
+            if who is None:
+                raise ConfigError("setting an operating point needs the name of who sets it")
+            actions.set_manual_threshold(get_db(), who, run_id=run_id, threshold=threshold,
+                                         note=note, evaluation_id=cmp.evaluations[runs[run_id]].id)
             comparison.clear()
             st.rerun()
         except CxrError as exc:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core import ensembles, explain, model_store, predict, site_calibration, uploads
-from cxr_core.errors import CxrError
+from cxr_core import actions, ensembles, explain, model_store, predict, site_calibration
+from cxr_core.errors import ConfigError, CxrError
+from app_pages._access import acting_as, principal
 from cxr_core.saliency_render import shortcut_warning
 from app_pages._shared import dataset_picker, get_db, image_picker
 
@@ -136,11 +137,16 @@ def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction)
 
 
 def review_ui(ref: str, pred: predict.Prediction) -> None:
+    if not principal().can("send_to_review"):
+        return  # viewers predict and explain; sending to clinicians needs the reviewer role
     left, right = st.columns([3, 1], vertical_alignment="bottom")
-    who = left.text_input("Sent by", key="predict_sent_by", placeholder="Your name")
+    who = acting_as("Sent by", "predict_sent_by", left, required=False,
+                    placeholder="Your name")
     if right.button("Send to review", key="predict_send", icon=":material/rate_review:"):
         try:
-            item = uploads.send_to_review(get_db(), pred, model_ref=ref, sent_by=who.strip())
+            if who is None:
+                raise ConfigError("sending to review needs the name of who sends it")
+            item = actions.send_to_review(get_db(), who, pred, model_ref=ref)
             st.success(f"Sent to the review queue (item {item}).", icon=":material/done:")
         except CxrError as exc:
             st.error(str(exc))

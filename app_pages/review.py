@@ -7,21 +7,21 @@ import numpy as np
 import streamlit as st
 
 from cxr_core import agreement as agreement_mod
-from cxr_core import explain, jobs, review, review_view
+from cxr_core import actions, explain, review, review_view
+from cxr_core.auth import Principal
 from cxr_core.errors import CxrError
+from app_pages._access import auth_on, md, principal, require_page
 from app_pages._shared import dataset_picker, finished_job, get_db, job_ui, kept_result
 
 
-def reviewer_ui() -> str | None:
-    """The login identity (st.user) when auth is configured, else a name typed once a session."""
-    if st.user.get("is_logged_in"):
-        return str(st.user.get("email") or st.user.get("name") or st.user.get("sub"))
-    if "is_logged_in" in st.user:  # auth is configured but nobody is logged in
-        st.button("Log in to review", on_click=st.login, icon=":material/login:")
-        return None
+def reviewer_ui() -> Principal | None:
+    """Signed in: the principal (a reviewer or above; others are refused). Local mode: a name
+    typed once a session becomes the local identity stored with each label."""
+    if auth_on():
+        return require_page("review", "Review")
     if name := st.session_state.get("review_reviewer"):
-        st.sidebar.caption(f"Reviewing as **{name}**")
-        return name
+        st.sidebar.caption(f"Reviewing as **{md(name)}**")
+        return principal()
     if typed := st.text_input("Your name (stored with each label)", key="review_name").strip():
         st.session_state["review_reviewer"] = typed
         st.rerun()
@@ -71,28 +71,29 @@ def pixels(path: str, version: str | None) -> np.ndarray:
     return review_view.view_pixels(path)
 
 
-def act(action: str, reviewer: str, entry=None, choice=None) -> None:
-    """Button callback: one relabel / undo row (its own short transaction), or a skip."""
+def act(action: str, reviewer: Principal, entry=None, choice=None) -> None:
+    """Button callback: one relabel / undo row (its own short transaction), or a skip; done
+    as the principal (checked and audited in cxr_core.actions)."""
     stack = st.session_state.setdefault("review_undo", [])
     try:
         if action == "label":
-            stack.append(review.submit_relabel(
-                get_db(), image_id=entry.image_id, upload_sha256=entry.upload_sha256,
-                choice=choice, reviewer=reviewer, note=st.session_state.pop("review_note", ""),
+            stack.append(actions.relabel(
+                get_db(), reviewer, image_id=entry.image_id, upload_sha256=entry.upload_sha256,
+                choice=choice, note=st.session_state.pop("review_note", ""),
                 run_ref=entry.run_ref, score=entry.score))
         elif action == "undo":
-            review.submit_undo(get_db(), relabel_id=stack.pop(), reviewer=reviewer, note="undo")
+            actions.undo_relabel(get_db(), reviewer, relabel_id=stack.pop(), note="undo")
         else:
             st.session_state.setdefault("review_skipped", []).append(entry.key)
     except CxrError as exc:
         st.toast(str(exc), icon=":material/error:")
 
 
-def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: str,
+def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: Principal,
                 choices: list[review.LabelChoice]) -> None:
     """What is known about the image (or upload), then one button per label, skip and undo."""
     about = review_view.describe_entry(get_db(), state, entry)
-    others = ", ".join(f"{who}: `{label}`" for who, label in about.reviewers)
+    others = ", ".join(f"{md(who)}: `{md(label)}`" for who, label in about.reviewers)
     st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
     if about.warning:
@@ -160,10 +161,16 @@ def agreement_ui(state: review.ReviewState) -> None:
 
 def export_ui(dataset_id: int) -> None:
     """Every relabel row as CSV: a worker writes the file, then it downloads from here."""
+    if not principal().can("export_relabels"):
+        st.caption("Exporting every relabel needs the scientist role.")
+        return
     if st.button("Prepare CSV of all relabels", icon=":material/table_view:",
                  key="review_export_go"):
-        st.session_state["review_export"] = jobs.submit(get_db(), "export_relabels",
-                                                        {"dataset_id": dataset_id})
+        try:
+            st.session_state["review_export"] = actions.submit_job(
+                get_db(), principal(), "export_relabels", {"dataset_id": dataset_id}, once=False)
+        except CxrError as exc:
+            st.error(str(exc), icon=":material/block:")
     job_ui("review_export", "Writing relabels CSV")
     if (job := finished_job("review_export", keep=True)) is not None and job.result:
         path = Path(job.result["path"])
@@ -179,7 +186,7 @@ info = dataset_picker("review") if reviewer else None
 if info is None:
     st.stop()
 state = review.load_state(get_db(), info.id, st.session_state.get("review_run"))
-view = review.next_in_queue(get_db(), state, reviewer=reviewer,
+view = review.next_in_queue(get_db(), state, reviewer=reviewer.identity,
                             **queue_ui(state, sorted(info.classes)))
 if state.changed_since_relabel:
     st.warning(f"{len(state.changed_since_relabel)} relabelled image(s) changed on disk since "

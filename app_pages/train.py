@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from cxr_core import actions
 from cxr_core import training_service as svc
 from cxr_core.presets import all_presets
 from cxr_core.datasets import LABEL_SCHEMES
@@ -19,6 +20,7 @@ from cxr_core.balancing import BALANCING
 from cxr_core.model_specs import MODELS
 from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
 from cxr_core.splits import SPLIT_STRATEGIES
+from app_pages._access import md, principal
 from app_pages._shared import dataset_picker, get_db
 
 REFRESH_S = 2.0
@@ -85,7 +87,7 @@ def start_ui(dataset: str, layout: str) -> None:
         changes["split_group"] = None  # the folder field only counts for a group split
     db = get_db()
     try:
-        run_id, pid = svc.start_run(db, svc.make_config(db, changes))
+        run_id, pid = actions.start_run(db, principal(), svc.make_config(db, changes))
     except CxrError as exc:
         st.error(str(exc))
     else:
@@ -153,16 +155,22 @@ def curves_ui(runs: dict, run_ids: list[int]) -> None:
 
 
 def detail_ui(run) -> None:
-    st.markdown(f"**{run.display_name}** (#{run.id}) — {ICONS.get(run.status, '')} {run.status}")
+    st.markdown(f"**{md(run.display_name)}** (#{run.id}) — {ICONS.get(run.status, '')} "
+                f"{run.status}" + (f" · queued by {md(run.created_by)}" if run.created_by else ""))
     if run.error:
         st.error(run.error)
     c1, c2 = st.columns(2)
-    if run.active and c1.button("Cancel", key=f"train_cancel_{run.id}", icon=":material/stop:"):
-        st.toast(f"Run {run.id}: {svc.cancel_run(get_db(), run.id)}")
-    if run.status in ("failed", "cancelled") and c2.button(
-            "Resume", key=f"train_resume_{run.id}", icon=":material/replay:"):
-        svc.resume_run(get_db(), run.id)
-        st.toast(f"Run {run.id} queued to resume from epoch {run.epochs_done}")
+    may = principal().can("cancel_own_run")
+    try:
+        if may and run.active and c1.button("Cancel", key=f"train_cancel_{run.id}",
+                                            icon=":material/stop:"):
+            st.toast(f"Run {run.id}: {actions.cancel_run(get_db(), principal(), run.id)}")
+        if may and run.status in ("failed", "cancelled") and c2.button(
+                "Resume", key=f"train_resume_{run.id}", icon=":material/replay:"):
+            actions.resume_run(get_db(), principal(), run.id)
+            st.toast(f"Run {run.id} queued to resume from epoch {run.epochs_done}")
+    except CxrError as exc:
+        st.error(str(exc), icon=":material/block:")
     tab_logs, tab_cfg, tab_sum = st.tabs(["Log", "Config", "Summary"])
     logs = svc.run_logs(get_db(), run.id)
     tab_logs.code("\n".join(f"{x.created_at:%H:%M:%S} {x.level:7} {x.message}" for x in logs)
@@ -197,8 +205,12 @@ def live_ui() -> None:
 
 
 st.title(":material/model_training: Train")
-info = dataset_picker("train")
-if info is not None:
+user = principal()
+if not user.can("train"):
+    st.info(f"Starting runs needs the scientist role; you are signed in as {md(user.identity)} "
+            f"({', '.join(sorted(user.roles)) or 'no role'}). The runs below are read-only.",
+            icon=":material/block:")
+elif (info := dataset_picker("train")) is not None:
     with st.expander("New run", expanded=True, icon=":material/add:"):
         start_ui(info.name, info.layout)
 st.subheader("Runs")

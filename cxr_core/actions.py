@@ -121,9 +121,10 @@ def send_disagreement(db: Database, p: Principal, *, image_id: int, run_ref: str
 
 # -- Runs -----------------------------------------------------------------------------------
 
-def queue_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
-              start_worker: bool = True) -> int:
-    """Check the role, the per-run limits and the user's active-run quota; queue the run."""
+def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
+              start_worker: bool = True) -> tuple[int, int | None]:
+    """Check the role, the per-run limits and the user's active-run quota; queue the run and
+    make sure a worker serves it: (run id, local worker pid or None)."""
     from cxr_core import limits, training_service
 
     authorize(db, p, "train")
@@ -137,12 +138,13 @@ def queue_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
         record(db, p, "train", outcome="denied", detail={"why": str(exc)})
         raise
     run_id = training_service.queue_run(db, cfg, name=name, created_by=p.identity)
+    pid = None
     if start_worker:
         from cxr_core import worker
-        worker.ensure_worker(db)
+        pid = worker.ensure_worker(db)
     record(db, p, "train", f"run:{run_id}", detail={"name": name or cfg.name,
-                                                    "recipe": getattr(cfg, "model", "")})
-    return run_id
+                                                    "model": getattr(cfg, "model", "")})
+    return run_id, pid
 
 
 def _run_owner(db: Database, run_id: int) -> str | None:

@@ -31,10 +31,25 @@ def _progress(label: str) -> Callable[[int, int], None]:
     return report
 
 
+def _gate(action: str, target: str = "", **detail) -> None:
+    """The CLI acts as its configured local principal (CXR_CLI_IDENTITY, CXR_CLI_ROLES):
+    checked against the policy and recorded in the audit log like the pages' actions."""
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+    from cxr_core.storage import open_db
+
+    db, p = open_db(), cli_principal()
+    actions.authorize(db, p, action, target)
+    actions.record(db, p, action, target, detail=detail)
+
+
 def cmd_index(args: argparse.Namespace) -> dict:
+    from cxr_core import data_roots
     from cxr_core.indexing import index_dataset
     from cxr_core.storage import open_db
 
+    data_roots.check_path(args.path, roots=data_roots.allowed_roots())
+    _gate("index_dataset", str(args.path), name=args.name)
     report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"))
     for problem in [*report.warnings, *report.problems[:20]]:
         print(f"warning: {problem}", file=sys.stderr)
@@ -51,12 +66,14 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from cxr_core.training_service import train_cli
 
+    _gate("train", str(args.config), detach=args.detach)
     return train_cli(args.config, detach=args.detach, progress=_progress("train"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from cxr_core.evaluation_service import evaluate_cli
 
+    _gate("evaluate", str(args.model), data=args.data, split=args.split)
     out = evaluate_cli(args.model, args.data, split=args.split, labels=args.labels)
     for warning in out["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
@@ -81,6 +98,7 @@ def cmd_relabel_add(args: argparse.Namespace) -> dict:
     from cxr_core.relabel_import import relabel_by_path, relabel_json
     from cxr_core.storage import open_db
 
+    _gate("relabel", f"{args.dataset}:{args.path}", reviewer=args.reviewer, label=args.label)
     rec = relabel_by_path(open_db(), dataset=args.dataset, relpath=args.path, label=args.label,
                           subtype=args.subtype, reviewer=args.reviewer, note=args.note)
     return relabel_json(rec, args.dataset)
@@ -90,6 +108,7 @@ def cmd_relabel_import(args: argparse.Namespace) -> dict:
     from cxr_core.relabel_import import import_relabels
     from cxr_core.storage import open_db
 
+    _gate("import_relabels", f"{args.dataset}:{args.file}", reviewer=args.reviewer)
     if args.file == "-":
         records = import_relabels(open_db(), dataset=args.dataset, source=sys.stdin,
                                   reviewer=args.reviewer, source_name="stdin")
@@ -124,6 +143,27 @@ def cmd_ensemble_list(args: argparse.Namespace) -> dict:
                            "labels": list(e.labels), "threshold": e.threshold,
                            "threshold_source": e.threshold_source, "created_by": e.created_by,
                            "note": e.note} for e in list_ensembles()]}
+
+
+def cmd_audit_list(args: argparse.Namespace) -> dict:
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+    from cxr_core.storage import open_db
+
+    events = actions.audit_log(open_db(), cli_principal(), limit=args.limit,
+                               before_id=args.before, actor=args.actor, action=args.action)
+    return {"count": len(events), "events": [e.to_dict() for e in events]}
+
+
+def cmd_roles_grant(args: argparse.Namespace) -> dict:
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+    from cxr_core.storage import open_db
+
+    db, p = open_db(), cli_principal()
+    actions.grant_roles(db, p, args.identity, args.roles)
+    return {"grants": [{"identity": g.identity, "roles": list(g.roles),
+                        "granted_by": g.granted_by} for g in actions.role_grants(db, p)]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,6 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--by", default="", help="who makes it / sets the threshold")
     p.add_argument("--note", default="", help="why")
     add("list", cmd_ensemble_list, "the named ensembles", esub)
+    audit = sub.add_parser("audit", help="the append-only audit log of gated actions")
+    asub = audit.add_subparsers(dest="audit_command", required=True)
+    p = add("list", cmd_audit_list, "newest first (admin role)", asub)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--before", type=int, default=None, help="only events with id < BEFORE")
+    p.add_argument("--actor", default=None)
+    p.add_argument("--action", default=None)
+    roles = sub.add_parser("roles", help="roles granted to identities (added to [cxr_roles])")
+    rosub = roles.add_subparsers(dest="roles_command", required=True)
+    p = add("grant", cmd_roles_grant, "set an identity's granted roles (none: remove)", rosub)
+    p.add_argument("identity", help="an email, as the identity provider gives it")
+    p.add_argument("roles", nargs="*", choices=("viewer", "reviewer", "scientist", "admin"))
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
     rsub = relabel.add_subparsers(dest="relabel_command", required=True)
     p = add("add", cmd_relabel_add, "relabel one image by its path", rsub)

@@ -43,6 +43,9 @@ def cxr_home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("CXR_WORKER", "off")
     monkeypatch.delenv("CXR_DB_URL", raising=False)
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
+    monkeypatch.delenv("CXR_DATA_ROOTS", raising=False)
+    # The app writes CXR_AUTH_MODE when a page runs; set here so the test restores it.
+    monkeypatch.setenv("CXR_AUTH_MODE", "local")
     return home
 
 

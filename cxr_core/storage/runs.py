@@ -72,6 +72,7 @@ class RunRecord:
     label_snapshot_hash: str | None
     label_snapshot_relabel_id: int | None
     summary: dict | None  # final validation metrics and the like
+    created_by: str | None = None  # the identity that queued it (None: before sign-in)
 
     @property
     def display_name(self) -> str:
@@ -121,7 +122,7 @@ def _record(row: Run) -> RunRecord:
         as_utc(row.heartbeat_at), row.worker_id, bool(row.cancel_requested),
         bool(row.resume_requested), int(row.epochs_done or 0), row.artifact_dir, row.error,
         row.label_snapshot_hash, row.label_snapshot_relabel_id,
-        json.loads(row.summary_json) if row.summary_json else None)
+        json.loads(row.summary_json) if row.summary_json else None, row.created_by)
 
 
 def _worker(row: Worker) -> WorkerRecord:

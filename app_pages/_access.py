@@ -1,0 +1,106 @@
+"""Who is using the app: Streamlit's OIDC sign-in, or the explicit single-user local mode.
+
+With an ``[auth]`` table in ``.streamlit/secrets.toml`` every page needs a signed-in user
+(``st.login`` / ``st.user`` / ``st.logout``; Authlib underneath) whose roles come from the
+``[cxr_roles]`` table and the admins' grants (:mod:`cxr_core.auth`). Without it the app runs
+in **local mode**: one local identity with every role, and a badge that says so.
+
+Pages ask :func:`principal` for the identity they pass to :mod:`cxr_core.actions`; hiding a
+widget is a courtesy, the check is in ``cxr_core``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import streamlit as st
+
+from cxr_core import actions, auth
+from cxr_core.auth import Principal
+from cxr_core.errors import CxrError
+from cxr_core.text_safe import md_escape
+
+
+def _secrets_table(name: str) -> dict[str, Any] | None:
+    try:
+        if name in st.secrets:
+            return dict(st.secrets[name])
+    except (FileNotFoundError, KeyError, CxrError):
+        return None
+    except Exception:  # noqa: BLE001 - Streamlit raises its own "no secrets" error types
+        return None
+    return None
+
+
+def auth_on() -> bool:
+    """Sign-in is configured (an ``[auth]`` table). Also tells this process's workers."""
+    on = _secrets_table("auth") is not None
+    os.environ["CXR_AUTH_MODE"] = "oidc" if on else "local"
+    return on
+
+
+def _sign_in_screen() -> None:
+    st.title("CXR Workbench")
+    st.info("Sign in to continue. Your organisation's identity provider decides who you are; "
+            "your roles decide what you may do here.", icon=":material/lock:")
+    st.button("Sign in", type="primary", on_click=st.login, icon=":material/login:")
+    st.stop()
+
+
+def principal() -> Principal:
+    """The signed-in principal (stops the page with a sign-in screen when nobody is), or the
+    local-mode principal (named by the reviewer name typed once per session, if any)."""
+    if not auth_on():
+        return auth.local_principal(st.session_state.get("review_reviewer", ""))
+    if not st.user.is_logged_in:
+        _sign_in_screen()
+    from app_pages._shared import get_db
+
+    try:
+        return actions.effective_principal(get_db(), st.user.to_dict(),
+                                           _secrets_table("cxr_roles") or {})
+    except CxrError as exc:
+        st.error(f"Sign-in is misconfigured: {exc}", icon=":material/error:")
+        st.stop()
+
+
+def require_page(action: str, what: str) -> Principal:
+    """The principal, or a clear refusal that stops the page (the core checks again)."""
+    p = principal()
+    if not p.can(action):
+        need = " or ".join(r for r in auth.ROLES if r in auth.allowed_roles(action))
+        st.warning(f"{what} needs the {need} role; you are signed in as {p.identity} "
+                   f"({', '.join(sorted(p.roles)) or 'no role'}). Ask an admin for access.",
+                   icon=":material/block:")
+        st.stop()
+    return p
+
+
+def identity_badge(p: Principal) -> None:
+    """Sidebar: who you are (or the local-mode badge) and, when signed in, Sign out."""
+    with st.sidebar:
+        if p.source == "local":
+            st.badge("Local mode: single user, every role", icon=":material/computer:",
+                     color="orange")
+            st.caption("No sign-in is configured ([auth] in .streamlit/secrets.toml). Anyone "
+                       "who reaches this URL acts with every role.")
+            return
+        st.badge(f"{p.top_role or 'no role'}", icon=":material/badge:", color="blue")
+        st.caption(f"Signed in as {md(p.label)}")
+        st.button("Sign out", on_click=st.logout, icon=":material/logout:", key="sign_out")
+
+
+def md(text: Any) -> str:
+    """User or file text for markdown: escaped, so it renders literally."""
+    return md_escape(str(text))
+
+
+def acting_as(label: str, key: str, container: Any = None, *, required: bool = True,
+              **kw: Any) -> Principal | None:
+    """Who an accountable action is recorded as: the signed-in identity (no name field: a
+    typed name is never stored when sign-in is on), or in local mode a name typed here
+    (None while it is empty, unless not ``required``: then the local identity)."""
+    if auth_on():
+        return principal()
+    name = (container or st).text_input(label, key=key, **kw).strip()
+    return auth.local_principal(name) if name or not required else None

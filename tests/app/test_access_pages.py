@@ -1,0 +1,105 @@
+"""AppTest of sign-in and roles: local mode, the sign-in screen, and each role's pages with
+``st.user`` set as Streamlit's OIDC would (the checks in cxr_core are tested in test_auth)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+from app.test_review_page import tiny  # noqa: F401 - fixture: five indexed images
+
+from cxr_core import actions, auth
+from cxr_core.storage import open_db
+from cxr_core.storage import relabels as rel_store
+
+REPO = Path(__file__).resolve().parents[2]
+AUTH = {"redirect_uri": "http://127.0.0.1:8501/oauth2callback", "cookie_secret": "s" * 32,
+        "client_id": "cxr", "client_secret": "secret",
+        "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration"}
+ROLES = {"default": "viewer", "admin": ["lead@h.org"], "scientist": ["ds@h.org"],
+         "reviewer": ["group:radiology"]}
+USERS = {"viewer": {"email": "cfo@h.org", "name": "CFO"},
+         "reviewer": {"email": "rad@h.org", "name": "Dr Rad", "groups": ["radiology"]},
+         "scientist": {"email": "ds@h.org"}, "admin": {"email": "lead@h.org"}}
+
+
+def app(page: str = "streamlit_app.py", role: str | None = None,
+        signed_in: bool = True) -> AppTest:
+    at = AppTest.from_file(str(REPO / page), default_timeout=60)
+    if role is not None:
+        at.secrets["auth"] = AUTH
+        at.secrets["cxr_roles"] = ROLES
+        at.user = {"is_logged_in": signed_in, **(USERS[role] if signed_in else {})}
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest, kind: str) -> str:
+    return " | ".join(str(e.value) for e in getattr(at, kind))
+
+
+def test_local_mode_badge_and_every_page(cxr_home):
+    at = app()
+    assert "Local mode: single user, every role" in texts(at.sidebar, "markdown")
+    assert not [b for b in at.sidebar.button if b.label == "Sign out"]
+
+
+def test_auth_configured_shows_sign_in_and_nothing_else(cxr_home):
+    at = app(role="viewer", signed_in=False)
+    assert [b.label for b in at.button] == ["Sign in"]
+    assert "Sign in to continue" in texts(at, "info")
+    at = app("app_pages/train.py", role="viewer", signed_in=False)
+    assert [b.label for b in at.button] == ["Sign in"]  # a page opened alone is gated too
+
+
+def test_viewer_reads_but_cannot_review_train_or_send(tiny):  # noqa: F811
+    at = app(role="viewer")
+    assert "Signed in as CFO" in texts(at.sidebar, "caption")
+    at = app("app_pages/review.py", role="viewer")
+    assert "Review needs the reviewer or scientist or admin role" in texts(at, "warning")
+    assert not at.get("progress")
+    at = app("app_pages/train.py", role="viewer")
+    assert "Starting runs needs the scientist role" in texts(at, "info")
+    assert not [b for b in at.button if b.label == "Start training"]
+
+
+def test_reviewer_relabels_as_the_signed_in_identity(tiny):  # noqa: F811
+    db, dataset_id = tiny
+    at = app("app_pages/review.py", role="reviewer")
+    assert not [t for t in at.text_input if t.key == "review_name"]  # the sign-in's identity
+    assert not [t for t in at.text_input if t.label.startswith("Dataset folder")]  # no indexing
+    at.radio(key="review_queue").set_value("class").run()
+    at.button(key="review_label_0").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        (row,) = rel_store.list_relabels(session=s, dataset_id=dataset_id)
+    assert row.reviewer == "rad@h.org"
+    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
+    assert [(e.actor, e.action, e.outcome) for e in actions.audit_log(db, admin)] == [
+        ("rad@h.org", "relabel", "ok")]
+    assert "Exporting every relabel needs the scientist role" in texts(at, "caption")
+
+
+def test_scientist_gets_the_train_form(tiny):  # noqa: F811
+    at = app("app_pages/train.py", role="scientist")
+    assert [b for b in at.button if b.label == "Start training"]
+
+
+@pytest.mark.parametrize("role, allowed", [("scientist", False), ("admin", True)])
+def test_audit_page_is_for_admins(tiny, role, allowed):  # noqa: F811
+    db, _ = tiny
+    actions.record(db, auth.Principal(identity="ds@h.org", roles=frozenset({"scientist"})),
+                   "train", "run:1")
+    at = app("app_pages/admin.py", role=role)
+    if allowed:
+        table = at.dataframe[0].value
+        assert list(table["who"]) == ["ds@h.org"] and list(table["action"]) == ["train"]
+        at.text_input(key="grant_identity").input("new@h.org")
+        at.multiselect(key="grant_roles").set_value(["reviewer"])
+        at.button[-1].click().run()
+        assert not at.exception, at.exception
+        p = actions.effective_principal(open_db(), {"email": "new@h.org"}, ROLES)
+        assert p.top_role == "reviewer"
+    else:
+        assert "audit log needs the admin role" in texts(at, "warning")
