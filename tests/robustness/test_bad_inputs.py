@@ -396,7 +396,7 @@ MODELS = [  # make(tmp) -> model reference, what the message must say
                  id="hdf5_renamed_keras"),
     pytest.param(_zip_without_model, "Cannot load model .*config.json", id="zip_without_model"),
     pytest.param(lambda t: str(_hdf5(t / "weights.h5")), "a model reference is 'run:ID', an ID, "
-                 "'default' or a .keras file", id="h5_that_is_not_a_model"),
+                 "'default', a .keras file or 'ensemble:", id="h5_that_is_not_a_model"),
     pytest.param(lambda t: str(t / "missing.keras"), "model file not found",
                  id="missing_model_file"),
     pytest.param(lambda t: str((t / "dir.keras").mkdir() or t / "dir.keras"),
