@@ -1,0 +1,45 @@
+"""The CLI acts as its configured local principal: gated, audited, and admin commands."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cxr_core.cli import main
+
+
+def run(capsys, *argv):
+    code = main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def test_cli_grants_roles_and_lists_the_audit_log(cxr_home, capsys, monkeypatch):
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "ops@h.org")
+    code, out, _ = run(capsys, "roles", "grant", "Dr.Lee@H.org", "reviewer")
+    assert code == 0 and out["grants"] == [{"identity": "dr.lee@h.org", "roles": ["reviewer"],
+                                            "granted_by": "ops@h.org"}]
+    code, out, _ = run(capsys, "audit", "list")
+    assert code == 0 and [(e["actor"], e["source"], e["action"], e["target"])
+                          for e in out["events"]] == [("ops@h.org", "cli", "manage_roles",
+                                                       "dr.lee@h.org")]
+
+
+def test_cli_with_fewer_roles_is_refused_and_the_refusal_recorded(cxr_home, capsys,
+                                                                 monkeypatch, tiny_dataset):
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "viewer@h.org")
+    monkeypatch.setenv("CXR_CLI_ROLES", "viewer")
+    code, _, err = run(capsys, "index", str(tiny_dataset))
+    assert code == 2 and "may not index dataset" in err and "scientist" in err
+    code, _, err = run(capsys, "audit", "list")
+    assert code == 2 and "may not view audit" in err
+    monkeypatch.setenv("CXR_CLI_ROLES", "admin")
+    code, out, _ = run(capsys, "audit", "list", "--action", "index_dataset")
+    assert [(e["actor"], e["outcome"]) for e in out["events"]] == [("viewer@h.org", "denied")]
+
+
+@pytest.mark.parametrize("roles", ["viewer,reviewer", ""])
+def test_cli_principal_roles_must_be_known(cxr_home, capsys, monkeypatch, roles):
+    monkeypatch.setenv("CXR_CLI_ROLES", roles or "superuser")
+    code, _, err = run(capsys, "audit", "list")
+    assert code == 2 and ("may not view audit" in err if roles else "unknown role" in err)
