@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_FILES, write_image
+from e2e.oidc import oidc_provider, write_auth_secrets  # noqa: F401 - fixture, sign-in harness
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -117,18 +118,24 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serve(home: Path, log_path: Path) -> Iterator[AppServer]:
-    """``streamlit run streamlit_app.py`` on 127.0.0.1 with ``home`` as CXR_HOME."""
+def serve(home: Path, log_path: Path, *, script: Path = REPO / "streamlit_app.py",
+          secrets: Path | None = None) -> Iterator[AppServer]:
+    """``streamlit run streamlit_app.py`` on 127.0.0.1 with ``home`` as CXR_HOME.
+
+    ``secrets``: the only secrets file the server reads (``--secrets.files``), e.g. an
+    ``[auth]`` table from tests/e2e/oidc.py; ``script``: another app (harness checks).
+    """
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("CXR_DB_URL", "CXR_DATA_DIR")}
     env.update(CXR_HOME=str(home), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
                TF_CPP_MIN_LOG_LEVEL="2")
     with open(log_path, "wb") as log:  # a file: a full pipe would block the server
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
+            [sys.executable, "-m", "streamlit", "run", str(script),
              "--server.address", "127.0.0.1", "--server.port", str(port),
              "--server.headless", "true", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false"],
+             "--browser.gatherUsageStats", "false",
+             *(["--secrets.files", str(secrets)] if secrets is not None else [])],
             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -162,6 +169,21 @@ def chromium() -> str:
 def app_server(chromium, e2e_home, e2e_db, e2e_tiny, artifacts) -> Iterator[AppServer]:
     """The module's server; training workers it launched are stopped with it."""
     with serve(e2e_home, artifacts / "streamlit.log") as server:
+        try:
+            yield server
+        finally:
+            _stop_workers(e2e_home, e2e_db, artifacts)
+
+
+@pytest.fixture(scope="module")
+def auth_app_server(chromium, e2e_home, e2e_db, e2e_tiny, artifacts, oidc_provider,
+                    request) -> Iterator[AppServer]:
+    """The module's server with sign-in on: ``[auth]`` pointing at ``oidc_provider``, plus the
+    test module's ``AUTH_SECRETS_EXTRA`` TOML (e.g. ``[cxr_roles]``). Sign in with
+    ``e2e.oidc.sign_in(page, oidc_provider, email, groups)``."""
+    secrets = write_auth_secrets(e2e_home.parent / "secrets.toml", oidc_provider,
+                                 getattr(request.module, "AUTH_SECRETS_EXTRA", ""))
+    with serve(e2e_home, artifacts / "streamlit_auth.log", secrets=secrets) as server:
         try:
             yield server
         finally:
