@@ -26,7 +26,7 @@ SLOW_MS = 180_000  # first TensorFlow import, model load, worker start on a busy
 PAGES = [("", "CXR Workbench", "Home"), ("class_balance", "Class balance", "Class balance"),
          ("augmentation", "Augmentation", "Augmentation"), ("train", "Train", "Train"),
          ("compare", "Compare runs", "Compare"), ("predict", "Predict", "Predict"),
-         ("review", "Review", "Review")]
+         ("review", "Review", "Review"), ("admin", "Access and audit", "Access and audit")]
 NAV_TITLES = [re.compile(re.escape(title) + "$") for *_, title in PAGES]  # after the icon's name
 
 

@@ -8,6 +8,7 @@ groups)``: the app's "Sign in" button, the provider's form, back on the app with
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def test_sign_in_screen_when_auth_is_configured(auth_app_server, page, shot):
     shot(page, "auth_01_sign_in_screen")
 
 
-def test_reviewer_signs_in_through_the_provider(auth_app_server, oidc_provider, page, shot):
+def test_reviewer_signs_in_through_the_provider(auth_app_server, oidc_provider, page, shot,
+                                                e2e_db):
     page.goto(auth_app_server.url, wait_until="domcontentloaded")
     expect(page.get_by_role("button", name="Sign in", exact=True)).to_be_visible(
         timeout=SLOW_MS)
@@ -66,10 +68,48 @@ def test_reviewer_signs_in_through_the_provider(auth_app_server, oidc_provider, 
     expect(sidebar.get_by_role("button", name="Sign out")).to_be_visible()
     shot(page, "auth_02_signed_in_reviewer")
 
-    # --- The lead extends from here (issue 15 item 6) ---------------------------------------
-    # 1. Relabel as the signed-in reviewer: open Review (f"{auth_app_server.url}/review"),
-    #    relabel one image of the "tiny" dataset (fixture e2e_tiny), then check with e2e_db
-    #    that the stored relabel's reviewer is REVIEWER (identity from st.user, no typed name).
-    # 2. Train is refused: open f"{auth_app_server.url}/train" and expect the refusal
-    #    ("... needs the scientist or admin role ...") and no "Start training" button; check
-    #    with e2e_db that no run was queued and the audit log holds the refusal, if recorded.
+    # The reviewer relabels: stored with the signed-in identity, no name typed anywhere.
+    sidebar.get_by_role("link", name=re.compile(r"Review$")).click()
+    expect(page.get_by_role("heading", level=1)).to_contain_text("Review", timeout=SLOW_MS)
+    settle(page)
+    expect(page.get_by_role("textbox", name="Your name (stored with each label)")
+           ).to_have_count(0)
+    choose(page, "Dataset", "tiny")
+    sidebar.get_by_text("By class", exact=True).click()
+    choose(page, "Class", "NORMAL")
+    target = page.locator(".st-key-review_label_0 button")
+    expect(target).to_be_visible(timeout=SLOW_MS)
+    settle(page)
+    target.click()
+    settle(page)
+    from cxr_core.storage import relabels as rel_store
+
+    deadline = time.monotonic() + 30
+    while True:
+        with e2e_db.session() as s:
+            rows = rel_store.list_relabels(session=s)
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [r.reviewer for r in rows] == [REVIEWER]
+    shot(page, "auth_03_reviewer_relabelled")
+
+    # Train is refused: the form is not offered, and no run can be queued.
+    sidebar.get_by_role("link", name=re.compile(r"Train$")).click()
+    expect(page.get_by_text("Starting runs needs the scientist role")).to_be_visible(
+        timeout=SLOW_MS)
+    settle(page)
+    expect(page.get_by_role("button", name="Start training")).to_have_count(0)
+    with e2e_db.session() as s:
+        from cxr_core.storage import runs as run_store
+        assert run_store.list_runs(session=s) == []
+    shot(page, "auth_04_train_refused")
+
+
+def choose(page, label: str, option: str) -> None:
+    box = page.get_by_role("combobox", name=label, exact=True)
+    if box.input_value() == option:
+        return
+    box.click()
+    page.get_by_role("option", name=option, exact=True).click()
+    expect(box).to_have_value(option)
