@@ -17,8 +17,11 @@ def cfg(**kw) -> TrainConfig:
 
 @pytest.fixture()
 def clean_env(monkeypatch):
-    for var in ENV.values():
-        monkeypatch.delenv(var, raising=False)  # restored (deleted) after the test
+    for var in (*ENV.values(), "CXR_DATA_ROOTS"):
+        # setenv first: a bare delenv of an unset variable records nothing, so a value the
+        # test's code sets (apply_secrets writes os.environ) would leak into later tests.
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
 
 
 def test_defaults(clean_env):
@@ -44,7 +47,6 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(clean_env, monkeypatc
 
 
 def test_secrets_fill_the_limit_variables(clean_env, monkeypatch):
-    monkeypatch.delenv("CXR_DATA_ROOTS", raising=False)
     done = apply_secrets({"max_epochs": 50, "CXR_MAX_IMAGE_SIZE": 128,
                           "data_roots": ["/data/a", "/data/b"]})
     assert done == {"CXR_MAX_EPOCHS": "50", "CXR_MAX_IMAGE_SIZE": "128",
