@@ -23,13 +23,9 @@ from cxr_core.text_safe import md_escape
 
 def _secrets_table(name: str) -> dict[str, Any] | None:
     try:
-        if name in st.secrets:
-            return dict(st.secrets[name])
-    except (FileNotFoundError, KeyError, CxrError):
+        return dict(st.secrets[name]) if name in st.secrets else None
+    except Exception:  # noqa: BLE001 - no secrets file: Streamlit raises its own error types
         return None
-    except Exception:  # noqa: BLE001 - Streamlit raises its own "no secrets" error types
-        return None
-    return None
 
 
 def auth_on() -> bool:

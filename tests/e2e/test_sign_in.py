@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from e2e.oidc import sign_in
+from e2e.test_browser import choose
 
 pytestmark = pytest.mark.e2e
 expect = pytest.importorskip("playwright.sync_api").expect
@@ -105,11 +106,3 @@ def test_reviewer_signs_in_through_the_provider(auth_app_server, oidc_provider, 
         assert run_store.list_runs(session=s) == []
     shot(page, "auth_04_train_refused")
 
-
-def choose(page, label: str, option: str) -> None:
-    box = page.get_by_role("combobox", name=label, exact=True)
-    if box.input_value() == option:
-        return
-    box.click()
-    page.get_by_role("option", name=option, exact=True).click()
-    expect(box).to_have_value(option)
