@@ -133,3 +133,12 @@ def test_a_line_break_in_a_cell_is_quoted_so_it_cannot_start_a_formula_row():
     assert text.endswith("\n") and "\r\n" not in text.replace("\r=cmd", "")
     assert cells(text) == [["note", "n"], ["ok\r=cmd|' /C calc'!A0", "1"], ["a\nb", "2"]]
     assert '"ok\r=cmd' in text  # quoted: a spreadsheet keeps the break inside the cell
+
+
+def test_tables_built_in_csv_export_is_off():
+    """st.dataframe's own download/copy writes cells unguarded, so the app switches it off
+    (its own exports go through csv_safe)."""
+    import tomllib
+    cfg = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml")
+                        .read_text())
+    assert cfg["client"]["disableDataExport"] is True
