@@ -63,6 +63,110 @@ class RandomBrightnessFactor(keras.layers.Layer):
         return {**super().get_config(), "factor": self.factor, "seed": self.seed}
 
 
+def _per_image(batch: Any, lo: float, hi: float, generator: Any) -> Any:
+    """One uniform draw in [lo, hi] per image, shaped (B, 1, 1, 1)."""
+    return keras.random.uniform((keras.ops.shape(batch)[0], 1, 1, 1), lo, hi,
+                                seed=generator, dtype=batch.dtype)
+
+
+class _Seeded(keras.layers.Layer):
+    """A training-only random op with one seeded stream; subclasses implement ``apply``."""
+
+    def __init__(self, amount: float, seed: int | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.amount = float(amount)
+        self.seed = seed
+        self.generator = keras.random.SeedGenerator(seed)
+
+    def call(self, images: Any, training: bool = True) -> Any:
+        if not training:
+            return images
+        batch, squeeze = _batched(images)
+        out = self._augment(batch)
+        return keras.ops.squeeze(out, 0) if squeeze else out
+
+    def _augment(self, batch: Any) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "amount": self.amount, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomResizedCrop(_Seeded):
+    """Crop a box with sides in [1-amount, 1] of the image's at a random place; resize back.
+
+    One affine transform per image (``keras.ops.image.affine_transform``), so the output keeps
+    the input's size and the box never leaves the image (no fill is ever seen).
+    """
+
+    def _augment(self, batch: Any) -> Any:
+        n = keras.ops.shape(batch)[0]
+        h = keras.ops.cast(keras.ops.shape(batch)[1] - 1, batch.dtype)
+        w = keras.ops.cast(keras.ops.shape(batch)[2] - 1, batch.dtype)
+        lo = 1.0 - self.amount
+        sw = keras.random.uniform((n,), lo, 1.0, seed=self.generator, dtype=batch.dtype)
+        sh = keras.random.uniform((n,), lo, 1.0, seed=self.generator, dtype=batch.dtype)
+        ox = keras.random.uniform((n,), 0.0, 1.0, seed=self.generator, dtype=batch.dtype)
+        oy = keras.random.uniform((n,), 0.0, 1.0, seed=self.generator, dtype=batch.dtype)
+        zero = keras.ops.zeros_like(sw)
+        # output (x, y) reads input (sw*x + ox*(1-sw)*w, sh*y + oy*(1-sh)*h)
+        transform = keras.ops.stack([sw, zero, ox * (1.0 - sw) * w, zero, sh,
+                                     oy * (1.0 - sh) * h, zero, zero], axis=1)
+        return keras.ops.image.affine_transform(batch, transform, interpolation="bilinear",
+                                                fill_mode="nearest")
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomGamma(_Seeded):
+    """``255 * (x / 255) ** y``, y log-uniform in [1/(1+amount), 1+amount] per image."""
+
+    def _augment(self, batch: Any) -> Any:
+        span = float(np.log1p(self.amount))
+        gamma = keras.ops.exp(_per_image(batch, -span, span, self.generator))
+        unit = keras.ops.clip(batch / PIXEL_MAX, 0.0, 1.0)
+        return PIXEL_MAX * keras.ops.power(unit, gamma)
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomBlur(_Seeded):
+    """Blend each image with its Gaussian blur (sigma ``amount`` px) by a weight in [0, 1].
+
+    One fixed separable kernel for the batch and a per-image blend: variable sharpness at the
+    cost of one blur, where a kernel per image would cost one convolution per image.
+    """
+
+    def _augment(self, batch: Any) -> Any:
+        radius = max(1, int(np.ceil(2.5 * self.amount)))
+        taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / self.amount) ** 2)
+        taps = (taps / taps.sum()).astype("float32")
+        channels = batch.shape[-1]
+        row = keras.ops.convert_to_tensor(
+            np.tile(taps.reshape(1, -1, 1, 1), (1, 1, channels, 1)), dtype=batch.dtype)
+        col = keras.ops.convert_to_tensor(
+            np.tile(taps.reshape(-1, 1, 1, 1), (1, 1, channels, 1)), dtype=batch.dtype)
+        padded = keras.ops.pad(batch, [[0, 0], [radius, radius], [radius, radius], [0, 0]],
+                               mode="reflect")
+        blurred = keras.ops.depthwise_conv(keras.ops.depthwise_conv(padded, row), col)
+        weight = _per_image(batch, 0.0, 1.0, self.generator)
+        return batch + weight * (blurred - batch)
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomNoise(_Seeded):
+    """Add zero-mean Gaussian noise with a standard deviation in [0, amount] per image.
+
+    Keras' GaussianNoise takes one fixed deviation below 1 (for [0, 1] inputs); films here
+    are [0, 255] and their noise differs between devices.
+    """
+
+    def _augment(self, batch: Any) -> Any:
+        std = _per_image(batch, 0.0, self.amount, self.generator)
+        noise = keras.random.normal(keras.ops.shape(batch), seed=self.generator,
+                                    dtype=batch.dtype)
+        return batch + std * noise
+
+
 @keras.saving.register_keras_serializable(package="cxr")
 class HorizontalFlip(keras.layers.Layer):
     """Always mirror left-right: the flip branch of a OneOf (a 50% RandomFlip there would
@@ -149,7 +253,15 @@ def _op_layers(cfg: AugmentConfig, in_one_of: bool) -> list[keras.layers.Layer]:
         elif op == "contrast":
             layers.append(keras.layers.RandomContrast(
                 cfg.contrast, value_range=(0, PIXEL_MAX), seed=seed, name="contrast"))
+        elif op in _AMOUNT_OPS:
+            layer_cls, field = _AMOUNT_OPS[op]
+            layers.append(layer_cls(getattr(cfg, field), seed=seed, name=op))
     return layers
+
+
+_AMOUNT_OPS: dict[str, tuple[type, str]] = {
+    "crop": (RandomResizedCrop, "crop"), "gamma": (RandomGamma, "gamma"),
+    "blur": (RandomBlur, "blur"), "noise": (RandomNoise, "noise")}
 
 
 def build_augmenter(cfg: AugmentConfig | None) -> keras.Sequential:

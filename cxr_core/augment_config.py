@@ -33,6 +33,14 @@ class AugmentConfig:
         height_shift: maximum vertical shift as a fraction of the height.
         brightness: (lo, hi) multiplicative factor range, e.g. (1.2, 1.5); None = off.
         contrast: c: contrast factor in [1-c, 1+c] around each image's mean; 0 = off.
+        crop: random resized crop c: a box whose sides are each a fraction in [1-c, 1] of
+            the image's, placed uniformly at random, is resized back to the full size; 0 = off.
+        gamma: g: gamma correction ``255 * (x / 255) ** y`` with y log-uniform in
+            [1/(1+g), 1+g] (exposure and detector response differ between sites); 0 = off.
+        blur: sigma s (pixels): each image is blended with its Gaussian blur of sigma s by a
+            weight drawn uniformly in [0, 1] (sharpness differs between devices); 0 = off.
+        noise: n (pixel units, 0-255 scale): zero-mean Gaussian noise whose standard
+            deviation is drawn uniformly in [0, n] per image; 0 = off.
         one_of: apply exactly ONE of the enabled ops per image, picked uniformly
             (imgaug's OneOf); the two shifts count as one op.
         fill_mode: how rotations/zooms/shifts fill uncovered pixels ("constant" = black).
@@ -47,6 +55,10 @@ class AugmentConfig:
     height_shift: float = 0.0
     brightness: tuple[float, float] | None = None
     contrast: float = 0.0
+    crop: float = 0.0
+    gamma: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
     one_of: bool = False
     fill_mode: str = "constant"
     seed: int = 0
@@ -55,10 +67,15 @@ class AugmentConfig:
         self._check_types()
         if not 0.0 <= self.rotation <= 180.0:
             raise ConfigError(f"rotation must be in [0, 180]. Received: rotation={self.rotation}")
-        for name in ("zoom", "width_shift", "height_shift", "contrast"):
+        for name in ("zoom", "width_shift", "height_shift", "contrast", "crop", "gamma"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1). Received: {name}={value}")
+        if not 0.0 <= self.blur <= 5.0:
+            raise ConfigError(f"blur must be a sigma in [0, 5] pixels. Received: blur={self.blur}")
+        if not 0.0 <= self.noise <= 64.0:
+            raise ConfigError("noise must be a standard deviation in [0, 64] (pixel units, "
+                              f"0-255). Received: noise={self.noise}")
         if self.brightness is not None:
             self._check_brightness()
         if self.fill_mode not in _FILL_MODES:
@@ -73,7 +90,8 @@ class AugmentConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise ConfigError(f"{name} must be true or false. "
                                   f"Received: {name}={getattr(self, name)!r}")
-        for name in ("rotation", "zoom", "width_shift", "height_shift", "contrast"):
+        for name in ("rotation", "zoom", "width_shift", "height_shift", "contrast", "crop",
+                     "gamma", "blur", "noise"):
             if not _is_number(getattr(self, name)):
                 raise ConfigError(f"{name} must be a number. "
                                   f"Received: {name}={getattr(self, name)!r}")
@@ -99,6 +117,11 @@ class AugmentConfig:
             "shift": self.width_shift > 0 or self.height_shift > 0,
             "brightness": self.brightness is not None,
             "contrast": self.contrast > 0,
+            # Added later: appended so older configs keep their ops' seeds (stride per index).
+            "crop": self.crop > 0,
+            "gamma": self.gamma > 0,
+            "blur": self.blur > 0,
+            "noise": self.noise > 0,
         }
         return tuple(name for name, flag in on.items() if flag)
 
@@ -132,6 +155,10 @@ PRESETS: dict[str, AugmentConfig] = {
     "rot10_shift_flip": AugmentConfig(rotation=10.0, width_shift=0.1, height_shift=0.1, hflip=True),
     "oneof_flip_rot20_bright": AugmentConfig(
         hflip=True, rotation=20.0, brightness=(1.2, 1.5), one_of=True),
+    # Under shift (issue 14): geometry plus the photometric spread between sites and devices.
+    "shift_robust": AugmentConfig(
+        rotation=10.0, width_shift=0.05, height_shift=0.05, crop=0.2, brightness=(0.8, 1.2),
+        contrast=0.3, gamma=0.4, blur=1.5, noise=6.0),
 }
 
 
