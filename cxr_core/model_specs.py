@@ -93,6 +93,9 @@ class ModelSpec:
     backbone_args: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
+INTENSITY_MODES = ("none", "standardize")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What to build. Stored as JSON with each run.
@@ -108,6 +111,10 @@ class ModelConfig:
         freeze_backbone: Stage 1 of transfer learning: train the head only.
         unfreeze_top_k: Top backbone layers made trainable for fine-tuning (stage 2, or at
             once when ``freeze_backbone`` is False); None = all. BatchNorm stays frozen.
+        intensity: ``"none"`` or ``"standardize"``: a ``pre_intensity`` layer maps each image
+            to zero mean and unit spread (then back to [0, 255]) before the family's own
+            preprocessing, so exposure differences between sites are removed in the model
+            itself (training, evaluation, Predict and exported models alike).
     """
 
     name: str = "mobilenetv2"
@@ -117,6 +124,7 @@ class ModelConfig:
     weights: str | None = None
     freeze_backbone: bool = False
     unfreeze_top_k: int | None = None
+    intensity: str = "none"
 
     def __post_init__(self) -> None:
         if self.name not in MODELS:
@@ -137,6 +145,9 @@ class ModelConfig:
             raise ConfigError(
                 f"dropout must be in [0, 1) or None. Received: dropout={self.dropout!r}"
             )
+        if self.intensity not in INTENSITY_MODES:
+            raise ConfigError(f"intensity must be one of {list(INTENSITY_MODES)}. "
+                              f"Received: intensity={self.intensity!r}")
         self._check_weights(spec)
         self._check_freezing()
 

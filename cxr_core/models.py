@@ -49,7 +49,7 @@ class BuiltModel:
 
 
 # ----------------------------------------------------------------------------------------------
-# Custom layer: the only one; everything else is a built-in layer so saved models load anywhere
+# Custom layers: the only ones; everything else is a built-in layer so saved models load anywhere
 # ----------------------------------------------------------------------------------------------
 
 
@@ -67,7 +67,28 @@ class RgbToBgr(keras.layers.Layer):
         return input_shape
 
 
-CUSTOM_OBJECTS: dict[str, type] = {"RgbToBgr": RgbToBgr}
+@keras.saving.register_keras_serializable(package="cxr_core")
+class StandardizeIntensity(keras.layers.Layer):
+    """Per-image intensity standardisation: ``128 + 48 * (x - mean) / std``, clipped to [0, 255].
+
+    Each image (each channel) gets zero mean and unit spread, mapped back onto the pixel scale
+    the family's preprocessing expects, so a film's overall exposure and contrast (which differ
+    between sites and devices) no longer reach the network. 48 grey levels per standard
+    deviation keep +-2.6 sd inside [0, 255]. A flat image maps to 128.
+    """
+
+    def call(self, inputs):
+        mean = keras.ops.mean(inputs, axis=(1, 2), keepdims=True)
+        std = keras.ops.std(inputs, axis=(1, 2), keepdims=True)
+        out = 128.0 + 48.0 * (inputs - mean) / keras.ops.maximum(std, 1.0)
+        return keras.ops.clip(out, 0.0, 255.0)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+CUSTOM_OBJECTS: dict[str, type] = {"RgbToBgr": RgbToBgr,
+                                   "StandardizeIntensity": StandardizeIntensity}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,7 +235,10 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     weights_path = model_weights.weights_file(spec, cfg)
     # Entry block: [0, 255] pixels -> the family's input range, inside the model
     inputs = keras.Input((cfg.image_size, cfg.image_size, cfg.channels), name=INPUT_NAME)
-    x = _preprocessing(inputs, spec, cfg.channels)
+    x = inputs
+    if cfg.intensity == "standardize":
+        x = StandardizeIntensity(name="pre_intensity")(x)
+    x = _preprocessing(x, spec, cfg.channels)
     # Backbone: built on our tensor, so its layers are the model's own (flat graph)
     x, base = _backbone(x, spec)
     # Head

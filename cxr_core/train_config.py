@@ -112,6 +112,8 @@ class TrainConfig:
     model: str = "custom5_224"  # a models.MODELS name
     weights: str | None = None  # None | "imagenet" | a file path | "run:ID"
     dropout: float | None = None  # head dropout; None keeps the architecture's own
+    intensity: str = "none"  # none | standardize (per-image, a pre_intensity layer in the model)
+    label_smoothing: float = 0.0  # binary: targets 0/1 become s/2 and 1 - s/2
     freeze_epochs: int = 0  # stage 1: epochs with the backbone frozen (needs weights)
     unfreeze_top_k: int | None = None  # stage 2: unfreeze the top K backbone layers (None: all)
     finetune_lr_factor: float = 0.1  # stage 2 learning rate = learning_rate * this
@@ -189,6 +191,15 @@ class TrainConfig:
         if self.max_images is not None and (not _is_int(self.max_images) or self.max_images < 4):
             raise ConfigError(f"max_images must be null or an integer >= 4. "
                               f"Received: max_images={self.max_images!r}")
+        smooth = self.label_smoothing
+        if not _is_num(smooth) or not 0.0 <= smooth < 0.5:
+            raise ConfigError("label_smoothing must be a number in [0, 0.5). "
+                              f"Received: label_smoothing={smooth!r}")
+        if smooth and self.label_scheme != "binary":
+            raise ConfigError("label_smoothing is applied to the binary loss only; Keras' "
+                              "sparse categorical loss has none: use 0 for "
+                              f"label_scheme={self.label_scheme!r}. "
+                              f"Received: label_smoothing={smooth}")
         floats = {"val_fraction": (0.0, 0.5), "learning_rate": (0.0, 10.0),
                   "finetune_lr_factor": (0.0, 1.0), "target_sensitivity": (0.0, 1.0)}
         for name, (lo, hi) in floats.items():
@@ -245,7 +256,8 @@ class TrainConfig:
         return ModelConfig(
             name=self.model, image_size=self.image_size, channels=self.channels,
             dropout=self.dropout, weights=weights_path or self.weights,
-            freeze_backbone=self.freeze_epochs > 0, unfreeze_top_k=self.unfreeze_top_k)
+            freeze_backbone=self.freeze_epochs > 0, unfreeze_top_k=self.unfreeze_top_k,
+            intensity=self.intensity)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored with the run (every field, recipe defaults resolved)."""

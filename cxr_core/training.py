@@ -108,10 +108,10 @@ def _cache_progress(sinks: TrainSinks) -> Callable[[int, int], None]:
 
 # -- Model, optimizer, callbacks ------------------------------------------------------------
 
-def _loss_and_metrics(n_classes: int) -> tuple[Any, list]:
+def _loss_and_metrics(n_classes: int, smoothing: float = 0.0) -> tuple[Any, list]:
     if n_classes == 2:
-        return keras.losses.BinaryCrossentropy(), [keras.metrics.BinaryAccuracy(name="accuracy"),
-                                                   keras.metrics.AUC(name="auc")]
+        return (keras.losses.BinaryCrossentropy(label_smoothing=smoothing),
+                [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")])
     return keras.losses.SparseCategoricalCrossentropy(), [
         keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
 
@@ -132,7 +132,7 @@ def _optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizer
 
 def _compile(model: keras.Model, cfg: TrainConfig, n_classes: int,
              optimizer: keras.optimizers.Optimizer) -> None:
-    loss, metrics = _loss_and_metrics(n_classes)
+    loss, metrics = _loss_and_metrics(n_classes, cfg.label_smoothing)
     model.compile(optimizer=optimizer, loss=loss, metrics=metrics,
                   jit_compile="auto" if cfg.xla is None else cfg.xla)
 
