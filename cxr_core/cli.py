@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cxr_core.errors import CxrError
+from cxr_core.errors import ConfigError, CxrError
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale")
@@ -78,6 +78,20 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
     for warning in out["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return out
+
+
+def cmd_stress(args: argparse.Namespace) -> dict:
+    from cxr_core import shift_stress as ss
+    from cxr_core.storage import open_db
+
+    db = open_db()
+    if (args.run is None) == (args.evaluation is None):
+        raise ConfigError("stress needs exactly one of --run ID (its validation images) or "
+                          "--evaluation ID")
+    ev_id = args.evaluation or ss.run_val_evaluation(db, args.run, args.split)
+    model = args.model or f"run:{args.run}"
+    rows = ss.stress_evaluation(db, model, ev_id, names=args.only)
+    return {"model": model, "evaluation_id": ev_id, **ss.summary(rows)}
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -193,6 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", choices=("current", "original"), default="current",
                    help="score against the current labels (relabels applied) or the original "
                         "folder labels; stored with the evaluation")
+    p = add("stress", cmd_stress, "re-score a model's validation images under synthetic "
+            "acquisition shift (exposure, contrast, blur, noise, framing) at its threshold")
+    p.add_argument("--run", type=int, default=None, help="a run: its own stored evaluation")
+    p.add_argument("--split", default="val", help="which of the run's evaluations (val: the "
+                   "part that chose neither model nor threshold)")
+    p.add_argument("--evaluation", type=int, default=None, help="or any stored evaluation")
+    p.add_argument("--model", default=None, help="the model to score (default: the run)")
+    p.add_argument("--only", nargs="+", default=None, help="perturbation names")
     p = add("predict", cmd_predict, "predict (and explain) images")
     p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
                    "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")

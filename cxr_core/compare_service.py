@@ -22,7 +22,7 @@ from cxr_core.eval_tables import metrics_table
 from cxr_core.evaluation_service import list_evaluations
 from cxr_core.metrics import predict
 from cxr_core.paired import disagreements, mcnemar
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
 from cxr_core.storage import relabels, reviews
@@ -289,15 +289,18 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
 
 
 def send_disagreement_to_review(db: Database, *, image_id: int, run_ref: str, predicted: str,
-                                probs: Sequence[float], sent_by: str) -> int:
-    """Queue an image the compared runs disagree on for clinician review (source "compare").
+                                probs: Sequence[float], sent_by: str,
+                                and_then: AndThen | None = None) -> int:
+    """Queue an image the compared runs disagree on for clinician review (source "compare");
+    ``and_then(session, item_id)`` runs in the same transaction (an audit row).
 
     Returns:
         The review item id.
     """
     return db.write(lambda s: reviews.send_to_review(
         session=s, image_id=int(image_id), upload_sha256=None, source="compare",
-        run_ref=run_ref, predicted=predicted, probs=list(probs), sent_by=sent_by))
+        run_ref=run_ref, predicted=predicted, probs=list(probs), sent_by=sent_by),
+        and_then=and_then)
 
 
 def comparison_intervals(db: Database, evaluation_ids: Sequence[int], *, mode: str,

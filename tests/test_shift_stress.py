@@ -1,0 +1,88 @@
+"""The synthetic-shift stress test (issue 14): fixed perturbations, the locked threshold, CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_ensembles import VAL_P, VAL_Y, _run, _store_val
+
+from cxr_core import cli, model_store
+from cxr_core import evaluation_service as es
+from cxr_core import shift_stress as ss
+from cxr_core.errors import ConfigError, DatasetError
+from cxr_core.storage import open_db
+
+from conftest import write_image
+
+
+def test_every_perturbation_is_deterministic_uint8_and_changes_the_image():
+    rng = np.random.default_rng(0)
+    images = rng.integers(30, 220, (3, 32, 32, 1), dtype=np.uint8)
+    for name in ss.PERTURBATIONS:
+        a, b = ss.perturb(images, name), ss.perturb(images, name)
+        assert a.dtype == np.uint8 and a.shape == images.shape
+        np.testing.assert_array_equal(a, b)
+        if name == "none":
+            np.testing.assert_array_equal(a, images)
+        else:
+            assert np.abs(a.astype(int) - images).mean() > 1, name
+    flat = np.full((1, 8, 8, 1), 128, np.uint8)
+    assert ss.perturb(flat, "darker").mean() < 128 < ss.perturb(flat, "brighter").mean()
+    assert ss.perturb(images, "low_contrast").std() < images.std() < \
+        ss.perturb(images, "high_contrast").std()
+    with pytest.raises(ConfigError, match="unknown perturbation"):
+        ss.perturb(images, "fog")
+
+
+def test_score_reads_sensitivity_and_specificity_at_the_threshold():
+    y = np.array([0, 0, 1, 1])
+    auc, sens, spec = ss.score(y, np.array([0.1, 0.6, 0.7, 0.4]), 0.5)
+    assert (auc, sens, spec) == (0.75, 0.5, 0.5)
+
+
+@pytest.fixture()
+def run_with_files(cxr_home, tmp_path):
+    """A finished tiny run whose stored validation evaluation points at real image files."""
+    db = open_db()
+    run_id = _run(db, cxr_home, 1, size=16)
+    paths = [str(write_image(tmp_path / "val" / f"{i}.png", seed=i)) for i in range(len(VAL_Y))]
+    _store_val(db, run_id, VAL_P[1], paths=paths)
+    return db, run_id
+
+
+def test_stress_scores_the_same_model_at_its_locked_threshold(run_with_files):
+    db, run_id = run_with_files
+    ev_id = ss.run_val_evaluation(db, run_id)
+    rows = ss.stress_evaluation(db, f"run:{run_id}", ev_id)
+    assert [r.perturbation for r in rows] == list(ss.PERTURBATIONS)
+    loaded = model_store.load_model_ref(f"run:{run_id}", db=db)
+    assert {r.threshold for r in rows} == {loaded.threshold} and {r.n for r in rows} == {8}
+    # the "none" row is the model's own figures on those files, recomputed here
+    from cxr_core.predict import ImageInput, decode
+    preds = es.load_predictions(db, ev_id)
+    x = np.asarray([decode(ImageInput(p, path=p), 16, 1)[0] for p in preds.paths])
+    p = model_store.to_probs(loaded.model.predict(x.astype(np.float32), verbose=0))[:, 1]
+    assert rows[0].auc == pytest.approx(ss.score(VAL_Y, p, loaded.threshold)[0])
+    out = ss.summary(rows)
+    assert out["worst_specificity"] == min(r.specificity for r in rows[1:])
+
+
+def test_stress_cli_prints_rows_and_refuses_bad_requests(run_with_files, capsys):
+    db, run_id = run_with_files
+    assert cli.main(["stress", "--run", str(run_id), "--only", "none", "blur", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["perturbation"] for r in out["rows"]] == ["none", "blur"]
+    assert out["model"] == f"run:{run_id}" and "worst_auc" in out
+    assert cli.main(["stress", "--json"]) != 0
+    assert "exactly one of --run" in capsys.readouterr().err
+    with pytest.raises(DatasetError, match="no stored 'test' evaluation"):
+        ss.run_val_evaluation(db, run_id, "test")
+
+
+def test_unreadable_evaluation_images_are_a_clear_error(cxr_home):
+    db = open_db()
+    run_id = _run(db, cxr_home, 2, size=16)
+    _store_val(db, run_id, VAL_P[2])  # paths /val/i.png do not exist
+    with pytest.raises(DatasetError, match="needs image files"):
+        ss.stress_evaluation(db, f"run:{run_id}", ss.run_val_evaluation(db, run_id))
