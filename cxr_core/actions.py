@@ -8,17 +8,20 @@ source holds them to it), so hiding a widget is never the only guard. Each funct
    :class:`~cxr_core.errors.PermissionDenied`;
 2. does the action with the principal's identity as the recorded name (reviewer, sender,
    changed_by, created_by): never a typed name when sign-in is on;
-3. appends an ``ok`` row to the audit log.
+3. appends an ``ok`` row to the audit log **in the action's own transaction** (the service
+   functions take an ``and_then`` hook, :meth:`cxr_core.storage.Database.write`): the action
+   and its row commit together or not at all. Side effects outside the database (starting a
+   worker process) come after that commit.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from cxr_core import auth, jobs
 from cxr_core.auth import Principal
 from cxr_core.errors import ConfigError, PermissionDenied, RunError
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import audit as store
 
 # Jobs that change state or read every record need a role; the rest compute views any
@@ -36,6 +39,19 @@ def record(db: Database, p: Principal, action: str, target: str = "", *,
     return db.write(lambda s: store.add_event(session=s, actor=p.identity, source=p.source,
                                               action=action, target=target, outcome=outcome,
                                               detail=detail))
+
+
+def _ok(p: Principal, action: str, target: str | Callable[[Any], str] = "",
+        detail: Mapping[str, Any] | Callable[[Any], Mapping[str, Any]] | None = None) -> AndThen:
+    """The hook that appends the ``ok`` audit row inside the action's transaction; ``target``
+    and ``detail`` may be functions of the action's result (the new row's id)."""
+    auth.allowed_roles(action)  # an unknown action is a bug, not a row
+
+    def hook(session: Any, result: Any) -> None:
+        store.add_event(session=session, actor=p.identity, source=p.source, action=action,
+                        target=target(result) if callable(target) else target,
+                        detail=detail(result) if callable(detail) else detail)
+    return hook
 
 
 def authorize(db: Database, p: Principal, action: str, target: str = "") -> None:
@@ -76,12 +92,11 @@ def relabel(db: Database, p: Principal, *, choice: Any, image_id: int | None = N
 
     target = f"image:{image_id}" if image_id is not None else f"upload:{upload_sha256}"
     authorize(db, p, "relabel", target)
-    rid = review.submit_relabel(db, image_id=image_id, upload_sha256=upload_sha256,
-                                choice=choice, reviewer=p.identity, note=note, run_ref=run_ref,
-                                score=score)
-    record(db, p, "relabel", f"relabel:{rid}",
-           detail={"on": target, "label": choice.label, "subtype": choice.subtype})
-    return rid
+    return review.submit_relabel(
+        db, image_id=image_id, upload_sha256=upload_sha256, choice=choice, reviewer=p.identity,
+        note=note, run_ref=run_ref, score=score,
+        and_then=_ok(p, "relabel", lambda rid: f"relabel:{rid}",
+                     {"on": target, "label": choice.label, "subtype": choice.subtype}))
 
 
 def undo_relabel(db: Database, p: Principal, *, relabel_id: int, note: str = "undo") -> int:
@@ -93,18 +108,20 @@ def undo_relabel(db: Database, p: Principal, *, relabel_id: int, note: str = "un
         raise ConfigError(f"no relabel with id {relabel_id}. Received: relabel_id={relabel_id}")
     action = _authorize_owned(db, p, owner=owner, own="undo_own_relabel",
                               any_="undo_any_relabel", target=f"relabel:{relabel_id}")
-    rid = review.submit_undo(db, relabel_id=relabel_id, reviewer=p.identity, note=note)
-    record(db, p, action, f"relabel:{relabel_id}", detail={"undo_row": rid, "owner": owner})
-    return rid
+    return review.submit_undo(
+        db, relabel_id=relabel_id, reviewer=p.identity, note=note,
+        and_then=_ok(p, action, f"relabel:{relabel_id}",
+                     lambda rid: {"undo_row": rid, "owner": owner}))
 
 
 def send_to_review(db: Database, p: Principal, prediction: Any, *, model_ref: str) -> int:
     from cxr_core import uploads
 
     authorize(db, p, "send_to_review", model_ref)
-    item = uploads.send_to_review(db, prediction, model_ref=model_ref, sent_by=p.identity)
-    record(db, p, "send_to_review", f"review_item:{item}", detail={"model": model_ref})
-    return item
+    return uploads.send_to_review(
+        db, prediction, model_ref=model_ref, sent_by=p.identity,
+        and_then=_ok(p, "send_to_review", lambda item: f"review_item:{item}",
+                     {"model": model_ref}))
 
 
 def send_disagreement(db: Database, p: Principal, *, image_id: int, run_ref: str,
@@ -112,19 +129,19 @@ def send_disagreement(db: Database, p: Principal, *, image_id: int, run_ref: str
     from cxr_core import compare_service
 
     authorize(db, p, "send_to_review", f"image:{image_id}")
-    item = compare_service.send_disagreement_to_review(
+    return compare_service.send_disagreement_to_review(
         db, image_id=image_id, run_ref=run_ref, predicted=predicted, probs=probs,
-        sent_by=p.identity)
-    record(db, p, "send_to_review", f"review_item:{item}", detail={"model": run_ref})
-    return item
+        sent_by=p.identity, and_then=_ok(p, "send_to_review", lambda item: f"review_item:{item}",
+                                         {"model": run_ref}))
 
 
 # -- Runs -----------------------------------------------------------------------------------
 
 def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
               start_worker: bool = True) -> tuple[int, int | None]:
-    """Check the role, the per-run limits and the user's active-run quota; queue the run and
-    make sure a worker serves it: (run id, local worker pid or None)."""
+    """Check the role, the per-run limits and the user's active-run quota; queue the run (its
+    row, owner and audit row in one transaction), then make sure a worker serves it: (run id,
+    local worker pid or None)."""
     from cxr_core import limits, training_service
 
     authorize(db, p, "train")
@@ -137,13 +154,14 @@ def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
     except Exception as exc:
         record(db, p, "train", outcome="denied", detail={"why": str(exc)})
         raise
-    run_id = training_service.queue_run(db, cfg, name=name, created_by=p.identity)
+    run_id = training_service.queue_run(
+        db, cfg, name=name, created_by=p.identity,
+        and_then=_ok(p, "train", lambda rid: f"run:{rid}",
+                     {"name": name or cfg.name, "model": getattr(cfg, "model", "")}))
     pid = None
-    if start_worker:
+    if start_worker:  # after the commit: a worker never sees a run without its audit row
         from cxr_core import worker
         pid = worker.ensure_worker(db)
-    record(db, p, "train", f"run:{run_id}", detail={"name": name or cfg.name,
-                                                    "model": getattr(cfg, "model", "")})
     return run_id, pid
 
 
@@ -161,9 +179,9 @@ def cancel_run(db: Database, p: Principal, run_id: int) -> str:
 
     action = _authorize_owned(db, p, owner=_run_owner(db, run_id), own="cancel_own_run",
                               any_="cancel_any_run", target=f"run:{run_id}")
-    status = training_service.cancel_run(db, run_id)
-    record(db, p, action, f"run:{run_id}", detail={"status": status, "what": "cancel"})
-    return status
+    return training_service.cancel_run(
+        db, run_id, and_then=_ok(p, action, f"run:{run_id}",
+                                 lambda status: {"status": status, "what": "cancel"}))
 
 
 def resume_run(db: Database, p: Principal, run_id: int, *, start_worker: bool = True) -> None:
@@ -171,8 +189,8 @@ def resume_run(db: Database, p: Principal, run_id: int, *, start_worker: bool = 
 
     action = _authorize_owned(db, p, owner=_run_owner(db, run_id), own="cancel_own_run",
                               any_="cancel_any_run", target=f"run:{run_id}")
-    training_service.resume_run(db, run_id, start_worker=start_worker)
-    record(db, p, action, f"run:{run_id}", detail={"what": "resume"})
+    training_service.resume_run(db, run_id, start_worker=start_worker,
+                                and_then=_ok(p, action, f"run:{run_id}", {"what": "resume"}))
 
 
 # -- Operating points, presets, jobs --------------------------------------------------------
@@ -182,11 +200,11 @@ def set_manual_threshold(db: Database, p: Principal, *, run_id: int, threshold: 
     from cxr_core import operating_point_service as ops
 
     authorize(db, p, "set_operating_point", f"run:{run_id}")
-    op = ops.set_manual_threshold(db, run_id=run_id, threshold=threshold, changed_by=p.identity,
-                                  note=note, evaluation_id=evaluation_id)
-    record(db, p, "set_operating_point", f"run:{run_id}",
-           detail={"threshold": threshold, "note": note})
-    return op
+    return ops.set_manual_threshold(
+        db, run_id=run_id, threshold=threshold, changed_by=p.identity, note=note,
+        evaluation_id=evaluation_id,
+        and_then=_ok(p, "set_operating_point", f"run:{run_id}",
+                     {"threshold": threshold, "note": note}))
 
 
 def record_site_calibration(db: Database, p: Principal, candidate: Any, *,
@@ -194,10 +212,10 @@ def record_site_calibration(db: Database, p: Principal, candidate: Any, *,
     from cxr_core import site_calibration
 
     authorize(db, p, "site_calibration")
-    op = site_calibration.record(db, candidate, changed_by=p.identity, note=note)
-    record(db, p, "site_calibration", f"{op.model_ref}@dataset:{op.dataset_id}",
-           detail={"threshold": op.threshold, "n": op.sample_n, "note": note})
-    return op
+    return site_calibration.record(
+        db, candidate, changed_by=p.identity, note=note,
+        and_then=_ok(p, "site_calibration", lambda op: f"{op.model_ref}@dataset:{op.dataset_id}",
+                     lambda op: {"threshold": op.threshold, "n": op.sample_n, "note": note}))
 
 
 def save_preset(db: Database, p: Principal, name: str, cfg: Any) -> None:
@@ -209,8 +227,8 @@ def save_preset(db: Database, p: Principal, name: str, cfg: Any) -> None:
                          target=f"preset:{name}")
     else:
         authorize(db, p, "save_preset", f"preset:{name}")
-    presets.save(db, name, cfg, created_by=p.identity)
-    record(db, p, "save_preset", f"preset:{name}")
+    presets.save(db, name, cfg, created_by=p.identity,
+                 and_then=_ok(p, "save_preset", f"preset:{name}"))
 
 
 def submit_job(db: Database, p: Principal, kind: str, params: Mapping[str, Any], *,
@@ -228,9 +246,18 @@ def submit_job(db: Database, p: Principal, kind: str, params: Mapping[str, Any],
             record(db, p, action, str(params.get("path")), outcome="denied",
                    detail={"why": str(exc)})
             raise
-    job = (jobs.submit_once if once else jobs.submit)(db, kind, params)
-    if action != "view":
-        record(db, p, action, f"job:{job}", detail={"kind": kind, **dict(params)})
+    if action == "view":
+        return (jobs.submit_once if once else jobs.submit)(db, kind, params)
+    made: list[int] = []
+    audit_row = _ok(p, action, lambda job_id: f"job:{job_id}", {"kind": kind, **dict(params)})
+
+    def and_then(session: Any, job_id: int) -> None:  # in the job row's transaction
+        made.append(job_id)
+        audit_row(session, job_id)
+    job = (jobs.submit_once if once else jobs.submit)(db, kind, params, and_then=and_then)
+    if not made:  # an open job with these params was returned: nothing new to commit with
+        record(db, p, action, f"job:{job}", detail={"kind": kind, "existing": True,
+                                                    **dict(params)})
     return job
 
 
@@ -247,8 +274,8 @@ def grant_roles(db: Database, p: Principal, identity: str, roles: Sequence[str])
     authorize(db, p, "manage_roles", identity)
     ordered = tuple(r for r in auth.ROLES if r in set(roles))
     db.write(lambda s: store.set_grant(session=s, identity=identity, roles=ordered,
-                                       granted_by=p.identity))
-    record(db, p, "manage_roles", identity, detail={"roles": list(ordered)})
+                                       granted_by=p.identity),
+             and_then=_ok(p, "manage_roles", identity, {"roles": list(ordered)}))
 
 
 def role_grants(db: Database, p: Principal) -> list[store.RoleGrant]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from cxr_core.errors import ConfigError, RunError
 from cxr_core.metrics import POSITIVE
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import evals as store
 from cxr_core.storage.evals import OperatingPoint
 from cxr_core.thresholds import choose_threshold
@@ -62,7 +62,8 @@ def set_operating_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any,
 
 
 def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed_by: str,
-                         note: str = "", evaluation_id: int | None = None) -> OperatingPoint:
+                         note: str = "", evaluation_id: int | None = None,
+                         and_then: AndThen | None = None) -> OperatingPoint:
     """A person sets the run's threshold by hand: recorded with who, when and why.
 
     Args:
@@ -73,6 +74,8 @@ def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed
         note: the reason.
         evaluation_id: optionally, a stored binary evaluation of this run on which the
             sensitivity/specificity at the new threshold are computed and recorded.
+        and_then: ``and_then(session, operating_point)`` in the same transaction (the audit
+            row of :func:`cxr_core.actions.set_manual_threshold`).
 
     Returns:
         The new operating point.
@@ -97,7 +100,7 @@ def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed
     return db.write(lambda s: store.add_operating_point(
         session=s, run_id=run_id, threshold=float(threshold), method="manual", target=None,
         sensitivity=sens, specificity=spec, changed_by=changed_by.strip(), note=note,
-        details=details))
+        details=details), and_then=and_then)
 
 
 def _sens_spec_at(db: Database, run_id: int, evaluation_id: int,

@@ -9,7 +9,7 @@ import re
 
 from cxr_core.augment_config import PRESETS, AugmentConfig
 from cxr_core.errors import ConfigError
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import presets as store
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,63}$")
@@ -49,8 +49,10 @@ def resolve(name: str, db: Database | None = None) -> AugmentConfig:
     return presets[name]
 
 
-def save(db: Database, name: str, cfg: AugmentConfig, *, created_by: str | None = None) -> None:
-    """Save a user preset under ``name`` (built-in names are read-only).
+def save(db: Database, name: str, cfg: AugmentConfig, *, created_by: str | None = None,
+         and_then: AndThen | None = None) -> None:
+    """Save a user preset under ``name`` (built-in names are read-only); ``and_then(session,
+    None)`` runs in the same transaction (an audit row).
 
     Raises:
         ConfigError: invalid or built-in name.
@@ -61,7 +63,7 @@ def save(db: Database, name: str, cfg: AugmentConfig, *, created_by: str | None 
     if name in PRESETS:
         raise ConfigError(f"{name!r} is a built-in preset; save under another name")
     db.write(lambda s: store.save_preset(session=s, name=name, config=cfg.to_dict(),
-                                         created_by=created_by))
+                                         created_by=created_by), and_then=and_then)
 
 
 def owner(db: Database, name: str) -> tuple[bool, str | None]:

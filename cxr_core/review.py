@@ -22,7 +22,7 @@ import numpy as np
 
 from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
 from cxr_core.errors import ConfigError
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import relabels as rel_store, review_queue as queue_store, reviews as store
 from cxr_core.storage.relabels import ChangedImage, Label
@@ -354,7 +354,8 @@ def newest_relabel_id(db: Database, dataset_id: int) -> int | None:
 
 def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelChoice,
                    reviewer: str, note: str = "", run_ref: str | None = None,
-                   score: float | None = None, upload_sha256: str | None = None) -> int:
+                   score: float | None = None, upload_sha256: str | None = None,
+                   and_then: AndThen | None = None) -> int:
     """One click: append a relabel row in its own short transaction (lock errors retried).
 
     Args:
@@ -363,6 +364,8 @@ def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelCh
         choice: the label clicked.
         reviewer, note, run_ref, score: stored with the row.
         upload_sha256: an upload sent to review (instead of ``image_id``).
+        and_then: ``and_then(session, relabel_id)`` in the same transaction (the audit row
+            of :func:`cxr_core.actions.relabel`).
 
     Returns:
         The new relabel id (keep it for undo).
@@ -376,12 +379,15 @@ def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelCh
     kw = dict(new_label=choice.label, new_subtype=choice.subtype, reviewer=reviewer, note=note,
               run_ref=run_ref, score=score)
     if upload_sha256 is not None:
-        return db.write(lambda s: rel_store.add_upload_relabel(session=s, upload_sha256=upload_sha256,
-                                                           **kw))
-    return db.write(lambda s: rel_store.add_relabel(session=s, image_id=image_id, **kw))
+        return db.write(lambda s: rel_store.add_upload_relabel(
+            session=s, upload_sha256=upload_sha256, **kw), and_then=and_then)
+    return db.write(lambda s: rel_store.add_relabel(session=s, image_id=image_id, **kw),
+                    and_then=and_then)
 
 
-def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "") -> int:
-    """Append an undo row for ``relabel_id`` (its own short transaction)."""
+def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "",
+                and_then: AndThen | None = None) -> int:
+    """Append an undo row for ``relabel_id`` (its own short transaction, ``and_then`` in it)."""
     return db.write(lambda s: rel_store.undo_relabel(session=s, relabel_id=relabel_id,
-                                                 reviewer=reviewer, note=note))
+                                                 reviewer=reviewer, note=note),
+                    and_then=and_then)

@@ -27,7 +27,7 @@ import numpy as np
 from cxr_core import evaluation as ev
 from cxr_core import provenance
 from cxr_core.errors import ConfigError
-from cxr_core.storage import Database
+from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
 from cxr_core.storage import relabels
@@ -198,9 +198,10 @@ def candidate(db: Database, *, evaluation_id: int, sample: str = "all",
 
 
 def record(db: Database, cand: SiteCandidate | dict, *, changed_by: str,
-           note: str = "") -> OperatingPoint:
+           note: str = "", and_then: AndThen | None = None) -> OperatingPoint:
     """Record a candidate as the model's operating point for its dataset: an explicit action,
     with who, when (the row's time), why, the method, target, sample size and the figures.
+    ``and_then(session, operating_point)`` runs in the same transaction (an audit row).
 
     Raises:
         ConfigError: no name given.
@@ -216,7 +217,7 @@ def record(db: Database, cand: SiteCandidate | dict, *, changed_by: str,
         session=s, run_id=c.run_id, model_ref=c.model_ref, dataset_id=c.dataset_id,
         threshold=c.threshold, method=c.method, target=c.target, sensitivity=c.sensitivity,
         specificity=c.specificity, changed_by=changed_by.strip(), note=note, sample_n=c.n,
-        details=details))
+        details=details), and_then=and_then)
 
 
 def site_points(db: Database, *, model_ref: str | None = None,

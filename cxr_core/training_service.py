@@ -15,7 +15,7 @@ from typing import Any
 from cxr_core import data_roots, presets, worker
 from cxr_core.augment_config import PRESETS
 from cxr_core.errors import ConfigError, DatasetError
-from cxr_core.storage import Database, open_db
+from cxr_core.storage import AndThen, Database, open_db
 from cxr_core.storage import datasets as dataset_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.runs import LogLine, RunRecord
@@ -118,11 +118,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 # -- Starting, stopping ---------------------------------------------------------------------
 
 def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None,
-              created_by: str | None = None) -> int:
+              created_by: str | None = None, and_then: AndThen | None = None) -> int:
     """Write a queued run (a worker will claim it); returns its id. Pages and the CLI go
-    through :func:`cxr_core.actions.queue_run` (role, limits, quota, audit)."""
+    through :func:`cxr_core.actions.start_run` (role, limits, quota, audit: ``and_then``,
+    in the run row's transaction)."""
     return db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
-                                               config=cfg.to_dict(), created_by=created_by))
+                                               config=cfg.to_dict(), created_by=created_by),
+                    and_then=and_then)
 
 
 def start_run(db: Database, cfg: TrainConfig, *,
@@ -167,14 +169,17 @@ def train_cli(config_path: str | Path, *, detach: bool = False,
     return run_in_process(db, cfg, progress=progress).to_json()
 
 
-def cancel_run(db: Database, run_id: int) -> str:
-    """Cancel: queued runs at once, running ones within one batch. Returns the new status."""
-    return db.write(lambda s: store.request_cancel(session=s, run_id=run_id))
+def cancel_run(db: Database, run_id: int, *, and_then: AndThen | None = None) -> str:
+    """Cancel: queued runs at once, running ones within one batch. Returns the new status.
+    ``and_then(session, status)`` runs in the same transaction (an audit row)."""
+    return db.write(lambda s: store.request_cancel(session=s, run_id=run_id), and_then=and_then)
 
 
-def resume_run(db: Database, run_id: int, *, start_worker: bool = True) -> int | None:
-    """Queue a failed/cancelled run to continue from its last checkpoint; returns the worker pid."""
-    db.write(lambda s: store.request_resume(session=s, run_id=run_id))
+def resume_run(db: Database, run_id: int, *, start_worker: bool = True,
+               and_then: AndThen | None = None) -> int | None:
+    """Queue a failed/cancelled run to continue from its last checkpoint; returns the worker pid.
+    ``and_then(session, None)`` runs in the resume's transaction; the worker starts after."""
+    db.write(lambda s: store.request_resume(session=s, run_id=run_id), and_then=and_then)
     return worker.ensure_worker(db) if start_worker else None
 
 

@@ -19,7 +19,7 @@ from cxr_core import images as image_io
 from cxr_core.config import get_settings
 from cxr_core.errors import ImageLoadError
 from cxr_core.predict import ImageInput, Prediction, png_bytes
-from cxr_core.storage import Database, reviews
+from cxr_core.storage import AndThen, Database, reviews
 
 
 def store_upload(item: ImageInput, *, uploads_dir: str | Path | None = None) -> str:
@@ -65,7 +65,7 @@ def _suffix(data: bytes, name: str) -> str:
 
 
 def send_to_review(db: Database, prediction: Prediction, *, model_ref: str, sent_by: str,
-                   uploads_dir: str | Path | None = None) -> int:
+                   uploads_dir: str | Path | None = None, and_then: AndThen | None = None) -> int:
     """Queue a predicted image with the model's output for clinician review.
 
     Indexed images are queued by id; uploads are first stored by content hash.
@@ -76,6 +76,8 @@ def send_to_review(db: Database, prediction: Prediction, *, model_ref: str, sent
         model_ref: the model that made it ("default", "run:ID" or a file path).
         sent_by: who sent it.
         uploads_dir: where uploads are stored (default: the settings' uploads folder).
+        and_then: ``and_then(session, item_id)`` in the review item's transaction (an audit
+            row). The upload's file is stored first: the row names it by content hash.
 
     Returns:
         The review item's id.
@@ -86,4 +88,4 @@ def send_to_review(db: Database, prediction: Prediction, *, model_ref: str, sent
     return db.write(lambda s: reviews.send_to_review(
         session=s, image_id=image_id, upload_sha256=sha, source="predict", run_ref=model_ref,
         predicted=prediction.label, probs=list(prediction.probabilities.values()),
-        sent_by=sent_by))
+        sent_by=sent_by), and_then=and_then)

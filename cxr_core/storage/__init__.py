@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -21,6 +21,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_core.config import Settings, get_settings
 
 T = TypeVar("T")
+
+# A hook run in a write's own transaction, after its writer: ``hook(session, result)``. An
+# action's audit row goes in this way, so the action and its row commit (or roll back) together.
+AndThen = Callable[[Session, Any], object]
 
 # The base of every error a database call can raise (driver and ORM errors alike). Code outside
 # storage that survives a failed call (the worker's heartbeat retries at the next beat) catches
@@ -42,13 +46,22 @@ class Database:
         with self.factory.begin() as s:
             yield s
 
-    def write(self, fn: Callable[[Session], T], *, attempts: int = 8) -> T:
-        """Run ``fn(session)`` in its own short transaction, retrying lock errors."""
-        return retrying(lambda: self._once(fn), attempts=attempts)
+    def write(self, fn: Callable[[Session], T], *, attempts: int = 8,
+              and_then: AndThen | None = None) -> T:
+        """Run ``fn(session)`` in its own short transaction, retrying lock errors.
 
-    def _once(self, fn: Callable[[Session], T]) -> T:
+        ``and_then(session, result)``, when given, runs in the same transaction right after
+        ``fn`` (an action's audit row): an error in either rolls both back, and a retry after a
+        lock error runs both again.
+        """
+        return retrying(lambda: self._once(fn, and_then), attempts=attempts)
+
+    def _once(self, fn: Callable[[Session], T], and_then: AndThen | None = None) -> T:
         with self.session() as s:
-            return fn(s)
+            out = fn(s)
+            if and_then is not None:
+                and_then(s, out)
+            return out
 
 
 def retrying(fn: Callable[[], T], *, attempts: int = 8) -> T:
