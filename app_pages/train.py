@@ -17,7 +17,7 @@ from cxr_core.presets import all_presets
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.balancing import BALANCING
-from cxr_core.model_specs import MODELS
+from cxr_core.model_specs import INTENSITY_MODES, MODELS
 from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
 from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._access import md, principal
@@ -73,7 +73,13 @@ def form_ui(dataset: str, layout: str) -> dict | None:
         out["split_group"] = e1.text_input("Folder or site:NAME to hold out (group split)",
                                            key=k + "split_group") or None
         out["seed"] = e2.number_input("Seed", 0, 10**6, d["seed"], key=k + "seed")
+        out["intensity"] = _pick(e2, "Intensity", INTENSITY_MODES, d.get("intensity", "none"),
+                                 k + "intensity", help="standardize: each film to zero mean and "
+                                 "unit spread inside the model (exposure differs between sites)")
         out["patience"] = e3.number_input("Patience", 1, 1000, d["patience"], key=k + "patience")
+        out["label_smoothing"] = e3.number_input(
+            "Label smoothing (binary)", 0.0, 0.49, float(d.get("label_smoothing", 0.0)),
+            step=0.05, key=k + "smooth", help="targets 0/1 become s/2 and 1 - s/2")
         out["mixed_precision"] = e4.toggle("Mixed precision (GPU)", key=k + "mp")
         submitted = st.form_submit_button("Start training", icon=":material/play_arrow:")
     return out if submitted else None

@@ -119,6 +119,22 @@ def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
         [run] = store.list_runs(session=s)
     assert run.status == "queued" and run.config["dataset"] == "tiny"
     assert run.config["epochs"] == 2 and run.config["recipe"] == "cpu128"
+    assert run.config["intensity"] == "none" and run.config["label_smoothing"] == 0.0
+
+
+def test_the_form_sets_the_levers_under_shift(db, monkeypatch):
+    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: 1)
+    at = page()
+    at.selectbox(key="train_cpu128_intensity").set_value("standardize")
+    at.number_input(key="train_cpu128_smooth").set_value(0.1)
+    at.selectbox(key="train_cpu128_augment").set_value("shift_robust")
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception
+    with db.session() as s:
+        [run] = store.list_runs(session=s)
+    assert run.config["intensity"] == "standardize"
+    assert run.config["label_smoothing"] == pytest.approx(0.1)
+    assert run.config["augment"] == "shift_robust"
 
 
 def test_cancel_and_resume_buttons(db, monkeypatch):
