@@ -126,6 +126,25 @@ def test_operating_point_is_chosen_on_the_mean_of_the_shared_validation_outputs(
     assert "Its own operating point" in ensembles.describe(loaded)
 
 
+def test_members_calibration_slices_are_preferred_to_their_selection_split(pair):
+    """Runs with a calibration slice store it as a "calibration" evaluation: the ensemble's
+    threshold is chosen there, not on the images that chose the members' epochs."""
+    db, a, b = pair
+    cal_p = {a: np.array([0.2, 0.1, 0.4, 0.9, 0.7, 0.6, 0.3, 0.8]),
+             b: np.array([0.1, 0.3, 0.2, 0.8, 0.6, 0.9, 0.4, 0.7])}
+    for run_id in (a, b):
+        p = cal_p[run_id]
+        es.record_evaluation(db, run_id=run_id, model_ref=f"run:{run_id}", dataset_id=None,
+                             split="calibration", labels=["NORMAL", "PNEUMONIA"],
+                             image_ids=[None] * 8, paths=[f"/cal/{i}.png" for i in range(8)],
+                             y_true=VAL_Y, probs=np.column_stack([1 - p, p]), n_boot=0)
+    loaded = ms.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
+    mean = (cal_p[a] + cal_p[b]) / 2
+    expected = choose_threshold(VAL_Y, mean, method="sensitivity", target_sensitivity=0.75)
+    assert loaded.threshold == pytest.approx(expected.threshold)
+    assert "members' calibration outputs, 8 images" in loaded.threshold_source
+
+
 def test_no_shared_validation_images_means_no_operating_point_said_so(cxr_home):
     db = open_db()
     a, b = _run(db, cxr_home, 1), _run(db, cxr_home, 2)
