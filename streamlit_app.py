@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages._access import identity_badge, principal
+from app_pages._access import identity_badge, new_script_run, principal
 
 st.set_page_config(page_title="CXR Workbench", page_icon=":material/pulmonology:", layout="wide")
 st.session_state.setdefault("dataset_name", None)
+new_script_run()  # the signed-in principal is read once per run from here on
 user = principal()  # with [auth] configured: the sign-in screen until someone signs in
 identity_badge(user)
 

@@ -6,7 +6,9 @@ With an ``[auth]`` table in ``.streamlit/secrets.toml`` every page needs a signe
 in **local mode**: one local identity with every role, and a badge that says so.
 
 Pages ask :func:`principal` for the identity they pass to :mod:`cxr_core.actions`; hiding a
-widget is a courtesy, the check is in ``cxr_core``.
+widget is a courtesy, the check is in ``cxr_core``. A signed-in principal (its roles include the
+admins' grants in the database) is read once per full script run: the entry script calls
+:func:`new_script_run` first, so a role an admin revokes takes effect on the user's next run.
 """
 from __future__ import annotations
 
@@ -43,21 +45,41 @@ def _sign_in_screen() -> None:
     st.stop()
 
 
+_RUN = "_cxr_script_run"  # the number of this session's current full run (new_script_run)
+_CACHED = "_cxr_principal"  # (run number, st.user as a dict, Principal)
+
+
+def new_script_run() -> None:
+    """Start a full script run: the entry script calls this first, every run (a fragment's
+    rerun does not run the entry script, so it reuses the principal of the last full run).
+    Pages run without the entry script (a test opening one alone) read it on every call."""
+    st.session_state[_RUN] = st.session_state.get(_RUN, 0) + 1
+
+
 def principal() -> Principal:
     """The signed-in principal (stops the page with a sign-in screen when nobody is), or the
-    local-mode principal (named by the reviewer name typed once per session, if any)."""
+    local-mode principal (named by the reviewer name typed once per session, if any).
+
+    The signed-in one is read from the database (its role grants) once per full run: pages
+    ask several times per run, and the Train page's fragment every few seconds."""
     if not auth_on():
         return auth.local_principal(st.session_state.get("review_reviewer", ""))
     if not st.user.is_logged_in:
         _sign_in_screen()
     from app_pages._shared import get_db
 
+    user, run = st.user.to_dict(), st.session_state.get(_RUN)
+    cached = st.session_state.get(_CACHED)
+    if run is not None and cached is not None and cached[:2] == (run, user):
+        return cached[2]
     try:
-        return actions.effective_principal(get_db(), st.user.to_dict(),
-                                           _secrets_table("cxr_roles") or {})
+        p = actions.effective_principal(get_db(), user, _secrets_table("cxr_roles") or {})
     except CxrError as exc:
         st.error(f"Sign-in is misconfigured: {exc}", icon=":material/error:")
         st.stop()
+    if run is not None:
+        st.session_state[_CACHED] = (run, user, p)
+    return p
 
 
 def require_page(action: str, what: str) -> Principal:

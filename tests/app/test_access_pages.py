@@ -10,6 +10,7 @@ from app.test_review_page import tiny  # noqa: F401 - fixture: five indexed imag
 
 from cxr_core import actions, auth
 from cxr_core.storage import open_db
+from cxr_core.storage import audit as audit_store
 from cxr_core.storage import relabels as rel_store
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,3 +104,44 @@ def test_audit_page_is_for_admins(tiny, role, allowed):  # noqa: F811
         assert p.top_role == "reviewer"
     else:
         assert "audit log needs the admin role" in texts(at, "warning")
+
+
+def count_grant_reads(monkeypatch) -> list[str]:
+    """The identities whose role grants were read from the database, one per read."""
+    calls: list[str] = []
+    real = audit_store.granted_roles
+
+    def counted(**kw):
+        calls.append(kw["identity"])
+        return real(**kw)
+    monkeypatch.setattr(audit_store, "granted_roles", counted)
+    return calls
+
+
+def test_principal_is_read_once_per_run_and_a_revoked_grant_applies_next_run(tiny,  # noqa: F811
+                                                                             monkeypatch):
+    db, _ = tiny
+    lead = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
+    actions.grant_roles(db, lead, "cfo@h.org", ["reviewer"])  # a viewer by [cxr_roles]
+    calls = count_grant_reads(monkeypatch)
+    at = app(role="viewer")
+    assert calls == ["cfo@h.org"]  # the entry script, its badge and the Home page: one read
+    assert "badge: reviewer]" in texts(at.sidebar, "markdown")
+    at.switch_page("app_pages/review.py").run()  # asks principal() several times
+    assert not at.exception, at.exception
+    assert len(calls) == 2 and "Review needs" not in texts(at, "warning")
+    at.radio(key="review_queue").set_value("class").run()  # a widget: one more full run
+    assert len(calls) == 3
+
+    actions.grant_roles(db, lead, "cfo@h.org", [])  # revoked while cfo has Review open
+    at.run()
+    assert not at.exception, at.exception
+    assert len(calls) == 4
+    assert "badge: viewer]" in texts(at.sidebar, "markdown")
+    assert not [r for r in at.radio if r.key == "review_queue"]  # Review is gone: Home
+
+
+def test_a_page_run_alone_reads_the_principal_on_each_call(tiny, monkeypatch):  # noqa: F811
+    calls = count_grant_reads(monkeypatch)  # no entry script: nothing to key a cache on
+    app("app_pages/review.py", role="reviewer")
+    assert len(calls) >= 2 and set(calls) == {"rad@h.org"}
