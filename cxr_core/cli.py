@@ -90,8 +90,8 @@ def cmd_stress(args: argparse.Namespace) -> dict:
                           "--evaluation ID")
     ev_id = args.evaluation or ss.run_val_evaluation(db, args.run, args.split)
     model = args.model or f"run:{args.run}"
-    rows = ss.stress_evaluation(db, model, ev_id, names=args.only)
-    return {"model": model, "evaluation_id": ev_id, **ss.summary(rows)}
+    rows = ss.stress_evaluation(db, model, ev_id, names=args.only, tta=args.tta)
+    return {"model": model, "evaluation_id": ev_id, "tta": args.tta, **ss.summary(rows)}
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
@@ -215,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", type=int, default=None, help="or any stored evaluation")
     p.add_argument("--model", default=None, help="the model to score (default: the run)")
     p.add_argument("--only", nargs="+", default=None, help="perturbation names")
+    p.add_argument("--tta", action="store_true", help="score the mean over fixed test-time "
+                   "views (identity, a 90%% crop, +-4%% shifts) at the same threshold")
     p = add("predict", cmd_predict, "predict (and explain) images")
     p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
                    "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")

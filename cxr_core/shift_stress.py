@@ -64,6 +64,24 @@ def _crop(keep: float) -> Perturb:
     return run
 
 
+def _shift(fraction: float) -> Perturb:
+    """Move the content right by ``fraction`` of the width (left if negative), black fill."""
+    def run(x: np.ndarray) -> np.ndarray:
+        dx = int(round(x.shape[1] * fraction))
+        out = np.zeros_like(x)
+        if dx >= 0:
+            out[:, dx:] = x[:, :x.shape[1] - dx]
+        else:
+            out[:, :dx] = x[:, -dx:]
+        return out
+    return run
+
+
+# Test-time augmentation tried as a lever (issue 14): the mean over these fixed views.
+TTA_VIEWS: dict[str, Perturb] = {"identity": lambda x: x, "crop_0.9": _crop(0.9),
+                                 "shift_+4%": _shift(0.04), "shift_-4%": _shift(-0.04)}
+
+
 PERTURBATIONS: dict[str, tuple[str, Perturb]] = {
     "none": ("the stored images, unchanged", lambda x: x),
     "darker": ("gamma 1.5 (under-exposed mid-tones)", _gamma(1.5)),
@@ -81,7 +99,10 @@ def perturb(images: np.ndarray, name: str) -> np.ndarray:
     if name not in PERTURBATIONS:
         raise ConfigError(f"unknown perturbation. Expected one of {list(PERTURBATIONS)}. "
                           f"Received: {name!r}")
-    fn = PERTURBATIONS[name][1]
+    return _apply(images, PERTURBATIONS[name][1])
+
+
+def _apply(images: np.ndarray, fn: Perturb) -> np.ndarray:
     out = [np.clip(np.rint(fn(img.astype(np.float64))), 0, 255) for img in images]
     return np.asarray(out, dtype=np.uint8).reshape(images.shape)
 
@@ -110,7 +131,7 @@ def score(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float,
 
 
 def stress_evaluation(db: Database, model_ref: str, evaluation_id: int, *,
-                      names: Sequence[str] | None = None,
+                      names: Sequence[str] | None = None, tta: bool = False,
                       progress: Callable[[int, int], None] | None = None) -> list[StressRow]:
     """Score ``model_ref`` on a stored evaluation's images under each perturbation.
 
@@ -120,6 +141,8 @@ def stress_evaluation(db: Database, model_ref: str, evaluation_id: int, *,
         evaluation_id: whose images and labels to use (e.g. a run's ``val`` evaluation, the
             part of temporal validation that chose neither the model nor its threshold).
         names: perturbations to run (default: all, "none" first).
+        tta: score the mean over :data:`TTA_VIEWS` of each (perturbed) image, at the same
+            locked threshold (which was chosen without TTA: said in each row's ``what``).
         progress: ``progress(done, total)`` over perturbations.
 
     Raises:
@@ -155,10 +178,14 @@ def stress_evaluation(db: Database, model_ref: str, evaluation_id: int, *,
     rows = []
     for k, name in enumerate(chosen):
         changed = {s: perturb(v, name) for s, v in stacked.items()}
-        p = model_store.predict_views(loaded, changed)[:, 1]
+        views = list(TTA_VIEWS.values()) if tta else [TTA_VIEWS["identity"]]
+        p = np.mean([model_store.predict_views(
+            loaded, {s: _apply(v, fn) for s, v in changed.items()})[:, 1] for fn in views],
+            axis=0)
         auc, sens, spec = score(y, p, loaded.threshold)
-        rows.append(StressRow(name, PERTURBATIONS[name][0], len(y), auc, sens, spec,
-                              float(loaded.threshold)))
+        what = PERTURBATIONS[name][0] + (f"; mean over {len(views)} TTA views "
+                                         f"({', '.join(TTA_VIEWS)})" if tta else "")
+        rows.append(StressRow(name, what, len(y), auc, sens, spec, float(loaded.threshold)))
         if progress is not None:
             progress(k + 1, len(chosen))
     return rows

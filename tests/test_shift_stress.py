@@ -86,3 +86,26 @@ def test_unreadable_evaluation_images_are_a_clear_error(cxr_home):
     _store_val(db, run_id, VAL_P[2])  # paths /val/i.png do not exist
     with pytest.raises(DatasetError, match="needs image files"):
         ss.stress_evaluation(db, f"run:{run_id}", ss.run_val_evaluation(db, run_id))
+
+
+def test_tta_views_and_the_tta_score_are_the_mean_over_the_views(run_with_files):
+    db, run_id = run_with_files
+    img = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) * 10 + 5
+    right = ss._apply(img, ss.TTA_VIEWS["shift_+4%"])
+    np.testing.assert_array_equal(ss._apply(img, ss.TTA_VIEWS["identity"]), img)
+    moved = ss._apply(np.full((1, 50, 50, 1), 9, np.uint8), ss.TTA_VIEWS["shift_+4%"])
+    assert moved[0, :, :2].max() == 0 and moved[0, :, 2:].min() == 9
+    assert right.shape == img.shape
+    ev_id = ss.run_val_evaluation(db, run_id)
+    [plain] = ss.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"])
+    [tta] = ss.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"], tta=True)
+    assert "4 TTA views" in tta.what and "TTA" not in plain.what
+    loaded = model_store.load_model_ref(f"run:{run_id}", db=db)
+    from cxr_core.predict import ImageInput, decode
+    preds = es.load_predictions(db, ev_id)
+    x = np.asarray([decode(ImageInput(p, path=p), 16, 1)[0] for p in preds.paths])
+    p = np.mean([model_store.to_probs(loaded.model.predict(
+        ss._apply(x, fn).astype(np.float32), verbose=0))[:, 1] for fn in ss.TTA_VIEWS.values()],
+        axis=0)
+    auc, sens, spec = ss.score(VAL_Y, p, loaded.threshold)
+    assert (tta.auc, tta.sensitivity, tta.specificity) == pytest.approx((auc, sens, spec))
