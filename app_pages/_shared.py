@@ -156,14 +156,31 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
         return job.result
     if job is not None and job.status == "failed":
         st.error(f"{label} failed: {md_escape(job.error)}", icon=":material/error:")
-        if st.button("Try again", key=f"{key}_retry", icon=":material/refresh:"):
-            st.session_state[key] = jobs.submit(get_db(), kind, params)
+        if st.button("Try again", key=f"{key}_retry", icon=":material/refresh:") and \
+                _submit_view(kind, params, key, once=False):
             st.rerun()
         return None
-    if job is None or st.session_state.get(key) != job.id:
-        st.session_state[key] = jobs.submit_once(get_db(), kind, params)
+    if (job is None or st.session_state.get(key) != job.id) and \
+            not _submit_view(kind, params, key):
+        return None
     job_ui(key, label)
     return None
+
+
+def _submit_view(kind: str, params: dict, key: str, *, once: bool = True) -> bool:
+    """Ask for a view job as the page's principal (:func:`cxr_core.actions.submit_job`:
+    ``compute_view``, capped per user); its id goes to ``st.session_state[key]``. A refusal is
+    shown here (False)."""
+    from app_pages._access import principal
+    from cxr_core import actions
+
+    try:
+        st.session_state[key] = actions.submit_job(get_db(), principal(), kind, params,
+                                                   once=once)
+    except CxrError as exc:  # PermissionDenied (no role), QuotaExceeded (the per-user cap)
+        st.warning(md_escape(str(exc)), icon=":material/block:")
+        return False
+    return True
 
 
 # -- Dataset picker -------------------------------------------------------------------------

@@ -20,14 +20,20 @@ from typing import Any
 
 from cxr_core import auth, jobs
 from cxr_core.auth import Principal
-from cxr_core.errors import ConfigError, PermissionDenied, RunError
-from cxr_core.storage import AndThen, Database
+from cxr_core.errors import ConfigError, PermissionDenied, QuotaExceeded, RunError
+from cxr_core.storage import AndThen, Database, lock_for_write
 from cxr_core.storage import audit as store
+from cxr_core.storage import jobs as job_store
 
-# Jobs that change state or read every record need a role; the rest compute views any
-# signed-in user may see (split preview, balance tables, agreement, intervals, a candidate).
+# The action each job kind needs. Jobs that change state or read every record need their role;
+# the rest compute a read-only view of what the pages show (split preview, comparison
+# intervals, balance tables, agreement, a site-calibration candidate): ``compute_view``, every
+# role, at most CXR_MAX_QUEUED_VIEW_JOBS queued or running per user, not audited when done.
 JOB_ACTIONS = {"index": "index_dataset", "evaluate": "evaluate",
-               "export_relabels": "export_relabels"}
+               "export_relabels": "export_relabels", "split_preview": "compute_view",
+               "compare_ci": "compute_view", "balance_tables": "compute_view",
+               "agreement": "compute_view", "site_calibration": "compute_view"}
+VIEW_KINDS = tuple(k for k, a in JOB_ACTIONS.items() if a == "compute_view")
 
 
 # -- Checking and recording -----------------------------------------------------------------
@@ -233,9 +239,18 @@ def save_preset(db: Database, p: Principal, name: str, cfg: Any) -> None:
 
 def submit_job(db: Database, p: Principal, kind: str, params: Mapping[str, Any], *,
                once: bool = True) -> int:
-    """Queue a worker job; the kinds that change state or export records need their role.
-    Indexing checks the folder against the data roots first."""
-    action = JOB_ACTIONS.get(kind, "view")
+    """Queue a worker job as ``p``: each kind needs its action (:data:`JOB_ACTIONS`). Indexing
+    checks the folder against the data roots first; view jobs are capped per user
+    (:func:`_submit_view`). With ``once``, an open job with the same params is returned.
+
+    Raises:
+        ConfigError: an unknown kind.
+        PermissionDenied, QuotaExceeded, PathNotAllowed: refused (and audited).
+    """
+    if kind not in JOB_ACTIONS:
+        raise ConfigError(f"job kind must be one of {sorted(JOB_ACTIONS)}. "
+                          f"Received: kind={kind!r}")
+    action = JOB_ACTIONS[kind]
     authorize(db, p, action, kind)
     if kind == "index":
         from cxr_core import data_roots
@@ -246,19 +261,40 @@ def submit_job(db: Database, p: Principal, kind: str, params: Mapping[str, Any],
             record(db, p, action, str(params.get("path")), outcome="denied",
                    detail={"why": str(exc)})
             raise
-    if action == "view":
-        return (jobs.submit_once if once else jobs.submit)(db, kind, params)
+    submit = jobs.submit_once if once else jobs.submit
+    if action == "compute_view":
+        return _submit_view(db, p, kind, params, submit)
     made: list[int] = []
     audit_row = _ok(p, action, lambda job_id: f"job:{job_id}", {"kind": kind, **dict(params)})
 
     def and_then(session: Any, job_id: int) -> None:  # in the job row's transaction
         made.append(job_id)
         audit_row(session, job_id)
-    job = (jobs.submit_once if once else jobs.submit)(db, kind, params, and_then=and_then)
+    job = submit(db, kind, params, created_by=p.identity, and_then=and_then)
     if not made:  # an open job with these params was returned: nothing new to commit with
         record(db, p, action, f"job:{job}", detail={"kind": kind, "existing": True,
                                                     **dict(params)})
     return job
+
+
+def _submit_view(db: Database, p: Principal, kind: str, params: Mapping[str, Any],
+                 submit: Callable[..., int]) -> int:
+    """A view job: read-only, so a success is not audited (every page view would be a row);
+    a new one past the user's cap is refused, and that is. An open job with the same params
+    (``submit_once``) is returned without counting."""
+    from cxr_core import limits
+
+    lim = limits.Limits.from_env()
+
+    def cap(session: Any, job_id: int) -> None:  # in the new job's transaction
+        lock_for_write(session)  # two tabs submitting at once count each other's job
+        n = job_store.count_open_jobs(session=session, created_by=p.identity, kinds=VIEW_KINDS)
+        limits.check_view_jobs(n - 1, lim, p.identity)  # n counts the new job itself
+    try:
+        return submit(db, kind, params, created_by=p.identity, and_then=cap)
+    except QuotaExceeded as exc:
+        record(db, p, "compute_view", kind, outcome="denied", detail={"why": str(exc)})
+        raise
 
 
 # -- Administration -------------------------------------------------------------------------

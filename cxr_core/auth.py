@@ -8,7 +8,9 @@ configured local principal (:func:`cli_principal`). Every gated action is checke
 
 Roles (each includes the one before):
 
-* ``viewer``: stakeholder. Every read-only page, Predict (without "send to review").
+* ``viewer``: stakeholder. Every read-only page, Predict (without "send to review"), and the
+  view jobs those pages ask a worker for (``compute_view``: split preview, balance tables,
+  agreement, comparison intervals, a site-calibration candidate; capped per user).
 * ``reviewer``: clinician. + Review, relabel, send to review, undo own relabels.
 * ``scientist``: + index datasets, train, cancel/resume own runs, evaluate, operating points,
   site calibration, presets, export relabels.
@@ -42,6 +44,7 @@ ROLES: tuple[str, ...] = ("viewer", "reviewer", "scientist", "admin")
 _V, _R, _S, _A = ROLES
 POLICY: dict[str, frozenset[str]] = {
     "view": frozenset({_V, _R, _S, _A}),
+    "compute_view": frozenset({_V, _R, _S, _A}),  # a worker job computing a read-only view
     "predict": frozenset({_V, _R, _S, _A}),
     "review": frozenset({_R, _S, _A}),
     "relabel": frozenset({_R, _S, _A}),

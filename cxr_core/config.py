@@ -62,7 +62,8 @@ SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA
                # per-run limits and quotas (cxr_core.limits)
                "max_active_runs_per_user": "CXR_MAX_ACTIVE_RUNS_PER_USER",
                "max_image_size": "CXR_MAX_IMAGE_SIZE", "max_epochs": "CXR_MAX_EPOCHS",
-               "max_train_images": "CXR_MAX_TRAIN_IMAGES"}
+               "max_train_images": "CXR_MAX_TRAIN_IMAGES",
+               "max_queued_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS"}
 WORKER_MODES = ("auto", "off")
 
 

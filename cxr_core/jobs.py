@@ -153,11 +153,13 @@ KINDS: dict[str, Handler] = {
 
 
 def submit(db: Database, kind: str, params: Mapping[str, Any], *,
-           start_worker: bool = True, and_then: AndThen | None = None) -> int:
+           start_worker: bool = True, created_by: str | None = None,
+           and_then: AndThen | None = None) -> int:
     """Queue a job and make sure a worker will take it; returns the job id.
 
-    ``and_then(session, job_id)`` runs in the job row's transaction (an audit row); the
-    worker is started only once both are committed.
+    ``created_by`` is stored with it (who asked). ``and_then(session, job_id)`` runs in the
+    job row's transaction (an audit row, a quota check that may refuse it); the worker is
+    started only once both are committed.
 
     A worker busy training does not take jobs until its run ends, so when every live local
     worker is training, a second one serving only jobs is started (``CXR_WORKER=auto``).
@@ -167,8 +169,8 @@ def submit(db: Database, kind: str, params: Mapping[str, Any], *,
     """
     if kind not in KINDS:
         raise ConfigError(f"job kind must be one of {sorted(KINDS)}. Received: kind={kind!r}")
-    job_id = db.write(lambda s: store.create_job(session=s, kind=kind, params=params),
-                      and_then=and_then)
+    job_id = db.write(lambda s: store.create_job(session=s, kind=kind, params=params,
+                                                 created_by=created_by), and_then=and_then)
     if start_worker:
         from cxr_core import worker
 
@@ -188,7 +190,8 @@ def recent_jobs(db: Database, kind: str, *, limit: int = 10) -> list[JobRecord]:
 
 
 def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
-                start_worker: bool = True, and_then: AndThen | None = None) -> int:
+                start_worker: bool = True, created_by: str | None = None,
+                and_then: AndThen | None = None) -> int:
     """:func:`submit`, unless a job of that kind with the same params is queued or running
     (two tabs asking to index one folder get one job); returns that job's id. ``and_then``
     runs only when a job is created (in its transaction)."""
@@ -201,7 +204,8 @@ def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
 
             worker.ensure_worker(db, kinds="jobs")
         return open_jobs[0].id
-    return submit(db, kind, params, start_worker=start_worker, and_then=and_then)
+    return submit(db, kind, params, start_worker=start_worker, created_by=created_by,
+                  and_then=and_then)
 
 
 def latest_job(db: Database, kind: str, params: Mapping[str, Any]) -> JobRecord | None:

@@ -7,8 +7,12 @@ CXR_MAX_ACTIVE_RUNS_PER_USER  queued + running runs one identity may have (defau
 CXR_MAX_IMAGE_SIZE            largest training input side in pixels (default 512)
 CXR_MAX_EPOCHS                most epochs of one run, all stages (default 200)
 CXR_MAX_TRAIN_IMAGES          most images one run may train on (default 0: no limit)
+CXR_MAX_QUEUED_VIEW_JOBS      queued + running view jobs (split preview, balance tables,
+                              agreement, intervals, site-calibration candidate) one identity
+                              may have (default 4)
 
-A value of 0 turns that limit off. :func:`cxr_core.actions.start_run` applies them.
+A value of 0 turns that limit off. :func:`cxr_core.actions.start_run` applies the run limits,
+:func:`cxr_core.actions.submit_job` the view-job cap.
 """
 from __future__ import annotations
 
@@ -18,11 +22,12 @@ from typing import Any
 
 from cxr_core.errors import ConfigError, QuotaExceeded
 
-__all__ = ["ENV", "Limits", "check_active", "check_run"]
+__all__ = ["ENV", "Limits", "check_active", "check_run", "check_view_jobs"]
 
 # field -> environment variable
 ENV = {"max_active_runs": "CXR_MAX_ACTIVE_RUNS_PER_USER", "max_image_size": "CXR_MAX_IMAGE_SIZE",
-       "max_epochs": "CXR_MAX_EPOCHS", "max_train_images": "CXR_MAX_TRAIN_IMAGES"}
+       "max_epochs": "CXR_MAX_EPOCHS", "max_train_images": "CXR_MAX_TRAIN_IMAGES",
+       "max_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class Limits:
     max_image_size: int = 512  # TrainConfig.image_size
     max_epochs: int = 200  # TrainConfig.epochs (the frozen stage counts in it)
     max_train_images: int = 0  # TrainConfig.max_images (None: the whole dataset)
+    max_view_jobs: int = 4  # queued + running view jobs of one identity
 
     def __post_init__(self) -> None:
         for name in ENV:
@@ -116,3 +122,23 @@ def check_active(n_active: int, limits: Limits, identity: str) -> None:
             f"per user. Wait for one to finish or cancel one (an administrator can change the "
             f"limit with {ENV['max_active_runs']}, or that key in [cxr] of secrets.toml; 0 "
             "turns it off)")
+
+
+def check_view_jobs(n_open: int, limits: Limits, identity: str) -> None:
+    """Refuse one more view job when ``identity`` already has the most queued + running ones.
+
+    Args:
+        n_open: the identity's queued and running view jobs now (without the new one).
+        limits: the limits in force.
+        identity: who asks (named in the message).
+
+    Raises:
+        QuotaExceeded: the cap is reached.
+    """
+    cap = limits.max_view_jobs
+    if cap and n_open >= cap:
+        raise QuotaExceeded(
+            f"{identity} already has {n_open} queued or running view job(s) (previews, "
+            f"tables, intervals); the limit is {cap} per user. Wait for them to finish and "
+            f"reload (an administrator can change the limit with {ENV['max_view_jobs']}, or "
+            "that key in [cxr] of secrets.toml; 0 turns it off)")

@@ -123,7 +123,8 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_status_id", "status", "id"),
-                      Index("ix_jobs_kind_params", "kind", "params_json"))
+                      Index("ix_jobs_kind_params", "kind", "params_json"),
+                      Index("ix_jobs_created_by_status", "created_by", "status"))
     id: Mapped[int] = mapped_column(primary_key=True)
     kind: Mapped[str] = mapped_column(String(20))
     params_json: Mapped[str] = mapped_column(Text)
@@ -137,6 +138,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who submitted it through cxr_core.actions (NULL: the app itself, or before 0009).
+    created_by: Mapped[str | None] = mapped_column(String(200))
 
 
 class Worker(Base):

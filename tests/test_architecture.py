@@ -5,6 +5,7 @@ file that breaks a rule, with its line, whatever the import order of the suite):
 * pages (``app_pages/``, ``streamlit_app.py``) import nothing from the storage layer and open
   no database session: they call ``cxr_core`` services and pass the ``Database`` handle those
   return, unopened;
+* pages call no writer beneath ``cxr_core.actions`` (role check, caps and audit row);
 * the evaluation maths and the label-provenance rules are pure: no storage, no Streamlit;
 * only the modules that build, train or run models import TensorFlow when they are imported.
 """
@@ -79,6 +80,55 @@ def test_pages_import_nothing_from_storage():
 def test_pages_open_no_database_session():
     bad = [f"{p.relative_to(REPO)}:{line}" for p in PAGE_FILES for line in session_calls(p)]
     assert not bad, "pages open no session; a service owns the transaction:\n" + "\n".join(bad)
+
+
+# The writers beneath cxr_core.actions: a page calling one would skip the role check, the
+# per-user caps and the audit row (cxr_core.actions wraps each of them).
+UNCHECKED_WRITERS = {
+    "cxr_core.jobs": {"submit", "submit_once"},
+    "cxr_core.review": {"submit_relabel", "submit_undo"},
+    "cxr_core.uploads": {"send_to_review"},
+    "cxr_core.compare_service": {"send_disagreement_to_review"},
+    "cxr_core.training_service": {"queue_run", "start_run", "cancel_run", "resume_run"},
+    "cxr_core.operating_point_service": {"set_manual_threshold"},
+    "cxr_core.site_calibration": {"record"},
+    "cxr_core.presets": {"save"},
+}
+
+
+def unchecked_writer_uses(path: Path) -> Iterator[str]:
+    """``line module.name`` of each import or ``alias.name`` use of an unchecked writer."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    aliases: dict[str, str] = {}  # local name -> module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if full in UNCHECKED_WRITERS:
+                    aliases[alias.asname or alias.name] = full
+                elif alias.name in UNCHECKED_WRITERS.get(node.module, ()):
+                    yield f"{node.lineno} {full}"
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names
+                            if a.asname and a.name in UNCHECKED_WRITERS})
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.attr in UNCHECKED_WRITERS.get(aliases.get(node.value.id, ""), ())):
+            yield f"{node.lineno} {aliases[node.value.id]}.{node.attr}"
+
+
+def test_pages_call_no_unchecked_writer():
+    bad = [f"{p.relative_to(REPO)}:{use}" for p in PAGE_FILES for use in unchecked_writer_uses(p)]
+    assert not bad, ("pages act through cxr_core.actions (role, caps, audit), not the writers "
+                     "beneath it:\n" + "\n".join(bad))
+
+
+def test_the_writer_rule_catches_a_page_that_skips_actions(tmp_path):
+    page = tmp_path / "page.py"
+    page.write_text("from cxr_core import jobs as j\nfrom cxr_core.review import submit_undo\n"
+                    "def f(db):\n    return j.submit_once(db, 'agreement', {})\n")
+    assert sorted(unchecked_writer_uses(page)) == ["2 cxr_core.review.submit_undo",
+                                                   "4 cxr_core.jobs.submit_once"]
 
 
 def test_evaluation_maths_and_provenance_rules_are_pure():

@@ -17,7 +17,7 @@ from tests.test_review import make_dataset
 V, R, S, A = auth.ROLES
 # The policy as the issue states it: who may do what (a change here is a deliberate decision).
 EXPECTED = {
-    "view": {V, R, S, A}, "predict": {V, R, S, A},
+    "view": {V, R, S, A}, "compute_view": {V, R, S, A}, "predict": {V, R, S, A},
     "review": {R, S, A}, "relabel": {R, S, A}, "send_to_review": {R, S, A},
     "undo_own_relabel": {R, S, A}, "undo_any_relabel": {A},
     "index_dataset": {S, A}, "train": {S, A}, "cancel_own_run": {S, A}, "cancel_any_run": {A},

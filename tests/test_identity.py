@@ -216,7 +216,7 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
     raw.dispose()
     db = open_db(url=url)  # migrates to head
     with db.engine.connect() as c:
-        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"  # head
+        assert c.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0009"  # head
         for t in TABLES:
             after = c.execute(text(f"SELECT * FROM {t} ORDER BY id")).mappings().all()
             assert len(after) == len(before[t]), t
@@ -233,6 +233,9 @@ def test_old_schema_database_upgrades_without_loss(old_db_url):
         # 0008: runs from before sign-in have no owner; the audit log starts empty.
         owners = c.execute(text("SELECT created_by FROM runs")).scalars().all()
         n_audit = c.execute(text("SELECT COUNT(*) FROM audit_events")).scalar()
+        # 0009: jobs name who asked for them (none from before).
+        assert c.execute(text("SELECT COUNT(*) FROM jobs WHERE created_by IS NOT NULL")
+                         ).scalar() == 0
     assert (score, pred, margin) == pytest.approx((0.8, 1, 0.6))
     assert owners and set(owners) == {None} and n_audit == 0
     assert sha == {1: "1".zfill(64), 2: "1".zfill(64), 3: "2".zfill(64), 4: None}

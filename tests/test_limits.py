@@ -7,7 +7,7 @@ import pytest
 
 from cxr_core.config import apply_secrets
 from cxr_core.errors import ConfigError, QuotaExceeded
-from cxr_core.limits import ENV, Limits, check_active, check_run
+from cxr_core.limits import ENV, Limits, check_active, check_run, check_view_jobs
 from cxr_core.train_config import TrainConfig
 
 
@@ -27,7 +27,7 @@ def clean_env(monkeypatch):
 def test_defaults(clean_env):
     lim = Limits.from_env()
     assert lim == Limits(max_active_runs=3, max_image_size=512, max_epochs=200,
-                         max_train_images=0)
+                         max_train_images=0, max_view_jobs=4)
     check_run(cfg(), lim)  # the default recipe passes
 
 
@@ -36,7 +36,8 @@ def test_from_env_reads_every_limit(clean_env, monkeypatch):
     monkeypatch.setenv("CXR_MAX_IMAGE_SIZE", " 256 ")
     monkeypatch.setenv("CXR_MAX_EPOCHS", "20")
     monkeypatch.setenv("CXR_MAX_TRAIN_IMAGES", "1000")
-    assert Limits.from_env() == Limits(1, 256, 20, 1000)
+    monkeypatch.setenv("CXR_MAX_QUEUED_VIEW_JOBS", "7")
+    assert Limits.from_env() == Limits(1, 256, 20, 1000, 7)
 
 
 @pytest.mark.parametrize("raw", ["three", "-1", "2.5"])
@@ -48,10 +49,11 @@ def test_a_bad_value_is_a_config_error_naming_the_variable(clean_env, monkeypatc
 
 def test_secrets_fill_the_limit_variables(clean_env, monkeypatch):
     done = apply_secrets({"max_epochs": 50, "CXR_MAX_IMAGE_SIZE": 128,
-                          "data_roots": ["/data/a", "/data/b"]})
+                          "data_roots": ["/data/a", "/data/b"], "max_queued_view_jobs": 2})
     assert done == {"CXR_MAX_EPOCHS": "50", "CXR_MAX_IMAGE_SIZE": "128",
-                    "CXR_DATA_ROOTS": os.pathsep.join(["/data/a", "/data/b"])}
-    assert Limits.from_env().max_epochs == 50
+                    "CXR_DATA_ROOTS": os.pathsep.join(["/data/a", "/data/b"]),
+                    "CXR_MAX_QUEUED_VIEW_JOBS": "2"}
+    assert Limits.from_env().max_epochs == 50 and Limits.from_env().max_view_jobs == 2
 
 
 @pytest.mark.parametrize(("limits", "config", "match"), [
@@ -92,3 +94,14 @@ def test_active_run_quota():
 def test_limits_validate_their_fields():
     with pytest.raises(ConfigError, match="Received: max_epochs=-3"):
         Limits(max_epochs=-3)
+
+
+def test_view_job_cap():
+    lim = Limits(max_view_jobs=2)
+    check_view_jobs(1, lim, "cfo@example.org")
+    with pytest.raises(QuotaExceeded) as exc:
+        check_view_jobs(2, lim, "cfo@example.org")
+    msg = str(exc.value)
+    assert "cfo@example.org already has 2 queued or running view job(s)" in msg
+    assert "the limit is 2 per user" in msg and "CXR_MAX_QUEUED_VIEW_JOBS" in msg
+    check_view_jobs(99, Limits(max_view_jobs=0), "cfo@example.org")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.errors import ConfigError
@@ -33,12 +33,14 @@ class JobRecord:
     worker_id: int | None
     created_at: datetime
     finished_at: datetime | None
+    created_by: str | None = None  # who submitted it (None: the app itself)
 
 
 def _record(row: Job) -> JobRecord:
     return JobRecord(row.id, row.kind, json.loads(row.params_json), row.status, row.done,
                      row.total, json.loads(row.result_json) if row.result_json else None,
-                     row.error, row.worker_id, as_utc(row.created_at), as_utc(row.finished_at))
+                     row.error, row.worker_id, as_utc(row.created_at), as_utc(row.finished_at),
+                     row.created_by)
 
 
 def params_key(params: Mapping[str, Any]) -> str:
@@ -56,12 +58,20 @@ def find_jobs(*, session: Session, kind: str, params: Mapping[str, Any],
     return [_record(r) for r in session.scalars(q.order_by(Job.id.desc()).limit(limit))]
 
 
-def create_job(*, session: Session, kind: str, params: Mapping[str, Any]) -> int:
+def create_job(*, session: Session, kind: str, params: Mapping[str, Any],
+               created_by: str | None = None) -> int:
     row = Job(kind=kind, params_json=params_key(params), status="queued", done=0, total=0,
-              created_at=db_now(session))
+              created_at=db_now(session), created_by=created_by)
     session.add(row)
     session.flush()
     return row.id
+
+
+def count_open_jobs(*, session: Session, created_by: str, kinds: Sequence[str]) -> int:
+    """Queued or running jobs of ``kinds`` that ``created_by`` submitted (the view-job cap)."""
+    return int(session.scalar(select(func.count()).select_from(Job).where(
+        Job.created_by == created_by, Job.status.in_(("queued", "running")),
+        Job.kind.in_(list(kinds)))) or 0)
 
 
 def get_job(*, session: Session, job_id: int) -> JobRecord | None:

@@ -8,7 +8,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from app.test_review_page import tiny  # noqa: F401 - fixture: five indexed images
 
-from cxr_core import actions, auth
+from cxr_core import actions, auth, jobs
 from cxr_core.storage import open_db
 from cxr_core.storage import audit as audit_store
 from cxr_core.storage import relabels as rel_store
@@ -145,3 +145,22 @@ def test_a_page_run_alone_reads_the_principal_on_each_call(tiny, monkeypatch):  
     calls = count_grant_reads(monkeypatch)  # no entry script: nothing to key a cache on
     app("app_pages/review.py", role="reviewer")
     assert len(calls) >= 2 and set(calls) == {"rad@h.org"}
+
+
+def test_view_jobs_are_asked_as_the_user_and_refused_without_a_role(tiny):  # noqa: F811
+    db, _ = tiny
+    at = app("app_pages/class_balance.py", role="viewer")
+    (job,) = jobs.recent_jobs(db, "split_preview")
+    assert job.created_by == "cfo@h.org"
+    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
+    assert actions.audit_log(db, admin) == []  # a view job is not an audit row
+
+    at = AppTest.from_file(str(REPO / "app_pages/class_balance.py"), default_timeout=60)
+    at.secrets["auth"], at.secrets["cxr_roles"] = AUTH, {**ROLES, "default": ""}
+    at.user = {"is_logged_in": True, "email": "nobody@h.org"}
+    at.run()
+    assert not at.exception, at.exception
+    assert "may not compute view" in texts(at, "warning") and "no role" in texts(at, "warning")
+    assert len(jobs.recent_jobs(db, "split_preview")) == 1
+    assert [(e.actor, e.action, e.outcome) for e in actions.audit_log(db, admin)] == [
+        ("nobody@h.org", "compute_view", "denied")]
