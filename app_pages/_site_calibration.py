@@ -11,7 +11,7 @@ from cxr_core import site_calibration as sc
 from cxr_core.card_measured import fmt_ci
 from cxr_core import actions
 from cxr_core.errors import ConfigError, CxrError
-from app_pages._access import acting_as, principal
+from app_pages._access import acting_as, md, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import get_db, kept_result, list_datasets
 
@@ -58,7 +58,7 @@ def candidate_ui(cand: dict) -> None:
         col.metric(name, f"{cand[key]:.3f}", help=f"95% interval: {ci}")
     unit = "patients" if cand["ci_unit"] == "patient" else "images"
     st.caption(
-        f"On {cand['n']} images of {cand['dataset_name']} ({cand['n_positive']} positive, "
+        f"On {cand['n']} images of {md(cand['dataset_name'])} ({cand['n_positive']} positive, "
         f"{cand['n_negative']} negative, {cand['n_patients'] or '?'} patients), "
         f"{LABEL_SOURCE_TEXT.get(cand['label_source'], cand['label_source'])}. 95% intervals "
         f"({cand['n_boot']} bootstrap resamples over {unit}): sensitivity "
@@ -71,7 +71,7 @@ def candidate_ui(cand: dict) -> None:
                    f"sensitivity {cand['global_sensitivity']:.3f} and specificity "
                    f"{cand['global_specificity']:.3f} on the same sample.")
     for warning in cand["warnings"]:
-        st.warning(warning, icon=":material/warning:")
+        st.warning(md(warning), icon=":material/warning:")
 
 
 def record_ui(cand: dict) -> None:
@@ -80,7 +80,7 @@ def record_ui(cand: dict) -> None:
         who = acting_as("Your name", "site_who")
         note = st.text_input("Reason / note", key="site_note")
         submitted = st.form_submit_button(
-            f"Record as {cand['dataset_name']}'s operating point", icon=":material/tune:",
+            f"Record as {md(cand['dataset_name'])}'s operating point", icon=":material/tune:",
             help="Predict then decides with it for this dataset's images (and uploads said "
                  "to come from it); the global operating point stays for everything else.")
     if submitted:
@@ -89,9 +89,9 @@ def record_ui(cand: dict) -> None:
                 raise ConfigError("recording a site's operating point needs the name of who "
                                   "records it")
             op = actions.record_site_calibration(get_db(), who, cand, note=note)
-            st.success(f"Recorded: {sc.describe(op)}.", icon=":material/done:")
+            st.success(f"Recorded: {md(sc.describe(op))}.", icon=":material/done:")
         except CxrError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
 
 
 def history_ui(ref: str) -> None:
@@ -115,7 +115,7 @@ def site_calibration_ui() -> None:
     ref, info = choice
     evals = sc.site_evaluations(get_db(), ref, info.id)
     if not evals:
-        st.info(f"No evaluation of this model on {info.name} yet: evaluate it there first "
+        st.info(f"No evaluation of this model on {md(info.name)} yet: evaluate it there first "
                 "(Evaluate a model on a dataset, above).", icon=":material/info:")
     else:
         params = sample_ui(evals)

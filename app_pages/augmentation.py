@@ -5,7 +5,7 @@ import numpy as np
 import streamlit as st
 
 from cxr_core import actions, presets
-from app_pages._access import principal
+from app_pages._access import md, principal
 from cxr_core.augment import augment_preview
 from cxr_core.augment_config import AugmentConfig
 from cxr_core.errors import CxrError
@@ -62,7 +62,7 @@ def config_ui() -> AugmentConfig | None:
                              brightness=(lo, hi) if bright else None, contrast=contrast,
                              one_of=one_of, seed=seed)
     except CxrError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         return None
 
 
@@ -73,9 +73,9 @@ def save_ui(cfg: AugmentConfig) -> None:
         if c2.form_submit_button("Save preset", icon=":material/save:", width="stretch"):
             try:
                 actions.save_preset(get_db(), principal(), name.strip(), cfg)
-                st.toast(f"Saved preset {name.strip()!r}", icon=":material/check:")
+                st.toast(f"Saved preset {md(repr(name.strip()))}", icon=":material/check:")
             except CxrError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
 
 
 def images_ui(info) -> list:
@@ -108,9 +108,10 @@ elif info is not None:
             try:
                 original = source_image(image_path(info_, rec.relpath))
             except CxrError as exc:
-                st.error(str(exc))
+                st.error(md(exc))
                 continue
-            st.markdown(f"**{rec.relpath}** — {', '.join(cfg.enabled_ops) or 'no augmentation'}")
+            ops_text = ", ".join(cfg.enabled_ops) or "no augmentation"
+            st.markdown(f"**{md(rec.relpath)}** — {ops_text}")
             tiles = [original, *augment_preview(original, cfg, n)]
             cols = st.columns(min(len(tiles), 9))
             for i, tile in enumerate(tiles):

@@ -11,6 +11,7 @@ from cxr_core.balancing import BALANCING, balance_summary
 from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.splits import SPLIT_STRATEGIES
+from app_pages._access import md
 from app_pages._shared import dataset_picker, get_db, image_path, kept_result, thumbnail
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
@@ -138,7 +139,7 @@ def balancing_ui(rep: SplitPreview) -> None:
         st.caption("Class weight = total / (n_classes × count), as in the reports.")
     scheme = st.session_state.get("balance_scheme", "binary")
     ratio_txt = st.text_input("Oversampling target ratio (one number per class, in the order "
-                              f"{', '.join(rep.classes)})", ":".join("1" * len(rep.classes)),
+                              f"{md(', '.join(rep.classes))})", ":".join("1" * len(rep.classes)),
                               key=f"balance_ratio_{scheme}")
     try:
         ratio = [float(x) for x in ratio_txt.split(":")]
@@ -146,7 +147,7 @@ def balancing_ui(rep: SplitPreview) -> None:
                                    else None) for s in BALANCING}
     except (ValueError, CxrError) as exc:
         st.error(f"Ratio must look like 2:1:2 with one number per class. Received: "
-                 f"{ratio_txt!r} ({exc})")
+                 f"{md(repr(ratio_txt))} ({md(exc)})")
         return
     st.dataframe(pd.DataFrame(rows), width="stretch")
 
@@ -175,11 +176,11 @@ def samples_ui(info) -> None:
     sizes = info.summary.get("by_class", {}) if info.summary else {}
     for label, rows in sorted(samples(info.id, info.indexed_at).items()):
         n = sizes.get(label)
-        st.markdown(f"**{label}**" + (f" ({n:,})" if n else ""))
+        st.markdown(f"**{md(label)}**" + (f" ({n:,})" if n else ""))
         for col, (relpath, subtype, size) in zip(st.columns(8), rows):
             thumb = thumbnail(image_path(info, relpath), size) if info.layout != "npz" else None
             if thumb is not None:
-                col.image(thumb, caption=subtype or relpath.rsplit("/", 1)[-1][:18])
+                col.image(thumb, caption=md(subtype or relpath.rsplit("/", 1)[-1][:18]))
 
 
 st.title(":material/bar_chart: Class balance")
@@ -193,7 +194,7 @@ if info is not None:
     m[3].metric("Cross-split duplicates", summary.get("cross_split_duplicates", 0))
     m[4].metric("Unreadable", summary.get("unreadable", 0))
     for problem in summary.get("problems", [])[:20]:
-        st.warning(problem)
+        st.warning(md(problem))
     scheme, val, seed, split, group = options_ui()
     current, relabel_id = labels_ui(info.id)
     rep = original_tables(info.id, info.indexed_at, scheme)

@@ -13,7 +13,7 @@ from cxr_core import ensembles, subgroups
 from cxr_core import actions
 from cxr_core.auth import Principal
 from cxr_core.errors import ConfigError, CxrError
-from app_pages._access import acting_as, principal
+from app_pages._access import acting_as, md, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
                                thumbnail)
@@ -63,7 +63,7 @@ def evaluate_ui(db) -> None:
                 model_ref=ref, data=name, split=None if split == "(all)" else split,
                 labels=labels), once=False)
         except CxrError as exc:
-            st.error(str(exc), icon=":material/block:")
+            st.error(md(exc), icon=":material/block:")
     job_ui("compare_job", "Decoding, then predicting")
     if (job := finished_job("compare_job")) is not None:
         st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
@@ -100,11 +100,11 @@ def provenance_ui(cmp: cs.Comparison) -> None:
             else "images (no patient ids known)")
     dropped = (f" {cmp.dropped} images have no class under these labels and are left out of "
                "every run." if cmp.dropped else "")
-    st.caption(f"Every number below is scored against **{cmp.truth_text}** on "
+    st.caption(f"Every number below is scored against **{md(cmp.truth_text)}** on "
                f"{len(cmp.y_true):,} images. 95% intervals: bootstrap over {unit}.{dropped}")
     for row in cmp.provenance_rows:
         if row["warning"]:
-            st.warning(f"{row['evaluation']}: {row['warning']}", icon=":material/warning:")
+            st.warning(f"{md(row['evaluation'])}: {md(row['warning'])}", icon=":material/warning:")
 
 
 def provenance_table_ui(cmp: cs.Comparison) -> None:
@@ -115,8 +115,8 @@ def provenance_table_ui(cmp: cs.Comparison) -> None:
 def confusion_ui(cmp: cs.Comparison) -> None:
     for col, name in zip(st.columns(len(cmp.names)), cmp.names):
         cm, t = cmp.reports[name].confusion_matrix, cmp.thresholds[name]
-        col.markdown(f"**{name}** · {'argmax' if t is None else f'threshold {t:.3f}'}  \n"
-                     f"{cmp.threshold_sources[name]}")
+        col.markdown(f"**{md(name)}** · {'argmax' if t is None else f'threshold {t:.3f}'}  \n"
+                     f"{md(cmp.threshold_sources[name])}")
         for z, fmt, what in ((cm, True, "counts"),
                              (cm / cm.sum(axis=1, keepdims=True), ".2f", "row-normalised")):
             fig = px.imshow(z, x=list(cmp.labels), y=list(cmp.labels), text_auto=fmt, title=what,
@@ -161,7 +161,7 @@ def send(cmp: cs.Comparison, row: dict, sent_by: Principal) -> None:
         actions.send_disagreement(get_db(), sent_by, **cmp.review_payload(row))
         st.toast("Sent to review", icon=":material/rate_review:")
     except CxrError as exc:
-        st.toast(str(exc), icon=":material/error:")
+        st.toast(md(exc), icon=":material/error:")
 
 
 def disagreements_ui(cmp: cs.Comparison) -> None:
@@ -176,7 +176,7 @@ def disagreements_ui(cmp: cs.Comparison) -> None:
         for col, row in zip(st.columns(4), shown[start:start + 4]):
             if (thumb := thumbnail(row["path"], None)) is not None:
                 col.image(thumb, width="stretch")
-            col.caption(row["summary"])
+            col.caption(row["summary"])  # markdown: its names are escaped
             col.button("Send to review", key=f"compare_send_{row['index']}", on_click=send,
                        args=(cmp, row, who), icon=":material/rate_review:",
                        disabled=row["image_id"] is None or who is None)
@@ -218,7 +218,7 @@ def operating_point_ui(cmp: cs.Comparison) -> None:
             comparison.clear()
             st.rerun()
         except CxrError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
 
 
 st.title("Compare runs")
@@ -234,7 +234,7 @@ as_of = es.newest_relabel_for(get_db(), ids[0]) if truth == "current" else None
 try:
     cmp = comparison(ids, mode, target, truth, as_of)
 except CxrError as exc:
-    st.error(str(exc))
+    st.error(md(exc))
     st.stop()
 provenance_ui(cmp)
 views = {"Confusion matrices": confusion_ui, "Curves": curves_ui,

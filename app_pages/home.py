@@ -6,6 +6,7 @@ import streamlit as st
 from cxr_core.card_measured import entry_title, fmt_ci, headline
 from cxr_core.errors import CxrError
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
+from app_pages._access import md
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
 
 SPLIT_TEXT = {"patient": "a random patient-grouped validation split (in-distribution)",
@@ -28,7 +29,7 @@ def measured_ui(card: dict) -> bool:
     op = card.get("operating_point") or {}
     for rank, entry in enumerate(heads):
         title = entry_title(entry)
-        st.markdown(f"**{title[0].upper() + title[1:]}**" + (" (headline)" if rank == 0 else
+        st.markdown(f"**{md(title[0].upper() + title[1:])}**" + (" (headline)" if rank == 0 else
                     " (in-distribution: optimistic for a new site or period)"
                     if entry.get("validation") == "patient" else ""))
         cols = st.columns(4)
@@ -42,9 +43,9 @@ def measured_ui(card: dict) -> bool:
                    f"{fmt_ci(entry.get('auc'), entry.get('auc_ci'))}, sensitivity "
                    f"{fmt_ci(entry.get('sensitivity'), entry.get('sensitivity_ci'))}, "
                    f"specificity {fmt_ci(entry.get('specificity'), entry.get('specificity_ci'))}. "
-                   f"Threshold chosen on the {entry.get('chosen_on')} "
+                   f"Threshold chosen on the {md(entry.get('chosen_on'))} "
                    f"{'slice' if entry.get('chosen_on') == 'calibration' else 'split'} for "
-                   f"sensitivity ≥ {op.get('target', 0.95)}, not on these images.")
+                   f"sensitivity ≥ {md(op.get('target', 0.95))}, not on these images.")
     return True
 
 
@@ -59,8 +60,8 @@ def demo_model_ui() -> None:
     split = (card.get("training_config") or {}).get("split", "patient")
     st.subheader("Shipped demo model")
     if measured_ui(card):
-        st.caption(f"{card.get('model')} at {card.get('image_size')} px. Every split it was "
-                   "measured on is in `models/default/README.md`. Evaluate on your own data "
+        st.caption(f"{md(card.get('model'))} at {md(card.get('image_size'))} px. Every split "
+                   "it was measured on is in `models/default/README.md`. Evaluate on your own data "
                    "(Compare) and calibrate the operating point for your site there.")
         st.page_link("app_pages/predict.py", label="Try it on an X-ray",
                      icon=":material/radiology:")
@@ -70,10 +71,11 @@ def demo_model_ui() -> None:
     cols[1].metric("Sensitivity", f"{op.get('sensitivity', float('nan')):.3f}")
     cols[2].metric("Specificity", f"{op.get('specificity', float('nan')):.3f}")
     cols[3].metric("Threshold", f"{op.get('threshold', float('nan')):.3f}")
-    what = SPLIT_TEXT.get(split, split)
-    st.caption(f"{card.get('model')} at {card.get('image_size')} px. Measured on **{what}** of "
-               f"the Kermany train set ({val.get('n', '?')} images); the operating point was "
-               f"chosen on those same images for sensitivity ≥ {op.get('target', 0.95)}.")
+    what = SPLIT_TEXT.get(split) or md(split)  # an unknown split: the card's own text
+    st.caption(f"{md(card.get('model'))} at {md(card.get('image_size'))} px. Measured on "
+               f"**{what}** of the Kermany train set ({md(val.get('n', '?'))} images); the "
+               "operating point was chosen on those same images for sensitivity ≥ "
+               f"{md(op.get('target', 0.95))}.")
     if split == "patient":
         st.warning("These are in-distribution figures: a random patient split of one "
                    "acquisition period, with the threshold chosen on the images it is scored "

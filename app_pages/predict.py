@@ -5,7 +5,7 @@ import streamlit as st
 
 from cxr_core import actions, ensembles, explain, model_store, predict, site_calibration
 from cxr_core.errors import ConfigError, CxrError
-from app_pages._access import acting_as, principal
+from app_pages._access import acting_as, md, principal
 from cxr_core.saliency_render import shortcut_warning
 from app_pages._shared import dataset_picker, get_db, image_picker
 
@@ -91,11 +91,11 @@ def run_ui(ref: str, key: tuple, items: list[predict.ImageInput], site: int | No
 
 def results_ui(ref: str, result: predict.BatchResult) -> None:
     if note := ensembles.describe(get_model(ref)):
-        st.info(note, icon=":material/join:")
+        st.info(note, icon=":material/join:")  # markdown, its refs escaped
     if predict.no_operating_point(result):
         st.warning("This model has no stored operating point: decisions use 0.5.")
     for err in result.errors:
-        st.error(err.error, icon=":material/broken_image:")
+        st.error(md(err.error), icon=":material/broken_image:")
     if len(result.rows()) > 1:
         st.dataframe(result.rows(), hide_index=True)
         st.download_button("Download results (CSV)", result.to_csv(), file_name="predictions.csv",
@@ -108,9 +108,9 @@ def detail_ui(result: predict.BatchResult) -> predict.Prediction:
     pick = st.selectbox("Image", list(names), format_func=names.get,
                         key="predict_pick") if len(preds) > 1 else 0
     pred = preds[pick if pick in names else 0]
-    st.markdown(predict.decision_text(result, pred))
+    st.markdown(predict.decision_text(result, pred))  # markdown, its names escaped
     for col, (label, p) in zip(st.columns(len(result.labels)), pred.probabilities.items()):
-        col.metric(f"P({label})", f"{p:.1%}")
+        col.metric(f"P({md(label)})", f"{p:.1%}")
     return pred
 
 
@@ -119,19 +119,19 @@ def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction)
     names = explain.METHOD_NAMES
     method = c1.selectbox("Saliency", list(names), format_func=names.get, key="predict_method")
     choices = dict(explain.class_choices(result.labels, pred))
-    cls = c2.radio("Explain", list(choices), format_func=choices.get, horizontal=True,
+    cls = c2.radio("Explain", list(choices), format_func=lambda c: md(choices[c]), horizontal=True,
                    key="predict_class")
     alpha = c3.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="predict_alpha")
     try:
         heat = heatmap(ref, pred.sha256, method, cls, pred.pixels)
         image = picture(pred.sha256, pred.source)
     except CxrError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
         return
     left, right = st.columns(2)
-    left.image(image, caption=pred.source.name, width="stretch")
+    left.image(image, caption=md(pred.source.name), width="stretch")
     right.image(explain.overlay_png(image, heat, alpha=alpha), width="stretch",
-                caption=f"{explain.method_title(explainer(ref), method)} for {choices[cls]}")
+                caption=f"{explain.method_title(explainer(ref), method)} for {md(choices[cls])}")
     if cls == pred.class_index and (warning := shortcut_warning(heat)):
         st.warning(warning, icon=":material/center_focus_weak:")
 
@@ -149,7 +149,7 @@ def review_ui(ref: str, pred: predict.Prediction) -> None:
             item = actions.send_to_review(get_db(), who, pred, model_ref=ref)
             st.success(f"Sent to the review queue (item {item}).", icon=":material/done:")
         except CxrError as exc:
-            st.error(str(exc))
+            st.error(md(exc))
 
 
 st.title("Predict")
@@ -160,9 +160,9 @@ if ref is None or not items:
 try:
     result, used = run_ui(ref, key, items, site_ui(ref, dataset_id))
 except CxrError as exc:
-    st.error(str(exc))
+    st.error(md(exc))
     st.stop()
-st.caption(f"Decided with the {used}.", help="Site operating points are recorded on Compare "
+st.caption(f"Decided with the {md(used)}.", help="Site operating points are recorded on Compare "
            "→ Site calibration; elsewhere the model's global one decides.")
 results_ui(ref, result)
 if result.predictions:

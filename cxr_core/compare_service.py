@@ -28,6 +28,7 @@ from cxr_core.storage import evals as store
 from cxr_core.storage import relabels, reviews
 from cxr_core.storage.evals import EvalPredictions, EvaluationInfo, OperatingPoint
 from cxr_core.storage.relabels import LabelVersion
+from cxr_core.text_safe import md_escape
 from cxr_core.thresholds import matched_thresholds
 
 
@@ -128,8 +129,8 @@ class Comparison:
             for name in self.names:
                 row[name] = self.labels[int(self.predictions[name][i])]
                 row[f"{name} probs"] = [float(v) for v in self.probs[name][i]]
-            row["summary"] = " · ".join([f"truth **{row['truth']}**"] + [
-                f"{n}: {row[n]}" for n in self.names])  # markdown caption for the image grid
+            row["summary"] = " · ".join([f"truth **{md_escape(row['truth'])}**"] + [
+                f"{md_escape(n)}: {md_escape(row[n])}" for n in self.names])  # markdown caption
             rows.append(row)
         return rows
 

@@ -44,6 +44,7 @@ from cxr_core.errors import ConfigError, ModelError
 from cxr_core.model_store import NO_THRESHOLD, LoadedModel, parse_run_ref, to_probs
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as store
+from cxr_core.text_safe import md_escape
 from cxr_core.train_config import TrainConfig
 
 PREFIX = "ensemble:"
@@ -370,18 +371,19 @@ def _write_once(path: Path, card: dict) -> None:
 # -- What pages show ------------------------------------------------------------------------
 
 def describe(loaded: LoadedModel) -> str | None:
-    """One paragraph saying what an ensemble is and where its operating point comes from
-    (None for a single model)."""
+    """One paragraph of markdown saying what an ensemble is and where its operating point
+    comes from (None for a single model); refs and source texts are escaped."""
     if not loaded.members:
         return None
-    sizes = ", ".join(f"{m.ref} ({m.image_size} px)" for m in loaded.members)
+    sizes = ", ".join(f"{md_escape(m.ref)} ({m.image_size} px)" for m in loaded.members)
     text = f"**Ensemble** of {sizes}: the {COMBINE}. "
     if loaded.threshold is None:
         return text + "Multi-class: the most probable class of the mean."
     why = loaded.card.get("operating_point_note")
     if loaded.has_operating_point:
-        return text + f"Its own operating point {loaded.threshold:.3f}: {loaded.threshold_source}."
-    return text + f"No operating point could be chosen ({why}): decisions use 0.5."
+        return text + (f"Its own operating point {loaded.threshold:.3f}: "
+                       f"{md_escape(loaded.threshold_source)}.")
+    return text + f"No operating point could be chosen ({md_escape(str(why))}): decisions use 0.5."
 
 
 def unavailable(ref: str, artifact_dirs: dict[str, str | None] | None = None) -> str | None:

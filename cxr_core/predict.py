@@ -37,6 +37,7 @@ from cxr_core import model_store
 from cxr_core.model_store import (DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, NO_THRESHOLD,
                                   RUN_MODEL_NAME, LoadedModel, decide)
 from cxr_core.storage import Database
+from cxr_core.text_safe import md_escape
 
 # Same limit as .streamlit/config.toml's maxUploadSize (50 MB): also applied to CLI paths.
 MAX_UPLOAD_BYTES = 50 * 2**20
@@ -270,14 +271,16 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
 
 
 def decision_text(result: BatchResult, prediction: Prediction) -> str:
-    """One line saying how the label was decided (operating point and where it came from)."""
+    """One line of markdown saying how the label was decided (operating point and where it
+    came from); class names and the source text are escaped."""
     if result.threshold is None:
-        return f"**{prediction.label}**: the most probable of {len(result.labels)} classes."
+        return (f"**{md_escape(prediction.label)}**: the most probable of {len(result.labels)} "
+                "classes.")
     pos = result.labels[1]
     p = prediction.probabilities[pos]
     sign = "≥" if p >= result.threshold else "<"
-    return (f"**{prediction.label}**: P({pos}) = {p:.3f} {sign} operating point "
-            f"{result.threshold:.3f} ({result.threshold_source}).")
+    return (f"**{md_escape(prediction.label)}**: P({md_escape(pos)}) = {p:.3f} {sign} operating "
+            f"point {result.threshold:.3f} ({md_escape(result.threshold_source)}).")
 
 
 def no_operating_point(result: BatchResult) -> bool:

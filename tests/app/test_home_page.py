@@ -86,7 +86,7 @@ def test_home_headlines_temporal_validation_then_in_distribution(cxr_home, tmp_p
     (folder / "model_card.json").write_text(json.dumps(card))
     monkeypatch.setattr(model_store, "DEFAULT_MODELS_DIR", folder)
     at = run_page()
-    titles = [m.value for m in at.markdown if m.value.startswith("**")]
+    titles = [m.value.replace("\\", "") for m in at.markdown if m.value.startswith("**")]
     assert titles[0].startswith("**Temporal validation: chest_xray_224 [val]") and \
         titles[0].endswith("(headline)")
     assert titles[1].startswith("**In-distribution validation") and "optimistic" in titles[1]
