@@ -148,12 +148,14 @@ def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
     """Check the role, the per-run limits and the user's active-run quota; queue the run (its
     row, owner and audit row in one transaction), then make sure a worker serves it: (run id,
     local worker pid or None)."""
-    from cxr_core import limits, training_service
+    from cxr_core import limits, run_data, training_service
 
     authorize(db, p, "train")
     lim = limits.Limits.from_env()
     try:
-        limits.check_run(cfg, lim)
+        # The images it would really train on (a whole-dataset run is judged by them too).
+        n = run_data.count_training_images(db, cfg) if lim.max_train_images else None
+        limits.check_run(cfg, lim, n_images=n)
         with db.session() as s:
             limits.check_active(store.count_active_runs(session=s, created_by=p.identity),
                                 lim, p.identity)

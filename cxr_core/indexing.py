@@ -195,13 +195,20 @@ def _summary(records: list[ds.ImageRecord], layout_problems: tuple[str, ...]) ->
     return out
 
 
-def open_dataset(db: Database, name_or_path: str | int) -> tuple[DatasetInfo, list[ds.ImageRecord]]:
-    """The dataset and its records from the index; a path not yet indexed is indexed first."""
+def find_dataset(db: Database, name_or_path: str | int) -> DatasetInfo | None:
+    """The indexed dataset of that name, id or folder; None when there is none (nothing is
+    indexed here)."""
     with db.session() as s:
         info = store.get_dataset(session=s, name_or_id=name_or_path)
         if info is None and isinstance(name_or_path, str):
             root = str(Path(name_or_path).expanduser().resolve())
             info = next((d for d in store.list_datasets(session=s) if d.root == root), None)
+    return info
+
+
+def open_dataset(db: Database, name_or_path: str | int) -> tuple[DatasetInfo, list[ds.ImageRecord]]:
+    """The dataset and its records from the index; a path not yet indexed is indexed first."""
+    info = find_dataset(db, name_or_path)
     if info is None:
         if isinstance(name_or_path, str) and Path(name_or_path).expanduser().exists():
             rep = index_dataset(db, name_or_path, name=_free_name(db, name_or_path))

@@ -37,7 +37,7 @@ class Limits:
     max_active_runs: int = 3  # queued + running runs of one identity
     max_image_size: int = 512  # TrainConfig.image_size
     max_epochs: int = 200  # TrainConfig.epochs (the frozen stage counts in it)
-    max_train_images: int = 0  # TrainConfig.max_images (None: the whole dataset)
+    max_train_images: int = 0  # images a run trains on (max_images, or its whole dataset's)
     max_view_jobs: int = 4  # queued + running view jobs of one identity
 
     def __post_init__(self) -> None:
@@ -81,8 +81,11 @@ def check_run(cfg: Any, limits: Limits, *, n_images: int | None = None) -> None:
         cfg: a :class:`cxr_core.train_config.TrainConfig` (``image_size``, ``epochs``,
             ``max_images``).
         limits: the limits in force.
-        n_images: the dataset's image count when known: a run on the whole dataset
-            (``max_images`` None) then passes when the dataset is within the image limit.
+        n_images: how many images the run would train on, when known
+            (:func:`cxr_core.run_data.count_training_images`: the dataset's usable images
+            after the ``max_images`` subsample). A run on the whole dataset (``max_images``
+            None) is judged by it (refused when it is unknown), and a ``max_images`` above a
+            smaller dataset by what it really takes.
 
     Raises:
         QuotaExceeded: naming the limit, the value asked and how to change either.
@@ -95,7 +98,10 @@ def check_run(cfg: Any, limits: Limits, *, n_images: int | None = None) -> None:
                     ENV["max_epochs"], "Choose fewer epochs")
     cap = limits.max_train_images
     if cap:
-        asked = cfg.max_images if cfg.max_images is not None else n_images
+        if cfg.max_images is None:
+            asked = n_images
+        else:
+            asked = cfg.max_images if n_images is None else min(cfg.max_images, n_images)
         if asked is None or asked > cap:
             shown = (f"max_images={cfg.max_images}" if cfg.max_images is not None else
                      "max_images=None (the whole dataset" + (

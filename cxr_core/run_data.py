@@ -17,9 +17,10 @@ from cxr_core import provenance
 from cxr_core.calibration import carve_calibration
 from cxr_core.config import get_settings
 from cxr_core.errors import ConfigError, RunError
-from cxr_core.indexing import open_dataset
+from cxr_core.indexing import find_dataset, open_dataset
 from cxr_core.splits import make_split
 from cxr_core.storage import Database
+from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.relabels import LabelSnapshot, label_version
 from cxr_core.train_config import BEST_MODEL
@@ -68,6 +69,35 @@ def _read_labels(db: Database, cfg: Any, info: Any,
     return version.snapshot(), version.labels
 
 
+def _usable(cfg: Any, info: Any, records: list, label_map: dict) -> tuple[list[int], list[str],
+                                                                         list[str]]:
+    """(indices of the records a run draws its split from, every record's label under the
+    run's scheme, the scheme's classes): labelled, readable, outside the test folder, then the
+    ``max_images`` subsample."""
+    classes = ds.scheme_classes(cfg.label_scheme, info.classes)
+    names = [ds.scheme_label(*label_map.get(r.id, (r.label, r.subtype)), cfg.label_scheme)
+             for r in records]
+    usable = [i for i, (r, y) in enumerate(zip(records, names))
+              if y in classes and not r.error and r.split != "test"]
+    if cfg.max_images is not None:
+        usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
+    return usable, names, classes
+
+
+def count_training_images(db: Database, cfg: Any) -> int | None:
+    """How many images a run of ``cfg`` would take its train/validation split from, read from
+    the index as :func:`prepare_data` will (what ``CXR_MAX_TRAIN_IMAGES`` limits). None when
+    the dataset is a folder not indexed yet (the worker indexes it first); nothing is indexed
+    or decoded here."""
+    info = find_dataset(db, cfg.dataset)
+    if info is None:
+        return None
+    with db.session() as s:
+        records = ds_store.list_images(session=s, dataset_id=info.id)
+    _, label_map = _read_labels(db, cfg, info, None)
+    return len(_usable(cfg, info, records, label_map)[0])
+
+
 def _weights_path(db: Database, weights: str | None) -> str | None:
     if not weights or not weights.startswith("run:"):
         return None
@@ -110,13 +140,7 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
 
     info, records = open_dataset(db, cfg.dataset)
     snap, label_map = _read_labels(db, cfg, info, as_of_relabel_id)
-    classes = ds.scheme_classes(cfg.label_scheme, info.classes)
-    names = [ds.scheme_label(*label_map.get(r.id, (r.label, r.subtype)), cfg.label_scheme)
-             for r in records]
-    usable = [i for i, (r, y) in enumerate(zip(records, names))
-              if y in classes and not r.error and r.split != "test"]
-    if cfg.max_images is not None:
-        usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
+    usable, names, classes = _usable(cfg, info, records, label_map)
     recs = [records[i] for i in usable]
     plan = make_split(cfg.split, recs, [names[i] for i in usable],
                       val_fraction=cfg.val_fraction, seed=cfg.split_seed, group=cfg.split_group)

@@ -76,6 +76,9 @@ def test_at_the_limit_passes_and_zero_turns_a_limit_off():
     check_run(cfg(epochs=10, max_images=100), Limits(max_epochs=10, max_train_images=100))
     check_run(cfg(epochs=5000), Limits(max_epochs=0))
     check_run(cfg(), Limits(max_train_images=100), n_images=80)  # the whole, small dataset
+    check_run(cfg(max_images=500), Limits(max_train_images=100), n_images=80)  # takes 80
+    with pytest.raises(QuotaExceeded, match="Received: max_images=500"):
+        check_run(cfg(max_images=500), Limits(max_train_images=100), n_images=300)
     with pytest.raises(QuotaExceeded, match="the whole dataset, 500 images"):
         check_run(cfg(), Limits(max_train_images=100), n_images=500)
 
