@@ -87,7 +87,7 @@ def require_page(action: str, what: str) -> Principal:
     p = principal()
     if not p.can(action):
         need = " or ".join(r for r in auth.ROLES if r in auth.allowed_roles(action))
-        st.warning(f"{what} needs the {need} role; you are signed in as {p.identity} "
+        st.warning(f"{what} needs the {need} role; you are signed in as {md(p.identity)} "
                    f"({', '.join(sorted(p.roles)) or 'no role'}). Ask an admin for access.",
                    icon=":material/block:")
         st.stop()

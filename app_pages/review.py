@@ -93,11 +93,13 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: P
                 choices: list[review.LabelChoice]) -> None:
     """What is known about the image (or upload), then one button per label, skip and undo."""
     about = review_view.describe_entry(get_db(), state, entry)
-    others = ", ".join(f"{md(who)}: `{md(label)}`" for who, label in about.reviewers)
-    st.markdown(f"**{about.title}**" + "".join(f"  \n{k}: `{v}`" for k, v in about.facts)
+    # md() rather than code spans: a backtick in a label would end a span early.
+    others = ", ".join(f"{md(who)}: **{md(label)}**" for who, label in about.reviewers)
+    st.markdown(f"**{md(about.title)}**" + "".join(f"  \n{md(k)}: **{md(v)}**"
+                                                   for k, v in about.facts)
                 + (f"  \nReviewers: {others}" if others else ""))
     if about.warning:
-        st.warning(about.warning, icon=":material/published_with_changes:")
+        st.warning(md(about.warning), icon=":material/published_with_changes:")
     if entry.score is not None:
         st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
                   help=f"The model predicts {entry.predicted}")
@@ -124,13 +126,13 @@ def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
     why_not = explain.saliency_unavailable(entry.run_ref, state.artifact_dirs)
     show = st.toggle("Saliency", key="review_saliency", disabled=bool(why_not)) and not why_not
     if why_not:
-        st.caption(f"Saliency unavailable: {why_not}.")
+        st.caption(f"Saliency unavailable: {md(why_not)}.")
     view = view_ui()
     try:
         heat = heatmap(entry.run_ref, path, sha, state.threshold) if show else None
         st.image(review_view.render_view(pixels(path, sha), heat=heat, **view), width="stretch")
     except CxrError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
 
 
 CONFLICTS_PAGE = 25
@@ -170,7 +172,7 @@ def export_ui(dataset_id: int) -> None:
             st.session_state["review_export"] = actions.submit_job(
                 get_db(), principal(), "export_relabels", {"dataset_id": dataset_id}, once=False)
         except CxrError as exc:
-            st.error(str(exc), icon=":material/block:")
+            st.error(md(exc), icon=":material/block:")
     job_ui("review_export", "Writing relabels CSV")
     if (job := finished_job("review_export", keep=True)) is not None and job.result:
         path = Path(job.result["path"])

@@ -95,7 +95,7 @@ def start_ui(dataset: str, layout: str) -> None:
     try:
         run_id, pid = actions.start_run(db, principal(), svc.make_config(db, changes))
     except CxrError as exc:
-        st.error(str(exc))
+        st.error(md(exc))
     else:
         st.session_state["train_detail_run"] = run_id
         # A new widget key with this default, not a value written to the widget's key: the live
@@ -138,9 +138,9 @@ def progress_ui(runs: dict, run_ids: list[int]) -> None:
     active = [i for i in run_ids if runs[i].status == "running"]
     for i, p in svc.run_progress(get_db(), active).items():
         total = runs[i].config.get("epochs", "?")
-        st.caption(f"{runs[i].display_name} (#{i}): epoch {p.epoch_progress:.2f} of {total} · "
-                   f"about {_eta(p.eta_s)} left at the current pace (early stopping may end "
-                   "it sooner)")
+        st.caption(f"{md(runs[i].display_name)} (#{i}): epoch {p.epoch_progress:.2f} of "
+                   f"{total} · about {_eta(p.eta_s)} left at the current pace (early "
+                   "stopping may end it sooner)")
 
 
 def curves_ui(runs: dict, run_ids: list[int]) -> None:
@@ -164,7 +164,7 @@ def detail_ui(run) -> None:
     st.markdown(f"**{md(run.display_name)}** (#{run.id}) — {ICONS.get(run.status, '')} "
                 f"{run.status}" + (f" · queued by {md(run.created_by)}" if run.created_by else ""))
     if run.error:
-        st.error(run.error)
+        st.error(md(run.error))
     c1, c2 = st.columns(2)
     may = principal().can("cancel_own_run")
     try:
@@ -176,7 +176,7 @@ def detail_ui(run) -> None:
             actions.resume_run(get_db(), principal(), run.id)
             st.toast(f"Run {run.id} queued to resume from epoch {run.epochs_done}")
     except CxrError as exc:
-        st.error(str(exc), icon=":material/block:")
+        st.error(md(exc), icon=":material/block:")
     tab_logs, tab_cfg, tab_sum = st.tabs(["Log", "Config", "Summary"])
     logs = svc.run_logs(get_db(), run.id)
     tab_logs.code("\n".join(f"{x.created_at:%H:%M:%S} {x.level:7} {x.message}" for x in logs)
