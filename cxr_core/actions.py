@@ -143,12 +143,9 @@ def send_disagreement(db: Database, p: Principal, *, image_id: int, run_ref: str
 
 # -- Runs -----------------------------------------------------------------------------------
 
-def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
-              start_worker: bool = True) -> tuple[int, int | None]:
-    """Check the role, the per-run limits and the user's active-run quota; queue the run (its
-    row, owner and audit row in one transaction), then make sure a worker serves it: (run id,
-    local worker pid or None)."""
-    from cxr_core import limits, run_data, training_service
+def _check_run_request(db: Database, p: Principal, cfg: Any) -> None:
+    """The role, the per-run limits and the user's active-run quota (a refusal is audited)."""
+    from cxr_core import limits, run_data
 
     authorize(db, p, "train")
     lim = limits.Limits.from_env()
@@ -162,15 +159,41 @@ def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
     except Exception as exc:
         record(db, p, "train", outcome="denied", detail={"why": str(exc)})
         raise
-    run_id = training_service.queue_run(
-        db, cfg, name=name, created_by=p.identity,
-        and_then=_ok(p, "train", lambda rid: f"run:{rid}",
-                     {"name": name or cfg.name, "model": getattr(cfg, "model", "")}))
+
+
+def _train_ok(p: Principal, cfg: Any, name: str | None, **extra: Any) -> AndThen:
+    return _ok(p, "train", lambda rid: f"run:{rid}",
+               {"name": name or cfg.name, "model": getattr(cfg, "model", ""), **extra})
+
+
+def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
+              start_worker: bool = True) -> tuple[int, int | None]:
+    """Check the role, the per-run limits and the user's active-run quota; queue the run (its
+    row, owner and audit row in one transaction), then make sure a worker serves it: (run id,
+    local worker pid or None)."""
+    from cxr_core import training_service
+
+    _check_run_request(db, p, cfg)
+    run_id = training_service.queue_run(db, cfg, name=name, created_by=p.identity,
+                                        and_then=_train_ok(p, cfg, name))
     pid = None
     if start_worker:  # after the commit: a worker never sees a run without its audit row
         from cxr_core import worker
         pid = worker.ensure_worker(db)
     return run_id, pid
+
+
+def train_here(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
+               progress: Any = None) -> Any:
+    """The CLI's ``train`` without ``--detach``: the same checks as :func:`start_run`, then the
+    run (owned by ``p``, its audit row in the run row's transaction) trains in this process.
+    Returns the worker's RunOutcome."""
+    from cxr_core import training_service
+
+    _check_run_request(db, p, cfg)
+    return training_service.run_in_process(db, cfg, name=name, progress=progress,
+                                           created_by=p.identity,
+                                           and_then=_train_ok(p, cfg, name, in_process=True))
 
 
 def _run_owner(db: Database, run_id: int) -> str | None:

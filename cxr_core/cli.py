@@ -66,7 +66,7 @@ def cmd_bench(args: argparse.Namespace) -> dict:
 def cmd_train(args: argparse.Namespace) -> dict:
     from cxr_core.training_service import train_cli
 
-    _gate("train", str(args.config), detach=args.detach)
+    # checked, limited and audited as the CLI principal inside (cxr_core.actions)
     return train_cli(args.config, detach=args.detach, progress=_progress("train"))
 
 

@@ -127,25 +127,21 @@ def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None,
                     and_then=and_then)
 
 
-def start_run(db: Database, cfg: TrainConfig, *,
-              name: str | None = None) -> tuple[int, int | None]:
-    """Queue a run and make sure a worker process serves it: (run id, local worker pid, or
-    None when another host's worker or, with ``CXR_WORKER=off``, no local one will)."""
-    run_id = queue_run(db, cfg, name=name)
-    return run_id, worker.ensure_worker(db)
-
-
 def run_in_process(db: Database, cfg: TrainConfig, *, name: str | None = None,
-                   progress: Progress | None = None) -> worker.RunOutcome:
+                   progress: Progress | None = None, created_by: str | None = None,
+                   and_then: AndThen | None = None) -> worker.RunOutcome:
     """Train a run in this process: the worker's claim + train + evaluate, run to its end.
 
     The run is created already claimed by this process (registered as a worker with a
-    heartbeat), so a detached worker never takes it.
+    heartbeat), so a detached worker never takes it. ``and_then`` runs in the run row's
+    transaction (:func:`cxr_core.actions.train_here`'s audit row).
     """
     worker_id, beat = worker.register(db)
     try:
         run_id = db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
-                                                     config=cfg.to_dict(), worker_id=worker_id))
+                                                     config=cfg.to_dict(), worker_id=worker_id,
+                                                     created_by=created_by),
+                          and_then=and_then)
         beat.run_id = run_id
         return worker.process_run(db, run_id, progress=progress)
     finally:
@@ -154,19 +150,24 @@ def run_in_process(db: Database, cfg: TrainConfig, *, name: str | None = None,
 
 def train_cli(config_path: str | Path, *, detach: bool = False,
               progress: Progress | None = None) -> dict:
-    """``python -m cxr_core train --config FILE``: train to the end, or only queue.
+    """``python -m cxr_core train --config FILE``: train to the end, or only queue, as the
+    CLI's principal (CXR_CLI_IDENTITY/CXR_CLI_ROLES): the pages' checks (role, run limits,
+    quota), owner and audit row (:mod:`cxr_core.actions`).
 
     Returns:
         ``{"run_id", "status", "epochs", "val"}`` (+ ``"error"`` when it failed), or
         ``{"run_id", "status": "queued"}`` with ``detach`` (a worker is started if none runs).
     """
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+
     path = Path(config_path).expanduser()
-    db = open_db()
+    db, p = open_db(), cli_principal()
     cfg = make_config(db, read_config_file(path), base_dir=path.parent)
     if detach:
-        run_id, _ = start_run(db, cfg)
+        run_id, _ = actions.start_run(db, p, cfg)
         return {"run_id": run_id, "status": "queued"}
-    return run_in_process(db, cfg, progress=progress).to_json()
+    return actions.train_here(db, p, cfg, progress=progress).to_json()
 
 
 def cancel_run(db: Database, run_id: int, *, and_then: AndThen | None = None) -> str:

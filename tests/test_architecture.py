@@ -89,7 +89,7 @@ UNCHECKED_WRITERS = {
     "cxr_core.review": {"submit_relabel", "submit_undo"},
     "cxr_core.uploads": {"send_to_review"},
     "cxr_core.compare_service": {"send_disagreement_to_review"},
-    "cxr_core.training_service": {"queue_run", "start_run", "cancel_run", "resume_run"},
+    "cxr_core.training_service": {"queue_run", "run_in_process", "cancel_run", "resume_run"},
     "cxr_core.operating_point_service": {"set_manual_threshold"},
     "cxr_core.site_calibration": {"record"},
     "cxr_core.presets": {"save"},

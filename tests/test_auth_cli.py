@@ -43,3 +43,37 @@ def test_cli_principal_roles_must_be_known(cxr_home, capsys, monkeypatch, roles)
     monkeypatch.setenv("CXR_CLI_ROLES", roles or "superuser")
     code, _, err = run(capsys, "audit", "list")
     assert code == 2 and ("may not view audit" in err if roles else "unknown role" in err)
+
+
+def test_cli_train_goes_through_the_pages_checks_owner_and_audit(cxr_home, capsys, monkeypatch,
+                                                                 tiny_dataset, tmp_path):
+    """``train`` (in process or --detach) is the page's start_run: role, run limits, quota,
+    created_by and the audit row; the worker never starts for a refused run."""
+    from cxr_core import worker
+    from cxr_core.storage import open_db
+    from cxr_core.storage import runs as store
+
+    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "ds@h.org")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"recipe": "cpu128", "dataset": str(tiny_dataset),
+                                  "image_size": 32, "epochs": 3, "calibration_fraction": 0}))
+    monkeypatch.setenv("CXR_MAX_EPOCHS", "2")
+    code, _, err = run(capsys, "train", "--config", str(config))
+    assert code == 2 and "CXR_MAX_EPOCHS" in err and "3" in err
+    monkeypatch.setenv("CXR_CLI_ROLES", "reviewer")
+    code, _, err = run(capsys, "train", "--config", str(config), "--detach")
+    assert code == 2 and "may not train" in err
+    monkeypatch.delenv("CXR_CLI_ROLES")
+    monkeypatch.delenv("CXR_MAX_EPOCHS")
+    code, out, _ = run(capsys, "train", "--config", str(config), "--detach")
+    assert code == 0 and out["status"] == "queued"
+    db = open_db()
+    with db.session() as s:
+        [queued] = store.list_runs(session=s)
+    assert queued.created_by == "ds@h.org"
+    monkeypatch.setenv("CXR_CLI_ROLES", "admin")
+    code, out, _ = run(capsys, "audit", "list", "--action", "train")
+    assert [(e["actor"], e["outcome"], e["target"]) for e in out["events"]] == [
+        ("ds@h.org", "ok", f"run:{queued.id}"), ("ds@h.org", "denied", ""),
+        ("ds@h.org", "denied", "")]
