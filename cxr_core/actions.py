@@ -105,6 +105,20 @@ def relabel(db: Database, p: Principal, *, choice: Any, image_id: int | None = N
                      {"on": target, "label": choice.label, "subtype": choice.subtype}))
 
 
+def relabel_path(db: Database, p: Principal, *, dataset: str, relpath: str, label: str,
+                 subtype: str | None = None, note: str = "") -> Any:
+    """The CLI's ``relabel add``: one image named by its path, relabelled as ``p`` (never a
+    typed name), the audit row in the relabel's transaction. Returns the RelabelRecord."""
+    from cxr_core.relabel_import import relabel_by_path
+
+    target = f"{dataset}:{relpath}"
+    authorize(db, p, "relabel", target)
+    return relabel_by_path(db, dataset=dataset, relpath=relpath, label=label, subtype=subtype,
+                           reviewer=p.identity, note=note,
+                           and_then=_ok(p, "relabel", lambda rid: f"relabel:{rid}",
+                                        {"on": target, "label": label, "subtype": subtype}))
+
+
 def undo_relabel(db: Database, p: Principal, *, relabel_id: int, note: str = "undo") -> int:
     from cxr_core import review
 
@@ -247,6 +261,23 @@ def record_site_calibration(db: Database, p: Principal, candidate: Any, *,
         db, candidate, changed_by=p.identity, note=note,
         and_then=_ok(p, "site_calibration", lambda op: f"{op.model_ref}@dataset:{op.dataset_id}",
                      lambda op: {"threshold": op.threshold, "n": op.sample_n, "note": note}))
+
+
+def create_ensemble(db: Database, p: Principal, name: str, members: Sequence[str], *,
+                    threshold: float | None = None, note: str = "") -> Any:
+    """A named ensemble fixes an operating point: ``set_operating_point``'s roles; made by
+    ``p`` (never a typed name). The card is a write-once file, not a row, so its ``ok`` audit
+    row follows the write. Returns the EnsembleInfo."""
+    from cxr_core import ensembles
+
+    target = f"ensemble:{name}"
+    authorize(db, p, "set_operating_point", target)
+    info = ensembles.create_ensemble(db, name, members, threshold=threshold,
+                                     changed_by=p.identity, note=note)
+    record(db, p, "set_operating_point", target,
+           detail={"members": list(info.members), "threshold": info.threshold,
+                   "source": info.threshold_source, "note": note})
+    return info
 
 
 def save_preset(db: Database, p: Principal, name: str, cfg: Any) -> None:

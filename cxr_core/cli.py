@@ -109,12 +109,18 @@ def cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_add(args: argparse.Namespace) -> dict:
-    from cxr_core.relabel_import import relabel_by_path, relabel_json
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+    from cxr_core.relabel_import import relabel_json
     from cxr_core.storage import open_db
 
-    _gate("relabel", f"{args.dataset}:{args.path}", reviewer=args.reviewer, label=args.label)
-    rec = relabel_by_path(open_db(), dataset=args.dataset, relpath=args.path, label=args.label,
-                          subtype=args.subtype, reviewer=args.reviewer, note=args.note)
+    p = cli_principal()
+    if args.reviewer is not None and args.reviewer != p.identity:
+        raise ConfigError(f"relabels are recorded as the CLI's identity ({p.identity!r}, "
+                          "CXR_CLI_IDENTITY), never a typed name: set CXR_CLI_IDENTITY to "
+                          f"relabel as someone else. Received: --reviewer {args.reviewer!r}")
+    rec = actions.relabel_path(open_db(), p, dataset=args.dataset, relpath=args.path,
+                               label=args.label, subtype=args.subtype, note=args.note)
     return relabel_json(rec, args.dataset)
 
 
@@ -142,10 +148,17 @@ def cmd_relabel_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_ensemble_create(args: argparse.Namespace) -> dict:
-    from cxr_core.ensembles import create_ensemble
+    from cxr_core import actions
+    from cxr_core.auth import cli_principal
+    from cxr_core.storage import open_db
 
-    info = create_ensemble(None, args.name, args.members, threshold=args.threshold,
-                           changed_by=args.by, note=args.note)
+    p = cli_principal()
+    if args.by and args.by != p.identity:
+        raise ConfigError(f"an ensemble is recorded as made by the CLI's identity "
+                          f"({p.identity!r}, CXR_CLI_IDENTITY), never a typed name. "
+                          f"Received: --by {args.by!r}")
+    info = actions.create_ensemble(open_db(), p, args.name, args.members,
+                                   threshold=args.threshold, note=args.note)
     return {"ensemble": info.ref, "members": list(info.members), "labels": list(info.labels),
             "threshold": info.threshold, "threshold_source": info.threshold_source}
 
@@ -243,8 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--members", required=True, nargs="+", metavar="REF",
                    help="2+ of run:ID, ID, default, a .keras file")
     p.add_argument("--threshold", type=float, default=None,
-                   help="set the binary operating point by hand (needs --by)")
-    p.add_argument("--by", default="", help="who makes it / sets the threshold")
+                   help="set the binary operating point by hand")
+    p.add_argument("--by", default="", help="optional: must be the CLI's identity "
+                   "(CXR_CLI_IDENTITY), which the ensemble is recorded as made by")
     p.add_argument("--note", default="", help="why")
     add("list", cmd_ensemble_list, "the named ensembles", esub)
     audit = sub.add_parser("audit", help="the append-only audit log of gated actions")
@@ -267,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", required=True,
                    help="a folder class (or a button's text, e.g. PNEUMONIA·virus)")
     p.add_argument("--subtype", default=None, help="bacteria | virus, where the class has them")
-    p.add_argument("--reviewer", required=True)
+    p.add_argument("--reviewer", default=None, help="optional: must be the CLI's identity "
+                   "(CXR_CLI_IDENTITY), which the relabel is recorded as")
     p.add_argument("--note", default="")
     p = add("import", cmd_relabel_import,
             "relabel from a CSV (path,label[,subtype,reviewer,note]): all rows or none", rsub)

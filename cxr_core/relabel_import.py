@@ -117,7 +117,7 @@ def _path_problem(rec: ImageRecord | None, relpath: str, dataset: str) -> str | 
 
 def relabel_by_path(db: Database, *, dataset: str | int, relpath: str, label: str,
                     subtype: str | None = None, reviewer: str,
-                    note: str = "") -> RelabelRecord:
+                    note: str = "", and_then: Any = None) -> RelabelRecord:
     """Relabel one image named by its path: what one click on the review page writes.
 
     The label must be one of the page's buttons for the dataset (:func:`label_choices`); the
@@ -130,6 +130,8 @@ def relabel_by_path(db: Database, *, dataset: str | int, relpath: str, label: st
             inside the root is made relative).
         label, subtype: the new label (see :func:`choose_label`).
         reviewer, note: stored with the row.
+        and_then: ``and_then(session, relabel_id)`` in the row's transaction (the audit row
+            :func:`cxr_core.actions.relabel_path` appends).
 
     Returns:
         The new relabel row.
@@ -149,7 +151,8 @@ def relabel_by_path(db: Database, *, dataset: str | int, relpath: str, label: st
         choices = label_choices(info.classes, review_queue.label_pairs(session=s,
                                                                        dataset_id=info.id))
     choice = choose_label(choices, label, subtype)
-    relabel_id = submit_relabel(db, image_id=rec.id, choice=choice, reviewer=reviewer, note=note)
+    relabel_id = submit_relabel(db, image_id=rec.id, choice=choice, reviewer=reviewer, note=note,
+                                and_then=and_then)
     with db.session() as s:
         return store.list_relabels(session=s, image_ids=[rec.id],
                                    as_of_relabel_id=relabel_id)[-1]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
-from cxr_core import cli, ensembles, explain, predict
+from cxr_core import actions, auth, cli, ensembles, explain, predict
 from cxr_core import compare_service as cs
 from cxr_core import evaluation_service as es
 from cxr_core import model_store as ms
@@ -158,11 +158,25 @@ def test_no_shared_validation_images_means_no_operating_point_said_so(cxr_home):
 
 # -- Named ensembles ------------------------------------------------------------------------
 
-def test_create_list_and_load_a_named_ensemble_through_the_cli(pair, capsys):
+def test_create_list_and_load_a_named_ensemble_through_the_cli(pair, capsys, monkeypatch):
     db, a, b = pair
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "ds@h.org")
+    assert cli.main(["ensemble", "create", "--name", "typed", "--members", f"run:{a}", str(b),
+                     "--by", "someone else"]) == 2
+    assert "never a typed name" in capsys.readouterr().err
+    monkeypatch.setenv("CXR_CLI_ROLES", "reviewer")
+    assert cli.main(["ensemble", "create", "--name", "seeds", "--members", f"run:{a}",
+                     str(b)]) == 2
+    assert "may not set operating point" in capsys.readouterr().err
+    monkeypatch.delenv("CXR_CLI_ROLES")
     assert cli.main(["ensemble", "create", "--name", "seeds", "--members", f"run:{a}", str(b),
-                     "--by", "ds", "--json"]) == 0
+                     "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
+    assert ensembles.read_named("seeds")["created_by"] == "ds@h.org"
+    [ok, denied] = actions.audit_log(db, auth.cli_principal({"CXR_CLI_ROLES": "admin"}),
+                                     action="set_operating_point")
+    assert (ok.actor, ok.outcome, ok.target) == ("ds@h.org", "ok", "ensemble:seeds")
+    assert denied.outcome == "denied"
     assert made["ensemble"] == "ensemble:seeds" and made["members"] == [f"run:{a}", f"run:{b}"]
     assert cli.main(["ensemble", "list", "--json"]) == 0
     [listed] = json.loads(capsys.readouterr().out)["ensembles"]

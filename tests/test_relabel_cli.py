@@ -5,6 +5,7 @@ The CLI runs in-process through :func:`cxr_core.cli.main` against the test's CXR
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,18 @@ def root(db, tmp_path) -> Path:
 def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
     """(exit code, the JSON object printed or None, stderr) of one in-process CLI call."""
     capsys.readouterr()
-    rc = cli.main(list(argv))
+    # ``relabel add`` records the CLI's identity: these tests name it with --reviewer, as the
+    # identity the command runs under (test_relabel_add_is_the_cli_identity checks a mismatch).
+    old = os.environ.get("CXR_CLI_IDENTITY")
+    if "add" in argv and "--reviewer" in argv:
+        os.environ["CXR_CLI_IDENTITY"] = argv[list(argv).index("--reviewer") + 1]
+    try:
+        rc = cli.main(list(argv))
+    finally:
+        if old is None:
+            os.environ.pop("CXR_CLI_IDENTITY", None)
+        else:
+            os.environ["CXR_CLI_IDENTITY"] = old
     out, err = capsys.readouterr()
     return rc, (json.loads(out) if out.strip() else None), err
 
@@ -157,10 +169,10 @@ def test_add_errors_are_one_line_and_write_nothing(db, root, capsys, extra, mess
     assert rows(db) == []
 
 
-def test_add_with_an_empty_reviewer_is_refused(db, root, capsys):
+def test_add_as_an_empty_identity_is_refused(db, root, capsys):
     rc, out, err = run(capsys, "relabel", "add", "--dataset", "tiny", "--path", N1,
                        "--label", "NORMAL", "--reviewer", "  ", "--json")
-    assert rc == 2 and out is None and "reviewer" in err
+    assert rc == 2 and out is None and "needs an identity" in err
     assert rows(db) == []
 
 
@@ -394,3 +406,19 @@ def test_page_click_and_cli_write_identical_rows(db, root, capsys):
     assert rc == 0, err
     assert stored_row(db, clicked.id) == stored_row(db, rec["id"])
     assert clicked.relpath == rec["path"]
+
+
+def test_relabel_add_is_the_cli_identity_never_a_typed_name(db, root, capsys, monkeypatch):
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "dr.lee@h.org")
+    capsys.readouterr()
+    assert cli.main(["relabel", "add", "--dataset", "tiny", "--path", N1, "--label",
+                     "PNEUMONIA·virus", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reviewer"] == "dr.lee@h.org"
+    assert cli.main(["relabel", "add", "--dataset", "tiny", "--path", N2, "--label", "NORMAL",
+                     "--reviewer", "mallory", "--json"]) == 2
+    assert "never a typed name" in capsys.readouterr().err
+    assert [r.reviewer for r in rows(db)] == ["dr.lee@h.org"]
+    monkeypatch.setenv("CXR_CLI_ROLES", "admin")
+    assert cli.main(["audit", "list", "--action", "relabel", "--json"]) == 0
+    [event] = json.loads(capsys.readouterr().out)["events"]
+    assert event["actor"] == "dr.lee@h.org" and event["target"].startswith("relabel:")
