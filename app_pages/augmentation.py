@@ -20,7 +20,7 @@ def _apply_preset(cfg: AugmentConfig) -> None:
     """Copy a preset into the widget state (called before the widgets are drawn)."""
     d = cfg.to_dict()
     for k in ("hflip", "vflip", "rotation", "zoom", "width_shift", "height_shift", "contrast",
-              "one_of", "seed"):
+              "crop", "gamma", "blur", "noise", "one_of", "seed"):
         st.session_state[f"aug_{k}"] = d[k]
     st.session_state["aug_brightness_on"] = d["brightness"] is not None
     lo, hi = d["brightness"] or (1.2, 1.5)
@@ -40,7 +40,7 @@ def preset_ui(all_presets: dict[str, AugmentConfig]) -> None:
 
 def config_ui() -> AugmentConfig | None:
     """Sliders and toggles for every option; returns the config (None if invalid)."""
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     hflip = c1.toggle("Horizontal flip", key="aug_hflip")
     vflip = c1.toggle("Vertical flip", key="aug_vflip",
                       help="Off by default: chest films have one orientation.")
@@ -55,11 +55,17 @@ def config_ui() -> AugmentConfig | None:
                        value=(st.session_state.get("aug_brightness_lo", 1.2),
                               st.session_state.get("aug_brightness_hi", 1.5)))
     st.session_state["aug_brightness_lo"], st.session_state["aug_brightness_hi"] = lo, hi
+    # What differs between sites and devices (issue 14): framing, exposure, sharpness, noise.
+    crop = c4.slider("Random resized crop (sides ≥ 1 − c)", 0.0, 0.5, step=0.05, key="aug_crop")
+    gamma = c4.slider("Gamma (±, log scale)", 0.0, 0.9, step=0.05, key="aug_gamma")
+    blur = c4.slider("Blur (σ px, random weight)", 0.0, 5.0, step=0.25, key="aug_blur")
+    noise = c4.slider("Noise (sd, grey levels)", 0.0, 32.0, step=1.0, key="aug_noise")
     seed = int(st.number_input("Seed", 0, 1_000_000, key="aug_seed"))
     try:
         return AugmentConfig(hflip=hflip, vflip=vflip, rotation=rotation, zoom=zoom,
                              width_shift=width_shift, height_shift=height_shift,
                              brightness=(lo, hi) if bright else None, contrast=contrast,
+                             crop=crop, gamma=gamma, blur=blur, noise=noise,
                              one_of=one_of, seed=seed)
     except CxrError as exc:
         st.error(md(exc))

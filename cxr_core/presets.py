@@ -22,6 +22,8 @@ PRESET_NOTES = {
     "hflip": "horizontal flip only",
     "rot10_shift_flip": "rotation 10 + shifts 0.1 + horizontal flip",
     "oneof_flip_rot20_bright": "OneOf(flip, rotate 20, brightness ×1.2–1.5), as imgaug's OneOf",
+    "shift_robust": "rotation 10 + shifts 0.05 + crop 0.2 + brightness ×0.8–1.2 + contrast 0.3 "
+                    "+ gamma 0.4 + blur σ1.5 + noise 6 (for other sites' films)",
 }
 
 

@@ -45,3 +45,21 @@ def test_same_seed_same_preview():
     a = augment_preview(img, PRESETS["rot30_zoom_shift_flip"], 4)
     b = augment_preview(img, PRESETS["rot30_zoom_shift_flip"], 4)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_the_shift_ops_load_from_a_preset_and_are_saved(cxr_home, tiny_dataset):
+    index_dataset(open_db(), tiny_dataset, name="tiny")
+    at = AppTest.from_file(PAGE, default_timeout=120).run()
+    at.selectbox(key="aug_preset").set_value("shift_robust")
+    at.button[0].click().run()
+    want = PRESETS["shift_robust"]
+    assert [at.slider(key=f"aug_{k}").value for k in ("crop", "gamma", "blur", "noise")] == \
+        [want.crop, want.gamma, want.blur, want.noise]
+    at.slider(key="aug_noise").set_value(12.0).run()
+    at.text_input[0].set_value("site-b")
+    at.button[1].click().run()
+    assert not at.exception and not at.error
+    saved = presets.resolve("site-b", open_db())
+    assert (saved.crop, saved.gamma, saved.blur, saved.noise) == (want.crop, want.gamma,
+                                                                  want.blur, 12.0)
+    assert len(at.get("image")) >= 9  # the preview ran with the new ops
