@@ -6,7 +6,9 @@ arguments starting with ``_`` when those must not be hashed.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import streamlit as st
 
@@ -17,7 +19,7 @@ from cxr_core.data_roots import allowed_roots, describe
 from cxr_core.errors import CxrError
 from cxr_core.indexing import Database, DatasetInfo
 from cxr_core.jobs import JobRecord
-from cxr_core.text_safe import md_escape
+from cxr_core.text_safe import md_escape, plotly_escape
 
 
 @st.cache_resource(show_spinner="Opening the database…")
@@ -263,3 +265,15 @@ def dataset_picker(key: str) -> DatasetInfo | None:
     with st.sidebar.expander("Add a dataset"):
         add_dataset_ui()
     return datasets[names.index(name)]
+
+
+PLOT_TEXT_COLUMNS = ("run", "class", "subtype", "split", "mode", "group")
+
+
+def plot_safe(frame: Any, columns: Sequence[str] = PLOT_TEXT_COLUMNS) -> Any:
+    """A DataFrame whose name columns (runs, classes, folders) Plotly shows literally: its
+    legends, axes and hover labels render some HTML (links, styles), so user text is escaped."""
+    for col in columns:
+        if col in frame:
+            frame[col] = frame[col].map(plotly_escape)
+    return frame

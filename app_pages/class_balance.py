@@ -12,7 +12,8 @@ from cxr_core.datasets import LABEL_SCHEMES
 from cxr_core.errors import CxrError
 from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._access import md
-from app_pages._shared import dataset_picker, get_db, image_path, kept_result, thumbnail
+from app_pages._shared import (dataset_picker, get_db, image_path, kept_result, plot_safe,
+                               thumbnail)
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
@@ -75,13 +76,13 @@ def options_ui() -> tuple[str, float, int, str, str | None]:
 
 
 def counts_ui(rep: Aggregates) -> None:
-    counts = pd.DataFrame(rep.counts)
+    counts = plot_safe(pd.DataFrame(rep.counts))
     if counts.empty:
         return
     c1, c2 = st.columns(2)
     c1.plotly_chart(px.bar(counts, x="class", y="images", color="subtype", facet_col="split",
                            title="Images per split × class × subtype"), width="stretch")
-    pats = pd.DataFrame(rep.patients)
+    pats = plot_safe(pd.DataFrame(rep.patients))
     if not pats.empty:
         c2.plotly_chart(px.bar(pats.melt(id_vars="class", var_name="count"), x="class",
                                y="value", color="count", barmode="group",
@@ -89,7 +90,7 @@ def counts_ui(rep: Aggregates) -> None:
 
 
 def sizes_ui(rep: Aggregates) -> None:
-    sizes = pd.DataFrame(rep.sizes)
+    sizes = plot_safe(pd.DataFrame(rep.sizes))
     if sizes.empty:
         return
     c1, c2 = st.columns(2)
@@ -124,7 +125,7 @@ def split_ui(params: dict) -> SplitPreview | None:
                    "patient numbers per numbering series, of each class."
                    + (f" {rep.unordered} images have neither and stay in train."
                       if rep.unordered else ""))
-    split = pd.DataFrame(rep.split_counts)
+    split = plot_safe(pd.DataFrame(rep.split_counts))
     if not split.empty:
         st.plotly_chart(px.bar(split, x="split", y="images", color="class", barmode="group"),
                         width="stretch")

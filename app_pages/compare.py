@@ -13,10 +13,11 @@ from cxr_core import ensembles, subgroups
 from cxr_core import actions
 from cxr_core.auth import Principal
 from cxr_core.errors import ConfigError, CxrError
+from cxr_core.text_safe import plotly_escape
 from app_pages._access import acting_as, md, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
-                               thumbnail)
+                               plot_safe, thumbnail)
 from app_pages._site_calibration import site_calibration_ui
 
 
@@ -119,7 +120,8 @@ def confusion_ui(cmp: cs.Comparison) -> None:
                      f"{md(cmp.threshold_sources[name])}")
         for z, fmt, what in ((cm, True, "counts"),
                              (cm / cm.sum(axis=1, keepdims=True), ".2f", "row-normalised")):
-            fig = px.imshow(z, x=list(cmp.labels), y=list(cmp.labels), text_auto=fmt, title=what,
+            names = [plotly_escape(label) for label in cmp.labels]
+            fig = px.imshow(z, x=names, y=names, text_auto=fmt, title=what,
                             color_continuous_scale="Blues", labels={"x": "predicted", "y": "true"})
             fig.update_layout(coloraxis_showscale=False, height=300, margin=dict(t=40, b=0))
             col.plotly_chart(fig, width="stretch", key=f"compare_cm_{name}_{what}")
@@ -128,9 +130,10 @@ def confusion_ui(cmp: cs.Comparison) -> None:
 def curves_ui(cmp: cs.Comparison) -> None:
     line = dict(color="run", line_dash=None if len(cmp.labels) == 2 else "class",
                 hover_data=["threshold", "area"])
-    roc = pd.DataFrame(tables.roc_table(cmp.reports))
-    pr = pd.DataFrame(tables.pr_table(cmp.reports))
-    cal = px.line(pd.DataFrame(tables.calibration_table(cmp.reports)), x="confidence",
+    roc, pr, calib = (plot_safe(pd.DataFrame(rows)) for rows in (
+        tables.roc_table(cmp.reports), tables.pr_table(cmp.reports),
+        tables.calibration_table(cmp.reports)))
+    cal = px.line(calib, x="confidence",
                   y="accuracy", color="run", markers=True, hover_data=["count"],
                   title="Calibration")
     cal.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))

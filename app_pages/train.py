@@ -21,7 +21,7 @@ from cxr_core.model_specs import INTENSITY_MODES, MODELS
 from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
 from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._access import md, principal
-from app_pages._shared import dataset_picker, get_db
+from app_pages._shared import dataset_picker, get_db, plot_safe
 
 REFRESH_S = 2.0
 ICONS = dict(queued="⏳", running="🏃", finished="✅", failed="❌", cancelled="⏹️")
@@ -150,7 +150,7 @@ def curves_ui(runs: dict, run_ids: list[int]) -> None:
     if not rows:
         st.info("No batch has been reported yet for these runs.")
         return
-    fig = px.line(pd.DataFrame(rows), x="epoch", y="value", color="run", line_dash="kind",
+    fig = px.line(plot_safe(pd.DataFrame(rows)), x="epoch", y="value", color="run", line_dash="kind",
                   facet_col="key", facet_col_wrap=2, markers=True,
                   category_orders={"kind": ["epoch end", "during epoch"]})
     # Epoch ends as points; the running metrics within epochs as a thin line.

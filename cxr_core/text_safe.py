@@ -13,11 +13,12 @@ on one line. Pure: no Streamlit import.
 """
 from __future__ import annotations
 
+import html
 import re
 import string
 from typing import Any
 
-__all__ = ["md_escape"]
+__all__ = ["md_escape", "plotly_escape"]
 
 _PUNCT = re.compile("([" + re.escape(string.punctuation) + "])")
 _BREAKS = re.compile(r"[\r\n\u2028\u2029\x0b\x0c]+")
@@ -37,3 +38,15 @@ def md_escape(text: Any) -> str:
     if text is None:
         return ""
     return _PUNCT.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
+
+
+def plotly_escape(text: Any) -> str:
+    """``text`` for a Plotly legend, title, axis or hover label, shown literally.
+
+    Plotly.js renders a subset of HTML in those strings (``<b>``, ``<span style=...>``,
+    ``<a href=...>`` links) and decodes entities after parsing the tags, so escaping ``&``,
+    ``<`` and ``>`` shows the original characters with no tag taking effect.
+    """
+    if text is None:
+        return ""
+    return html.escape(str(text), quote=False)

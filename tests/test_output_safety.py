@@ -142,3 +142,11 @@ def test_tables_built_in_csv_export_is_off():
     cfg = tomllib.loads((Path(__file__).resolve().parents[1] / ".streamlit" / "config.toml")
                         .read_text())
     assert cfg["client"]["disableDataExport"] is True
+
+
+def test_plotly_escape_shows_tags_as_text():
+    from cxr_core.text_safe import plotly_escape
+
+    assert plotly_escape('<a href="http://evil">run</a> & <b>x</b>') == \
+        '&lt;a href="http://evil"&gt;run&lt;/a&gt; &amp; &lt;b&gt;x&lt;/b&gt;'
+    assert plotly_escape(None) == "" and plotly_escape(3) == "3"

@@ -122,6 +122,10 @@ def test_compare_and_site_calibration_show_run_dataset_and_person_names_literall
     assert_literal(at, HOSTILE)
     heads = [m.value for m in at.markdown if "evil" in m.value]  # each run's confusion matrix
     assert len(heads) == 2 and all(h.count("evil") == 4 for h in heads), heads  # run, setter
+    # Plotly renders <b>, <a href> in legends: the curves' run names are escaped there.
+    names = [t.get("name", "") for c in at.get("plotly_chart")
+             for t in json.loads(c.proto.spec)["data"]]
+    assert any("&lt;b&gt;x" in n for n in names) and not any("<b>" in n for n in names), names
     # Site calibration: the site named in the candidate, the record button and the result.
     at.selectbox(key="site_ref").set_value("default").run()
     assert any("evil" in i.value for i in at.info)  # "No evaluation of this model on ..."
