@@ -18,6 +18,7 @@ from app_pages._access import acting_as, md, principal
 from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
 from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
                                plot_safe, thumbnail)
+from app_pages._ensemble_form import ensemble_form_ui
 from app_pages._site_calibration import site_calibration_ui
 
 
@@ -230,6 +231,9 @@ with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
 with st.expander("Site calibration: an operating point for one dataset",
                  icon=":material/location_on:"):
     site_calibration_ui()
+with st.expander("Named ensembles: the mean of a few runs as one model",
+                 icon=":material/join:"):
+    ensemble_form_ui()
 ids, mode, target, truth = selection_ui(get_db())
 if len(ids) < 2:
     st.stop()

@@ -63,6 +63,9 @@ def test_viewer_reads_but_cannot_review_train_or_send(tiny):  # noqa: F811
     at = app("app_pages/train.py", role="viewer")
     assert "Starting runs needs the scientist role" in texts(at, "info")
     assert not [b for b in at.button if b.label == "Start training"]
+    at = app("app_pages/compare.py", role="reviewer")
+    assert "Making an ensemble fixes an operating point" in texts(at, "caption")
+    assert not [b for b in at.button if b.label == "Make ensemble"]
 
 
 def test_reviewer_relabels_as_the_signed_in_identity(tiny):  # noqa: F811
