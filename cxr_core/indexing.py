@@ -110,9 +110,11 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
     t0 = time.perf_counter()
     data_roots.check_path(path, what="dataset folder")
     layout = ds.discover(path)
-    name = name or default_name(path)
     root = str(layout.root.resolve())
     with db.session() as s:
+        if name is None:  # a folder indexed before keeps its name (its rows, its relabels)
+            name = next((d.name for d in store.list_datasets(session=s) if d.root == root),
+                        None) or default_name(path)
         existing = store.get_dataset(session=s, name_or_id=name)
         if existing and existing.root != root:
             raise DatasetError(f"dataset name {name!r} is already used for {existing.root}; "
@@ -202,8 +204,21 @@ def find_dataset(db: Database, name_or_path: str | int) -> DatasetInfo | None:
         info = store.get_dataset(session=s, name_or_id=name_or_path)
         if info is None and isinstance(name_or_path, str):
             root = str(Path(name_or_path).expanduser().resolve())
-            info = next((d for d in store.list_datasets(session=s) if d.root == root), None)
+            known = store.list_datasets(session=s)
+            info = next((d for d in known if d.root == root), None)
+            if info is None and known and Path(root).is_dir():
+                # One split folder (…/train) belongs to the dataset of its parent: the same
+                # rows, relabels and ids, never a second copy of them under a new name.
+                found = _discovered_root(root)
+                info = next((d for d in known if d.root == found), None)
     return info
+
+
+def _discovered_root(path: str) -> str | None:
+    try:
+        return str(ds.discover(path).root.resolve())
+    except DatasetError:
+        return None
 
 
 def open_dataset(db: Database, name_or_path: str | int) -> tuple[DatasetInfo, list[ds.ImageRecord]]:

@@ -242,3 +242,29 @@ def test_a_killed_reindex_leaves_no_stale_counts(tiny_dataset, cxr_home, monkeyp
         assert dstore.get_dataset(session=s, name_or_id="tiny").summary is None
     rep = index_dataset(db, tiny_dataset, name="tiny")
     assert rep.scanned == 8 and rep.summary["images"] == 18
+
+
+def test_a_split_folder_is_the_dataset_of_its_root_never_a_second_copy(tiny_dataset, cxr_home):
+    """Training or evaluating on ``…/train`` of an indexed dataset uses that dataset (its ids,
+    its relabels); it used to index a copy ("chest_xray-2"), where the relabels made on the
+    first did not exist, and runs trained on the same folder shared no image ids."""
+    from cxr_core import review
+    from cxr_core.review import LabelChoice
+    from cxr_core.storage import datasets as dstore
+    from cxr_core.storage import relabels as rstore
+
+    db = open_db()
+    first = index_dataset(db, tiny_dataset, name="site")
+    info, records = open_dataset(db, "site")
+    normal = next(r for r in records if r.split == "train" and r.label == "NORMAL")
+    review.submit_relabel(db, image_id=normal.id, choice=LabelChoice("PNEUMONIA", "virus"),
+                          reviewer="dr a")
+    for path in (tiny_dataset / "train", str(tiny_dataset / "train") + "/", tiny_dataset):
+        again, recs = open_dataset(db, str(path))
+        assert again.id == first.dataset_id and {r.id for r in recs} == {r.id for r in records}
+    rep = index_dataset(db, tiny_dataset / "train")  # no --name: the folder keeps its name
+    assert rep.dataset_id == first.dataset_id and rep.dataset == "site"
+    with db.session() as s:
+        assert [d.name for d in dstore.list_datasets(session=s)] == ["site"]
+        [rel] = rstore.list_relabels(session=s, image_ids=[normal.id])
+    assert rel.new_label == "PNEUMONIA" and rel.reviewer == "dr a"
