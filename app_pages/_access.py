@@ -75,7 +75,7 @@ def principal() -> Principal:
     try:
         p = actions.effective_principal(get_db(), user, _secrets_table("cxr_roles") or {})
     except CxrError as exc:
-        st.error(f"Sign-in is misconfigured: {exc}", icon=":material/error:")
+        st.error(f"Sign-in is misconfigured: {md(exc)}", icon=":material/error:")
         st.stop()
     if run is not None:
         st.session_state[_CACHED] = (run, user, p)
