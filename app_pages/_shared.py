@@ -46,7 +46,8 @@ def get_db() -> Database:
     try:
         return _open_app()[0]
     except CxrError as exc:
-        st.error(f"The app cannot start with these settings: {exc}", icon=":material/error:")
+        st.error(f"The app cannot start with these settings: {md_escape(exc)}",
+                 icon=":material/error:")
         st.stop()
 
 
@@ -209,7 +210,7 @@ def add_dataset_ui(key: str = "add_ds") -> None:
             st.session_state[f"{key}_job"] = actions.submit_job(
                 get_db(), principal(), "index", {"path": path.strip(), "name": name.strip() or None})
         except CxrError as exc:
-            st.error(str(exc), icon=":material/block:")
+            st.error(md_escape(exc), icon=":material/block:")
     job_ui(f"{key}_job", "Scanning headers")
     index_report_ui(key)
 

@@ -57,4 +57,4 @@ if user.can("manage_roles"):
                 st.success(f"Roles of {md(who.strip().lower())}: "
                            f"{', '.join(roles) or 'grant removed'}", icon=":material/done:")
             except CxrError as exc:
-                st.error(str(exc))
+                st.error(md(exc))

@@ -86,7 +86,7 @@ def act(action: str, reviewer: Principal, entry=None, choice=None) -> None:
         else:
             st.session_state.setdefault("review_skipped", []).append(entry.key)
     except CxrError as exc:
-        st.toast(str(exc), icon=":material/error:")
+        st.toast(md(exc), icon=":material/error:")
 
 
 def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: Principal,
