@@ -5,6 +5,7 @@ import streamlit as st
 
 from cxr_core.card_measured import entry_title, fmt_ci, headline
 from cxr_core.errors import CxrError
+from cxr_core.model_card_md import stress_summary
 from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
 from app_pages._access import md
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
@@ -60,6 +61,8 @@ def demo_model_ui() -> None:
     split = (card.get("training_config") or {}).get("split", "patient")
     st.subheader("Shipped demo model")
     if measured_ui(card):
+        if stress := stress_summary(card.get("stress")):
+            st.warning(md(stress), icon=":material/thermostat:")
         st.caption(f"{md(card.get('model'))} at {md(card.get('image_size'))} px. Every split "
                    "it was measured on is in `models/default/README.md`. Evaluate on your own data "
                    "(Compare) and calibrate the operating point for your site there.")

@@ -56,6 +56,7 @@ def card_markdown(card: dict) -> str:
         f"| File | `model.keras`, {exp.get('file_mb', '?')} MB (exported from run "
         f"{exp.get('run_id', '?')}) |", "",
         *_measured_lines(card.get("measured") or []),
+        *stress_lines(card.get("stress")),
         "## Validation metrics", "",
         "| AUC | sensitivity | specificity | accuracy | average precision | n |",
         "|---|---|---|---|---|---|",
@@ -126,6 +127,33 @@ def _measured_lines(measured: list[dict]) -> list[str]:
             f"{_fmt(e.get('threshold'))} | {e.get('chosen_on') or '?'} | "
             f"{e.get('label_source') or '?'} |")
     return [*lines, ""]
+
+
+def stress_summary(stress: dict | None) -> str:
+    """One sentence on the card's shift stress test ("" when there is none)."""
+    if not stress or not stress.get("rows"):
+        return ""
+    worst, clean = stress.get("worst_specificity") or {}, stress["rows"][0]
+    return (f"Under synthetic acquisition shift of the same {stress.get('n')} "
+            f"{stress.get('split') or ''} images at the same threshold "
+            f"{_fmt(stress.get('threshold'))}, specificity falls from "
+            f"{_fmt(clean.get('specificity'))} to {_fmt(worst.get('specificity'))} "
+            f"({worst.get('perturbation', '?')}) while AUC stays at least "
+            f"{_fmt(stress.get('min_auc'))}: the threshold, not the ranking, is what breaks "
+            "first on another site's films. A stress test, not a deployment figure.")
+
+
+def stress_lines(stress: dict | None) -> list[str]:
+    """The card's ``stress`` entry as a section (none when the card has none)."""
+    if not stress or not stress.get("rows"):
+        return []
+    lines = ["## Under synthetic shift (stress test)", "", stress_summary(stress), "",
+             "| change | AUC | sensitivity | specificity |", "|---|---|---|---|"]
+    for r in stress["rows"]:
+        lines.append(f"| {r.get('what', r.get('perturbation'))} | {_fmt(r.get('auc'))} | "
+                     f"{_fmt(r.get('sensitivity'))} | {_fmt(r.get('specificity'))} |")
+    return [*lines, "", "`python -m cxr_core stress` reproduces it on any run "
+            "(docs/experiments.md).", ""]
 
 
 def _counts(counts: dict | None) -> str:

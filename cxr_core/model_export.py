@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr_core import model_store
-from cxr_core.errors import CxrError, ModelError
+from cxr_core.errors import CxrError, DatasetError, ModelError
 from cxr_core.model_card_md import DATA_LICENCE, card_markdown
 from cxr_core.model_store import CARD_NAME, DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, LoadedModel
 from cxr_core.storage import Database, open_db
@@ -107,6 +107,33 @@ def _export_card(loaded: LoadedModel, run: Any, size_mb: float) -> dict:
     return card
 
 
+def stress_default(evaluation_id: int, *, db: Database | None = None,
+                   out_dir: str | Path = DEFAULT_MODELS_DIR) -> dict:
+    """Run the shift stress test of the model in ``out_dir`` on a stored evaluation's images
+    (e.g. a run's temporal ``val`` part, which chose neither model nor threshold), and keep it
+    in that model's card (``stress``) and README. Returns the card entry."""
+    from cxr_core import shift_stress
+    from cxr_core.evaluation_service import list_evaluations
+
+    db = db or open_db()
+    out = Path(out_dir)
+    ref = "default" if out.resolve() == DEFAULT_MODELS_DIR.resolve() else \
+        str(out / DEFAULT_MODEL_NAME)
+    info = next((e for e in list_evaluations(db, with_metrics=False) if e.id == evaluation_id),
+                None)
+    if info is None:
+        raise DatasetError(f"no evaluation with id {evaluation_id}")
+    rows = shift_stress.stress_evaluation(db, ref, evaluation_id)
+    entry = shift_stress.card_entry(rows, evaluation_id=evaluation_id, split=info.split,
+                                    dataset=info.dataset_name or "")
+    card_path = out / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["stress"] = entry
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(card_markdown(card))
+    return entry
+
+
 def _repo_relative(path: str) -> str:
     """A path relative to the repository when it is absolute (the card is shipped)."""
     p = Path(path)
@@ -122,8 +149,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("export-default", help="export a finished run to models/default")
     p.add_argument("run_id", type=int)
     p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    p = sub.add_parser("stress-default", help="keep the shift stress test of models/default "
+                       "(on a stored evaluation's images) in its card")
+    p.add_argument("evaluation_id", type=int)
+    p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
     args = parser.parse_args(argv)
     try:
+        if args.command == "stress-default":
+            print(json.dumps(stress_default(args.evaluation_id, out_dir=args.out)))
+            return 0
         card = export_default(args.run_id, out_dir=args.out)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)

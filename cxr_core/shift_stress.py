@@ -215,3 +215,23 @@ def summary(rows: Sequence[StressRow]) -> dict:
         out["worst_sensitivity"] = min(r.sensitivity for r in shifted)
         out["mean_specificity"] = float(np.mean([r.specificity for r in shifted]))
     return out
+
+
+def card_entry(rows: Sequence[StressRow], *, evaluation_id: int, split: str, dataset: str,
+               tta: bool = False) -> dict:
+    """What a model card keeps of a stress test (``card["stress"]``): every row, the worst
+    shift, and which images (an evaluation's, by split and dataset) it was run on."""
+    from datetime import datetime, timezone
+
+    shifted = [r for r in rows if r.perturbation != "none"]
+    worst = min(shifted, key=lambda r: r.specificity) if shifted else None
+    return {"kind": "synthetic acquisition shift (a stress test, not a deployment figure)",
+            "dataset": dataset, "split": split, "n": rows[0].n if rows else 0,
+            "threshold": rows[0].threshold if rows else None, "tta": tta,
+            "rows": [{k: v for k, v in r.to_dict().items() if k not in ("n", "threshold")}
+                     for r in rows],
+            "worst_specificity": None if worst is None else
+            {"perturbation": worst.perturbation, "specificity": worst.specificity},
+            "min_auc": min((r.auc for r in shifted), default=None),
+            "source_evaluation_id": evaluation_id,
+            "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}

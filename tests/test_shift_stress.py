@@ -109,3 +109,26 @@ def test_tta_views_and_the_tta_score_are_the_mean_over_the_views(run_with_files)
         axis=0)
     auc, sens, spec = ss.score(VAL_Y, p, loaded.threshold)
     assert (tta.auc, tta.sensitivity, tta.specificity) == pytest.approx((auc, sens, spec))
+
+
+def test_stress_default_keeps_the_result_in_the_card_and_readme(run_with_files, tmp_path):
+    """model_export stress-default: the shipped model's stress test, kept in its card (JSON
+    and README), with the worst shift named."""
+    from test_model_store import BINARY_CARD, save_tiny_model
+
+    from cxr_core import model_export
+    from cxr_core.model_card_md import stress_summary
+
+    db, run_id = run_with_files
+    out = tmp_path / "default"
+    save_tiny_model(out / "model.keras", seed=3, card=dict(BINARY_CARD))
+    entry = model_export.stress_default(ss.run_val_evaluation(db, run_id), db=db, out_dir=out)
+    saved = json.loads((out / "model_card.json").read_text())["stress"]
+    assert saved == entry and [r["perturbation"] for r in saved["rows"]] == list(ss.PERTURBATIONS)
+    assert entry["threshold"] == 0.3 and entry["split"] == "val" and entry["n"] == 8
+    assert entry["worst_specificity"]["specificity"] == min(
+        r["specificity"] for r in saved["rows"][1:])
+    readme = (out / "README.md").read_text()
+    assert "## Under synthetic shift (stress test)" in readme and stress_summary(saved) in readme
+    with pytest.raises(DatasetError, match="no evaluation with id 999"):
+        model_export.stress_default(999, db=db, out_dir=out)

@@ -95,3 +95,27 @@ def test_home_headlines_temporal_validation_then_in_distribution(cxr_home, tmp_p
     assert values[:4] == ["0.981", "0.956", "0.872", "0.800"] and "0.999" not in values
     assert "0.872 [0.822, 0.912]" in at.caption[0].value
     assert "not on these images" in at.caption[0].value
+
+
+def test_home_says_how_the_threshold_holds_under_synthetic_shift(cxr_home, tmp_path,
+                                                                 monkeypatch):
+    import json
+
+    from cxr_core import model_store
+
+    card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
+    card["measured"] = [_entry("val", "selection", "temporal", 0.981, 0.956, 0.872)]
+    card["stress"] = {"n": 549, "split": "val", "threshold": 0.857, "min_auc": 0.990,
+                      "worst_specificity": {"perturbation": "blur", "specificity": 0.71},
+                      "rows": [{"perturbation": "none", "what": "unchanged", "auc": 0.998,
+                                "sensitivity": 0.97, "specificity": 0.99},
+                               {"perturbation": "blur", "what": "blur", "auc": 0.990,
+                                "sensitivity": 0.99, "specificity": 0.71}]}
+    folder = tmp_path / "default"
+    folder.mkdir()
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(model_store, "DEFAULT_MODELS_DIR", folder)
+    at = run_page()
+    [warning] = [w.value.replace("\\", "") for w in at.warning if "synthetic" in w.value]
+    assert "specificity falls from 0.990 to 0.710 (blur)" in warning
+    assert "AUC stays at least 0.990" in warning and "not a deployment figure" in warning
