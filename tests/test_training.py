@@ -253,6 +253,19 @@ def test_recipe_defaults_are_the_configs_measured_in_docs_experiments(recipe):
     assert from_file == from_recipe
 
 
+def test_every_recorded_experiment_config_is_valid_and_reported():
+    """docs/experiments/*.json are the configs of the runs docs/experiments.md reports: each
+    still loads as a run config (a renamed option would make it unreproducible) and is named
+    in the report."""
+    root = Path(__file__).parents[1] / "docs"
+    report = (root / "experiments.md").read_text()
+    files = sorted((root / "experiments").glob("*.json"))
+    assert len(files) >= 10
+    for f in files:
+        TrainConfig.from_dict(json.loads(f.read_text()))
+        assert f.name in report, f"{f.name} is not reported in docs/experiments.md"
+
+
 def test_host_recipe_proposes_mnist28_for_an_npz_and_cpu128_without_a_gpu():
     from cxr_core import training_service as svc
 
