@@ -94,6 +94,26 @@ def cmd_stress(args: argparse.Namespace) -> dict:
     return {"model": model, "evaluation_id": ev_id, "tta": args.tta, **ss.summary(rows)}
 
 
+def cmd_site_calibrate(args: argparse.Namespace) -> dict:
+    """Compare → Site calibration from the command line: the candidate (always printed), and
+    with --record the operating point for that dataset, recorded as the CLI principal."""
+    from cxr_core import actions
+    from cxr_core import site_calibration as sc
+    from cxr_core.auth import cli_principal
+    from cxr_core.storage import open_db
+
+    db = open_db()
+    cand = sc.candidate(db, evaluation_id=args.evaluation, sample=args.sample,
+                        labels=args.labels, method=args.method, target=args.target,
+                        n_boot=args.n_boot)
+    out: dict = {"candidate": cand.to_json(), "recorded": None}
+    if args.record:
+        op = actions.record_site_calibration(db, cli_principal(), cand, note=args.note)
+        out["recorded"] = {"model_ref": op.model_ref, "dataset_id": op.dataset_id,
+                           "threshold": op.threshold, "changed_by": op.changed_by}
+    return out
+
+
 def cmd_predict(args: argparse.Namespace) -> dict:
     from cxr_core.predict_cli import predict_cli
 
@@ -230,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", nargs="+", default=None, help="perturbation names")
     p.add_argument("--tta", action="store_true", help="score the mean over fixed test-time "
                    "views (identity, a 90%% crop, +-4%% shifts) at the same threshold")
+    p = add("site-calibrate", cmd_site_calibrate, "re-choose a model's operating point for one "
+            "dataset on its labelled sample (a stored evaluation); --record keeps it")
+    p.add_argument("--evaluation", type=int, required=True,
+                   help="a stored binary evaluation of the model on the site's dataset")
+    p.add_argument("--sample", choices=("all", "reviewed"), default="all",
+                   help="every evaluated image, or only those confirmed on Review")
+    p.add_argument("--labels", choices=("current", "original"), default="current")
+    p.add_argument("--method", choices=("sensitivity", "youden"), default="sensitivity")
+    p.add_argument("--target", type=float, default=0.95, help="target sensitivity")
+    p.add_argument("--n-boot", type=int, default=500, help="bootstrap resamples for the CIs")
+    p.add_argument("--record", action="store_true", help="record it for that dataset (as "
+                   "CXR_CLI_IDENTITY; Predict then uses it for the site's images)")
+    p.add_argument("--note", default="", help="why (kept with the operating point)")
     p = add("predict", cmd_predict, "predict (and explain) images")
     p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
                    "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")

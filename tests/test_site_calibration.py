@@ -2,6 +2,8 @@
 patient-clustered intervals), recorded as an explicit action, and used for that site only."""
 from __future__ import annotations
 
+import json
+
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -131,3 +133,28 @@ def test_the_shipped_default_can_be_site_calibrated_through_a_job(cxr_home, site
     here, text = sc.operating_point_for(db, loaded, info.id)
     assert here.threshold == pytest.approx(result["threshold"]) != loaded.threshold
     assert sc.operating_point_for(db, loaded, None)[0].threshold == loaded.threshold
+
+
+def test_site_calibration_from_the_cli_prints_then_records_as_the_cli_identity(
+        site_run, capsys, monkeypatch):
+    from cxr_core import cli
+
+    db, run_id, evaluation_id = site_run
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "ds@h.org")
+    capsys.readouterr()
+    assert cli.main(["site-calibrate", "--evaluation", str(evaluation_id), "--target", "0.9",
+                     "--n-boot", "50", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["recorded"] is None and shown["candidate"]["n"] == 48
+    assert sc.site_points(db, model_ref=f"run:{run_id}") == []  # printing records nothing
+    monkeypatch.setenv("CXR_CLI_ROLES", "reviewer")
+    assert cli.main(["site-calibrate", "--evaluation", str(evaluation_id), "--record"]) == 2
+    assert "may not site calibration" in capsys.readouterr().err
+    monkeypatch.delenv("CXR_CLI_ROLES")
+    assert cli.main(["site-calibrate", "--evaluation", str(evaluation_id), "--target", "0.9",
+                     "--n-boot", "50", "--record", "--note", "March sample", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    [op] = sc.site_points(db, model_ref=f"run:{run_id}")
+    assert out["recorded"]["threshold"] == pytest.approx(op.threshold)
+    assert (op.changed_by, op.note) == ("ds@h.org", "March sample")
+    assert op.threshold == pytest.approx(shown["candidate"]["threshold"])
