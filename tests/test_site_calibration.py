@@ -3,7 +3,6 @@ patient-clustered intervals), recorded as an explicit action, and used for that 
 from __future__ import annotations
 
 import json
-
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
