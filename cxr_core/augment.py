@@ -35,34 +35,6 @@ def _batched(images: Any) -> tuple[Any, bool]:
     return images, False
 
 
-@keras.saving.register_keras_serializable(package="cxr")
-class RandomBrightnessFactor(keras.layers.Layer):
-    """Multiply each image by one factor drawn uniformly in [lo, hi], then clip to [0, 255].
-
-    Keras' RandomBrightness adds an offset; the reports used imgaug's multiplicative
-    brightness (x1.2-1.5), which also keeps black borders black.
-    """
-
-    def __init__(self, factor: tuple[float, float], seed: int | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.factor = (float(factor[0]), float(factor[1]))
-        self.seed = seed
-        self.generator = keras.random.SeedGenerator(seed)
-
-    def call(self, images: Any, training: bool = True) -> Any:
-        if not training:
-            return images
-        batch, squeeze = _batched(images)
-        scale = keras.random.uniform(
-            (keras.ops.shape(batch)[0], 1, 1, 1), self.factor[0], self.factor[1],
-            seed=self.generator, dtype=batch.dtype)
-        out = keras.ops.clip(batch * scale, 0.0, PIXEL_MAX)
-        return keras.ops.squeeze(out, 0) if squeeze else out
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "factor": self.factor, "seed": self.seed}
-
-
 def _per_image(batch: Any, lo: float, hi: float, generator: Any) -> Any:
     """One uniform draw in [lo, hi] per image, shaped (B, 1, 1, 1)."""
     return keras.random.uniform((keras.ops.shape(batch)[0], 1, 1, 1), lo, hi,
@@ -70,7 +42,8 @@ def _per_image(batch: Any, lo: float, hi: float, generator: Any) -> Any:
 
 
 class _Seeded(keras.layers.Layer):
-    """A training-only random op with one seeded stream; subclasses implement ``apply``."""
+    """A training-only random op with one seeded stream; subclasses implement ``_augment``
+    on a (B, H, W, C) batch."""
 
     def __init__(self, amount: float, seed: int | None = None, **kwargs: Any):
         super().__init__(**kwargs)
@@ -90,6 +63,28 @@ class _Seeded(keras.layers.Layer):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "amount": self.amount, "seed": self.seed}
+
+
+@keras.saving.register_keras_serializable(package="cxr")
+class RandomBrightnessFactor(_Seeded):
+    """Multiply each image by one factor drawn uniformly in [lo, hi], then clip to [0, 255].
+
+    Keras' RandomBrightness adds an offset; the reports used imgaug's multiplicative
+    brightness (x1.2-1.5), which also keeps black borders black.
+    """
+
+    def __init__(self, factor: tuple[float, float], seed: int | None = None, **kwargs: Any):
+        super().__init__(0.0, seed, **kwargs)
+        self.factor = (float(factor[0]), float(factor[1]))
+
+    def _augment(self, batch: Any) -> Any:
+        scale = _per_image(batch, self.factor[0], self.factor[1], self.generator)
+        return keras.ops.clip(batch * scale, 0.0, PIXEL_MAX)
+
+    def get_config(self) -> dict[str, Any]:
+        config = {**super().get_config(), "factor": self.factor}
+        config.pop("amount")
+        return config
 
 
 @keras.saving.register_keras_serializable(package="cxr")

@@ -7,31 +7,17 @@ from sqlalchemy import func, select
 
 from cxr_core import actions, auth, presets, review
 from cxr_core.augment_config import AugmentConfig
-from cxr_core.indexing import index_dataset
 from cxr_core.storage import audit as audit_store
-from cxr_core.storage import open_db
 from cxr_core.train_config import TrainConfig
-from db.models import (AuditEvent, ImageRow, Job, OperatingPoint, Relabel, ReviewItem, Run,
+from db.models import (AuditEvent, Job, OperatingPoint, Relabel, ReviewItem, Run,
                        UserRole)
-from tests.test_review import make_dataset
+from tests.test_auth import db, image_id  # noqa: F401 - fixtures: the database, one image
 
 ADMIN = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
 
 
 class AuditDown(RuntimeError):
     pass
-
-
-@pytest.fixture()
-def db(cxr_home):
-    return open_db()
-
-
-@pytest.fixture()
-def image_id(db, tmp_path):
-    rep = index_dataset(db, make_dataset(tmp_path / "tiny"), name="tiny")
-    with db.session() as s:
-        return s.query(ImageRow).filter_by(dataset_id=rep.dataset_id).first().id
 
 
 @pytest.fixture()
