@@ -45,7 +45,10 @@ def card_markdown(card: dict) -> str:
         f"| Training | recipe `{cfg.get('recipe', '?')}` overridden by `train_config.json`: "
         f"{cfg.get('epochs', '?')} epochs max (best epoch {card.get('best_epoch', '?')}), "
         f"augment `{cfg.get('augment', '?')}`, balancing `{cfg.get('balancing', '?')}`, "
-        f"monitor `{cfg.get('monitor', '?')}`; {minutes} wall on 2 shared CPU cores |",
+        + (f"intensity `{cfg['intensity']}` (per image, inside the model), "
+           if cfg.get("intensity", "none") != "none" else "")
+        + (f"label smoothing {cfg['label_smoothing']}, " if cfg.get("label_smoothing") else "")
+        + f"monitor `{cfg.get('monitor', '?')}`; {minutes} wall on 2 shared CPU cores |",
         f"| Data | `{cfg.get('dataset', '?')}`: train {_counts(counts.get('train'))}, "
         f"validation {_counts(counts.get('val'))} ({SPLIT_WORDS.get(split, split)}, grouped "
         f"by patient{', seed ' + str(cfg.get('split_seed', '?')) if split == 'patient' else ''})"
