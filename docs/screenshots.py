@@ -29,6 +29,9 @@ STEPS = {
     "05_compare": ("compare.png", 1150),
     "06_predict": ("predict.png", 1000),
     "07_review_before": ("review.png", 1000),
+    "01_page_home": ("home.png", 1100),
+    "auth_03_reviewer_relabelled": ("sign_in_reviewer.png", 1000),
+    "auth_04_train_refused": ("train_refused.png", 700),
 }
 MAX_BYTES = 300_000
 
