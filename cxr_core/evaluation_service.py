@@ -303,7 +303,11 @@ def _overlap(db: Database, loaded: Any, ids: list[int]) -> dict | None:
 
     runs = [m.run_id for m in (loaded.members or (loaded,)) if m.run_id is not None]
     if not runs:
-        return None
+        seen = (loaded.card or {}).get("training_patients")
+        if not seen or loaded.members:
+            return None
+        # a shipped model: its card names the patients it has seen (by id)
+        return store.patient_overlap(seen, patients_of(db, ids) or []).to_dict()
     with db.session() as s:
         found = [store.run_overlap(session=s, run_id=r, image_ids=ids).to_dict() for r in runs]
     return found[0] if not loaded.members and found else combined_overlap(found)

@@ -19,6 +19,7 @@ from cxr_core.errors import CxrError, DatasetError, ModelError
 from cxr_core.model_card_md import DATA_LICENCE, card_markdown
 from cxr_core.model_store import CARD_NAME, DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, LoadedModel
 from cxr_core.storage import Database, open_db
+from cxr_core.storage import evals as eval_store
 from cxr_core.storage import runs as run_store
 
 DEFAULT_MAX_MB = 15.0  # the shipped demo model must stay small enough for the repository
@@ -70,6 +71,8 @@ def export_default(run_id: int, *, db: Database | None = None,
                          f"be at most {max_mb} MB")
     os.replace(tmp, out / DEFAULT_MODEL_NAME)
     card = _export_card(loaded, run, size_mb)
+    with db.session() as s:  # so an evaluation anywhere can warn of patients it has seen
+        card["training_patients"] = eval_store.run_patients(session=s, run_id=run_id)
     (out / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out / "README.md").write_text(card_markdown(card))
     return card

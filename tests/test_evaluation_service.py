@@ -270,3 +270,23 @@ def test_send_disagreement_to_review(cxr_home, tiny_dataset):
     with db.session() as s:
         [row] = reviews.list_review_items(session=s)
     assert row.id == item and row.source == "compare"
+
+
+def test_a_shipped_model_warns_of_the_patients_its_card_says_it_has_seen(cxr_home, tiny_dataset,
+                                                                         tmp_path):
+    """A model known only by its card (models/default, a .keras file) has no run images in
+    this database: its card's training_patients still make the seen-data warning."""
+    from cxr_core.provenance import overlap_warning
+
+    db = open_db()
+    card = dict(BINARY_CARD, training_patients={"train": ["person1", "person2", "0001"],
+                                                "val": ["person100"], "calib": []})
+    path = save_tiny_model(tmp_path / "shipped" / "model.keras", card=card)
+    out = es.evaluate_dataset(db, str(path), str(tiny_dataset))
+    assert out.overlap["recorded"] and out.overlap["train_patients"] == 3
+    assert out.overlap["val_patients"] == 1 and out.overlap["calib_patients"] is None
+    text = overlap_warning(out.overlap, out.report.n)
+    assert "3 patients are shared with its training set" in text
+    assert "1 patients are shared with its validation set" in text
+    plain = save_tiny_model(tmp_path / "other" / "model.keras", card=dict(BINARY_CARD))
+    assert es.evaluate_dataset(db, str(plain), str(tiny_dataset)).overlap is None

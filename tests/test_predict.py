@@ -420,3 +420,6 @@ def test_default_model_card_is_complete():
     assert val["threshold"] == pytest.approx(card["operating_point"]["threshold"])
     assert card["saliency_layer"] and card["labels"] == ["NORMAL", "PNEUMONIA"]
     assert (folder / "train_config.json").is_file() and (folder / "README.md").is_file()
+    seen = card["training_patients"]  # evaluations anywhere warn of the patients it has seen
+    assert len(seen["train"]) > 1000 and seen["val"] and seen["calib"]
+    assert not set(seen["train"]) & set(seen["val"]) and not set(seen["val"]) & set(seen["calib"])

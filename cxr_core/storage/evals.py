@@ -346,6 +346,26 @@ class RunOverlap:
         return dict(self.__dict__)
 
 
+def run_patients(*, session: Session, run_id: int) -> dict[str, list[str]]:
+    """The patients of a run's train, val and calib images, sorted (what a shipped model's
+    card keeps so an evaluation anywhere can say which evaluated patients it has seen)."""
+    rows = session.execute(
+        select(RunImage.role, ImageRow.patient).join(ImageRow, ImageRow.id == RunImage.image_id)
+        .where(RunImage.run_id == run_id, ImageRow.patient.is_not(None)).distinct()).all()
+    return {role: sorted({p for r, p in rows if r == role})
+            for role in ("train", "val", "calib")}
+
+
+def patient_overlap(seen: dict[str, list[str]], patients: Sequence[str | None]) -> RunOverlap:
+    """:func:`run_overlap` for a model known only by its card: how many of the evaluated
+    images' patients it trained, selected or chose its threshold on (images are not known)."""
+    evaluated = {p for p in patients if p}
+    counts = {role: len(evaluated & set(seen.get(role) or ())) for role in ("train", "val",
+                                                                             "calib")}
+    return RunOverlap(True, train_patients=counts["train"], val_patients=counts["val"],
+                      calib_patients=counts["calib"] if seen.get("calib") else None)
+
+
 def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> RunOverlap:
     """How many of ``image_ids`` (and their patients) the run trained on, selected on or
     chose its threshold on (its calibration slice).
