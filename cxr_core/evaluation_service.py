@@ -297,7 +297,8 @@ def _outputs(info: Any, records: list, y: list[int], loaded: Any,
             [r for r, _ in both])
 
 
-def _overlap(db: Database, loaded: Any, ids: list[int]) -> dict | None:
+def _overlap(db: Database, loaded: Any, ids: list[int],
+             patients: list[str | None]) -> dict | None:
     """Evaluated images the model (an ensemble: any run member) trained or selected on."""
     from cxr_core.ensembles import combined_overlap
 
@@ -307,7 +308,7 @@ def _overlap(db: Database, loaded: Any, ids: list[int]) -> dict | None:
         if not seen or loaded.members:
             return None
         # a shipped model: its card names the patients it has seen (by id)
-        return store.patient_overlap(seen, patients_of(db, ids) or []).to_dict()
+        return store.patient_overlap(seen, patients).to_dict()
     with db.session() as s:
         found = [store.run_overlap(session=s, run_id=r, image_ids=ids).to_dict() for r in runs]
     return found[0] if not loaded.members and found else combined_overlap(found)
@@ -344,8 +345,8 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
     ids = [r.id for r in kept]
     truth = provenance.make_truth(version.labels, ids, loaded.labels, loaded.label_scheme, labels,
                                   version.newest_relabel_id)
-    overlap = _overlap(db, loaded, ids)
     patients = [r.patient for r in kept]
+    overlap = _overlap(db, loaded, ids, patients)
     eval_id, report = _record(
         db, run_id=loaded.run_id, model_ref=loaded.ref, dataset_id=info.id, split=split or "",
         labels=list(loaded.labels), image_ids=ids, paths=paths, y_true=y_true,

@@ -110,41 +110,31 @@ def check_run(cfg: Any, limits: Limits, *, n_images: int | None = None) -> None:
                         f"Set max images to {cap} or fewer")
 
 
+def _check_open(n_open: int, cap: int, identity: str, what: str, var: str, wait: str) -> None:
+    if cap and n_open >= cap:
+        raise QuotaExceeded(
+            f"{identity} already has {n_open} queued or running {what}; the limit is {cap} "
+            f"per user. {wait} (an administrator can change the limit with {var}, or that key "
+            "in [cxr] of secrets.toml; 0 turns it off)")
+
+
 def check_active(n_active: int, limits: Limits, identity: str) -> None:
     """Refuse one more run when ``identity`` already has the most queued + running runs.
-
-    Args:
-        n_active: the identity's queued and running runs now.
-        limits: the limits in force.
-        identity: who asks (named in the message).
 
     Raises:
         QuotaExceeded: the quota is reached.
     """
-    cap = limits.max_active_runs
-    if cap and n_active >= cap:
-        raise QuotaExceeded(
-            f"{identity} already has {n_active} queued or running run(s); the limit is {cap} "
-            f"per user. Wait for one to finish or cancel one (an administrator can change the "
-            f"limit with {ENV['max_active_runs']}, or that key in [cxr] of secrets.toml; 0 "
-            "turns it off)")
+    _check_open(n_active, limits.max_active_runs, identity, "run(s)", ENV["max_active_runs"],
+                "Wait for one to finish or cancel one")
 
 
 def check_view_jobs(n_open: int, limits: Limits, identity: str) -> None:
-    """Refuse one more view job when ``identity`` already has the most queued + running ones.
-
-    Args:
-        n_open: the identity's queued and running view jobs now (without the new one).
-        limits: the limits in force.
-        identity: who asks (named in the message).
+    """Refuse one more view job when ``identity`` already has the most queued + running ones
+    (``n_open`` without the new one).
 
     Raises:
         QuotaExceeded: the cap is reached.
     """
-    cap = limits.max_view_jobs
-    if cap and n_open >= cap:
-        raise QuotaExceeded(
-            f"{identity} already has {n_open} queued or running view job(s) (previews, "
-            f"tables, intervals); the limit is {cap} per user. Wait for them to finish and "
-            f"reload (an administrator can change the limit with {ENV['max_view_jobs']}, or "
-            "that key in [cxr] of secrets.toml; 0 turns it off)")
+    _check_open(n_open, limits.max_view_jobs, identity,
+                "view job(s) (previews, tables, intervals)", ENV["max_view_jobs"],
+                "Wait for them to finish and reload")

@@ -116,14 +116,12 @@ def stress_default(evaluation_id: int, *, db: Database | None = None,
     (e.g. a run's temporal ``val`` part, which chose neither model nor threshold), and keep it
     in that model's card (``stress``) and README. Returns the card entry."""
     from cxr_core import shift_stress
-    from cxr_core.evaluation_service import list_evaluations
-
     db = db or open_db()
     out = Path(out_dir)
     ref = "default" if out.resolve() == DEFAULT_MODELS_DIR.resolve() else \
         str(out / DEFAULT_MODEL_NAME)
-    info = next((e for e in list_evaluations(db, with_metrics=False) if e.id == evaluation_id),
-                None)
+    with db.session() as s:
+        info = eval_store.get_evaluation(session=s, evaluation_id=evaluation_id)
     if info is None:
         raise DatasetError(f"no evaluation with id {evaluation_id}")
     rows = shift_stress.stress_evaluation(db, ref, evaluation_id)

@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
-from sklearn.metrics import roc_auc_score
-
+from cxr_core import metrics
 from cxr_core.errors import ConfigError, DatasetError, ImageLoadError
 from cxr_core.storage import Database
 
@@ -35,13 +34,14 @@ def _contrast(c: float) -> Perturb:
     return lambda x: x.mean() + c * (x - x.mean())
 
 
+def _per_plane(x: np.ndarray, fn: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    """``fn`` applied by PIL to each channel of an (H, W, C) image."""
+    return np.stack([np.asarray(fn(Image.fromarray(np.uint8(np.clip(x[..., k], 0, 255)))),
+                                np.float64) for k in range(x.shape[-1])], axis=-1)
+
+
 def _blur(sigma: float) -> Perturb:
-    def run(x: np.ndarray) -> np.ndarray:
-        planes = [np.asarray(Image.fromarray(np.uint8(np.clip(x[..., k], 0, 255)))
-                             .filter(ImageFilter.GaussianBlur(sigma)), np.float64)
-                  for k in range(x.shape[-1])]
-        return np.stack(planes, axis=-1)
-    return run
+    return lambda x: _per_plane(x, lambda im: im.filter(ImageFilter.GaussianBlur(sigma)))
 
 
 def _noise(sd: float, seed: int = 0) -> Perturb:
@@ -57,10 +57,7 @@ def _crop(keep: float) -> Perturb:
     def run(x: np.ndarray) -> np.ndarray:
         h, w = x.shape[:2]
         dh, dw = int(round(h * (1 - keep) / 2)), int(round(w * (1 - keep) / 2))
-        planes = [np.asarray(Image.fromarray(np.uint8(np.clip(x[dh:h - dh, dw:w - dw, k], 0, 255)))
-                             .resize((w, h), Image.BILINEAR), np.float64)
-                  for k in range(x.shape[-1])]
-        return np.stack(planes, axis=-1)
+        return _per_plane(x[dh:h - dh, dw:w - dw], lambda im: im.resize((w, h), Image.BILINEAR))
     return run
 
 
@@ -124,10 +121,11 @@ class StressRow:
 
 
 def score(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float, float]:
-    """(AUC, sensitivity, specificity) of positive-class probabilities at ``threshold``."""
-    pred = p >= threshold
-    pos, neg = y == 1, y == 0
-    return (float(roc_auc_score(y, p)), float(pred[pos].mean()), float((~pred[neg]).mean()))
+    """(AUC, sensitivity, specificity) of positive-class probabilities at ``threshold``
+    (the project's one binary summary, :func:`cxr_core.metrics.summary`)."""
+    probs = np.column_stack([1.0 - p, p])
+    out = metrics.summary(np.asarray(y), probs, metrics.predict(probs, threshold=threshold))
+    return out["auc"], out["sensitivity"], out["specificity"]
 
 
 def stress_evaluation(db: Database, model_ref: str, evaluation_id: int, *,
@@ -199,7 +197,8 @@ def run_val_evaluation(db: Database, run_id: int, split: str = "val") -> int:
     """
     from cxr_core.evaluation_service import list_evaluations
 
-    found = [e for e in list_evaluations(db, run_id=run_id) if e.split == split]
+    found = [e for e in list_evaluations(db, run_id=run_id, with_metrics=False)
+             if e.split == split]
     if not found:
         raise DatasetError(f"run {run_id} has no stored {split!r} evaluation")
     return max(e.id for e in found)
