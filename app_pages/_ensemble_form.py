@@ -9,7 +9,7 @@ from cxr_core import actions, ensembles
 from cxr_core import evaluation_service as es
 from cxr_core.errors import CxrError
 from app_pages._access import md, principal
-from app_pages._shared import get_db
+from app_pages._shared import finished_job, get_db, job_ui
 
 
 def listed_ui() -> None:
@@ -45,14 +45,15 @@ def ensemble_form_ui() -> None:
         threshold = c3.number_input("Threshold", 0.0, 1.0, 0.5, step=0.01, key="ens_threshold")
         note = c4.text_input("Note (why)", key="ens_note")
         go = st.form_submit_button("Make ensemble", icon=":material/join:")
-    if not go:
-        return
-    try:
-        with st.spinner("Loading the members and choosing the operating point…"):
-            info = actions.create_ensemble(get_db(), p, name.strip(), members,
-                                           threshold=threshold if by_hand else None,
-                                           note=note.strip())
-    except CxrError as exc:
-        st.error(md(exc), icon=":material/block:")
-        return
-    st.success(f"Made {md(info.ref)}: {md(info.threshold_source)}.", icon=":material/check:")
+    if go:
+        # Loading the members is TensorFlow work: a worker job, polled here.
+        try:
+            st.session_state["ens_job"] = actions.submit_job(get_db(), p, "create_ensemble", dict(
+                name=name.strip(), members=list(members),
+                threshold=threshold if by_hand else None, note=note.strip()), once=False)
+        except CxrError as exc:
+            st.error(md(exc), icon=":material/block:")
+    job_ui("ens_job", "Loading the members and choosing the operating point")
+    if (job := finished_job("ens_job")) is not None:
+        st.success(f"Made {md(job.result['ensemble'])}: {md(job.result['threshold_source'])}.",
+                   icon=":material/check:")

@@ -142,7 +142,7 @@ def finished_job(state_key: str, *, keep: bool = False) -> JobRecord | None:
     job_id = (st.session_state.get if keep else st.session_state.pop)(done_key, None)
     job = jobs.get_job(get_db(), job_id) if job_id else None
     if job is not None and job.status == "failed":
-        st.error(job.error, icon=":material/error:")
+        st.error(md_escape(job.error), icon=":material/error:")
         return None
     return job
 

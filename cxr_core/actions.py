@@ -32,7 +32,8 @@ from cxr_core.storage import jobs as job_store
 JOB_ACTIONS = {"index": "index_dataset", "evaluate": "evaluate",
                "export_relabels": "export_relabels", "split_preview": "compute_view",
                "compare_ci": "compute_view", "balance_tables": "compute_view",
-               "agreement": "compute_view", "site_calibration": "compute_view"}
+               "agreement": "compute_view", "site_calibration": "compute_view",
+               "create_ensemble": "set_operating_point"}
 VIEW_KINDS = tuple(k for k, a in JOB_ACTIONS.items() if a == "compute_view")
 
 

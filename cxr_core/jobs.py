@@ -140,6 +140,24 @@ def _site_calibration(db: Database, job_id: int, params: Mapping[str, Any],
     return out
 
 
+def _create_ensemble(db: Database, job_id: int, params: Mapping[str, Any],
+                     progress: Progress) -> dict:
+    """A named ensemble from the page: loading the members (TensorFlow) and choosing its
+    operating point happen here, in a worker, never in the Streamlit script thread. It is made
+    by the job's submitter (checked and audited when it was queued), never a name in params."""
+    from cxr_core import ensembles
+
+    progress(0, 1)
+    job = get_job(db, job_id)
+    info = ensembles.create_ensemble(db, params["name"], params["members"],
+                                     threshold=params.get("threshold"),
+                                     changed_by=job.created_by if job else "",
+                                     note=params.get("note", ""))
+    progress(1, 1)
+    return {"ensemble": info.ref, "members": list(info.members), "threshold": info.threshold,
+            "threshold_source": info.threshold_source}
+
+
 KINDS: dict[str, Handler] = {
     "index": _index,
     "evaluate": _evaluate,
@@ -149,6 +167,7 @@ KINDS: dict[str, Handler] = {
     "balance_tables": _balance_tables,
     "agreement": _agreement,
     "site_calibration": _site_calibration,
+    "create_ensemble": _create_ensemble,
 }
 
 

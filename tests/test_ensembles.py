@@ -257,3 +257,24 @@ def test_evaluate_an_ensemble_and_compare_it_with_its_members(pair, tiny_dataset
     cmp = cs.compare_evaluations(db, [out["evaluation_id"], *members], n_boot=0)
     assert cmp.threshold_sources[ref] == "ensemble operating point, at evaluation"
     assert cmp.thresholds[ref] == pytest.approx(out["threshold"])
+
+
+def test_the_page_makes_ensembles_in_a_worker_job_as_its_submitter(pair):
+    """The page's path: a create_ensemble job (set_operating_point's roles), run by a worker
+    (the members' TensorFlow load is never in the Streamlit thread), made by the submitter."""
+    from cxr_core import worker
+    from cxr_core.errors import PermissionDenied
+
+    db, a, b = pair
+    ds = auth.Principal(identity="ds@h.org", roles=frozenset({"scientist"}))
+    rad = auth.Principal(identity="rad@h.org", roles=frozenset({"reviewer"}))
+    params = dict(name="seeds", members=[f"run:{a}", f"run:{b}"], threshold=None, note="n")
+    with pytest.raises(PermissionDenied):
+        actions.submit_job(db, rad, "create_ensemble", params, once=False)
+    job_id = actions.submit_job(db, ds, "create_ensemble", params, once=False)
+    assert ensembles.list_ensembles() == []  # nothing is loaded or written at submit
+    assert job_id in worker.run_worker(once=True, kinds="jobs")["jobs"]
+    assert ensembles.read_named("seeds")["created_by"] == "ds@h.org"
+    from cxr_core import jobs
+
+    assert jobs.get_job(db, job_id).result["ensemble"] == "ensemble:seeds"
