@@ -11,7 +11,8 @@ from cxr_core.storage import audit as audit_store
 from cxr_core.train_config import TrainConfig
 from db.models import (AuditEvent, Job, OperatingPoint, Relabel, ReviewItem, Run,
                        UserRole)
-from tests.test_auth import db, image_id  # noqa: F401 - fixtures: the database, one image
+from tests.test_auth import image_id  # noqa: F401 - fixture: one image
+from tests.test_review import db, ds  # noqa: F401 - fixtures: the database, six images
 
 ADMIN = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
 

@@ -9,10 +9,8 @@ from sqlalchemy.exc import DBAPIError
 from cxr_core import actions, auth, review
 from cxr_core.augment_config import AugmentConfig
 from cxr_core.errors import ConfigError, PermissionDenied
-from cxr_core.indexing import index_dataset
-from cxr_core.storage import open_db
-from db.models import ImageRow, Relabel, Run
-from tests.test_review import make_dataset
+from db.models import Relabel, Run
+from tests.test_review import db, ds  # noqa: F401 - fixtures: the database, six images
 
 V, R, S, A = auth.ROLES
 # The policy as the issue states it: who may do what (a change here is a deliberate decision).
@@ -96,15 +94,9 @@ def test_no_default_role_means_no_role_and_bad_config_is_refused():
 # -- Gated actions against a real database ---------------------------------------------------
 
 @pytest.fixture()
-def db(cxr_home):
-    return open_db()
-
-
-@pytest.fixture()
-def image_id(db, tmp_path):
-    rep = index_dataset(db, make_dataset(tmp_path / "tiny"), name="tiny")
-    with db.session() as s:
-        return s.query(ImageRow).filter_by(dataset_id=rep.dataset_id).first().id
+def image_id(ds):
+    """One image of test_review's six-image dataset (its first indexed)."""
+    return min(ds[1].values())
 
 
 def audit(db, **kw):
