@@ -2,10 +2,10 @@
 
 With an ``[auth]`` table in ``.streamlit/secrets.toml`` every page needs a signed-in user
 (``st.login`` / ``st.user`` / ``st.logout``; Authlib underneath) whose roles come from the
-``[cxr_roles]`` table and the admins' grants (:mod:`cxr_core.auth`). Without it the app runs
+``[cxr_roles]`` table and the admins' grants (:mod:`cxr_core.auth.policy`). Without it the app runs
 in **local mode**: one local identity with every role, and a badge that says so.
 
-Pages ask :func:`principal` for the identity they pass to :mod:`cxr_core.actions`; hiding a
+Pages ask :func:`principal` for the identity they pass to :mod:`cxr_core.auth.gate`; hiding a
 widget is a courtesy, the check is in ``cxr_core``. A signed-in principal (its roles include the
 admins' grants in the database) is read once per full script run: the entry script calls
 :func:`new_script_run` first, so a role an admin revokes takes effect on the user's next run.
@@ -17,10 +17,12 @@ from typing import Any
 
 import streamlit as st
 
-from cxr_core import actions, auth
-from cxr_core.auth import Principal
-from cxr_core.errors import CxrError
-from cxr_core.text_safe import md_escape
+from app_pages._db import get_db
+from cxr_core.auth import gate as actions
+from cxr_core.auth import policy
+from cxr_core.auth.policy import Principal
+from cxr_core.core.errors import CxrError
+from cxr_core.core.text_safe import md_escape
 
 
 def _secrets_table(name: str) -> dict[str, Any] | None:
@@ -63,11 +65,9 @@ def principal() -> Principal:
     The signed-in one is read from the database (its role grants) once per full run: pages
     ask several times per run, and the Train page's fragment every few seconds."""
     if not auth_on():
-        return auth.local_principal(st.session_state.get("review_reviewer", ""))
+        return policy.local_principal(st.session_state.get("review_reviewer", ""))
     if not st.user.is_logged_in:
         _sign_in_screen()
-    from app_pages._shared import get_db
-
     user, run = st.user.to_dict(), st.session_state.get(_RUN)
     cached = st.session_state.get(_CACHED)
     if run is not None and cached is not None and cached[:2] == (run, user):
@@ -86,7 +86,7 @@ def require_page(action: str, what: str) -> Principal:
     """The principal, or a clear refusal that stops the page (the core checks again)."""
     p = principal()
     if not p.can(action):
-        need = " or ".join(r for r in auth.ROLES if r in auth.allowed_roles(action))
+        need = " or ".join(r for r in policy.ROLES if r in policy.allowed_roles(action))
         st.warning(f"{what} needs the {need} role; you are signed in as {md(p.identity)} "
                    f"({', '.join(sorted(p.roles)) or 'no role'}). Ask an admin for access.",
                    icon=":material/block:")
@@ -121,4 +121,4 @@ def acting_as(label: str, key: str, container: Any = None, *, required: bool = T
     if auth_on():
         return principal()
     name = (container or st).text_input(label, key=key, **kw).strip()
-    return auth.local_principal(name) if name or not required else None
+    return policy.local_principal(name) if name or not required else None

@@ -5,11 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cxr_core import actions, ensembles
-from cxr_core import evaluation_service as es
-from cxr_core.errors import CxrError
 from app_pages._access import md, principal
-from app_pages._shared import finished_job, get_db, job_ui
+from app_pages._db import get_db
+from app_pages._shared import finished_job, job_ui
+from cxr_core.core.errors import CxrError
+from cxr_core.evaluation import evaluate as es
+from cxr_core.jobs import actions
+from cxr_core.models import ensembles
 
 
 def listed_ui() -> None:
@@ -32,7 +34,7 @@ def ensemble_form_ui() -> None:
     if not p.can("set_operating_point"):
         st.caption("Making an ensemble fixes an operating point: it needs the scientist role.")
         return
-    runs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(get_db())}
+    runs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.evaluable_runs(get_db())}
     with st.form("ensemble_form"):
         c1, c2 = st.columns([2, 1])
         members = c1.multiselect("Members (2 or more finished runs, or the default model)",

@@ -12,43 +12,16 @@ from typing import Any
 
 import streamlit as st
 
-from cxr_core import images as cxr_images
-from cxr_core import indexing, jobs
-from cxr_core.config import apply_secrets
-from cxr_core.data_roots import allowed_roots, describe
-from cxr_core.errors import CxrError
-from cxr_core.indexing import Database, DatasetInfo
-from cxr_core.jobs import JobRecord
-from cxr_core.text_safe import md_escape, plotly_escape
-
-
-@st.cache_resource(show_spinner="Opening the database…")
-def _open_app() -> tuple[Database, list[int]]:
-    """One migrated database per app process; CXR_DATA_DIR datasets are queued for indexing.
-
-    Settings: the environment, then the ``[cxr]`` table of ``.streamlit/secrets.toml``.
-    """
-    if st.secrets.load_if_toml_exists() and "cxr" in st.secrets:
-        apply_secrets(st.secrets["cxr"])
-    return indexing.open_app_db()
-
-
-def _startup_jobs() -> list[int]:
-    """The index jobs of CXR_DATA_DIR, queued once per app process."""
-    get_db()  # stops the page on a settings mistake
-    return _open_app()[1]
-
-
-def get_db() -> Database:
-    """The app's database; a settings mistake (a mistyped CXR_* value, a bad secrets table,
-    an unreachable DB URL) stops the page with its message instead of a traceback. Nothing is
-    cached then, so fixing the setting and reloading is enough."""
-    try:
-        return _open_app()[0]
-    except CxrError as exc:
-        st.error(f"The app cannot start with these settings: {md_escape(exc)}",
-                 icon=":material/error:")
-        st.stop()
+from app_pages._access import principal
+from app_pages._db import get_db, startup_jobs
+from cxr_core.core.data_roots import allowed_roots, describe
+from cxr_core.core.errors import CxrError
+from cxr_core.core.text_safe import md_escape, plotly_escape
+from cxr_core.data import images as cxr_images
+from cxr_core.data import indexing
+from cxr_core.data.indexing import DatasetInfo
+from cxr_core.jobs import queue
+from cxr_core.jobs.queue import JobRecord
 
 
 def list_datasets() -> list[DatasetInfo]:
@@ -118,7 +91,7 @@ def job_ui(state_key: str, label: str) -> None:
 @st.fragment(run_every=1.0)
 def _job_progress(state_key: str, label: str) -> None:
     job_id = st.session_state.get(state_key)
-    if not job_id or (job := jobs.get_job(get_db(), job_id)) is None:
+    if not job_id or (job := queue.get_job(get_db(), job_id)) is None:
         return
     if job.status == "queued":
         st.progress(0.0, text=f"{label}: job #{job.id} queued for a worker")
@@ -135,12 +108,12 @@ def finished_job(state_key: str, *, keep: bool = False) -> JobRecord | None:
     """The job of ``state_key`` once it has ended (returned once, unless ``keep``), whether
     :func:`job_ui` saw it end or this page did not poll it; its error is shown here."""
     done_key = f"{state_key}_done"
-    if (job_id := st.session_state.get(state_key)) and (job := jobs.get_job(
+    if (job_id := st.session_state.get(state_key)) and (job := queue.get_job(
             get_db(), job_id)) is not None and job.status in ("finished", "failed"):
         st.session_state.pop(state_key)
         st.session_state[done_key] = job_id
     job_id = (st.session_state.get if keep else st.session_state.pop)(done_key, None)
-    job = jobs.get_job(get_db(), job_id) if job_id else None
+    job = queue.get_job(get_db(), job_id) if job_id else None
     if job is not None and job.status == "failed":
         st.error(md_escape(job.error), icon=":material/error:")
         return None
@@ -154,7 +127,7 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
     None while it is queued or running (its progress is drawn, polled each second) or when it
     failed (its error is drawn, with a button to ask again).
     """
-    job = jobs.latest_job(get_db(), kind, params)
+    job = queue.latest_job(get_db(), kind, params)
     if job is not None and job.status == "finished":
         return job.result
     if job is not None and job.status == "failed":
@@ -171,11 +144,10 @@ def kept_result(kind: str, params: dict, label: str, key: str) -> dict | None:
 
 
 def _submit_view(kind: str, params: dict, key: str, *, once: bool = True) -> bool:
-    """Ask for a view job as the page's principal (:func:`cxr_core.actions.submit_job`:
+    """Ask for a view job as the page's principal (:func:`cxr_core.jobs.actions.submit_job`:
     ``compute_view``, capped per user); its id goes to ``st.session_state[key]``. A refusal is
     shown here (False)."""
-    from app_pages._access import principal
-    from cxr_core import actions
+    from cxr_core.jobs import actions
 
     try:
         st.session_state[key] = actions.submit_job(get_db(), principal(), kind, params,
@@ -190,7 +162,6 @@ def _submit_view(kind: str, params: dict, key: str, *, once: bool = True) -> boo
 
 def add_dataset_ui(key: str = "add_ds") -> None:
     """Register a dataset by path: a worker indexes it; the page shows the job's progress."""
-    from app_pages._access import principal
 
     if not principal().can("index_dataset"):
         st.caption("Adding datasets needs the scientist role.")
@@ -204,7 +175,7 @@ def add_dataset_ui(key: str = "add_ds") -> None:
         st.caption(f"Allowed folders: {md_escape(describe(allowed_roots()))}")
         submitted = st.form_submit_button("Index dataset", icon=":material/add:")
     if submitted and path.strip():
-        from cxr_core import actions
+        from cxr_core.jobs import actions
 
         try:
             st.session_state[f"{key}_job"] = actions.submit_job(
@@ -236,8 +207,8 @@ def index_report_ui(key: str = "add_ds") -> None:
 def startup_index_ui() -> None:
     """The ``CXR_DATA_DIR`` index jobs queued at start: progress while they run, and the
     error of one that failed (a path that is not a dataset)."""
-    for job_id in _startup_jobs():
-        job = jobs.get_job(get_db(), job_id)
+    for job_id in startup_jobs():
+        job = queue.get_job(get_db(), job_id)
         if job is None:
             continue
         if job.status in ("queued", "running"):

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from cxr_core import actions, auth
-from cxr_core.errors import CxrError
 from app_pages._access import md, require_page
-from app_pages._shared import get_db
+from app_pages._db import get_db
+from cxr_core.auth import admin as actions
+from cxr_core.auth import policy
+from cxr_core.core.errors import CxrError
 
 PAGE = 50
 
@@ -17,7 +18,7 @@ user = require_page("view_audit", "The audit log")
 st.subheader("Audit log")
 c1, c2 = st.columns(2)
 actor = c1.text_input("Identity", key="audit_actor", placeholder="everyone").strip()
-action = c2.selectbox("Action", ["(all)", *auth.ACTIONS], key="audit_action")
+action = c2.selectbox("Action", ["(all)", *policy.ACTIONS], key="audit_action")
 cursor = st.session_state.setdefault("audit_before", [])
 events = actions.audit_log(get_db(), user, limit=PAGE, before_id=cursor[-1] if cursor else None,
                            actor=actor.lower() or None,
@@ -49,7 +50,7 @@ if user.can("manage_roles"):
                                for g in grants]), hide_index=True)
     with st.form("grant_form"):
         who = st.text_input("Identity (email)", key="grant_identity")
-        roles = st.multiselect("Roles (none: remove the grant)", list(auth.ROLES),
+        roles = st.multiselect("Roles (none: remove the grant)", list(policy.ROLES),
                                key="grant_roles")
         if st.form_submit_button("Save grant", icon=":material/save:"):
             try:

@@ -4,13 +4,14 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from cxr_core import actions, presets
 from app_pages._access import md, principal
-from cxr_core.augment import augment_preview
-from cxr_core.augment_config import AugmentConfig
-from cxr_core.errors import CxrError
-from cxr_core.images import load_image, to_array
-from app_pages._shared import dataset_picker, get_db, image_path, image_picker
+from app_pages._db import get_db
+from app_pages._shared import dataset_picker, image_path, image_picker
+from cxr_core.core.errors import CxrError
+from cxr_core.data import actions, presets
+from cxr_core.data.augment import augment_preview
+from cxr_core.data.augment_config import AugmentConfig
+from cxr_core.data.images import load_image, to_array
 
 KEYS = ("hflip", "vflip", "rotation", "zoom", "width_shift", "height_shift", "brightness_on",
         "brightness_lo", "brightness_hi", "contrast", "one_of", "seed")

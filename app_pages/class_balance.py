@@ -5,15 +5,15 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core import indexing
-from cxr_core.balance_report import Aggregates, SplitPreview, balance_tables
-from cxr_core.balancing import BALANCING, balance_summary
-from cxr_core.datasets import LABEL_SCHEMES
-from cxr_core.errors import CxrError
-from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._access import md
-from app_pages._shared import (dataset_picker, get_db, image_path, kept_result, plot_safe,
-                               thumbnail)
+from app_pages._db import get_db
+from app_pages._shared import dataset_picker, image_path, kept_result, plot_safe, thumbnail
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import LABEL_SCHEMES
+from cxr_core.data import indexing
+from cxr_core.data.balance_report import Aggregates, SplitPreview, balance_tables
+from cxr_core.data.balancing import BALANCING, balance_summary
+from cxr_core.data.splits import SPLIT_STRATEGIES
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",

@@ -5,21 +5,22 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core import compare_service as cs
-from cxr_core import eval_tables as tables
-from cxr_core import evaluation_service as es
-from cxr_core import operating_point_service as ops
-from cxr_core import ensembles, subgroups
-from cxr_core import actions
-from cxr_core.auth import Principal
-from cxr_core.errors import ConfigError, CxrError
-from cxr_core.text_safe import plotly_escape
 from app_pages._access import acting_as, md, principal
-from cxr_core.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from app_pages._shared import (finished_job, get_db, job_ui, kept_result, list_datasets,
-                               plot_safe, thumbnail)
+from app_pages._db import get_db
 from app_pages._ensemble_form import ensemble_form_ui
-from app_pages._site_calibration import site_calibration_ui
+from app_pages._shared import finished_job, job_ui, kept_result, list_datasets, plot_safe, thumbnail
+from app_pages._site_thresholds import site_threshold_ui
+from cxr_core.auth.policy import Principal
+from cxr_core.core.errors import ConfigError, CxrError
+from cxr_core.core.text_safe import plotly_escape
+from cxr_core.data.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
+from cxr_core.evaluation import actions, subgroups
+from cxr_core.evaluation import compare as cs
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.jobs import actions as jobs_actions
+from cxr_core.models import ensembles
+from cxr_core.stats import tables
 
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=600, max_entries=16)
@@ -44,7 +45,7 @@ N_BOOT = 500
 def evaluate_ui(db) -> None:
     """Evaluate a finished run, the default model or a named ensemble on a dataset: a job a
     worker runs."""
-    refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.list_runs(db)}
+    refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.evaluable_runs(db)}
     refs.update({e.ref: e.title for e in ensembles.list_ensembles()})
     datasets = {d.name: d for d in list_datasets()}
     c1, c2, c3, c4 = st.columns(4)
@@ -61,7 +62,7 @@ def evaluate_ui(db) -> None:
                  disabled=not name):
         # A worker process decodes and predicts; this page only polls the job's progress.
         try:
-            st.session_state["compare_job"] = actions.submit_job(db, principal(), "evaluate", dict(
+            st.session_state["compare_job"] = jobs_actions.submit_job(db, principal(), "evaluate", dict(
                 model_ref=ref, data=name, split=None if split == "(all)" else split,
                 labels=labels), once=False)
         except CxrError as exc:
@@ -131,16 +132,15 @@ def confusion_ui(cmp: cs.Comparison) -> None:
 def curves_ui(cmp: cs.Comparison) -> None:
     line = dict(color="run", line_dash=None if len(cmp.labels) == 2 else "class",
                 hover_data=["threshold", "area"])
-    roc, pr, calib = (plot_safe(pd.DataFrame(rows)) for rows in (
+    roc, pr, rel = (plot_safe(pd.DataFrame(rows)) for rows in (
         tables.roc_table(cmp.reports), tables.pr_table(cmp.reports),
-        tables.calibration_table(cmp.reports)))
-    cal = px.line(calib, x="confidence",
-                  y="accuracy", color="run", markers=True, hover_data=["count"],
-                  title="Calibration")
-    cal.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
+        tables.reliability_table(cmp.reports)))
+    rel_fig = px.line(rel, x="confidence", y="accuracy", color="run", markers=True,
+                      hover_data=["count"], title="Reliability (predicted vs observed)")
+    rel_fig.add_shape(type="line", x0=0, y0=0, x1=1, y1=1, line=dict(dash="dot", color="grey"))
     for col, fig in zip(st.columns(3), (px.line(roc, x="fpr", y="tpr", title="ROC", **line),
                                         px.line(pr, x="recall", y="precision",
-                                                title="Precision–recall", **line), cal)):
+                                                title="Precision–recall", **line), rel_fig)):
         col.plotly_chart(fig, width="stretch")
 
 
@@ -228,9 +228,9 @@ def operating_point_ui(cmp: cs.Comparison) -> None:
 st.title("Compare runs")
 with st.expander("Evaluate a model on a dataset", icon=":material/science:"):
     evaluate_ui(get_db())
-with st.expander("Site calibration: an operating point for one dataset",
+with st.expander("Site threshold: an operating point for one dataset",
                  icon=":material/location_on:"):
-    site_calibration_ui()
+    site_threshold_ui()
 with st.expander("Named ensembles: the mean of a few runs as one model",
                  icon=":material/join:"):
     ensemble_form_ui()

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core.card_measured import entry_title, fmt_ci, headline
-from cxr_core.errors import CxrError
-from cxr_core.model_card_md import stress_summary
-from cxr_core.model_store import DEFAULT_MODELS_DIR, read_card
 from app_pages._access import md
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
+from cxr_core.core.errors import CxrError
+from cxr_core.models.card import entry_title, fmt_ci, headline, stress_summary
+from cxr_core.models.store import DEFAULT_MODELS_DIR, read_card
 
 SPLIT_TEXT = {"patient": "a random patient-grouped validation split (in-distribution)",
               "temporal": "a temporal validation split (the earliest patients held out)",

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import streamlit as st
 
-from cxr_core import actions, ensembles, explain, model_store, predict, site_calibration
-from cxr_core.errors import ConfigError, CxrError
 from app_pages._access import acting_as, md, principal
-from cxr_core.saliency_render import shortcut_warning
-from app_pages._shared import dataset_picker, get_db, image_picker
+from app_pages._db import get_db
+from app_pages._shared import dataset_picker, image_picker
+from cxr_core.core.errors import ConfigError, CxrError
+from cxr_core.evaluation import site_thresholds
+from cxr_core.models import ensembles, refs
+from cxr_core.models import store as model_store
+from cxr_core.predict import explain
+from cxr_core.predict import inference
+from cxr_core.predict.render import shortcut_warning
+from cxr_core.review import actions
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=4)
 def get_model(ref: str) -> model_store.LoadedModel:
-    return model_store.load_model_ref(ref, db=get_db())
+    return refs.load_model_ref(ref, db=get_db())
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -27,12 +33,12 @@ def heatmap(ref: str, sha256: str, method: str, class_index: int, _pixels):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def picture(sha256: str, _item: predict.ImageInput):  # keyed by the content hash
+def picture(sha256: str, _item: inference.ImageInput):  # keyed by the content hash
     return explain.display_pixels(_item)
 
 
 def model_ui() -> str | None:
-    options = {o.ref: o.title for o in predict.model_options(get_db())}
+    options = {o.ref: o.title for o in inference.model_options(get_db())}
     if not options:
         st.warning("No model yet: train one on the Train page (or ship `models/default`).")
         return None
@@ -40,7 +46,7 @@ def model_ui() -> str | None:
                                 key="predict_model")
 
 
-def inputs_ui() -> tuple[tuple, list[predict.ImageInput], int | None]:
+def inputs_ui() -> tuple[tuple, list[inference.ImageInput], int | None]:
     """The chosen images, a key that changes when the choice does, and their dataset (None
     for uploads)."""
     source = st.radio("Images", ["Upload", "From a dataset"], horizontal=True,
@@ -50,12 +56,12 @@ def inputs_ui() -> tuple[tuple, list[predict.ImageInput], int | None]:
             "Chest X-rays: JPEG, PNG, BMP, TIFF or DICOM (also without extension)",
             accept_multiple_files=True, key="predict_files")
         return (tuple(f.file_id for f in files),
-                [predict.ImageInput(f.name, data=f.getvalue()) for f in files], None)
+                [inference.ImageInput(f.name, data=f.getvalue()) for f in files], None)
     info = dataset_picker("predict")
     if info is None:
         return (), [], None
     records = image_picker(info, "predict_pick_images", sample_button=True)
-    return ((info.id, *(r.id for r in records)), predict.dataset_inputs(info.root, records),
+    return ((info.id, *(r.id for r in records)), inference.dataset_inputs(info.root, records),
             info.id)
 
 
@@ -65,23 +71,23 @@ def site_ui(ref: str, dataset_id: int | None) -> int | None:
     if dataset_id is not None:
         return dataset_id
     sites = {op.dataset_id: op.dataset_name
-             for op in site_calibration.site_points(get_db(), model_ref=ref)}
+             for op in site_thresholds.site_points(get_db(), model_ref=ref)}
     if not sites:
         return None
     return st.selectbox("Site of these films", [None, *sites], key="predict_site",
                         format_func=lambda i: ("Another site: the global operating point"
                                                if i is None else f"{sites[i]} (calibrated)"),
-                        help="A site calibrated on Compare → Site calibration decides with "
+                        help="A site threshold set on Compare → Site threshold decides with "
                              "its own operating point.")
 
 
-def run_ui(ref: str, key: tuple, items: list[predict.ImageInput], site: int | None):
+def run_ui(ref: str, key: tuple, items: list[inference.ImageInput], site: int | None):
     """Predict once per (model, images, operating point) choice; reruns (sliders) reuse the
     stored result. Returns it with a sentence naming the operating point used."""
-    loaded, used = site_calibration.operating_point_for(get_db(), get_model(ref), site)
+    loaded, used = site_thresholds.operating_point_for(get_db(), get_model(ref), site)
     if st.session_state.get("predict_key") != (ref, key, loaded.threshold, used):
         bar = st.progress(0.0, text="Reading images…")
-        result = predict.predict_batch(loaded, items, progress=lambda n, total:
+        result = inference.predict_batch(loaded, items, progress=lambda n, total:
                                        bar.progress(n / total, f"Reading images: {n}/{total}"))
         bar.empty()
         st.session_state["predict_key"] = (ref, key, loaded.threshold, used)
@@ -89,10 +95,10 @@ def run_ui(ref: str, key: tuple, items: list[predict.ImageInput], site: int | No
     return st.session_state["predict_result"], used
 
 
-def results_ui(ref: str, result: predict.BatchResult) -> None:
+def results_ui(ref: str, result: inference.BatchResult) -> None:
     if note := ensembles.describe(get_model(ref)):
         st.info(note, icon=":material/join:")  # markdown, its refs escaped
-    if predict.no_operating_point(result):
+    if inference.no_operating_point(result):
         st.warning("This model has no stored operating point: decisions use 0.5.")
     for err in result.errors:
         st.error(md(err.error), icon=":material/broken_image:")
@@ -102,19 +108,19 @@ def results_ui(ref: str, result: predict.BatchResult) -> None:
                            mime="text/csv", icon=":material/download:", key="predict_csv")
 
 
-def detail_ui(result: predict.BatchResult) -> predict.Prediction:
+def detail_ui(result: inference.BatchResult) -> inference.Prediction:
     preds = result.predictions
     names = {i: p.source.name for i, p in enumerate(preds)}
     pick = st.selectbox("Image", list(names), format_func=names.get,
                         key="predict_pick") if len(preds) > 1 else 0
     pred = preds[pick if pick in names else 0]
-    st.markdown(predict.decision_text(result, pred))  # markdown, its names escaped
+    st.markdown(inference.decision_text(result, pred))  # markdown, its names escaped
     for col, (label, p) in zip(st.columns(len(result.labels)), pred.probabilities.items()):
         col.metric(f"P({md(label)})", f"{p:.1%}")
     return pred
 
 
-def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction) -> None:
+def saliency_ui(ref: str, result: inference.BatchResult, pred: inference.Prediction) -> None:
     c1, c2, c3 = st.columns(3)
     names = explain.METHOD_NAMES
     method = c1.selectbox("Saliency", list(names), format_func=names.get, key="predict_method")
@@ -136,7 +142,7 @@ def saliency_ui(ref: str, result: predict.BatchResult, pred: predict.Prediction)
         st.warning(warning, icon=":material/center_focus_weak:")
 
 
-def review_ui(ref: str, pred: predict.Prediction) -> None:
+def review_ui(ref: str, pred: inference.Prediction) -> None:
     if not principal().can("send_to_review"):
         return  # viewers predict and explain; sending to clinicians needs the reviewer role
     left, right = st.columns([3, 1], vertical_alignment="bottom")
@@ -163,7 +169,7 @@ except CxrError as exc:
     st.error(md(exc))
     st.stop()
 st.caption(f"Decided with the {md(used)}.", help="Site operating points are recorded on Compare "
-           "→ Site calibration; elsewhere the model's global one decides.")
+           "→ Site threshold; elsewhere the model's global one decides.")
 results_ui(ref, result)
 if result.predictions:
     pred = detail_ui(result)

@@ -6,12 +6,17 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from cxr_core import agreement as agreement_mod
-from cxr_core import actions, explain, review, review_view
-from cxr_core.auth import Principal
-from cxr_core.errors import CxrError
 from app_pages._access import auth_on, md, principal, require_page
-from app_pages._shared import dataset_picker, finished_job, get_db, job_ui, kept_result
+from app_pages._db import get_db
+from app_pages._shared import dataset_picker, finished_job, job_ui, kept_result
+from cxr_core.auth.policy import Principal
+from cxr_core.core.errors import CxrError
+from cxr_core.jobs import actions as jobs_actions
+from cxr_core.predict import explain
+from cxr_core.review import actions
+from cxr_core.review import agreement as agreement_mod
+from cxr_core.review import queues as review
+from cxr_core.review import view as review_view
 
 
 def reviewer_ui() -> Principal | None:
@@ -73,7 +78,7 @@ def pixels(path: str, version: str | None) -> np.ndarray:
 
 def act(action: str, reviewer: Principal, entry=None, choice=None) -> None:
     """Button callback: one relabel / undo row (its own short transaction), or a skip; done
-    as the principal (checked and audited in cxr_core.actions)."""
+    as the principal (checked and audited in cxr_core.auth.gate)."""
     stack = st.session_state.setdefault("review_undo", [])
     try:
         if action == "label":
@@ -169,7 +174,7 @@ def export_ui(dataset_id: int) -> None:
     if st.button("Prepare CSV of all relabels", icon=":material/table_view:",
                  key="review_export_go"):
         try:
-            st.session_state["review_export"] = actions.submit_job(
+            st.session_state["review_export"] = jobs_actions.submit_job(
                 get_db(), principal(), "export_relabels", {"dataset_id": dataset_id}, once=False)
         except CxrError as exc:
             st.error(md(exc), icon=":material/block:")

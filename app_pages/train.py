@@ -11,17 +11,18 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from cxr_core import actions
-from cxr_core import training_service as svc
-from cxr_core.presets import all_presets
-from cxr_core.datasets import LABEL_SCHEMES
-from cxr_core.errors import CxrError
-from cxr_core.balancing import BALANCING
-from cxr_core.model_specs import INTENSITY_MODES, MODELS
-from cxr_core.train_config import LR_SCHEDULES, OPTIMIZERS, RECIPES
-from cxr_core.splits import SPLIT_STRATEGIES
 from app_pages._access import md, principal
-from app_pages._shared import dataset_picker, get_db, plot_safe
+from app_pages._db import get_db
+from app_pages._shared import dataset_picker, plot_safe
+from cxr_core.core.errors import CxrError
+from cxr_core.core.labels import LABEL_SCHEMES
+from cxr_core.data.balancing import BALANCING
+from cxr_core.data.presets import all_presets
+from cxr_core.data.splits import SPLIT_STRATEGIES
+from cxr_core.models.specs import INTENSITY_MODES, MODELS
+from cxr_core.training import actions
+from cxr_core.training import service as svc
+from cxr_core.training.config import LR_SCHEDULES, OPTIMIZERS, RECIPES
 
 REFRESH_S = 2.0
 ICONS = dict(queued="⏳", running="🏃", finished="✅", failed="❌", cancelled="⏹️")

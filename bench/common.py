@@ -18,10 +18,10 @@ def default_shared_data() -> Path:
 def real_slice(shared_data: Path, per_class: int, name: str):
     """``per_class`` films of each class from ``chest_xray_224/train``, every 5th for validation.
 
-    Returns a :class:`cxr_core.train_io.TrainData` (imported here so that the TF-free benches
+    Returns a :class:`cxr_core.training.interface.TrainData` (imported here so that the TF-free benches
     never import TensorFlow).
     """
-    from cxr_core import train_io
+    from cxr_core.training import interface as train_io
 
     files = []
     for cls in CLASSES:

@@ -1,6 +1,6 @@
 """Benchmark: frozen-backbone epochs on cached features vs recomputing the backbone each epoch.
 
-Both sides are the real training code (:func:`cxr_core.training.train`) on the same real
+Both sides are the real training code (:func:`cxr_core.training.fit.train`) on the same real
 films (``chest_xray_224/train``, a class-balanced slice), the same frozen MobileNetV2 at 96 px
 and the same epochs; only ``cache_features`` differs:
 
@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import default_shared_data, real_slice
-from cxr_core import models, training
-from cxr_core.train_config import TrainConfig
-from cxr_core.train_io import TrainData, TrainResult
-from cxr_core.model_specs import ModelConfig
+from cxr_core.models import graph as models
+from cxr_core.models.specs import ModelConfig
+from cxr_core.training import fit
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.interface import TrainData, TrainResult
 
 MODEL, SIZE, BATCH = "mobilenetv2", 96, 32
 
@@ -39,7 +40,7 @@ MODEL, SIZE, BATCH = "mobilenetv2", 96, 32
 def _timed(cfg: TrainConfig, data: TrainData, run_dir: Path,
            cache_root: Path) -> tuple[float, TrainResult]:
     start = time.perf_counter()
-    result = training.train(cfg, data, run_dir, cache_root=cache_root)
+    result = fit.train(cfg, data, run_dir, cache_root=cache_root)
     return time.perf_counter() - start, result
 
 

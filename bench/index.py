@@ -29,7 +29,7 @@ def run(shared_data: Path, *, repeat: int = 3) -> dict:
     Returns:
         {"bench": "index", "baseline": {...}, "ours": {...}, "ratio": first_scan / open}
     """
-    from cxr_core.indexing import index_dataset, open_dataset
+    from cxr_core.data.indexing import index_dataset, open_dataset
     from cxr_core.storage import open_db
 
     path = Path(shared_data) / "chest_xray_224" / "train"

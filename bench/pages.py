@@ -52,7 +52,7 @@ def run(shared_data: Path, *, repeat: int = 3, pages: tuple[str, ...] = PAGES) -
         ``{"bench": "pages", "baseline": {page: s}, "ours": {page: s}, "ratio": sum/sum,
         "per_page_ratio": {...}, "tensorflow_at_load": [pages that imported it]}``.
     """
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
     from cxr_core.storage import open_db
 
     train = Path(shared_data) / "chest_xray_224" / "train"

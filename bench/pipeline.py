@@ -23,8 +23,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from cxr_core.augment_config import PRESETS
-from cxr_core.pipeline import ImageCache, build_cache, make_dataset
+from cxr_core.data.augment_config import PRESETS
+from cxr_core.data.pipeline import ImageCache, build_cache, make_dataset
 
 BATCH = 32
 CLASSES = ("NORMAL", "PNEUMONIA")

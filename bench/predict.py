@@ -47,18 +47,19 @@ def run(shared_data: Path, *, repeat: int = 5, model_ref: str = "default") -> di
     Returns:
         ``{"bench": "predict", "baseline": {...}, "ours": {...}, "ratio": cold / warm}``.
     """
-    from cxr_core import explain, predict
-    from cxr_core.model_store import load_model_ref
+    from cxr_core.models.refs import load_model_ref
+    from cxr_core.predict import explain
+    from cxr_core.predict import inference
 
     files = sorted((Path(shared_data) / "chest_xray_fullres_sample" / "train").glob("*/*.jpeg"))
     if not files:
         raise FileNotFoundError(f"no full-resolution films under {shared_data}")
-    items = [predict.ImageInput(f.name, data=f.read_bytes()) for f in files[:max(2, repeat)]]
+    items = [inference.ImageInput(f.name, data=f.read_bytes()) for f in files[:max(2, repeat)]]
     counter = iter(range(10**9))
 
     def request(loaded, explainer) -> None:
         item = items[next(counter) % len(items)]
-        pred = predict.predict_batch(loaded, [item]).predictions[0]
+        pred = inference.predict_batch(loaded, [item]).predictions[0]
         explain.saliency_map(explainer, pred.pixels, "gradcam", pred.class_index)
 
     def cold() -> None:
@@ -73,8 +74,8 @@ def run(shared_data: Path, *, repeat: int = 5, model_ref: str = "default") -> di
     explainer = explain.make_explainer(loaded)
     request(loaded, explainer)  # warm-up: traces the predict and gradient functions
     warm_s = _median_time(lambda: request(loaded, explainer), repeat * 2)
-    pixels = [predict.predict_batch(loaded, [i]).predictions[0] for i in items]
-    predict_s = _median_time(lambda: predict.predict_batch(loaded, items[:1]), repeat * 2)
+    pixels = [inference.predict_batch(loaded, [i]).predictions[0] for i in items]
+    predict_s = _median_time(lambda: inference.predict_batch(loaded, items[:1]), repeat * 2)
     gradcam_s = _median_time(lambda: explain.saliency_map(
         explainer, pixels[0].pixels, "gradcam", pixels[0].class_index), repeat * 2)
     return {

@@ -62,61 +62,61 @@ def _keep(c: dict, key: str, value):
 # ===================================================================================== #
 DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
     "home": [
-        ("indexing.list_datasets", lambda db, c: _m("indexing").list_datasets(db)),
+        ("indexing.list_datasets", lambda db, c: _m("data.indexing").list_datasets(db)),
     ],
     "class_balance": [
-        ("indexing.list_datasets", lambda db, c: _m("indexing").list_datasets(db)),
+        ("indexing.list_datasets", lambda db, c: _m("data.indexing").list_datasets(db)),
         ("indexing.relabel_position", lambda db, c: _keep(
-            c, "position", _m("indexing").relabel_position(db, c["dataset"].id))),
+            c, "position", _m("data.indexing").relabel_position(db, c["dataset"].id))),
         ("balance_report.balance_tables(original)", lambda db, c: _m(
-            "balance_report").balance_tables(db, c["dataset"].id, "binary",
+            "data.balance_report").balance_tables(db, c["dataset"].id, "binary",
                                              as_of_relabel_id=None, current=False)),
-        ("jobs.latest_job(split_preview)", lambda db, c: _m("jobs").latest_job(
+        ("jobs.latest_job(split_preview)", lambda db, c: _m("jobs.queue").latest_job(
             db, "split_preview", {"dataset_id": c["dataset"].id, "scheme": "binary",
                                   "val_fraction": 0.15, "seed": 0, "labels": "original",
                                   "as_of_relabel_id": None,
                                   "indexed_at": str(c["dataset"].indexed_at)})),
-        ("indexing.sample_images", lambda db, c: _m("indexing").sample_images(
+        ("indexing.sample_images", lambda db, c: _m("data.indexing").sample_images(
             db, c["dataset"].id, per_class=8)),
     ],
     "class_balance:current": [  # the "Use current labels" toggle on: these calls besides
         # The current-label tables are a worker job ("balance_tables", timed with the jobs);
         # the page reads the kept result.
-        ("jobs.latest_job(balance_tables)", lambda db, c: _m("jobs").latest_job(
+        ("jobs.latest_job(balance_tables)", lambda db, c: _m("jobs.queue").latest_job(
             db, "balance_tables", {"dataset_id": c["dataset"].id, "scheme": "binary",
-                                   "as_of_relabel_id": _m("indexing").relabel_position(
+                                   "as_of_relabel_id": _m("data.indexing").relabel_position(
                                        db, c["dataset"].id)[1],
                                    "indexed_at": str(c["dataset"].indexed_at)})),
     ],
     "augmentation": [
-        ("presets.all_presets", lambda db, c: _m("presets").all_presets(db)),
+        ("presets.all_presets", lambda db, c: _m("data.presets").all_presets(db)),
         ("indexing.search_images", lambda db, c: _keep(c, "found", _m(
-            "indexing").search_images(db, c["dataset"].id, "", label="NORMAL", limit=50))),
-        ("indexing.get_images", lambda db, c: _m("indexing").get_images(
+            "data.indexing").search_images(db, c["dataset"].id, "", label="NORMAL", limit=50))),
+        ("indexing.get_images", lambda db, c: _m("data.indexing").get_images(
             db, [i for i, _ in c["found"][:1]])),
     ],
     "train": [
-        ("training_service.refresh", lambda db, c: _m("training_service").refresh(db)),
+        ("training_service.refresh", lambda db, c: _m("training.service").refresh(db)),
         ("training_service.list_runs", lambda db, c: _keep(
-            c, "runs", _m("training_service").list_runs(db, limit=50))),
-        ("training_service.count_runs", lambda db, c: _m("training_service").count_runs(db)),
-        ("training_service.live_curves", lambda db, c: _m("training_service").live_curves(
+            c, "runs", _m("training.service").list_runs(db, limit=50))),
+        ("training_service.count_runs", lambda db, c: _m("training.service").count_runs(db)),
+        ("training_service.live_curves", lambda db, c: _m("training.service").live_curves(
             db, [r.id for r in c["runs"]][:3])),
-        ("training_service.run_progress", lambda db, c: _m("training_service").run_progress(
+        ("training_service.run_progress", lambda db, c: _m("training.service").run_progress(
             db, [r.id for r in c["runs"]][:3])),
-        ("training_service.run_logs", lambda db, c: _m("training_service").run_logs(
+        ("training_service.run_logs", lambda db, c: _m("training.service").run_logs(
             db, c["runs"][0].id)),
-        ("presets.all_presets", lambda db, c: _m("presets").all_presets(db)),
+        ("presets.all_presets", lambda db, c: _m("data.presets").all_presets(db)),
     ],
     "compare": [
-        ("evaluation_service.list_runs", lambda db, c: _m("evaluation_service").list_runs(db)),
+        ("evaluation.evaluable_runs", lambda db, c: _m("evaluation.evaluate").evaluable_runs(db)),
         ("compare_service.comparable_groups", lambda db, c: _keep(
-            c, "groups", _m("compare_service").comparable_groups(db))),
+            c, "groups", _m("evaluation.compare").comparable_groups(db))),
         ("evaluation_service.newest_relabel_for", lambda db, c: _keep(
-            c, "as_of", _m("evaluation_service").newest_relabel_for(
+            c, "as_of", _m("evaluation.evaluate").newest_relabel_for(
                 db, min(e.id for e in c["groups"][0].evaluations[:4])))),
         ("compare_service.compare_evaluations(n_boot=0)", lambda db, c: _keep(
-            c, "cmp", _m("compare_service").compare_evaluations(
+            c, "cmp", _m("evaluation.compare").compare_evaluations(
                 db, tuple(sorted(e.id for e in c["groups"][0].evaluations[:4])),
                 mode="operating_point", target=0.95, truth="current", n_boot=0,
                 as_of_relabel_id=c["as_of"]))),
@@ -124,40 +124,40 @@ DATA_CALLS: dict[str, list[tuple[str, Callable[[Any, dict], Any]]]] = {
         ("Comparison.metrics_text", lambda db, c: c["cmp"].metrics_text()),
         ("Comparison.mcnemar_rows", lambda db, c: c["cmp"].mcnemar_rows()),
         ("operating_point_service.operating_point_history", lambda db, c: _m(
-            "operating_point_service").operating_point_history(
+            "evaluation.operating_points").operating_point_history(
                 db, next(e.run_id for e in c["cmp"].evaluations.values()))),
     ],
     "predict": [
-        ("predict.model_options", lambda db, c: _m("predict").model_options(db)),
-        ("indexing.search_images", lambda db, c: _m("indexing").search_images(
+        ("predict.model_options", lambda db, c: _m("predict.inference").model_options(db)),
+        ("indexing.search_images", lambda db, c: _m("data.indexing").search_images(
             db, c["dataset"].id, "person1", limit=50)),
         ("indexing.random_images (Sample 8)", lambda db, c: _keep(
-            c, "drawn", _m("indexing").random_images(db, c["dataset"].id, 8, seed=1))),
-        ("indexing.get_images", lambda db, c: _m("indexing").get_images(
+            c, "drawn", _m("data.indexing").random_images(db, c["dataset"].id, 8, seed=1))),
+        ("indexing.get_images", lambda db, c: _m("data.indexing").get_images(
             db, [i for i, _ in c["drawn"]])),
     ],
     "review": [
         ("review.load_state", lambda db, c: _keep(
-            c, "state", _m("review").load_state(db, c["dataset"].id, None))),
+            c, "state", _m("review.queues").load_state(db, c["dataset"].id, None))),
         ("review.next_in_queue(disagreement)", lambda db, c: _keep(
-            c, "view", _m("review").next_in_queue(db, c["state"], "disagreement",
+            c, "view", _m("review.queues").next_in_queue(db, c["state"], "disagreement",
                                                   c["reviewer"], seed=0))),
-        ("review.next_in_queue(uncertain)", lambda db, c: _m("review").next_in_queue(
+        ("review.next_in_queue(uncertain)", lambda db, c: _m("review.queues").next_in_queue(
             db, c["state"], "uncertain", c["reviewer"], seed=0)),
-        ("review.next_in_queue(random)", lambda db, c: _m("review").next_in_queue(
+        ("review.next_in_queue(random)", lambda db, c: _m("review.queues").next_in_queue(
             db, c["state"], "random", c["reviewer"], seed=0)),
-        ("review.next_in_queue(class)", lambda db, c: _m("review").next_in_queue(
+        ("review.next_in_queue(class)", lambda db, c: _m("review.queues").next_in_queue(
             db, c["state"], "class", c["reviewer"], class_name="NORMAL", seed=0)),
-        ("review_view.describe_entry", lambda db, c: _m("review_view").describe_entry(
+        ("review_view.describe_entry", lambda db, c: _m("review.view").describe_entry(
             db, c["state"], c["view"].current)),
     ],
     "review:agreement": [  # the agreement toggle on: these calls besides
-        ("review.newest_relabel_id", lambda db, c: _m("review").newest_relabel_id(
+        ("review.newest_relabel_id", lambda db, c: _m("review.queues").newest_relabel_id(
             db, c["dataset"].id)),
         # Kappa and conflicts are a worker job ("agreement", timed with the jobs).
-        ("jobs.latest_job(agreement)", lambda db, c: _m("jobs").latest_job(
+        ("jobs.latest_job(agreement)", lambda db, c: _m("jobs.queue").latest_job(
             db, "agreement", {"dataset_id": c["dataset"].id,
-                              "newest_relabel_id": _m("review").newest_relabel_id(
+                              "newest_relabel_id": _m("review.queues").newest_relabel_id(
                                   db, c["dataset"].id), "limit": 25, "offset": 0})),
     ],
 }
@@ -281,14 +281,14 @@ def _add_runs_and_evaluations(db, dataset_id: int, root: Path, n_evals: int,
                               seed: int = 2) -> dict:
     """``n_evals`` finished runs with epoch/batch metrics, logs and an operating point, each
     evaluated on the test split (same images, same order: one Compare group) through
-    :func:`cxr_core.evaluation_service.record_evaluation`, current labels as truth."""
+    :func:`cxr_core.evaluation.evaluate.record_evaluation`, current labels as truth."""
     import numpy as np
     from sqlalchemy import insert
 
-    from cxr_core import evaluation_service as es
-    from cxr_core import operating_point_service as ops
-    from cxr_core import provenance
-    from cxr_core.datasets import BINARY_CLASSES
+    from cxr_core.core.labels import BINARY_CLASSES
+    from cxr_core.data import provenance
+    from cxr_core.evaluation import evaluate as es
+    from cxr_core.evaluation import operating_points as ops
     from cxr_core.storage import datasets as ds_store
     from cxr_core.storage import relabels as rel_store
     from cxr_core.storage import runs as runs_store
@@ -360,7 +360,7 @@ def build(root: Path, home: Path, n_images: int, n_relabels: int, n_evals: int) 
         os.environ.pop(var, None)
     from sqlalchemy import func, insert, select
 
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
     from cxr_core.storage import open_db
     from db.models import EvalPrediction, Evaluation, ImageRow, OperatingPoint, Relabel, Run
 
@@ -412,17 +412,17 @@ def build(root: Path, home: Path, n_images: int, n_relabels: int, n_evals: int) 
 
 # -- Measuring one level (the web process) --------------------------------------------------
 
-# Imported before timing, so a page's first render is not its imports' time. cxr_core.augment
+# Imported before timing, so a page's first render is not its imports' time. cxr_core.data.augment
 # (the Augmentation page) imports TensorFlow: the web process holds it once that page is seen.
-_WARM_IMPORTS = ("pandas", "plotly.express", "sklearn.metrics", "cxr_core.balance_report",
-                 "cxr_core.balancing", "cxr_core.indexing", "cxr_core.presets", "cxr_core.augment",
-                 "cxr_core.images", "cxr_core.training_service", "cxr_core.model_specs",
-                 "cxr_core.train_config", "cxr_core.compare_service", "cxr_core.eval_tables",
-                 "cxr_core.evaluation_service", "cxr_core.operating_point_service",
-                 "cxr_core.jobs", "cxr_core.provenance", "cxr_core.explain",
-                 "cxr_core.model_store", "cxr_core.predict", "cxr_core.uploads",
-                 "cxr_core.saliency_render", "cxr_core.agreement", "cxr_core.review",
-                 "cxr_core.review_view")
+_WARM_IMPORTS = ("pandas", "plotly.express", "sklearn.metrics", "cxr_core.data.balance_report",
+                 "cxr_core.data.balancing", "cxr_core.data.indexing", "cxr_core.data.presets", "cxr_core.data.augment",
+                 "cxr_core.data.images", "cxr_core.training.service", "cxr_core.models.specs",
+                 "cxr_core.training.config", "cxr_core.evaluation.compare", "cxr_core.stats.tables",
+                 "cxr_core.evaluation.evaluate", "cxr_core.evaluation.operating_points",
+                 "cxr_core.jobs.queue", "cxr_core.data.provenance", "cxr_core.predict.explain",
+                 "cxr_core.models.store", "cxr_core.predict.inference", "cxr_core.predict.uploads",
+                 "cxr_core.predict.render", "cxr_core.review.agreement", "cxr_core.review.queues",
+                 "cxr_core.review.view")
 
 
 def _rss_mb() -> float:
@@ -626,7 +626,7 @@ def measure_here(*, reruns: int = 3, repeat: int = 3, pages: tuple[str, ...] | N
              + (f" EXCEPTION {r['exceptions']}" if r["exceptions"] else "")
              + (f" HARNESS {r['harness_error']}" if r.get("harness_error") else ""))
     out["rss_mb"] = max(out.get("rss_mb") or 0, _rss_mb())
-    from cxr_core import indexing
+    from cxr_core.data import indexing
     from cxr_core.storage import open_db
 
     db = open_db()

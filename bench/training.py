@@ -1,6 +1,6 @@
 """Benchmark: training throughput of the default recipe, float32 vs mixed precision (GPU).
 
-Both sides are the real training code (:func:`cxr_core.training.train`) with the
+Both sides are the real training code (:func:`cxr_core.training.fit.train`) with the
 ``default224`` recipe (its network, 224 px, its augmentation and class weights) on the same
 real films (``chest_xray_224/train``, a class-balanced slice) for the same epochs; only
 ``mixed_precision`` differs:
@@ -43,8 +43,8 @@ def _device() -> str:
 
 
 def _side(mixed: bool, data, root: Path, epochs: int, batch_size: int | None) -> dict:
-    from cxr_core import training
-    from cxr_core.train_config import TrainConfig
+    from cxr_core.training import fit
+    from cxr_core.training.config import TrainConfig
 
     overrides = {"recipe": RECIPE, "dataset": "bench", "epochs": epochs,
                  "early_stopping": False, "lr_schedule": "none", "mixed_precision": mixed}
@@ -53,7 +53,7 @@ def _side(mixed: bool, data, root: Path, epochs: int, batch_size: int | None) ->
     cfg = TrainConfig.from_dict(overrides)
     name = "mixed" if mixed else "fp32"
     start = time.perf_counter()
-    result = training.train(cfg, data, root / name, cache_root=root / "cache")
+    result = fit.train(cfg, data, root / name, cache_root=root / "cache")
     seconds = time.perf_counter() - start
     rates = [h["images_per_s"] for h in result.history]
     return {"precision": "mixed_float16" if mixed else "float32",
@@ -78,7 +78,7 @@ def run(shared_data: Path, *, per_class: int = 160, epochs: int = 3,
     Returns:
         ``{"bench": "training", "baseline": {...}, "ours": {...} | None, "ratio": x | None}``.
     """
-    from cxr_core.train_runtime import gpu_count
+    from cxr_core.training.runtime import gpu_count
 
     if epochs < 2:
         raise ValueError(f"epochs must be at least 2 (the first traces the graph). "

@@ -4,7 +4,7 @@ With ``--json`` each command prints exactly one JSON object on stdout; errors go
 as one line with a non-zero exit (a traceback only with ``--debug``). Progress goes to stderr.
 
 ``relabel add|import|list`` writes and reads relabels with the review page's writers
-(:mod:`cxr_core.relabel_import`); ``import`` writes every row of its CSV in one transaction, or
+(:mod:`cxr_core.review.relabel_import`); ``import`` writes every row of its CSV in one transaction, or
 none.
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cxr_core.errors import ConfigError, CxrError
+from cxr_core.core.errors import ConfigError, CxrError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # cxr_core/cli.py -> the repository
 BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale")
 
 
@@ -34,19 +34,19 @@ def _progress(label: str) -> Callable[[int, int], None]:
 def _gate(action: str, target: str = "", **detail) -> None:
     """The CLI acts as its configured local principal (CXR_CLI_IDENTITY, CXR_CLI_ROLES):
     checked against the policy and recorded in the audit log like the pages' actions."""
-    from cxr_core import actions
-    from cxr_core.auth import cli_principal
-    from cxr_core.storage import open_db
+    from cxr_core.auth import gate
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.app import open_db
 
     db, p = open_db(), cli_principal()
-    actions.authorize(db, p, action, target)
-    actions.record(db, p, action, target, detail=detail)
+    gate.authorize(db, p, action, target)
+    gate.record(db, p, action, target, detail=detail)
 
 
 def cmd_index(args: argparse.Namespace) -> dict:
-    from cxr_core import data_roots
-    from cxr_core.indexing import index_dataset
-    from cxr_core.storage import open_db
+    from cxr_core.core import data_roots
+    from cxr_core.data.indexing import index_dataset
+    from cxr_core.app import open_db
 
     data_roots.check_path(args.path, roots=data_roots.allowed_roots())
     _gate("index_dataset", str(args.path), name=args.name)
@@ -63,15 +63,37 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     return module.run(data)
 
 
-def cmd_train(args: argparse.Namespace) -> dict:
-    from cxr_core.training_service import train_cli
+def train_cli(config_path: str | Path, *, detach: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> dict:
+    """``python -m cxr_core train --config FILE``: train to the end, or only queue, as the
+    CLI's principal (CXR_CLI_IDENTITY/CXR_CLI_ROLES): the pages' checks (role, run limits,
+    quota), owner and audit row (:mod:`cxr_core.auth.gate`).
 
-    # checked, limited and audited as the CLI principal inside (cxr_core.actions)
+    Returns:
+        ``{"run_id", "status", "epochs", "val"}`` (+ ``"error"`` when it failed), or
+        ``{"run_id", "status": "queued"}`` with ``detach`` (a worker is started if none runs).
+    """
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.app import open_db
+    from cxr_core.training import actions as training_actions
+    from cxr_core.training.service import make_config, read_config_file
+
+    path = Path(config_path).expanduser()
+    db, p = open_db(), cli_principal()
+    cfg = make_config(db, read_config_file(path), base_dir=path.parent)
+    if detach:
+        run_id, _ = training_actions.start_run(db, p, cfg)
+        return {"run_id": run_id, "status": "queued"}
+    return training_actions.train_here(db, p, cfg, progress=progress).to_json()
+
+
+def cmd_train(args: argparse.Namespace) -> dict:
+    # checked, limited and audited as the CLI principal inside (cxr_core.auth.gate)
     return train_cli(args.config, detach=args.detach, progress=_progress("train"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
-    from cxr_core.evaluation_service import evaluate_cli
+    from cxr_core.evaluation.evaluate import evaluate_cli
 
     _gate("evaluate", str(args.model), data=args.data, split=args.split)
     out = evaluate_cli(args.model, args.data, split=args.split, labels=args.labels)
@@ -81,41 +103,41 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_stress(args: argparse.Namespace) -> dict:
-    from cxr_core import shift_stress as ss
-    from cxr_core.storage import open_db
+    from cxr_core.evaluation import stress
+    from cxr_core.app import open_db
 
     db = open_db()
     if (args.run is None) == (args.evaluation is None):
         raise ConfigError("stress needs exactly one of --run ID (its validation images) or "
                           "--evaluation ID")
-    ev_id = args.evaluation or ss.run_val_evaluation(db, args.run, args.split)
+    ev_id = args.evaluation or stress.run_val_evaluation(db, args.run, args.split)
     model = args.model or f"run:{args.run}"
-    rows = ss.stress_evaluation(db, model, ev_id, names=args.only, tta=args.tta)
-    return {"model": model, "evaluation_id": ev_id, "tta": args.tta, **ss.summary(rows)}
+    rows = stress.stress_evaluation(db, model, ev_id, names=args.only, tta=args.tta)
+    return {"model": model, "evaluation_id": ev_id, "tta": args.tta, **stress.summary(rows)}
 
 
 def cmd_site_calibrate(args: argparse.Namespace) -> dict:
-    """Compare → Site calibration from the command line: the candidate (always printed), and
+    """Compare → Site threshold from the command line: the candidate (always printed), and
     with --record the operating point for that dataset, recorded as the CLI principal."""
-    from cxr_core import actions
-    from cxr_core import site_calibration as sc
-    from cxr_core.auth import cli_principal
-    from cxr_core.storage import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.evaluation import actions as evaluation_actions
+    from cxr_core.evaluation import site_thresholds
+    from cxr_core.app import open_db
 
     db = open_db()
-    cand = sc.candidate(db, evaluation_id=args.evaluation, sample=args.sample,
+    cand = site_thresholds.candidate(db, evaluation_id=args.evaluation, sample=args.sample,
                         labels=args.labels, method=args.method, target=args.target,
                         n_boot=args.n_boot)
     out: dict = {"candidate": cand.to_json(), "recorded": None}
     if args.record:
-        op = actions.record_site_calibration(db, cli_principal(), cand, note=args.note)
+        op = evaluation_actions.record_site_threshold(db, cli_principal(), cand, note=args.note)
         out["recorded"] = {"model_ref": op.model_ref, "dataset_id": op.dataset_id,
                            "threshold": op.threshold, "changed_by": op.changed_by}
     return out
 
 
 def cmd_predict(args: argparse.Namespace) -> dict:
-    from cxr_core.predict_cli import predict_cli
+    from cxr_core.predict.cli import predict_cli
 
     return predict_cli(args.model, args.images, saliency=args.saliency, out_dir=args.out)
 
@@ -123,30 +145,30 @@ def cmd_predict(args: argparse.Namespace) -> dict:
 def cmd_worker(args: argparse.Namespace) -> dict:
     if args.gpu is not None:  # before TensorFlow is imported: it reads the variable once
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
-    from cxr_core.worker import run_worker
+    from cxr_core.app import run_worker
 
     return run_worker(once=args.once, idle_exit_s=args.idle_exit, kinds=args.kinds)
 
 
 def cmd_relabel_add(args: argparse.Namespace) -> dict:
-    from cxr_core import actions
-    from cxr_core.auth import cli_principal
-    from cxr_core.relabel_import import relabel_json
-    from cxr_core.storage import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.review import actions as review_actions
+    from cxr_core.review.relabel_import import relabel_json
+    from cxr_core.app import open_db
 
     p = cli_principal()
     if args.reviewer is not None and args.reviewer != p.identity:
         raise ConfigError(f"relabels are recorded as the CLI's identity ({p.identity!r}, "
                           "CXR_CLI_IDENTITY), never a typed name: set CXR_CLI_IDENTITY to "
                           f"relabel as someone else. Received: --reviewer {args.reviewer!r}")
-    rec = actions.relabel_path(open_db(), p, dataset=args.dataset, relpath=args.path,
+    rec = review_actions.relabel_path(open_db(), p, dataset=args.dataset, relpath=args.path,
                                label=args.label, subtype=args.subtype, note=args.note)
     return relabel_json(rec, args.dataset)
 
 
 def cmd_relabel_import(args: argparse.Namespace) -> dict:
-    from cxr_core.relabel_import import import_relabels
-    from cxr_core.storage import open_db
+    from cxr_core.review.relabel_import import import_relabels
+    from cxr_core.app import open_db
 
     _gate("import_relabels", f"{args.dataset}:{args.file}", reviewer=args.reviewer)
     if args.file == "-":
@@ -159,8 +181,8 @@ def cmd_relabel_import(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_list(args: argparse.Namespace) -> dict:
-    from cxr_core.relabel_import import relabel_history, relabel_json
-    from cxr_core.storage import open_db
+    from cxr_core.review.relabel_import import relabel_history, relabel_json
+    from cxr_core.app import open_db
 
     info, records = relabel_history(open_db(), dataset=args.dataset)
     return {"dataset": info.name, "count": len(records),
@@ -168,23 +190,23 @@ def cmd_relabel_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_ensemble_create(args: argparse.Namespace) -> dict:
-    from cxr_core import actions
-    from cxr_core.auth import cli_principal
-    from cxr_core.storage import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.models import actions as models_actions
+    from cxr_core.app import open_db
 
     p = cli_principal()
     if args.by and args.by != p.identity:
         raise ConfigError(f"an ensemble is recorded as made by the CLI's identity "
                           f"({p.identity!r}, CXR_CLI_IDENTITY), never a typed name. "
                           f"Received: --by {args.by!r}")
-    info = actions.create_ensemble(open_db(), p, args.name, args.members,
+    info = models_actions.create_ensemble(open_db(), p, args.name, args.members,
                                    threshold=args.threshold, note=args.note)
     return {"ensemble": info.ref, "members": list(info.members), "labels": list(info.labels),
             "threshold": info.threshold, "threshold_source": info.threshold_source}
 
 
 def cmd_ensemble_list(args: argparse.Namespace) -> dict:
-    from cxr_core.ensembles import list_ensembles
+    from cxr_core.models.ensembles import list_ensembles
 
     return {"ensembles": [{"ensemble": e.ref, "members": list(e.members),
                            "labels": list(e.labels), "threshold": e.threshold,
@@ -193,24 +215,24 @@ def cmd_ensemble_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> dict:
-    from cxr_core import actions
-    from cxr_core.auth import cli_principal
-    from cxr_core.storage import open_db
+    from cxr_core.auth import admin
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.app import open_db
 
-    events = actions.audit_log(open_db(), cli_principal(), limit=args.limit,
+    events = admin.audit_log(open_db(), cli_principal(), limit=args.limit,
                                before_id=args.before, actor=args.actor, action=args.action)
     return {"count": len(events), "events": [e.to_dict() for e in events]}
 
 
 def cmd_roles_grant(args: argparse.Namespace) -> dict:
-    from cxr_core import actions
-    from cxr_core.auth import cli_principal
-    from cxr_core.storage import open_db
+    from cxr_core.auth import admin
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.app import open_db
 
     db, p = open_db(), cli_principal()
-    actions.grant_roles(db, p, args.identity, args.roles)
+    admin.grant_roles(db, p, args.identity, args.roles)
     return {"grants": [{"identity": g.identity, "roles": list(g.roles),
-                        "granted_by": g.granted_by} for g in actions.role_grants(db, p)]}
+                        "granted_by": g.granted_by} for g in admin.role_grants(db, p)]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,3 +368,4 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(json.dumps(result, indent=2, default=str))
     return 0 if result.get("status", "finished") in ("finished", "queued") else 1
+

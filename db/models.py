@@ -73,7 +73,7 @@ class ImageRow(Base):
     missing_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     previous_sha256: Mapped[str | None] = mapped_column(String(64))  # before the last change
     content_changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # From the dataset's metadata CSV (cxr_core.metadata); None where it says nothing.
+    # From the dataset's metadata CSV (cxr_core.data.metadata); None where it says nothing.
     site: Mapped[str | None] = mapped_column(String(100))
     sex: Mapped[str | None] = mapped_column(String(1))
     age_years: Mapped[float | None] = mapped_column(Float)
@@ -138,7 +138,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Who submitted it through cxr_core.actions (NULL: the app itself, or before 0009).
+    # Who submitted it through cxr_core.auth.gate (NULL: the app itself, or before 0009).
     created_by: Mapped[str | None] = mapped_column(String(200))
 
 
@@ -330,7 +330,7 @@ class AuditEvent(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     actor: Mapped[str] = mapped_column(String(200))  # the principal's identity
     source: Mapped[str] = mapped_column(String(10))  # oidc | local | cli
-    action: Mapped[str] = mapped_column(String(50))  # a key of cxr_core.auth.POLICY
+    action: Mapped[str] = mapped_column(String(50))  # a key of cxr_core.auth.policy.POLICY
     target: Mapped[str] = mapped_column(Text, default="")  # e.g. "run:3", "relabel:17"
     outcome: Mapped[str] = mapped_column(String(10))  # ok | denied
     detail_json: Mapped[str] = mapped_column(Text, default="{}")
@@ -341,6 +341,6 @@ class UserRole(Base):
 
     __tablename__ = "user_roles"
     identity: Mapped[str] = mapped_column(String(200), primary_key=True)
-    roles: Mapped[str] = mapped_column(String(200))  # comma-separated, from cxr_core.auth.ROLES
+    roles: Mapped[str] = mapped_column(String(200))  # comma-separated, from cxr_core.auth.policy.ROLES
     granted_by: Mapped[str] = mapped_column(String(200))
     granted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -36,7 +36,7 @@ def shared_data() -> Path:
 def cxr_home(tmp_path, monkeypatch) -> Path:
     """A fresh CXR_HOME with its own SQLite DB for one test. ``CXR_WORKER=off``: a page or
     service that queues work launches no worker process (a test that wants one sets
-    ``auto``; the others play the worker with ``worker.run_worker(once=True)``)."""
+    ``auto``; the others play the worker with ``app.run_worker(once=True)``)."""
     home = tmp_path / "cxr_home"
     home.mkdir()
     monkeypatch.setenv("CXR_HOME", str(home))

@@ -10,10 +10,16 @@ import pytest
 from conftest import write_image
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 
-from cxr_core import balance_report, indexing, jobs, review, worker
-from cxr_core.datasets import cross_split_patients, find_duplicates, scheme_label
-from cxr_core.indexing import index_dataset
+from cxr_core.data import balance_report
+from cxr_core.data import indexing
+from cxr_core.jobs import queue
+from cxr_core.review import queues as review
+from cxr_core.jobs import launcher
+from cxr_core.data.datasets import cross_split_patients, find_duplicates
+from cxr_core.core.labels import scheme_label
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
+from cxr_core import app
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -115,18 +121,18 @@ def test_samples_and_server_side_search(ds):
 
 def test_split_preview_is_a_job_kept_per_label_version(ds, monkeypatch):
     db, dataset_id, (r1, _, undo) = ds
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     params = dict(dataset_id=dataset_id, scheme="binary", val_fraction=0.25, seed=3,
                   labels="current", as_of_relabel_id=undo, indexed_at="t")
-    job_id = jobs.submit_once(db, "split_preview", params)
-    assert jobs.latest_job(db, "split_preview", dict(reversed(params.items()))).id == job_id
-    job = jobs.run_job(db, job_id)
+    job_id = queue.submit_once(db, "split_preview", params)
+    assert queue.latest_job(db, "split_preview", dict(reversed(params.items()))).id == job_id
+    job = app.run_job(db, job_id)
     assert job.status == "finished", job.error
     direct = balance_report.split_preview(db, dataset_id, "binary", val_fraction=0.25, seed=3,
                                           as_of_relabel_id=undo, current=True)
     assert job.result == direct.to_json() and direct.split_overlap == 0
     assert sum(c["images"] for c in direct.split_counts) == 18  # every readable one (binary)
-    assert jobs.latest_job(db, "split_preview", {**params, "as_of_relabel_id": r1}) is None
+    assert queue.latest_job(db, "split_preview", {**params, "as_of_relabel_id": r1}) is None
 
 
 def test_label_version_of_some_images_equals_the_dataset_derivation(ds):
@@ -149,10 +155,10 @@ def test_label_version_of_some_images_equals_the_dataset_derivation(ds):
 
 def test_current_tables_job_keeps_the_same_tables(ds, monkeypatch):
     db, dataset_id, (_, _, undo) = ds
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     params = dict(dataset_id=dataset_id, scheme="three_class", as_of_relabel_id=undo,
                   indexed_at="t")
-    job = jobs.run_job(db, jobs.submit_once(db, "balance_tables", params))
+    job = app.run_job(db, queue.submit_once(db, "balance_tables", params))
     assert job.status == "finished", job.error
     direct = balance_report.balance_tables(db, dataset_id, "three_class", current=True,
                                            as_of_relabel_id=undo)

@@ -5,9 +5,13 @@ file that breaks a rule, with its line, whatever the import order of the suite):
 * pages (``app_pages/``, ``streamlit_app.py``) import nothing from the storage layer and open
   no database session: they call ``cxr_core`` services and pass the ``Database`` handle those
   return, unopened;
-* pages call no writer beneath ``cxr_core.actions`` (role check, caps and audit row);
-* the evaluation maths and the label-provenance rules are pure: no storage, no Streamlit;
+* pages call no writer beneath the checked actions (``cxr_core/<domain>/actions.py``: role
+  check, caps and audit row through ``cxr_core.auth.gate``);
+* the statistics and the label-provenance rules are pure: no storage, no Streamlit;
 * only the modules that build, train or run models import TensorFlow when they are imported.
+
+The package layers themselves (which package may import which) are import-linter contracts in
+``.importlinter``, and no import cycle is allowed: ``tests/test_layers.py``.
 """
 from __future__ import annotations
 
@@ -21,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "cxr_core"
 STORAGE = CORE / "storage"
 PAGE_FILES = sorted((REPO / "app_pages").glob("*.py")) + [REPO / "streamlit_app.py"]
-PURE_MODULES = ("metrics", "curves", "intervals", "thresholds", "paired", "evaluation",
-                "eval_tables", "json_safe", "provenance")
+PURE_MODULES = (*sorted(p.relative_to(CORE).as_posix()[:-3] for p in (CORE / "stats").glob("*.py")),
+                "core/json_safe", "core/labels", "data/provenance")
 
 
 def python_files(*roots: Path) -> list[Path]:
@@ -82,17 +86,18 @@ def test_pages_open_no_database_session():
     assert not bad, "pages open no session; a service owns the transaction:\n" + "\n".join(bad)
 
 
-# The writers beneath cxr_core.actions: a page calling one would skip the role check, the
-# per-user caps and the audit row (cxr_core.actions wraps each of them).
+# The writers beneath the checked actions: a page calling one would skip the role check, the
+# per-user caps and the audit row (each domain's actions module wraps them, through
+# cxr_core.auth.gate).
 UNCHECKED_WRITERS = {
-    "cxr_core.jobs": {"submit", "submit_once"},
-    "cxr_core.review": {"submit_relabel", "submit_undo"},
-    "cxr_core.uploads": {"send_to_review"},
-    "cxr_core.compare_service": {"send_disagreement_to_review"},
-    "cxr_core.training_service": {"queue_run", "run_in_process", "cancel_run", "resume_run"},
-    "cxr_core.operating_point_service": {"set_manual_threshold"},
-    "cxr_core.site_calibration": {"record"},
-    "cxr_core.presets": {"save"},
+    "cxr_core.jobs.queue": {"submit", "submit_once"},
+    "cxr_core.review.queues": {"submit_relabel", "submit_undo"},
+    "cxr_core.predict.uploads": {"send_to_review"},
+    "cxr_core.evaluation.compare": {"send_disagreement_to_review"},
+    "cxr_core.training.service": {"queue_run", "run_in_process", "cancel_run", "resume_run"},
+    "cxr_core.evaluation.operating_points": {"set_manual_threshold"},
+    "cxr_core.evaluation.site_thresholds": {"record"},
+    "cxr_core.data.presets": {"save"},
 }
 
 
@@ -119,19 +124,20 @@ def unchecked_writer_uses(path: Path) -> Iterator[str]:
 
 def test_pages_call_no_unchecked_writer():
     bad = [f"{p.relative_to(REPO)}:{use}" for p in PAGE_FILES for use in unchecked_writer_uses(p)]
-    assert not bad, ("pages act through cxr_core.actions (role, caps, audit), not the writers "
-                     "beneath it:\n" + "\n".join(bad))
+    assert not bad, ("pages act through the checked actions (role, caps, audit), not the "
+                     "writers beneath them:\n" + "\n".join(bad))
 
 
 def test_the_writer_rule_catches_a_page_that_skips_actions(tmp_path):
     page = tmp_path / "page.py"
-    page.write_text("from cxr_core import jobs as j\nfrom cxr_core.review import submit_undo\n"
+    page.write_text("from cxr_core.jobs import queue as j\n"
+                    "from cxr_core.review.queues import submit_undo\n"
                     "def f(db):\n    return j.submit_once(db, 'agreement', {})\n")
-    assert sorted(unchecked_writer_uses(page)) == ["2 cxr_core.review.submit_undo",
-                                                   "4 cxr_core.jobs.submit_once"]
+    assert sorted(unchecked_writer_uses(page)) == ["2 cxr_core.review.queues.submit_undo",
+                                                   "4 cxr_core.jobs.queue.submit_once"]
 
 
-def test_evaluation_maths_and_provenance_rules_are_pure():
+def test_statistics_and_provenance_rules_are_pure():
     files = [CORE / f"{name}.py" for name in PURE_MODULES]
     bad = violations(files, ("cxr_core.storage", "db", "sqlalchemy", "streamlit"))
     assert not bad, "pure modules compute; services read and write:\n" + "\n".join(bad)
@@ -159,8 +165,8 @@ def test_the_rules_catch_a_violation(tmp_path):
 
 # The modules that build, train or run models; everything else imports TensorFlow (Keras,
 # tf-keras-vis) only inside the function that needs it (docs/architecture.md).
-TF_MODULES = ("augment", "checkpoints", "model_weights", "models", "pipeline", "saliency",
-              "train_runtime", "training")
+TF_MODULES = ("data/augment", "data/pipeline", "models/graph", "models/layers", "models/weights",
+              "predict/saliency", "training/checkpoints", "training/fit", "training/runtime")
 
 
 def top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
@@ -174,7 +180,7 @@ def top_level_imports(path: Path) -> Iterator[tuple[int, str]]:
 
 def test_tensorflow_is_imported_at_load_only_by_the_model_modules():
     tf_free = [p for p in python_files(CORE, *PAGE_FILES)
-               if not (p.parent == CORE and p.stem in TF_MODULES)]
+               if p.relative_to(REPO).as_posix()[len("cxr_core/"):-3] not in TF_MODULES]
     bad = sorted(f"{p.relative_to(REPO)}:{line} imports {module}"
                  for p in tf_free for line, module in top_level_imports(p)
                  if any(is_within(module, pkg) for pkg in ("tensorflow", "keras", "tf_keras_vis")))

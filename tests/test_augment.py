@@ -1,4 +1,4 @@
-"""Tests for cxr_core.augment: config validation, presets, determinism, and op ranges."""
+"""Tests for cxr_core.data.augment: config validation, presets, determinism, and op ranges."""
 from __future__ import annotations
 
 import json
@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_core.augment import augment_preview, build_augmenter
-from cxr_core.augment_config import PRESETS, AugmentConfig, get_preset
-from cxr_core.errors import ConfigError
+from cxr_core.data.augment import augment_preview, build_augmenter
+from cxr_core.data.augment_config import PRESETS, AugmentConfig, get_preset
+from cxr_core.core.errors import ConfigError
 
 SIZE = 48
 

@@ -7,9 +7,9 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_core.augment import augment_preview, build_augmenter
-from cxr_core.augment_config import PRESETS, AugmentConfig
-from cxr_core.errors import ConfigError
+from cxr_core.data.augment import augment_preview, build_augmenter
+from cxr_core.data.augment_config import PRESETS, AugmentConfig
+from cxr_core.core.errors import ConfigError
 
 SIZE = 48
 

@@ -49,11 +49,11 @@ def test_cli_train_goes_through_the_pages_checks_owner_and_audit(cxr_home, capsy
                                                                  tiny_dataset, tmp_path):
     """``train`` (in process or --detach) is the page's start_run: role, run limits, quota,
     created_by and the audit row; the worker never starts for a refused run."""
-    from cxr_core import worker
+    from cxr_core.jobs import launcher
     from cxr_core.storage import open_db
     from cxr_core.storage import runs as store
 
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     monkeypatch.setenv("CXR_CLI_IDENTITY", "ds@h.org")
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"recipe": "cpu128", "dataset": str(tiny_dataset),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from test_split_strategies import kermany, labels_of, rec
 
-from cxr_core.calibration import carve_calibration
-from cxr_core.errors import ConfigError
-from cxr_core.train_config import TrainConfig
+from cxr_core.data.calibration import carve_calibration
+from cxr_core.core.errors import ConfigError
+from cxr_core.training.config import TrainConfig
 
 
 def test_slice_is_grouped_by_patient_and_bytes_stratified_and_seeded():

@@ -1,4 +1,4 @@
-"""Tests for the patient-clustered bootstrap of cxr_core.evaluation.evaluate(groups=...)."""
+"""Tests for the patient-clustered bootstrap of cxr_core.stats.reports.evaluate(groups=...)."""
 from __future__ import annotations
 
 import json
@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from cxr_core import evaluation as ev
-from cxr_core import intervals
-from cxr_core.errors import ConfigError
+from cxr_core.stats import reports as ev
+from cxr_core.stats import intervals
+from cxr_core.core.errors import ConfigError
 
 BINARY = ["NORMAL", "PNEUMONIA"]
 THREE = ["NORMAL", "BACTERIA", "VIRUS"]

@@ -8,8 +8,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from cxr_core.config import apply_secrets, get_settings
-from cxr_core.errors import ConfigError
+from cxr_core.core.settings import apply_secrets, get_settings
+from cxr_core.core.errors import ConfigError
 
 PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "compare.py")
 

@@ -8,8 +8,9 @@ from datetime import date, datetime, timezone
 import numpy as np
 import pytest
 
-from cxr_core import review, review_export
-from cxr_core.csv_safe import FORMULA_PREFIXES, cell, rows_to_csv, safe_cell, write_rows
+from cxr_core.review import queues as review
+from cxr_core.review import export as review_export
+from cxr_core.core.csv_safe import FORMULA_PREFIXES, cell, rows_to_csv, safe_cell, write_rows
 
 
 @pytest.mark.parametrize("value, expected", [
@@ -73,7 +74,7 @@ def test_write_rows_to_a_file_counts_rows(tmp_path):
 def test_relabel_export_guards_text_but_not_scores(cxr_home, tmp_path):
     from PIL import Image
 
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
     from cxr_core.storage import datasets as ds_store
     from cxr_core.storage import open_db
 
@@ -98,6 +99,6 @@ def test_relabel_export_guards_text_but_not_scores(cxr_home, tmp_path):
 
 def test_predict_export_uses_the_same_rules():
     """The Predict page's CSV goes through csv_safe (one rule for every export)."""
-    from cxr_core import predict
+    from cxr_core.predict import inference
 
-    assert predict.safe_cell is safe_cell
+    assert inference.safe_cell is safe_cell

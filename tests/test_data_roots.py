@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core import data_roots, datasets
-from cxr_core.errors import PathNotAllowed
-from cxr_core.indexing import index_dataset
+from cxr_core.core import data_roots
+from cxr_core.data import datasets
+from cxr_core.core.errors import PathNotAllowed
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from conftest import write_image
 
@@ -128,7 +129,7 @@ def test_symlinked_file_in_a_dataset_pointing_out_is_not_read(db, monkeypatch, a
     bad = [p for p in rep.problems if datasets.OUTSIDE_ROOTS in p]
     assert sorted(p.split(":")[0] for p in bad) == ["NORMAL/IM-77-0001.jpeg",
                                                     "PNEUMONIA/more/other.jpeg"]
-    from cxr_core.indexing import indexed_records
+    from cxr_core.data.indexing import indexed_records
     rows = {r.relpath: r for r in indexed_records(db, rep.dataset_id)}
     assert rows["NORMAL/IM-77-0001.jpeg"].sha256 is None  # never opened: no hash
 
@@ -156,14 +157,14 @@ def test_weights_path_outside_the_roots_is_refused(cxr_home, monkeypatch, area):
     assert data_roots.check_weights(str(area["root"] / "w.keras")) == real(area["root"] / "w.keras")
     home_file = cxr_home / "runs" / "1" / "model.keras"
     assert data_roots.check_weights(str(home_file)) == real(home_file)
-    repo_models = Path(data_roots.__file__).resolve().parent.parent / "models" / "x.keras"
+    repo_models = Path(data_roots.__file__).resolve().parents[2] / "models" / "x.keras"
     assert data_roots.check_weights(str(repo_models)) == real(repo_models)
     for ref in (None, "", "imagenet", "run:3"):
         assert data_roots.check_weights(ref) is None
 
 
 def test_make_config_refuses_weights_outside_the_roots(db, monkeypatch, area):
-    from cxr_core.training_service import make_config
+    from cxr_core.training.service import make_config
 
     monkeypatch.setenv("CXR_DATA_ROOTS", str(area["root"]))
     index_dataset(db, area["ds"], name="ds")

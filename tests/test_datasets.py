@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from conftest import write_image
 
-from cxr_core import datasets as ds
-from cxr_core.errors import ConfigError, DatasetError
-from cxr_core.indexing import index_dataset, open_dataset
-from cxr_core.splits import patient_split
+from cxr_core.core import labels as core_labels
+from cxr_core.data import datasets as ds
+from cxr_core.core.errors import ConfigError, DatasetError
+from cxr_core.data.indexing import index_dataset, open_dataset
+from cxr_core.data.splits import patient_split
 from cxr_core.storage import open_db
 
 
@@ -37,12 +38,12 @@ def test_parse_name(name, expected):
     ("COVID19", None, "folders", "COVID19"),
 ])
 def test_scheme_label(label, subtype, scheme, expected):
-    assert ds.scheme_label(label, subtype, scheme) == expected
+    assert core_labels.scheme_label(label, subtype, scheme) == expected
 
 
 def test_bad_scheme_names_value():
     with pytest.raises(ConfigError, match="label_scheme='four'"):
-        ds.scheme_classes("four", [])
+        core_labels.scheme_classes("four", [])
 
 
 def test_kaggle_layout_nested_and_missing_splits(tmp_path):
@@ -135,7 +136,7 @@ def test_duplicates_and_patient_split(tiny_dataset, cxr_home):
     rep = index_dataset(open_db(), tiny_dataset)
     assert rep.duplicate_groups == 1 and rep.cross_split_duplicates == 1
     _, recs = open_dataset(open_db(), rep.dataset)
-    labels = [ds.scheme_label(r.label, r.subtype, "binary") for r in recs]
+    labels = [core_labels.scheme_label(r.label, r.subtype, "binary") for r in recs]
     plan = patient_split(recs, labels, val_fraction=0.3, seed=1)
     by_id = {r.id: r for r in recs}
     train_p = {by_id[i].patient for i in plan.train}
@@ -153,7 +154,7 @@ def test_real_train_split_counts_and_grouped_split(shared_data, cxr_home):
     assert s["by_subtype"] == {"NORMAL": 1341, "PNEUMONIA/bacteria": 2530, "PNEUMONIA/virus": 1345}
     assert s["unreadable"] == 0 and 20 <= rep.duplicate_groups <= 40
     _, recs = open_dataset(open_db(), rep.dataset)
-    labels = [ds.scheme_label(r.label, r.subtype, "binary") for r in recs]
+    labels = [core_labels.scheme_label(r.label, r.subtype, "binary") for r in recs]
     plan = patient_split(recs, labels, val_fraction=0.15, seed=0)
     by_id = {r.id: r for r in recs}
     patients = lambda ids: {by_id[i].patient for i in ids}
@@ -209,7 +210,7 @@ def _index_killed_at_the_13th_file(db, path, monkeypatch) -> None:
 def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr_home,
                                                                monkeypatch):
     """Rows are committed in batches: a restart reads only the files not stored yet."""
-    import cxr_core.indexing as indexing
+    from cxr_core.data import indexing
 
     monkeypatch.setattr(indexing, "BATCH", 5)
     db = open_db()
@@ -229,7 +230,7 @@ def test_an_index_killed_midway_keeps_what_it_read_and_resumes(tiny_dataset, cxr
 
 
 def test_a_killed_reindex_leaves_no_stale_counts(tiny_dataset, cxr_home, monkeypatch):
-    import cxr_core.indexing as indexing
+    from cxr_core.data import indexing
     from cxr_core.storage import datasets as dstore
 
     monkeypatch.setattr(indexing, "BATCH", 5)
@@ -248,8 +249,8 @@ def test_a_split_folder_is_the_dataset_of_its_root_never_a_second_copy(tiny_data
     """Training or evaluating on ``…/train`` of an indexed dataset uses that dataset (its ids,
     its relabels); it used to index a copy ("chest_xray-2"), where the relabels made on the
     first did not exist, and runs trained on the same folder shared no image ids."""
-    from cxr_core import review
-    from cxr_core.review import LabelChoice
+    from cxr_core.review import queues as review
+    from cxr_core.review.queues import LabelChoice
     from cxr_core.storage import datasets as dstore
     from cxr_core.storage import relabels as rstore
 

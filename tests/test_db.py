@@ -5,7 +5,7 @@ import pytest
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import OperationalError
 
-from cxr_core.config import get_settings
+from cxr_core.core.settings import get_settings
 from cxr_core.storage import open_db, retrying
 from db.models import Base
 

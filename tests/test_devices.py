@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_core.devices import visible_gpu_count
+from cxr_core.core.devices import visible_gpu_count
 
 
 @pytest.fixture()
@@ -31,7 +31,7 @@ def test_cuda_visible_devices_narrows_the_driver_list(driver, monkeypatch, visib
 
 
 def test_host_recipe_follows_the_count(monkeypatch):
-    from cxr_core import training_service as svc
+    from cxr_core.training import service as svc
 
     monkeypatch.setattr(svc, "visible_gpu_count", lambda: 2)
     assert svc.host_recipe("splits") == "default224" and svc.host_recipe("npz") == "mnist28"

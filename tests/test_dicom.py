@@ -21,10 +21,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from cxr_core import config
-from cxr_core.errors import ConfigError, ImageLoadError
-from cxr_core.images import load_image, patient_key, read_header
-from cxr_core.indexing import index_dataset, open_dataset
+from cxr_core.core import settings
+from cxr_core.core.errors import ConfigError, ImageLoadError
+from cxr_core.data.images import load_image, patient_key, read_header
+from cxr_core.data.indexing import index_dataset, open_dataset
 from cxr_core.storage import open_db
 
 SECRET = "SECRET-4711"
@@ -336,12 +336,12 @@ def test_patient_salt_from_environment(tmp_path, cxr_home, monkeypatch):
 
 def test_patient_salt_file_is_made_once(cxr_home, monkeypatch):
     monkeypatch.delenv("CXR_PATIENT_SALT", raising=False)
-    salt = config.patient_salt()
-    assert len(salt) == 64 and config.patient_salt() == salt
+    salt = settings.patient_salt()
+    assert len(salt) == 64 and settings.patient_salt() == salt
     assert [p.name for p in cxr_home.iterdir() if "salt" in p.name] == ["patient_salt"]
     (cxr_home / "patient_salt").write_text("")
     with pytest.raises(ConfigError, match="patient salt file is empty"):
-        config.patient_salt()
+        settings.patient_salt()
 
 
 def test_read_header_reads_no_patient_without_salt(tmp_path):

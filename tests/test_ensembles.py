@@ -10,14 +10,22 @@ import pytest
 from PIL import Image
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
-from cxr_core import actions, auth, cli, ensembles, explain, predict
-from cxr_core import compare_service as cs
-from cxr_core import evaluation_service as es
-from cxr_core import model_store as ms
-from cxr_core import operating_point_service as ops
-from cxr_core.errors import ConfigError, ModelError
+from cxr_core import cli
+from cxr_core.auth import admin
+from cxr_core.jobs import actions
+from cxr_core.auth import policy
+from cxr_core.models import ensembles
+from cxr_core.predict import explain
+from cxr_core.predict import inference
+from cxr_core.evaluation import compare as cs
+from cxr_core.evaluation import evaluate as es
+from cxr_core.models import refs
+from cxr_core.models import store as ms
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.core.errors import ConfigError, ModelError
 from cxr_core.storage import open_db
-from cxr_core.thresholds import choose_threshold
+from cxr_core.stats.thresholds import choose_threshold
+from cxr_core import app
 
 VAL_Y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
 VAL_P = {1: np.array([0.1, 0.5, 0.3, 0.6, 0.8, 0.4, 0.2, 0.9]),
@@ -79,7 +87,7 @@ def test_refs_are_normalised_sorted_and_parsed():
 ])
 def test_bad_ensemble_refs_are_model_errors(pair, ref, match):
     with pytest.raises(ModelError, match=match):
-        ms.load_model_ref(ref, db=pair[0])
+        refs.load_model_ref(ref, db=pair[0])
 
 
 def test_members_with_different_class_lists_are_refused(cxr_home):
@@ -88,19 +96,19 @@ def test_members_with_different_class_lists_are_refused(cxr_home):
     c = _run(db, cxr_home, 3, units=3, card={"labels": ["NORMAL", "BACTERIA", "VIRUS"],
                                            "label_scheme": "three_class"})
     with pytest.raises(ModelError, match="share one class list and label scheme"):
-        ms.load_model_ref(f"ensemble:run:{a}+run:{c}", db=db)
+        refs.load_model_ref(f"ensemble:run:{a}+run:{c}", db=db)
 
 
 # -- Outputs --------------------------------------------------------------------------------
 
 def test_probs_are_the_mean_of_the_members_each_on_its_own_decode(pair):
     db, a, b = pair
-    loaded = ms.load_model_ref(f"ensemble:run:{b}+run:{a}", db=db)
+    loaded = refs.load_model_ref(f"ensemble:run:{b}+run:{a}", db=db)
     assert loaded.ref == f"ensemble:run:{a}+run:{b}" and loaded.model is None
     assert (loaded.image_size, loaded.run_id, len(loaded.members)) == (24, None, 2)
-    items = [predict.ImageInput(f"{i}.png", data=_png(i)) for i in range(3)]
-    result = predict.predict_batch(loaded, items)
-    singles = [predict.predict_batch(m, items) for m in loaded.members]
+    items = [inference.ImageInput(f"{i}.png", data=_png(i)) for i in range(3)]
+    result = inference.predict_batch(loaded, items)
+    singles = [inference.predict_batch(m, items) for m in loaded.members]
     for k, pred in enumerate(result.predictions):
         mean = np.mean([[s.predictions[k].probabilities[c] for c in loaded.labels]
                         for s in singles], axis=0)
@@ -115,7 +123,7 @@ def test_probs_are_the_mean_of_the_members_each_on_its_own_decode(pair):
 
 def test_operating_point_is_chosen_on_the_mean_of_the_shared_validation_outputs(pair):
     db, a, b = pair
-    loaded = ms.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
+    loaded = refs.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
     mean = (VAL_P[1] + VAL_P[2]) / 2
     expected = choose_threshold(VAL_Y, mean, method="sensitivity", target_sensitivity=0.75)
     assert loaded.threshold == pytest.approx(expected.threshold)
@@ -138,7 +146,7 @@ def test_members_calibration_slices_are_preferred_to_their_selection_split(pair)
                              split="calibration", labels=["NORMAL", "PNEUMONIA"],
                              image_ids=[None] * 8, paths=[f"/cal/{i}.png" for i in range(8)],
                              y_true=VAL_Y, probs=np.column_stack([1 - p, p]), n_boot=0)
-    loaded = ms.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
+    loaded = refs.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
     mean = (cal_p[a] + cal_p[b]) / 2
     expected = choose_threshold(VAL_Y, mean, method="sensitivity", target_sensitivity=0.75)
     assert loaded.threshold == pytest.approx(expected.threshold)
@@ -150,7 +158,7 @@ def test_no_shared_validation_images_means_no_operating_point_said_so(cxr_home):
     a, b = _run(db, cxr_home, 1), _run(db, cxr_home, 2)
     _store_val(db, a, VAL_P[1])
     _store_val(db, b, VAL_P[2], paths=[f"/other/{i}.png" for i in range(8)])
-    loaded = ms.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
+    loaded = refs.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
     assert loaded.threshold == 0.5 and loaded.threshold_source == ms.NO_THRESHOLD
     assert "different images" in loaded.card["operating_point_note"]
     assert "decisions use 0.5" in ensembles.describe(loaded)
@@ -173,7 +181,7 @@ def test_create_list_and_load_a_named_ensemble_through_the_cli(pair, capsys, mon
                      "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
     assert ensembles.read_named("seeds")["created_by"] == "ds@h.org"
-    [ok, denied] = actions.audit_log(db, auth.cli_principal({"CXR_CLI_ROLES": "admin"}),
+    [ok, denied] = admin.audit_log(db, policy.cli_principal({"CXR_CLI_ROLES": "admin"}),
                                      action="set_operating_point")
     assert (ok.actor, ok.outcome, ok.target) == ("ds@h.org", "ok", "ensemble:seeds")
     assert denied.outcome == "denied"
@@ -181,9 +189,9 @@ def test_create_list_and_load_a_named_ensemble_through_the_cli(pair, capsys, mon
     assert cli.main(["ensemble", "list", "--json"]) == 0
     [listed] = json.loads(capsys.readouterr().out)["ensembles"]
     assert listed["threshold"] == made["threshold"]
-    loaded = ms.load_model_ref("ensemble:seeds", db=db)
+    loaded = refs.load_model_ref("ensemble:seeds", db=db)
     assert loaded.ref == "ensemble:seeds" and loaded.threshold == made["threshold"]
-    assert "ensemble:seeds" in [o.ref for o in predict.model_options(db)]
+    assert "ensemble:seeds" in [o.ref for o in inference.model_options(db)]
     # A name is never rewritten: its evaluations keep meaning what they meant.
     assert cli.main(["ensemble", "create", "--name", "seeds", "--members", "1", "2"]) == 2
     assert "exists" in capsys.readouterr().err
@@ -202,7 +210,7 @@ def test_named_ensemble_without_shared_validation_needs_a_threshold_by_hand(cxr_
                                      changed_by="dr a", note="site sample")
     assert info.threshold == 0.4 and info.threshold_source == \
         "ensemble operating point (manual, dr a)"
-    assert ms.load_model_ref("ensemble:mixed", db=db).threshold == 0.4
+    assert refs.load_model_ref("ensemble:mixed", db=db).threshold == 0.4
     with pytest.raises(ConfigError, match="an ensemble name is"):
         ensembles.create_ensemble(db, "9lives", [f"run:{a}", path], threshold=0.4,
                                   changed_by="x")
@@ -212,8 +220,8 @@ def test_named_ensemble_without_shared_validation_needs_a_threshold_by_hand(cxr_
 
 def test_ensemble_saliency_is_the_mean_of_the_members_maps(pair):
     db, a, b = pair
-    loaded = ms.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
-    pred = predict.predict_batch(loaded, [predict.ImageInput("x.png", data=_png(4))]) \
+    loaded = refs.load_model_ref(f"ensemble:run:{a}+run:{b}", db=db)
+    pred = inference.predict_batch(loaded, [inference.ImageInput("x.png", data=_png(4))]) \
         .predictions[0]
     explainer = explain.make_explainer(loaded)
     heat = explain.saliency_map(explainer, pred.pixels, "gradcam", pred.class_index)
@@ -222,7 +230,7 @@ def test_ensemble_saliency_is_the_mean_of_the_members_maps(pair):
     one = [explain.saliency_map(e, pred.pixels, "gradcam", pred.class_index)
            for e in explainer.members]
     assert [m.shape for m in one] == [(16, 16), (24, 24)]
-    from cxr_core.saliency_render import resize_maps
+    from cxr_core.predict.render import resize_maps
 
     np.testing.assert_allclose(heat, (resize_maps(one[0][None], 24, 24)[0] + one[1]) / 2,
                                atol=1e-6)
@@ -239,7 +247,7 @@ def test_ensemble_saliency_is_the_mean_of_the_members_maps(pair):
 
 def test_evaluate_an_ensemble_and_compare_it_with_its_members(pair, tiny_dataset, capsys):
     db, a, b = pair
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     index_dataset(db, tiny_dataset, name="tiny")
     members = [es.evaluate_model(db, f"run:{r}", "tiny", split="train")[0] for r in (a, b)]
@@ -248,7 +256,7 @@ def test_evaluate_an_ensemble_and_compare_it_with_its_members(pair, tiny_dataset
                      "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"] == ref and out["n"] == 14
-    assert out["threshold"] == pytest.approx(ms.load_model_ref(ref, db=db).threshold)
+    assert out["threshold"] == pytest.approx(refs.load_model_ref(ref, db=db).threshold)
     stored = es.load_predictions(db, out["evaluation_id"])
     np.testing.assert_allclose(stored.probs, np.mean(
         [es.load_predictions(db, i).probs for i in members], axis=0), atol=1e-6)
@@ -262,19 +270,18 @@ def test_evaluate_an_ensemble_and_compare_it_with_its_members(pair, tiny_dataset
 def test_the_page_makes_ensembles_in_a_worker_job_as_its_submitter(pair):
     """The page's path: a create_ensemble job (set_operating_point's roles), run by a worker
     (the members' TensorFlow load is never in the Streamlit thread), made by the submitter."""
-    from cxr_core import worker
-    from cxr_core.errors import PermissionDenied
+    from cxr_core.core.errors import PermissionDenied
 
     db, a, b = pair
-    ds = auth.Principal(identity="ds@h.org", roles=frozenset({"scientist"}))
-    rad = auth.Principal(identity="rad@h.org", roles=frozenset({"reviewer"}))
+    ds = policy.Principal(identity="ds@h.org", roles=frozenset({"scientist"}))
+    rad = policy.Principal(identity="rad@h.org", roles=frozenset({"reviewer"}))
     params = dict(name="seeds", members=[f"run:{a}", f"run:{b}"], threshold=None, note="n")
     with pytest.raises(PermissionDenied):
         actions.submit_job(db, rad, "create_ensemble", params, once=False)
     job_id = actions.submit_job(db, ds, "create_ensemble", params, once=False)
     assert ensembles.list_ensembles() == []  # nothing is loaded or written at submit
-    assert job_id in worker.run_worker(once=True, kinds="jobs")["jobs"]
+    assert job_id in app.run_worker(once=True, kinds="jobs")["jobs"]
     assert ensembles.read_named("seeds")["created_by"] == "ds@h.org"
-    from cxr_core import jobs
+    from cxr_core.jobs import queue
 
-    assert jobs.get_job(db, job_id).result["ensemble"] == "ensemble:seeds"
+    assert queue.get_job(db, job_id).result["ensemble"] == "ensemble:seeds"

@@ -1,4 +1,4 @@
-"""Tests for cxr_core.evaluation: metrics against sklearn, thresholds, CIs, McNemar, tables."""
+"""Tests for cxr_core.stats.reports: metrics against sklearn, thresholds, CIs, McNemar, tables."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,12 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.calibration import calibration_curve
 
-from cxr_core import eval_tables, metrics, paired, thresholds
-from cxr_core import evaluation as ev
-from cxr_core.errors import ConfigError, CxrError
+from cxr_core.stats import tables as eval_tables
+from cxr_core.stats import metrics
+from cxr_core.stats import paired
+from cxr_core.stats import thresholds
+from cxr_core.stats import reports as ev
+from cxr_core.core.errors import ConfigError, CxrError
 
 BINARY = ["NORMAL", "PNEUMONIA"]
 THREE = ["NORMAL", "BACTERIA", "VIRUS"]
@@ -53,8 +56,8 @@ def test_binary_hand_case_matches_sklearn():
     assert r.accuracy == pytest.approx(0.75)
     assert (r.sensitivity, r.specificity) == pytest.approx((0.75, 0.75))
     assert r.average_precision == pytest.approx(skm.average_precision_score(Y_HAND, P_HAND))
-    assert r.calibration.brier == pytest.approx(skm.brier_score_loss(Y_HAND, P_HAND))
-    assert r.calibration.brier == pytest.approx(np.mean((P_HAND - Y_HAND) ** 2))
+    assert r.reliability.brier == pytest.approx(skm.brier_score_loss(Y_HAND, P_HAND))
+    assert r.reliability.brier == pytest.approx(np.mean((P_HAND - Y_HAND) ** 2))
     assert r.threshold == 0.5 and r.ci == {}
 
 
@@ -95,9 +98,9 @@ def test_three_class_matches_sklearn_ovr():
     pred = p.argmax(axis=1)
     np.testing.assert_array_equal(r.confusion_matrix, skm.confusion_matrix(y, pred))
     assert r.accuracy == pytest.approx(skm.accuracy_score(y, pred))
-    assert r.calibration.brier == pytest.approx(skm.brier_score_loss(y, p, labels=[0, 1, 2]))
-    assert r.calibration.brier == pytest.approx(np.mean(np.sum((p - np.eye(3)[y]) ** 2, axis=1)))
-    assert r.calibration.kind == "top_label"
+    assert r.reliability.brier == pytest.approx(skm.brier_score_loss(y, p, labels=[0, 1, 2]))
+    assert r.reliability.brier == pytest.approx(np.mean(np.sum((p - np.eye(3)[y]) ** 2, axis=1)))
+    assert r.reliability.kind == "top_label"
     assert [c.label for c in r.roc] == [*THREE, "macro"] and len(r.pr) == 3
 
 
@@ -115,7 +118,7 @@ def test_three_class_one_vs_rest_sensitivity_specificity():
 def test_ece_hand_computed():
     y = np.array([0, 1, 0, 1, 1, 1])
     p = np.array([0.1, 0.1, 0.7, 0.7, 0.9, 0.9])
-    cal = ev.evaluate(y, p, BINARY, n_boot=0, n_bins=2).calibration
+    cal = ev.evaluate(y, p, BINARY, n_boot=0, n_bins=2).reliability
     # bin [0, .5): conf .1, positives 1/2 -> gap .4 ; bin [.5, 1]: conf .8, positives 3/4 -> .05
     assert list(cal.count) == [2, 4]
     assert cal.confidence == pytest.approx([0.1, 0.8])
@@ -125,7 +128,7 @@ def test_ece_hand_computed():
 
 def test_reliability_bins_match_calibration_curve():
     y, p = _binary(500, seed=3)
-    cal = ev.evaluate(y, p, BINARY, n_boot=0, n_bins=10).calibration
+    cal = ev.evaluate(y, p, BINARY, n_boot=0, n_bins=10).reliability
     prob_true, prob_pred = calibration_curve(y, p, n_bins=10, strategy="uniform")
     filled = cal.count > 0
     np.testing.assert_allclose(cal.accuracy[filled], prob_true)
@@ -136,7 +139,7 @@ def test_reliability_bins_match_calibration_curve():
 def test_perfect_calibration_has_zero_ece():
     y = np.array([0, 1] * 5)
     p = np.full(10, 0.5)
-    assert ev.evaluate(y, p, BINARY, n_boot=0).calibration.ece == pytest.approx(0.0)
+    assert ev.evaluate(y, p, BINARY, n_boot=0).reliability.ece == pytest.approx(0.0)
 
 
 # --- bootstrap -------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ def test_tables_are_long_form_and_json_safe():
     assert {r["class"] for r in roc if r["run"] == "tri"} == {*THREE, "macro"}
     assert set(roc[0]) == {"run", "class", "fpr", "tpr", "threshold", "area"}
     assert {"recall", "precision"} <= set(eval_tables.pr_table(reports)[0])
-    cal = eval_tables.calibration_table(reports)
+    cal = eval_tables.reliability_table(reports)
     assert sum(r["count"] for r in cal if r["run"] == "bin") == len(y)
     conf = eval_tables.confusion_table(reports)
     assert len(conf) == 4 + 9

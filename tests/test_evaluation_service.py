@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
-from cxr_core import evaluation as ev
-from cxr_core import compare_service as cs
-from cxr_core import evaluation_service as es
-from cxr_core import operating_point_service as ops
-from cxr_core.errors import ConfigError, DatasetError, RunError
+from cxr_core.stats import reports as ev
+from cxr_core.evaluation import compare as cs
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.core.errors import ConfigError, DatasetError, RunError
 from cxr_core.storage import open_db
 from cxr_core.storage.datasets import list_datasets
 
@@ -260,7 +260,7 @@ def test_compare_rejects_incomparable_sets(cxr_home, which, match):
 
 
 def test_send_disagreement_to_review(cxr_home, tiny_dataset):
-    from cxr_core.indexing import open_dataset
+    from cxr_core.data.indexing import open_dataset
     from cxr_core.storage import reviews
 
     db = open_db()
@@ -276,7 +276,7 @@ def test_a_shipped_model_warns_of_the_patients_its_card_says_it_has_seen(cxr_hom
                                                                          tmp_path):
     """A model known only by its card (models/default, a .keras file) has no run images in
     this database: its card's training_patients still make the seen-data warning."""
-    from cxr_core.provenance import overlap_warning
+    from cxr_core.data.provenance import overlap_warning
 
     db = open_db()
     card = dict(BINARY_CARD, training_patients={"train": ["person1", "person2", "0001"],

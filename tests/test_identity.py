@@ -16,9 +16,9 @@ from sqlalchemy.exc import IntegrityError
 
 from conftest import write_image
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
-from cxr_core import review
-from cxr_core.review_view import describe_entry
-from cxr_core.indexing import index_dataset
+from cxr_core.review import queues as review
+from cxr_core.review.view import describe_entry
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import datasets as dstore
 from cxr_core.storage import evals as eval_store

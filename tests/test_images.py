@@ -8,8 +8,8 @@ import pytest
 from conftest import write_image
 from PIL import Image
 
-from cxr_core.errors import ImageLoadError
-from cxr_core.images import load_image, read_header, thumbnail, to_array
+from cxr_core.core.errors import ImageLoadError
+from cxr_core.data.images import load_image, read_header, thumbnail, to_array
 
 
 def _png_bytes(img: Image.Image, **kw) -> bytes:

@@ -5,11 +5,12 @@ import keras
 import numpy as np
 import pytest
 
-from cxr_core.errors import ConfigError
-from cxr_core.model_specs import ModelConfig
-from cxr_core.models import build_model, load_model, saliency_layer_name
-from cxr_core.train_config import TrainConfig
-from cxr_core.training import _loss_and_metrics
+from cxr_core.core.errors import ConfigError
+from cxr_core.models.specs import ModelConfig
+from cxr_core.models.graph import build_model, saliency_layer_name
+from cxr_core.models.layers import load_model
+from cxr_core.training.config import TrainConfig
+from cxr_core.training.fit import _loss_and_metrics
 
 
 def test_standardize_layer_removes_exposure_and_contrast_differences(tmp_path):

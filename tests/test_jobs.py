@@ -6,8 +6,12 @@ import io
 
 import pytest
 
-from cxr_core import indexing, jobs, review_export, worker
-from cxr_core.indexing import index_dataset
+from cxr_core import app
+from cxr_core.data import indexing
+from cxr_core.jobs import queue
+from cxr_core.review import export as review_export
+from cxr_core.jobs import launcher
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as rel_store
 
@@ -15,14 +19,14 @@ from cxr_core.storage import relabels as rel_store
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
     """The test plays the worker (``run_job``); no process is launched."""
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
 
 
 def test_index_job_indexes_in_the_worker_and_reports(cxr_home, tiny_dataset):
     db = open_db()
-    job_id = jobs.submit(db, "index", {"path": str(tiny_dataset), "name": "tiny"})
+    job_id = queue.submit(db, "index", {"path": str(tiny_dataset), "name": "tiny"})
     assert indexing.list_datasets(db) == []  # queued only: nothing read yet
-    job = jobs.run_job(db, job_id)
+    job = app.run_job(db, job_id)
     assert job.status == "finished", job.error
     assert job.result["dataset"] == "tiny" and job.result["images"] == 18
     assert job.result["scanned"] == 18 and job.result["warnings"] == []
@@ -33,7 +37,7 @@ def test_index_job_indexes_in_the_worker_and_reports(cxr_home, tiny_dataset):
 
 def test_an_index_job_on_a_bad_path_fails_with_its_message(cxr_home, tmp_path):
     db = open_db()
-    job = jobs.run_job(db, jobs.submit(db, "index", {"path": str(tmp_path / "nope"),
+    job = app.run_job(db, queue.submit(db, "index", {"path": str(tmp_path / "nope"),
                                                      "name": None}))
     assert job.status == "failed" and "nope" in job.error
 
@@ -41,12 +45,12 @@ def test_an_index_job_on_a_bad_path_fails_with_its_message(cxr_home, tmp_path):
 def test_submit_once_reuses_a_queued_or_running_job(cxr_home, tiny_dataset):
     db = open_db()
     params = {"path": str(tiny_dataset), "name": None}
-    first = jobs.submit_once(db, "index", params)
-    assert jobs.submit_once(db, "index", params) == first  # two tabs, one job
-    assert jobs.submit_once(db, "index", {**params, "name": "other"}) != first
-    jobs.run_job(db, first)
-    assert jobs.submit_once(db, "index", params) != first  # done: a new index is a new job
-    assert [j.kind for j in jobs.recent_jobs(db, "index")] == ["index"] * 3
+    first = queue.submit_once(db, "index", params)
+    assert queue.submit_once(db, "index", params) == first  # two tabs, one job
+    assert queue.submit_once(db, "index", {**params, "name": "other"}) != first
+    app.run_job(db, first)
+    assert queue.submit_once(db, "index", params) != first  # done: a new index is a new job
+    assert [j.kind for j in queue.recent_jobs(db, "index")] == ["index"] * 3
 
 
 def test_app_start_queues_one_index_job_per_data_dir(cxr_home, tiny_dataset, tmp_path,
@@ -56,10 +60,10 @@ def test_app_start_queues_one_index_job_per_data_dir(cxr_home, tiny_dataset, tmp
     from conftest import write_image
     write_image(other / "NORMAL" / "IM-0001-0001.png")
     monkeypatch.setenv("CXR_DATA_DIR", f"{tiny_dataset}:{other}")
-    db, job_ids = indexing.open_app_db()
+    db, job_ids = app.open_app_db()
     assert len(job_ids) == 2 and indexing.list_datasets(db) == []  # the web process reads none
-    assert indexing.open_app_db()[1] == job_ids  # a second app process: the same jobs
-    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == job_ids  # the queue, in order
+    assert app.open_app_db()[1] == job_ids  # a second app process: the same jobs
+    assert app.run_worker(once=True, kinds="jobs")["jobs"] == job_ids  # the queue, in order
     assert sorted(d.n_images for d in indexing.list_datasets(db)) == [1, 18]
 
 
@@ -74,7 +78,7 @@ def test_export_job_writes_every_relabel_page_by_page(cxr_home, tiny_dataset, mo
                                                  reviewer=f"=HYPERLINK(r{n})", note=""))
     db.write(lambda s: rel_store.undo_relabel(session=s, relabel_id=1, reviewer="a"))
     monkeypatch.setattr(review_export, "EXPORT_PAGE", 2)  # three pages and a half
-    job = jobs.run_job(db, jobs.submit(db, "export_relabels", {"dataset_id": dataset_id}))
+    job = app.run_job(db, queue.submit(db, "export_relabels", {"dataset_id": dataset_id}))
     assert job.status == "finished", job.error
     assert job.result["rows"] == 6 and (job.done, job.total) == (6, 6)
     text = open(job.result["path"], encoding="utf-8").read()
@@ -86,7 +90,7 @@ def test_export_job_writes_every_relabel_page_by_page(cxr_home, tiny_dataset, mo
 
 
 def test_unknown_job_kind_is_refused(cxr_home):
-    from cxr_core.errors import ConfigError
+    from cxr_core.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="job kind"):
-        jobs.submit(open_db(), "mine_bitcoin", {})
+        queue.submit(open_db(), "mine_bitcoin", {})

@@ -1,14 +1,14 @@
-"""Per-run limits and the per-user run quota (issue 15 item 4): cxr_core.limits, pure."""
+"""Per-run limits and the per-user run quota (issue 15 item 4): cxr_core.core.limits, pure."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from cxr_core.config import apply_secrets
-from cxr_core.errors import ConfigError, QuotaExceeded
-from cxr_core.limits import ENV, Limits, check_active, check_run, check_view_jobs
-from cxr_core.train_config import TrainConfig
+from cxr_core.core.settings import apply_secrets
+from cxr_core.core.errors import ConfigError, QuotaExceeded
+from cxr_core.core.limits import ENV, Limits, check_active, check_run, check_view_jobs
+from cxr_core.training.config import TrainConfig
 
 
 def cfg(**kw) -> TrainConfig:

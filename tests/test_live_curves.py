@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 
-from cxr_core import training_service as svc
+from cxr_core.training import service as svc
 from cxr_core.storage import open_db
 from cxr_core.storage import runs as store
 

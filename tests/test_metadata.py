@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_core import indexing
-from cxr_core.errors import DatasetError
-from cxr_core.indexing import index_dataset
-from cxr_core.splits import make_split
+from cxr_core.data import indexing
+from cxr_core.core.errors import DatasetError
+from cxr_core.data.indexing import index_dataset
+from cxr_core.data.splits import make_split
 from cxr_core.storage import open_db
 
 META = """path,patient,date,site,sex,age,view

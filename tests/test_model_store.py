@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core import operating_point_service as ops
-from cxr_core import model_store as ms
-from cxr_core.errors import ConfigError, ModelError
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.models import refs
+from cxr_core.models import store as ms
+from cxr_core.core.errors import ConfigError, ModelError
 from cxr_core.storage import open_db
 
 
@@ -53,7 +54,7 @@ BINARY_CARD = {"name": "tiny", "model": "tiny", "labels": ["NORMAL", "PNEUMONIA"
 
 
 def test_file_without_card_infers_binary_and_flags_the_threshold(tmp_path):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
     assert loaded.labels == ("NORMAL", "PNEUMONIA") and loaded.label_scheme == "binary"
     assert (loaded.image_size, loaded.channels) == (16, 1)
     assert loaded.threshold == 0.5 and loaded.threshold_source == ms.NO_THRESHOLD
@@ -62,7 +63,7 @@ def test_file_without_card_infers_binary_and_flags_the_threshold(tmp_path):
 
 
 def test_file_with_card_uses_its_labels_and_threshold(tmp_path):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
     assert loaded.threshold == 0.3 and loaded.threshold_source == "model card"
     assert loaded.has_operating_point and loaded.card["name"] == "tiny"
 
@@ -72,7 +73,7 @@ def test_file_with_card_uses_its_labels_and_threshold(tmp_path):
     (3, ("NORMAL", "BACTERIA", "VIRUS"), "three_class"),
 ])
 def test_output_width_gives_the_labels(tmp_path, units, labels, scheme):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
     assert loaded.labels == labels and loaded.label_scheme == scheme
     assert loaded.threshold == (None if units == 3 else 0.5)
 
@@ -87,17 +88,17 @@ def test_output_width_gives_the_labels(tmp_path, units, labels, scheme):
 def test_bad_references_and_cards_are_model_errors(tmp_path, ref, card, match):
     save_tiny_model(tmp_path / "m.keras", card=card)
     with pytest.raises(ModelError, match=match):
-        ms.load_model_ref(str(tmp_path / ref))
+        refs.load_model_ref(str(tmp_path / ref))
 
 
 def test_default_is_a_clear_error_until_shipped(tmp_path):
     with pytest.raises(ModelError, match="no default model shipped yet"):
-        ms.load_model_ref("default", models_dir=tmp_path)
+        refs.load_model_ref("default", models_dir=tmp_path)
 
 
 def test_default_loads_from_the_models_dir(tmp_path):
     save_tiny_model(tmp_path / "default" / "model.keras", card=BINARY_CARD)
-    loaded = ms.load_model_ref("default", models_dir=tmp_path / "default")
+    loaded = refs.load_model_ref("default", models_dir=tmp_path / "default")
     assert loaded.ref == "default" and loaded.threshold == 0.3
 
 
@@ -105,16 +106,16 @@ def test_run_threshold_comes_from_the_db_then_follows_a_manual_change(cxr_home):
     db = open_db()
     run_id = make_run(db, "r")
     save_tiny_model(cxr_home / "runs" / str(run_id) / "best.keras", card=BINARY_CARD)
-    assert ms.load_model_ref(str(run_id), db=db).threshold_source == "model card"
+    assert refs.load_model_ref(str(run_id), db=db).threshold_source == "model card"
     y = np.array([0, 0, 1, 1, 1, 0, 1, 0])
     p = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.2, 0.6, 0.7])
     op = ops.set_operating_point(db, run_id=run_id, y_true=y, p_pos=p, target=1.0)
-    loaded = ms.load_model_ref(f"run:{run_id}", db=db)
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
     assert loaded.ref == f"run:{run_id}" and loaded.run_id == run_id
     assert loaded.threshold == op.threshold == 0.35
     assert ms.decide(loaded, [[0.62, 0.38], [0.7, 0.3]]) == ["PNEUMONIA", "NORMAL"]
     ops.set_manual_threshold(db, run_id=run_id, threshold=0.5, changed_by="dr a", note="fewer FPs")
-    loaded = ms.load_model_ref(f"run:{run_id}", db=db)
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
     assert loaded.threshold == 0.5 and "manual" in loaded.threshold_source
     assert ms.decide(loaded, [[0.62, 0.38], [0.4, 0.6]]) == ["NORMAL", "PNEUMONIA"]
 
@@ -122,11 +123,11 @@ def test_run_threshold_comes_from_the_db_then_follows_a_manual_change(cxr_home):
 def test_run_without_model_file_is_a_model_error(cxr_home):
     db = open_db()
     with pytest.raises(ModelError, match="has no model file"):
-        ms.load_model_ref(f"run:{make_run(db, 'r')}", db=db)
+        refs.load_model_ref(f"run:{make_run(db, 'r')}", db=db)
 
 
 def test_predict_probs_converts_channels_and_checks_size(tmp_path):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras")))
     rng = np.random.default_rng(0)
     gray = rng.integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
     probs = ms.predict_probs(loaded, gray)
@@ -139,7 +140,7 @@ def test_predict_probs_converts_channels_and_checks_size(tmp_path):
 
 @pytest.mark.parametrize("units", [1, 3])
 def test_predict_probs_matches_model_predict_in_any_chunking(tmp_path, units):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", units=units)))
     x = np.random.default_rng(1).integers(0, 256, (5, 16, 16, 1), dtype=np.uint8)
     before = ms.to_probs(loaded.model.predict(x.astype(np.float32), batch_size=32, verbose=0))
     np.testing.assert_allclose(ms.predict_probs(loaded, x), before, rtol=0, atol=1e-6)
@@ -150,11 +151,11 @@ def test_predict_probs_matches_model_predict_in_any_chunking(tmp_path, units):
 
 
 def test_decide_never_silently_uses_half(tmp_path):
-    loaded = ms.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
+    loaded = refs.load_model_ref(str(save_tiny_model(tmp_path / "m.keras", card=BINARY_CARD)))
     probs = np.array([[0.65, 0.35], [0.75, 0.25]])
     assert ms.decide(loaded, probs) == ["PNEUMONIA", "NORMAL"]  # 0.3, not 0.5
     assert ms.decide(replace(loaded, threshold=0.2), probs) == ["PNEUMONIA", "PNEUMONIA"]
-    three = ms.load_model_ref(str(save_tiny_model(tmp_path / "t" / "m.keras", units=3)))
+    three = refs.load_model_ref(str(save_tiny_model(tmp_path / "t" / "m.keras", units=3)))
     assert ms.decide(three, [[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]]) == ["VIRUS", "NORMAL"]
 
 
@@ -164,8 +165,8 @@ def test_the_shipped_card_readme_is_rendered_from_its_json_and_names_its_split()
     a calibration slice headlines figures its threshold was not chosen on."""
     import json
 
-    from cxr_core.card_measured import headline
-    from cxr_core.model_card_md import card_markdown
+    from cxr_core.models.card import headline
+    from cxr_core.models.card import card_markdown
 
     folder = Path(__file__).resolve().parents[1] / "models" / "default"
     card = json.loads((folder / "model_card.json").read_text())
@@ -188,7 +189,7 @@ def test_card_markdown_headlines_temporal_figures_and_marks_the_calibration_slic
     the slice the threshold was chosen on only in the full table, marked."""
     import json
 
-    from cxr_core.model_card_md import card_markdown
+    from cxr_core.models.card import card_markdown
 
     card = json.loads((ms.DEFAULT_MODELS_DIR / "model_card.json").read_text())
     base = {"dataset": "d", "n": 100, "n_patients": 90, "ci_unit": "patient", "threshold": 0.7,

@@ -1,4 +1,4 @@
-"""Tests for cxr_core.models: registry, flat graphs, heads, preprocessing, weights, saliency.
+"""Tests for cxr_core.models.graph: registry, flat graphs, heads, preprocessing, weights, saliency.
 
 Weight files are generated here in the layouts Keras writes (nothing is downloaded); training
 steps run eagerly because tracing big graphs costs far more than one step on tiny input.
@@ -15,10 +15,11 @@ from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
 
-from cxr_core import model_specs as specs
-from cxr_core import model_weights as W
-from cxr_core import models as M
-from cxr_core.errors import ConfigError, ModelError
+from cxr_core.models import specs
+from cxr_core.models import weights as W
+from cxr_core.models import graph as M
+from cxr_core.models import layers
+from cxr_core.core.errors import ConfigError, ModelError
 
 SMALL = ["cxrnet_224", "cxrnet_28", "custom5_224", "small3_50", "small4_50", "small3_128", "cnn1", "vgg_sep"]
 FAST_APPS = ["mobilenet", "mobilenetv2", "vgg16", "densenet121", "efficientnetb0"]
@@ -180,7 +181,7 @@ def test_predictions_stay_float32_under_mixed_precision():
 
 def test_dropout_override_and_head_names():
     model = M.build_model(_cfg("vgg_sep", dropout=0.25), 2)
-    assert [layer.name for layer in M.head_layers(model)] == [
+    assert [layer.name for layer in layers.head_layers(model)] == [
         "head_flatten", "head_dense1", "head_dropout1",
         "head_dense2", "head_dropout2", "predictions",
     ]
@@ -297,10 +298,10 @@ def test_unresolved_run_and_missing_file_raise_model_error(tmp_path):
 
 def test_set_backbone_trainable_freezes_and_unfreezes_top_k_keeping_batchnorm_frozen():
     model = M.build_model(_cfg("mobilenetv2"), 2)
-    backbone = M.backbone_layers(model)
+    backbone = layers.backbone_layers(model)
     M.set_backbone_trainable(model, False)
     assert not any(layer.trainable for layer in backbone)
-    assert all(layer.trainable for layer in M.head_layers(model))
+    assert all(layer.trainable for layer in layers.head_layers(model))
 
     M.set_backbone_trainable(model, True, top_k=10)
     top, rest = backbone[-10:], backbone[:-10]
@@ -318,7 +319,7 @@ def test_set_backbone_trainable_freezes_and_unfreezes_top_k_keeping_batchnorm_fr
 def test_backbone_and_head_partition_the_layers():
     model = M.build_model(_cfg("densenet121"), 2)
     pre = [layer for layer in model.layers if layer.name.startswith("pre_")]
-    parts = M.backbone_layers(model) + M.head_layers(model) + pre
+    parts = layers.backbone_layers(model) + layers.head_layers(model) + pre
     assert len(parts) + 1 == len(model.layers)  # + the input layer
     assert model.layers[0].name == "image"
 
@@ -397,7 +398,7 @@ def test_weights_h5_other_head_loads_backbone_and_skips_head(tmp_path):
     model, report = built.model, built.weights_report
     assert report.skipped == ("predictions",)
     assert report.loaded == report.total - 1
-    for layer in M.backbone_layers(model) + [model.get_layer("head_dense1")]:
+    for layer in layers.backbone_layers(model) + [model.get_layer("head_dense1")]:
         assert _same(layer.get_weights(), source.get_layer(layer.name).get_weights())
 
 
@@ -418,11 +419,11 @@ def test_chexnet_like_h5_loads_densenet_backbone(tmp_path):
     model, report = built.model, built.weights_report
     assert report.method == "by name"
     assert report.skipped == ("predictions",)
-    for layer in M.backbone_layers(model):
+    for layer in layers.backbone_layers(model):
         if layer.weights:
             source = chexnet.get_layer(layer.name).get_weights()
             assert _same(layer.get_weights(), source), layer.name
-    assert not any(layer.trainable for layer in M.backbone_layers(model))
+    assert not any(layer.trainable for layer in layers.backbone_layers(model))
 
 
 def test_keras_applications_layout_loads_in_layer_order(tmp_path):
@@ -436,7 +437,7 @@ def test_keras_applications_layout_loads_in_layer_order(tmp_path):
     built = M.build_model_with_report(_cfg("mobilenetv2", weights=str(path)), 2)
     assert built.weights_report.method == "layer order"
     src = [layer for layer in source.layers if layer.weights]
-    dst = [layer for layer in M.backbone_layers(built.model) if layer.weights]
+    dst = [layer for layer in layers.backbone_layers(built.model) if layer.weights]
     assert all(_same(a.get_weights(), b.get_weights()) for a, b in zip(src, dst))
 
 
@@ -450,7 +451,7 @@ def test_previous_run_keras_transfer(tmp_path):
     report = built.weights_report
     assert report.skipped == ("predictions",)
     assert report.loaded == report.total - 1
-    for layer in M.backbone_layers(built.model):
+    for layer in layers.backbone_layers(built.model):
         assert _same(layer.get_weights(), source.get_layer(layer.name).get_weights())
 
 
@@ -472,12 +473,12 @@ def test_saved_model_with_custom_layer_loads(tmp_path):
     model = M.build_model(_cfg("vgg16", channels=3), 2)
     path = tmp_path / "vgg.keras"
     model.save(path)
-    loaded = M.load_model(path)
+    loaded = layers.load_model(path)
     x = _images(32, 3)
     np.testing.assert_allclose(_run(loaded, x), _run(model, x), rtol=1e-5)
     assert M.saliency_layer_name(loaded) == "block5_conv3"
     with pytest.raises(ModelError, match="missing.keras"):
-        M.load_model(tmp_path / "missing.keras")
+        layers.load_model(tmp_path / "missing.keras")
 
 
 def test_file_matching_nothing_raises_model_error(tmp_path):
@@ -564,7 +565,7 @@ def test_imagenet_uses_prefilled_cache_without_downloading(keras_home, monkeypat
     assert built.weights_report.method == "imagenet"
     assert built.weights_report.source == str(cached)
     src = [layer for layer in source.layers if layer.weights]
-    dst = [layer for layer in M.backbone_layers(built.model) if layer.weights]
+    dst = [layer for layer in layers.backbone_layers(built.model) if layer.weights]
     assert len(src) == len(dst)
     assert all(_same(a.get_weights(), b.get_weights()) for a, b in zip(src, dst))
 
@@ -641,4 +642,4 @@ def test_load_model_names_a_non_zip_keras_file_instead_of_file_not_found(tmp_pat
     fake = tmp_path / "model.keras"
     fake.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
     with pytest.raises(ModelError, match="not a Keras model file"):
-        M.load_model(fake)
+        layers.load_model(fake)

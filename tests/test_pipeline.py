@@ -1,4 +1,4 @@
-"""Tests for cxr_core.pipeline: the decode-once cache, tf.data datasets and class balancing."""
+"""Tests for cxr_core.data.pipeline: the decode-once cache, tf.data datasets and class balancing."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import images as image_io
-from cxr_core import pipeline
-from cxr_core.augment_config import PRESETS, AugmentConfig
-from cxr_core.errors import ConfigError, DatasetError
-from cxr_core.balancing import balance_indices, balance_summary, class_weights
-from cxr_core.pipeline import build_cache, build_cache_from_npz, make_dataset
+from cxr_core.data import images as image_io
+from cxr_core.data import pipeline
+from cxr_core.data.augment_config import PRESETS, AugmentConfig
+from cxr_core.core.errors import ConfigError, DatasetError
+from cxr_core.data.balancing import balance_indices, balance_summary, class_weights
+from cxr_core.data.pipeline import build_cache, build_cache_from_npz, make_dataset
 
 SIZE = 16
 
@@ -315,8 +315,8 @@ def test_channel_conversion_with_augmentation(image_items, tmp_path, cache_chann
 def test_npz_record_images_is_the_one_array_loader(tmp_path):
     from types import SimpleNamespace
 
-    from cxr_core.errors import DatasetError
-    from cxr_core.images import npz_record_images
+    from cxr_core.core.errors import DatasetError
+    from cxr_core.data.images import npz_record_images
 
     train = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
     val = 200 + np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4) % 50

@@ -6,7 +6,7 @@ import os
 import pytest
 from sqlalchemy import create_engine, text
 
-from cxr_core.indexing import index_dataset, open_dataset
+from cxr_core.data.indexing import index_dataset, open_dataset
 from cxr_core.storage import open_db
 
 PG_URL = os.environ.get("CXR_TEST_PG_URL")
@@ -86,13 +86,15 @@ def test_four_concurrent_reviewers_keep_the_old_label_chain_on_postgres(pg_url, 
 def test_audit_log_is_append_only_on_postgres(pg_url, cxr_home):
     from sqlalchemy.exc import DBAPIError
 
-    from cxr_core import actions, auth
+    from cxr_core.auth import admin as auth_admin
+    from cxr_core.auth import gate as actions
+    from cxr_core.auth import policy
 
     db = open_db(url=pg_url)
-    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
+    admin = policy.Principal(identity="lead@h.org", roles=frozenset(policy.ROLES))
     actions.record(db, admin, "manage_roles", "x@h.org")
     for sql in ("UPDATE audit_events SET actor = 'someone-else'", "DELETE FROM audit_events"):
         with pytest.raises(DBAPIError, match="append-only"):
             with db.session() as s:
                 s.execute(text(sql))
-    assert [e.actor for e in actions.audit_log(db, admin)] == ["lead@h.org"]
+    assert [e.actor for e in auth_admin.audit_log(db, admin)] == ["lead@h.org"]

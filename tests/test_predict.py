@@ -1,4 +1,4 @@
-"""cxr_core.predict and its neighbours (explain, uploads, predict_cli, model_export): batches
+"""cxr_core.predict.inference and its neighbours (explain, uploads, predict_cli, model_export): batches
 mixing good and bad files, saliency per method and family, uploads stored by hash (DICOM without
 its header), review queue, CLI contract, default model."""
 from __future__ import annotations
@@ -12,15 +12,15 @@ import pytest
 from PIL import Image
 
 from conftest import dicom_bytes, png_claiming
-from cxr_core import explain as E
-from cxr_core import model_export as X
-from cxr_core import predict as P
-from cxr_core import uploads as U
-from cxr_core.model_store import load_model_ref
-from cxr_core.predict_cli import predict_cli
-from cxr_core.errors import ConfigError, ModelError
-from cxr_core.model_store import CARD_NAME, DEFAULT_MODELS_DIR
-from cxr_core.saliency import METHODS
+from cxr_core.predict import explain as E
+from cxr_core.training import export as X
+from cxr_core.predict import inference as P
+from cxr_core.predict import uploads as U
+from cxr_core.models.refs import load_model_ref
+from cxr_core.predict.cli import predict_cli
+from cxr_core.core.errors import ConfigError, ModelError
+from cxr_core.models.store import CARD_NAME, DEFAULT_MODELS_DIR
+from cxr_core.predict.saliency import METHODS
 
 CARD = {"labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary",
         "operating_point": {"threshold": 0.4, "method": "sensitivity", "target": 0.95}}
@@ -29,14 +29,14 @@ CARD = {"labels": ["NORMAL", "PNEUMONIA"], "label_scheme": "binary",
 # -- Fixtures: one tiny registry model, and bytes of every kind of file ---------------------
 
 def _registry_model(name: str, size: int, channels: int, num_classes: int = 2):
-    from cxr_core import models as registry
-    from cxr_core.model_specs import ModelConfig
+    from cxr_core.models import graph
+    from cxr_core.models.specs import ModelConfig
 
     import keras
 
     keras.utils.set_random_seed(0)
     cfg = ModelConfig(name=name, image_size=size, channels=channels)
-    return registry.build_model(cfg, num_classes)
+    return graph.build_model(cfg, num_classes)
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +296,7 @@ def test_send_to_review_stores_upload_and_queues_it(cxr_home, loaded):
 
 
 def test_indexed_images_go_to_review_by_id(cxr_home, loaded, tiny_dataset):
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
     from cxr_core.storage import datasets as ds_store
     from cxr_core.storage import open_db
     from cxr_core.storage import reviews

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cxr_core import compare_service as cs
-from cxr_core import evaluation_service as es
-from cxr_core import provenance, review
-from cxr_core.errors import ConfigError
-from cxr_core.indexing import open_dataset
+from cxr_core.evaluation import compare as cs
+from cxr_core.evaluation import evaluate as es
+from cxr_core.data import provenance
+from cxr_core.review import queues as review
+from cxr_core.core.errors import ConfigError
+from cxr_core.data.indexing import open_dataset
 from cxr_core.storage import evals as eval_store
 from cxr_core.storage import open_db
 from cxr_core.storage import runs as run_store

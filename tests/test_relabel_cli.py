@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import cli, relabel_import, review
-from cxr_core.indexing import index_dataset
+from cxr_core import cli
+from cxr_core.review import relabel_import
+from cxr_core.review import queues as review
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as store

@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import explain, review, review_view
-from cxr_core.agreement import agreement, cohen_kappa
-from cxr_core.review_export import export_relabels_csv, relabels_to_csv
-from cxr_core.review_view import describe_entry
-from cxr_core.errors import ConfigError
-from cxr_core.indexing import index_dataset
+from cxr_core.predict import explain
+from cxr_core.review import queues as review
+from cxr_core.review import view as review_view
+from cxr_core.review.agreement import agreement, cohen_kappa
+from cxr_core.review.export import export_relabels_csv, relabels_to_csv
+from cxr_core.review.view import describe_entry
+from cxr_core.core.errors import ConfigError
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as rel_store, reviews as store
 from cxr_core.storage.evals import prediction_columns

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_core import review
-from cxr_core.indexing import index_dataset
+from cxr_core.review import queues as review
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as store
 

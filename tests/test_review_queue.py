@@ -8,8 +8,9 @@ import pytest
 from conftest import write_image
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 
-from cxr_core import agreement, review
-from cxr_core.indexing import index_dataset
+from cxr_core.review import agreement
+from cxr_core.review import queues as review
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage.evals import prediction_columns
 from cxr_core.storage.relabels import original_labels

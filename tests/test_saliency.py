@@ -1,4 +1,4 @@
-"""Tests for cxr_core.saliency and saliency_render: tf-keras-vis maps (and the private
+"""Tests for cxr_core.predict.saliency and saliency_render: tf-keras-vis maps (and the private
 tf-keras-vis methods they rely on), the saliency layer rule, rendering and the shortcut check."""
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import tf_keras_vis
 
-from cxr_core import saliency
-from cxr_core.errors import ConfigError, ModelError
+from cxr_core.predict import saliency
+from cxr_core.core.errors import ConfigError, ModelError
 from tf_keras_vis.gradcam import Gradcam
 from tf_keras_vis.utils import model_modifiers
 from tf_keras_vis.utils.model_modifiers import ReplaceToLinear
 from tf_keras_vis.utils.scores import BinaryScore, CategoricalScore
 
-from cxr_core.models import saliency_layer_name as find_saliency_layer
-from cxr_core.saliency import METHODS, SaliencyExplainer, compute_saliency
-from cxr_core.saliency_render import (
+from cxr_core.models.graph import saliency_layer_name as find_saliency_layer
+from cxr_core.predict.saliency import METHODS, SaliencyExplainer, compute_saliency
+from cxr_core.predict.render import (
     COLORMAPS,
     heat_density_outside,
     heat_outside_center,
@@ -272,7 +272,7 @@ TF_KERAS_VIS_CALLS = [
 
 def _changed(what: str, expected: object, received: object) -> str:
     return (f"tf-keras-vis {tf_keras_vis.__version__}: {what} changed, and "
-            f"cxr_core.saliency._CachedGradcam relies on it. Expected: {expected}. "
+            f"cxr_core.predict.saliency._CachedGradcam relies on it. Expected: {expected}. "
             f"Received: {received}. Update _CachedGradcam for this tf-keras-vis (its Grad-CAM "
             "fallback is the plain library call) or pin the version it was written for "
             "(tf-keras-vis==0.8.7, requirements.txt).")
@@ -430,13 +430,13 @@ def test_module_does_not_import_streamlit():
     assert "import streamlit" not in open(saliency.__file__).read()
 
 
-# The model registry (cxr_core.models), when present: its recorded layer is the one found here
+# The model registry (cxr_core.models.graph), when present: its recorded layer is the one found here
 
 
 @pytest.mark.parametrize(("name", "size", "channels"), [
     ("small3_50", 16, 1), ("custom5_224", 32, 1), ("mobilenetv2", 32, 3)])
 def test_registry_models_agree_on_the_saliency_layer(name, size, channels):
-    models_module = pytest.importorskip("cxr_core.models")
+    models_module = pytest.importorskip("cxr_core.models.graph")
     if not hasattr(models_module, "MODELS") or name not in models_module.MODELS:
         pytest.skip(f"registry has no {name!r}")
     cfg = models_module.ModelConfig(name=name, image_size=size, channels=channels)

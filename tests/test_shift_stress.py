@@ -7,10 +7,12 @@ import numpy as np
 import pytest
 from test_ensembles import VAL_P, VAL_Y, _run, _store_val
 
-from cxr_core import cli, model_store
-from cxr_core import evaluation_service as es
-from cxr_core import shift_stress as ss
-from cxr_core.errors import ConfigError, DatasetError
+from cxr_core import cli
+from cxr_core.models import refs
+from cxr_core.models import store as model_store
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import stress
+from cxr_core.core.errors import ConfigError, DatasetError
 from cxr_core.storage import open_db
 
 from conftest import write_image
@@ -19,8 +21,8 @@ from conftest import write_image
 def test_every_perturbation_is_deterministic_uint8_and_changes_the_image():
     rng = np.random.default_rng(0)
     images = rng.integers(30, 220, (3, 32, 32, 1), dtype=np.uint8)
-    for name in ss.PERTURBATIONS:
-        a, b = ss.perturb(images, name), ss.perturb(images, name)
+    for name in stress.PERTURBATIONS:
+        a, b = stress.perturb(images, name), stress.perturb(images, name)
         assert a.dtype == np.uint8 and a.shape == images.shape
         np.testing.assert_array_equal(a, b)
         if name == "none":
@@ -28,16 +30,16 @@ def test_every_perturbation_is_deterministic_uint8_and_changes_the_image():
         else:
             assert np.abs(a.astype(int) - images).mean() > 1, name
     flat = np.full((1, 8, 8, 1), 128, np.uint8)
-    assert ss.perturb(flat, "darker").mean() < 128 < ss.perturb(flat, "brighter").mean()
-    assert ss.perturb(images, "low_contrast").std() < images.std() < \
-        ss.perturb(images, "high_contrast").std()
+    assert stress.perturb(flat, "darker").mean() < 128 < stress.perturb(flat, "brighter").mean()
+    assert stress.perturb(images, "low_contrast").std() < images.std() < \
+        stress.perturb(images, "high_contrast").std()
     with pytest.raises(ConfigError, match="unknown perturbation"):
-        ss.perturb(images, "fog")
+        stress.perturb(images, "fog")
 
 
 def test_score_reads_sensitivity_and_specificity_at_the_threshold():
     y = np.array([0, 0, 1, 1])
-    auc, sens, spec = ss.score(y, np.array([0.1, 0.6, 0.7, 0.4]), 0.5)
+    auc, sens, spec = stress.score(y, np.array([0.1, 0.6, 0.7, 0.4]), 0.5)
     assert (auc, sens, spec) == (0.75, 0.5, 0.5)
 
 
@@ -53,18 +55,18 @@ def run_with_files(cxr_home, tmp_path):
 
 def test_stress_scores_the_same_model_at_its_locked_threshold(run_with_files):
     db, run_id = run_with_files
-    ev_id = ss.run_val_evaluation(db, run_id)
-    rows = ss.stress_evaluation(db, f"run:{run_id}", ev_id)
-    assert [r.perturbation for r in rows] == list(ss.PERTURBATIONS)
-    loaded = model_store.load_model_ref(f"run:{run_id}", db=db)
+    ev_id = stress.run_val_evaluation(db, run_id)
+    rows = stress.stress_evaluation(db, f"run:{run_id}", ev_id)
+    assert [r.perturbation for r in rows] == list(stress.PERTURBATIONS)
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
     assert {r.threshold for r in rows} == {loaded.threshold} and {r.n for r in rows} == {8}
     # the "none" row is the model's own figures on those files, recomputed here
-    from cxr_core.predict import ImageInput, decode
+    from cxr_core.predict.inference import ImageInput, decode
     preds = es.load_predictions(db, ev_id)
     x = np.asarray([decode(ImageInput(p, path=p), 16, 1)[0] for p in preds.paths])
     p = model_store.to_probs(loaded.model.predict(x.astype(np.float32), verbose=0))[:, 1]
-    assert rows[0].auc == pytest.approx(ss.score(VAL_Y, p, loaded.threshold)[0])
-    out = ss.summary(rows)
+    assert rows[0].auc == pytest.approx(stress.score(VAL_Y, p, loaded.threshold)[0])
+    out = stress.summary(rows)
     assert out["worst_specificity"] == min(r.specificity for r in rows[1:])
 
 
@@ -77,7 +79,7 @@ def test_stress_cli_prints_rows_and_refuses_bad_requests(run_with_files, capsys)
     assert cli.main(["stress", "--json"]) != 0
     assert "exactly one of --run" in capsys.readouterr().err
     with pytest.raises(DatasetError, match="no stored 'test' evaluation"):
-        ss.run_val_evaluation(db, run_id, "test")
+        stress.run_val_evaluation(db, run_id, "test")
 
 
 def test_unreadable_evaluation_images_are_a_clear_error(cxr_home):
@@ -85,29 +87,29 @@ def test_unreadable_evaluation_images_are_a_clear_error(cxr_home):
     run_id = _run(db, cxr_home, 2, size=16)
     _store_val(db, run_id, VAL_P[2])  # paths /val/i.png do not exist
     with pytest.raises(DatasetError, match="needs image files"):
-        ss.stress_evaluation(db, f"run:{run_id}", ss.run_val_evaluation(db, run_id))
+        stress.stress_evaluation(db, f"run:{run_id}", stress.run_val_evaluation(db, run_id))
 
 
 def test_tta_views_and_the_tta_score_are_the_mean_over_the_views(run_with_files):
     db, run_id = run_with_files
     img = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1) * 10 + 5
-    right = ss._apply(img, ss.TTA_VIEWS["shift_+4%"])
-    np.testing.assert_array_equal(ss._apply(img, ss.TTA_VIEWS["identity"]), img)
-    moved = ss._apply(np.full((1, 50, 50, 1), 9, np.uint8), ss.TTA_VIEWS["shift_+4%"])
+    right = stress._apply(img, stress.TTA_VIEWS["shift_+4%"])
+    np.testing.assert_array_equal(stress._apply(img, stress.TTA_VIEWS["identity"]), img)
+    moved = stress._apply(np.full((1, 50, 50, 1), 9, np.uint8), stress.TTA_VIEWS["shift_+4%"])
     assert moved[0, :, :2].max() == 0 and moved[0, :, 2:].min() == 9
     assert right.shape == img.shape
-    ev_id = ss.run_val_evaluation(db, run_id)
-    [plain] = ss.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"])
-    [tta] = ss.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"], tta=True)
+    ev_id = stress.run_val_evaluation(db, run_id)
+    [plain] = stress.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"])
+    [tta] = stress.stress_evaluation(db, f"run:{run_id}", ev_id, names=["none"], tta=True)
     assert "4 TTA views" in tta.what and "TTA" not in plain.what
-    loaded = model_store.load_model_ref(f"run:{run_id}", db=db)
-    from cxr_core.predict import ImageInput, decode
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
+    from cxr_core.predict.inference import ImageInput, decode
     preds = es.load_predictions(db, ev_id)
     x = np.asarray([decode(ImageInput(p, path=p), 16, 1)[0] for p in preds.paths])
     p = np.mean([model_store.to_probs(loaded.model.predict(
-        ss._apply(x, fn).astype(np.float32), verbose=0))[:, 1] for fn in ss.TTA_VIEWS.values()],
+        stress._apply(x, fn).astype(np.float32), verbose=0))[:, 1] for fn in stress.TTA_VIEWS.values()],
         axis=0)
-    auc, sens, spec = ss.score(VAL_Y, p, loaded.threshold)
+    auc, sens, spec = stress.score(VAL_Y, p, loaded.threshold)
     assert (tta.auc, tta.sensitivity, tta.specificity) == pytest.approx((auc, sens, spec))
 
 
@@ -116,15 +118,15 @@ def test_stress_default_keeps_the_result_in_the_card_and_readme(run_with_files, 
     and README), with the worst shift named."""
     from test_model_store import BINARY_CARD, save_tiny_model
 
-    from cxr_core import model_export
-    from cxr_core.model_card_md import stress_summary
+    from cxr_core.training import export as model_export
+    from cxr_core.models.card import stress_summary
 
     db, run_id = run_with_files
     out = tmp_path / "default"
     save_tiny_model(out / "model.keras", seed=3, card=dict(BINARY_CARD))
-    entry = model_export.stress_default(ss.run_val_evaluation(db, run_id), db=db, out_dir=out)
+    entry = model_export.stress_default(stress.run_val_evaluation(db, run_id), db=db, out_dir=out)
     saved = json.loads((out / "model_card.json").read_text())["stress"]
-    assert saved == entry and [r["perturbation"] for r in saved["rows"]] == list(ss.PERTURBATIONS)
+    assert saved == entry and [r["perturbation"] for r in saved["rows"]] == list(stress.PERTURBATIONS)
     assert entry["threshold"] == 0.3 and entry["split"] == "val" and entry["n"] == 8
     assert entry["worst_specificity"]["specificity"] == min(
         r["specificity"] for r in saved["rows"][1:])

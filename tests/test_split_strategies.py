@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cxr_core.datasets import ImageRecord, parse_name
-from cxr_core.errors import ConfigError, DatasetError
-from cxr_core.splits import make_split, temporal_key
-from cxr_core.train_config import TrainConfig
+from cxr_core.core.records import ImageRecord
+from cxr_core.data.datasets import parse_name
+from cxr_core.core.errors import ConfigError, DatasetError
+from cxr_core.data.splits import make_split, temporal_key
+from cxr_core.training.config import TrainConfig
 
 
 def rec(i, name, label, *, split="train", sha=None, date=None, folder=None):
@@ -122,13 +123,13 @@ def test_train_config_validates_the_split():
 
 
 def test_a_run_prepares_its_data_with_the_temporal_split(cxr_home, tiny_dataset):
-    from cxr_core import run_data
-    from cxr_core.indexing import index_dataset, indexed_records
+    from cxr_core.training import inputs
+    from cxr_core.data.indexing import index_dataset, indexed_records
     from cxr_core.storage import open_db
 
     db = open_db()
     index_dataset(db, tiny_dataset, name="tiny")
-    prepared = run_data.prepare_data(db, TrainConfig(dataset="tiny", split="temporal",
+    prepared = inputs.prepare_data(db, TrainConfig(dataset="tiny", split="temporal",
                                                      val_fraction=0.3))
     data = prepared.data
     by_id = {r.id: r for r in indexed_records(db, prepared.dataset_id)}

@@ -1,4 +1,4 @@
-"""training.py without a database: TrainConfig, recipes, real tiny runs, cancel, seeds."""
+"""Training (cxr_core.training) without a database: TrainConfig, recipes, real tiny runs, cancel, seeds."""
 from __future__ import annotations
 
 import json
@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_core import training
-from cxr_core.errors import ConfigError
-from cxr_core.model_store import write_model_card
-from cxr_core.train_config import DEFAULT_RECIPE, RECIPES, TrainConfig
-from cxr_core.train_io import TrainData, TrainSinks
+from cxr_core.training import fit
+from cxr_core.core.errors import ConfigError
+from cxr_core.training.outputs import write_model_card
+from cxr_core.training.config import DEFAULT_RECIPE, RECIPES, TrainConfig
+from cxr_core.training.interface import TrainData, TrainSinks
 
 CLASSES = ("NORMAL", "PNEUMONIA")
 TIMING_KEYS = {"epoch_time_s", "images_per_s"}
@@ -131,7 +131,7 @@ def test_every_recipe_is_a_valid_config(recipe):
 
 def test_one_epoch_run_writes_metrics_checkpoint_and_val_probs(data, cache_root, tmp_path):
     out = Collect()
-    res = training.train(cfg(), data, tmp_path / "run", cache_root=cache_root, sinks=out.sinks())
+    res = fit.train(cfg(), data, tmp_path / "run", cache_root=cache_root, sinks=out.sinks())
     assert res.status == "finished" and res.epochs_done == 1
     epoch, metrics = out.epochs[0]
     assert epoch == 1 and {"loss", "accuracy", "auc", "val_loss", "val_auc", "lr"} <= set(metrics)
@@ -147,7 +147,7 @@ def test_one_epoch_run_writes_metrics_checkpoint_and_val_probs(data, cache_root,
 def test_batch_rows_say_where_the_run_is_and_how_long_is_left(data, cache_root, tmp_path):
     """Within-epoch progress: the fraction of epochs done and an ETA at the current pace."""
     out = Collect()
-    res = training.train(cfg(epochs=2, early_stopping=False), data, tmp_path / "run",
+    res = fit.train(cfg(epochs=2, early_stopping=False), data, tmp_path / "run",
                          cache_root=cache_root, sinks=out.sinks())
     steps = -(-res.n_train // 16)  # batches per epoch
     progress = [m["epoch_progress"] for _, m in out.batches]
@@ -160,7 +160,7 @@ def test_batch_rows_say_where_the_run_is_and_how_long_is_left(data, cache_root, 
 
 def test_cancel_stops_within_one_batch(data, cache_root, tmp_path):
     out = Collect(cancel_after_batches=2)
-    res = training.train(cfg(epochs=3), data, tmp_path / "run", cache_root=cache_root,
+    res = fit.train(cfg(epochs=3), data, tmp_path / "run", cache_root=cache_root,
                          sinks=out.sinks())
     assert res.status == "cancelled" and res.epochs_done == 0
     assert [s for s, _ in out.batches] == [1, 2]  # the batch that saw the flag was the last
@@ -171,7 +171,7 @@ def test_same_seed_gives_identical_metrics(data, cache_root, tmp_path):
     runs = []
     for i in range(2):
         out = Collect()
-        training.train(cfg(augment="hflip", seed=3), data, tmp_path / f"run{i}",
+        fit.train(cfg(augment="hflip", seed=3), data, tmp_path / f"run{i}",
                        cache_root=cache_root, sinks=out.sinks())
         runs.append([{k: v for k, v in m.items() if k not in TIMING_KEYS} for _, m in out.epochs])
     assert runs[0] == runs[1]
@@ -180,18 +180,19 @@ def test_same_seed_gives_identical_metrics(data, cache_root, tmp_path):
 def test_frozen_stage_trains_the_head_on_cached_features(data, cache_root, tmp_path):
     import keras
 
-    from cxr_core import models
-    from cxr_core.model_specs import ModelConfig
+    from cxr_core.models import graph as models
+    from cxr_core.models import layers
+    from cxr_core.models.specs import ModelConfig
 
     pretrained = tmp_path / "pretrained.keras"  # stands in for ImageNet weights (none offline)
     models.build_model(ModelConfig("small3_50", 32, 1), 2).save(pretrained)
-    before = keras.models.load_model(pretrained, custom_objects=models.CUSTOM_OBJECTS)
+    before = keras.models.load_model(pretrained, custom_objects=layers.CUSTOM_OBJECTS)
     out = Collect()
-    res = training.train(cfg(weights=str(pretrained), freeze_epochs=1, epochs=2), data,
+    res = fit.train(cfg(weights=str(pretrained), freeze_epochs=1, epochs=2), data,
                          tmp_path / "run", cache_root=cache_root, sinks=out.sinks())
     assert res.status == "finished" and res.epochs_done == 2 and res.feature_cache
     assert any("cached features" in msg for _, msg in out.logs)
-    after = models.load_model(res.model_path)
+    after = layers.load_model(res.model_path)
     conv = "block1_conv"  # frozen in stage 1, fine-tuned at a lower rate in stage 2
     assert not np.allclose(before.get_layer(conv).get_weights()[0],
                            after.get_layer(conv).get_weights()[0])
@@ -200,12 +201,12 @@ def test_frozen_stage_trains_the_head_on_cached_features(data, cache_root, tmp_p
 def test_mixed_precision_runs_on_cpu_and_policy_is_restored(data, cache_root, tmp_path):
     import keras
 
-    from cxr_core import models
+    from cxr_core.models import layers
 
-    res = training.train(cfg(mixed_precision=True, augment="rot10_shift_flip"), data,
+    res = fit.train(cfg(mixed_precision=True, augment="rot10_shift_flip"), data,
                          tmp_path / "run", cache_root=cache_root, sinks=Collect().sinks())
     assert res.status == "finished" and np.isfinite(res.val_probs).all()
-    model = models.load_model(res.model_path)
+    model = layers.load_model(res.model_path)
     assert model.get_layer("block1_conv").dtype_policy.name == "mixed_float16"
     assert model.get_layer("predictions").dtype_policy.name == "float32"  # final layer float32
     assert keras.mixed_precision.global_policy().name == "float32"
@@ -227,10 +228,10 @@ def test_model_card_fields(tmp_path):
 
 
 def test_saved_augmentation_preset_is_resolved_into_the_run_config(cxr_home, tiny_dataset):
-    from cxr_core import presets
-    from cxr_core.augment_config import AugmentConfig
+    from cxr_core.data import presets
+    from cxr_core.data.augment_config import AugmentConfig
     from cxr_core.storage import open_db
-    from cxr_core.training_service import make_config
+    from cxr_core.training.service import make_config
 
     db = open_db()
     presets.save(db, "clinic-mild", AugmentConfig(rotation=7.0, hflip=True, seed=3))
@@ -267,7 +268,7 @@ def test_every_recorded_experiment_config_is_valid_and_reported():
 
 
 def test_host_recipe_proposes_mnist28_for_an_npz_and_cpu128_without_a_gpu():
-    from cxr_core import training_service as svc
+    from cxr_core.training import service as svc
 
     assert svc.host_recipe("npz") == "mnist28"
     assert svc.host_recipe("splits") == svc.host_recipe() == "cpu128"  # tests run without GPU

@@ -8,15 +8,18 @@ from datetime import datetime, timezone
 import pytest
 from sqlalchemy import inspect, text
 
-from cxr_core import actions, auth, jobs
-from cxr_core.errors import ConfigError, PermissionDenied, QuotaExceeded
+from cxr_core.auth import admin
+from cxr_core.jobs import actions
+from cxr_core.auth import policy
+from cxr_core.jobs import queue
+from cxr_core.core.errors import ConfigError, PermissionDenied, QuotaExceeded
 from cxr_core.storage import jobs as job_store
 from cxr_core.storage import open_db
 from db.engine import MIGRATIONS, make_engine, upgrade
 from test_postgres import pg_url  # noqa: F401  (fixture: the CI PostgreSQL, clean schema)
 
-ADMIN = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
-VIEWER = auth.Principal(identity="cfo@h.org", roles=frozenset({"viewer"}))
+ADMIN = policy.Principal(identity="lead@h.org", roles=frozenset(policy.ROLES))
+VIEWER = policy.Principal(identity="cfo@h.org", roles=frozenset({"viewer"}))
 
 
 @pytest.fixture()
@@ -31,30 +34,29 @@ def view(n: int) -> dict:
 
 
 def audit(db):
-    return actions.audit_log(db, ADMIN, limit=100)
+    return admin.audit_log(db, ADMIN, limit=100)
 
 
 def test_every_job_kind_names_its_action():
-    assert set(actions.JOB_ACTIONS) == set(jobs.KINDS)
-    assert set(actions.VIEW_KINDS) == {"split_preview", "compare_ci", "balance_tables",
-                                       "agreement", "site_calibration"}
-    assert all(actions.JOB_ACTIONS[k] in auth.POLICY for k in jobs.KINDS)
+    assert set(queue.VIEW_KINDS) == {"split_preview", "compare_ci", "balance_tables",
+                                     "agreement", "site_calibration"}
+    assert all(queue.KINDS[k] in policy.POLICY for k in queue.KINDS)
 
 
 @pytest.mark.parametrize("kind", ["split_preview", "compare_ci", "balance_tables", "agreement",
                                   "site_calibration"])
 def test_a_viewer_asks_for_each_view_job_unaudited_and_recorded_as_the_submitter(db, kind):
     job_id = actions.submit_job(db, VIEWER, kind, {"k": 1})
-    job = jobs.get_job(db, job_id)
+    job = queue.get_job(db, job_id)
     assert (job.kind, job.status, job.created_by) == (kind, "queued", "cfo@h.org")
     assert audit(db) == []  # read-only: a success is not a row
 
 
 def test_a_principal_without_a_role_is_refused_and_that_is_audited(db):
-    nobody = auth.oidc_principal({"email": "x@h.org"}, {"default": ""})
+    nobody = policy.oidc_principal({"email": "x@h.org"}, {"default": ""})
     with pytest.raises(PermissionDenied, match="may not compute view"):
         actions.submit_job(db, nobody, "agreement", view(1))
-    assert jobs.recent_jobs(db, "agreement") == []
+    assert queue.recent_jobs(db, "agreement") == []
     (ev,) = audit(db)
     assert (ev.actor, ev.action, ev.outcome, ev.target) == ("x@h.org", "compute_view",
                                                             "denied", "agreement")
@@ -77,7 +79,7 @@ def test_the_per_user_cap_counts_new_open_view_jobs_only(db, monkeypatch):
         actions.submit_job(db, VIEWER, "agreement", view(3))
     with pytest.raises(QuotaExceeded):  # "try again" (once=False) is a new job too
         actions.submit_job(db, VIEWER, "agreement", view(1), once=False)
-    assert len(jobs.recent_jobs(db, "agreement")) == 1  # the refused ones were rolled back
+    assert len(queue.recent_jobs(db, "agreement")) == 1  # the refused ones were rolled back
     assert [(e.actor, e.action, e.outcome) for e in audit(db)] == [
         ("cfo@h.org", "compute_view", "denied")] * 2
     # Another identity has its own cap; state-changing jobs do not count against it.
@@ -95,7 +97,7 @@ def test_zero_turns_the_cap_off(db, monkeypatch):
         actions.submit_job(db, VIEWER, "agreement", view(n))
     with db.session() as s:
         assert job_store.count_open_jobs(session=s, created_by="cfo@h.org",
-                                         kinds=actions.VIEW_KINDS) == 6
+                                         kinds=queue.VIEW_KINDS) == 6
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -131,7 +133,7 @@ def test_migration_0009_adds_the_submitter_and_goes_back(empty_url):
     actions.submit_job(db, VIEWER, "agreement", view(1))
     with db.session() as s:
         assert job_store.count_open_jobs(session=s, created_by="cfo@h.org",
-                                         kinds=actions.VIEW_KINDS) == 1
+                                         kinds=queue.VIEW_KINDS) == 1
     db.engine.dispose()
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core import training_service as svc
-from cxr_core import run_data, worker
-from cxr_core.errors import RunError
+from cxr_core.training import service as svc
+from cxr_core.training import inputs
+from cxr_core.jobs import launcher
+from cxr_core.jobs import loop
+from cxr_core.training import runner
+from cxr_core.core.errors import RunError
 from cxr_core.storage import open_db
 from cxr_core.storage import evals as eval_store
 from cxr_core.storage import runs as store
+from cxr_core import app
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("NORMAL", "PNEUMONIA")
@@ -90,18 +94,18 @@ def test_reap_marks_stale_or_dead_runs_failed(cxr_home):
                                                     host=socket.gethostname()))
     a = db.write(lambda s: store.create_run(session=s, name="", config={}, worker_id=alive))
     b = db.write(lambda s: store.create_run(session=s, name="", config={}, worker_id=gone))
-    assert worker.reap_dead_runs(db) == [b]  # pid gone: at once
+    assert launcher.reap_dead_runs(db) == [b]  # pid gone: at once
     assert "no longer running" in get(db, b).error and get(db, a).status == "running"
     later = store.utcnow() + timedelta(seconds=31)
     assert db.write(lambda s: store.reap_dead_runs(session=s, stale_after_s=30,
-                                                   is_alive=worker.pid_alive, now=later)) == [a]
+                                                   is_alive=launcher.pid_alive, now=later)) == [a]
     assert "no heartbeat" in get(db, a).error
 
 
 def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, real_slice):
-    from cxr_core.indexing import open_dataset
+    from cxr_core.data.indexing import open_dataset
     from cxr_core.storage.relabels import add_relabel
-    from cxr_core.train_config import TrainConfig
+    from cxr_core.training.config import TrainConfig
 
     db = open_db()
     info, records = open_dataset(db, str(real_slice))
@@ -109,18 +113,18 @@ def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, rea
     rel = db.write(lambda s: add_relabel(session=s, image_id=normal.id, new_label="PNEUMONIA",
                                          new_subtype="virus", reviewer="dr a"))
     cfg = {**TINY, "dataset": info.name}
-    current = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}))
-    original = run_data.prepare_data(db, TrainConfig.from_dict(cfg))
+    current = inputs.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}))
+    original = inputs.prepare_data(db, TrainConfig.from_dict(cfg))
     assert current.snapshot.newest_relabel_id == rel and original.snapshot.newest_relabel_id is None
     assert current.snapshot.hash != original.snapshot.hash
     assert current.dataset_name == info.name and current.data.classes == CLASSES
     for prep, want in ((current, 1), (original, 0)):  # PNEUMONIA is class 1
         ids = list(prep.data.image_ids)
         assert prep.data.labels[ids.index(normal.id)] == want
-    as_of = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}),
+    as_of = inputs.prepare_data(db, TrainConfig.from_dict({**cfg, "label_source": "current"}),
                                 as_of_relabel_id=0)  # a resumed run reproduces its snapshot
     assert as_of.snapshot.hash == original.snapshot.hash
-    subset = run_data.prepare_data(db, TrainConfig.from_dict({**cfg, "max_images": 20}))
+    subset = inputs.prepare_data(db, TrainConfig.from_dict({**cfg, "max_images": 20}))
     n, n_val = len(subset.data.paths), int(subset.data.is_val.sum())
     assert 16 <= n <= 22 and 0 < n_val < n  # stratified subsample, still split by patient
 
@@ -128,11 +132,11 @@ def test_prepare_data_uses_current_labels_and_records_the_snapshot(cxr_home, rea
 # -- Real runs through the DB ---------------------------------------------------------------
 
 def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
-    from cxr_core.model_store import load_model_ref
+    from cxr_core.models.refs import load_model_ref
 
     db = open_db()
     rid = queue(db, real_slice, name="tiny")
-    out = worker.run_worker(once=True, db=db)
+    out = app.run_worker(once=True, db=db)
     assert [r["status"] for r in out["runs"]] == ["finished"], out
     run = get(db, rid)
     assert run.status == "finished" and run.epochs_done == 1 and run.label_snapshot_hash
@@ -163,7 +167,7 @@ def test_worker_trains_a_queued_run_end_to_end(cxr_home, real_slice):
     assert val.label_source == "original" and val.label_scheme == "binary" and val.label_hash
     assert val.overlap["recorded"] and val.overlap["val_images"] == val.n
     assert val.overlap["train_images"] == 0 and val.metrics["ci_unit"] == "patient"
-    from cxr_core import evaluation_service as es
+    from cxr_core.evaluation import evaluate as es
 
     out = es.evaluate_dataset(db, f"run:{rid}", str(real_slice), n_boot=0)
     n_train, n_val = run.summary["n_train"], run.summary["n_val"]
@@ -177,13 +181,13 @@ def test_threshold_is_chosen_on_a_calibration_slice_disjoint_from_selection(cxr_
                                                                            real_slice):
     """The slice is kept out of training and model selection (by patient and bytes), the
     threshold is chosen on it alone, and the card measures every split with intervals."""
-    from cxr_core import evaluation_service as es
+    from cxr_core.evaluation import evaluate as es
     from cxr_core.storage import datasets as ds_store
-    from cxr_core.thresholds import choose_threshold
+    from cxr_core.stats.thresholds import choose_threshold
 
     db = open_db()
     rid = queue(db, real_slice, name="calibrated")
-    assert worker.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
+    assert app.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
     run = get(db, rid)
     with db.session() as s:
         evals = {e.split: e for e in eval_store.list_evaluations(session=s, run_id=rid)}
@@ -192,7 +196,7 @@ def test_threshold_is_chosen_on_a_calibration_slice_disjoint_from_selection(cxr_
     cal_preds, val_preds = es.load_predictions(db, cal.id), es.load_predictions(db, val.id)
     assert cal.n == run.summary["n_calibration"] == op.sample_n >= 4
     assert set(cal_preds.y_true.tolist()) == {0, 1}  # stratified: both classes
-    prepared = run_data.prepare_data(db, svc.make_config(db, {**TINY,
+    prepared = inputs.prepare_data(db, svc.make_config(db, {**TINY,
                                                               "dataset": str(real_slice)}))
     train_ids = {i for i, v in zip(prepared.data.image_ids, prepared.data.is_val) if not v}
     sel_ids = set(val_preds.image_ids)
@@ -232,7 +236,7 @@ def test_threshold_is_chosen_on_a_calibration_slice_disjoint_from_selection(cxr_
 def test_calibration_fraction_zero_chooses_on_validation_and_says_so(cxr_home, real_slice):
     db = open_db()
     rid = queue(db, real_slice, calibration_fraction=0)
-    assert worker.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
+    assert app.run_worker(once=True, db=db)["runs"][0]["status"] == "finished"
     run = get(db, rid)
     card = json.loads((Path(run.artifact_dir) / "model_card.json").read_text())
     assert card["operating_point"]["chosen_on"] == "val"
@@ -242,8 +246,8 @@ def test_calibration_fraction_zero_chooses_on_validation_and_says_so(cxr_home, r
     assert run.summary["n_calibration"] == 0
 
 
-def _flagged_run(db, real_slice) -> tuple[int, int, worker.Heartbeat]:
-    wid, beat = worker.register(db)
+def _flagged_run(db, real_slice) -> tuple[int, int, loop.Heartbeat]:
+    wid, beat = loop.register(db)
     rid = db.write(lambda s: store.create_run(
         session=s, name="", worker_id=wid,
         config=svc.make_config(db, {**TINY, "dataset": str(real_slice), "epochs": 3}).to_dict()))
@@ -258,13 +262,13 @@ def _batch_steps(db, rid: int) -> set[int]:
 
 
 def test_cancel_flag_stops_a_run_after_one_batch(cxr_home, real_slice, monkeypatch):
-    from cxr_core import training
+    from cxr_core.training import fit
 
     db = open_db()
-    monkeypatch.setattr(training, "_cache_progress", lambda sinks: None)  # no check while caching
+    monkeypatch.setattr(fit, "_cache_progress", lambda sinks: None)  # no check while caching
     rid, wid, beat = _flagged_run(db, real_slice)
-    outcome = worker.process_run(db, rid)
-    worker.unregister(db, wid, beat)
+    outcome = runner.process_run(db, rid)
+    loop.unregister(db, wid, beat)
     assert outcome.status == "cancelled" and outcome.epochs == 0
     assert _batch_steps(db, rid) == {1} and get(db, rid).status == "cancelled"
 
@@ -272,8 +276,8 @@ def test_cancel_flag_stops_a_run_after_one_batch(cxr_home, real_slice, monkeypat
 def test_cancel_flag_also_stops_image_caching(cxr_home, real_slice):
     db = open_db()
     rid, wid, beat = _flagged_run(db, real_slice)
-    outcome = worker.process_run(db, rid)
-    worker.unregister(db, wid, beat)
+    outcome = runner.process_run(db, rid)
+    loop.unregister(db, wid, beat)
     assert outcome.status == "cancelled" and not _batch_steps(db, rid)
 
 
@@ -283,9 +287,9 @@ def test_cancel_flag_also_stops_image_caching(cxr_home, real_slice):
 def test_ensure_worker_launches_one_detached_worker(cxr_home, monkeypatch):
     monkeypatch.setenv("CXR_WORKER", "auto")  # the default outside the tests
     db = open_db()
-    pid = worker.ensure_worker(db, idle_exit_s=1)
+    pid = launcher.ensure_worker(db, idle_exit_s=1)
     try:
-        assert worker.ensure_worker(db) == pid  # still starting up: not launched twice
+        assert launcher.ensure_worker(db) == pid  # still starting up: not launched twice
         assert (cxr_home / "logs" / "worker.log").exists()
         assert os.getsid(pid) == pid  # its own session: survives the app's process group
     finally:
@@ -298,16 +302,16 @@ def test_worker_off_means_the_app_launches_none(cxr_home, monkeypatch):
     monkeypatch.setenv("CXR_WORKER", "off")
     db = open_db()
     launched = []
-    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: launched.append(a))
-    assert worker.ensure_worker(db) is None
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: launched.append(a))
+    assert launcher.ensure_worker(db) is None
     assert not launched and not (cxr_home / "worker.pid").exists()
 
 
 def test_a_live_worker_on_another_host_serves_the_queue(cxr_home, monkeypatch):
     db = open_db()
     db.write(lambda s: store.register_worker(session=s, pid=4242, host="gpu-host-2"))
-    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
-    assert worker.ensure_worker(db) is None
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: pytest.fail("launched"))
+    assert launcher.ensure_worker(db) is None
 
 
 # -- CLI --------------------------------------------------------------------------------------
@@ -353,7 +357,7 @@ def test_cli_worker_gpu_limits_the_devices_before_tensorflow_loads(cxr_home, mon
 
     seen = []
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(worker, "run_worker", lambda **kw: seen.append(
+    monkeypatch.setattr(loop, "run_worker", lambda **kw: seen.append(
         os.environ.get("CUDA_VISIBLE_DEVICES")) or {"runs": 0})
     assert main(["worker", "--once", "--gpu", "2,3"]) == 0
     assert seen == ["2,3"]

@@ -4,6 +4,8 @@ Functions take a keyword-only ``session`` and return dataclasses, never ORM rows
 owns one transaction per user action (``with db.session() as s: ...``). Writers that may meet
 concurrent writers (relabels, run state) go through :func:`retrying` for SQLite's
 ``database is locked``.
+
+May import :mod:`cxr_core.core` and :mod:`db` (the ORM models, engine and migrations) only.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_core.config import Settings, get_settings
+from cxr_core.core.settings import Settings, get_settings
 
 T = TypeVar("T")
 
@@ -104,7 +106,7 @@ def open_db(settings: Settings | None = None, *, url: str | None = None) -> Data
     """Open (and migrate to the newest schema) the configured database.
 
     Args:
-        settings: defaults to :func:`cxr_core.config.get_settings`.
+        settings: defaults to :func:`cxr_core.core.settings.get_settings`.
         url: overrides the settings' URL.
 
     Returns:

@@ -10,11 +10,25 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import (Column, Index, MetaData, String, Table, and_, case, cast, exists, func, insert,
-                        literal, select, union_all)
+from sqlalchemy import (
+    Column,
+    Index,
+    MetaData,
+    String,
+    Table,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
-from cxr_core.datasets import scheme_label
+from cxr_core.core.labels import scheme_label
 from db.models import ImageRow, Relabel
 
 LIST_LIMIT = 200  # rows of the duplicate and leaked-patient tables a page shows

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from sqlalchemy import insert, select, update
 from sqlalchemy.orm import Session
 
-from cxr_core.datasets import ImageRecord, ScannedImage
+from cxr_core.core.records import ImageRecord, ScannedImage
 from db.models import Dataset, ImageRow
 
 _RECORD_COLS = list(ImageRecord._fields)

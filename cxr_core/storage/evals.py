@@ -94,7 +94,7 @@ class OperatingPoint:
 
     @property
     def is_site(self) -> bool:
-        """True for a site calibration (a dataset's own operating point)."""
+        """True for a site threshold (a dataset's own operating point)."""
         return self.dataset_id is not None
 
     @property
@@ -254,7 +254,7 @@ def list_run_briefs(*, session: Session, status: str | None = None) -> list[RunB
 
 # -- Operating points -----------------------------------------------------------------------
 # A row's scope is (model_ref, dataset_id): dataset NULL is the model's global operating point,
-# a dataset id that site's (site calibration). The newest row of a scope is in force.
+# a dataset id that site's (a site threshold). The newest row of a scope is in force.
 
 def _op(row: OperatingPointRow, dataset_name: str | None = None) -> OperatingPoint:
     return OperatingPoint(row.id, row.run_id, row.threshold, row.method, row.target,
@@ -294,7 +294,7 @@ def latest_operating_point(*, session: Session, run_id: int) -> OperatingPoint |
 
 
 def operating_points(*, session: Session, run_id: int) -> list[OperatingPoint]:
-    """The run's global threshold history, newest first (site calibrations: :func:`site_points`)."""
+    """The run's global threshold history, newest first (site thresholds: :func:`site_points`)."""
     rows = session.scalars(select(OperatingPointRow).where(
         OperatingPointRow.run_id == run_id, OperatingPointRow.dataset_id.is_(None))
         .order_by(OperatingPointRow.id.desc())).all()
@@ -303,7 +303,7 @@ def operating_points(*, session: Session, run_id: int) -> list[OperatingPoint]:
 
 def site_operating_point(*, session: Session, model_ref: str,
                          dataset_id: int) -> OperatingPoint | None:
-    """The newest site calibration of ``model_ref`` for one dataset, or None."""
+    """The newest site threshold of ``model_ref`` for one dataset, or None."""
     found = session.execute(
         select(OperatingPointRow, Dataset.name).join(Dataset, Dataset.id ==
                                                      OperatingPointRow.dataset_id)
@@ -315,7 +315,7 @@ def site_operating_point(*, session: Session, model_ref: str,
 
 def site_points(*, session: Session, model_ref: str | None = None,
                 dataset_id: int | None = None, limit: int = 100) -> list[OperatingPoint]:
-    """Site calibrations (rows with a dataset), newest first, optionally of one model and/or
+    """Site thresholds (rows with a dataset), newest first, optionally of one model and/or
     one dataset; at most ``limit`` rows."""
     q = (select(OperatingPointRow, Dataset.name)
          .join(Dataset, Dataset.id == OperatingPointRow.dataset_id)

@@ -14,9 +14,10 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from cxr_core.errors import ConfigError
+from cxr_core.core.errors import ConfigError
 from cxr_core.storage.runs import as_utc, claim_candidates, db_now
 from db.models import Job
+
 
 @dataclass(frozen=True)
 class JobRecord:

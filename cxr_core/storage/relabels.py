@@ -20,8 +20,8 @@ from datetime import datetime
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from cxr_core.errors import ConfigError
-from cxr_core.provenance import Label, labels_hash
+from cxr_core.core.errors import ConfigError
+from cxr_core.core.labels import Label, labels_hash
 from cxr_core.storage import lock_for_write
 from db.models import ImageRow, Relabel, ReviewItem
 
@@ -202,7 +202,7 @@ def label_version(*, session: Session, dataset_id: int, as_of_relabel_id: int | 
         dataset_id: the dataset.
         as_of_relabel_id: ignore relabel rows newer than this id (reproduces a run's snapshot);
             0 gives the original labels, None the labels as of now
-            (:func:`cxr_core.provenance.as_of_relabel_id` maps a label source to it).
+            (:func:`cxr_core.data.provenance.as_of_relabel_id` maps a label source to it).
         include_missing: also the images whose file is gone (flagged missing).
 
     Returns:

@@ -11,7 +11,7 @@ reviewer), so a click costs a few indexed queries at any dataset size:
   disagreement keeping those whose predicted class differs from the original label.
 
 The "sent" and "changed" queues are short lists (what people sent, what changed on disk) and
-are built by :mod:`cxr_core.review` from their own tables.
+are built by :mod:`cxr_core.review.queues` from their own tables.
 """
 from __future__ import annotations
 
@@ -19,10 +19,23 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import BigInteger, ColumnElement, Select, String, and_, case, cast, exists, func, literal, or_, select
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    and_,
+    case,
+    cast,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+)
 from sqlalchemy.orm import Session, aliased
 
-from cxr_core.datasets import BINARY_CLASSES, THREE_CLASSES, scheme_label
+from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, scheme_label
 from cxr_core.storage.aggregates import materialize
 from db.models import EvalPrediction, Evaluation, ImageRow, Relabel
 

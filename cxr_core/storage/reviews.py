@@ -11,8 +11,8 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from cxr_core.errors import ConfigError
-from db.models import Evaluation, EvalPrediction, ImageRow, OperatingPoint, ReviewItem, Run
+from cxr_core.core.errors import ConfigError
+from db.models import EvalPrediction, Evaluation, ImageRow, OperatingPoint, ReviewItem, Run
 
 REVIEW_SOURCES = ("predict", "compare", "review")
 
@@ -60,7 +60,7 @@ def runs_with_predictions(*, session: Session, dataset_id: int) -> list[RunOptio
 
 def operating_threshold(*, session: Session, run_id: int) -> float | None:
     """The run's global operating point: threshold of its newest ``operating_points`` row
-    without a dataset (site calibrations apply to their own dataset only)."""
+    without a dataset (site thresholds apply to their own dataset only)."""
     return session.scalar(select(OperatingPoint.threshold).where(
         OperatingPoint.run_id == run_id, OperatingPoint.dataset_id.is_(None))
         .order_by(OperatingPoint.id.desc()).limit(1))

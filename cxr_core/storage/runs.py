@@ -19,7 +19,7 @@ from typing import NamedTuple
 from sqlalchemy import Select, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from cxr_core.errors import RunError
+from cxr_core.core.errors import RunError
 from db.models import Metric, Run, RunImage, RunLog, Worker
 
 RUN_STATUSES = ("queued", "running", "finished", "failed", "cancelled")

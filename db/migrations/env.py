@@ -12,7 +12,7 @@ target_metadata = Base.metadata
 def run_migrations_online() -> None:
     connection = config.attributes.get("connection")
     if connection is None:
-        from cxr_core.config import get_settings
+        from cxr_core.core.settings import get_settings
         from db.engine import make_engine
 
         engine = make_engine(config.get_main_option("sqlalchemy.url") or get_settings().db_url)

@@ -9,9 +9,9 @@ import pytest
 import streamlit as st
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
 
-from cxr_core import evaluation_service as es
-from cxr_core import operating_point_service as ops
-from cxr_core.indexing import index_dataset
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 
 

@@ -8,7 +8,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from app.test_review_page import tiny  # noqa: F401 - fixture: five indexed images
 
-from cxr_core import actions, auth, jobs
+from cxr_core.auth import admin as auth_admin
+from cxr_core.auth import gate as actions
+from cxr_core.auth import policy
+from cxr_core.jobs import queue
 from cxr_core.storage import open_db
 from cxr_core.storage import audit as audit_store
 from cxr_core.storage import relabels as rel_store
@@ -79,8 +82,8 @@ def test_reviewer_relabels_as_the_signed_in_identity(tiny):  # noqa: F811
     with db.session() as s:
         (row,) = rel_store.list_relabels(session=s, dataset_id=dataset_id)
     assert row.reviewer == "rad@h.org"
-    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
-    assert [(e.actor, e.action, e.outcome) for e in actions.audit_log(db, admin)] == [
+    admin = policy.Principal(identity="lead@h.org", roles=frozenset(policy.ROLES))
+    assert [(e.actor, e.action, e.outcome) for e in auth_admin.audit_log(db, admin)] == [
         ("rad@h.org", "relabel", "ok")]
     assert "Exporting every relabel needs the scientist role" in texts(at, "caption")
 
@@ -93,7 +96,7 @@ def test_scientist_gets_the_train_form(tiny):  # noqa: F811
 @pytest.mark.parametrize("role, allowed", [("scientist", False), ("admin", True)])
 def test_audit_page_is_for_admins(tiny, role, allowed):  # noqa: F811
     db, _ = tiny
-    actions.record(db, auth.Principal(identity="ds@h.org", roles=frozenset({"scientist"})),
+    actions.record(db, policy.Principal(identity="ds@h.org", roles=frozenset({"scientist"})),
                    "train", "run:1")
     at = app("app_pages/admin.py", role=role)
     if allowed:
@@ -124,8 +127,8 @@ def count_grant_reads(monkeypatch) -> list[str]:
 def test_principal_is_read_once_per_run_and_a_revoked_grant_applies_next_run(tiny,  # noqa: F811
                                                                              monkeypatch):
     db, _ = tiny
-    lead = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
-    actions.grant_roles(db, lead, "cfo@h.org", ["reviewer"])  # a viewer by [cxr_roles]
+    lead = policy.Principal(identity="lead@h.org", roles=frozenset(policy.ROLES))
+    auth_admin.grant_roles(db, lead, "cfo@h.org", ["reviewer"])  # a viewer by [cxr_roles]
     calls = count_grant_reads(monkeypatch)
     at = app(role="viewer")
     assert calls == ["cfo@h.org"]  # the entry script, its badge and the Home page: one read
@@ -136,7 +139,7 @@ def test_principal_is_read_once_per_run_and_a_revoked_grant_applies_next_run(tin
     at.radio(key="review_queue").set_value("class").run()  # a widget: one more full run
     assert len(calls) == 3
 
-    actions.grant_roles(db, lead, "cfo@h.org", [])  # revoked while cfo has Review open
+    auth_admin.grant_roles(db, lead, "cfo@h.org", [])  # revoked while cfo has Review open
     at.run()
     assert not at.exception, at.exception
     assert len(calls) == 4
@@ -153,10 +156,10 @@ def test_a_page_run_alone_reads_the_principal_on_each_call(tiny, monkeypatch):  
 def test_view_jobs_are_asked_as_the_user_and_refused_without_a_role(tiny):  # noqa: F811
     db, _ = tiny
     at = app("app_pages/class_balance.py", role="viewer")
-    (job,) = jobs.recent_jobs(db, "split_preview")
+    (job,) = queue.recent_jobs(db, "split_preview")
     assert job.created_by == "cfo@h.org"
-    admin = auth.Principal(identity="lead@h.org", roles=frozenset(auth.ROLES))
-    assert actions.audit_log(db, admin) == []  # a view job is not an audit row
+    admin = policy.Principal(identity="lead@h.org", roles=frozenset(policy.ROLES))
+    assert auth_admin.audit_log(db, admin) == []  # a view job is not an audit row
 
     at = AppTest.from_file(str(REPO / "app_pages/class_balance.py"), default_timeout=60)
     at.secrets["auth"], at.secrets["cxr_roles"] = AUTH, {**ROLES, "default": ""}
@@ -164,6 +167,6 @@ def test_view_jobs_are_asked_as_the_user_and_refused_without_a_role(tiny):  # no
     at.run()
     assert not at.exception, at.exception
     assert "may not compute view" in texts(at, "warning") and "no role" in texts(at, "warning")
-    assert len(jobs.recent_jobs(db, "split_preview")) == 1
-    assert [(e.actor, e.action, e.outcome) for e in actions.audit_log(db, admin)] == [
+    assert len(queue.recent_jobs(db, "split_preview")) == 1
+    assert [(e.actor, e.action, e.outcome) for e in auth_admin.audit_log(db, admin)] == [
         ("nobody@h.org", "compute_view", "denied")]

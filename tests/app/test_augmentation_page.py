@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import presets
-from cxr_core.augment_config import PRESETS
-from cxr_core.indexing import index_dataset
+from cxr_core.data import presets
+from cxr_core.data.augment_config import PRESETS
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "augmentation.py")
@@ -39,7 +39,7 @@ def test_builtin_name_cannot_be_overwritten(cxr_home):
 
 
 def test_same_seed_same_preview():
-    from cxr_core.augment import augment_preview
+    from cxr_core.data.augment import augment_preview
 
     img = np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)
     a = augment_preview(img, PRESETS["rot30_zoom_shift_flip"], 4)

@@ -1,15 +1,15 @@
 """AppTest: the entry script and the class-balance page, on a real indexed dataset."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import worker
-from cxr_core.indexing import index_dataset
+from cxr_core.jobs import launcher
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
+from cxr_core import app
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,12 +17,12 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
     """The tests play the worker (:func:`with_jobs_done`); the page launches no process."""
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
 
 
 def with_jobs_done(at: AppTest) -> AppTest:
     """Run the jobs the page queued (what the launched worker does), then the page again."""
-    worker.run_worker(once=True, kinds="jobs")
+    app.run_worker(once=True, kinds="jobs")
     at.run()
     assert not at.exception, at.exception
     return at
@@ -81,8 +81,8 @@ def test_class_balance_real_train_split(cxr_home, shared_data):
 
 
 def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
-    from cxr_core.review import LabelChoice, submit_relabel
-    from cxr_core.indexing import open_dataset
+    from cxr_core.review.queues import LabelChoice, submit_relabel
+    from cxr_core.data.indexing import open_dataset
 
     db = open_db()
     index_dataset(db, tiny_dataset, name="tiny")
@@ -102,7 +102,7 @@ def test_original_vs_current_counts_after_a_relabel(cxr_home, tiny_dataset):
 def test_home_shows_the_demo_model_card(cxr_home, tmp_path, monkeypatch):
     import json
 
-    from cxr_core import model_store
+    from cxr_core.models import store as model_store
 
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
     assert not at.exception

@@ -8,10 +8,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 from test_model_store import save_tiny_model
 
-from cxr_core import compare_service as cs
-from cxr_core import evaluation_service as es
-from cxr_core import operating_point_service as ops
+from cxr_core.evaluation import compare as cs
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import operating_points as ops
 from cxr_core.storage import open_db
+from cxr_core import app
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
 
@@ -19,10 +20,10 @@ PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
 @pytest.fixture(autouse=True)
 def launched(monkeypatch) -> list:
     """The tests play the worker; the page's launch requests are recorded, not run."""
-    from cxr_core import worker
+    from cxr_core.jobs import launcher
 
     calls: list = []
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: calls.append(kw) or None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: calls.append(kw) or None)
     return calls
 
 
@@ -53,25 +54,25 @@ def test_compare_two_runs_renders_matrices_metrics_and_mcnemar(two_runs):
 def test_intervals_are_a_worker_job_kept_per_thresholds(two_runs):
     """The page shows point estimates at once and never resamples; a worker computes the
     bootstrap intervals once per (evaluations, labels, thresholds)."""
-    from cxr_core import jobs, worker
+    from cxr_core.jobs import queue
 
     at = _page()
     table = at.dataframe[0].value
     assert not table["alpha"].str.contains("–").any()  # no interval drawn on the page
     assert any("Bootstrap 95% intervals" in p.proto.text for p in at.get("progress"))
-    (job,) = jobs.recent_jobs(open_db(), "compare_ci")
+    (job,) = queue.recent_jobs(open_db(), "compare_ci")
     assert job.params["n_boot"] == 500 and job.params["thresholds"] == {"alpha": 0.6,
                                                                         "beta": 0.6}
-    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
+    assert app.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
     at.run()
     assert not at.exception, at.exception
     table = at.dataframe[0].value
     assert table.loc[table["metric"] == "auc", "alpha"].str.contains("–").all()
     assert any("500 bootstrap resamples over patients" in c.value for c in at.caption)
     at.toggle(key="compare_matched").set_value(True).run()  # other thresholds: another job
-    assert len(jobs.recent_jobs(open_db(), "compare_ci")) == 2
+    assert len(queue.recent_jobs(open_db(), "compare_ci")) == 2
     at.toggle(key="compare_matched").set_value(False).run()  # back: the kept result
-    assert len(jobs.recent_jobs(open_db(), "compare_ci")) == 2
+    assert len(queue.recent_jobs(open_db(), "compare_ci")) == 2
     assert at.dataframe[0].value["alpha"].str.contains("–").any()
 
 
@@ -108,32 +109,33 @@ def test_send_a_disagreement_to_review(two_runs):
 
 def test_evaluate_form_queues_a_job_that_a_worker_runs(two_runs, launched):
     """The page only queues the evaluation; a worker process decodes and predicts."""
-    from cxr_core import jobs, worker
+    from cxr_core.jobs import queue
 
     at = _page()
     at.selectbox(key="compare_eval_ref").set_value(f"run:{two_runs[0]}")
     at.selectbox(key="compare_eval_split").set_value("test")
     at.button(key="compare_eval_go").click().run()
     assert not at.exception and launched and all(k == {"kinds": "jobs"} for k in launched)
-    job = jobs.get_job(open_db(), at.session_state["compare_job"])
+    job = queue.get_job(open_db(), at.session_state["compare_job"])
     assert job.status == "queued" and len(es.list_evaluations(open_db())) == 2  # not run here
-    out = worker.run_worker(once=True, kinds="jobs")  # what the launched worker does
+    out = app.run_worker(once=True, kinds="jobs")  # what the launched worker does
     assert job.id in out["jobs"] and out["runs"] == []
     at.run()
     assert not at.exception
     newest = es.list_evaluations(open_db())[0]
     assert newest.split == "test" and newest.n == 4 and newest.run_id == two_runs[0]
     assert np.array(newest.metrics["confusion_matrix"]).sum() == 4
-    assert jobs.get_job(open_db(), job.id).result == {"evaluation_id": newest.id}
+    assert queue.get_job(open_db(), job.id).result == {"evaluation_id": newest.id}
 
 
 def test_a_failed_evaluation_job_shows_its_error(two_runs, monkeypatch):
-    from cxr_core import jobs, worker
+    from cxr_core.jobs import queue
+    from cxr_core.jobs import launcher
 
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     db = open_db()
-    job_id = jobs.submit(db, "evaluate", {"model_ref": "run:999", "data": "tiny"})
-    assert jobs.run_job(db, job_id).status == "failed"
+    job_id = queue.submit(db, "evaluate", {"model_ref": "run:999", "data": "tiny"})
+    assert app.run_job(db, job_id).status == "failed"
     at = AppTest.from_file(PAGE, default_timeout=120)
     at.session_state["compare_job"] = job_id
     at.run()
@@ -176,7 +178,7 @@ def test_page_says_which_labels_every_number_uses_and_warns_of_seen_data(two_run
 
 
 def test_intervals_of_changed_thresholds_are_refused(two_runs):
-    from cxr_core.errors import ConfigError
+    from cxr_core.core.errors import ConfigError
 
     ids = [e.id for e in es.list_evaluations(open_db())]
     kw = dict(mode="operating_point", target=0.95, truth="current", as_of_relabel_id=None,
@@ -188,8 +190,8 @@ def test_intervals_of_changed_thresholds_are_refused(two_runs):
 
 
 def test_subgroup_metrics_by_site_from_metadata_and_by_subtype(two_runs, tiny_dataset):
-    from cxr_core import subgroups
-    from cxr_core.indexing import index_dataset
+    from cxr_core.evaluation import subgroups
+    from cxr_core.data.indexing import index_dataset
 
     rows = ["path,site,age"]
     for n, p in enumerate(sorted((tiny_dataset / "train").rglob("*.jpeg"))):
@@ -216,7 +218,8 @@ def test_subgroup_metrics_by_site_from_metadata_and_by_subtype(two_runs, tiny_da
 def test_an_ensemble_is_evaluated_by_the_job_and_compared_with_its_members(two_runs):
     """A named ensemble is in the Evaluate picker; its evaluation joins its members' image set
     and is compared at its own operating point."""
-    from cxr_core import ensembles, jobs, worker
+    from cxr_core.models import ensembles
+    from cxr_core.jobs import queue
 
     ensembles.create_ensemble(open_db(), "pair", [f"run:{r}" for r in two_runs],
                               threshold=0.55, changed_by="dr a", note="by hand")
@@ -226,8 +229,8 @@ def test_an_ensemble_is_evaluated_by_the_job_and_compared_with_its_members(two_r
     at.selectbox(key="compare_eval_split").set_value("train")
     at.button(key="compare_eval_go").click().run()
     assert not at.exception, at.exception
-    job = jobs.get_job(open_db(), at.session_state["compare_job"])
-    assert job.id in worker.run_worker(once=True, kinds="jobs")["jobs"]
+    job = queue.get_job(open_db(), at.session_state["compare_job"])
+    assert job.id in app.run_worker(once=True, kinds="jobs")["jobs"]
     newest = es.list_evaluations(open_db())[0]
     assert newest.model_ref == "ensemble:pair" and newest.run_id is None
     assert newest.metrics["threshold"] == 0.55
@@ -244,12 +247,14 @@ def test_the_ensemble_form_makes_a_named_ensemble_as_the_user(two_runs):
     they have them (these runs have none: a clear refusal); by hand, with a note, it is made
     once by a worker job (the members are loaded there, not in the page), recorded as the
     signed-in user, and listed for Predict and Compare."""
-    from cxr_core import actions, auth, ensembles, worker
+    from cxr_core.auth import admin as actions
+    from cxr_core.auth import policy
+    from cxr_core.models import ensembles
 
     def make(at):
         next(b for b in at.button if b.label == "Make ensemble").click().run()
         assert not at.exception
-        worker.run_worker(once=True, kinds="jobs")
+        app.run_worker(once=True, kinds="jobs")
         at.run()
         assert not at.exception
 
@@ -268,7 +273,7 @@ def test_the_ensemble_form_makes_a_named_ensemble_as_the_user(two_runs):
     [made] = ensembles.list_ensembles()
     assert (made.members, made.threshold, made.note) == (
         tuple(f"run:{r}" for r in two_runs), 0.6, "site sample")
-    local = auth.local_principal()
+    local = policy.local_principal()
     assert made.created_by == local.identity
     events = actions.audit_log(open_db(), local, action="set_operating_point")
     assert [(e.actor, e.detail["name"], e.detail["kind"]) for e in events] == [

@@ -6,8 +6,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import jobs, worker
+from cxr_core.jobs import queue
+from cxr_core.jobs import launcher
 from cxr_core.storage import open_db
+from cxr_core import app
 
 PAGE = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")  # Home is its default
 
@@ -15,7 +17,7 @@ PAGE = str(Path(__file__).resolve().parents[2] / "streamlit_app.py")  # Home is 
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
     """The test plays the worker; the page must not launch a process."""
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
 
 
 def run_page() -> AppTest:
@@ -32,7 +34,7 @@ def test_data_dirs_are_indexed_by_a_worker_not_the_page(cxr_home, tiny_dataset, 
         f"Indexing {tiny_dataset}: job #1 queued for a worker",
         f"Indexing {tmp_path / 'gone'}: job #2 queued for a worker"]
     assert at.info and "No dataset yet" in at.info[0].value  # nothing read in the page
-    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [1, 2]
+    assert app.run_worker(once=True, kinds="jobs")["jobs"] == [1, 2]
     at.run()
     assert not at.exception, at.exception
     assert not at.get("progress")
@@ -48,10 +50,10 @@ def test_the_add_form_queues_an_index_job_and_shows_its_report(cxr_home, tiny_da
     at.text_input[1].input("tiny")
     at.button[0].click().run()
     assert not at.exception, at.exception
-    (job,) = jobs.recent_jobs(open_db(), "index")
+    (job,) = queue.recent_jobs(open_db(), "index")
     assert job.status == "queued" and job.params == {"path": str(tiny_dataset), "name": "tiny"}
     assert "queued for a worker" in at.get("progress")[0].proto.text
-    worker.run_worker(once=True, kinds="jobs")
+    app.run_worker(once=True, kinds="jobs")
     at.run()
     assert not at.exception, at.exception
     assert "Indexed **tiny**: 18 images (18 read, 0 unchanged)" in at.success[0].value
@@ -74,7 +76,7 @@ def test_home_headlines_temporal_validation_then_in_distribution(cxr_home, tmp_p
     the slice the threshold was chosen on."""
     import json
 
-    from cxr_core import model_store
+    from cxr_core.models import store as model_store
 
     card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
     card["measured"] = [
@@ -101,7 +103,7 @@ def test_home_says_how_the_threshold_holds_under_synthetic_shift(cxr_home, tmp_p
                                                                  monkeypatch):
     import json
 
-    from cxr_core import model_store
+    from cxr_core.models import store as model_store
 
     card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
     card["measured"] = [_entry("val", "selection", "temporal", 0.981, 0.956, 0.872)]

@@ -14,13 +14,14 @@ from markdown_it import MarkdownIt
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 from test_model_store import BINARY_CARD, make_run, save_tiny_model
-from test_site_calibration import site_folder  # noqa: F401  (fixture: 48 real films)
+from test_site_thresholds import site_folder  # noqa: F401  (fixture: 48 real films)
 
-from cxr_core import evaluation_service as es
-from cxr_core import operating_point_service as ops
-from cxr_core import worker
-from cxr_core.indexing import index_dataset
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation import operating_points as ops
+from cxr_core.jobs import launcher
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
+from cxr_core import app
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = REPO / "app_pages"
@@ -38,7 +39,7 @@ WIDGETS = ("button", "checkbox", "toggle", "radio", "text_input", "number_input"
 
 @pytest.fixture(autouse=True)
 def _no_launch(monkeypatch):
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
 
 
 def test_a_dataset_name_with_markdown_renders_literally(cxr_home, tiny_dataset):
@@ -47,7 +48,7 @@ def test_a_dataset_name_with_markdown_renders_literally(cxr_home, tiny_dataset):
     at.text_input[0].set_value(str(tiny_dataset))
     at.text_input[1].set_value(EVIL)
     at.button[0].click().run()
-    worker.run_worker(once=True, kinds="jobs")
+    app.run_worker(once=True, kinds="jobs")
     at.run()
     assert not at.exception, at.exception
     shown = [s.value for s in at.success if "Indexed" in s.value]
@@ -132,7 +133,7 @@ def test_compare_and_site_calibration_show_run_dataset_and_person_names_literall
     assert_literal(at, HOSTILE)
     at.selectbox(key="site_ref").set_value(f"run:{runs[0]}").run()
     at.button(key="site_go").click().run()
-    worker.run_worker(once=True, kinds="jobs")
+    app.run_worker(once=True, kinds="jobs")
     at.run()
     assert any("evil" in c.value for c in at.caption), [c.value for c in at.caption]
     assert any("evil" in b.label for b in at.button)  # "Record as ...'s operating point"
@@ -194,7 +195,7 @@ def test_class_balance_shows_unreadable_paths_and_typed_ratios_literally(cxr_hom
     at = AppTest.from_file(str(PAGES / "class_balance.py"), default_timeout=60).run()
     assert any("fiend" in w.value for w in at.warning)  # the unreadable file's problem
     assert_literal(at, HOSTILE_FILE, "fiend")
-    worker.run_worker(once=True, kinds="jobs")  # the split preview
+    app.run_worker(once=True, kinds="jobs")  # the split preview
     at.run()
     at.text_input(key="balance_ratio_binary").set_value(HOSTILE).run()
     assert any("evil" in e.value for e in at.error)  # "Received: ..."
@@ -202,7 +203,7 @@ def test_class_balance_shows_unreadable_paths_and_typed_ratios_literally(cxr_hom
 
 
 def test_home_shows_model_card_fields_literally(cxr_home, tmp_path, monkeypatch):
-    from cxr_core import model_store
+    from cxr_core.models import store as model_store
 
     card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
     card["model"] = HOSTILE

@@ -33,15 +33,15 @@ def run_ref(cxr_home) -> str:
     """A finished run whose artifacts hold a tiny small3_128 model (32 px) and its card."""
     import keras
 
-    from cxr_core import models as registry
-    from cxr_core.model_specs import ModelConfig
+    from cxr_core.models import graph
+    from cxr_core.models.specs import ModelConfig
 
     db = open_db()
     run_id = db.write(lambda s: run_store.create_run(session=s, name="tiny", config={}))
     folder = cxr_home / "runs" / str(run_id)
     folder.mkdir(parents=True)
     keras.utils.set_random_seed(0)
-    registry.build_model(ModelConfig(name="small3_128", image_size=32, channels=1), 2) \
+    graph.build_model(ModelConfig(name="small3_128", image_size=32, channels=1), 2) \
         .save(folder / "best.keras")
     (folder / "model_card.json").write_text(json.dumps(CARD))
     db.write(lambda s: run_store.set_run_artifacts(session=s, run_id=run_id,
@@ -108,7 +108,7 @@ def test_single_upload_shows_decision_without_table(run_ref):
 
 
 def test_pick_images_from_an_indexed_dataset(run_ref, tiny_dataset):
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     index_dataset(open_db(), tiny_dataset, name="tiny")
     st.cache_data.clear()
@@ -141,7 +141,7 @@ def test_a_selection_does_not_follow_the_user_to_another_dataset(run_ref, tiny_d
                                                                 tmp_path):
     import shutil
 
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     other = tmp_path / "other"
     shutil.copytree(tiny_dataset, other)
@@ -174,8 +174,8 @@ def test_default_model_on_a_real_film(cxr_home, shared_data):
 def test_an_ensemble_predicts_explains_and_says_where_its_threshold_comes_from(two_runs):
     """A named ensemble of two runs is picked like any model; its operating point is its own
     (chosen on the mean of the members' shared validation outputs), and the page says so."""
-    from cxr_core import ensembles
-    from cxr_core import evaluation_service as es
+    from cxr_core.models import ensembles
+    from cxr_core.evaluation import evaluate as es
 
     db = open_db()
     y = np.array([0, 1, 0, 1, 0, 1])

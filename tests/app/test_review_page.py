@@ -9,10 +9,11 @@ import streamlit as st
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from cxr_core.indexing import index_dataset
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import relabels as rel_store, reviews as store
 from cxr_core.storage.evals import prediction_columns
+from cxr_core import app
 
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "review.py")
 FILES = {"NORMAL": ["IM-0001-0001.png", "IM-0002-0001.png", "IM-0003-0001.png"],
@@ -93,9 +94,10 @@ def test_skip_moves_to_the_next_image(tiny):
 
 
 def test_sent_queue_shows_model_output_and_exports(tiny, monkeypatch):
-    from cxr_core import jobs, worker
+    from cxr_core.jobs import queue
+    from cxr_core.jobs import launcher
 
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     db, dataset_id = tiny
     with db.session() as s:
         image_id = max(rel_store.original_labels(session=s, dataset_id=dataset_id))
@@ -115,14 +117,14 @@ def test_sent_queue_shows_model_output_and_exports(tiny, monkeypatch):
     # The export is a job: the page queues it, a worker writes the file, the page offers it.
     assert not at.get("download_button")
     at.button(key="review_export_go").click().run()
-    job = jobs.get_job(db, at.session_state["review_export"])
+    job = queue.get_job(db, at.session_state["review_export"])
     assert job.kind == "export_relabels" and job.status == "queued"
-    assert worker.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
+    assert app.run_worker(once=True, kinds="jobs")["jobs"] == [job.id]
     at.run()
     assert not at.exception, at.exception
     (button,) = at.get("download_button")
     assert "1 rows" in button.proto.label
-    path = Path(jobs.get_job(db, job.id).result["path"])
+    path = Path(queue.get_job(db, job.id).result["path"])
     assert path.read_text().count("\n") == 2 and "Dr Test" in path.read_text()
 
 
@@ -178,8 +180,8 @@ def test_upload_sent_to_review_is_relabelled_on_the_page(tiny):
     """An upload stored by hash and sent from Predict is shown and relabelled like an image."""
     import io
 
-    from cxr_core.predict import ImageInput
-    from cxr_core.uploads import store_upload
+    from cxr_core.predict.inference import ImageInput
+    from cxr_core.predict.uploads import store_upload
 
     db, dataset_id = tiny
     shas = []
@@ -253,9 +255,11 @@ def test_image_changed_since_relabel_is_flagged_and_queued(tiny, tmp_path):
 
 
 def test_agreement_is_computed_by_a_worker_once_per_relabel_version(tiny, monkeypatch):
-    from cxr_core import jobs, review, worker
+    from cxr_core.jobs import queue
+    from cxr_core.review import queues as review
+    from cxr_core.jobs import launcher
 
-    monkeypatch.setattr(worker, "ensure_worker", lambda db, **kw: None)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda db, **kw: None)
     db, dataset_id = tiny
     with db.session() as s:
         ids = sorted(rel_store.original_labels(session=s, dataset_id=dataset_id))
@@ -268,7 +272,7 @@ def test_agreement_is_computed_by_a_worker_once_per_relabel_version(tiny, monkey
     at.toggle(key="review_agreement").set_value(True).run()
     assert not at.exception, at.exception
     assert any("Comparing reviewers" in p.proto.text for p in at.get("progress"))
-    worker.run_worker(once=True, kinds="jobs")
+    app.run_worker(once=True, kinds="jobs")
     at.run()
     assert not at.exception, at.exception
     pairs = at.dataframe[0].value
@@ -277,4 +281,4 @@ def test_agreement_is_computed_by_a_worker_once_per_relabel_version(tiny, monkey
     assert pairs["agreement"][0] == 0.75
     assert any("1 images where reviewers' newest labels differ" in c.value for c in at.caption)
     at.run()  # the kept result: no new job for the same relabel version
-    assert len(jobs.recent_jobs(db, "agreement")) == 1
+    assert len(queue.recent_jobs(db, "agreement")) == 1

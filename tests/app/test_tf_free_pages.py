@@ -44,10 +44,10 @@ def test_cli_and_config_validation_import_no_tensorflow():
     import sys
 
     code = ("import sys\n"
-            "from cxr_core import cli, training_service\n"
-            "from cxr_core.train_config import RECIPES, TrainConfig\n"
-            "from cxr_core.model_specs import MODELS, ModelConfig\n"
-            "from cxr_core.augment_config import PRESETS\n"
+            "from cxr_core import cli\nfrom cxr_core.training import service as training_service\n"
+            "from cxr_core.training.config import RECIPES, TrainConfig\n"
+            "from cxr_core.models.specs import MODELS, ModelConfig\n"
+            "from cxr_core.data.augment_config import PRESETS\n"
             "for recipe in RECIPES:\n"
             "    TrainConfig.from_dict({'recipe': recipe, 'dataset': 'd'}).model_config()\n"
             "TrainConfig.from_dict({'dataset': 'd'}).augment_config()\n"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from cxr_core import worker
-from cxr_core.indexing import index_dataset
+from cxr_core.jobs import launcher
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import open_db
 from cxr_core.storage import runs as store
 
@@ -109,7 +109,7 @@ def test_a_first_epoch_in_progress_shows_running_metrics_and_an_eta(db):
 
 def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
     started = []
-    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: started.append(1) or 4242)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: started.append(1) or 4242)
     at = page()
     at.number_input(key="train_cpu128_epochs").set_value(2)
     next(b for b in at.button if b.label == "Start training").click().run()
@@ -123,7 +123,7 @@ def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
 
 
 def test_the_form_sets_the_levers_under_shift(db, monkeypatch):
-    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: 1)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 1)
     at = page()
     at.selectbox(key="train_cpu128_intensity").set_value("standardize")
     at.number_input(key="train_cpu128_smooth").set_value(0.1)
@@ -138,7 +138,7 @@ def test_the_form_sets_the_levers_under_shift(db, monkeypatch):
 
 
 def test_cancel_and_resume_buttons(db, monkeypatch):
-    monkeypatch.setattr(worker, "ensure_worker", lambda database, **kw: 4242)
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 4242)
     rid = db.write(lambda s: store.create_run(session=s, name="q", config=CONFIG))
     at = page()
     at.button(key=f"train_cancel_{rid}").click().run()

@@ -100,7 +100,7 @@ def e2e_db(e2e_home):
 @pytest.fixture(scope="module")
 def e2e_tiny(tmp_path_factory, e2e_db) -> Path:
     """The 18-image tiny dataset of tests/conftest.py, indexed as "tiny" before the server runs."""
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     root = tmp_path_factory.mktemp("tiny") / "chest_xray"
     for seed, (folder, name) in enumerate(((f, n) for f, ns in TINY_FILES.items() for n in ns), 1):

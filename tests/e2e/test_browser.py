@@ -82,7 +82,7 @@ def sample(shared_data) -> Path:
 @pytest.fixture(scope="module")
 def fullres(e2e_db, sample) -> str:
     """The real sample indexed as "fullres" (a no-op when the UI test already did it)."""
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     index_dataset(e2e_db, sample, name="fullres")
     return "fullres"
@@ -91,7 +91,7 @@ def fullres(e2e_db, sample) -> str:
 @pytest.fixture(scope="module")
 def two_runs(e2e_db, e2e_tiny) -> list[str]:
     """Two finished real tiny runs (1 epoch, 32 px) trained here, both evaluated on validation."""
-    from cxr_core import training_service as svc
+    from cxr_core.training import service as svc
 
     names = []
     for seed in (1, 2):
@@ -176,7 +176,7 @@ def test_03_augmentation_slider_changes_the_preview(app_server, page, shot, full
 
 
 def test_04_train_live_curves_then_cancel(app_server, page, shot, e2e_db):
-    from cxr_core import training_service as svc
+    from cxr_core.training import service as svc
 
     open_page(page, app_server, "train", "Train")
     choose(page, "Dataset", "tiny")

@@ -73,7 +73,7 @@ def _robust_env(robust_home, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def db(robust_home):
     """The suite's database (migrated once)."""
-    from cxr_core.config import get_settings
+    from cxr_core.core.settings import get_settings
     from cxr_core.storage import open_db
 
     with pytest.MonkeyPatch.context() as mp:
@@ -100,9 +100,10 @@ def make_dataset(root: Path, *, normal: int, pneumonia: int, seed: int = 0) -> P
 def base_data(db, robust_home, tmp_path_factory) -> dict:
     """What is already stored before any bad input: an indexed dataset, a relabel, a saved
     augmentation preset and a (cancelled) run row."""
-    from cxr_core import presets, review
-    from cxr_core.augment_config import AugmentConfig
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data import presets
+    from cxr_core.review import queues as review
+    from cxr_core.data.augment_config import AugmentConfig
+    from cxr_core.data.indexing import index_dataset
     from cxr_core.storage import datasets as ds_store
     from cxr_core.storage import runs
 
@@ -161,7 +162,7 @@ def stored_intact(db, base_data) -> Iterator[Callable[..., None]]:
 @pytest.fixture(scope="session")
 def train_set(db, robust_home, tmp_path_factory) -> str:
     """An indexed 40-image dataset ("trainset", 32 px noise films) for real training runs."""
-    from cxr_core.indexing import index_dataset
+    from cxr_core.data.indexing import index_dataset
 
     root = make_dataset(tmp_path_factory.mktemp("trainset") / "trainset", normal=20,
                         pneumonia=20, seed=100)

@@ -1,6 +1,6 @@
 """Bad inputs across indexing, upload/predict, models and run configs (issue 8).
 
-Each case must end in the specific error type from ``cxr_core.errors`` with a one-line message
+Each case must end in the specific error type from ``cxr_core.core.errors`` with a one-line message
 naming the problem (the path, file or field), never a traceback; the CLI prints that same line
 after ``error:`` and exits 2; and every row stored before (``stored_intact``: an indexed dataset,
 a relabel, a preset, a run) is unchanged afterwards. Unusual but supported image formats are
@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_core import predict as P
-from cxr_core import training_service as svc
+from cxr_core.predict import inference as P
+from cxr_core.training import service as svc
 from cxr_core.cli import main
-from cxr_core.errors import ConfigError, DatasetError, ModelError
-from cxr_core.indexing import index_dataset
-from cxr_core.model_store import CARD_NAME, load_model_ref
+from cxr_core.core.errors import ConfigError, DatasetError, ModelError
+from cxr_core.data.indexing import index_dataset
+from cxr_core.models.store import CARD_NAME
+from cxr_core.models.refs import load_model_ref
 from cxr_core.storage import runs as run_store
 from conftest import dicom_bytes, png_claiming, write_image
 
@@ -595,7 +596,7 @@ EVALUATIONS = [  # make(tmp) -> data path, --split, the error type, the message
 @pytest.mark.parametrize("make, split, error, match", EVALUATIONS)
 def test_evaluation_on_unusable_data_is_refused(make, split, error, match, tmp_path, model_dir,
                                                 db, stored_intact, capsys):
-    from cxr_core.evaluation_service import evaluate_dataset
+    from cxr_core.evaluation.evaluate import evaluate_dataset
 
     data = make(tmp_path)
     model = str(model_dir / "m.keras")
@@ -612,7 +613,7 @@ def test_evaluating_a_folder_named_like_an_indexed_dataset_gets_its_own_name(
         tmp_path, model_dir, db, stored_intact):
     """Used to fail with "dataset name 'base' is already used ... choose another --name",
     advice the evaluate command (which has no --name) cannot follow."""
-    from cxr_core.evaluation_service import evaluate_dataset
+    from cxr_core.evaluation.evaluate import evaluate_dataset
 
     data = tmp_path / "base"  # the same folder name as the suite's "base" dataset
     for i in range(2):

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 import test_review_concurrency as rc
-from cxr_core.indexing import index_dataset
+from cxr_core.data.indexing import index_dataset
 from cxr_core.storage import relabels as store
 
 pytestmark = pytest.mark.robustness

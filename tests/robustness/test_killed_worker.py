@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cxr_core import training_service as svc
-from cxr_core import worker
-from cxr_core.model_store import load_model_ref
+from cxr_core.training import service as svc
+from cxr_core.models.refs import load_model_ref
 from cxr_core.storage import runs as store
+from cxr_core import app
 
 pytestmark = pytest.mark.robustness
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def test_killed_worker_run_is_failed_then_resumes_from_checkpoint(db, robust_hom
     assert failed.status == "failed" and "no longer running" in failed.error
 
     svc.resume_run(db, rid, start_worker=False)
-    out = worker.run_worker(once=True, db=db)
+    out = app.run_worker(once=True, db=db)
     assert [(r["run_id"], r["status"], r["epochs"]) for r in out["runs"]] == \
         [(rid, "finished", epochs)], out
     with db.session() as s:

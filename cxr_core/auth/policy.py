@@ -1,0 +1,225 @@
+"""Who may do what: principals, roles and the policy table (pure: no Streamlit, no storage).
+
+A :class:`Principal` is the identity an action is done as, with its roles. The app builds it
+from Streamlit's OIDC user (``st.user``) when ``[auth]`` is configured, else it runs in the
+explicit single-user **local mode** (:func:`local_principal`: every role); the CLI acts as a
+configured local principal (:func:`cli_principal`). Every gated action is checked against
+:data:`POLICY` in ``cxr_core`` (:mod:`cxr_core.auth.gate`), not only by hiding widgets.
+
+Roles (each includes the one before):
+
+* ``viewer``: stakeholder. Every read-only page, Predict (without "send to review"), and the
+  view jobs those pages ask a worker for (``compute_view``: split preview, balance tables,
+  agreement, comparison intervals, a site-threshold candidate; capped per user).
+* ``reviewer``: clinician. + Review, relabel, send to review, undo own relabels.
+* ``scientist``: + index datasets, train, cancel/resume own runs, evaluate, operating points,
+  site thresholds, presets, export relabels.
+* ``admin``: + undo anyone's relabel, cancel anyone's run, replace anyone's preset, manage
+  roles, read the audit log.
+
+Mapping an identity to roles (:func:`roles_for`) reads a ``[cxr_roles]`` secrets table::
+
+    [cxr_roles]
+    default = "viewer"            # any signed-in identity without a mapping ("" = none: refused)
+    claim = "groups"              # optional: a claim listing the user's groups
+    admin = ["lead@hospital.org"]
+    scientist = ["ds@hospital.org", "group:ml-team"]
+    reviewer = ["group:radiology"]
+
+plus the grants admins store in the database (``user_roles``), which add to it.
+"""
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cxr_core.core.errors import ConfigError, PermissionDenied
+
+ROLES: tuple[str, ...] = ("viewer", "reviewer", "scientist", "admin")
+
+# action -> the roles allowed to do it. Explicit, so a test can check every action x role.
+_V, _R, _S, _A = ROLES
+POLICY: dict[str, frozenset[str]] = {
+    "view": frozenset({_V, _R, _S, _A}),
+    "compute_view": frozenset({_V, _R, _S, _A}),  # a worker job computing a read-only view
+    "predict": frozenset({_V, _R, _S, _A}),
+    "review": frozenset({_R, _S, _A}),
+    "relabel": frozenset({_R, _S, _A}),
+    "send_to_review": frozenset({_R, _S, _A}),
+    "undo_own_relabel": frozenset({_R, _S, _A}),
+    "undo_any_relabel": frozenset({_A}),
+    "index_dataset": frozenset({_S, _A}),
+    "train": frozenset({_S, _A}),
+    "cancel_own_run": frozenset({_S, _A}),
+    "cancel_any_run": frozenset({_A}),
+    "evaluate": frozenset({_S, _A}),
+    "set_operating_point": frozenset({_S, _A}),
+    "site_calibration": frozenset({_S, _A}),
+    "save_preset": frozenset({_S, _A}),
+    "overwrite_any_preset": frozenset({_A}),
+    "export_relabels": frozenset({_S, _A}),
+    "import_relabels": frozenset({_S, _A}),
+    "manage_roles": frozenset({_A}),
+    "view_audit": frozenset({_A}),
+}
+ACTIONS: tuple[str, ...] = tuple(POLICY)
+SOURCES = ("oidc", "local", "cli")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An identity and its roles. ``identity`` is what records store (an email when signed in)."""
+
+    identity: str
+    roles: frozenset[str] = field(default_factory=frozenset)
+    source: str = "oidc"  # oidc | local | cli
+    display: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.identity or "").strip():
+            raise ConfigError("a principal needs an identity. Received: identity=''")
+        bad = sorted(set(self.roles) - set(ROLES))
+        if bad:
+            raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(ROLES)}")
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown principal source {self.source!r}. Expected one of "
+                              f"{list(SOURCES)}")
+
+    @property
+    def label(self) -> str:
+        """What the page shows: the display name and the identity."""
+        return f"{self.display} ({self.identity})" if self.display and \
+            self.display != self.identity else self.identity
+
+    @property
+    def top_role(self) -> str | None:
+        return next((r for r in reversed(ROLES) if r in self.roles), None)
+
+    def can(self, action: str) -> bool:
+        """Whether any of the principal's roles allows ``action`` (unknown action: error)."""
+        return bool(allowed_roles(action) & self.roles)
+
+
+def allowed_roles(action: str) -> frozenset[str]:
+    try:
+        return POLICY[action]
+    except KeyError:
+        raise ConfigError(f"unknown action {action!r}. Expected one of {list(ACTIONS)}") \
+            from None
+
+
+def require(principal: Principal, action: str, *, target: str = "") -> None:
+    """Raise :class:`PermissionDenied` unless ``principal`` may do ``action``."""
+    if not principal.can(action):
+        need = " or ".join(r for r in ROLES if r in allowed_roles(action))
+        have = ", ".join(r for r in ROLES if r in principal.roles) or "no role"
+        on = f" on {target}" if target else ""
+        raise PermissionDenied(f"{principal.identity} may not {action.replace('_', ' ')}{on}: "
+                               f"it needs the {need} role (has: {have}). Ask an admin.")
+
+
+def require_owner_or(principal: Principal, *, owner: str | None, own_action: str,
+                     any_action: str, target: str = "") -> None:
+    """Own things need ``own_action``; someone else's (or unowned) need ``any_action``."""
+    if owner is not None and owner == principal.identity and principal.can(own_action):
+        return
+    if principal.can(any_action):
+        return
+    if principal.can(own_action):
+        raise PermissionDenied(f"{principal.identity} may not {any_action.replace('_', ' ')}"
+                               f"{' on ' + target if target else ''}: it belongs to "
+                               f"{owner or 'nobody'}; only an admin may act on it.")
+    require(principal, own_action, target=target)
+
+
+def all_roles() -> frozenset[str]:
+    return frozenset(ROLES)
+
+
+def local_principal(name: str = "") -> Principal:
+    """The single-user local mode: no sign-in configured, one local identity with every role.
+
+    ``name`` (typed once per session on Review, local mode only) becomes the identity so a
+    shared local instance still tells reviewers apart; it is marked as a local identity.
+    """
+    name = (name or "").strip()
+    return Principal(identity=name or "local", roles=all_roles(), source="local",
+                     display=name or "local user")
+
+
+def cli_principal(env: Mapping[str, str] | None = None) -> Principal:
+    """The CLI's principal: ``CXR_CLI_IDENTITY`` (default ``cli:<OS user>``) with the roles of
+    ``CXR_CLI_ROLES`` (comma-separated, default every role: the CLI runs on the server)."""
+    env = os.environ if env is None else env
+    who = env.get("CXR_CLI_IDENTITY") or f"cli:{_os_user()}"
+    roles = [r.strip() for r in (env.get("CXR_CLI_ROLES") or ",".join(ROLES)).split(",")
+             if r.strip()]
+    return Principal(identity=who, roles=frozenset(roles), source="cli", display=who)
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def check_roles_config(config: Mapping[str, Any]) -> None:
+    """Refuse a ``[cxr_roles]`` table with unknown keys or roles (a typo must not be ignored)."""
+    known = set(ROLES) | {"default", "claim"}
+    unknown = sorted(k for k in config if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [cxr_roles]: {unknown}. Expected some of "
+                          f"{sorted(known)}")
+    default = config.get("default", "viewer")
+    if default not in ("", *ROLES):
+        raise ConfigError(f"[cxr_roles] default must be one of {list(ROLES)} or ''. "
+                          f"Received: {default!r}")
+
+
+def identity_of(user: Mapping[str, Any]) -> str:
+    """The stable identity of an OIDC user: the email, else ``issuer|subject``."""
+    email = str(user.get("email") or "").strip().lower()
+    if email:
+        return email
+    sub = str(user.get("sub") or "").strip()
+    if not sub:
+        raise ConfigError("the signed-in user has neither an email nor a subject claim")
+    return f"{user.get('iss', 'oidc')}|{sub}"
+
+
+def roles_for(user: Mapping[str, Any], config: Mapping[str, Any],
+              granted: Iterable[str] = ()) -> frozenset[str]:
+    """Roles of an OIDC user from ``[cxr_roles]`` (identity or ``group:`` entries) plus the
+    database grants; the configured default when nothing matches."""
+    check_roles_config(config)
+    who = identity_of(user)
+    groups = set(_as_list(user.get(config.get("claim") or "groups")))
+    roles = {r for r in ROLES
+             if any(e.lower() == who or (e.startswith("group:") and e[6:] in groups)
+                    for e in _as_list(config.get(r)))}
+    roles |= set(granted) & set(ROLES)
+    if not roles and config.get("default", "viewer"):
+        roles = {config.get("default", "viewer")}
+    # A higher role includes the ones below it (an admin can also review, and so on).
+    top = max((ROLES.index(r) for r in roles), default=-1)
+    return frozenset(ROLES[: top + 1])
+
+
+def oidc_principal(user: Mapping[str, Any], config: Mapping[str, Any],
+                   granted: Iterable[str] = ()) -> Principal:
+    """The principal of a signed-in OIDC user (``st.user`` as a dict)."""
+    who = identity_of(user)
+    return Principal(identity=who, roles=roles_for(user, config, granted), source="oidc",
+                     display=str(user.get("name") or who))

@@ -1,0 +1,58 @@
+"""The label vocabulary every layer shares: split names, label schemes, class names, how a
+folder label and subtype map to a scheme's class, and the identity (hash) of a label set.
+
+Pure and tiny: storage stores labels in these terms and data, training and review read them.
+Imports nothing of ours but :mod:`cxr_core.core.errors`.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+
+from cxr_core.core.errors import ConfigError
+
+SPLIT_NAMES = ("train", "val", "test")
+LABEL_SCHEMES = ("binary", "three_class", "folders")
+BINARY_CLASSES = ("NORMAL", "PNEUMONIA")
+THREE_CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
+
+
+def scheme_classes(scheme: str, folder_classes: Sequence[str]) -> tuple[str, ...]:
+    """Class names (model output order) of a label scheme."""
+    if scheme == "binary":
+        return BINARY_CLASSES
+    if scheme == "three_class":
+        return THREE_CLASSES
+    if scheme == "folders":
+        return tuple(sorted(folder_classes))
+    raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
+
+
+def scheme_label(label: str, subtype: str | None, scheme: str) -> str | None:
+    """Map an (original or current) folder label to the scheme's class, or None if it has none.
+
+    Binary treats every non-NORMAL class as pneumonia (COVID-19 pneumonia included);
+    three_class needs the bacteria/virus subtype from the file name.
+    """
+    if scheme == "folders":
+        return label
+    is_normal = label.upper() == "NORMAL"
+    if scheme == "binary":
+        return "NORMAL" if is_normal else "PNEUMONIA"
+    if scheme == "three_class":
+        if is_normal:
+            return "NORMAL"
+        return subtype.upper() if subtype in ("bacteria", "virus") else None
+    raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
+
+
+Label = tuple[str, str | None]  # (folder class, subtype)
+
+
+def labels_hash(labels: Mapping[int, Label]) -> str:
+    """sha256 over the sorted (image_id, label, subtype) triples: the identity of a label set."""
+    h = hashlib.sha256()
+    for image_id in sorted(labels):
+        label, subtype = labels[image_id]
+        h.update(f"{image_id}\t{label}\t{subtype or ''}\n".encode())
+    return h.hexdigest()

@@ -1,0 +1,74 @@
+"""Queueing a job as a principal: the kind's action (:data:`cxr_core.jobs.queue.KINDS`) is
+checked and audited through :mod:`cxr_core.auth.gate`; indexing checks the folder against the
+data roots; read-only view jobs are capped per user and not audited when they succeed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cxr_core.auth.gate import audited, authorize, record
+from cxr_core.auth.policy import Principal
+from cxr_core.core import data_roots, limits
+from cxr_core.core.errors import ConfigError, QuotaExceeded
+from cxr_core.jobs import queue
+from cxr_core.storage import Database, lock_for_write
+from cxr_core.storage import jobs as job_store
+
+
+def submit_job(db: Database, p: Principal, kind: str, params: Mapping[str, Any], *,
+               once: bool = True) -> int:
+    """Queue a worker job as ``p``: each kind needs its action
+    (:data:`~cxr_core.jobs.queue.KINDS`). Indexing checks the folder against the data roots
+    first; view jobs are capped per user (:func:`_submit_view`). With ``once``, an open job with the same params is returned.
+
+    Raises:
+        ConfigError: an unknown kind.
+        PermissionDenied, QuotaExceeded, PathNotAllowed: refused (and audited).
+    """
+    if kind not in queue.KINDS:
+        raise ConfigError(f"job kind must be one of {sorted(queue.KINDS)}. "
+                          f"Received: kind={kind!r}")
+    action = queue.KINDS[kind]
+    authorize(db, p, action, kind)
+    if kind == "index":
+
+        try:
+            data_roots.check_path(params["path"], roots=data_roots.allowed_roots())
+        except Exception as exc:
+            record(db, p, action, str(params.get("path")), outcome="denied",
+                   detail={"why": str(exc)})
+            raise
+    submit = queue.submit_once if once else queue.submit
+    if action == "compute_view":
+        return _submit_view(db, p, kind, params, submit)
+    made: list[int] = []
+    audit_row = audited(p, action, lambda job_id: f"job:{job_id}", {"kind": kind, **dict(params)})
+
+    def and_then(session: Any, job_id: int) -> None:  # in the job row's transaction
+        made.append(job_id)
+        audit_row(session, job_id)
+    job = submit(db, kind, params, created_by=p.identity, and_then=and_then)
+    if not made:  # an open job with these params was returned: nothing new to commit with
+        record(db, p, action, f"job:{job}", detail={"kind": kind, "existing": True,
+                                                    **dict(params)})
+    return job
+
+
+def _submit_view(db: Database, p: Principal, kind: str, params: Mapping[str, Any],
+                 submit: Callable[..., int]) -> int:
+    """A view job: read-only, so a success is not audited (every page view would be a row);
+    a new one past the user's cap is refused, and that is. An open job with the same params
+    (``submit_once``) is returned without counting."""
+
+    lim = limits.Limits.from_env()
+
+    def cap(session: Any, job_id: int) -> None:  # in the new job's transaction
+        lock_for_write(session)  # two tabs submitting at once count each other's job
+        n = job_store.count_open_jobs(session=session, created_by=p.identity, kinds=queue.VIEW_KINDS)
+        limits.check_view_jobs(n - 1, lim, p.identity)  # n counts the new job itself
+    try:
+        return submit(db, kind, params, created_by=p.identity, and_then=cap)
+    except QuotaExceeded as exc:
+        record(db, p, "compute_view", kind, outcome="denied", detail={"why": str(exc)})
+        raise

@@ -1,0 +1,173 @@
+"""Export a finished training run as the shipped demo model (``models/default``).
+
+``python -m cxr_core.training.export export-default RUN_ID`` (see ``models/default/README.md``):
+the run's model without optimizer state, its card made shippable (data licence, operating point,
+paths relative to the repository) and that card for people (:mod:`cxr_core.models.card`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cxr_core.core.errors import CxrError, DatasetError, ModelError
+from cxr_core.models import refs
+from cxr_core.models.card import DATA_LICENCE, card_markdown
+from cxr_core.models.store import CARD_NAME, DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR, LoadedModel
+from cxr_core.storage import Database, open_db
+from cxr_core.storage import evals as eval_store
+from cxr_core.storage import runs as run_store
+
+DEFAULT_MAX_MB = 15.0  # the shipped demo model must stay small enough for the repository
+
+
+def export_default(run_id: int, *, db: Database | None = None,
+                   out_dir: str | Path = DEFAULT_MODELS_DIR,
+                   max_mb: float = DEFAULT_MAX_MB) -> dict:
+    """Export a finished run as the shipped demo model (``models/default``).
+
+    Re-saves the run's ``best.keras`` without optimizer state as ``model.keras`` and writes
+    ``model_card.json`` (the run's card with the data licence, the run's newest operating
+    point, validation metrics, the ``measured`` list of every split it was evaluated on,
+    training time, and paths made relative to the repository) and
+    ``README.md`` (the card for people).
+
+    Args:
+        run_id: a finished run with ``best.keras`` and ``model_card.json`` in its artifacts.
+        db: the database of the run (for its status, timing and operating point).
+        out_dir: destination folder.
+        max_mb: refuse models larger than this (the repository's limit).
+
+    Returns:
+        The written card.
+
+    Raises:
+        ModelError: the run is not finished, has no model or card, or the model is too large.
+    """
+    db = db or open_db()
+    with db.session() as s:
+        run = run_store.get_run(session=s, run_id=run_id)
+    if run is None or run.status != "finished":
+        raise ModelError(f"only a finished run can be exported. Received: run {run_id} is "
+                         f"{'unknown' if run is None else run.status}")
+    from cxr_core.evaluation.card_measured import refresh_run_card
+
+    refresh_run_card(db, run_id)  # "measured": every evaluation of the run up to now
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
+    if not loaded.card:
+        raise ModelError(f"run {run_id} has no {CARD_NAME} in its artifacts")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{DEFAULT_MODEL_NAME}"
+    loaded.model.save(tmp)  # loaded with compile=False: no optimizer state (smaller file)
+    size_mb = tmp.stat().st_size / 2**20
+    if size_mb > max_mb:
+        tmp.unlink()
+        raise ModelError(f"run {run_id}'s model is {size_mb:.1f} MB; the shipped default must "
+                         f"be at most {max_mb} MB")
+    os.replace(tmp, out / DEFAULT_MODEL_NAME)
+    card = _export_card(loaded, run, size_mb)
+    with db.session() as s:  # so an evaluation anywhere can warn of patients it has seen
+        card["training_patients"] = eval_store.run_patients(session=s, run_id=run_id)
+    (out / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(card_markdown(card))
+    return card
+
+
+def _export_card(loaded: LoadedModel, run: Any, size_mb: float) -> dict:
+    """The run's card made shippable: local ids moved under "exported_from", paths relative."""
+    card = {k: v for k, v in loaded.card.items()
+            if k not in ("run_id", "model_ref", "evaluation_id", "model_file")}
+    op = dict(card.get("operating_point") or {})
+    if loaded.threshold is not None:
+        op["threshold"] = loaded.threshold
+    seconds = (run.finished_at - run.started_at).total_seconds() \
+        if run.started_at and run.finished_at else None
+    cfg = dict(card.get("training_config") or {})
+    if cfg.get("dataset"):
+        cfg["dataset"] = _repo_relative(cfg["dataset"])
+    dataset = dict(card.get("dataset") or {})
+    if dataset.get("root"):
+        dataset["root"] = _repo_relative(dataset["root"])
+    dataset.pop("id", None)
+    card.update(
+        model_file=DEFAULT_MODEL_NAME, labels=list(loaded.labels),
+        label_scheme=loaded.label_scheme, image_size=loaded.image_size,
+        channels=loaded.channels, saliency_layer=loaded.saliency_layer, operating_point=op,
+        recipe=cfg.get("recipe"), training_config=cfg, dataset=dataset,
+        data_licence=DATA_LICENCE,
+        measured=[{k: v for k, v in e.items() if k != "evaluation_id"}  # local ids
+                  for e in card.get("measured") or []],
+        exported_from={"run_id": run.id, "run_name": run.name,
+                       "evaluation_id": loaded.card.get("evaluation_id"),
+                       "training_wall_s": None if seconds is None else round(seconds),
+                       "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                       "file_mb": round(size_mb, 2)})
+    return card
+
+
+def stress_default(evaluation_id: int, *, db: Database | None = None,
+                   out_dir: str | Path = DEFAULT_MODELS_DIR) -> dict:
+    """Run the shift stress test of the model in ``out_dir`` on a stored evaluation's images
+    (e.g. a run's temporal ``val`` part, which chose neither model nor threshold), and keep it
+    in that model's card (``stress``) and README. Returns the card entry."""
+    from cxr_core.evaluation import stress
+    db = db or open_db()
+    out = Path(out_dir)
+    ref = "default" if out.resolve() == DEFAULT_MODELS_DIR.resolve() else \
+        str(out / DEFAULT_MODEL_NAME)
+    with db.session() as s:
+        info = eval_store.get_evaluation(session=s, evaluation_id=evaluation_id)
+    if info is None:
+        raise DatasetError(f"no evaluation with id {evaluation_id}")
+    rows = stress.stress_evaluation(db, ref, evaluation_id)
+    entry = stress.card_entry(rows, evaluation_id=evaluation_id, split=info.split,
+                                    dataset=info.dataset_name or "")
+    card_path = out / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["stress"] = entry
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(card_markdown(card))
+    return entry
+
+
+def _repo_relative(path: str) -> str:
+    """A path relative to the repository when it is absolute (the card is shipped)."""
+    p = Path(path)
+    return os.path.relpath(p, DEFAULT_MODELS_DIR.parents[1]) if p.is_absolute() else path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m cxr_core.training.export export-default RUN_ID``: export a run as the demo model."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m cxr_core.training.export")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export-default", help="export a finished run to models/default")
+    p.add_argument("run_id", type=int)
+    p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    p = sub.add_parser("stress-default", help="keep the shift stress test of models/default "
+                       "(on a stored evaluation's images) in its card")
+    p.add_argument("evaluation_id", type=int)
+    p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "stress-default":
+            print(json.dumps(stress_default(args.evaluation_id, out_dir=args.out)))
+            return 0
+        card = export_default(args.run_id, out_dir=args.out)
+    except CxrError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"exported": str(Path(args.out) / DEFAULT_MODEL_NAME),
+                      "val_metrics": card.get("val_metrics"),
+                      "operating_point": card.get("operating_point")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""A run's inputs read from the index: its images, the labels it trains on (original, or
+current as of a relabel id, with the label snapshot's hash) and the patient-grouped
+train/validation split. Test-folder images are never used. No TensorFlow here.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_core.core import labels as ds
+from cxr_core.core.errors import ConfigError, RunError
+from cxr_core.core.settings import get_settings
+from cxr_core.data import images as image_io
+from cxr_core.data import provenance
+from cxr_core.data.calibration import carve_calibration
+from cxr_core.data.indexing import find_dataset, open_dataset
+from cxr_core.data.splits import make_split
+from cxr_core.models.store import RUN_MODEL_NAME
+from cxr_core.storage import Database
+from cxr_core.storage import datasets as ds_store
+from cxr_core.storage import runs as store
+from cxr_core.storage.relabels import LabelSnapshot, label_version
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedData:
+    """A run's inputs and where they came from (for the run row and the model card)."""
+
+    data: Any  # train_io.TrainData
+    dataset_id: int
+    dataset_name: str
+    dataset_root: str
+    snapshot: LabelSnapshot
+    counts: dict[str, dict[str, int]]  # split -> class -> images
+    excluded: int  # unreadable, test-split, unlabelled or subsampled-out images
+    # The calibration slice (cxr_core.data.calibration): validation images kept out of training
+    # and model selection, predicted after training to choose the threshold on.
+    calibration: tuple = ()  # ImageRecords
+    calibration_skipped: str | None = None  # why there is none (fraction 0, too small a val)
+
+
+def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
+    """A stratified, seeded subset of about ``n`` indices (at least 2 per class)."""
+    if n >= len(idx):
+        return idx
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = defaultdict(list)
+    for i in idx:
+        by_class[labels[i]].append(i)
+    out: list[int] = []
+    for members in by_class.values():
+        k = min(len(members), max(2, round(n * len(members) / len(idx))))
+        out.extend(rng.choice(members, k, replace=False).tolist())
+    return sorted(out)
+
+
+def _read_labels(db: Database, cfg: Any, info: Any,
+                 relabel_id: int | None) -> tuple[LabelSnapshot, dict]:
+    """The label snapshot and image_id -> (label, subtype) the run trains on, derived once
+    (labels and hash from the same relabel rows)."""
+    with db.session() as s:
+        version = label_version(session=s, dataset_id=info.id,
+                                as_of_relabel_id=provenance.as_of_relabel_id(
+                                    cfg.label_source, relabel_id))
+    return version.snapshot(), version.labels
+
+
+def _usable(cfg: Any, info: Any, records: list, label_map: dict) -> tuple[list[int], list[str],
+                                                                         list[str]]:
+    """(indices of the records a run draws its split from, every record's label under the
+    run's scheme, the scheme's classes): labelled, readable, outside the test folder, then the
+    ``max_images`` subsample."""
+    classes = ds.scheme_classes(cfg.label_scheme, info.classes)
+    names = [ds.scheme_label(*label_map.get(r.id, (r.label, r.subtype)), cfg.label_scheme)
+             for r in records]
+    usable = [i for i, (r, y) in enumerate(zip(records, names))
+              if y in classes and not r.error and r.split != "test"]
+    if cfg.max_images is not None:
+        usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
+    return usable, names, classes
+
+
+def count_training_images(db: Database, cfg: Any) -> int | None:
+    """How many images a run of ``cfg`` would take its train/validation split from, read from
+    the index as :func:`prepare_data` will (what ``CXR_MAX_TRAIN_IMAGES`` limits). None when
+    the dataset is a folder not indexed yet (the worker indexes it first); nothing is indexed
+    or decoded here."""
+    info = find_dataset(db, cfg.dataset)
+    if info is None:
+        return None
+    with db.session() as s:
+        records = ds_store.list_images(session=s, dataset_id=info.id)
+    _, label_map = _read_labels(db, cfg, info, None)
+    return len(_usable(cfg, info, records, label_map)[0])
+
+
+def _weights_path(db: Database, weights: str | None) -> str | None:
+    if not weights or not weights.startswith("run:"):
+        return None
+    try:
+        run_id = int(weights[4:])
+    except ValueError as exc:
+        raise ConfigError("weights 'run:ID' needs a numeric id. "
+                          f"Received: weights={weights!r}") from exc
+    with db.session() as s:
+        run = store.require_run(session=s, run_id=run_id)
+    path = Path(run.artifact_dir or get_settings().runs_dir / str(run_id)) / RUN_MODEL_NAME
+    if not path.is_file():
+        raise RunError(f"weights {weights!r}: that run has no model file (is it finished?). "
+                       f"Expected: {path}")
+    return str(path)
+
+
+def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None) -> PreparedData:
+    """Images, labels and the patient-grouped train/validation split of a run.
+
+    Test-folder images are never used. Validation is carved from the rest, grouped by patient,
+    with the run's split strategy (:func:`cxr_core.data.splits.make_split`: ``patient`` with
+    ``split_seed``, ``temporal`` or ``group``); its calibration slice
+    (``calibration_fraction`` of it, :func:`cxr_core.data.calibration.carve_calibration`) is kept
+    out of the training data altogether and returned apart.
+
+    Args:
+        db: the database.
+        cfg: the run's TrainConfig.
+        as_of_relabel_id: for ``label_source="current"``: labels as of this relabel id
+            (a resumed run passes its stored id; 0 = originals); None = as of now.
+
+    Returns:
+        The prepared data.
+
+    Raises:
+        DatasetError: unknown dataset, or too few labelled images to split.
+    """
+    from cxr_core.training.interface import TrainData
+
+    info, records = open_dataset(db, cfg.dataset)
+    snap, label_map = _read_labels(db, cfg, info, as_of_relabel_id)
+    usable, names, classes = _usable(cfg, info, records, label_map)
+    recs = [records[i] for i in usable]
+    plan = make_split(cfg.split, recs, [names[i] for i in usable],
+                      val_fraction=cfg.val_fraction, seed=cfg.split_seed, group=cfg.split_group)
+    val_ids = set(plan.val)
+    by_id = {r.id: (r, names[i]) for r, i in zip(recs, usable)}
+    val_recs = [by_id[i] for i in plan.val]
+    carve = carve_calibration([r for r, _ in val_recs], [y for _, y in val_recs],
+                              fraction=cfg.calibration_fraction, seed=cfg.split_seed)
+    calib_ids = set(carve.calibration)
+    if calib_ids:  # out of training and model selection alike
+        val_ids -= calib_ids
+        keep = [k for k, r in enumerate(recs) if r.id not in calib_ids]
+        usable, recs = [usable[k] for k in keep], [recs[k] for k in keep]
+    labels = np.array([classes.index(names[i]) for i in usable], dtype=np.int64)
+    is_val = np.array([r.id in val_ids for r in recs])
+    arrays = image_io.npz_record_images(info.root, recs) if info.layout == "npz" else None
+    paths = tuple(r.relpath if arrays is not None else str(Path(info.root) / r.relpath)
+                  for r in recs)
+    data = TrainData(f"dataset:{info.id}", tuple(classes), tuple(r.id for r in recs), paths,
+                     tuple(f"{r.id}:{r.sha256}" for r in recs), labels, is_val, snap.hash,
+                     arrays, _weights_path(db, cfg.weights))
+    counts: dict[str, dict[str, int]] = {}
+    for split, mask in (("train", ~is_val), ("val", is_val)):
+        c = Counter(labels[mask].tolist())
+        counts[split] = {name: int(c.get(k, 0)) for k, name in enumerate(classes)}
+    calib = tuple(by_id[i][0] for i in carve.calibration)
+    if calib:
+        c = Counter(by_id[i][1] for i in carve.calibration)
+        counts["calibration"] = {name: int(c.get(name, 0)) for name in classes}
+    return PreparedData(data, info.id, info.name, info.root, snap, counts,
+                        len(records) - len(recs) - len(calib), calib, carve.skipped)

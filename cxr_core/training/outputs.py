@@ -1,0 +1,186 @@
+"""What the worker records when a run finishes: the validation and calibration evaluations, the
+operating point, and the run's ``model_card.json`` (its ``measured`` list is
+:mod:`cxr_core.evaluation.card_measured`'s).
+
+The threshold is chosen on the run's calibration slice (:mod:`cxr_core.data.calibration`): images
+that training never saw and model selection never used, predicted here with the run's best
+model through the one evaluation pipeline. Without a slice (``calibration_fraction`` 0, or a
+validation split too small to carve one) it is chosen on validation as before, and the
+operating point says so (``chosen_on: "val"``, with the reason).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_core.data import provenance
+from cxr_core.evaluation import evaluate as es
+from cxr_core.evaluation.evaluate import patients_of, record_evaluation
+from cxr_core.evaluation.operating_points import set_operating_point
+from cxr_core.models import refs
+from cxr_core.models.card import CARD_NAME, DATA_ATTRIBUTION
+from cxr_core.models.store import RUN_MODEL_NAME
+from cxr_core.stats import reports as ev
+from cxr_core.storage import Database, relabels
+from cxr_core.storage import datasets as ds_store
+from cxr_core.storage import evals as evals_store
+from cxr_core.training.config import TrainConfig
+
+BOOTSTRAP = 200  # resamples for the stored evaluations' intervals
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """The finished run's numbers (for its summary and model card)."""
+    val: dict  # validation metrics at the operating point
+    operating_point: dict | None
+    evaluation_id: int | None  # the validation (selection) evaluation
+    calibration_evaluation_id: int | None = None
+
+
+def _truth(db: Database, cfg: Any, prepared: Any, ids: list[int], classes: list[str]):
+    """The labels the run trained and selected on, over ``ids``."""
+    snap = prepared.snapshot
+    as_of = provenance.as_of_relabel_id(cfg.label_source, snap.newest_relabel_id or 0)
+    with db.session() as s:
+        version = relabels.label_version(session=s, dataset_id=prepared.dataset_id,
+                                         as_of_relabel_id=as_of)
+    return provenance.make_truth(version.labels, ids, classes, cfg.label_scheme,
+                                 cfg.label_source, version.newest_relabel_id)
+
+
+def _overlap(db: Database, run_id: int, ids: list[int]) -> dict:
+
+    with db.session() as s:
+        return evals_store.run_overlap(session=s, run_id=run_id, image_ids=ids).to_dict()
+
+
+def predict_calibration(db: Database, run_id: int, cfg: Any, prepared: Any,
+                        classes: list[str]) -> tuple[list[int], list[str], np.ndarray, np.ndarray,
+                                                     Any]:
+    """The run's best model on its calibration slice: (ids, paths, y, probs, truth)."""
+    loaded = refs.load_model_ref(f"run:{run_id}", db=db)
+    with db.session() as s:
+        info = ds_store.get_dataset(session=s, name_or_id=prepared.dataset_id)
+    records = list(prepared.calibration)
+    truth = _truth(db, cfg, prepared, [r.id for r in records], classes)
+    cache, kept = es._cache(info, records, truth.y.tolist(), loaded, None)
+    probs = es._predict_cache(loaded, cache, None)
+    ids = [r.id for r in kept]
+    paths = [r.relpath if info.layout == "npz" else str(Path(info.root) / r.relpath)
+             for r in kept]
+    truth = _truth(db, cfg, prepared, ids, classes)  # the images the cache could read
+    return ids, paths, truth.y, probs, truth
+
+
+def _choose(db: Database, run_id: int, cfg: Any, prepared: Any, classes: list[str],
+            result: Any) -> tuple[dict, dict | None]:
+    """Choose and store the operating point: on the calibration slice when the run has one.
+
+    Returns:
+        (the operating point as the card records it, the calibration outputs or None).
+    """
+    cal = None
+    if prepared.calibration:
+        ids, paths, y, probs, truth = predict_calibration(db, run_id, cfg, prepared, classes)
+        if len(set(y.tolist())) == 2:
+            cal = dict(ids=ids, paths=paths, y=y, probs=probs, truth=truth)
+    if cal is not None:
+        groups = patients_of(db, cal["ids"])
+        n_patients = len({g for g in (groups or []) if g}) or None
+        details = {"chosen_on": "calibration", "calibration_n": len(cal["ids"]),
+                   "calibration_patients": n_patients,
+                   "calibration_fraction": cfg.calibration_fraction}
+        y_sel, p_sel = cal["y"], cal["probs"][:, 1]
+        note = (f"chosen on the calibration slice ({len(cal['ids'])} images) at the end of "
+                "training; early stopping and the best epoch used the rest of validation")
+    else:
+        reason = prepared.calibration_skipped or "the calibration slice lacks a class"
+        details = {"chosen_on": "val", "calibration_skipped": reason}
+        y_sel, p_sel = result.val_y, result.val_probs[:, 1]
+        note = f"chosen on the validation split at the end of training ({reason})"
+    chosen = set_operating_point(db, run_id=run_id, y_true=y_sel, p_pos=p_sel,
+                                 method="sensitivity", target=cfg.target_sensitivity,
+                                 changed_by="training", note=note, details=details)
+    op = {"threshold": chosen.threshold, "method": chosen.method, "target": chosen.target,
+          "sensitivity": chosen.sensitivity, "specificity": chosen.specificity,
+          "sample_n": chosen.sample_n, **details}
+    return op, cal
+
+
+def record_outputs(db: Database, run: Any, cfg: Any, prepared: Any, result: Any) -> RunOutputs:
+    """Store the operating point and the validation (and calibration) evaluations of a
+    finished run; the stored metrics are at the new operating point.
+
+    Raises:
+        ConfigError: e.g. a validation split missing a class (the caller keeps the model).
+    """
+    classes = list(result.classes)
+    op, cal = _choose(db, run.id, cfg, prepared, classes, result) if len(classes) == 2 \
+        else (None, None)
+    cal_id = None
+    if cal is not None:
+        cal_id = record_evaluation(
+            db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
+            split="calibration", labels=classes, image_ids=cal["ids"], paths=cal["paths"],
+            y_true=cal["y"], probs=cal["probs"], n_boot=BOOTSTRAP, truth=cal["truth"],
+            groups=patients_of(db, cal["ids"]), overlap=_overlap(db, run.id, cal["ids"]))
+    val_ids = list(result.val_image_ids)
+    truth = overlap = None
+    if val_ids and all(i is not None for i in val_ids):
+        truth = _truth(db, cfg, prepared, val_ids, classes)
+        overlap = _overlap(db, run.id, val_ids)
+    eval_id = record_evaluation(
+        db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
+        split="val", labels=classes, image_ids=val_ids, paths=list(result.val_paths),
+        y_true=result.val_y, probs=result.val_probs, n_boot=BOOTSTRAP, truth=truth,
+        groups=patients_of(db, val_ids), overlap=overlap)
+    rep = ev.evaluate(result.val_y, result.val_probs, classes,
+                      threshold=op["threshold"] if op else None, n_boot=0)
+    val = {"n": rep.n, "auc": rep.auc, "accuracy": rep.accuracy, "sensitivity": rep.sensitivity,
+           "specificity": rep.specificity, "average_precision": rep.average_precision,
+           "threshold": rep.threshold}
+    val = {k: (None if isinstance(v, float) and v != v else v) for k, v in val.items()}  # NaN
+    return RunOutputs(val, op, eval_id, cal_id)
+
+
+def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
+                     classes: tuple[str, ...], saliency_layer: str | None,
+                     operating_point: Mapping[str, Any] | None, val_metrics: Mapping[str, Any],
+                     dataset: Mapping[str, Any], label_snapshot: Mapping[str, Any],
+                     extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model_card.json`` beside the run's model (what Predict/Evaluate read).
+
+    Returns:
+        The card's path.
+    """
+    card = {
+        "name": name, "model": cfg.model, "model_file": RUN_MODEL_NAME, "labels": list(classes),
+        "label_scheme": cfg.label_scheme, "image_size": cfg.image_size,
+        "channels": cfg.channels, "saliency_layer": saliency_layer,
+        "operating_point": dict(operating_point) if operating_point else None,
+        "val_metrics": dict(val_metrics), "training_config": cfg.to_dict(),
+        "dataset": dict(dataset), "label_snapshot": dict(label_snapshot),
+        "data_licence": DATA_ATTRIBUTION, **dict(extra or {}),
+    }
+    path = Path(run_dir) / CARD_NAME
+    tmp = path.with_name(f".tmp-{CARD_NAME}")
+    tmp.write_text(json.dumps(card, indent=2, default=_json_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
