@@ -3,6 +3,7 @@ its labelled sample, see it with patient-clustered intervals (a worker's job), r
 from __future__ import annotations
 
 import pandas as pd
+import plotly.express as px
 import streamlit as st
 
 from app_pages._access import acting_as, md, principal
@@ -10,9 +11,8 @@ from app_pages._db import get_db
 from app_pages._shared import kept_result, list_datasets
 from cxr_core.core.errors import ConfigError, CxrError
 from cxr_core.data.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from cxr_core.evaluation import actions
+from cxr_core.evaluation import actions, site_thresholds
 from cxr_core.evaluation import evaluate as es
-from cxr_core.evaluation import site_thresholds
 from cxr_core.jobs import queue
 from cxr_core.models.card import fmt_ci
 
@@ -71,8 +71,36 @@ def candidate_ui(cand: dict) -> None:
         st.caption(f"The model's global threshold {cand['global_threshold']:.3f} gives "
                    f"sensitivity {cand['global_sensitivity']:.3f} and specificity "
                    f"{cand['global_specificity']:.3f} on the same sample.")
+    crossed_ui(cand)
     for warning in cand["warnings"]:
         st.warning(md(warning), icon=":material/warning:")
+
+
+def crossed_ui(cand: dict) -> None:
+    """What such a threshold gives on films it was not chosen on (cross-fitted), and how the
+    interval narrows as more films are confirmed."""
+    crossed = cand.get("cross_fitted") or {}
+    if crossed.get("refused"):
+        st.caption(f"No cross-fitted figure: {md(crossed['refused'])}")
+        return
+    if not crossed:
+        return
+    st.markdown(
+        f"**On films it was not chosen on** (cross-fitted: chosen on {crossed['folds'] - 1} of "
+        f"{crossed['folds']} patient-grouped folds, scored on the last, {crossed['repeats']} "
+        f"draws): sensitivity {fmt_ci(crossed['sensitivity'], crossed['sensitivity_ci'])}, "
+        f"specificity {fmt_ci(crossed['specificity'], crossed['specificity_ci'])}.")
+    steps = cand.get("narrowing") or []
+    if len(steps) > 1:
+        frame = pd.DataFrame(steps)
+        fig = px.line(frame, x="n", y="specificity", markers=True,
+                      labels={"n": "films confirmed", "specificity": "specificity (cross-fitted)"},
+                      title="How the site threshold's specificity interval narrows")
+        fig.add_scatter(x=frame["n"], y=frame["high"], mode="lines", line=dict(width=0),
+                        showlegend=False)
+        fig.add_scatter(x=frame["n"], y=frame["low"], mode="lines", line=dict(width=0),
+                        fill="tonexty", name="95% interval")
+        st.plotly_chart(fig, width="stretch", key="site_narrowing")
 
 
 def record_ui(cand: dict) -> None:

@@ -25,18 +25,19 @@ from cxr_core.stats import tables
 
 @st.cache_data(show_spinner="Comparing runs…", ttl=600, max_entries=16)
 def comparison(ids: tuple[int, ...], mode: str, target: float, truth: str,
-               as_of: int | None) -> cs.Comparison:
+               as_of: int | None, images: str = "all") -> cs.Comparison:
     """Point estimates only (no resampling here): the intervals are a worker's job."""
     return cs.compare_evaluations(get_db(), ids, mode=mode, target=target, truth=truth,
-                                  n_boot=0, as_of_relabel_id=as_of)
+                                  n_boot=0, as_of_relabel_id=as_of, images=images)
 
 
 def ci_params(cmp: cs.Comparison, ids: tuple[int, ...], mode: str, target: float, truth: str,
               as_of: int | None) -> dict:
-    """What the intervals job computes: these evaluations, labels and thresholds."""
-    return dict(evaluation_ids=list(ids), mode=mode, target=target, truth=truth,
-                as_of_relabel_id=as_of if truth == "current" else None,
-                thresholds=dict(cmp.thresholds), n_boot=N_BOOT)
+    """What the intervals job computes: these evaluations, labels, images and thresholds."""
+    out = dict(evaluation_ids=list(ids), mode=mode, target=target, truth=truth,
+               as_of_relabel_id=as_of if truth == "current" else None,
+               thresholds=dict(cmp.thresholds), n_boot=N_BOOT)
+    return out if cmp.images == "all" else {**out, "images": cmp.images}
 
 
 N_BOOT = 500
@@ -72,12 +73,12 @@ def evaluate_ui(db) -> None:
         st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
 
 
-def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:
-    """2–4 evaluations of one image set, the labels to score them against, and the
-    thresholds: operating points or matched."""
+def selection_ui(db) -> tuple[tuple[int, ...], str, float, str, str]:
+    """2–4 evaluations of one image set, the labels to score them against, which films, and
+    the thresholds: operating points, matched, or each model's site threshold."""
     if not (groups := cs.comparable_groups(db)):
         st.info("No two evaluations share the same images yet: evaluate two runs on one dataset.")
-        return (), "", 0.0, ""
+        return (), "", 0.0, "", "all"
     g = groups[st.selectbox("Image set", range(len(groups)), key="compare_group",
                             format_func=lambda i: groups[i].label)]
     names = {e.id: e.title for e in g.evaluations}
@@ -88,13 +89,22 @@ def selection_ui(db) -> tuple[tuple[int, ...], str, float, str]:
                      help="One truth for all runs: each run's stored per-image outputs are "
                           "re-scored against these labels, whatever labels it was evaluated "
                           "with at the time.")
-    c1, c2, binary = *st.columns(2), len(g.labels) == 2
+    c1, c2, c3, binary = *st.columns(3), len(g.labels) == 2
     matched = c1.toggle("Matched sensitivity", key="compare_matched", disabled=not binary,
                         help="On: every run at the threshold reaching the same sensitivity on "
                              "these images. Off: each run's stored operating point.") and binary
+    site = c1.toggle("Site thresholds", key="compare_site", disabled=not binary or matched,
+                     help="Each model at the threshold recorded for this dataset (Compare → "
+                          "Site threshold): the base model and the next round side by side "
+                          "at the new site.") and binary and not matched
+    mode = "matched" if matched else "site" if site else "operating_point"
     target = c2.slider("Target sensitivity", 0.5, 1.0, 0.95, 0.01, key="compare_target",
                        disabled=not matched)
-    return tuple(sorted(ids)), ("matched" if matched else "operating_point"), target, truth
+    images = c3.radio("Films", ["all", "unconfirmed"], key="compare_images",
+                      format_func={"all": "all", "unconfirmed": "not confirmed on Review"}.get,
+                      help="not confirmed: a site's external validation once its confirmed "
+                           "films trained the next round")
+    return tuple(sorted(ids)), mode, target, truth, images
 
 
 def provenance_ui(cmp: cs.Comparison) -> None:
@@ -102,7 +112,10 @@ def provenance_ui(cmp: cs.Comparison) -> None:
     unit = ("patients (all images of a patient resampled together)" if cmp.ci_unit == "patient"
             else "images (no patient ids known)")
     dropped = (f" {cmp.dropped} images have no class under these labels and are left out of "
-               "every run." if cmp.dropped else "")
+               "every run." if cmp.dropped else "") + (
+        f" {cmp.confirmed_left_out} films confirmed on Review are left out: only the films "
+        "no one confirmed count (a site's external validation)." if cmp.images == "unconfirmed"
+        else "")
     st.caption(f"Every number below is scored against **{md(cmp.truth_text)}** on "
                f"{len(cmp.y_true):,} images. 95% intervals: bootstrap over {unit}.{dropped}")
     for row in cmp.provenance_rows:
@@ -234,12 +247,12 @@ with st.expander("Site threshold: an operating point for one dataset",
 with st.expander("Named ensembles: the mean of a few runs as one model",
                  icon=":material/join:"):
     ensemble_form_ui()
-ids, mode, target, truth = selection_ui(get_db())
+ids, mode, target, truth, images = selection_ui(get_db())
 if len(ids) < 2:
     st.stop()
 as_of = es.newest_relabel_for(get_db(), ids[0]) if truth == "current" else None
 try:
-    cmp = comparison(ids, mode, target, truth, as_of)
+    cmp = comparison(ids, mode, target, truth, as_of, images)
 except CxrError as exc:
     st.error(md(exc))
     st.stop()

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app_pages._access import md
+from app_pages._access import md, principal
+from app_pages._db import get_db
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
 from cxr_core.core.errors import CxrError
-from cxr_core.models.card import entry_title, fmt_ci, headline, stress_summary
+from cxr_core.data import actions as data_actions
+from cxr_core.models.card import entry_title, external_text, fmt_ci, headline, stress_summary
 from cxr_core.models.store import DEFAULT_MODELS_DIR, read_card
 
 SPLIT_TEXT = {"patient": "a random patient-grouped validation split (in-distribution)",
@@ -20,18 +22,43 @@ st.markdown(
     "with saliency maps, and feed clinician relabels into the next training round.")
 
 
+def external_ui(entry: dict, card: dict) -> None:
+    """An external entry: AUC, the stored threshold's figures and the cross-fitted site
+    threshold's, on images the model never saw."""
+    site = entry.get("site_threshold") or {}
+    cols = st.columns(4)
+    auc_ci = fmt_ci(entry.get("auc"), entry.get("auc_ci"))
+    cols[0].metric("AUC", f"{entry.get('auc') or float('nan'):.3f}",
+                   help=f"95% interval over patients: {auc_ci}")
+    cols[1].metric("Sensitivity (stored threshold)",
+                   "—" if entry.get("sensitivity") is None else f"{entry['sensitivity']:.3f}")
+    cols[2].metric("Specificity (stored threshold)",
+                   "—" if entry.get("specificity") is None else f"{entry['specificity']:.3f}")
+    cols[3].metric("Specificity (site threshold)",
+                   "—" if site.get("specificity") is None else f"{site['specificity']:.3f}",
+                   help="A threshold chosen on the site's own labelled films for sensitivity ≥ "
+                        "0.95, scored cross-fitted (never on the films it was chosen on).")
+    st.caption(md(external_text(entry, card.get("recipe_selected_on") or ())))
+
+
 def measured_ui(card: dict) -> bool:
-    """The card's headline figures: temporal validation first, in-distribution second, each
-    at the locked threshold and never on the images it was chosen on. False: none to show."""
+    """The card's headline figures: at a new site (external validation) first, then temporal
+    validation, in-distribution last, never on the images a threshold was chosen on. False:
+    none to show."""
     heads = headline(card.get("measured") or [])
     if not heads:
         return False
     op = card.get("operating_point") or {}
     for rank, entry in enumerate(heads):
         title = entry_title(entry)
+        if entry.get("role") == "external":
+            st.markdown(f"**{md(title[0].upper() + title[1:])}**"
+                        + (" (headline)" if rank == 0 else ""))
+            external_ui(entry, card)
+            continue
         st.markdown(f"**{md(title[0].upper() + title[1:])}**" + (" (headline)" if rank == 0 else
                     " (in-distribution: optimistic for a new site or period)"
-                    if entry.get("validation") == "patient" else ""))
+                    if entry.get("validation") in ("patient", "temporal") else ""))
         cols = st.columns(4)
         for col, key, name in zip(cols, ("auc", "sensitivity", "specificity"),
                                   ("AUC", "Sensitivity", "Specificity")):
@@ -87,6 +114,26 @@ def demo_model_ui() -> None:
     st.page_link("app_pages/predict.py", label="Try it on an X-ray", icon=":material/radiology:")
 
 
+def external_flag_ui(datasets: list) -> None:
+    """Flag a dataset as another site or period: models report their external figures on it."""
+    with st.expander("External validation data"):
+        st.caption("A dataset from another site or acquisition period is the honest test of a "
+                   "model: evaluations on it give the model's external figures (only films it "
+                   "never trained, selected or was calibrated on), which Home and the model "
+                   "card lead with.")
+        names = {d.name: d for d in datasets}
+        name = st.selectbox("Dataset", list(names), key="home_ext_ds")
+        current = names[name].external
+        if st.button("Unflag as external" if current else "Flag as external",
+                     key="home_ext_btn"):
+            try:
+                data_actions.flag_external(get_db(), principal(), names[name].id, not current)
+            except CxrError as exc:
+                st.error(md(exc))
+            else:
+                st.rerun()
+
+
 demo_model_ui()
 datasets = list_datasets()
 if datasets:
@@ -95,9 +142,11 @@ if datasets:
     index_report_ui()  # a dataset just added from "Get started" below
     st.dataframe(
         [{"name": d.name, "images": d.n_images, "layout": d.layout,
-          "classes": ", ".join(d.classes), "root": d.root,
+          "classes": ", ".join(d.classes), "external": "yes" if d.external else "",
+          "root": d.root,
           "indexed": d.indexed_at.strftime("%Y-%m-%d %H:%M") if d.indexed_at else "—"}
          for d in datasets], hide_index=True, width="stretch")
+    external_flag_ui(datasets)
     st.page_link("app_pages/class_balance.py", label="Explore class balance", icon=":material/bar_chart:")
 else:
     st.subheader("Get started")

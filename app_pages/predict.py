@@ -10,8 +10,7 @@ from cxr_core.core.errors import ConfigError, CxrError
 from cxr_core.evaluation import site_thresholds
 from cxr_core.models import ensembles, refs
 from cxr_core.models import store as model_store
-from cxr_core.predict import explain
-from cxr_core.predict import inference
+from cxr_core.predict import explain, inference
 from cxr_core.predict.render import shortcut_warning
 from cxr_core.review import actions
 

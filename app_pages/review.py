@@ -34,15 +34,22 @@ def reviewer_ui() -> Principal | None:
 
 
 def queue_ui(state: review.ReviewState, classes: list[str]) -> dict:
-    """Queue, class and run pickers; returns the queue arguments of ``next_in_queue``."""
+    """Queue, class and model pickers; returns the queue arguments of ``next_in_queue``."""
     kind = st.sidebar.radio("Queue", list(review.QUEUES), format_func=review.QUEUES.get,
                             key="review_queue")
     cls = st.sidebar.selectbox("Class", classes, key="review_class") if kind == "class" else None
-    names = {r.run_id: f"{r.name} (run:{r.run_id})" for r in state.runs}
+    names = {r.model_ref: f"{r.name} ({r.model_ref})" if r.name != r.model_ref else r.model_ref
+             for r in state.runs}
     if names:
-        st.sidebar.selectbox("Model run", list(names), format_func=names.get, key="review_run")
-    elif kind in ("disagreement", "uncertain"):
-        st.info("No run has stored predictions on this dataset yet; train one first.")
+        st.sidebar.selectbox("Model", list(names), format_func=names.get, key="review_run")
+    elif kind in ("disagreement", "uncertain", "new_site"):
+        st.info("No model has stored predictions on this dataset yet: evaluate one on it "
+                "(Compare → Evaluate), or train one first.")
+    if kind == "new_site":
+        st.sidebar.caption("Ordered for learning: the film the model is least sure of, one per "
+                           "patient before any patient's second. Confirmed films feed the site "
+                           "threshold (Compare) and the next training round (Train → extra "
+                           "data).")
     if state.open_uploads:
         st.sidebar.caption(f"{state.open_uploads} uploads wait in the “sent” queue.")
     seed = st.session_state.setdefault("review_seed", int(np.random.randint(1 << 30)))

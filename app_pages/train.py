@@ -13,7 +13,7 @@ import streamlit as st
 
 from app_pages._access import md, principal
 from app_pages._db import get_db
-from app_pages._shared import dataset_picker, plot_safe
+from app_pages._shared import dataset_picker, list_datasets, plot_safe
 from cxr_core.core.errors import CxrError
 from cxr_core.core.labels import LABEL_SCHEMES
 from cxr_core.data.balancing import BALANCING
@@ -82,8 +82,34 @@ def form_ui(dataset: str, layout: str) -> dict | None:
             "Label smoothing (binary)", 0.0, 0.49, float(d.get("label_smoothing", 0.0)),
             step=0.05, key=k + "smooth", help="targets 0/1 become s/2 and 1 - s/2")
         out["mixed_precision"] = e4.toggle("Mixed precision (GPU)", key=k + "mp")
+        out["ema"] = e4.number_input("Weight averaging (EMA momentum; 0: off)", 0.0, 0.9999,
+                                     float(d.get("ema") or 0.0), format="%.4f",
+                                     key=k + "ema") or None
+        out.update(site_ui(dataset, d, k))
         submitted = st.form_submit_button("Start training", icon=":material/play_arrow:")
     return out if submitted else None
+
+
+def site_ui(dataset: str, d: dict, k: str) -> dict:
+    """Another site: evaluate the finished run there (external figures on its card), and the
+    next round: add the films confirmed on Review at a site to this run's data."""
+    others = [x for x in list_datasets() if x.name != dataset]
+    s1, s2, s3 = st.columns([2, 2, 1])
+    external = s1.multiselect(
+        "Evaluate at the end on (external)", [x.name for x in others if x.external],
+        default=[x for x in d.get("external") or [] if x in {o.name for o in others}],
+        key=k + "external", help="Datasets flagged external on Home: the run's card reports "
+        "its figures there (AUC, the stored and a cross-fitted site threshold).")
+    extra = s2.multiselect("Next round: add films of", [x.name for x in others],
+                           key=k + "extra", help="Each dataset's films with their current "
+                           "labels, split by patient on their own; the rest of a site stays "
+                           "its external validation.")
+    images = s3.radio("Which films", ["reviewed", "all"], key=k + "extra_images",
+                      help="reviewed: those confirmed on Review (the new-site queue)")
+    repeat = s3.number_input("Repeat them ×", 1, 50, 3, key=k + "extra_repeat",
+                             help="oversample a small site sample in training")
+    return {"external": external,
+            "extra": [{"dataset": n, "images": images, "repeat": int(repeat)} for n in extra]}
 
 
 def start_ui(dataset: str, layout: str) -> None:

@@ -34,9 +34,9 @@ def _progress(label: str) -> Callable[[int, int], None]:
 def _gate(action: str, target: str = "", **detail) -> None:
     """The CLI acts as its configured local principal (CXR_CLI_IDENTITY, CXR_CLI_ROLES):
     checked against the policy and recorded in the audit log like the pages' actions."""
+    from cxr_core.app import open_db
     from cxr_core.auth import gate
     from cxr_core.auth.policy import cli_principal
-    from cxr_core.app import open_db
 
     db, p = open_db(), cli_principal()
     gate.authorize(db, p, action, target)
@@ -44,13 +44,14 @@ def _gate(action: str, target: str = "", **detail) -> None:
 
 
 def cmd_index(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
     from cxr_core.core import data_roots
     from cxr_core.data.indexing import index_dataset
-    from cxr_core.app import open_db
 
     data_roots.check_path(args.path, roots=data_roots.allowed_roots())
-    _gate("index_dataset", str(args.path), name=args.name)
-    report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"))
+    _gate("index_dataset", str(args.path), name=args.name, external=args.external)
+    report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"),
+                           external=args.external)
     for problem in [*report.warnings, *report.problems[:20]]:
         print(f"warning: {problem}", file=sys.stderr)
     return report.to_json()
@@ -73,8 +74,8 @@ def train_cli(config_path: str | Path, *, detach: bool = False,
         ``{"run_id", "status", "epochs", "val"}`` (+ ``"error"`` when it failed), or
         ``{"run_id", "status": "queued"}`` with ``detach`` (a worker is started if none runs).
     """
-    from cxr_core.auth.policy import cli_principal
     from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
     from cxr_core.training import actions as training_actions
     from cxr_core.training.service import make_config, read_config_file
 
@@ -103,8 +104,8 @@ def cmd_evaluate(args: argparse.Namespace) -> dict:
 
 
 def cmd_stress(args: argparse.Namespace) -> dict:
-    from cxr_core.evaluation import stress
     from cxr_core.app import open_db
+    from cxr_core.evaluation import stress
 
     db = open_db()
     if (args.run is None) == (args.evaluation is None):
@@ -119,10 +120,10 @@ def cmd_stress(args: argparse.Namespace) -> dict:
 def cmd_site_calibrate(args: argparse.Namespace) -> dict:
     """Compare → Site threshold from the command line: the candidate (always printed), and
     with --record the operating point for that dataset, recorded as the CLI principal."""
+    from cxr_core.app import open_db
     from cxr_core.auth.policy import cli_principal
     from cxr_core.evaluation import actions as evaluation_actions
     from cxr_core.evaluation import site_thresholds
-    from cxr_core.app import open_db
 
     db = open_db()
     cand = site_thresholds.candidate(db, evaluation_id=args.evaluation, sample=args.sample,
@@ -151,10 +152,10 @@ def cmd_worker(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_add(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
     from cxr_core.auth.policy import cli_principal
     from cxr_core.review import actions as review_actions
     from cxr_core.review.relabel_import import relabel_json
-    from cxr_core.app import open_db
 
     p = cli_principal()
     if args.reviewer is not None and args.reviewer != p.identity:
@@ -167,8 +168,8 @@ def cmd_relabel_add(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_import(args: argparse.Namespace) -> dict:
-    from cxr_core.review.relabel_import import import_relabels
     from cxr_core.app import open_db
+    from cxr_core.review.relabel_import import import_relabels
 
     _gate("import_relabels", f"{args.dataset}:{args.file}", reviewer=args.reviewer)
     if args.file == "-":
@@ -181,8 +182,8 @@ def cmd_relabel_import(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_list(args: argparse.Namespace) -> dict:
-    from cxr_core.review.relabel_import import relabel_history, relabel_json
     from cxr_core.app import open_db
+    from cxr_core.review.relabel_import import relabel_history, relabel_json
 
     info, records = relabel_history(open_db(), dataset=args.dataset)
     return {"dataset": info.name, "count": len(records),
@@ -190,9 +191,9 @@ def cmd_relabel_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_ensemble_create(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
     from cxr_core.auth.policy import cli_principal
     from cxr_core.models import actions as models_actions
-    from cxr_core.app import open_db
 
     p = cli_principal()
     if args.by and args.by != p.identity:
@@ -215,9 +216,9 @@ def cmd_ensemble_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_audit_list(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
     from cxr_core.auth import admin
     from cxr_core.auth.policy import cli_principal
-    from cxr_core.app import open_db
 
     events = admin.audit_log(open_db(), cli_principal(), limit=args.limit,
                                before_id=args.before, actor=args.actor, action=args.action)
@@ -225,9 +226,9 @@ def cmd_audit_list(args: argparse.Namespace) -> dict:
 
 
 def cmd_roles_grant(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
     from cxr_core.auth import admin
     from cxr_core.auth.policy import cli_principal
-    from cxr_core.app import open_db
 
     db, p = open_db(), cli_principal()
     admin.grant_roles(db, p, args.identity, args.roles)
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("index", cmd_index, "index a dataset folder or .npz into the database")
     p.add_argument("path")
     p.add_argument("--name", default=None)
+    p.add_argument("--external", action="store_true", default=None,
+                   help="flag it as another site or period: external validation data (models "
+                        "report their external figures on it)")
+    p.add_argument("--not-external", dest="external", action="store_false",
+                   help="clear the external flag")
     p = add("train", cmd_train, "train from a run config JSON (same code path as the page)")
     p.add_argument("--config", required=True)
     p.add_argument("--detach", action="store_true", help="only queue the run for the worker")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from sqlalchemy import (BigInteger, Boolean, CheckConstraint, DateTime, Float, ForeignKey, Index, Integer,
-                        MetaData, String, Text, UniqueConstraint)
+                        MetaData, String, Text, UniqueConstraint, false)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 NAMING = {
@@ -41,6 +41,8 @@ class Dataset(Base):
     indexed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     scan_seconds: Mapped[float | None] = mapped_column(Float)
     summary_json: Mapped[str | None] = mapped_column(Text)  # counts of the last index run
+    # Another site or acquisition period: external validation data (migration 0010).
+    external: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ImageRow(Base):

@@ -275,12 +275,19 @@ def test_send_disagreement_to_review(cxr_home, tiny_dataset):
 def test_a_shipped_model_warns_of_the_patients_its_card_says_it_has_seen(cxr_home, tiny_dataset,
                                                                          tmp_path):
     """A model known only by its card (models/default, a .keras file) has no run images in
-    this database: its card's training_patients still make the seen-data warning."""
+    this database: its card's training_patients still make the seen-data warning on its own
+    training folder. File-name patients are scoped by dataset: on another folder the same
+    names are not known to be the same children."""
     from cxr_core.data.provenance import overlap_warning
 
     db = open_db()
     card = dict(BINARY_CARD, training_patients={"train": ["person1", "person2", "0001"],
-                                                "val": ["person100"], "calib": []})
+                                                "val": ["person100"], "calib": []},
+                dataset={"name": "chest_xray", "root": str(tiny_dataset)})
+    elsewhere = save_tiny_model(tmp_path / "elsewhere" / "model.keras",
+                                card=dict(card, dataset={"root": str(tmp_path / "other")}))
+    out = es.evaluate_dataset(db, str(elsewhere), str(tiny_dataset))
+    assert out.overlap["recorded"] and out.overlap["train_patients"] == 0
     path = save_tiny_model(tmp_path / "shipped" / "model.keras", card=card)
     out = es.evaluate_dataset(db, str(path), str(tiny_dataset))
     assert out.overlap["recorded"] and out.overlap["train_patients"] == 3

@@ -210,9 +210,9 @@ def test_newest_evaluation_and_operating_point_feed_the_queues(db, ds):
     from cxr_core.storage import review_queue
 
     with db.session() as s:
-        runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
-        assert review_queue.run_scores(session=s, run_id=run_id, dataset_id=dataset_id + 1,
-                                       threshold=None) is None
+        runs = store.models_with_predictions(session=s, dataset_id=dataset_id)
+        assert review_queue.run_scores(session=s, model_ref=f"run:{run_id}",
+                                       dataset_id=dataset_id + 1, threshold=None) is None
     state = review.load_state(db, dataset_id)
     assert state.threshold == 0.3 and state.model_ref == f"run:{run_id}"
     assert state.scores.labels == ("NORMAL", "PNEUMONIA")

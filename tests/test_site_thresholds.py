@@ -159,3 +159,37 @@ def test_site_calibration_from_the_cli_prints_then_records_as_the_cli_identity(
     assert out["recorded"]["threshold"] == pytest.approx(op.threshold)
     assert (op.changed_by, op.note) == ("ds@h.org", "March sample")
     assert op.threshold == pytest.approx(shown["candidate"]["threshold"])
+
+
+def test_a_candidate_says_what_it_gives_on_films_it_was_not_chosen_on(site_run):
+    """The in-sample figures flatter; the candidate also carries the cross-fitted ones and how
+    their interval narrows as films are confirmed, in confirmation order."""
+    db, run_id, evaluation_id = site_run
+    recs = open_dataset(db, "site_b")[1]
+    rng = np.random.default_rng(1)
+    order = [recs[i] for i in rng.permutation(len(recs))[:44]]
+    for r in order:
+        db.write(lambda s, r=r: add_relabel(session=s, image_id=r.id, new_label=r.label,
+                                            new_subtype=r.subtype, reviewer="dr b"))
+    cand = site_thresholds.candidate(db, evaluation_id=evaluation_id, sample="reviewed",
+                                     n_boot=100)
+    crossed = cand.cross_fitted
+    assert crossed["method"] == "cross-fitted" and crossed["n"] == 44
+    assert crossed["specificity_ci"][0] <= crossed["specificity"] <= crossed["specificity_ci"][1]
+    steps = cand.narrowing
+    assert [s["n"] for s in steps] == sorted(s["n"] for s in steps) and steps[-1]["n"] == 44
+    assert all(s["low"] <= s["specificity"] <= s["high"] for s in steps)
+    # The first step is the first films confirmed, cross-fitted on their own.
+    from cxr_core.stats.crossfit import cross_fitted_threshold
+
+    preds = es.load_predictions(db, evaluation_id)
+    where = {i: k for k, i in enumerate(preds.image_ids)}
+    first = [where[r.id] for r in order[:steps[0]["n"]]]
+    own = cross_fitted_threshold(preds.y_true[first], preds.probs[first, 1],
+                                 [order[k].patient for k in range(len(first))], repeats=5,
+                                 n_boot=100)
+    assert steps[0]["specificity"] == pytest.approx(own.specificity.estimate)
+    small = site_thresholds.candidate(db, evaluation_id=evaluation_id, sample="all",
+                                      n_boot=20)
+    assert small.cross_fitted["n"] == 48
+    assert site_thresholds.SiteCandidate.from_json(cand.to_json()) == cand

@@ -93,6 +93,12 @@ def cfg(**changes) -> TrainConfig:
     ({"max_images": 2}, "max_images=2"),
     ({"recipe": "gpu9000"}, "recipe='gpu9000'"),
     ({"colour": "red"}, "['colour']"),
+    ({"ema": 1.0}, "ema=1.0"),
+    ({"external": "site"}, "external='site'"),
+    ({"extra": [{"dataset": "site", "images": "some"}]}, "images='some'"),
+    ({"extra": [{"dataset": "site", "repeat": 0}]}, "repeat=0"),
+    ({"extra": [{"dataset": "slice"}]}, "extra=['slice']"),
+    ({"extra": ["site"], "split": "temporal"}, "split='temporal'"),
 ])
 def test_config_errors_name_the_value(changes, message):
     with pytest.raises(ConfigError, match="Received") as info:
@@ -272,3 +278,25 @@ def test_host_recipe_proposes_mnist28_for_an_npz_and_cpu128_without_a_gpu():
 
     assert svc.host_recipe("npz") == "mnist28"
     assert svc.host_recipe("splits") == svc.host_recipe() == "cpu128"  # tests run without GPU
+
+
+def test_weight_averaging_validates_and_checkpoints_the_averaged_weights(data, cache_root,
+                                                                         tmp_path):
+    """``ema``: the optimizer keeps the moving average (Keras use_ema), SwapEMAWeights puts it
+    in the model before validation and the epoch checkpoint: the saved best model is the
+    average, not the last step's weights."""
+    from cxr_core.models import layers
+
+    sinks = Collect()
+    res = fit.train(cfg(ema=0.9, epochs=2), data, tmp_path / "run", cache_root=cache_root,
+                    sinks=sinks.sinks())
+    assert res.status == "finished" and np.isfinite(res.val_probs).all()
+    assert [e for e, _ in sinks.epochs] == [1, 2]
+    assert layers.load_model(res.model_path).count_params() > 0
+    saved = layers.load_model(tmp_path / "run" / "checkpoints" / "epoch_001.keras", compile=True)
+    opt = saved.optimizer
+    assert opt.use_ema and opt.ema_momentum == pytest.approx(0.9)
+    # Mid-run, the averaged weights are in the model; the optimizer keeps the raw ones.
+    model_w = [np.asarray(v) for v in saved.trainable_weights]
+    avg = [np.asarray(v) for v in opt._model_variables_moving_average]
+    assert any(not np.allclose(a, b) for a, b in zip(model_w, avg))

@@ -361,3 +361,33 @@ def test_cli_worker_gpu_limits_the_devices_before_tensorflow_loads(cxr_home, mon
         os.environ.get("CUDA_VISIBLE_DEVICES")) or {"runs": 0})
     assert main(["worker", "--once", "--gpu", "2,3"]) == 0
     assert seen == ["2,3"]
+
+
+def test_a_run_config_external_dataset_is_evaluated_when_the_run_ends(cxr_home, real_slice,
+                                                                      shared_data, tmp_path):
+    """``external`` in a run config: the worker evaluates the finished run there and the
+    card's external entry is the first thing its measured list headlines."""
+    from cxr_core.data.indexing import index_dataset
+    from cxr_core.models.card import headline
+
+    db = open_db()
+    site = tmp_path / "site"
+    for cls in CLASSES:  # 12 + 12 films of the new site (the external sample)
+        (site / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "chest_xray_224_external" / cls).glob("*.jpeg"))[:12]:
+            (site / cls / f.name).symlink_to(f)
+    index_dataset(db, site, name="site", external=True)
+    rid = queue(db, real_slice, name="tiny", external=["site"])
+    out = app.run_worker(once=True, db=db)
+    (outcome,) = out["runs"]
+    assert outcome["status"] == "finished", outcome
+    (brief,) = outcome["external"]
+    assert brief["dataset"] == "site" and brief["n"] == 24 and brief["auc"] is not None
+    assert brief["site_specificity"] is not None  # 12 of each class: a site threshold
+    run = get(db, rid)
+    assert run.summary["external"] == [brief]
+    card = json.loads((Path(run.artifact_dir) / "model_card.json").read_text())
+    assert headline(card["measured"])[0]["role"] == "external"
+    with db.session() as s:
+        logs = store.get_logs(session=s, run_id=rid, limit=50)
+    assert any("external site: AUC" in line.message for line in logs)

@@ -53,3 +53,19 @@ class ImageRecord(NamedTuple):
     sex: str | None = None  # F | M | O
     age_years: float | None = None
     view: str | None = None  # e.g. PA, AP
+
+
+GLOBAL_PATIENT_PREFIXES = ("pid-", "dcm-")  # a metadata CSV's or a DICOM's patient (salted hash)
+
+
+def scoped_patient(dataset_id: int | None, patient: str | None) -> tuple | str | None:
+    """The key under which two images are the same patient.
+
+    A patient parsed from a file name (``person1003``, ``0115``) means something only inside
+    its dataset: another dataset's ``person1003`` is not known to be the same child, so the key
+    is ``(dataset_id, patient)``. A patient from a metadata CSV or a DICOM PatientID (stored as
+    a salted hash, ``pid-…`` / ``dcm-…``) links datasets deliberately and is its own key.
+    """
+    if not patient:
+        return None
+    return patient if patient.startswith(GLOBAL_PATIENT_PREFIXES) else (dataset_id, patient)

@@ -1,6 +1,6 @@
 """The data jobs a worker does (registered by :mod:`cxr_core.app`):
 
-- ``index``: params ``{"path", "name"}`` of :func:`cxr_core.data.indexing.index_dataset`; result
+- ``index``: params ``{"path", "name", "external"}`` of :func:`cxr_core.data.indexing.index_dataset`; result
   the index report (:meth:`~cxr_core.data.indexing.IndexReport.to_json` plus ``dataset_id`` and
   ``warnings``). Batches commit as it goes, so a job failed by a killed worker resumes where it
   stopped when asked again.
@@ -23,8 +23,8 @@ from cxr_core.storage import Database
 
 
 def _index(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
-
-    rep = indexing.index_dataset(db, params["path"], name=params.get("name"), progress=progress)
+    rep = indexing.index_dataset(db, params["path"], name=params.get("name"), progress=progress,
+                                 external=params.get("external"))
     return {**rep.to_json(), "dataset_id": rep.dataset_id, "warnings": rep.warnings}
 
 

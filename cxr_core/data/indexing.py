@@ -19,6 +19,7 @@ from cxr_core.core.errors import DatasetError
 from cxr_core.data import datasets as ds
 from cxr_core.data import metadata
 from cxr_core.storage import (
+    AndThen,
     Database,  # also the pages' handle type: they import it from here
     aggregates,
     relabels,
@@ -52,6 +53,7 @@ class IndexReport:
     restored: int = 0  # files back on disk after being missing
     missing: int = 0  # rows whose file is gone (all of them, not only this run's)
     changed_since_relabel: tuple[str, ...] = ()  # relabelled images whose bytes changed since
+    external: bool = False  # flagged as another site or period (external validation data)
 
     def to_json(self) -> dict:
         s = self.summary
@@ -64,7 +66,8 @@ class IndexReport:
                 "missing": self.missing, "restored": self.restored,
                 "content_changed": list(self.content_changed),
                 "changed_since_relabel": list(self.changed_since_relabel),
-                "seconds": round(self.seconds, 3), "problems": list(self.problems)}
+                "seconds": round(self.seconds, 3), "problems": list(self.problems),
+                "external": self.external}
 
     @property
     def warnings(self) -> list[str]:
@@ -93,7 +96,7 @@ def default_name(path: str | Path) -> str:
 
 
 def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
-                  progress: Progress | None = None) -> IndexReport:
+                  progress: Progress | None = None, external: bool | None = None) -> IndexReport:
     """Discover, scan (incrementally) and store a dataset's image index.
 
     Rows are committed every :data:`BATCH` files read, so an index killed midway (an app
@@ -105,6 +108,8 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
         path: dataset folder or .npz file.
         name: dataset name (default from the path). Re-indexing a name updates it.
         progress: called with (done, total) during the scan.
+        external: flag the dataset as another site or period (external validation data), or
+            not; None keeps what it was (new datasets: not external).
 
     Returns:
         The index report.
@@ -128,6 +133,8 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
                                f"choose another --name. Received path: {root}")
         dataset_id = store.upsert_dataset(session=s, name=name, root=root, layout=layout.kind,
                                           classes=layout.classes)
+        if external is not None:
+            store.set_external(session=s, dataset_id=dataset_id, external=external)
         known = store.known_files(session=s, dataset_id=dataset_id)
     cached = existing.summary if existing else None
     batches: list[store.ScanApplied] = []
@@ -178,10 +185,20 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
         store.mark_indexed(session=s, dataset_id=dataset_id, seconds=seconds, summary=summary)
         n_missing = store.count_missing(session=s, dataset_id=dataset_id)
         changed = relabels.changed_since_relabel(session=s, dataset_id=dataset_id)
+        is_external = store.get_dataset(session=s, name_or_id=dataset_id).external
     return IndexReport(name, dataset_id, layout.kind, root, summary, summary["duplicate_groups"],
                        summary["cross_split_duplicates"], len(rows), len(unchanged), len(gone),
                        seconds, tuple(summary["problems"]), applied.content_changed,
-                       applied.restored, n_missing, tuple(c.relpath for c in changed))
+                       applied.restored, n_missing, tuple(c.relpath for c in changed),
+                       is_external)
+
+
+def set_external(db: Database, dataset_id: int, external: bool, *,
+                 and_then: AndThen | None = None) -> None:
+    """Flag a dataset as another site or period (external validation data), or unflag it.
+    ``and_then(session, None)`` runs in the same transaction (the audit row)."""
+    db.write(lambda s: store.set_external(session=s, dataset_id=dataset_id, external=external),
+             and_then=and_then)
 
 
 def _read_metadata(root: Path) -> metadata.Metadata | None:

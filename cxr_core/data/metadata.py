@@ -47,7 +47,7 @@ def _age(value: str) -> float:
 
 def _sex(value: str) -> str:
     if value.lower() not in SEXES:
-        raise ValueError(f"expected one of F, M, O")
+        raise ValueError("expected one of F, M, O")
     return SEXES[value.lower()]
 
 

@@ -7,12 +7,16 @@ An entry is derived from a stored evaluation (:mod:`cxr_core.storage.evals`), ne
      "auc", "auc_ci", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci",
      "threshold", "chosen_on", "threshold_chosen_here", "label_source", "measured_at"}
 
+An evaluation on a dataset flagged external (another site or period) gives an entry with role
+``external`` instead (:func:`cxr_core.evaluation.external.external_entry`: only images the
+model never saw, the stored threshold's figures and the cross-fitted site threshold's).
+
 ``role`` is what the images were to the run: ``selection`` (its validation images: early
 stopping and the best epoch), ``calibration`` (its calibration slice: the threshold), ``seen``
 (some images or patients it trained or selected on) or ``independent``. ``validation`` is the
 run's split strategy for its own held-out images (``temporal``, ``patient`` = in-distribution,
 ``group``), else None. ``threshold_chosen_here`` marks a number scored on the images its
-threshold was chosen on: never a headline (:func:`headline`).
+threshold was chosen on: never a headline (:func:`cxr_core.models.card.headline`).
 
 The run's ``model_card.json`` is rewritten (:func:`refresh_run_card`) at the end of training and
 whenever an evaluation of the run is recorded, so the card stays true as the run is measured on
@@ -26,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from cxr_core.evaluation.external import external_entry
 from cxr_core.models.card import CARD_NAME
 from cxr_core.storage import Database
 from cxr_core.storage import evals as store
@@ -100,7 +105,8 @@ def run_measured(db: Database, run_id: int) -> list[dict]:
         if len(info.labels) == 2:
             newest.setdefault((info.dataset_id, info.split, info.images_key,
                                info.label_source), info)
-    return [measured_entry(i, split_strategy=strategy, history=history)
+    return [external_entry(db, i) if i.dataset_external else
+            measured_entry(i, split_strategy=strategy, history=history)
             for i in sorted(newest.values(), key=lambda e: e.id)]
 
 

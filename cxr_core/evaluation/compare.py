@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ from cxr_core.stats.metrics import predict
 from cxr_core.stats.paired import disagreements, mcnemar
 from cxr_core.stats.tables import metrics_table
 from cxr_core.stats.thresholds import matched_thresholds
-from cxr_core.storage import AndThen, Database, relabels, reviews
+from cxr_core.storage import AndThen, Database, relabels, review_queue, reviews
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
 from cxr_core.storage.evals import EvalPredictions, EvaluationInfo, OperatingPoint
@@ -83,7 +84,7 @@ class Comparison:
     names: tuple[str, ...]
     evaluations: dict[str, EvaluationInfo]
     labels: tuple[str, ...]
-    mode: str  # "operating_point" | "matched"
+    mode: str  # "operating_point" | "matched" | "site"
     target: float | None  # matched sensitivity, for mode "matched"
     thresholds: dict[str, float | None]  # None = argmax (multi-class)
     threshold_sources: dict[str, str]
@@ -97,6 +98,8 @@ class Comparison:
     truth_text: str = ""  # which labels every number of the comparison uses
     dropped: int = 0  # images left out: no class under the chosen labels
     ci_unit: str | None = None  # "patient" | "image"
+    images: str = "all"  # "all" | "unconfirmed": the films no one has confirmed on Review
+    confirmed_left_out: int = 0  # films left out as confirmed (images "unconfirmed")
 
     @property
     def provenance_rows(self) -> list[dict]:
@@ -218,17 +221,39 @@ def _comparison_truth(infos: list[EvaluationInfo], preds: list[EvalPredictions],
                                        f"indexed: {infos[0].labels_text})")
 
 
+MODES = ("operating_point", "matched", "site")
+IMAGE_FILTERS = ("all", "unconfirmed")
+
+
+def _site_thresholds(s: Any, infos: list[EvaluationInfo]) -> dict[int, OperatingPoint]:
+    """Each evaluation's model's site threshold for the evaluated dataset (mode "site")."""
+    out, missing = {}, []
+    for e in infos:
+        op = None if e.dataset_id is None else store.site_operating_point(
+            session=s, model_ref=e.model_ref, dataset_id=e.dataset_id)
+        if op is None:
+            missing.append(e.run_name or e.model_ref)
+        else:
+            out[e.id] = op
+    if missing:
+        raise ConfigError(f"no site threshold recorded for {missing} on this dataset: record "
+                          "one per model (Compare → Site threshold), or compare at their "
+                          "operating points")
+    return out
+
+
 def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
                         mode: str = "operating_point", target: float = 0.95,
                         n_boot: int = 500, truth: str = "current",
-                        as_of_relabel_id: int | None = None) -> Comparison:
+                        as_of_relabel_id: int | None = None, images: str = "all") -> Comparison:
     """Evaluate 2–4 stored evaluations of the same images at comparable thresholds.
 
     Args:
         db: the database.
         evaluation_ids: 2 to 4 evaluations with the same ``images_key`` and labels.
-        mode: "operating_point" (each run's stored operating point) or "matched" (each run
-            at the threshold reaching the same sensitivity ``target`` on these images; binary).
+        mode: "operating_point" (each run's stored operating point), "matched" (each run
+            at the threshold reaching the same sensitivity ``target`` on these images; binary)
+            or "site" (each model at its site threshold recorded for this dataset).
         target: the matched sensitivity, in (0, 1].
         n_boot: bootstrap resamples for the 95% intervals (patients where known).
         truth: score every evaluation against the "current" labels (relabels up to now) or
@@ -236,6 +261,8 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
             are not indexed must have been scored against identical labels.
         as_of_relabel_id: with truth "current", the labels as of this relabel id (the page
             and the worker computing the intervals then use one label version); None: now.
+        images: "all", or "unconfirmed": only the films no one has confirmed on Review (a
+            site's external validation once its confirmed films trained the next round).
 
     Returns:
         The comparison; ``truth_text`` says which labels every number uses.
@@ -247,8 +274,11 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
     ids = list(dict.fromkeys(int(i) for i in evaluation_ids))
     if not 2 <= len(ids) <= 4:
         raise ConfigError(f"compare 2 to 4 evaluations. Received: {len(ids)} ({ids})")
-    if mode not in ("operating_point", "matched"):
-        raise ConfigError(f"mode must be 'operating_point' or 'matched'. Received: mode={mode!r}")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {list(MODES)}. Received: mode={mode!r}")
+    if images not in IMAGE_FILTERS:
+        raise ConfigError(f"images must be one of {list(IMAGE_FILTERS)}. "
+                          f"Received: images={images!r}")
     with db.session() as s:  # one read: outputs, labels, patients and thresholds agree
         infos = _check_comparable(
             ids, [store.get_evaluation(session=s, evaluation_id=i) for i in ids], mode)
@@ -261,11 +291,23 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
             if len(indexed) == len(preds[0].image_ids) else None)
         y, source, text = _comparison_truth(infos, preds, truth, version)
         keep = y >= 0  # images with no class under the chosen labels are left out of every run
+        confirmed_out = 0
+        if images == "unconfirmed":
+            if version is None:
+                raise ConfigError("only indexed images can be told confirmed or not; compare "
+                                  "all images")
+            done = review_queue.reviewed_among(session=s, reviewer=None, image_ids=indexed)
+            confirmed = np.array([i in done for i in preds[0].image_ids])
+            confirmed_out = int((keep & confirmed).sum())
+            keep &= ~confirmed
         image_ids = tuple(i for i, k in zip(preds[0].image_ids, keep) if k)
         groups = ds_store.image_patients(session=s, image_ids=image_ids)
-        ops = {} if mode == "matched" else {
-            e.id: store.latest_operating_point(session=s, run_id=e.run_id)
-            for e in infos if e.run_id is not None}
+        if mode == "site":
+            ops = _site_thresholds(s, infos)
+        else:
+            ops = {} if mode == "matched" else {
+                e.id: store.latest_operating_point(session=s, run_id=e.run_id)
+                for e in infos if e.run_id is not None}
     names = _display_names(infos)
     labels = infos[0].labels
     y = y[keep]
@@ -274,6 +316,10 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
     if mode == "matched":
         thresholds: dict[str, float | None] = dict(matched_thresholds(y, probs, target))
         sources = {n: f"matched sensitivity {target:.2f}" for n in names}
+    elif mode == "site":
+        thresholds = {n: ops[e.id].threshold for n, e in zip(names, infos)}
+        sources = {n: f"site threshold ({ops[e.id].changed_by}, "
+                      f"{ops[e.id].created_at:%Y-%m-%d})" for n, e in zip(names, infos)}
     else:
         stored = {n: _stored_threshold(e, ops.get(e.id)) for n, e in zip(names, infos)}
         thresholds = {n: t for n, (t, _) in stored.items()}
@@ -284,7 +330,8 @@ def compare_evaluations(db: Database, evaluation_ids: Sequence[int], *,
     return Comparison(tuple(names), dict(zip(names, infos)), labels, mode,
                       target if mode == "matched" else None, thresholds, sources, reports,
                       predictions, probs, y, image_ids, paths, source, text,
-                      int((~keep).sum()), "patient" if groups else "image")
+                      int((~keep).sum()) - confirmed_out, "patient" if groups else "image",
+                      images, confirmed_out)
 
 
 def send_disagreement_to_review(db: Database, *, image_id: int, run_ref: str, predicted: str,
@@ -305,7 +352,7 @@ def send_disagreement_to_review(db: Database, *, image_id: int, run_ref: str, pr
 def comparison_intervals(db: Database, evaluation_ids: Sequence[int], *, mode: str,
                          target: float, truth: str, as_of_relabel_id: int | None,
                          thresholds: dict[str, float | None] | None = None,
-                         n_boot: int = 500) -> dict:
+                         n_boot: int = 500, images: str = "all") -> dict:
     """The bootstrap 95% intervals of a comparison (what the ``compare_ci`` job computes, off
     the page's thread): ``{"rows": metrics_text(), "ci_unit", "truth_text", "n_boot"}``.
 
@@ -314,7 +361,7 @@ def comparison_intervals(db: Database, evaluation_ids: Sequence[int], *, mode: s
             points now (one was changed meanwhile): the page asks again.
     """
     cmp = compare_evaluations(db, evaluation_ids, mode=mode, target=target, n_boot=n_boot,
-                              truth=truth, as_of_relabel_id=as_of_relabel_id)
+                              truth=truth, as_of_relabel_id=as_of_relabel_id, images=images)
     if thresholds is not None and cmp.thresholds != thresholds:
         raise ConfigError("an operating point changed while the intervals were computed; "
                           f"reload the page. Received: {thresholds}, now {cmp.thresholds}")

@@ -22,6 +22,7 @@ from cxr_core.core.errors import ConfigError, DatasetError
 from cxr_core.data import images as image_io
 from cxr_core.data import provenance
 from cxr_core.evaluation.operating_points import get_operating_point
+from cxr_core.models.store import REPO
 from cxr_core.stats import reports as ev
 from cxr_core.storage import Database, relabels
 from cxr_core.storage import datasets as ds_store
@@ -297,8 +298,19 @@ def _outputs(info: Any, records: list, y: list[int], loaded: Any,
             [r for r, _ in both])
 
 
-def _overlap(db: Database, loaded: Any, ids: list[int],
-             patients: list[str | None]) -> dict | None:
+def _same_folder(card: dict, root: str) -> bool:
+    """Whether ``root`` is the folder the card says its model was trained on (a relative card
+    root is relative to the repository, as the shipped card writes it)."""
+    card_root = ((card or {}).get("dataset") or {}).get("root")
+    if not card_root:
+        return False
+    path = Path(card_root)
+    path = path if path.is_absolute() else REPO / path
+    return path.resolve() == Path(root).resolve()
+
+
+def _overlap(db: Database, loaded: Any, ids: list[int], patients: list[str | None],
+             root: str) -> dict | None:
     """Evaluated images the model (an ensemble: any run member) trained or selected on."""
     from cxr_core.models.ensembles import combined_overlap
 
@@ -308,7 +320,8 @@ def _overlap(db: Database, loaded: Any, ids: list[int],
         if not seen or loaded.members:
             return None
         # a shipped model: its card names the patients it has seen (by id)
-        return store.patient_overlap(seen, patients).to_dict()
+        return store.patient_overlap(seen, patients,
+                                     same_dataset=_same_folder(loaded.card, root)).to_dict()
     with db.session() as s:
         found = [store.run_overlap(session=s, run_id=r, image_ids=ids).to_dict() for r in runs]
     return found[0] if not loaded.members and found else combined_overlap(found)
@@ -346,7 +359,7 @@ def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | No
     truth = provenance.make_truth(version.labels, ids, loaded.labels, loaded.label_scheme, labels,
                                   version.newest_relabel_id)
     patients = [r.patient for r in kept]
-    overlap = _overlap(db, loaded, ids, patients)
+    overlap = _overlap(db, loaded, ids, patients, info.root)
     eval_id, report = _record(
         db, run_id=loaded.run_id, model_ref=loaded.ref, dataset_id=info.id, split=split or "",
         labels=list(loaded.labels), image_ids=ids, paths=paths, y_true=y_true,

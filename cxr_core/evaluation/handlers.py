@@ -3,7 +3,7 @@
 - ``evaluate``: params of :func:`cxr_core.evaluation.evaluate.evaluate_model`; result
   ``{"evaluation_id"}``.
 - ``compare_ci``: params ``{"evaluation_ids", "mode", "target", "truth", "as_of_relabel_id",
-  "thresholds", "n_boot"}``; result the comparison's metrics with bootstrap 95% intervals
+  "thresholds", "n_boot", "images"}``; result the comparison's metrics with bootstrap 95% intervals
   (:func:`cxr_core.evaluation.compare.comparison_intervals`), kept per label version.
 - ``site_calibration`` (the kind's stored name): params ``{"evaluation_id", "sample" ("all" |
   "reviewed"), "labels", "as_of_relabel_id", "method", "target", "n_boot"}``; result the
@@ -30,7 +30,8 @@ def _compare_ci(db: Database, job_id: int, params: Mapping[str, Any],
     out = compare_service.comparison_intervals(
         db, params["evaluation_ids"], mode=params["mode"], target=params["target"],
         truth=params["truth"], as_of_relabel_id=params.get("as_of_relabel_id"),
-        thresholds=params.get("thresholds"), n_boot=params.get("n_boot", 500))
+        thresholds=params.get("thresholds"), n_boot=params.get("n_boot", 500),
+        images=params.get("images", "all"))
     progress(1, 1)
     return out
 

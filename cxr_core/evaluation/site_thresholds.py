@@ -27,6 +27,7 @@ import numpy as np
 from cxr_core.core.errors import ConfigError
 from cxr_core.data import provenance
 from cxr_core.stats import reports as ev
+from cxr_core.stats.crossfit import cross_fitted_threshold
 from cxr_core.stats.thresholds import choose_threshold
 from cxr_core.storage import AndThen, Database, relabels, review_queue
 from cxr_core.storage import datasets as ds_store
@@ -71,6 +72,12 @@ class SiteCandidate:
     global_sensitivity: float | None = None
     global_specificity: float | None = None
     warnings: list[str] = field(default_factory=list)
+    # What the threshold gives on films it was not chosen on (cxr_core.stats.crossfit), or
+    # {"refused": why}; the figures above are on the very sample it was chosen on.
+    cross_fitted: dict | None = None
+    # How the cross-fitted specificity's interval narrows as more films are confirmed:
+    # [{"n", "specificity", "low", "high"}], in confirmation order (sample "reviewed").
+    narrowing: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -187,12 +194,47 @@ def candidate(db: Database, *, evaluation_id: int, sample: str = "all",
     if g is not None:
         at = ev.evaluate(y, probs, list(info.labels), threshold=g, n_boot=0)
         gsens, gspec = at.sensitivity, at.specificity
+    crossed, narrowing = _cross_fitted(db, ids, y, p, patients, sample, target, n_boot)
     return SiteCandidate(
         info.model_ref, info.run_id, info.dataset_id, info.dataset_name or "", info.id, sample,
         labels, truth.hash, len(ids), int(np.sum(y == 1)), int(np.sum(y == 0)), rep.n_clusters,
         rep.ci_unit, chosen.method, chosen.target, chosen.threshold, rep.sensitivity,
         ci["sensitivity"], rep.specificity, ci["specificity"], rep.auc, ci["auc"], n_boot, g,
-        gsens, gspec, warnings)
+        gsens, gspec, warnings, crossed, narrowing)
+
+
+NARROWING_SIZES = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400, 600, 800, 1000)
+
+
+def _cross_fitted(db: Database, ids: list[int], y: np.ndarray, p: np.ndarray,
+                  patients: list | None, sample: str, target: float | None,
+                  n_boot: int) -> tuple[dict, list[dict]]:
+    """The cross-fitted figures of a site threshold on this sample, and how their interval
+    narrows with the number of films confirmed (in confirmation order; a seeded order for the
+    whole sample)."""
+    target = target or 0.95
+    try:
+        whole = cross_fitted_threshold(y, p, patients, target=target, n_boot=n_boot).to_json()
+    except ConfigError as exc:
+        return {"refused": str(exc)}, []
+    if sample == "reviewed":
+        with db.session() as s:
+            first = review_queue.confirmation_order(session=s, image_ids=ids)
+        order = sorted(range(len(ids)), key=lambda k: first.get(ids[k], float("inf")))
+    else:
+        order = list(np.random.default_rng(0).permutation(len(ids)))
+    steps = []
+    for n in [m for m in NARROWING_SIZES if m < len(ids)] + [len(ids)]:
+        idx = np.array(order[:n])
+        groups = None if patients is None else [patients[k] for k in idx]
+        try:
+            cf = cross_fitted_threshold(y[idx], p[idx], groups, target=target, repeats=5,
+                                        n_boot=min(n_boot, 200))
+        except ConfigError:
+            continue  # too few of a class this early
+        steps.append({"n": int(n), "specificity": cf.specificity.estimate,
+                      "low": cf.specificity.low, "high": cf.specificity.high})
+    return whole, steps
 
 
 def record(db: Database, cand: SiteCandidate | dict, *, changed_by: str,
@@ -210,7 +252,7 @@ def record(db: Database, cand: SiteCandidate | dict, *, changed_by: str,
                           f"it. Received: changed_by={changed_by!r}")
     details = {"chosen_on": "site", **{k: v for k, v in c.to_json().items() if k not in (
         "model_ref", "run_id", "dataset_id", "threshold", "method", "target", "sensitivity",
-        "specificity", "n")}}
+        "specificity", "n", "narrowing")}}
     return db.write(lambda s: store.add_operating_point(
         session=s, run_id=c.run_id, model_ref=c.model_ref, dataset_id=c.dataset_id,
         threshold=c.threshold, method=c.method, target=c.target, sensitivity=c.sensitivity,

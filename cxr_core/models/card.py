@@ -59,7 +59,8 @@ def card_markdown(card: dict) -> str:
         f"| Saliency layer | `{card.get('saliency_layer')}` |",
         f"| File | `model.keras`, {exp.get('file_mb', '?')} MB (exported from run "
         f"{exp.get('run_id', '?')}) |", "",
-        *_measured_lines(card.get("measured") or []),
+        *_measured_lines(card.get("measured") or [], card.get("recipe_selected_on") or ()),
+        *[f"{note}\n" for note in card.get("notes") or ()],
         *stress_lines(card.get("stress")),
         "## Validation metrics", "",
         "| AUC | sensitivity | specificity | accuracy | average precision | n |",
@@ -101,15 +102,19 @@ def _chosen_on_text(op: dict) -> str:
     return "validation"
 
 
-def _measured_lines(measured: list[dict]) -> list[str]:
-    """The card's ``measured`` list: headline figures first (temporal validation, then
-    independent evaluations, then in-distribution), every split below with its intervals."""
+def _measured_lines(measured: list[dict], selected_on: Iterable[str] = ()) -> list[str]:
+    """The card's ``measured`` list: headline figures first (external validation, temporal
+    validation, then independent evaluations, then in-distribution), every split below with
+    its intervals."""
     if not measured:
         return []
     lines = ["## Headline", "",
              "At the locked operating point, never on the images it was chosen on; 95% "
              "bootstrap intervals over patients.", ""]
     for e in headline(measured) or []:
+        if e.get("role") == "external":
+            lines.append(f"- **{entry_title(e)}**: {external_text(e, selected_on)}")
+            continue
         lines.append(f"- **{entry_title(e)}**: AUC {fmt_ci(e.get('auc'), e.get('auc_ci'))}, "
                      f"sensitivity {fmt_ci(e.get('sensitivity'), e.get('sensitivity_ci'))}, "
                      f"specificity {fmt_ci(e.get('specificity'), e.get('specificity_ci'))}")
@@ -120,7 +125,8 @@ def _measured_lines(measured: list[dict]) -> list[str]:
               "| split | n (patients) | AUC | sensitivity | specificity | threshold | "
               "chosen on | labels |", "|---|---|---|---|---|---|---|---|"]
     for e in measured:
-        mark = " (threshold chosen here)" if e.get("threshold_chosen_here") else ""
+        mark = " (threshold chosen here)" if e.get("threshold_chosen_here") or e.get(
+            "stored_threshold_chosen_here") else ""
         lines.append(
             f"| {entry_title(e)}{mark} | {e.get('n')} ({e.get('n_patients') or '?'}) | "
             f"{fmt_ci(e.get('auc'), e.get('auc_ci'))} | "
@@ -176,17 +182,55 @@ ROLE_TEXT = {"selection": "validation (model selection)", "calibration": "calibr
 
 
 def headline(measured: Iterable[Mapping[str, Any]]) -> list[dict]:
-    """The entries a page may headline, best evidence first: temporal validation, then
-    independent evaluations, then held-out-group and in-distribution validation. Entries scored
-    on the images their threshold was chosen on, or on data the model has seen, are left out."""
-    order = {"temporal": 0, None: 1, "group": 2, "patient": 3}
+    """The entries a page may headline, best evidence first: external validation (another site
+    or period), then temporal validation, then independent evaluations, then held-out-group
+    and in-distribution validation. Entries scored on the images their threshold was chosen
+    on, or on data the model has seen, are left out."""
+    order = {"temporal": 1, None: 2, "group": 3, "patient": 4}
+
+    def rank(e: Mapping[str, Any]) -> int:
+        return 0 if e.get("role") == "external" else order.get(e.get("validation"), 2)
     keep = [dict(e) for e in measured if not e.get("threshold_chosen_here")
-            and e.get("role") in ("selection", "independent")]
-    return sorted(keep, key=lambda e: order.get(e.get("validation"), 1))
+            and e.get("role") in ("external", "selection", "independent")
+            and (e.get("role") != "external" or e.get("auc") is not None)]
+    return sorted(keep, key=rank)
+
+
+def external_text(entry: Mapping[str, Any], selected_on: Iterable[str] = ()) -> str:
+    """One sentence of an external entry: AUC, the stored threshold's figures (unless chosen
+    on this sample) and the cross-fitted site threshold's, each with its interval."""
+    parts = [f"AUC {fmt_ci(entry.get('auc'), entry.get('auc_ci'))}"]
+    if entry.get("stored_threshold_chosen_here"):
+        parts.append("its stored threshold was chosen on this sample, so only cross-fitted "
+                     "figures are reported")
+    elif entry.get("sensitivity") is not None:
+        parts.append(f"at its stored threshold {_fmt(entry.get('threshold'))}: sensitivity "
+                     f"{fmt_ci(entry.get('sensitivity'), entry.get('sensitivity_ci'))}, "
+                     f"specificity {fmt_ci(entry.get('specificity'), entry.get('specificity_ci'))}")
+    site = entry.get("site_threshold") or {}
+    if site.get("refused"):
+        parts.append(f"no site threshold ({site['refused']})")
+    elif site:
+        parts.append(f"at a site threshold chosen on the site's own films for sensitivity >= "
+                     f"{site.get('target_sensitivity', 0.95):.2f} (cross-fitted, "
+                     f"{site.get('folds')} folds x {site.get('repeats')}): sensitivity "
+                     f"{fmt_ci(site.get('sensitivity'), site.get('sensitivity_ci'))}, "
+                     f"specificity {fmt_ci(site.get('specificity'), site.get('specificity_ci'))}")
+    text = "; ".join(parts)
+    if entry.get("excluded_seen"):
+        text += (f" ({entry['excluded_seen']} image(s) the model trained, selected or was "
+                 "calibrated on left out)")
+    if entry.get("dataset") in set(selected_on):
+        text += ("; note: the recipe was chosen on this sample, so it is no longer a fully "
+                 "independent test of the recipe")
+    return text
 
 
 def entry_title(entry: Mapping[str, Any]) -> str:
     """e.g. ``temporal validation (val, 540 images)`` or ``evaluation on kermany [test]``."""
+    if entry.get("role") == "external":
+        return (f"at a new site: {entry.get('dataset') or '?'} [{entry.get('split')}], "
+                f"{entry.get('n')} images, {entry.get('n_patients') or '?'} patients")
     kind = VALIDATION_TEXT.get(entry.get("validation")) or ROLE_TEXT.get(entry.get("role"), "")
     if entry.get("role") == "calibration":
         kind = "calibration slice" + (f" ({VALIDATION_TEXT[entry['validation']]})"

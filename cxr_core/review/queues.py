@@ -34,6 +34,7 @@ from cxr_core.storage.reviews import ReviewItemRecord, RunOption
 QUEUES = {
     "disagreement": "Model disagrees with the dataset label",
     "uncertain": "Most uncertain (nearest the operating point)",
+    "new_site": "New site: most informative first (one film per patient first)",
     "sent": "Sent from Predict / Compare",
     "random": "Random",
     "class": "By class",
@@ -151,7 +152,7 @@ class ReviewState:
 
     @property
     def model_ref(self) -> str | None:
-        return f"run:{self.scores.run_id}" if self.scores else None
+        return self.scores.model_ref if self.scores else None
 
     @property
     def open_uploads(self) -> int:
@@ -159,23 +160,29 @@ class ReviewState:
         return len({i.upload_sha256 for i in self.upload_items})
 
 
-def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> ReviewState:
-    """Read the run options, the chosen run's score source and the short lists (open review
-    items, images changed since their relabel); a few small queries at any dataset size.
+def load_state(db: Database, dataset_id: int, model: int | str | None = None) -> ReviewState:
+    """Read the model options, the chosen model's score source and the short lists (open
+    review items, images changed since their relabel); a few small queries at any dataset size.
 
     Args:
         db: the database.
         dataset_id: the dataset under review.
-        run_id: whose predictions feed the queues; None (or a run without predictions on this
-            dataset) picks the newest run with predictions.
+        model: whose predictions feed the model queues: a run id, or a model reference
+            ("run:ID", "default", "ensemble:…"); None (or a model without predictions on this
+            dataset) picks the most recently evaluated model.
     """
+    ref = f"run:{model}" if isinstance(model, int) else model
     with db.session() as s:
-        runs = store.runs_with_predictions(session=s, dataset_id=dataset_id)
-        if runs and run_id not in {r.run_id for r in runs}:
-            run_id = runs[0].run_id  # None or a run of another dataset: the newest run
-        scores = None if run_id is None else queue_store.run_scores(
-            session=s, run_id=run_id, dataset_id=dataset_id,
-            threshold=store.operating_threshold(session=s, run_id=run_id))
+        runs = store.models_with_predictions(session=s, dataset_id=dataset_id)
+        if runs and ref not in {r.model_ref for r in runs}:
+            ref = runs[0].model_ref  # None or a model of another dataset: the newest one
+        option = next((r for r in runs if r.model_ref == ref), None)
+        threshold = None if option is None else (
+            store.operating_threshold(session=s, run_id=option.run_id)
+            if option.run_id is not None else
+            store.evaluation_threshold(session=s, model_ref=ref, dataset_id=dataset_id))
+        scores = None if option is None else queue_store.run_scores(
+            session=s, model_ref=ref, dataset_id=dataset_id, threshold=threshold)
         items = store.list_review_items(session=s, dataset_id=dataset_id)
         uploads = store.list_upload_items(session=s)
         changed = {c.image_id: c for c in rel_store.changed_since_relabel(session=s,
@@ -184,11 +191,11 @@ def load_state(db: Database, dataset_id: int, run_id: int | None = None) -> Revi
             session=s, image_ids=sorted({i.image_id for i in items if i.image_id is not None}
                                         | set(changed)))
             if not r.error and not r.missing}
-        dirs = {f"run:{r.run_id}": r.artifact_dir for r in runs}
-        for ref in {i.run_ref for i in items + uploads
-                    if i.run_ref and i.run_ref.startswith("run:")}:
-            if ref not in dirs and ref[4:].isdigit():
-                dirs[ref] = store.run_artifact_dir(session=s, run_id=int(ref[4:]))
+        dirs = {r.model_ref: r.artifact_dir for r in runs if r.run_id is not None}
+        for item_ref in {i.run_ref for i in items + uploads
+                         if i.run_ref and i.run_ref.startswith("run:")}:
+            if item_ref not in dirs and item_ref[4:].isdigit():
+                dirs[item_ref] = store.run_artifact_dir(session=s, run_id=int(item_ref[4:]))
         pairs = queue_store.label_pairs(session=s, dataset_id=dataset_id)
     return ReviewState(dataset_id, tuple(sorted(pairs, key=str)), scores, tuple(items),
                        tuple(runs), dirs, tuple(uploads), changed, frozenset(readable))
@@ -224,7 +231,7 @@ def _entry(db: Database, state: ReviewState, image_id: int) -> QueueEntry:
 
 
 def _from_row(state: ReviewState, kind: str, row: QueueRow) -> QueueEntry | None:
-    if kind in ("disagreement", "uncertain"):
+    if kind in queue_store.MODEL_QUEUES:
         return QueueEntry(row.image_id, state.model_ref, row.score, row.predicted)
     return None  # the run's output is looked up for the one entry shown
 

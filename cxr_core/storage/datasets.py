@@ -26,12 +26,14 @@ class DatasetInfo:
     scan_seconds: float | None
     n_images: int
     summary: dict | None = None  # counts stored by the last index run
+    external: bool = False  # another site or period: external validation data
 
 
 def _info(row: Dataset, n: int) -> DatasetInfo:
     return DatasetInfo(row.id, row.name, row.root, row.layout, tuple(json.loads(row.classes_json)),
                        row.indexed_at, row.scan_seconds, n,
-                       json.loads(row.summary_json) if row.summary_json else None)
+                       json.loads(row.summary_json) if row.summary_json else None,
+                       bool(row.external))
 
 
 def upsert_dataset(*, session: Session, name: str, root: str, layout: str,
@@ -45,6 +47,12 @@ def upsert_dataset(*, session: Session, name: str, root: str, layout: str,
     else:
         row.root, row.layout, row.classes_json = root, layout, json.dumps(list(classes))
     return row.id
+
+
+def set_external(*, session: Session, dataset_id: int, external: bool) -> None:
+    """Flag (or unflag) a dataset as external validation data (another site or period)."""
+    session.execute(update(Dataset).where(Dataset.id == dataset_id).values(
+        external=bool(external)))
 
 
 def mark_indexing(*, session: Session, dataset_id: int) -> None:

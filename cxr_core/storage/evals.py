@@ -14,6 +14,7 @@ import numpy as np
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
+from cxr_core.core.records import scoped_patient
 from db.models import Dataset, EvalPrediction, Evaluation, ImageRow, Run, RunImage
 from db.models import OperatingPoint as OperatingPointRow
 
@@ -41,6 +42,7 @@ class EvaluationInfo:
     label_hash: str | None = None  # sha256 of those labels over the evaluated images
     label_relabel_id: int | None = None  # the dataset's newest relabel then (None: none)
     overlap: dict | None = None  # evaluated images the run trained / selected on
+    dataset_external: bool = False  # the dataset is flagged as another site or period
 
     @property
     def labels_text(self) -> str:
@@ -167,7 +169,8 @@ def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
 
 
 def _info(row: Evaluation, run_name: str | None, n: int,
-          dataset_name: str | None, with_metrics: bool = True) -> EvaluationInfo:
+          dataset_name: str | None, with_metrics: bool = True,
+          external: bool | None = False) -> EvaluationInfo:
     return EvaluationInfo(row.id, row.run_id, run_name or (f"run {row.run_id}" if row.run_id
                                                            else None),
                           row.model_ref, row.dataset_id, row.split, row.source,
@@ -175,7 +178,8 @@ def _info(row: Evaluation, run_name: str | None, n: int,
                           json.loads(row.metrics_json or "{}") if with_metrics else {}, n,
                           _utc(row.created_at), dataset_name, row.label_source, row.label_scheme,
                           row.label_snapshot_hash, row.label_snapshot_relabel_id,
-                          json.loads(row.overlap_json) if row.overlap_json else None)
+                          json.loads(row.overlap_json) if row.overlap_json else None,
+                          bool(external))
 
 
 def _n_predictions(session: Session, row: Evaluation) -> int:
@@ -190,7 +194,7 @@ def list_evaluations(*, session: Session, run_id: int | None = None,
     """Stored evaluations, newest first, optionally of one run or on one image set; a page of
     them with ``limit``/``offset``. ``with_metrics=False`` leaves ``metrics`` empty (a list
     need not parse every evaluation's stored curves)."""
-    q = (select(Evaluation, Run.name, Dataset.name)
+    q = (select(Evaluation, Run.name, Dataset.name, Dataset.external)
          .outerjoin(Run, Run.id == Evaluation.run_id)
          .outerjoin(Dataset, Dataset.id == Evaluation.dataset_id)
          .order_by(Evaluation.id.desc()))
@@ -200,8 +204,8 @@ def list_evaluations(*, session: Session, run_id: int | None = None,
         q = q.where(Evaluation.images_key == images_key)
     if limit is not None:
         q = q.limit(limit).offset(offset)
-    return [_info(row, name, _n_predictions(session, row), ds, with_metrics)
-            for row, name, ds in session.execute(q)]
+    return [_info(row, name, _n_predictions(session, row), ds, with_metrics, external)
+            for row, name, ds, external in session.execute(q)]
 
 
 def get_evaluation(*, session: Session, evaluation_id: int) -> EvaluationInfo | None:
@@ -210,9 +214,10 @@ def get_evaluation(*, session: Session, evaluation_id: int) -> EvaluationInfo | 
     if row is None:
         return None
     name = session.scalar(select(Run.name).where(Run.id == row.run_id)) if row.run_id else None
-    ds = (session.scalar(select(Dataset.name).where(Dataset.id == row.dataset_id))
-          if row.dataset_id else None)
-    return _info(row, name, _n_predictions(session, row), ds)
+    ds, external = (session.execute(select(Dataset.name, Dataset.external).where(
+        Dataset.id == row.dataset_id)).one_or_none() or (None, False)) if row.dataset_id else (
+        None, False)
+    return _info(row, name, _n_predictions(session, row), ds, external=external)
 
 
 def get_predictions(*, session: Session, evaluation_id: int) -> EvalPredictions | None:
@@ -356,12 +361,20 @@ def run_patients(*, session: Session, run_id: int) -> dict[str, list[str]]:
             for role in ("train", "val", "calib")}
 
 
-def patient_overlap(seen: dict[str, list[str]], patients: Sequence[str | None]) -> RunOverlap:
+def patient_overlap(seen: dict[str, list[str]], patients: Sequence[str | None], *,
+                    same_dataset: bool = False) -> RunOverlap:
     """:func:`run_overlap` for a model known only by its card: how many of the evaluated
-    images' patients it trained, selected or chose its threshold on (images are not known)."""
-    evaluated = {p for p in patients if p}
-    counts = {role: len(evaluated & set(seen.get(role) or ())) for role in ("train", "val",
-                                                                             "calib")}
+    images' patients it trained, selected or chose its threshold on (images are not known).
+
+    Patients are scoped by dataset (:func:`cxr_core.core.records.scoped_patient`): a file-name
+    patient counts only when the evaluated dataset is the card's own training folder
+    (``same_dataset``); a metadata or DICOM patient (a salted hash) counts anywhere."""
+    def key(p: str) -> tuple | str | None:
+        return scoped_patient(0 if same_dataset else None, p)
+
+    evaluated = {key(p) for p in patients if p}
+    counts = {role: len(evaluated & {scoped_patient(0, q) for q in seen.get(role) or ()})
+              for role in ("train", "val", "calib")}
     return RunOverlap(True, train_patients=counts["train"], val_patients=counts["val"],
                       calib_patients=counts["calib"] if seen.get("calib") else None)
 
@@ -371,7 +384,8 @@ def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> R
     chose its threshold on (its calibration slice).
 
     Images are the same row (dataset, path) or the same bytes (sha256, e.g. the same file
-    indexed as another dataset); patients are compared within the run's dataset.
+    indexed as another dataset); patients are compared scoped by dataset unless a metadata CSV
+    or DICOM links them (:func:`cxr_core.core.records.scoped_patient`).
     """
     rows = session.execute(
         select(RunImage.role, ImageRow.id, ImageRow.dataset_id, ImageRow.patient,
@@ -390,12 +404,40 @@ def run_overlap(*, session: Session, run_id: int, image_ids: Sequence[int]) -> R
     for role in ("train", "val", "calib"):
         mine = [r for r in rows if r.role == role]
         by_id = {r.id for r in mine}
-        patients = {(r.dataset_id, r.patient) for r in mine if r.patient}
+        patients = {scoped_patient(r.dataset_id, r.patient) for r in mine if r.patient}
         out[f"{role}_images"] = sum(e.id in by_id for e in evaluated)
-        out[f"{role}_patients"] = len({(e.dataset_id, e.patient) for e in evaluated
-                                       if e.patient and (e.dataset_id, e.patient) in patients})
+        out[f"{role}_patients"] = len({scoped_patient(e.dataset_id, e.patient) for e in evaluated
+                                       if e.patient
+                                       and scoped_patient(e.dataset_id, e.patient) in patients})
     if not any(r.role == "calib" for r in rows):
         out["calib_images"] = out["calib_patients"] = None
     train_ids = {r.id for r in rows}
     out["same_content"] = sum(e.id not in train_ids and e.sha256 in seen_sha for e in evaluated)
     return RunOverlap(True, **out)
+
+
+def run_seen_images(*, session: Session, run_id: int, image_ids: Sequence[int]) -> list[bool] | None:
+    """Per image of ``image_ids``: did the run train, select or choose its threshold on it (the
+    same image row, the same bytes, or the same patient, scoped as in :func:`run_overlap`)?
+    None when the run's images were not recorded (then nothing can be called unseen)."""
+    rows = session.execute(
+        select(RunImage.image_id, ImageRow.dataset_id, ImageRow.patient, ImageRow.sha256)
+        .join(ImageRow, ImageRow.id == RunImage.image_id)
+        .where(RunImage.run_id == run_id)).all()
+    if not rows:
+        return None
+    seen_ids = {r.image_id for r in rows}
+    seen_sha = {r.sha256 for r in rows if r.sha256}
+    seen_patients = {scoped_patient(r.dataset_id, r.patient) for r in rows if r.patient}
+    info: dict[int, tuple] = {}
+    ids = [int(i) for i in image_ids]
+    for i in range(0, len(ids), 500):
+        for r in session.execute(select(ImageRow.id, ImageRow.dataset_id, ImageRow.patient,
+                                        ImageRow.sha256).where(ImageRow.id.in_(ids[i:i + 500]))):
+            info[r.id] = (r.dataset_id, r.patient, r.sha256)
+    out = []
+    for i in ids:
+        ds_id, patient, sha = info.get(i, (None, None, None))
+        out.append(i in seen_ids or (sha is not None and sha in seen_sha)
+                   or (patient is not None and scoped_patient(ds_id, patient) in seen_patients))
+    return out

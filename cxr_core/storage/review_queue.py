@@ -6,9 +6,12 @@ reviewer), so a click costs a few indexed queries at any dataset size:
 
 - ``random``: readable images in a seeded hash order (stable per seed, any size);
 - ``class``: readable images of one original folder class, by id;
-- ``disagreement`` / ``uncertain``: the run's newest prediction of each image, ordered by the
+- ``disagreement`` / ``uncertain``: the model's newest prediction of each image, ordered by the
   distance to the decision (binary: ``|score - threshold|``; multi-class: the top-2 gap),
-  disagreement keeping those whose predicted class differs from the original label.
+  disagreement keeping those whose predicted class differs from the original label;
+- ``new_site``: ordered for learning at a new site: the most uncertain film of each patient
+  first (one film per patient before any patient's second), then by the distance to the
+  decision, so one patient's films do not fill the first reviews.
 
 The "sent" and "changed" queues are short lists (what people sent, what changed on disk) and
 are built by :mod:`cxr_core.review.queues` from their own tables.
@@ -39,17 +42,24 @@ from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, scheme_label
 from cxr_core.storage.aggregates import materialize
 from db.models import EvalPrediction, Evaluation, ImageRow, Relabel
 
-SQL_QUEUES = ("disagreement", "uncertain", "random", "class")
+SQL_QUEUES = ("disagreement", "uncertain", "new_site", "random", "class")
+MODEL_QUEUES = ("disagreement", "uncertain", "new_site")  # need a model's scores
 _HASH_P = 4294967291  # a prime above 2**31: the random queue's order is a hash mod P
 
 
 @dataclass(frozen=True)
 class RunScores:
-    """Where a model queue reads its scores: a run's predictions on a dataset."""
+    """Where a model queue reads its scores: a model's predictions on a dataset (a run's, or
+    a model's without a run: the shipped ``default``, an ensemble, a file)."""
 
-    run_id: int
+    model_ref: str  # "run:ID" or another model reference
     labels: tuple[str, ...]  # class names of the newest evaluation
     threshold: float | None  # binary operating point (None: 0.5)
+
+    @property
+    def run_id(self) -> int | None:
+        ref = self.model_ref
+        return int(ref[4:]) if ref.startswith("run:") and ref[4:].isdigit() else None
 
 
 @dataclass(frozen=True)
@@ -74,24 +84,33 @@ def _readable(dataset_id: int):
                 ImageRow.missing.is_(False))
 
 
-def latest_prediction_ids(run_id: int, dataset_id: int) -> Select:
-    """The id of the run's newest prediction row of each image of the dataset."""
+def _of_model(model_ref: str) -> ColumnElement[bool]:
+    """Evaluations of a model: a run's by run id (whatever reference they were stored under),
+    another model's by its reference."""
+    if model_ref.startswith("run:") and model_ref[4:].isdigit():
+        return Evaluation.run_id == int(model_ref[4:])
+    return and_(Evaluation.run_id.is_(None), Evaluation.model_ref == model_ref)
+
+
+def latest_prediction_ids(model_ref: str, dataset_id: int) -> Select:
+    """The id of the model's newest prediction row of each image of the dataset."""
     return (select(func.max(EvalPrediction.id).label("pid"))
             .join(Evaluation, Evaluation.id == EvalPrediction.evaluation_id)
-            .where(Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id,
+            .where(_of_model(model_ref), Evaluation.dataset_id == dataset_id,
                    EvalPrediction.image_id.is_not(None))
             .group_by(EvalPrediction.image_id))
 
 
-def run_scores(*, session: Session, run_id: int, dataset_id: int,
+def run_scores(*, session: Session, model_ref: str, dataset_id: int,
                threshold: float | None) -> RunScores | None:
-    """The class names of the run's newest evaluation on the dataset (None: no evaluation)."""
+    """The class names of the model's newest evaluation on the dataset (None: no evaluation)."""
     import json
 
     labels = session.scalar(select(Evaluation.labels_json).where(
-        Evaluation.run_id == run_id, Evaluation.dataset_id == dataset_id)
+        _of_model(model_ref), Evaluation.dataset_id == dataset_id)
         .order_by(Evaluation.id.desc()).limit(1))
-    return None if labels is None else RunScores(run_id, tuple(json.loads(labels)), threshold)
+    return None if labels is None else RunScores(model_ref, tuple(json.loads(labels)),
+                                                 threshold)
 
 
 def _truth_index(session: Session, dataset_id: int, labels: Sequence[str]) -> ColumnElement:
@@ -120,7 +139,7 @@ def _model_query(session: Session, dataset_id: int, kind: str, scores: RunScores
     predicted = case((EvalPrediction.score >= t, 1), else_=0) if binary \
         else EvalPrediction.pred_index
     margin = func.abs(EvalPrediction.score - t) if binary else EvalPrediction.top2_margin
-    latest = latest_prediction_ids(scores.run_id, dataset_id).subquery()
+    latest = latest_prediction_ids(scores.model_ref, dataset_id).subquery()
     q = (select(ImageRow.id, EvalPrediction.score, predicted.label("predicted"))
          .select_from(latest)
          .join(EvalPrediction, EvalPrediction.id == latest.c.pid)
@@ -130,13 +149,20 @@ def _model_query(session: Session, dataset_id: int, kind: str, scores: RunScores
         truth = _truth_index(session, dataset_id, scores.labels)
         q = q.where(truth.is_not(None), predicted != truth)
         return q, (margin.desc(), ImageRow.id)
+    if kind == "new_site":  # rank within the patient over every film (reviewed ones too)
+        patient = func.coalesce(ImageRow.patient, literal("#").concat(cast(ImageRow.id, String)))
+        ranked = q.add_columns(margin.label("margin"), func.row_number().over(
+            partition_by=patient, order_by=(margin.asc(), ImageRow.id)).label("nth")).subquery()
+        q = (select(ranked.c.id, ranked.c.score, ranked.c.predicted)
+             .select_from(ranked).join(ImageRow, ImageRow.id == ranked.c.id))
+        return q, (ranked.c.nth, ranked.c.margin, ranked.c.id)
     return q, (margin.asc(), ImageRow.id)
 
 
 def _queue_query(session: Session, dataset_id: int, kind: str, *, class_name: str | None,
                  seed: int, scores: RunScores | None):
     """(select whose first columns are image_id[, score, predicted index]; the ORDER BY)."""
-    if kind in ("disagreement", "uncertain"):
+    if kind in MODEL_QUEUES:
         if scores is None:
             return None, ()
         return _model_query(session, dataset_id, kind, scores)
@@ -241,6 +267,19 @@ def reviewed_among(*, session: Session, reviewer: str | None, image_ids: Iterabl
     for i in range(0, len(shas), 500):
         out.update(session.scalars(select(Relabel.upload_sha256).where(
             active, Relabel.upload_sha256.in_(shas[i:i + 500]))))
+    return out
+
+
+def confirmation_order(*, session: Session, image_ids: Iterable[int]) -> dict[int, int]:
+    """Image id -> the id of its first relabel or confirmation still standing (the order in
+    which a site's films were confirmed); images never confirmed are left out."""
+    u = aliased(Relabel)
+    active = and_(Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id))
+    ids, out = list(image_ids), {}
+    for i in range(0, len(ids), 500):
+        out.update({int(img): int(first) for img, first in session.execute(
+            select(Relabel.image_id, func.min(Relabel.id)).where(
+                active, Relabel.image_id.in_(ids[i:i + 500])).group_by(Relabel.image_id))})
     return out
 
 

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import String, case, cast, func, literal, select
 from sqlalchemy.orm import Session
 
 from cxr_core.core.errors import ConfigError
@@ -19,12 +19,18 @@ REVIEW_SOURCES = ("predict", "compare", "review")
 
 @dataclass(frozen=True)
 class RunOption:
-    """A run that has stored predictions on a dataset (for the review page's run picker)."""
+    """A model with stored predictions on a dataset (the review page's model picker): a
+    training run, or a model without a run (the shipped ``default``, an ensemble, a file)."""
 
-    run_id: int
+    run_id: int | None
     name: str
     n_predictions: int
     artifact_dir: str | None
+    model_ref: str = ""  # "run:ID", "default", "ensemble:…" or a path
+
+    def __post_init__(self) -> None:
+        if not self.model_ref and self.run_id is not None:
+            object.__setattr__(self, "model_ref", f"run:{self.run_id}")
 
 
 @dataclass(frozen=True)
@@ -45,17 +51,33 @@ class ReviewItemRecord:
 
 # -- Model outputs --------------------------------------------------------------------------
 
-def runs_with_predictions(*, session: Session, dataset_id: int) -> list[RunOption]:
-    """Runs with stored per-image predictions on the dataset, newest run first (from the
-    evaluations' stored sizes: no prediction row is counted)."""
+def models_with_predictions(*, session: Session, dataset_id: int) -> list[RunOption]:
+    """Models with stored per-image predictions on the dataset (runs by run, other models by
+    reference), the most recently evaluated first (from the evaluations' stored sizes: no
+    prediction row is counted)."""
     counted = select(func.count()).where(EvalPrediction.evaluation_id == Evaluation.id,
                                          EvalPrediction.image_id.is_not(None)).scalar_subquery()
     n = func.coalesce(Evaluation.n_predictions, counted)  # rows counted only where unknown
-    q = (select(Run.id, Run.name, Run.artifact_dir, func.sum(n))
-         .join(Evaluation, Evaluation.run_id == Run.id)
+    key = case((Evaluation.run_id.is_not(None),
+                literal("run:").concat(cast(Evaluation.run_id, String))),
+               else_=Evaluation.model_ref)
+    q = (select(key.label("ref"), func.max(Evaluation.run_id), func.max(Run.name),
+                func.max(Run.artifact_dir), func.sum(n))
+         .outerjoin(Run, Run.id == Evaluation.run_id)
          .where(Evaluation.dataset_id == dataset_id, n > 0)
-         .group_by(Run.id, Run.name, Run.artifact_dir).order_by(Run.id.desc()))
-    return [RunOption(i, name or f"run {i}", int(n), art) for i, name, art, n in session.execute(q)]
+         .group_by(key).order_by(func.max(Evaluation.id).desc()))
+    return [RunOption(run_id, name or (f"run {run_id}" if run_id else ref), int(total), art, ref)
+            for ref, run_id, name, art, total in session.execute(q)]
+
+
+def evaluation_threshold(*, session: Session, model_ref: str, dataset_id: int) -> float | None:
+    """The threshold of a model's newest evaluation on the dataset (a model without a run has
+    its operating point in its card; the evaluation recorded it)."""
+    raw = session.scalar(select(Evaluation.metrics_json).where(
+        Evaluation.model_ref == model_ref, Evaluation.dataset_id == dataset_id)
+        .order_by(Evaluation.id.desc()).limit(1))
+    value = json.loads(raw).get("threshold") if raw else None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def operating_threshold(*, session: Session, run_id: int) -> float | None:

@@ -83,6 +83,45 @@ def _is_num(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+EXTRA_IMAGES = ("reviewed", "all")
+
+
+@dataclass(frozen=True)
+class ExtraImages:
+    """Images another dataset adds to a run (the site round's next round): its ``images``
+    ("reviewed": those confirmed on Review; "all": every labelled one) with their current
+    labels, each repeated ``repeat`` times in training (oversampling a small site sample)."""
+
+    dataset: str  # an indexed dataset's name (or a path, resolved when the run is queued)
+    images: str = "reviewed"
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ConfigError("extra: each entry needs a dataset name. "
+                              f"Received: dataset={self.dataset!r}")
+        if self.images not in EXTRA_IMAGES:
+            raise ConfigError(f"extra: images must be one of {list(EXTRA_IMAGES)}. "
+                              f"Received: images={self.images!r}")
+        if not _is_int(self.repeat) or not 1 <= self.repeat <= 50:
+            raise ConfigError("extra: repeat must be an integer in [1, 50]. "
+                              f"Received: repeat={self.repeat!r}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> ExtraImages:
+        if isinstance(value, ExtraImages):
+            return value
+        if isinstance(value, str):
+            return cls(value)
+        if not isinstance(value, Mapping):
+            raise ConfigError('extra: each entry is {"dataset": NAME, "images": "reviewed", '
+                              f'"repeat": 1}}. Received: {value!r}')
+        unknown = sorted(set(value) - {"dataset", "images", "repeat"})
+        if unknown:
+            raise ConfigError(f"extra: unknown keys {unknown}; expected dataset, images, repeat")
+        return cls(**value)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; stored as JSON with the run.
@@ -114,6 +153,9 @@ class TrainConfig:
     dropout: float | None = None  # head dropout; None keeps the architecture's own
     intensity: str = "none"  # none | standardize (per-image, a pre_intensity layer in the model)
     label_smoothing: float = 0.0  # binary: targets 0/1 become s/2 and 1 - s/2
+    # Weight averaging: the optimizer's exponential moving average of the weights (this
+    # momentum, e.g. 0.99), which validation, checkpoints and the final model use. None: off.
+    ema: float | None = None
     freeze_epochs: int = 0  # stage 1: epochs with the backbone frozen (needs weights)
     unfreeze_top_k: int | None = None  # stage 2: unfreeze the top K backbone layers (None: all)
     finetune_lr_factor: float = 0.1  # stage 2 learning rate = learning_rate * this
@@ -134,9 +176,16 @@ class TrainConfig:
     distribution: str = "auto"  # auto (Mirrored with >1 GPU) | default | mirrored
     keep_checkpoints: int = 2  # newest per-epoch checkpoints kept (resume needs the last)
     target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY  # operating point chosen on validation (binary)
+    # Datasets flagged external (another site or period) that the worker evaluates the finished
+    # run on: the model card's external figures (indexed names, or folders indexed as external).
+    external: tuple[str, ...] = ()
+    # Images of other datasets added to the run's data, patient-grouped on their own so no
+    # site patient is in two of train / validation / calibration (ExtraImages).
+    extra: tuple[ExtraImages, ...] = ()
 
     def __post_init__(self) -> None:
         self._check_choices()
+        self._check_sources()
         self._check_numbers()
         self._check_stages()
         self.model_config()  # the model registry validates model, size, channels, weights
@@ -144,6 +193,26 @@ class TrainConfig:
         if self.balancing == "oversample" and (aug is None or not aug.enabled_ops):
             raise ConfigError("balancing='oversample' repeats images and needs augmentation so "
                               f"the copies differ. Received: augment={self.augment!r}")
+
+    def _check_sources(self) -> None:
+        ext = self.external
+        if isinstance(ext, str) or not isinstance(ext, (tuple, list)) or not all(
+                isinstance(e, str) and e.strip() for e in ext):
+            raise ConfigError("external must be a list of dataset names (or folders). "
+                              f"Received: external={ext!r}")
+        object.__setattr__(self, "external", tuple(ext))
+        if isinstance(self.extra, (str, Mapping)) or not isinstance(self.extra, (tuple, list)):
+            raise ConfigError('extra must be a list of {"dataset", "images", "repeat"} '
+                              f"entries. Received: extra={self.extra!r}")
+        object.__setattr__(self, "extra", tuple(ExtraImages.from_value(e) for e in self.extra))
+        names = [e.dataset for e in self.extra]
+        if len(set(names)) != len(names) or self.dataset in names:
+            raise ConfigError("extra: each dataset once, and not the run's own dataset. "
+                              f"Received: dataset={self.dataset!r}, extra={names}")
+        if self.extra and self.split == "temporal":
+            raise ConfigError("extra datasets are split by patient on their own; with "
+                              "split='temporal' use split='patient' or no extra. "
+                              f"Received: split={self.split!r}")
 
     def _check_choices(self) -> None:
         for name, allowed in (("recipe", tuple(RECIPES)), ("label_scheme", LABEL_SCHEMES),
@@ -207,6 +276,9 @@ class TrainConfig:
             if not _is_num(value) or not lo < value <= hi:
                 raise ConfigError(f"{name} must be a number in ({lo:g}, {hi:g}]. "
                                   f"Received: {name}={value!r}")
+        if self.ema is not None and (not _is_num(self.ema) or not 0.0 < self.ema < 1.0):
+            raise ConfigError("ema must be null or a momentum in (0, 1), e.g. 0.99. "
+                              f"Received: ema={self.ema!r}")
         cal = self.calibration_fraction
         if not _is_num(cal) or not 0.0 <= cal <= 0.7:
             raise ConfigError("calibration_fraction must be a number in [0, 0.7] (0: the "
@@ -264,6 +336,8 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         if data["target_ratio"] is not None:
             data["target_ratio"] = list(data["target_ratio"])
+        data["external"] = list(data["external"])
+        data["extra"] = [dict(e) for e in data["extra"]]
         return data
 
     def to_json(self) -> str:

@@ -45,8 +45,7 @@ import tensorflow as tf
 from cxr_core.core.errors import ConfigError, RunError
 from cxr_core.data import pipeline
 from cxr_core.data.balancing import balance_indices, class_weights
-from cxr_core.models import graph
-from cxr_core.models import layers
+from cxr_core.models import graph, layers
 from cxr_core.training.checkpoints import Checkpoints, save_atomic
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.interface import RunCancelled, TrainData, TrainResult, TrainSinks
@@ -83,7 +82,10 @@ def _build_inputs(cfg: TrainConfig, data: TrainData, cache_root: Path,
             sinks.say(f"left out unreadable image {item.path}: {message}", "warning")
     is_val = data.is_val[kept]
     rows = np.arange(len(kept))
-    inputs = _Inputs(cache, rows[~is_val], rows[is_val], kept, len(data.paths) - len(kept))
+    train_rows = rows[~is_val]
+    if data.train_repeat is not None:  # an extra dataset's images, oversampled
+        train_rows = np.repeat(train_rows, np.asarray(data.train_repeat)[kept][train_rows])
+    inputs = _Inputs(cache, train_rows, rows[is_val], kept, len(data.paths) - len(kept))
     if not len(inputs.train_rows) or not len(inputs.val_rows):
         raise ConfigError("no readable training or validation image is left. Received: "
                           f"{len(inputs.train_rows)} train, {len(inputs.val_rows)} val")
@@ -121,13 +123,16 @@ def _optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizer
     if cfg.lr_schedule == "cosine":
         rate = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, total_steps),
                                                       alpha=0.01)
+    # Weight averaging (Polyak/EMA): the optimizer keeps the moving average, SwapEMAWeights
+    # (_callbacks) validates and checkpoints it.
+    ema = dict(use_ema=True, ema_momentum=cfg.ema) if cfg.ema else {}
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(rate)
+        return keras.optimizers.Adam(rate, **ema)
     if cfg.optimizer == "nadam":
-        return keras.optimizers.Nadam(rate)
+        return keras.optimizers.Nadam(rate, **ema)
     if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(rate)
-    return keras.optimizers.SGD(rate, momentum=0.9)
+        return keras.optimizers.RMSprop(rate, **ema)
+    return keras.optimizers.SGD(rate, momentum=0.9, **ema)
 
 
 def _compile(model: keras.Model, cfg: TrainConfig, n_classes: int,
@@ -270,7 +275,10 @@ def _callbacks(fit: _Fit, stage: _Stage, start: int, last: bool) -> tuple[_RunCa
                           first_step=start * fit.steps_per_epoch,
                           patience=cfg.patience if (cfg.early_stopping and last) else None,
                           epochs=cfg.epochs, steps_per_epoch=fit.steps_per_epoch)
-    cbs: list = [run_cb]
+    # With weight averaging the EMA weights are swapped in before validation and before the run
+    # callback checkpoints at each epoch's end: the best epoch is chosen and saved averaged.
+    cbs: list = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), run_cb] if cfg.ema else [
+        run_cb]
     if tensorboard_available():
         cbs.append(keras.callbacks.TensorBoard(log_dir=str(fit.run_dir / "tensorboard"),
                                                write_graph=False, profile_batch=0))

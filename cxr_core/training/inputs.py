@@ -4,6 +4,7 @@ train/validation split. Test-folder images are never used. No TensorFlow here.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core.core import labels as ds
-from cxr_core.core.errors import ConfigError, RunError
+from cxr_core.core.errors import ConfigError, DatasetError, RunError
 from cxr_core.core.settings import get_settings
 from cxr_core.data import images as image_io
 from cxr_core.data import provenance
@@ -20,7 +21,7 @@ from cxr_core.data.calibration import carve_calibration
 from cxr_core.data.indexing import find_dataset, open_dataset
 from cxr_core.data.splits import make_split
 from cxr_core.models.store import RUN_MODEL_NAME
-from cxr_core.storage import Database
+from cxr_core.storage import Database, review_queue
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.relabels import LabelSnapshot, label_version
@@ -41,6 +42,8 @@ class PreparedData:
     # and model selection, predicted after training to choose the threshold on.
     calibration: tuple = ()  # ImageRecords
     calibration_skipped: str | None = None  # why there is none (fraction 0, too small a val)
+    # Per extra dataset (cfg.extra): its name, images taken per part, label snapshot, repeat.
+    extra: tuple[dict, ...] = ()
 
 
 def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
@@ -115,6 +118,61 @@ def _weights_path(db: Database, weights: str | None) -> str | None:
     return str(path)
 
 
+@dataclass(frozen=True, eq=False)
+class _ExtraPart:
+    """One extra dataset's images split on their own: train / val / calibration records."""
+
+    name: str
+    root: str
+    train: list
+    val: list
+    calib: list
+    names: dict  # image id -> class name under the run's scheme
+    snapshot: LabelSnapshot
+    repeat: int
+    duplicates: int  # left out: byte-identical to an image of the run's own dataset
+
+    def to_json(self) -> dict:
+        return {"dataset": self.name, "train": len(self.train), "val": len(self.val),
+                "calibration": len(self.calib), "repeat": self.repeat,
+                "left_out_duplicates": self.duplicates, "label_hash": self.snapshot.hash,
+                "relabel_id": self.snapshot.newest_relabel_id}
+
+
+def _extra_part(db: Database, cfg: Any, extra: Any, classes: tuple,
+                main_sha: set[str]) -> _ExtraPart:
+    """An extra dataset's images for this run: current labels (relabels applied), only those
+    confirmed on Review for ``images="reviewed"``, none byte-identical to the run's own images,
+    split by patient (scoped to their dataset) and content into train / validation /
+    calibration with the run's fractions, so no site patient is in two parts."""
+    info, records = open_dataset(db, extra.dataset)
+    with db.session() as s:
+        version = label_version(session=s, dataset_id=info.id, as_of_relabel_id=None)
+        ids = [r.id for r in records]
+        wanted = set(ids) if extra.images == "all" else review_queue.reviewed_among(
+            session=s, reviewer=None, image_ids=ids)
+    names = {r.id: ds.scheme_label(*version.labels.get(r.id, (r.label, r.subtype)),
+                                   cfg.label_scheme) for r in records}
+    usable = [r for r in records if r.id in wanted and names[r.id] in classes and not r.error
+              and not r.missing and r.split != "test"]
+    kept = [r for r in usable if not (r.sha256 and r.sha256 in main_sha)]
+    if len(kept) < 2:
+        raise DatasetError(f"extra dataset {info.name!r} gives {len(kept)} usable "
+                           f"{extra.images} image(s): confirm some on Review (the new-site "
+                           "queue) or use images='all'")
+    plan = make_split("patient", kept, [names[r.id] for r in kept],
+                      val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    val_ids = set(plan.val)
+    val = [r for r in kept if r.id in val_ids]
+    carve = carve_calibration(val, [names[r.id] for r in val],
+                              fraction=cfg.calibration_fraction, seed=cfg.split_seed)
+    calib_ids = set(carve.calibration)
+    return _ExtraPart(info.name, info.root, [r for r in kept if r.id not in val_ids],
+                      [r for r in val if r.id not in calib_ids],
+                      [r for r in val if r.id in calib_ids], names, version.snapshot(),
+                      extra.repeat, len(usable) - len(kept))
+
+
 def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None) -> PreparedData:
     """Images, labels and the patient-grouped train/validation split of a run.
 
@@ -159,16 +217,37 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     arrays = image_io.npz_record_images(info.root, recs) if info.layout == "npz" else None
     paths = tuple(r.relpath if arrays is not None else str(Path(info.root) / r.relpath)
                   for r in recs)
-    data = TrainData(f"dataset:{info.id}", tuple(classes), tuple(r.id for r in recs), paths,
-                     tuple(f"{r.id}:{r.sha256}" for r in recs), labels, is_val, snap.hash,
-                     arrays, _weights_path(db, cfg.weights))
+    main_sha = {r.sha256 for r in records if r.sha256}
+    parts = [_extra_part(db, cfg, e, tuple(classes), main_sha) for e in cfg.extra]
+    if parts and arrays is not None:
+        raise ConfigError("extra datasets add image files; a PneumoniaMNIST (.npz) run takes "
+                          f"none. Received: dataset={info.name!r}, extra={len(parts)}")
+    repeat = np.ones(len(recs), dtype=np.int64)
+    key, snap_hash = f"dataset:{info.id}", snap.hash
+    calib_extra = []
+    for part in parts:
+        both = part.train + part.val
+        recs = recs + both
+        paths = paths + tuple(str(Path(part.root) / r.relpath) for r in both)
+        labels = np.r_[labels, [classes.index(part.names[r.id]) for r in both]].astype(np.int64)
+        is_val = np.r_[is_val, [False] * len(part.train) + [True] * len(part.val)]
+        repeat = np.r_[repeat, [part.repeat] * len(part.train) + [1] * len(part.val)]
+        calib_extra += [(r, part.names[r.id]) for r in part.calib]
+        key += f"+{part.train[0].dataset_id if part.train else part.val[0].dataset_id}"
+        snap_hash = hashlib.sha256(f"{snap_hash}+{part.snapshot.hash}".encode()).hexdigest()
+    data = TrainData(key, tuple(classes), tuple(r.id for r in recs), paths,
+                     tuple(f"{r.id}:{r.sha256}" for r in recs), labels, is_val, snap_hash,
+                     arrays, _weights_path(db, cfg.weights),
+                     repeat if parts else None)
     counts: dict[str, dict[str, int]] = {}
     for split, mask in (("train", ~is_val), ("val", is_val)):
         c = Counter(labels[mask].tolist())
         counts[split] = {name: int(c.get(k, 0)) for k, name in enumerate(classes)}
-    calib = tuple(by_id[i][0] for i in carve.calibration)
+    calib = tuple(by_id[i][0] for i in carve.calibration) + tuple(r for r, _ in calib_extra)
     if calib:
-        c = Counter(by_id[i][1] for i in carve.calibration)
+        c = Counter([by_id[i][1] for i in carve.calibration] + [y for _, y in calib_extra])
         counts["calibration"] = {name: int(c.get(name, 0)) for name in classes}
+    own = len(recs) - sum(len(p.train) + len(p.val) for p in parts)
     return PreparedData(data, info.id, info.name, info.root, snap, counts,
-                        len(records) - len(recs) - len(calib), calib, carve.skipped)
+                        len(records) - own - len(carve.calibration), calib,
+                        carve.skipped, tuple(p.to_json() for p in parts))

@@ -33,6 +33,8 @@ class TrainData:
         label_snapshot: hash of the labels used (part of the cache key).
         arrays: (N, H, W[, C]) uint8 pixels for array datasets (PneumoniaMNIST), else None.
         weights_path: ``weights`` resolved to a file ("run:ID" → that run's best.keras).
+        train_repeat: (N,) times each training image enters an epoch (an extra dataset's
+            ``repeat``: oversampling a small site sample); None: once each.
     """
 
     dataset_key: str
@@ -45,6 +47,7 @@ class TrainData:
     label_snapshot: str = ""
     arrays: np.ndarray | None = None
     weights_path: str | None = None
+    train_repeat: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.paths)
@@ -53,6 +56,10 @@ class TrainData:
             raise ConfigError(f"TrainData needs one id, path, label and split flag per image. "
                               f"Received: {len(self.image_ids)} ids, {n} paths, "
                               f"{len(self.labels)} labels, {len(self.is_val)} flags")
+        if self.train_repeat is not None and (len(self.train_repeat) != n
+                                              or np.any(np.asarray(self.train_repeat) < 1)):
+            raise ConfigError("train_repeat needs one count >= 1 per image. Received: "
+                              f"{len(self.train_repeat)} counts for {n} images")
         if len(self.classes) < 2:
             raise ConfigError(f"need at least 2 classes. Received: classes={list(self.classes)}")
         if not np.any(self.is_val) or np.all(self.is_val):

@@ -45,13 +45,18 @@ class RunOutputs:
 
 
 def _truth(db: Database, cfg: Any, prepared: Any, ids: list[int], classes: list[str]):
-    """The labels the run trained and selected on, over ``ids``."""
+    """The labels the run trained and selected on, over ``ids``: its own dataset's as of its
+    snapshot, an extra dataset's current ones (as the run read them)."""
     snap = prepared.snapshot
     as_of = provenance.as_of_relabel_id(cfg.label_source, snap.newest_relabel_id or 0)
     with db.session() as s:
         version = relabels.label_version(session=s, dataset_id=prepared.dataset_id,
                                          as_of_relabel_id=as_of)
-    return provenance.make_truth(version.labels, ids, classes, cfg.label_scheme,
+        labels = dict(version.labels)
+        others = [i for i in ids if i not in labels]
+        if others:  # extra datasets' images (cfg.extra): current labels
+            labels.update(relabels.image_label_version(session=s, image_ids=others).labels)
+    return provenance.make_truth(labels, ids, classes, cfg.label_scheme,
                                  cfg.label_source, version.newest_relabel_id)
 
 
@@ -66,17 +71,20 @@ def predict_calibration(db: Database, run_id: int, cfg: Any, prepared: Any,
                                                      Any]:
     """The run's best model on its calibration slice: (ids, paths, y, probs, truth)."""
     loaded = refs.load_model_ref(f"run:{run_id}", db=db)
-    with db.session() as s:
-        info = ds_store.get_dataset(session=s, name_or_id=prepared.dataset_id)
     records = list(prepared.calibration)
-    truth = _truth(db, cfg, prepared, [r.id for r in records], classes)
-    cache, kept = es._cache(info, records, truth.y.tolist(), loaded, None)
-    probs = es._predict_cache(loaded, cache, None)
-    ids = [r.id for r in kept]
-    paths = [r.relpath if info.layout == "npz" else str(Path(info.root) / r.relpath)
-             for r in kept]
+    ids, paths, probs = [], [], []
+    for ds_id in dict.fromkeys(r.dataset_id for r in records):  # its own, then extra datasets
+        with db.session() as s:
+            info = ds_store.get_dataset(session=s, name_or_id=ds_id)
+        group = [r for r in records if r.dataset_id == ds_id]
+        truth = _truth(db, cfg, prepared, [r.id for r in group], classes)
+        cache, kept = es._cache(info, group, truth.y.tolist(), loaded, None)
+        probs.append(es._predict_cache(loaded, cache, None))
+        ids += [r.id for r in kept]
+        paths += [r.relpath if info.layout == "npz" else str(Path(info.root) / r.relpath)
+                  for r in kept]
     truth = _truth(db, cfg, prepared, ids, classes)  # the images the cache could read
-    return ids, paths, truth.y, probs, truth
+    return ids, paths, truth.y, np.concatenate(probs), truth
 
 
 def _choose(db: Database, run_id: int, cfg: Any, prepared: Any, classes: list[str],

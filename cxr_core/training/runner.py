@@ -22,7 +22,9 @@ from typing import Any
 
 from cxr_core.core.errors import ConfigError, CxrError
 from cxr_core.core.settings import get_settings
-from cxr_core.evaluation.card_measured import refresh_run_card
+from cxr_core.data.indexing import find_dataset, index_dataset
+from cxr_core.evaluation.card_measured import refresh_run_card, run_measured
+from cxr_core.evaluation.evaluate import evaluate_model
 from cxr_core.storage import Database
 from cxr_core.storage import runs as store
 from cxr_core.training.config import TrainConfig
@@ -42,12 +44,15 @@ class RunOutcome:
     epochs: int
     val: dict = field(default_factory=dict)
     error: str | None = None
+    external: tuple[dict, ...] = ()  # the run's external figures (cfg.external), in brief
 
     def to_json(self) -> dict:
         out = {"run_id": self.run_id, "status": self.status, "epochs": self.epochs,
                "val": self.val}
         if self.error:
             out["error"] = self.error
+        if self.external:
+            out["external"] = list(self.external)
         return out
 
 
@@ -120,19 +125,56 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
         extra={"run_id": run.id, "model_ref": f"run:{run.id}", "epochs": result.epochs_done,
                "best_epoch": result.best_epoch, "weights": result.weights_report,
                "evaluation_id": eval_id,
-               "calibration_evaluation_id": out.calibration_evaluation_id})
+               "calibration_evaluation_id": out.calibration_evaluation_id,
+               "extra_data": list(prepared.extra)})
     refresh_run_card(db, run.id)  # "measured": every split, with patient-clustered intervals
+    external = _evaluate_external(db, run.id, cfg)
     summary = {"val": val, "epochs": result.epochs_done, "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "images_per_s": result.images_per_s,
                "n_train": result.n_train, "n_val": result.n_val, "skipped": result.skipped,
                "feature_cache": result.feature_cache, "evaluation_id": eval_id,
                "operating_point": op, "n_calibration": len(prepared.calibration),
-               "calibration_evaluation_id": out.calibration_evaluation_id}
+               "calibration_evaluation_id": out.calibration_evaluation_id,
+               "external": external}
     db.write(lambda s: store.finish_run(session=s, run_id=run.id, status="finished",
                                         summary=summary, only_if="running"))
     _log(db, run.id, "finished: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()
                                               if isinstance(v, float)))
-    return RunOutcome(run.id, "finished", result.epochs_done, val)
+    return RunOutcome(run.id, "finished", result.epochs_done, val, external=tuple(external))
+
+
+def _evaluate_external(db: Database, run_id: int, cfg: TrainConfig) -> list[dict]:
+    """Evaluate the finished run on each external dataset of its config (a folder not indexed
+    yet is indexed as external first); the card's external entries, in brief. A dataset that
+    fails is logged and skipped: the trained model is kept."""
+    out = []
+    for name in cfg.external:
+        try:
+            if find_dataset(db, name) is None:
+                index_dataset(db, name, external=True)
+            ev_id, _ = evaluate_model(db, f"run:{run_id}", name)
+        except CxrError as exc:
+            _log(db, run_id, f"external dataset {name!r} not evaluated: {exc}", "warning")
+            continue
+        entry = next((e for e in run_measured(db, run_id) if e.get("evaluation_id") == ev_id
+                      and e.get("role") == "external"), None)
+        if entry is None:  # not flagged external after all: a plain evaluation
+            _log(db, run_id, f"dataset {name!r} is not flagged external: evaluation {ev_id} "
+                 "is not an external figure", "warning")
+            continue
+        site = entry.get("site_threshold") or {}
+        brief = {"dataset": entry["dataset"], "evaluation_id": ev_id, "n": entry["n"],
+                 "auc": entry["auc"], "sensitivity": entry["sensitivity"],
+                 "specificity": entry["specificity"],
+                 "site_sensitivity": site.get("sensitivity"),
+                 "site_specificity": site.get("specificity")}
+        out.append(brief)
+        auc, spec = entry["auc"], site.get("specificity")
+        _log(db, run_id, f"external {entry['dataset']}: AUC "
+             f"{'?' if auc is None else f'{auc:.4f}'}, site threshold (cross-fitted) "
+             f"specificity {'?' if spec is None else f'{spec:.3f}'} ({entry['n']} images the "
+             "model never saw)")
+    return out
 
 
 def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple[PreparedData, int]:
@@ -164,7 +206,9 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
             f"{socket.gethostname()} (pid {os.getpid()}): dataset {prepared.dataset_name!r}, "
             f"{cfg.label_scheme} labels ({cfg.label_source}, snapshot {snap.hash[:12]}), "
             f"train {prepared.counts['train']}, val {prepared.counts['val']}, calibration "
-            f"{prepared.counts.get('calibration') or prepared.calibration_skipped}"))
+            f"{prepared.counts.get('calibration') or prepared.calibration_skipped}"
+            + "".join(f"; extra {e['dataset']!r}: train {e['train']} x{e['repeat']}, val "
+                      f"{e['val']}, calibration {e['calibration']}" for e in prepared.extra)))
     db.write(write)
     return prepared, initial
 

@@ -17,8 +17,7 @@ from cxr_core.core.devices import visible_gpu_count
 from cxr_core.core.errors import ConfigError, DatasetError
 from cxr_core.data import presets
 from cxr_core.data.augment_config import PRESETS
-from cxr_core.jobs import launcher
-from cxr_core.jobs import loop
+from cxr_core.jobs import launcher, loop
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as dataset_store
 from cxr_core.storage import runs as store
@@ -100,8 +99,27 @@ def make_config(db: Database, data: Mapping[str, Any],
         data["augment"] = presets.resolve(aug, db).to_dict()
     cfg = TrainConfig.from_dict(data)
     data_roots.check_weights(cfg.weights)  # a weights file under the data roots only
-    return TrainConfig.from_dict({**cfg.to_dict(),
-                                  "dataset": resolve_dataset(db, cfg.dataset, base_dir)})
+    return TrainConfig.from_dict({
+        **cfg.to_dict(), "dataset": resolve_dataset(db, cfg.dataset, base_dir),
+        "external": [_external_dataset(db, e, base_dir) for e in cfg.external],
+        "extra": [{**e.__dict__, "dataset": resolve_dataset(db, e.dataset, base_dir)}
+                  for e in cfg.extra]})
+
+
+def _external_dataset(db: Database, dataset: str, base_dir: str | Path | None) -> str:
+    """An external dataset of a run config, resolved; an indexed one must be flagged external
+    (a folder not indexed yet is indexed as external by the worker)."""
+    resolved = resolve_dataset(db, dataset, base_dir)
+    with db.session() as s:
+        info = dataset_store.get_dataset(session=s, name_or_id=resolved)
+        if info is None:
+            info = next((d for d in dataset_store.list_datasets(session=s)
+                         if d.root == resolved), None)
+    if info is not None and not info.external:
+        raise ConfigError(f"external: dataset {info.name!r} is not flagged as external "
+                          "validation data; flag it on Home (or index it with --external) if "
+                          f"it comes from another site or period. Received: {dataset!r}")
+    return resolved
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

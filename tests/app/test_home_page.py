@@ -121,3 +121,57 @@ def test_home_says_how_the_threshold_holds_under_synthetic_shift(cxr_home, tmp_p
     [warning] = [w.value.replace("\\", "") for w in at.warning if "synthetic" in w.value]
     assert "specificity falls from 0.990 to 0.710 (blur)" in warning
     assert "AUC stays at least 0.990" in warning and "not a deployment figure" in warning
+
+
+def test_home_leads_with_the_figures_at_a_new_site(cxr_home, tmp_path, monkeypatch):
+    """External validation (another site or period) is the headline; temporal figures follow,
+    labelled optimistic for a new site."""
+    import json
+
+    from cxr_core.models import store as model_store
+
+    card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
+    external = {"role": "external", "dataset": "site", "split": "(all)", "n": 201,
+                "n_patients": 143, "auc": 0.953, "auc_ci": [0.92, 0.98], "sensitivity": 0.968,
+                "sensitivity_ci": [0.93, 0.99], "specificity": 0.753,
+                "specificity_ci": [0.65, 0.85], "threshold": 0.76, "excluded_seen": 0,
+                "stored_threshold_chosen_here": False, "threshold_chosen_here": False,
+                "site_threshold": {"method": "cross-fitted", "target_sensitivity": 0.95,
+                                   "folds": 5, "repeats": 20, "sensitivity": 0.952,
+                                   "sensitivity_ci": [0.9, 0.99], "specificity": 0.805,
+                                   "specificity_ci": [0.72, 0.89]}}
+    card["measured"] = [_entry("val", "selection", "temporal", 0.998, 0.97, 0.99), external]
+    card["recipe_selected_on"] = ["site"]
+    folder = tmp_path / "default"
+    folder.mkdir()
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setattr(model_store, "DEFAULT_MODELS_DIR", folder)
+    at = run_page()
+    titles = [m.value.replace("\\", "") for m in at.markdown if m.value.startswith("**")]
+    assert titles[0] == "**At a new site: site [(all)], 201 images, 143 patients** (headline)"
+    assert titles[1].startswith("**Temporal validation") and "optimistic" in titles[1]
+    values = [m.value for m in at.metric]
+    assert values[:4] == ["0.953", "0.968", "0.753", "0.805"]
+    caption = at.caption[0].value.replace("\\", "")
+    assert "cross-fitted" in caption and "recipe was chosen on this sample" in caption
+
+
+def test_a_dataset_is_flagged_external_on_home_and_audited(cxr_home, tiny_dataset):
+    from cxr_core.auth import admin
+    from cxr_core.auth.policy import local_principal
+    from cxr_core.data.indexing import index_dataset, list_datasets
+
+    db = open_db()
+    index_dataset(db, tiny_dataset, name="site")
+    at = run_page()
+    assert at.dataframe[0].value["external"].tolist() == [""]
+    (flag,) = [b for b in at.button if b.label == "Flag as external"]
+    flag.click().run()
+    assert not at.exception, at.exception
+    assert [d.external for d in list_datasets(db)] == [True]
+    assert at.dataframe[0].value["external"].tolist() == ["yes"]
+    events = admin.audit_log(db, local_principal(""), action="index_dataset")
+    assert events[0].detail == {"external": True} and events[0].target.startswith("dataset:")
+    (unflag,) = [b for b in at.button if b.label == "Unflag as external"]
+    unflag.click().run()
+    assert [d.external for d in list_datasets(db)] == [False]

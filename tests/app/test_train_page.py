@@ -137,6 +137,28 @@ def test_the_form_sets_the_levers_under_shift(db, monkeypatch):
     assert run.config["augment"] == "shift_robust"
 
 
+def test_the_form_starts_a_next_round_with_a_sites_confirmed_films(db, tiny_dataset, tmp_path,
+                                                                   monkeypatch):
+    """Another site: evaluated at the end (external), and its confirmed films added."""
+    import shutil
+
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 1)
+    shutil.copytree(tiny_dataset, tmp_path / "site")
+    index_dataset(db, tmp_path / "site", name="site", external=True)
+    at = page()
+    at.selectbox(key="train_dataset").set_value("tiny").run()  # sorted: "site" comes first
+    at.multiselect(key="train_cpu128_external").set_value(["site"])
+    at.multiselect(key="train_cpu128_extra").set_value(["site"])
+    at.number_input(key="train_cpu128_extra_repeat").set_value(4)
+    at.number_input(key="train_cpu128_ema").set_value(0.99)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        [run] = store.list_runs(session=s)
+    assert run.config["external"] == ["site"] and run.config["ema"] == pytest.approx(0.99)
+    assert run.config["extra"] == [{"dataset": "site", "images": "reviewed", "repeat": 4}]
+
+
 def test_cancel_and_resume_buttons(db, monkeypatch):
     monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 4242)
     rid = db.write(lambda s: store.create_run(session=s, name="q", config=CONFIG))
