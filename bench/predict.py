@@ -48,8 +48,7 @@ def run(shared_data: Path, *, repeat: int = 5, model_ref: str = "default") -> di
         ``{"bench": "predict", "baseline": {...}, "ours": {...}, "ratio": cold / warm}``.
     """
     from cxr_core.models.refs import load_model_ref
-    from cxr_core.predict import explain
-    from cxr_core.predict import inference
+    from cxr_core.predict import explain, inference
 
     files = sorted((Path(shared_data) / "chest_xray_fullres_sample" / "train").glob("*/*.jpeg"))
     if not files:

@@ -20,7 +20,8 @@ from pathlib import Path
 from cxr_core.core.errors import ConfigError, CxrError
 
 REPO = Path(__file__).resolve().parents[1]  # cxr_core/cli.py -> the repository
-BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale")
+BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale",
+           "site-round")
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
@@ -59,9 +60,19 @@ def cmd_index(args: argparse.Namespace) -> dict:
 
 def cmd_bench(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
-    module = importlib.import_module(f"bench.{args.name}")
+    module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
     data = Path(args.data or os.environ.get("CXR_SHARED_DATA") or REPO.parent / "shared" / "data")
-    return module.run(data)
+    if args.name != "site-round":
+        return module.run(data)
+    options = {"site": args.site, "base": args.base, "config": args.config,
+               "folds": args.folds, "repeat": args.repeat}
+    if args.budgets:
+        try:
+            options["budgets"] = tuple(int(b) for b in args.budgets.split(","))
+        except ValueError as exc:
+            raise ConfigError("--budgets is a comma-separated list of film counts, e.g. "
+                              f"0,25,50. Received: {args.budgets!r}") from exc
+    return module.run(data, **options)
 
 
 def train_cli(config_path: str | Path, *, detach: bool = False,
@@ -300,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("bench", cmd_bench, "run a benchmark (prints a ratio against its baseline)")
     p.add_argument("name", choices=BENCHES)
     p.add_argument("--data", default=None, help="the shared data folder")
+    p.add_argument("--site", default=None,
+                   help="site-round: the new site's folder (default: the external sample)")
+    p.add_argument("--base", default="default", help="site-round: default or run:ID")
+    p.add_argument("--config", default=None, help="site-round: the next round's run config")
+    p.add_argument("--budgets", default=None, help="site-round: e.g. 0,25,50,100,150")
+    p.add_argument("--folds", type=int, default=3, help="site-round: patient-grouped folds")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="site-round: copies of a confirmed film per epoch")
     p = add("worker", cmd_worker, "run the training worker in the foreground")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty")
     p.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")

@@ -113,3 +113,46 @@ def test_scale_bench_builds_the_asked_counts_and_every_page_renders(cxr_home, tm
             "tensorflow": "2.x", "load_1min_at_start": 0.5}
     page = report.render([out], info, "2026-12-03 00:00 UTC")
     assert "## Pages at scale" in page and "| review |" in page and "growth of the slowest" in page
+
+
+def test_the_site_round_bench_runs_end_to_end_at_a_tiny_size(cxr_home, shared_data, tmp_path,
+                                                             capsys):
+    """bench site-round through the CLI: the shipped model as the base, a tiny next-round
+    config, two folds, budgets 0 and 24; every figure on films never confirmed."""
+    import json
+
+    from cxr_core.cli import main
+
+    site = tmp_path / "site"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (site / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "chest_xray_224_external" / cls).glob("*.jpeg"))[:30]:
+            (site / cls / f.name).symlink_to(f)
+    train = tmp_path / "ours" / "train"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (train / cls).mkdir(parents=True)
+        files = sorted((shared_data / "chest_xray_224" / "train" / cls).glob("*.jpeg"))
+        for f in files[::len(files) // 40][:40]:
+            (train / cls / f.name).symlink_to(f)
+    config = tmp_path / "next.json"
+    config.write_text(json.dumps({
+        "recipe": "cpu128", "dataset": str(train.parent), "model": "small3_50",
+        "image_size": 32, "epochs": 1, "batch_size": 32, "augment": "zoom_shift"}))
+    assert main(["bench", "site-round", "--site", str(site), "--config", str(config),
+                 "--budgets", "0,24", "--folds", "2", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == "site-round" and out["base"] == "default" and out["folds"] == 2
+    zero, some = out["budgets"]
+    assert (zero["budget"], some["budget"]) == (0, 24)
+    assert zero["n_scored"] == some["n_scored"] == 60  # every site film scored once a budget
+    assert zero["next_crossfit"] == zero["base_crossfit"]  # budget 0: the next round is the base
+    assert "refused" in zero["base_site"]  # nothing confirmed: no site threshold
+    for key in ("base_stored", "next_own", "next_crossfit", "base_crossfit"):
+        fig = some[key]
+        assert 0 <= fig["specificity"] <= 1 and fig["specificity_ci"][0] <= fig["specificity"]
+    assert "auc" in some["next_own"] and some["wall_s"] > 0
+    assert out["baseline"]["budget"] == out["ours"]["budget"] == 24
+    assert out["ratio"] == pytest.approx(out["ours"]["specificity"]
+                                         / out["baseline"]["specificity"])
+    assert main(["bench", "site-round", "--budgets", "a,b"]) == 2
+    assert "--budgets is a comma-separated list" in capsys.readouterr().err

@@ -127,12 +127,12 @@ def test_patients_with_mixed_labels_and_multiclass():
 def test_replicates_hold_whole_clusters():
     y = np.array([0, 1, 1, 0, 1, 0, 1, 1])
     clusters = intervals.cluster_ids(["a", "b", "b", "c", "b", "d", "e", "e"], y.size)
-    strata, expand = intervals._cluster_strata(y, clusters, 2)
+    strata, expand = intervals.cluster_strata(y, clusters, 2)
     assert [s.tolist() for s in strata] == [[0, 2, 3], [1, 4]]  # class 0 only, class 1 only
     idx = expand(np.array([1, 1, 2, 4]))  # b twice, c, e
     assert sorted(idx.tolist()) == sorted([1, 2, 4, 1, 2, 4, 3, 6, 7])
     mixed = intervals.cluster_ids(["a", "a", "b", "c", "c", "d", "e", "e"], y.size)
-    strata, _ = intervals._cluster_strata(y, mixed, 2)
+    strata, _ = intervals.cluster_strata(y, mixed, 2)
     assert [s.tolist() for s in strata] == [[3], [1, 4], [0, 2]]  # mixed clusters last
 
 

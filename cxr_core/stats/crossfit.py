@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
 from cxr_core.core.errors import ConfigError
-from cxr_core.stats.intervals import Interval, _cluster_strata, cluster_ids
+from cxr_core.stats.intervals import Interval, cluster_ids, cluster_strata
 from cxr_core.stats.metrics import validate_binary
 from cxr_core.stats.thresholds import DEFAULT_TARGET_SENSITIVITY, threshold_for_sensitivity
 
@@ -82,9 +82,55 @@ def _fold_decisions(y: np.ndarray, p: np.ndarray, clusters: np.ndarray, folds: i
     return pred, chosen
 
 
-def _sens_spec(y: np.ndarray, pred: np.ndarray) -> tuple[float, float]:
+def cross_fitted_decisions(y: np.ndarray, p: np.ndarray, clusters: np.ndarray, *,
+                           target: float = DEFAULT_TARGET_SENSITIVITY, folds: int = FOLDS,
+                           repeats: int = REPEATS, seed: int = 0) -> tuple[np.ndarray, list[float]]:
+    """Out-of-fold decisions (repeats, N) of site thresholds, and every threshold chosen.
+
+    Args:
+        y, p: validated 0/1 labels and P(pneumonia).
+        clusters: patient cluster id per image (:func:`cxr_core.stats.intervals.cluster_ids`).
+        target, folds, repeats, seed: as :func:`cross_fitted_threshold`.
+    """
+    decisions, thresholds = [], []
+    for r in range(repeats):
+        pred, chosen = _fold_decisions(y, p, clusters, folds, target, seed + r)
+        decisions.append(pred)
+        thresholds += chosen
+    return np.stack(decisions), thresholds
+
+
+def decision_intervals(y: np.ndarray, preds: np.ndarray, clusters: np.ndarray, *,
+                       n_boot: int = 500, seed: int = 0) -> tuple[Interval, Interval, float]:
+    """Sensitivity and specificity of decisions ``preds`` (repeats, N) — the median over the
+    repeats — with percentile intervals from resampling whole patients (stratified by their
+    class set); and the median accuracy. A single decision vector is one repeat."""
+    preds = np.atleast_2d(preds)
     pos, neg = y == 1, y == 0
-    return float(pred[pos].mean()), float(1.0 - pred[neg].mean())
+    sens = float(np.median(preds[:, pos].mean(axis=1)))
+    spec = float(np.median(1.0 - preds[:, neg].mean(axis=1)))
+    acc = float(np.median((preds == y).mean(axis=1)))
+    boot_sens, boot_spec = [], []
+    if n_boot:
+        rng = np.random.default_rng(seed)
+        strata, expand = cluster_strata(y, clusters, 2)
+        for _ in range(n_boot):
+            idx = expand(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata]))
+            yb = y[idx]
+            pb, nb = yb == 1, yb == 0
+            if not pb.any() or not nb.any():
+                continue
+            db = preds[:, idx]
+            boot_sens.append(float(np.median(db[:, pb].mean(axis=1))))
+            boot_spec.append(float(np.median(1.0 - db[:, nb].mean(axis=1))))
+
+    def interval(point: float, draws: list[float]) -> Interval:
+        if not draws:
+            return Interval(point, float("nan"), float("nan"), 0.95, n_boot)
+        low, high = np.percentile(draws, [2.5, 97.5])
+        return Interval(point, float(low), float(high), 0.95, n_boot)
+
+    return interval(sens, boot_sens), interval(spec, boot_spec), acc
 
 
 def cross_fitted_threshold(y_true, p_pos, groups=None, *,
@@ -112,37 +158,10 @@ def cross_fitted_threshold(y_true, p_pos, groups=None, *,
     y, p = validate_binary(y_true, p_pos)
     check_sample(y, min_per_class=min_per_class)
     clusters = cluster_ids([None] * y.size if groups is None else groups, y.size)
-    decisions, thresholds = [], []
-    for r in range(repeats):
-        pred, chosen = _fold_decisions(y, p, clusters, folds, target, seed + r)
-        decisions.append(pred)
-        thresholds += chosen
-    preds = np.stack(decisions)  # (repeats, N)
-    per = [_sens_spec(y, d) for d in preds]
-    sens_med = float(np.median([s for s, _ in per]))
-    spec_med = float(np.median([s for _, s in per]))
-    acc = float(np.median((preds == y).mean(axis=1)))
-    boot_sens, boot_spec = [], []
-    if n_boot:
-        rng = np.random.default_rng(seed)
-        strata, expand = _cluster_strata(y, clusters, 2)
-        for _ in range(n_boot):
-            idx = expand(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata]))
-            yb = y[idx]
-            pos, neg = yb == 1, yb == 0
-            if not pos.any() or not neg.any():
-                continue
-            db = preds[:, idx]
-            boot_sens.append(float(np.median(db[:, pos].mean(axis=1))))
-            boot_spec.append(float(np.median(1.0 - db[:, neg].mean(axis=1))))
-
-    def interval(point: float, draws: list[float]) -> Interval:
-        if not draws:
-            return Interval(point, float("nan"), float("nan"), 0.95, n_boot)
-        low, high = np.percentile(draws, [2.5, 97.5])
-        return Interval(point, float(low), float(high), 0.95, n_boot)
-
-    return CrossFit(interval(sens_med, boot_sens), interval(spec_med, boot_spec), acc,
-                    float(np.median(thresholds)), (float(min(thresholds)), float(max(thresholds))),
-                    target, folds, repeats, int(y.size), int(len(np.unique(clusters))),
-                    tuple(per))
+    preds, thresholds = cross_fitted_decisions(y, p, clusters, target=target, folds=folds,
+                                               repeats=repeats, seed=seed)
+    sens, spec, acc = decision_intervals(y, preds, clusters, n_boot=n_boot, seed=seed)
+    per = tuple((float(d[y == 1].mean()), float(1.0 - d[y == 0].mean())) for d in preds)
+    return CrossFit(sens, spec, acc, float(np.median(thresholds)),
+                    (float(min(thresholds)), float(max(thresholds))), target, folds, repeats,
+                    int(y.size), int(len(np.unique(clusters))), per)

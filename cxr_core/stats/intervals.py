@@ -69,7 +69,7 @@ def cluster_ids(groups: Any, n: int) -> np.ndarray:
     return ids
 
 
-def _cluster_strata(y: np.ndarray, clusters: np.ndarray, n_classes: int
+def cluster_strata(y: np.ndarray, clusters: np.ndarray, n_classes: int
                     ) -> tuple[list[np.ndarray], Callable[[np.ndarray], np.ndarray]]:
     """Strata of cluster ids and the map from drawn cluster ids to their image indices.
 
@@ -110,7 +110,7 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, pred: np.ndarray, n_boot: 
     Without ``clusters`` each class is resampled with replacement to its own size, so every
     resample keeps every class (no resample has to be skipped for AUC) and the prevalence is
     fixed. With ``clusters`` (a cluster id per image) whole clusters are resampled instead,
-    stratified by their class set (see :func:`_cluster_strata`): each replicate draws as many
+    stratified by their class set (see :func:`cluster_strata`): each replicate draws as many
     clusters as there are, with all their images. A replicate lacking a class would be
     skipped (nan, ignored by the percentiles); the stratification prevents that.
 
@@ -132,7 +132,7 @@ def bootstrap_intervals(y: np.ndarray, p: np.ndarray, pred: np.ndarray, n_boot: 
         strata = [np.flatnonzero(y == k) for k in range(n_classes)]
         expand: Callable[[np.ndarray], np.ndarray] = lambda drawn: drawn  # noqa: E731
     else:
-        strata, expand = _cluster_strata(y, clusters, n_classes)
+        strata, expand = cluster_strata(y, clusters, n_classes)
     draws: dict[str, list[float]] = {key: [] for key in point}
     for _ in range(n_boot):
         idx = expand(np.concatenate([s[rng.integers(0, s.size, s.size)] for s in strata]))
