@@ -423,3 +423,43 @@ def test_default_model_card_is_complete():
     seen = card["training_patients"]  # evaluations anywhere warn of the patients it has seen
     assert len(seen["train"]) > 1000 and seen["val"] and seen["calib"]
     assert not set(seen["train"]) & set(seen["val"]) and not set(seen["val"]) & set(seen["calib"])
+
+
+def test_export_default_can_ship_a_site_threshold_and_rescores_the_card_at_it(cxr_home,
+                                                                              shared_data,
+                                                                              tmp_path):
+    """--site-threshold: the threshold chosen on the external sample becomes the stored one;
+    the card's figures are re-scored at it, and on that sample only the AUC and the
+    cross-fitted figures remain (never a figure on the images a threshold was chosen on)."""
+    from cxr_core.data.indexing import index_dataset
+    from cxr_core.evaluation import evaluate as es
+
+    from cxr_core.storage import runs as run_store
+
+    db, run_id = _finished_run(cxr_home)
+    db.write(lambda s: run_store.set_run_artifacts(  # where its card is rewritten
+        session=s, run_id=run_id, artifact_dir=str(cxr_home / "runs" / str(run_id)),
+        snapshot_hash="", snapshot_relabel_id=None))
+    site = tmp_path / "site"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (site / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "chest_xray_224_external" / cls).glob("*.jpeg"))[:20]:
+            (site / cls / f.name).symlink_to(f)
+    index_dataset(db, site, name="site", external=True)
+    es.evaluate_model(db, f"run:{run_id}", "site")
+    out = tmp_path / "default"
+    card = X.export_default(run_id, db=db, out_dir=out, site_dataset="site",
+                            notes=["The stress test did not predict the real shift."])
+    op = card["operating_point"]
+    assert op["chosen_on"] == "site" and op["dataset"] == "site" and op["sample_n"] == 40
+    assert op["global_threshold"] == 0.4 and op["cross_fitted"]["method"] == "cross-fitted"
+    (ext,) = [e for e in card["measured"] if e["role"] == "external"]
+    assert ext["stored_threshold_chosen_here"] and ext["sensitivity"] is None
+    assert ext["threshold"] == pytest.approx(op["threshold"]) and ext["auc"] is not None
+    assert "evaluation_id" not in ext and card["training_sha256"] == []
+    assert card["notes"] == ["The stress test did not predict the real shift."]
+    reloaded = load_model_ref(str(out / "model.keras"))
+    assert reloaded.threshold == pytest.approx(op["threshold"])
+    readme = (out / "README.md").read_text()
+    assert "at a new site: site" in readme and "The stress test did not predict" in readme
+    assert "only cross-fitted figures are reported" in readme

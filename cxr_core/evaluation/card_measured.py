@@ -32,7 +32,9 @@ from typing import Any
 
 from cxr_core.evaluation.external import external_entry
 from cxr_core.models.card import CARD_NAME
+from cxr_core.stats import reports
 from cxr_core.storage import Database
+from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import evals as store
 from cxr_core.storage import runs as run_store
 from cxr_core.storage.evals import EvaluationInfo, OperatingPoint
@@ -130,3 +132,38 @@ def refresh_run_card(db: Database, run_id: int) -> list[dict] | None:
     tmp.write_text(json.dumps(card, indent=2, default=str))
     os.replace(tmp, path)
     return card["measured"]
+
+
+def at_threshold(db: Database, measured: list[dict], threshold: float, *,
+                 chosen_on: str, dataset: str | None = None, n_boot: int = 200) -> list[dict]:
+    """A ``measured`` list re-scored at another stored threshold (a model exported with an
+    operating point it was not evaluated at, e.g. a site threshold): each entry's sensitivity
+    and specificity recomputed from its evaluation's stored outputs, with patient-clustered
+    intervals. An external entry on ``dataset`` (where that threshold was chosen) keeps only its
+    AUC and cross-fitted figures. Entries without a stored evaluation are dropped."""
+    out = []
+    for entry in measured:
+        with db.session() as s:
+            info = store.get_evaluation(session=s, evaluation_id=entry.get("evaluation_id"))
+            preds = store.get_predictions(session=s, evaluation_id=info.id) if info else None
+        if info is None or preds is None:
+            continue
+        if entry.get("role") == "external":
+            out.append(external_entry(db, info, threshold=threshold, n_boot=n_boot,
+                                      chosen_here=info.dataset_name == dataset))
+            continue
+        ids = [i for i in preds.image_ids if i is not None]
+        with db.session() as s:
+            groups = ds_store.image_patients(session=s, image_ids=ids) \
+                if len(ids) == len(preds.image_ids) else None
+        rep = reports.evaluate(preds.y_true, preds.probs, list(info.labels),
+                               threshold=threshold, n_boot=n_boot, groups=groups)
+        ci = rep.ci or {}
+        out.append({**entry, "threshold": threshold, "chosen_on": chosen_on,
+                    "threshold_chosen_here": False,
+                    "sensitivity": rep.sensitivity, "specificity": rep.specificity,
+                    "sensitivity_ci": [ci["sensitivity"].low, ci["sensitivity"].high]
+                    if "sensitivity" in ci else None,
+                    "specificity_ci": [ci["specificity"].low, ci["specificity"].high]
+                    if "specificity" in ci else None})
+    return out

@@ -94,7 +94,8 @@ def stored_threshold_chosen_here(db: Database, info: EvaluationInfo,
 
 def external_entry(db: Database, info: EvaluationInfo, *,
                    card: Mapping[str, Any] | None = None, same_folder: bool = False,
-                   n_boot: int = N_BOOT) -> dict:
+                   n_boot: int = N_BOOT, threshold: float | None = None,
+                   chosen_here: bool | None = None) -> dict:
     """A model card's ``measured`` entry (role ``external``) for a stored binary evaluation on
     an external dataset (see the module docstring).
 
@@ -105,6 +106,9 @@ def external_entry(db: Database, info: EvaluationInfo, *,
         same_folder: the dataset is the card's own training folder (its file-name patients
             then compare).
         n_boot: patient resamples for the intervals.
+        threshold: score the stored-threshold figures at this threshold instead of the one
+            the evaluation was stored at (a model exported with another operating point).
+        chosen_here: whether that threshold was chosen on this dataset (None: look it up).
 
     Returns:
         ``{"role": "external", "dataset", "split", "evaluation_id", "n", "n_patients",
@@ -127,8 +131,9 @@ def external_entry(db: Database, info: EvaluationInfo, *,
     with db.session() as s:
         recs = {r.id: r for r in ds_store.get_images(session=s, image_ids=[i for i in ids if i >= 0])}
     groups = [recs[i].patient if i in recs else None for i, k in zip(ids, keep) if k]
-    chosen_here = stored_threshold_chosen_here(db, info, card)
-    thr = info.metrics.get("threshold")
+    if chosen_here is None:
+        chosen_here = stored_threshold_chosen_here(db, info, card)
+    thr = info.metrics.get("threshold") if threshold is None else float(threshold)
     entry: dict[str, Any] = {
         "role": "external", "dataset": info.dataset_name, "split": info.split or "(all)",
         "evaluation_id": info.id, "n": int(keep.sum()),

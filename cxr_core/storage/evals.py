@@ -361,6 +361,16 @@ def run_patients(*, session: Session, run_id: int) -> dict[str, list[str]]:
             for role in ("train", "val", "calib")}
 
 
+def run_image_hashes(*, session: Session, run_id: int, prefix: int = 16) -> list[str]:
+    """The content hashes (first ``prefix`` hex digits) of every image a run trained, selected
+    or chose its threshold on, sorted: what a shipped model's card keeps so an evaluation
+    anywhere can leave out byte-identical films."""
+    rows = session.scalars(
+        select(ImageRow.sha256).join(RunImage, RunImage.image_id == ImageRow.id)
+        .where(RunImage.run_id == run_id, ImageRow.sha256.is_not(None)).distinct())
+    return sorted({h[:prefix] for h in rows})
+
+
 def patient_overlap(seen: dict[str, list[str]], patients: Sequence[str | None], *,
                     same_dataset: bool = False) -> RunOverlap:
     """:func:`run_overlap` for a model known only by its card: how many of the evaluated

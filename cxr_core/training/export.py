@@ -21,13 +21,15 @@ from cxr_core.models.store import CARD_NAME, DEFAULT_MODEL_NAME, DEFAULT_MODELS_
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as eval_store
 from cxr_core.storage import runs as run_store
+from cxr_core.training.config import RECIPE_SELECTED_ON
 
 DEFAULT_MAX_MB = 15.0  # the shipped demo model must stay small enough for the repository
 
 
 def export_default(run_id: int, *, db: Database | None = None,
                    out_dir: str | Path = DEFAULT_MODELS_DIR,
-                   max_mb: float = DEFAULT_MAX_MB) -> dict:
+                   max_mb: float = DEFAULT_MAX_MB, site_dataset: str | None = None,
+                   notes: Sequence[str] = ()) -> dict:
     """Export a finished run as the shipped demo model (``models/default``).
 
     Re-saves the run's ``best.keras`` without optimizer state as ``model.keras`` and writes
@@ -41,6 +43,11 @@ def export_default(run_id: int, *, db: Database | None = None,
         db: the database of the run (for its status, timing and operating point).
         out_dir: destination folder.
         max_mb: refuse models larger than this (the repository's limit).
+        site_dataset: ship the site threshold chosen on this (external) dataset's whole
+            labelled sample as the stored operating point (recorded for the run there); every
+            figure of the card is then re-scored at it, and the external figures on that
+            dataset are the cross-fitted ones only.
+        notes: plain sentences the card (and its README) carries.
 
     Returns:
         The written card.
@@ -71,8 +78,15 @@ def export_default(run_id: int, *, db: Database | None = None,
                          f"be at most {max_mb} MB")
     os.replace(tmp, out / DEFAULT_MODEL_NAME)
     card = _export_card(loaded, run, size_mb)
-    with db.session() as s:  # so an evaluation anywhere can warn of patients it has seen
+    if site_dataset:
+        _ship_site_threshold(db, run_id, card, site_dataset)
+    card["measured"] = [{k: v for k, v in e.items() if k != "evaluation_id"}  # local ids
+                        for e in card.get("measured") or []]
+    card["recipe_selected_on"] = list(RECIPE_SELECTED_ON.get(card.get("recipe"), ()))
+    card["notes"] = list(notes)
+    with db.session() as s:  # so an evaluation anywhere can warn of what it has seen
         card["training_patients"] = eval_store.run_patients(session=s, run_id=run_id)
+        card["training_sha256"] = eval_store.run_image_hashes(session=s, run_id=run_id)
     (out / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
     (out / "README.md").write_text(card_markdown(card))
     return card
@@ -100,14 +114,45 @@ def _export_card(loaded: LoadedModel, run: Any, size_mb: float) -> dict:
         channels=loaded.channels, saliency_layer=loaded.saliency_layer, operating_point=op,
         recipe=cfg.get("recipe"), training_config=cfg, dataset=dataset,
         data_licence=DATA_LICENCE,
-        measured=[{k: v for k, v in e.items() if k != "evaluation_id"}  # local ids
-                  for e in card.get("measured") or []],
+        measured=list(card.get("measured") or []),
         exported_from={"run_id": run.id, "run_name": run.name,
                        "evaluation_id": loaded.card.get("evaluation_id"),
                        "training_wall_s": None if seconds is None else round(seconds),
                        "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                        "file_mb": round(size_mb, 2)})
     return card
+
+
+def _ship_site_threshold(db: Database, run_id: int, card: dict, dataset: str) -> None:
+    """Record the site threshold of the run on ``dataset``'s whole labelled sample and make it
+    the card's operating point; re-score the card's figures at it."""
+    from cxr_core.evaluation import site_thresholds
+    from cxr_core.evaluation.card_measured import at_threshold
+
+    evals = [e for e in site_thresholds.site_evaluations(db, f"run:{run_id}", _dataset_id(
+        db, dataset)) if len(e.labels) == 2]
+    if not evals:
+        raise DatasetError(f"run {run_id} has no evaluation on {dataset!r}: evaluate it there "
+                           "first (python -m cxr_core evaluate --model run:ID --data NAME)")
+    cand = site_thresholds.candidate(db, evaluation_id=evals[0].id, sample="all")
+    op = site_thresholds.record(db, cand, changed_by="export-default",
+                                note=f"shipped operating point: the site threshold of {dataset}")
+    previous = (card.get("operating_point") or {}).get("threshold")
+    card["operating_point"] = {
+        "threshold": op.threshold, "method": op.method, "target": op.target,
+        "chosen_on": "site", "dataset": dataset, "sample_n": cand.n,
+        "cross_fitted": cand.cross_fitted, "global_threshold": previous}
+    card["measured"] = at_threshold(db, card.get("measured") or [], op.threshold,
+                                    chosen_on="site", dataset=dataset)
+
+
+def _dataset_id(db: Database, name: str) -> int:
+    from cxr_core.data.indexing import find_dataset
+
+    info = find_dataset(db, name)
+    if info is None:
+        raise DatasetError(f"no dataset {name!r} is indexed")
+    return info.id
 
 
 def stress_default(evaluation_id: int, *, db: Database | None = None,
@@ -150,6 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("export-default", help="export a finished run to models/default")
     p.add_argument("run_id", type=int)
     p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    p.add_argument("--site-threshold", default=None, metavar="DATASET",
+                   help="ship the site threshold chosen on this external dataset")
+    p.add_argument("--note", action="append", default=[], help="a sentence for the card")
     p = sub.add_parser("stress-default", help="keep the shift stress test of models/default "
                        "(on a stored evaluation's images) in its card")
     p.add_argument("evaluation_id", type=int)
@@ -159,7 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "stress-default":
             print(json.dumps(stress_default(args.evaluation_id, out_dir=args.out)))
             return 0
-        card = export_default(args.run_id, out_dir=args.out)
+        card = export_default(args.run_id, out_dir=args.out, site_dataset=args.site_threshold,
+                              notes=args.note)
     except CxrError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
