@@ -18,7 +18,7 @@ from typing import Any
 import streamlit as st
 
 from app_pages._db import get_db
-from cxr_core.auth import gate as actions
+from cxr_core.auth import gate
 from cxr_core.auth import policy
 from cxr_core.auth.policy import Principal
 from cxr_core.core.errors import CxrError
@@ -58,6 +58,38 @@ def new_script_run() -> None:
     st.session_state[_RUN] = st.session_state.get(_RUN, 0) + 1
 
 
+def _request() -> tuple[str | None, dict[str, str]]:
+    """The client's address (None on loopback) and the headers of this session's request (a
+    test harness without a connection has neither)."""
+    ip = st.context.ip_address
+    try:
+        headers = {str(k): str(v) for k, v in st.context.headers.items()}
+    except (AttributeError, TypeError):
+        headers = {}
+    return (ip if isinstance(ip, str) else None), headers
+
+
+def _local_only(local: Principal) -> None:
+    """Local mode serves the person at this machine only: any other client is refused with a
+    page that says what to configure, and the refusal is audited (once per session)."""
+    ip, headers = _request()
+    why = policy.local_access_refusal(ip, headers)
+    if why is None:
+        return
+    if not st.session_state.get("_cxr_local_refused"):
+        st.session_state["_cxr_local_refused"] = True
+        gate.record(get_db(), local, "view", "local mode", outcome="denied",
+                    detail={"why": why, "client": ip,
+                            "host": {k.lower(): v for k, v in headers.items()}.get("host")})
+    st.title("CXR Workbench")
+    st.error(f"This app runs in local mode (no sign-in, every role), which serves only the "
+             f"person at this machine, and {md(why)}. To serve a team, configure sign-in "
+             "(an `[auth]` table and `[cxr_roles]` in `.streamlit/secrets.toml`), then set "
+             "`server.address` to the address to listen on, behind a TLS proxy (see the "
+             "README, *Serving a team*).", icon=":material/lock:")
+    st.stop()
+
+
 def principal() -> Principal:
     """The signed-in principal (stops the page with a sign-in screen when nobody is), or the
     local-mode principal (named by the reviewer name typed once per session, if any).
@@ -65,7 +97,9 @@ def principal() -> Principal:
     The signed-in one is read from the database (its role grants) once per full run: pages
     ask several times per run, and the Train page's fragment every few seconds."""
     if not auth_on():
-        return policy.local_principal(st.session_state.get("review_reviewer", ""))
+        local = policy.local_principal(st.session_state.get("review_reviewer", ""))
+        _local_only(local)
+        return local
     if not st.user.is_logged_in:
         _sign_in_screen()
     user, run = st.user.to_dict(), st.session_state.get(_RUN)
@@ -73,7 +107,7 @@ def principal() -> Principal:
     if run is not None and cached is not None and cached[:2] == (run, user):
         return cached[2]
     try:
-        p = actions.effective_principal(get_db(), user, _secrets_table("cxr_roles") or {})
+        p = gate.effective_principal(get_db(), user, _secrets_table("cxr_roles") or {})
     except CxrError as exc:
         st.error(f"Sign-in is misconfigured: {md(exc)}", icon=":material/error:")
         st.stop()

@@ -150,6 +150,33 @@ def local_principal(name: str = "") -> Principal:
                      display=name or "local user")
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]", "::1")
+PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
+
+
+def local_access_refusal(client_ip: str | None, headers: Mapping[str, str]) -> str | None:
+    """Why a request may not use local mode (every role, no sign-in), or None when it may.
+
+    Local mode is for the person at this machine: the client must be on loopback (Streamlit
+    reports no IP for ``127.0.0.1``/``::1``), must not come through a proxy (a ``Forwarded``,
+    ``X-Forwarded-*`` or ``X-Real-IP`` header: a proxy on this host makes every client look
+    local), and must name this machine as localhost (a ``Host`` of another name is a DNS
+    rebinding attack or a remote name for this server).
+    """
+    lowered = {str(k).lower(): str(v) for k, v in headers.items()}
+    if client_ip:
+        return f"the client {client_ip} is not on this machine"
+    via = [h for h in PROXY_HEADERS if h in lowered]
+    if via:
+        return f"the request came through a proxy ({', '.join(via)})"
+    host = lowered.get("host")
+    if host is not None:
+        name = host.rsplit(":", 1)[0] if not host.startswith("[") else host.split("]")[0] + "]"
+        if name.lower() not in LOCAL_HOSTS:
+            return f"the request names this server {host!r}, not localhost"
+    return None
+
+
 def cli_principal(env: Mapping[str, str] | None = None) -> Principal:
     """The CLI's principal: ``CXR_CLI_IDENTITY`` (default ``cli:<OS user>``) with the roles of
     ``CXR_CLI_ROLES`` (comma-separated, default every role: the CLI runs on the server)."""

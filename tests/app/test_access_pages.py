@@ -170,3 +170,45 @@ def test_view_jobs_are_asked_as_the_user_and_refused_without_a_role(tiny):  # no
     assert len(queue.recent_jobs(db, "split_preview")) == 1
     assert [(e.actor, e.action, e.outcome) for e in auth_admin.audit_log(db, admin)] == [
         ("nobody@h.org", "compute_view", "denied")]
+
+
+# -- Local mode serves this machine only (issue 26 item 1) ------------------------------------
+
+@pytest.mark.parametrize("ip, headers, refused", [
+    (None, {}, None),
+    (None, {"Host": "localhost:8501"}, None),
+    (None, {"Host": "127.0.0.1:8501"}, None),
+    (None, {"Host": "[::1]:8501"}, None),
+    ("10.1.2.3", {"Host": "localhost:8501"}, "the client 10.1.2.3 is not on this machine"),
+    (None, {"Host": "localhost:8501", "X-Forwarded-For": "10.1.2.3"}, "through a proxy"),
+    (None, {"Host": "localhost", "Forwarded": "for=10.1.2.3"}, "through a proxy"),
+    (None, {"host": "evil.example:8501"}, "names this server 'evil.example:8501'"),
+    (None, {"Host": "lab-server.local:8501"}, "not localhost"),
+])
+def test_local_mode_refuses_anything_but_this_machine(ip, headers, refused):
+    why = policy.local_access_refusal(ip, headers)
+    assert (why is None) if refused is None else (refused in why)
+
+
+def test_a_remote_client_gets_a_refusal_page_and_an_audit_row(cxr_home, monkeypatch):
+    from app_pages import _access
+
+    monkeypatch.setattr(_access, "_request",
+                        lambda: ("10.1.2.3", {"Host": "lab-server:8501"}))
+    at = app()
+    error = texts(at, "error").replace("\\", "")  # markdown-escaped
+    assert "serves only the person at this machine" in error
+    assert "the client 10.1.2.3 is not on this machine" in error and "Serving a team" in error
+    assert not at.get("page_link") and not at.sidebar.button  # nothing of the app runs
+    events = auth_admin.audit_log(open_db(), policy.local_principal(""), action="view")
+    assert [(e.outcome, e.detail["client"], e.detail["host"]) for e in events] == [
+        ("denied", "10.1.2.3", "lab-server:8501")]
+    at.run()  # audited once per session
+    assert len(auth_admin.audit_log(open_db(), policy.local_principal(""), action="view")) == 1
+
+
+def test_the_shipped_streamlit_config_listens_on_loopback_only():
+    import tomllib
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
