@@ -18,8 +18,7 @@ from typing import Any
 import streamlit as st
 
 from app_pages._db import get_db
-from cxr_core.auth import gate
-from cxr_core.auth import policy
+from cxr_core.auth import gate, policy
 from cxr_core.auth.policy import Principal
 from cxr_core.core.errors import CxrError
 from cxr_core.core.text_safe import md_escape

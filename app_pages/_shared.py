@@ -205,19 +205,21 @@ def index_report_ui(key: str = "add_ds") -> None:
 
 
 def startup_index_ui() -> None:
-    """The ``CXR_DATA_DIR`` index jobs queued at start: progress while they run, and the
-    error of one that failed (a path that is not a dataset)."""
+    """The jobs queued at start (a ``CXR_DATA_DIR`` index job per folder, or the first-launch
+    demo): progress while they run, and the error of one that failed."""
     for job_id in startup_jobs():
         job = queue.get_job(get_db(), job_id)
         if job is None:
             continue
+        demo = job.kind == "demo"
         if job.status in ("queued", "running"):
             key = f"startup_job_{job_id}"
             st.session_state.setdefault(key, job_id)
-            job_ui(key, f"Indexing {job.params['path']}")
+            job_ui(key, "Setting up the demo dataset (300 real films) and evaluating the "
+                   "shipped model on it" if demo else f"Indexing {job.params['path']}")
         elif job.status == "failed":
-            st.warning(f"CXR_DATA_DIR {md_escape(job.params['path'])}: {md_escape(job.error)}",
-                       icon=":material/warning:")
+            where = "The demo dataset" if demo else f"CXR_DATA_DIR {md_escape(job.params['path'])}"
+            st.warning(f"{where}: {md_escape(job.error)}", icon=":material/warning:")
 
 
 def dataset_picker(key: str) -> DatasetInfo | None:

@@ -6,6 +6,7 @@ import streamlit as st
 from app_pages._access import md, principal
 from app_pages._db import get_db
 from app_pages._shared import dataset_picker, index_report_ui, list_datasets, startup_index_ui
+from cxr_core.app import DEMO_NAME
 from cxr_core.core.errors import CxrError
 from cxr_core.data import actions as data_actions
 from cxr_core.models.card import entry_title, external_text, fmt_ci, headline, stress_summary
@@ -134,9 +135,21 @@ def external_flag_ui(datasets: list) -> None:
                 st.rerun()
 
 
+def demo_dataset_ui(datasets: list) -> None:
+    """Say so when the embedded demo films are what the app shows."""
+    if any(d.name == DEMO_NAME for d in datasets):
+        st.info("The **demo dataset** (`demo`) holds 300 real films of the Kermany train split "
+                "(demo/README.md), so every page has films to show. The shipped model was "
+                "trained on that split: its figures on the demo are on its own training films "
+                "(optimistic), not a measure of the model. Add your own data below (Get "
+                "started / Add a dataset) or `python -m cxr_core fetch-kermany --out PATH`.",
+                icon=":material/science:")
+
+
 demo_model_ui()
 datasets = list_datasets()
 if datasets:
+    demo_dataset_ui(datasets)
     st.subheader("Datasets")
     startup_index_ui()
     index_report_ui()  # a dataset just added from "Get started" below

@@ -17,10 +17,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from cxr_core import storage
+from cxr_core.core.data_roots import DEMO_DIR
+from cxr_core.core.errors import CxrError
 from cxr_core.data import handlers as data_handlers
+from cxr_core.data.indexing import index_dataset, list_datasets
 from cxr_core.evaluation import handlers as evaluation_handlers
+from cxr_core.evaluation.evaluate import evaluate_model
 from cxr_core.jobs import loop, queue
-from cxr_core.jobs.queue import Handler
+from cxr_core.jobs.queue import Handler, Progress
 from cxr_core.models import handlers as model_handlers
 from cxr_core.review import handlers as review_handlers
 from cxr_core.storage import Database
@@ -33,25 +37,54 @@ def open_db() -> Database:
     return storage.open_db()
 
 
+DEMO_PATH = DEMO_DIR / "chest_xray_mini"  # 300 real train films (demo/README.md)
+DEMO_NAME = "demo"
+DEMO_MODELS = ("default",)  # the shipped models evaluated on the demo films
+
+
 def open_app_db(*, start_worker: bool = True) -> tuple[Database, list[int]]:
     """Open the configured database (migrated to the newest schema) and queue an index job
     per ``CXR_DATA_DIR`` path: what the app does once per process. A worker does the indexing
     (incremental, so cheap when nothing changed); the web process reads no folder.
 
+    On a first launch (no dataset known, no ``CXR_DATA_DIR``, ``CXR_DEMO`` not "off") it
+    queues the ``demo`` job instead: the embedded demo films indexed, and the shipped model
+    evaluated on them, so every page has real films to show.
+
     Returns:
-        (the database, the index job ids, one per data folder; an already queued or running
-        job for a path is reused).
+        (the database, the job ids, one per data folder or the demo job; an already queued or
+        running job for a path is reused).
     """
     db = storage.open_db()
-    return db, [queue.submit_once(db, "index", {"path": str(path), "name": None},
-                                  start_worker=start_worker)
-                for path in storage.get_settings().data_dirs]
+    settings = storage.get_settings()
+    jobs = [queue.submit_once(db, "index", {"path": str(path), "name": None},
+                              start_worker=start_worker) for path in settings.data_dirs]
+    if not jobs and settings.demo and DEMO_PATH.is_dir() and not list_datasets(db):
+        jobs.append(queue.submit_once(db, "demo", {"path": str(DEMO_PATH), "name": DEMO_NAME,
+                                                   "models": list(DEMO_MODELS)},
+                                      start_worker=start_worker))
+    return db, jobs
+
+
+def _demo(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
+    """The ``demo`` job: index the demo films, then evaluate each shipped model on them (its
+    figures there are on its own training films: the evaluation's overlap says so)."""
+    rep = index_dataset(db, params["path"], name=params["name"], progress=progress)
+    evaluations = {}
+    for ref in params.get("models") or ():
+        try:
+            evaluations[ref], _ = evaluate_model(db, ref, params["name"], progress=progress)
+        except CxrError as exc:  # e.g. no shipped model in this checkout: the films still show
+            evaluations[ref] = f"not evaluated: {exc}"
+    return {**rep.to_json(), "dataset_id": rep.dataset_id, "warnings": rep.warnings,
+            "evaluations": evaluations}
 
 
 def job_handlers() -> Mapping[str, Handler]:
     """Every job kind's handler, from the domains that own them (checked to cover the kinds)."""
     return queue.check_handlers({**data_handlers.HANDLERS, **evaluation_handlers.HANDLERS,
-                                 **review_handlers.HANDLERS, **model_handlers.HANDLERS})
+                                 **review_handlers.HANDLERS, **model_handlers.HANDLERS,
+                                 "demo": _demo})
 
 
 def run_job(db: Database, job_id: int) -> Any:

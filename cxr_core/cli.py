@@ -58,6 +58,20 @@ def cmd_index(args: argparse.Namespace) -> dict:
     return report.to_json()
 
 
+def cmd_fetch_kermany(args: argparse.Namespace) -> dict:
+    """Download (resumably), unpack, check and index the full public release."""
+    from cxr_core.app import open_db
+    from cxr_core.core import data_roots
+    from cxr_core.data.fetch import URL, fetch_kermany
+    from cxr_core.data.indexing import index_dataset
+
+    data_roots.check_path(args.out, roots=data_roots.allowed_roots())
+    _gate("index_dataset", str(args.out), fetch=args.url)
+    got = fetch_kermany(args.out, url=args.url or URL, progress=_progress("fetch"))
+    report = index_dataset(open_db(), got["root"], name=args.name, progress=_progress("scan"))
+    return {**got, "index": report.to_json()}
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
@@ -268,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "report their external figures on it)")
     p.add_argument("--not-external", dest="external", action="store_false",
                    help="clear the external flag")
+    p = add("fetch-kermany", cmd_fetch_kermany,
+            "download the full public Kermany release (Mendeley Data, CC BY 4.0), unpack, "
+            "check and index it")
+    p.add_argument("--out", required=True, help="the folder to unpack into")
+    p.add_argument("--url", default=None, help="a mirror of ChestXRay2017.zip (file:// too)")
+    p.add_argument("--name", default="kermany", help="the dataset's name in the app")
     p = add("train", cmd_train, "train from a run config JSON (same code path as the page)")
     p.add_argument("--config", required=True)
     p.add_argument("--detach", action="store_true", help="only queue the run for the worker")

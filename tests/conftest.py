@@ -36,11 +36,13 @@ def shared_data() -> Path:
 def cxr_home(tmp_path, monkeypatch) -> Path:
     """A fresh CXR_HOME with its own SQLite DB for one test. ``CXR_WORKER=off``: a page or
     service that queues work launches no worker process (a test that wants one sets
-    ``auto``; the others play the worker with ``app.run_worker(once=True)``)."""
+    ``auto``; the others play the worker with ``app.run_worker(once=True)``). ``CXR_DEMO=off``:
+    no first-launch demo job."""
     home = tmp_path / "cxr_home"
     home.mkdir()
     monkeypatch.setenv("CXR_HOME", str(home))
     monkeypatch.setenv("CXR_WORKER", "off")
+    monkeypatch.setenv("CXR_DEMO", "off")  # a test that wants the first-launch demo sets "on"
     monkeypatch.delenv("CXR_DB_URL", raising=False)
     monkeypatch.delenv("CXR_DATA_DIR", raising=False)
     monkeypatch.delenv("CXR_DATA_ROOTS", raising=False)

@@ -39,7 +39,7 @@ def area(tmp_path) -> dict[str, Path]:
 
 @pytest.mark.parametrize(("env", "expected"), [
     ({}, None),  # local mode: unrestricted
-    ({"CXR_AUTH_MODE": "oidc"}, ()),  # sign-in on and no data dir: nothing
+    ({"CXR_AUTH_MODE": "oidc"}, ()),  # sign-in on and no data dir: nothing but the demo
     ({"CXR_AUTH_MODE": "oidc", "CXR_DATA_DIR": "{a}"}, ("{a}",)),
     ({"CXR_DATA_ROOTS": "{a}{sep}{b}"}, ("{a}", "{b}")),
     ({"CXR_DATA_ROOTS": " {a} {sep}{sep}", "CXR_AUTH_MODE": "oidc", "CXR_DATA_DIR": "{b}"},
@@ -52,8 +52,19 @@ def test_allowed_roots_from_the_environment(cxr_home, monkeypatch, tmp_path, env
     for k, v in env.items():
         monkeypatch.setenv(k, v.format(**fill))
     got = data_roots.allowed_roots()
-    want = None if expected is None else tuple(real(Path(e.format(**fill))) for e in expected)
+    # A restricted list always ends with the repository's own demo films (issue 26 item 7).
+    want = None if expected is None else tuple(real(Path(e.format(**fill))) for e in expected) \
+        + (real(data_roots.DEMO_DIR),)
     assert got == want
+
+
+def test_the_embedded_demo_films_are_always_an_allowed_root(cxr_home, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXR_AUTH_MODE", "oidc")
+    demo = data_roots.DEMO_DIR / "chest_xray_mini"
+    assert data_roots.check_path(demo) == real(demo)
+    assert "only the embedded demo films" in data_roots.describe(data_roots.allowed_roots())
+    with pytest.raises(PathNotAllowed):
+        data_roots.check_path(tmp_path)
 
 
 def test_auth_on_default_is_the_data_dirs_only(cxr_home, monkeypatch, area):

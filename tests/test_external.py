@@ -224,3 +224,20 @@ def test_external_figures_lead_the_headline_and_the_card():
     assert "A plain note." in md
     refused = dict(ext, site_threshold={"refused": "a site threshold needs at least 10"})
     assert "no site threshold (a site threshold needs at least 10)" in external_text(refused)
+
+
+def test_a_shipped_card_knows_its_training_films_by_content_anywhere(cxr_home, tiny_dataset,
+                                                                     tmp_path):
+    """Byte-identical films are the same films whatever the dataset (the demo films are
+    copies of the shipped model's training films): the card's content hashes say so."""
+    import hashlib
+
+    from test_model_store import BINARY_CARD, save_tiny_model
+
+    db = open_db()
+    files = sorted(tiny_dataset.rglob("*.jpeg"))[:2]
+    card = dict(BINARY_CARD, training_sha256=[hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+                                              for f in files])
+    model = save_tiny_model(tmp_path / "shipped" / "model.keras", card=card)
+    out = es.evaluate_dataset(db, str(model), str(tiny_dataset))
+    assert out.overlap["same_content"] == 2 and out.overlap["train_patients"] == 0

@@ -31,19 +31,27 @@ def _paths(raw: str) -> tuple[Path, ...]:
                  for p in raw.split(os.pathsep) if p.strip())
 
 
+DEMO_DIR = Path(__file__).resolve().parents[2] / "demo"  # the repository's embedded films
+
+
 def allowed_roots() -> tuple[Path, ...] | None:
     """The configured data roots (real paths), or None when any path is allowed.
 
     Returns:
         ``CXR_DATA_ROOTS`` when set; else, with sign-in on, the ``CXR_DATA_DIR`` paths (possibly
-        none: then nothing may be indexed); else None (local mode, unrestricted).
+        none); else None (local mode, unrestricted). Restricted roots always include the
+        repository's own ``demo/`` folder.
     """
     raw = os.environ.get("CXR_DATA_ROOTS", "")
     if raw.strip():
-        return _paths(raw)
+        return _paths(raw) + (_real(DEMO_DIR),)
     if os.environ.get("CXR_AUTH_MODE", "").strip().lower() == "oidc":
-        return _paths(os.environ.get("CXR_DATA_DIR", ""))
+        return _paths(os.environ.get("CXR_DATA_DIR", "")) + (_real(DEMO_DIR),)
     return None
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
 
 
 def is_within(path: str | Path, root: str | Path) -> bool:
@@ -59,6 +67,9 @@ def describe(roots: Sequence[Path] | None) -> str:
         return "any folder (local mode: no data roots configured)"
     if not roots:
         return ("no folder (sign-in is on and neither CXR_DATA_ROOTS nor CXR_DATA_DIR is set)")
+    if list(roots) == [_real(DEMO_DIR)]:
+        return (f"only the embedded demo films ({DEMO_DIR}): sign-in is on and neither "
+                "CXR_DATA_ROOTS nor CXR_DATA_DIR is set")
     return ", ".join(str(r) for r in roots)
 
 

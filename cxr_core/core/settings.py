@@ -9,6 +9,7 @@ CXR_DB_URL    any SQLAlchemy URL (default sqlite:///$CXR_HOME/cxr.db); PostgreSQ
 CXR_DATA_DIR  dataset folders/files to register at start, separated by the OS path separator
 CXR_PATIENT_SALT  secret mixed into hashed DICOM PatientIDs (default: $CXR_HOME/patient_salt)
 CXR_DATA_ROOTS  folders datasets and weights files may lie under (cxr_core.core.data_roots)
+CXR_DEMO      "off": no first-launch demo dataset (cxr_core.app)
 CXR_MAX_*     per-run limits and the per-user run quota (cxr_core.core.limits)
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ class Settings:
     data_dirs: tuple[Path, ...]
     artifacts: Path | None = None  # CXR_ARTIFACTS: runs and uploads (shared across hosts)
     worker: str = "auto"  # CXR_WORKER: "auto" (the app starts a local worker) or "off"
+    # CXR_DEMO: on a first launch (no dataset known, no CXR_DATA_DIR) the app indexes the
+    # embedded demo dataset and evaluates the shipped model on it; "off" skips that.
+    demo: bool = True
 
     @property
     def artifacts_root(self) -> Path:
@@ -58,7 +62,7 @@ class Settings:
 
 SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA_DIR",
                "patient_salt": "CXR_PATIENT_SALT", "artifacts": "CXR_ARTIFACTS",
-               "worker": "CXR_WORKER", "data_roots": "CXR_DATA_ROOTS",
+               "worker": "CXR_WORKER", "demo": "CXR_DEMO", "data_roots": "CXR_DATA_ROOTS",
                # per-run limits and quotas (cxr_core.core.limits)
                "max_active_runs_per_user": "CXR_MAX_ACTIVE_RUNS_PER_USER",
                "max_image_size": "CXR_MAX_IMAGE_SIZE", "max_epochs": "CXR_MAX_EPOCHS",
@@ -102,7 +106,8 @@ def get_settings() -> Settings:
         The current settings; CXR_HOME is created if missing.
 
     Raises:
-        ConfigError: CXR_WORKER is neither "auto" nor "off".
+        ConfigError: CXR_WORKER is neither "auto" nor "off", or CXR_DEMO neither "on" nor
+            "off".
     """
     home = Path(os.environ.get("CXR_HOME") or Path.home() / ".cxr").expanduser()
     home.mkdir(parents=True, exist_ok=True)
@@ -113,8 +118,12 @@ def get_settings() -> Settings:
     worker = os.environ.get("CXR_WORKER", "").strip().lower() or "auto"
     if worker not in WORKER_MODES:
         raise ConfigError(f"CXR_WORKER must be one of {WORKER_MODES}. Received: {worker!r}")
+    demo = os.environ.get("CXR_DEMO", "").strip().lower() or "on"
+    if demo not in ("on", "off"):
+        raise ConfigError(f"CXR_DEMO must be 'on' or 'off'. Received: {demo!r}")
     return Settings(home=home, db_url=db_url, data_dirs=data_dirs,
-                    artifacts=Path(artifacts).expanduser() if artifacts else None, worker=worker)
+                    artifacts=Path(artifacts).expanduser() if artifacts else None, worker=worker,
+                    demo=demo == "on")
 
 
 def patient_salt(settings: Settings | None = None) -> str:

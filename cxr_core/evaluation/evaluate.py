@@ -317,11 +317,18 @@ def _overlap(db: Database, loaded: Any, ids: list[int], patients: list[str | Non
     runs = [m.run_id for m in (loaded.members or (loaded,)) if m.run_id is not None]
     if not runs:
         seen = (loaded.card or {}).get("training_patients")
-        if not seen or loaded.members:
+        if not (seen or (loaded.card or {}).get("training_sha256")) or loaded.members:
             return None
+        seen = seen or {}
         # a shipped model: its card names the patients it has seen (by id)
-        return store.patient_overlap(seen, patients,
-                                     same_dataset=_same_folder(loaded.card, root)).to_dict()
+        overlap = store.patient_overlap(seen, patients,
+                                        same_dataset=_same_folder(loaded.card, root)).to_dict()
+        hashes = set((loaded.card or {}).get("training_sha256") or ())
+        if hashes:  # byte-identical films are the same films, whatever the dataset
+            with db.session() as s:
+                recs = ds_store.get_images(session=s, image_ids=ids)
+            overlap["same_content"] = sum(1 for r in recs if r.sha256 and r.sha256[:16] in hashes)
+        return overlap
     with db.session() as s:
         found = [store.run_overlap(session=s, run_id=r, image_ids=ids).to_dict() for r in runs]
     return found[0] if not loaded.members and found else combined_overlap(found)

@@ -11,7 +11,8 @@ to :func:`run_job` and the worker loop, so the queue imports no domain.
 Kinds and their handlers: ``index``, ``split_preview``, ``balance_tables``
 (:mod:`cxr_core.data.handlers`); ``evaluate``, ``compare_ci``, ``site_calibration``
 (:mod:`cxr_core.evaluation.handlers`); ``agreement``, ``export_relabels``
-(:mod:`cxr_core.review.handlers`); ``create_ensemble`` (:mod:`cxr_core.models.handlers`).
+(:mod:`cxr_core.review.handlers`); ``create_ensemble`` (:mod:`cxr_core.models.handlers`);
+``demo`` (:mod:`cxr_core.app`: it spans data and evaluation).
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ KINDS: dict[str, str] = {
     "agreement": "compute_view",
     "site_calibration": "compute_view",
     "create_ensemble": "set_operating_point",
+    "demo": "index_dataset",  # queued by the app itself on a first launch (cxr_core.app)
 }
 VIEW_KINDS = tuple(k for k, a in KINDS.items() if a == "compute_view")
 

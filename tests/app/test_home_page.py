@@ -175,3 +175,36 @@ def test_a_dataset_is_flagged_external_on_home_and_audited(cxr_home, tiny_datase
     (unflag,) = [b for b in at.button if b.label == "Unflag as external"]
     unflag.click().run()
     assert [d.external for d in list_datasets(db)] == [False]
+
+
+def test_a_first_launch_indexes_the_demo_films_and_evaluates_the_shipped_model(cxr_home,
+                                                                              monkeypatch):
+    """No dataset, no CXR_DATA_DIR: the app queues the demo job (a worker indexes the 300
+    embedded films and evaluates the shipped model there); Home says it is the demo and that
+    the shipped model's figures on it are on its own training films."""
+    from cxr_core.evaluation import evaluate as es
+
+    monkeypatch.setenv("CXR_DEMO", "on")
+    at = run_page()
+    assert "demo" in at.get("progress")[0].proto.text.lower()
+    assert app.run_worker(once=True, kinds="jobs")["jobs"] == [1]
+    (job,) = queue.recent_jobs(open_db(), "demo")
+    assert job.status == "finished", job.error
+    assert job.result["images"] == 300 and job.result["duplicate_groups"] == 5
+    assert isinstance(job.result["evaluations"]["default"], int)
+    (ev,) = es.list_evaluations(open_db())
+    assert ev.model_ref == "default" and ev.dataset_name == "demo" and ev.n == 300
+    at.run()
+    assert not at.exception, at.exception
+    info = " | ".join(i.value for i in at.info)
+    assert "demo dataset" in info and "its own training films" in info
+    assert at.dataframe[0].value["name"].tolist() == ["demo"]
+    at.run()
+    assert not queue.recent_jobs(open_db(), "index")  # asked once: the database knows one now
+    assert len(queue.recent_jobs(open_db(), "demo")) == 1
+
+
+def test_the_demo_can_be_turned_off(cxr_home, monkeypatch):
+    monkeypatch.setenv("CXR_DEMO", "off")
+    at = run_page()
+    assert not at.get("progress") and not queue.recent_jobs(open_db(), "demo")

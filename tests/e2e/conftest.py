@@ -129,6 +129,7 @@ def serve(home: Path, log_path: Path, *, script: Path = REPO / "streamlit_app.py
     env = {k: v for k, v in os.environ.items() if k not in ("CXR_DB_URL", "CXR_DATA_DIR")}
     env.update(CXR_HOME=str(home), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
                TF_CPP_MIN_LOG_LEVEL="2")
+    env.setdefault("CXR_DEMO", "off")  # the first-launch demo only where a module asks for it
     with open(log_path, "wb") as log:  # a file: a full pipe would block the server
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(script),
