@@ -20,7 +20,7 @@ import streamlit as st
 from app_pages._db import get_db
 from cxr_core.auth import gate, policy
 from cxr_core.auth.policy import Principal
-from cxr_core.core.errors import CxrError
+from cxr_core.core.errors import CxrError, PermissionDenied
 from cxr_core.core.text_safe import md_escape
 
 
@@ -99,6 +99,12 @@ def principal() -> Principal:
         local = policy.local_principal(st.session_state.get("review_reviewer", ""))
         _local_only(local)
         return local
+    roles_config = _secrets_table("cxr_roles") or {}
+    try:  # deny by default: sign-in without a roles mapping does not start
+        policy.check_roles_config(roles_config)
+    except CxrError as exc:
+        st.error(f"Sign-in is misconfigured: {md(exc)}", icon=":material/error:")
+        st.stop()
     if not st.user.is_logged_in:
         _sign_in_screen()
     user, run = st.user.to_dict(), st.session_state.get(_RUN)
@@ -106,7 +112,11 @@ def principal() -> Principal:
     if run is not None and cached is not None and cached[:2] == (run, user):
         return cached[2]
     try:
-        p = gate.effective_principal(get_db(), user, _secrets_table("cxr_roles") or {})
+        p = gate.effective_principal(get_db(), user, roles_config)
+    except PermissionDenied as exc:
+        st.error(f"Access refused: {md(exc)}", icon=":material/block:")
+        st.button("Sign out", on_click=st.logout, icon=":material/logout:", key="refused_out")
+        st.stop()
     except CxrError as exc:
         st.error(f"Sign-in is misconfigured: {md(exc)}", icon=":material/error:")
         st.stop()

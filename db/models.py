@@ -346,3 +346,14 @@ class UserRole(Base):
     roles: Mapped[str] = mapped_column(String(200))  # comma-separated, from cxr_core.auth.policy.ROLES
     granted_by: Mapped[str] = mapped_column(String(200))
     granted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class UserIdentity(Base):
+    """The identity an OIDC account (issuer, subject) was first seen under: a later sign-in
+    resolving to another identity is refused, never silently re-keyed (migration 0011)."""
+
+    __tablename__ = "user_identities"
+    issuer: Mapped[str] = mapped_column(String(500), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(500), primary_key=True)
+    identity: Mapped[str] = mapped_column(String(200))
+    first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -75,11 +75,11 @@ CONFIG = {"default": "viewer", "claim": "groups", "admin": ["Lead@H.org"],
 
 
 @pytest.mark.parametrize("user, top", [
-    ({"email": "lead@h.org"}, A),
-    ({"email": "someone@h.org", "groups": ["radiology"]}, R),
-    ({"email": "rad@h.org"}, R),
-    ({"email": "x@h.org", "groups": ["ml", "radiology"]}, S),
-    ({"email": "stakeholder@h.org"}, V),
+    ({"email": "lead@h.org", "email_verified": True}, A),
+    ({"email": "someone@h.org", "email_verified": True, "groups": ["radiology"]}, R),
+    ({"email": "rad@h.org", "email_verified": True}, R),
+    ({"email": "x@h.org", "email_verified": True, "groups": ["ml", "radiology"]}, S),
+    ({"email": "stakeholder@h.org", "email_verified": True}, V),
 ])
 def test_roles_from_identity_and_groups_claim(user, top):
     p = policy.oidc_principal(user, CONFIG)
@@ -88,13 +88,66 @@ def test_roles_from_identity_and_groups_claim(user, top):
 
 
 def test_no_default_role_means_no_role_and_bad_config_is_refused():
-    p = policy.oidc_principal({"email": "x@h.org"}, {"default": ""})
-    assert p.roles == frozenset() and not p.can("view")
+    mapped = {"admin": ["lead@h.org"]}
+    p = policy.oidc_principal({"email": "x@h.org", "email_verified": True}, mapped)
+    assert p.roles == frozenset() and not p.can("view")  # deny by default: no default role
     with pytest.raises(ConfigError, match="unknown key"):
-        policy.oidc_principal({"email": "x@h.org"}, {"admins": ["x@h.org"]})
-    with pytest.raises(ConfigError, match="neither an email nor a subject"):
+        policy.oidc_principal({"email": "x@h.org"}, {**mapped, "admins": ["x@h.org"]})
+    with pytest.raises(ConfigError, match="neither a verified email nor a subject"):
         policy.identity_of({"name": "anon"})
     assert policy.identity_of({"sub": "42", "iss": "https://idp"}) == "https://idp|42"
+
+
+@pytest.mark.parametrize("config", [{}, {"default": ""}, {"admin": []}, None])
+def test_sign_in_without_a_roles_mapping_is_refused(config):
+    with pytest.raises(ConfigError, match="gives no identity a role"):
+        policy.check_roles_config(config)
+
+
+def test_an_unverified_email_is_not_an_identity():
+    """An email the provider did not verify must not reach an admin's roles."""
+    cfg = {"admin": ["lead@h.org"]}
+    forged = {"email": "Lead@H.org", "email_verified": False, "iss": "https://idp", "sub": "u9"}
+    assert policy.identity_of(forged, cfg) == "https://idp|u9"
+    assert policy.oidc_principal(forged, cfg).roles == frozenset()
+    assert policy.identity_of({**forged, "email_verified": "true"}, cfg) == "lead@h.org"
+    trusted = {**cfg, "trusted_email_issuers": ["https://idp"]}
+    assert policy.identity_of({k: v for k, v in forged.items() if k != "email_verified"},
+                              trusted) == "lead@h.org"
+
+
+def test_subjects_keep_their_case_and_emails_are_lowercased():
+    cfg = {"reviewer": ["https://idp|AbC"], "admin": ["Lead@H.org"]}
+    assert policy.oidc_principal({"iss": "https://idp", "sub": "AbC"}, cfg).top_role == R
+    assert policy.oidc_principal({"iss": "https://idp", "sub": "abc"}, cfg).roles == frozenset()
+    boss = {"email": "LEAD@h.org", "email_verified": True}
+    assert policy.oidc_principal(boss, cfg).identity == "lead@h.org"
+    assert policy.oidc_principal(boss, cfg).top_role == A
+
+
+def test_allowed_issuers_and_domains_refuse_other_accounts():
+    cfg = {"admin": ["lead@h.org"], "allowed_issuers": ["https://idp"],
+           "allowed_domains": ["h.org"]}
+    ok = {"email": "lead@h.org", "email_verified": True, "iss": "https://idp", "sub": "1"}
+    policy.check_allowed(ok, cfg)
+    with pytest.raises(PermissionDenied, match="accounts of 'https://evil' are not accepted"):
+        policy.check_allowed({**ok, "iss": "https://evil"}, cfg)
+    with pytest.raises(PermissionDenied, match="only verified emails of"):
+        policy.check_allowed({**ok, "email": "lead@evil.org"}, cfg)
+    with pytest.raises(PermissionDenied, match="only verified emails of"):
+        policy.check_allowed({**ok, "email_verified": False}, cfg)
+
+
+def test_an_account_whose_identity_changes_form_is_refused_and_audited(db):
+    cfg = {"admin": ["lead@h.org"]}
+    first = {"email": "lead@h.org", "email_verified": False, "iss": "https://idp", "sub": "7"}
+    assert actions.effective_principal(db, first, cfg).identity == "https://idp|7"
+    again = actions.effective_principal(db, first, cfg)
+    assert again.identity == "https://idp|7" and again.roles == frozenset()
+    with pytest.raises(PermissionDenied, match="signed in before as 'https://idp\\|7'"):
+        actions.effective_principal(db, {**first, "email_verified": True}, cfg)
+    (event,) = admin.audit_log(db, as_role(A, "auditor@h.org"), action="view")
+    assert event.outcome == "denied" and "signed in before" in event.detail["why"]
 
 
 # -- Gated actions against a real database ---------------------------------------------------
@@ -180,7 +233,8 @@ def test_role_grants_add_to_configured_roles_and_need_admin(db):
     with pytest.raises(PermissionDenied):
         admin.grant_roles(db, as_role(S), "new@h.org", ["scientist"])
     admin.grant_roles(db, as_role(A, "lead@h.org"), " New@H.org ", ["reviewer"])
-    p = actions.effective_principal(db, {"email": "new@h.org"}, {"default": "viewer"})
+    p = actions.effective_principal(db, {"email": "new@h.org", "email_verified": True},
+                                    {"default": "viewer"})
     assert p.top_role == R
     (g,) = admin.role_grants(db, as_role(A))
     assert (g.identity, g.roles, g.granted_by) == ("new@h.org", ("reviewer",), "lead@h.org")

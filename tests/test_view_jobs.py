@@ -53,7 +53,8 @@ def test_a_viewer_asks_for_each_view_job_unaudited_and_recorded_as_the_submitter
 
 
 def test_a_principal_without_a_role_is_refused_and_that_is_audited(db):
-    nobody = policy.oidc_principal({"email": "x@h.org"}, {"default": ""})
+    nobody = policy.oidc_principal({"email": "x@h.org", "email_verified": True},
+                                   {"admin": ["lead@h.org"]})
     with pytest.raises(PermissionDenied, match="may not compute view"):
         actions.submit_job(db, nobody, "agreement", view(1))
     assert queue.recent_jobs(db, "agreement") == []

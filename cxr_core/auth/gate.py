@@ -70,8 +70,31 @@ def authorize_owned(db: Database, p: Principal, *, owner: str | None, own: str, 
 
 def effective_principal(db: Database, user: Mapping[str, Any],
                         roles_config: Mapping[str, Any]) -> Principal:
-    """The principal of a signed-in OIDC user: configured roles plus the admins' grants."""
-    who = policy.identity_of(user)
+    """The principal of a signed-in OIDC user: configured roles plus the admins' grants.
+
+    The account (issuer, subject) is bound to its identity the first time it signs in; a
+    later sign-in resolving to another identity is refused (and audited), never re-keyed.
+
+    Raises:
+        ConfigError: the roles table maps no one, or is malformed.
+        PermissionDenied: an issuer or domain not accepted, or an identity that changed form.
+    """
+    policy.check_roles_config(roles_config)
+    who = policy.identity_of(user, roles_config)
+    unknown = Principal(identity=who, roles=frozenset(), source="oidc")
+    try:
+        policy.check_allowed(user, roles_config)
+        iss, sub = str(user.get("iss") or "oidc"), str(user.get("sub") or "").strip()
+        bound = db.write(lambda s: store.bind_identity(session=s, issuer=iss, subject=sub,
+                                                       identity=who)) if sub else who
+        if bound != who:
+            raise PermissionDenied(
+                f"this account signed in before as {bound!r} and now resolves to {who!r}; "
+                "identities never change silently (records are kept under the first one): an "
+                "admin must move the account, or sign in with the same identity as before")
+    except PermissionDenied as exc:
+        record(db, unknown, "view", "sign-in", outcome="denied", detail={"why": str(exc)})
+        raise
     with db.session() as s:
         granted = store.granted_roles(session=s, identity=who)
     return policy.oidc_principal(user, roles_config, granted)

@@ -17,16 +17,23 @@ Roles (each includes the one before):
 * ``admin``: + undo anyone's relabel, cancel anyone's run, replace anyone's preset, manage
   roles, read the audit log.
 
-Mapping an identity to roles (:func:`roles_for`) reads a ``[cxr_roles]`` secrets table::
+Mapping an identity to roles (:func:`roles_for`) reads a ``[cxr_roles]`` secrets table, which
+sign-in requires (deny by default: without one the app refuses to start)::
 
     [cxr_roles]
-    default = "viewer"            # any signed-in identity without a mapping ("" = none: refused)
-    claim = "groups"              # optional: a claim listing the user's groups
     admin = ["lead@hospital.org"]
     scientist = ["ds@hospital.org", "group:ml-team"]
     reviewer = ["group:radiology"]
+    claim = "groups"              # optional: a claim listing the user's groups
+    default = "viewer"            # optional: the role of an identity without a mapping (none)
+    trusted_email_issuers = ["https://login.example.org"]  # optional: emails there need no
+                                  # email_verified claim (some providers send none)
+    allowed_issuers = ["https://login.example.org"]        # optional: refuse any other issuer
+    allowed_domains = ["hospital.org"]                     # optional: refuse other email domains
 
-plus the grants admins store in the database (``user_roles``), which add to it.
+plus the grants admins store in the database (``user_roles``), which add to it. The identity is
+the email only when the provider says it is verified (``email_verified``) or the issuer is
+trusted for emails; else ``issuer|subject`` (case kept). Emails are lowercased.
 """
 from __future__ import annotations
 
@@ -202,43 +209,87 @@ def _as_list(value: Any) -> list[str]:
     return [str(v).strip() for v in value if str(v).strip()]
 
 
-def check_roles_config(config: Mapping[str, Any]) -> None:
-    """Refuse a ``[cxr_roles]`` table with unknown keys or roles (a typo must not be ignored)."""
-    known = set(ROLES) | {"default", "claim"}
+ROLE_CONFIG_KEYS = ("default", "claim", "trusted_email_issuers", "allowed_issuers",
+                    "allowed_domains")
+
+
+def check_roles_config(config: Mapping[str, Any] | None) -> None:
+    """Refuse a ``[cxr_roles]`` table that maps no one (sign-in is deny by default), or has
+    unknown keys or roles (a typo must not be ignored)."""
+    config = config or {}
+    if not any(_as_list(config.get(r)) for r in ROLES) and not config.get("default"):
+        raise ConfigError("sign-in is configured ([auth]) but [cxr_roles] gives no identity a "
+                          "role: add a [cxr_roles] table to .streamlit/secrets.toml (e.g. "
+                          'admin = ["you@example.org"]); an identity without a mapping gets no '
+                          "role unless default = \"viewer\" (or another role) is set")
+    known = set(ROLES) | set(ROLE_CONFIG_KEYS)
     unknown = sorted(k for k in config if k not in known)
     if unknown:
         raise ConfigError(f"unknown key(s) in [cxr_roles]: {unknown}. Expected some of "
                           f"{sorted(known)}")
-    default = config.get("default", "viewer")
+    default = config.get("default", "")
     if default not in ("", *ROLES):
         raise ConfigError(f"[cxr_roles] default must be one of {list(ROLES)} or ''. "
                           f"Received: {default!r}")
 
 
-def identity_of(user: Mapping[str, Any]) -> str:
-    """The stable identity of an OIDC user: the email, else ``issuer|subject``."""
+def _verified(user: Mapping[str, Any]) -> bool:
+    flag = user.get("email_verified")
+    return flag is True or str(flag).strip().lower() == "true"
+
+
+def identity_of(user: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
+    """The stable identity of an OIDC user: the email (lowercased) when the provider says it is
+    verified or the issuer is trusted for emails (``[cxr_roles] trusted_email_issuers``), else
+    ``issuer|subject`` (case kept: subjects are case-sensitive)."""
     email = str(user.get("email") or "").strip().lower()
-    if email:
+    iss = str(user.get("iss") or "oidc")
+    trusted = iss in _as_list((config or {}).get("trusted_email_issuers"))
+    if email and (_verified(user) or trusted):
         return email
     sub = str(user.get("sub") or "").strip()
     if not sub:
-        raise ConfigError("the signed-in user has neither an email nor a subject claim")
-    return f"{user.get('iss', 'oidc')}|{sub}"
+        raise ConfigError("the signed-in user has neither a verified email nor a subject claim")
+    return f"{iss}|{sub}"
+
+
+def check_allowed(user: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse an issuer or an email domain outside ``allowed_issuers`` / ``allowed_domains``
+    when those lists are set.
+
+    Raises:
+        PermissionDenied: the account is not one this deployment accepts.
+    """
+    iss = str(user.get("iss") or "oidc")
+    issuers = _as_list(config.get("allowed_issuers"))
+    if issuers and iss not in issuers:
+        raise PermissionDenied(f"accounts of {iss!r} are not accepted here. Expected one of "
+                               f"{issuers}")
+    domains = [d.lower().lstrip("@") for d in _as_list(config.get("allowed_domains"))]
+    if domains:
+        who = identity_of(user, config)
+        if "@" not in who or "|" in who or who.rsplit("@", 1)[1] not in domains:
+            raise PermissionDenied(f"only verified emails of {domains} are accepted here. "
+                                   f"Received: {who!r}")
 
 
 def roles_for(user: Mapping[str, Any], config: Mapping[str, Any],
               granted: Iterable[str] = ()) -> frozenset[str]:
     """Roles of an OIDC user from ``[cxr_roles]`` (identity or ``group:`` entries) plus the
-    database grants; the configured default when nothing matches."""
+    database grants; the configured default when nothing matches (none unless set)."""
     check_roles_config(config)
-    who = identity_of(user)
+    who = identity_of(user, config)
     groups = set(_as_list(user.get(config.get("claim") or "groups")))
-    roles = {r for r in ROLES
-             if any(e.lower() == who or (e.startswith("group:") and e[6:] in groups)
-                    for e in _as_list(config.get(r)))}
+
+    def matches(entry: str) -> bool:
+        if entry.startswith("group:"):
+            return entry[6:] in groups
+        # an email compares lowercased; an issuer|subject exactly (subjects are case-sensitive)
+        return entry == who if "|" in entry else entry.strip().lower() == who
+    roles = {r for r in ROLES if any(matches(e) for e in _as_list(config.get(r)))}
     roles |= set(granted) & set(ROLES)
-    if not roles and config.get("default", "viewer"):
-        roles = {config.get("default", "viewer")}
+    if not roles and config.get("default"):
+        roles = {config["default"]}
     # A higher role includes the ones below it (an admin can also review, and so on).
     top = max((ROLES.index(r) for r in roles), default=-1)
     return frozenset(ROLES[: top + 1])
@@ -247,6 +298,7 @@ def roles_for(user: Mapping[str, Any], config: Mapping[str, Any],
 def oidc_principal(user: Mapping[str, Any], config: Mapping[str, Any],
                    granted: Iterable[str] = ()) -> Principal:
     """The principal of a signed-in OIDC user (``st.user`` as a dict)."""
-    who = identity_of(user)
+    check_roles_config(config)
+    who = identity_of(user, config)
     return Principal(identity=who, roles=roles_for(user, config, granted), source="oidc",
                      display=str(user.get("name") or who))

@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxr_core.storage.runs import as_utc
-from db.models import AuditEvent, Relabel, Run, UserRole
+from db.models import AuditEvent, Relabel, Run, UserIdentity, UserRole
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,17 @@ def list_events(*, session: Session, limit: int = 50, before_id: int | None = No
 
 def count_events(*, session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(AuditEvent)) or 0)
+
+
+def bind_identity(*, session: Session, issuer: str, subject: str, identity: str) -> str:
+    """The identity an account (issuer, subject) is bound to: ``identity`` the first time,
+    else the one bound then (the caller refuses a mismatch)."""
+    row = session.get(UserIdentity, (issuer, subject))
+    if row is None:
+        session.add(UserIdentity(issuer=issuer, subject=subject, identity=identity))
+        session.flush()
+        return identity
+    return row.identity
 
 
 def granted_roles(*, session: Session, identity: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ ROLES = {"default": "viewer", "admin": ["lead@h.org"], "scientist": ["ds@h.org"]
 USERS = {"viewer": {"email": "cfo@h.org", "name": "CFO"},
          "reviewer": {"email": "rad@h.org", "name": "Dr Rad", "groups": ["radiology"]},
          "scientist": {"email": "ds@h.org"}, "admin": {"email": "lead@h.org"}}
+USERS = {k: {**v, "email_verified": True} for k, v in USERS.items()}  # as the provider says
 
 
 def app(page: str = "streamlit_app.py", role: str | None = None,
@@ -106,7 +107,7 @@ def test_audit_page_is_for_admins(tiny, role, allowed):  # noqa: F811
         at.multiselect(key="grant_roles").set_value(["reviewer"])
         at.button[-1].click().run()
         assert not at.exception, at.exception
-        p = actions.effective_principal(open_db(), {"email": "new@h.org"}, ROLES)
+        p = actions.effective_principal(open_db(), {"email": "new@h.org", "email_verified": True}, ROLES)
         assert p.top_role == "reviewer"
     else:
         assert "audit log needs the admin role" in texts(at, "warning")
@@ -163,7 +164,7 @@ def test_view_jobs_are_asked_as_the_user_and_refused_without_a_role(tiny):  # no
 
     at = AppTest.from_file(str(REPO / "app_pages/class_balance.py"), default_timeout=60)
     at.secrets["auth"], at.secrets["cxr_roles"] = AUTH, {**ROLES, "default": ""}
-    at.user = {"is_logged_in": True, "email": "nobody@h.org"}
+    at.user = {"is_logged_in": True, "email": "nobody@h.org", "email_verified": True}
     at.run()
     assert not at.exception, at.exception
     assert "may not compute view" in texts(at, "warning") and "no role" in texts(at, "warning")
@@ -212,3 +213,27 @@ def test_the_shipped_streamlit_config_listens_on_loopback_only():
 
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
+
+
+def test_sign_in_without_a_roles_mapping_does_not_start(cxr_home):
+    """Deny by default (issue 26 item 3): [auth] and no [cxr_roles] mapping is refused before
+    anyone signs in, with what to add."""
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60)
+    at.secrets["auth"] = AUTH
+    at.run()
+    assert not at.exception, at.exception
+    error = texts(at, "error").replace("\\\\", "")
+    assert "Sign-in is misconfigured" in error and "gives no identity a role" in error
+    assert not [b for b in at.button if b.label == "Sign in"]
+
+
+def test_an_account_refused_by_issuer_sees_why_and_can_sign_out(cxr_home):
+    at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60)
+    at.secrets["auth"] = AUTH
+    at.secrets["cxr_roles"] = {**ROLES, "allowed_issuers": ["https://idp.h.org"]}
+    at.user = {"is_logged_in": True, "email": "lead@h.org", "email_verified": True,
+               "iss": "https://elsewhere", "sub": "1"}
+    at.run()
+    assert not at.exception, at.exception
+    assert "Access refused" in texts(at, "error") and "are not accepted here" in texts(at, "error")
+    assert [b.label for b in at.button] == ["Sign out"]
