@@ -2,8 +2,8 @@
 
     .venv/bin/python docs/screenshots.py [--shared-data DIR] [--from-artifacts DIR]
 
-Runs ``tests/e2e`` (Playwright on Debian's Chromium, the real full-resolution sample from
-``../shared/data``) with ``CXR_E2E_ARTIFACTS`` set to a temporary folder, then copies a few
+Runs ``tests/e2e`` (Playwright on Debian's Chromium: the demo tour on the embedded demo films,
+the real full-resolution sample from ``../shared/data``) with ``CXR_E2E_ARTIFACTS`` set to a temporary folder, then copies a few
 step screenshots into ``docs/screenshots/``: the top of each page, as a 256-colour PNG so
 that each file stays under about 300 KB. ``--from-artifacts test-artifacts/e2e`` reuses the
 screenshots of a test run instead of running the tests again.
@@ -22,14 +22,14 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "screenshots"
 # step screenshot (tests/e2e/test_browser.py) -> (README picture, height kept in px)
-STEPS = {
-    "02_index_class_balance": ("class_balance.png", 950),
+STEPS = {  # the demo tour (tests/e2e/test_demo_tour.py): real films on a first launch
+    "demo_02_class_balance": ("class_balance.png", 950),
     "03_augmentation_after": ("augmentation.png", 1200),
     "04_train_curves": ("train.png", 1200),
-    "05_compare": ("compare.png", 1150),
-    "06_predict": ("predict.png", 1000),
-    "07_review_before": ("review.png", 1000),
-    "01_page_home": ("home.png", 1100),
+    "demo_05_compare": ("compare.png", 1150),
+    "demo_06_predict": ("predict.png", 1000),
+    "demo_07_review": ("review.png", 1000),
+    "demo_01_home": ("home.png", 1100),
     "auth_03_reviewer_relabelled": ("sign_in_reviewer.png", 1000),
     "auth_04_train_refused": ("train_refused.png", 700),
 }

@@ -119,17 +119,19 @@ def _free_port() -> int:
 
 @contextmanager
 def serve(home: Path, log_path: Path, *, script: Path = REPO / "streamlit_app.py",
-          secrets: Path | None = None) -> Iterator[AppServer]:
+          secrets: Path | None = None, env_extra: dict | None = None) -> Iterator[AppServer]:
     """``streamlit run streamlit_app.py`` on 127.0.0.1 with ``home`` as CXR_HOME.
 
     ``secrets``: the only secrets file the server reads (``--secrets.files``), e.g. an
-    ``[auth]`` table from tests/e2e/oidc.py; ``script``: another app (harness checks).
+    ``[auth]`` table from tests/e2e/oidc.py; ``script``: another app (harness checks);
+    ``env_extra``: more environment for the server (e.g. ``CXR_DEMO=on``).
     """
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("CXR_DB_URL", "CXR_DATA_DIR")}
     env.update(CXR_HOME=str(home), PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
                TF_CPP_MIN_LOG_LEVEL="2")
     env.setdefault("CXR_DEMO", "off")  # the first-launch demo only where a module asks for it
+    env.update(env_extra or {})
     with open(log_path, "wb") as log:  # a file: a full pipe would block the server
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(script),
