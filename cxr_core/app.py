@@ -28,6 +28,7 @@ from cxr_core.jobs.queue import Handler, Progress
 from cxr_core.models import handlers as model_handlers
 from cxr_core.review import handlers as review_handlers
 from cxr_core.storage import Database
+from cxr_core.storage import backup as storage_backup
 from cxr_core.training import runner
 
 
@@ -40,6 +41,16 @@ def open_db() -> Database:
 DEMO_PATH = DEMO_DIR / "chest_xray_mini"  # 300 real train films (demo/README.md)
 DEMO_NAME = "demo"
 DEMO_MODELS = ("default",)  # the shipped models evaluated on the demo films
+
+
+def backup(out: str) -> dict:
+    """``python -m cxr_core backup``: :func:`cxr_core.storage.backup.backup`."""
+    return storage_backup.backup(out)
+
+
+def restore(src: str, *, force: bool = False) -> dict:
+    """``python -m cxr_core restore``: :func:`cxr_core.storage.backup.restore`."""
+    return storage_backup.restore(src, force=force)
 
 
 def open_app_db(*, start_worker: bool = True) -> tuple[Database, list[int]]:

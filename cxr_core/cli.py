@@ -72,6 +72,27 @@ def cmd_fetch_kermany(args: argparse.Namespace) -> dict:
     return {**got, "index": report.to_json()}
 
 
+def cmd_backup(args: argparse.Namespace) -> dict:
+    from cxr_core import app
+
+    _gate("backup", str(args.out))
+    return app.backup(args.out)
+
+
+def cmd_restore(args: argparse.Namespace) -> dict:
+    """Checked before (the policy: no database to read yet), audited after, in the restored
+    database."""
+    from cxr_core import app
+    from cxr_core.auth import gate, policy
+
+    p = policy.cli_principal()
+    policy.require(p, "backup", target=str(args.src))
+    out = app.restore(args.src, force=args.force)
+    gate.record(app.open_db(), p, "backup", str(args.src),
+                detail={"restore": True, "force": args.force})
+    return out
+
+
 def cmd_bench(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
@@ -288,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the folder to unpack into")
     p.add_argument("--url", default=None, help="a mirror of ChestXRay2017.zip (file:// too)")
     p.add_argument("--name", default="kermany", help="the dataset's name in the app")
+    p = add("backup", cmd_backup, "back up the database, the patient salt and the artifacts")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p = add("restore", cmd_restore, "restore a backup folder into this install")
+    p.add_argument("--from", dest="src", required=True, help="the backup folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing database or a different salt")
     p = add("train", cmd_train, "train from a run config JSON (same code path as the page)")
     p.add_argument("--config", required=True)
     p.add_argument("--detach", action="store_true", help="only queue the run for the worker")

@@ -71,6 +71,7 @@ POLICY: dict[str, frozenset[str]] = {
     "import_relabels": frozenset({_S, _A}),
     "manage_roles": frozenset({_A}),
     "view_audit": frozenset({_A}),
+    "backup": frozenset({_A}),  # back up or restore everything (the CLI, on the server)
 }
 ACTIONS: tuple[str, ...] = tuple(POLICY)
 SOURCES = ("oidc", "local", "cli")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -118,3 +119,18 @@ def open_db(settings: Settings | None = None, *, url: str | None = None) -> Data
     engine = make_engine(url)
     upgrade(engine)
     return Database(engine, session_factory(engine), url)
+
+
+def snapshot(db: Database, out: Path) -> Path | None:
+    """A consistent copy of the database at ``out`` (SQLite ``VACUUM INTO``; PostgreSQL
+    ``pg_dump`` when it is on PATH, else None and the command is logged)."""
+    from db.engine import snapshot as engine_snapshot
+
+    return engine_snapshot(db.engine, Path(out))
+
+
+def schema_revision(db: Database) -> str | None:
+    """The migration revision the database is at."""
+    from db.engine import current_revision
+
+    return current_revision(db.engine)
