@@ -357,3 +357,13 @@ class UserIdentity(Base):
     subject: Mapped[str] = mapped_column(String(500), primary_key=True)
     identity: Mapped[str] = mapped_column(String(200))
     first_seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class InstallFact(Base):
+    """A fact about the deployment that must not drift (migration 0012), e.g. the fingerprint
+    of the patient salt stored patient ids were hashed with."""
+
+    __tablename__ = "install_facts"
+    key: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -140,3 +140,33 @@ def test_backup_and_restore_bring_back_the_database_the_salt_and_the_artifacts(c
     assert main(["restore", "--from", str(tmp_path / "bk"), "--force", "--json"]) == 0
     kept = list(new_home.glob("cxr.db.before-restore-*"))
     assert kept  # the replaced database is kept beside, never deleted
+
+
+# -- The patient salt cannot drift (issue 26 item 5) -------------------------------------------
+
+def test_indexing_refuses_a_salt_other_than_the_one_the_database_was_made_with(
+        cxr_home, tiny_dataset, monkeypatch):
+    from cxr_core.core.errors import DatasetError
+    from cxr_core.data.indexing import index_dataset
+
+    db = open_db()
+    monkeypatch.setenv("CXR_PATIENT_SALT", "first secret")
+    index_dataset(db, tiny_dataset, name="tiny")
+    monkeypatch.setenv("CXR_PATIENT_SALT", "another secret")  # a second host, a wiped home
+    with pytest.raises(DatasetError, match="patient salt differs") as info:
+        index_dataset(db, tiny_dataset, name="tiny")
+    assert "another secret" not in str(info.value) and "restore" in str(info.value)
+    monkeypatch.setenv("CXR_PATIENT_SALT", "first secret")
+    index_dataset(db, tiny_dataset, name="tiny")  # the right one again: fine
+
+
+def test_a_shared_database_needs_an_explicit_salt(cxr_home, monkeypatch):
+    from cxr_core.core.errors import ConfigError
+    from cxr_core.core.settings import patient_salt
+
+    monkeypatch.delenv("CXR_PATIENT_SALT", raising=False)
+    monkeypatch.setenv("CXR_DB_URL", "postgresql+psycopg2://cxr@db.example.org/cxr")
+    with pytest.raises(ConfigError, match="CXR_PATIENT_SALT is required"):
+        patient_salt()
+    monkeypatch.setenv("CXR_PATIENT_SALT", "shared secret")
+    assert patient_salt() == "shared secret"

@@ -14,6 +14,8 @@ CXR_MAX_*     per-run limits and the per-user run quota (cxr_core.core.limits)
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Mapping
@@ -134,12 +136,18 @@ def patient_salt(settings: Settings | None = None) -> str:
     every later scan. Changing or deleting it changes every DICOM patient on re-index.
 
     Raises:
-        ConfigError: the salt file exists but is empty.
+        ConfigError: the salt file exists but is empty, or the database is shared (not a local
+            SQLite file) and ``CXR_PATIENT_SALT`` is not set: each host would mint its own.
     """
     env = os.environ.get("CXR_PATIENT_SALT")
     if env:
         return env
-    path = (settings or get_settings()).patient_salt_file
+    settings = settings or get_settings()
+    if not settings.db_url.startswith("sqlite"):
+        raise ConfigError("CXR_PATIENT_SALT is required when the database is shared (CXR_DB_URL "
+                          "is not a local SQLite file): set the same secret on every host, or "
+                          "each would hash the same patients differently")
+    path = settings.patient_salt_file
     if not path.exists():
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -156,3 +164,9 @@ def patient_salt(settings: Settings | None = None) -> str:
         raise ConfigError(
             f"patient salt file is empty: {path} (restore it or set CXR_PATIENT_SALT)")
     return salt
+
+
+def salt_fingerprint(salt: str) -> str:
+    """An HMAC of a fixed message under the salt: tells two salts apart, reveals neither."""
+    return hmac.new(salt.encode("utf-8"), b"cxr patient salt fingerprint",
+                    hashlib.sha256).hexdigest()[:32]

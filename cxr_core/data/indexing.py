@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cxr_core.core import data_roots
+from cxr_core.core import data_roots, settings
 from cxr_core.core import labels as core_labels
 from cxr_core.core import records as core_records
 from cxr_core.core.errors import DatasetError
@@ -22,6 +22,7 @@ from cxr_core.storage import (
     AndThen,
     Database,  # also the pages' handle type: they import it from here
     aggregates,
+    facts,
     relabels,
     review_queue,
 )
@@ -121,6 +122,7 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
     """
     t0 = time.perf_counter()
     data_roots.check_path(path, what="dataset folder")
+    check_patient_salt(db)
     layout = ds.discover(path)
     root = str(layout.root.resolve())
     with db.session() as s:
@@ -193,6 +195,27 @@ def index_dataset(db: Database, path: str | Path, *, name: str | None = None,
                        is_external)
 
 
+SALT_FACT = "patient_salt_fingerprint"
+
+
+def check_patient_salt(db: Database) -> None:
+    """Refuse to index with a patient salt other than the one this database's patient ids were
+    hashed with (its fingerprint is recorded the first time).
+
+    Raises:
+        DatasetError: the salt drifted (a wiped home, a host without ``CXR_PATIENT_SALT``).
+    """
+    mine = settings.salt_fingerprint(settings.patient_salt())
+    recorded = db.write(lambda s: facts.record_fact_once(session=s, key=SALT_FACT, value=mine))
+    if recorded != mine:
+        raise DatasetError(
+            "the patient salt differs from the one this database's patients were hashed with "
+            f"(fingerprint {recorded[:12]}…, this host {mine[:12]}…): the same patients would "
+            "get new ids and patient-grouped splits would leak. Restore the salt (python -m "
+            "cxr_core restore --from BACKUP, or CXR_PATIENT_SALT / $CXR_HOME/patient_salt as "
+            "before) and index again")
+
+
 def set_external(db: Database, dataset_id: int, external: bool, *,
                  and_then: AndThen | None = None) -> None:
     """Flag a dataset as another site or period (external validation data), or unflag it.
@@ -203,7 +226,6 @@ def set_external(db: Database, dataset_id: int, external: bool, *,
 
 def _read_metadata(root: Path) -> metadata.Metadata | None:
     """The dataset's metadata CSV, patients hashed with the install's salt (as DICOM IDs)."""
-    from cxr_core.core import settings
     from cxr_core.data.images import patient_key
 
     salt = settings.patient_salt()
