@@ -14,7 +14,8 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from cxr_core.core.errors import ConfigError, CxrError
@@ -32,15 +33,24 @@ def _progress(label: str) -> Callable[[int, int], None]:
     return report
 
 
-def _gate(action: str, target: str = "", **detail) -> None:
+@contextmanager
+def _audited(action: str, target: str = "", **detail) -> Iterator[None]:
     """The CLI acts as its configured local principal (CXR_CLI_IDENTITY, CXR_CLI_ROLES):
-    checked against the policy and recorded in the audit log like the pages' actions."""
+    checked against the policy, then recorded as ``started`` before the work and ``ok`` or
+    ``failed`` (with why) after it, so the log never says ok for work that failed."""
     from cxr_core.app import open_db
     from cxr_core.auth import gate
     from cxr_core.auth.policy import cli_principal
 
     db, p = open_db(), cli_principal()
     gate.authorize(db, p, action, target)
+    gate.record(db, p, action, target, outcome="started", detail=detail)
+    try:
+        yield
+    except BaseException as exc:
+        gate.record(db, p, action, target, outcome="failed",
+                    detail={**detail, "why": f"{type(exc).__name__}: {exc}"[:500]})
+        raise
     gate.record(db, p, action, target, detail=detail)
 
 
@@ -50,9 +60,9 @@ def cmd_index(args: argparse.Namespace) -> dict:
     from cxr_core.data.indexing import index_dataset
 
     data_roots.check_path(args.path, roots=data_roots.allowed_roots())
-    _gate("index_dataset", str(args.path), name=args.name, external=args.external)
-    report = index_dataset(open_db(), args.path, name=args.name, progress=_progress("scan"),
-                           external=args.external)
+    with _audited("index_dataset", str(args.path), name=args.name, external=args.external):
+        report = index_dataset(open_db(), args.path, name=args.name,
+                               progress=_progress("scan"), external=args.external)
     for problem in [*report.warnings, *report.problems[:20]]:
         print(f"warning: {problem}", file=sys.stderr)
     return report.to_json()
@@ -66,17 +76,18 @@ def cmd_fetch_kermany(args: argparse.Namespace) -> dict:
     from cxr_core.data.indexing import index_dataset
 
     data_roots.check_path(args.out, roots=data_roots.allowed_roots())
-    _gate("index_dataset", str(args.out), fetch=args.url)
-    got = fetch_kermany(args.out, url=args.url or URL, progress=_progress("fetch"))
-    report = index_dataset(open_db(), got["root"], name=args.name, progress=_progress("scan"))
+    with _audited("index_dataset", str(args.out), fetch=args.url or URL):
+        got = fetch_kermany(args.out, url=args.url or URL, progress=_progress("fetch"))
+        report = index_dataset(open_db(), got["root"], name=args.name,
+                               progress=_progress("scan"))
     return {**got, "index": report.to_json()}
 
 
 def cmd_backup(args: argparse.Namespace) -> dict:
     from cxr_core import app
 
-    _gate("backup", str(args.out))
-    return app.backup(args.out)
+    with _audited("backup", str(args.out)):
+        return app.backup(args.out)
 
 
 def cmd_restore(args: argparse.Namespace) -> dict:
@@ -142,8 +153,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> dict:
     from cxr_core.evaluation.evaluate import evaluate_cli
 
-    _gate("evaluate", str(args.model), data=args.data, split=args.split)
-    out = evaluate_cli(args.model, args.data, split=args.split, labels=args.labels)
+    with _audited("evaluate", str(args.model), data=args.data, split=args.split):
+        out = evaluate_cli(args.model, args.data, split=args.split, labels=args.labels)
     for warning in out["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     return out
@@ -214,17 +225,23 @@ def cmd_relabel_add(args: argparse.Namespace) -> dict:
 
 
 def cmd_relabel_import(args: argparse.Namespace) -> dict:
+    """Every row recorded as the CLI's identity (a CSV ``reviewer`` column is kept only as a
+    note), the audit row in the import's own transaction."""
     from cxr_core.app import open_db
-    from cxr_core.review.relabel_import import import_relabels
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.review import actions as review_actions
 
-    _gate("import_relabels", f"{args.dataset}:{args.file}", reviewer=args.reviewer)
-    if args.file == "-":
-        records = import_relabels(open_db(), dataset=args.dataset, source=sys.stdin,
-                                  reviewer=args.reviewer, source_name="stdin")
-    else:
-        records = import_relabels(open_db(), dataset=args.dataset, source=args.file,
-                                  reviewer=args.reviewer)
-    return {"dataset": args.dataset, "count": len(records), "ids": [r.id for r in records]}
+    p = cli_principal()
+    if args.reviewer is not None and args.reviewer != p.identity:
+        raise ConfigError(f"relabels are recorded as the CLI's identity ({p.identity!r}, "
+                          "CXR_CLI_IDENTITY), never a typed name: set CXR_CLI_IDENTITY to "
+                          f"import as someone else. Received: --reviewer {args.reviewer!r}")
+    source = sys.stdin if args.file == "-" else args.file
+    records = review_actions.import_relabels(
+        open_db(), p, dataset=args.dataset, source=source,
+        source_name="stdin" if args.file == "-" else None)
+    return {"dataset": args.dataset, "count": len(records), "ids": [r.id for r in records],
+            "reviewer": p.identity}
 
 
 def cmd_relabel_list(args: argparse.Namespace) -> dict:

@@ -27,7 +27,7 @@ EXPECTED = {
     "index_dataset": {S, A}, "train": {S, A}, "cancel_own_run": {S, A}, "cancel_any_run": {A},
     "evaluate": {S, A}, "set_operating_point": {S, A}, "site_calibration": {S, A},
     "save_preset": {S, A}, "overwrite_any_preset": {A}, "export_relabels": {S, A},
-    "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A},
+    "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A}, "backup": {A},
 }
 
 
@@ -64,7 +64,7 @@ def test_local_mode_has_every_role_and_is_marked_local():
 
 def test_cli_principal_from_environment():
     p = policy.cli_principal({"CXR_CLI_IDENTITY": "ops@h.org", "CXR_CLI_ROLES": "viewer,reviewer"})
-    assert (p.identity, p.roles, p.source) == ("ops@h.org", frozenset({V, R}), "cli")
+    assert (p.identity, p.roles, p.source) == ("cli:ops@h.org", frozenset({V, R}), "cli")
     assert policy.cli_principal({}).roles == frozenset(policy.ROLES)
     with pytest.raises(ConfigError, match="unknown role"):
         policy.cli_principal({"CXR_CLI_ROLES": "god"})

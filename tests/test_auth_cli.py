@@ -18,10 +18,10 @@ def test_cli_grants_roles_and_lists_the_audit_log(cxr_home, capsys, monkeypatch)
     monkeypatch.setenv("CXR_CLI_IDENTITY", "ops@h.org")
     code, out, _ = run(capsys, "roles", "grant", "Dr.Lee@H.org", "reviewer")
     assert code == 0 and out["grants"] == [{"identity": "dr.lee@h.org", "roles": ["reviewer"],
-                                            "granted_by": "ops@h.org"}]
+                                            "granted_by": "cli:ops@h.org"}]
     code, out, _ = run(capsys, "audit", "list")
     assert code == 0 and [(e["actor"], e["source"], e["action"], e["target"])
-                          for e in out["events"]] == [("ops@h.org", "cli", "manage_roles",
+                          for e in out["events"]] == [("cli:ops@h.org", "cli", "manage_roles",
                                                        "dr.lee@h.org")]
 
 
@@ -35,7 +35,7 @@ def test_cli_with_fewer_roles_is_refused_and_the_refusal_recorded(cxr_home, caps
     assert code == 2 and "may not view audit" in err
     monkeypatch.setenv("CXR_CLI_ROLES", "admin")
     code, out, _ = run(capsys, "audit", "list", "--action", "index_dataset")
-    assert [(e["actor"], e["outcome"]) for e in out["events"]] == [("viewer@h.org", "denied")]
+    assert [(e["actor"], e["outcome"]) for e in out["events"]] == [("cli:viewer@h.org", "denied")]
 
 
 @pytest.mark.parametrize("roles", ["viewer,reviewer", ""])
@@ -71,9 +71,34 @@ def test_cli_train_goes_through_the_pages_checks_owner_and_audit(cxr_home, capsy
     db = open_db()
     with db.session() as s:
         [queued] = store.list_runs(session=s)
-    assert queued.created_by == "ds@h.org"
+    assert queued.created_by == "cli:ds@h.org"
     monkeypatch.setenv("CXR_CLI_ROLES", "admin")
     code, out, _ = run(capsys, "audit", "list", "--action", "train")
     assert [(e["actor"], e["outcome"], e["target"]) for e in out["events"]] == [
-        ("ds@h.org", "ok", f"run:{queued.id}"), ("ds@h.org", "denied", ""),
-        ("ds@h.org", "denied", "")]
+        ("cli:ds@h.org", "ok", f"run:{queued.id}"), ("cli:ds@h.org", "denied", ""),
+        ("cli:ds@h.org", "denied", "")]
+
+
+def test_cli_index_is_logged_started_then_ok_or_failed_never_ok_for_failed_work(
+        cxr_home, capsys, monkeypatch, tiny_dataset, tmp_path):
+    """The CLI's audit rows say what happened: ``started`` before the work, then ``ok`` only
+    when it finished, ``failed`` (with why) when it raised."""
+    from cxr_core.data import indexing
+
+    monkeypatch.setenv("CXR_CLI_IDENTITY", "ds@h.org")
+    monkeypatch.setenv("CXR_DATA_ROOTS", f"{tiny_dataset.parent}:{tmp_path}")
+    code, _, err = run(capsys, "index", str(tiny_dataset), "--name", "tiny")
+    assert code == 0, err
+
+    def boom(*a, **kw):
+        raise FileNotFoundError("disk went away")
+
+    monkeypatch.setattr(indexing, "index_dataset", boom)
+    code, _, err = run(capsys, "index", str(tiny_dataset), "--name", "tiny")
+    assert code == 2 and "disk went away" in err
+    monkeypatch.setenv("CXR_CLI_ROLES", "admin")
+    _, out, _ = run(capsys, "audit", "list", "--action", "index_dataset")
+    got = [(e["actor"], e["outcome"]) for e in reversed(out["events"])]
+    assert got == [("cli:ds@h.org", "started"), ("cli:ds@h.org", "ok"),
+                   ("cli:ds@h.org", "started"), ("cli:ds@h.org", "failed")]
+    assert "disk went away" in json.dumps(out["events"])

@@ -180,10 +180,10 @@ def test_create_list_and_load_a_named_ensemble_through_the_cli(pair, capsys, mon
     assert cli.main(["ensemble", "create", "--name", "seeds", "--members", f"run:{a}", str(b),
                      "--json"]) == 0
     made = json.loads(capsys.readouterr().out)
-    assert ensembles.read_named("seeds")["created_by"] == "ds@h.org"
+    assert ensembles.read_named("seeds")["created_by"] == "cli:ds@h.org"
     [ok, denied] = admin.audit_log(db, policy.cli_principal({"CXR_CLI_ROLES": "admin"}),
                                      action="set_operating_point")
-    assert (ok.actor, ok.outcome, ok.target) == ("ds@h.org", "ok", "ensemble:seeds")
+    assert (ok.actor, ok.outcome, ok.target) == ("cli:ds@h.org", "ok", "ensemble:seeds")
     assert denied.outcome == "denied"
     assert made["ensemble"] == "ensemble:seeds" and made["members"] == [f"run:{a}", f"run:{b}"]
     assert cli.main(["ensemble", "list", "--json"]) == 0

@@ -55,11 +55,15 @@ def root(db, tmp_path) -> Path:
 def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
     """(exit code, the JSON object printed or None, stderr) of one in-process CLI call."""
     capsys.readouterr()
-    # ``relabel add`` records the CLI's identity: these tests name it with --reviewer, as the
-    # identity the command runs under (test_relabel_add_is_the_cli_identity checks a mismatch).
+    # ``relabel add|import`` record the CLI's identity (``cli:`` + CXR_CLI_IDENTITY): these
+    # tests name it with --reviewer NAME, run as CXR_CLI_IDENTITY=NAME and pass --reviewer
+    # cli:NAME (test_relabel_add_is_the_cli_identity checks a mismatch).
     old = os.environ.get("CXR_CLI_IDENTITY")
-    if "add" in argv and "--reviewer" in argv:
-        os.environ["CXR_CLI_IDENTITY"] = argv[list(argv).index("--reviewer") + 1]
+    argv = list(argv)
+    if ("add" in argv or "import" in argv) and "--reviewer" in argv:
+        k = argv.index("--reviewer") + 1
+        os.environ["CXR_CLI_IDENTITY"] = argv[k]
+        argv[k] = f"cli:{argv[k].strip()}" if argv[k].strip() else argv[k]
     try:
         rc = cli.main(list(argv))
     finally:
@@ -100,7 +104,7 @@ def test_add_then_list_round_trip(db, root, capsys):
     assert {k: rec[k] for k in ("dataset", "path", "old_label", "old_subtype", "new_label",
                                 "new_subtype", "reviewer", "note", "undo_of")} == {
         "dataset": "tiny", "path": N1, "old_label": "NORMAL", "old_subtype": None,
-        "new_label": "PNEUMONIA", "new_subtype": "virus", "reviewer": "alice",
+        "new_label": "PNEUMONIA", "new_subtype": "virus", "reviewer": "cli:alice",
         "note": "RLL consolidation", "undo_of": None}
     assert isinstance(rec["id"], int) and rec["created_at"]
     # the button's text names the same choice; old label is now the first relabel's
@@ -109,7 +113,7 @@ def test_add_then_list_round_trip(db, root, capsys):
     assert rc == 0, err
     assert (second["old_label"], second["old_subtype"]) == ("PNEUMONIA", "virus")
     assert second["new_subtype"] == "bacteria"
-    review.submit_undo(db, relabel_id=second["id"], reviewer="bob")  # the page's undo
+    review.submit_undo(db, relabel_id=second["id"], reviewer="cli:bob")  # the page's undo
 
     rc, listed, err = run(capsys, "relabel", "list", "--dataset", "tiny", "--json")
     assert rc == 0, err
@@ -171,10 +175,10 @@ def test_add_errors_are_one_line_and_write_nothing(db, root, capsys, extra, mess
     assert rows(db) == []
 
 
-def test_add_as_an_empty_identity_is_refused(db, root, capsys):
+def test_add_with_a_blank_reviewer_is_refused(db, root, capsys):
     rc, out, err = run(capsys, "relabel", "add", "--dataset", "tiny", "--path", N1,
                        "--label", "NORMAL", "--reviewer", "  ", "--json")
-    assert rc == 2 and out is None and "needs an identity" in err
+    assert rc == 2 and out is None and "never a typed name" in err and "'  '" in err
     assert rows(db) == []
 
 
@@ -237,11 +241,15 @@ def test_import_of_a_good_csv(db, root, capsys, tmp_path):
     assert out["dataset"] == "tiny" and out["count"] == 3 and len(out["ids"]) == 3
     got = rows(db)
     assert [r.id for r in got] == out["ids"]
+    # Every row is the CLI's identity; a reviewer cell is kept only in the note.
+    assert out["reviewer"] == "cli:bob"
     assert [(r.relpath, r.old_label, r.new_label, r.new_subtype, r.reviewer, r.note)
             for r in got] == [
-        (N1, "NORMAL", "PNEUMONIA", "virus", "alice", 'says "RLL", maybe'),
-        (P1, "PNEUMONIA", "NORMAL", None, "bob", ""),
-        (P2, "PNEUMONIA", "PNEUMONIA", "bacteria", "carol", "second opinion")]
+        (N1, "NORMAL", "PNEUMONIA", "virus", "cli:bob",
+         'says "RLL", maybe (CSV reviewer: alice)'),
+        (P1, "PNEUMONIA", "NORMAL", None, "cli:bob", ""),
+        (P2, "PNEUMONIA", "PNEUMONIA", "bacteria", "cli:bob",
+         "second opinion (CSV reviewer: carol)")]
 
 
 def test_import_columns_in_any_order_without_optional_ones(db, root, capsys, tmp_path):
@@ -271,7 +279,7 @@ def test_import_names_every_kind_of_bad_row(db, root, capsys, tmp_path):
     text = ("path,label,subtype,reviewer,note\n"
             f"{N1},NORMAL,,alice,\n"  # 2: good
             ",NORMAL,,alice,\n"  # 3: empty path
-            f"{N2},NORMAL,,,\n"  # 4: no reviewer (and no --reviewer)
+            f"{N2},NORMAL,,,\n"  # 4: good (recorded as the CLI's identity)
             f"{N1},PNEUMONIA,virus,bob,\n"  # 5: duplicate of line 2
             f"{N3},PNEUMONIA,,alice,\n"  # 6: no such button
             f"{P1},NORMAL,,alice,note,extra\n"  # 7: one cell too many
@@ -283,19 +291,19 @@ def test_import_names_every_kind_of_bad_row(db, root, capsys, tmp_path):
     assert rc == 2 and out is None
     problems = err.split("nothing was written. ", 1)[1]
     assert "line 3: empty path" in problems
-    assert "line 4: missing reviewer" in problems
+    assert "line 4" not in problems and "reviewer" not in problems
     assert f"line 5: duplicate path '{N1}' (first on line 2)" in problems
     assert "line 6: label 'PNEUMONIA' is not one" in problems
     assert "line 7: 1 cell(s) more than the header's 5" in problems
     assert "line 8: empty label" in problems
-    assert "line 9: unknown path" in problems and "missing reviewer" in problems.split(
-        "line 9: ")[1]
+    assert "line 9: unknown path" in problems
     assert "line 2:" not in problems and "line 11" not in problems
-    assert "7 bad row(s)" in err and err.count("\n") == 1
+    assert "6 bad row(s)" in err and err.count("\n") == 1
     assert rows(db) == []
     with pytest.raises(relabel_import.RelabelImportError) as info:
-        relabel_import.import_relabels(db, dataset="tiny", source=tmp_path / "relabels.csv")
-    assert [n for n, _ in info.value.problems] == [3, 4, 5, 6, 7, 8, 9]
+        relabel_import.import_relabels(db, dataset="tiny", source=tmp_path / "relabels.csv",
+                                       reviewer="cli:x")
+    assert [n for n, _ in info.value.problems] == [3, 5, 6, 7, 8, 9]
 
 
 @pytest.mark.parametrize("text, message", [
@@ -314,7 +322,8 @@ def test_import_header_errors(db, root, capsys, tmp_path, text, message):
 def test_import_of_a_header_only_file_writes_nothing(db, root, capsys, tmp_path):
     rc, out, _ = run(capsys, "relabel", "import", write_csv(tmp_path, "path,label\n"),
                      "--dataset", "tiny", "--json")
-    assert rc == 0 and out == {"dataset": "tiny", "count": 0, "ids": []}
+    assert rc == 0 and {k: out[k] for k in ("dataset", "count", "ids")} == {
+        "dataset": "tiny", "count": 0, "ids": []}
 
 
 def test_import_unknown_dataset_and_file(db, root, capsys, tmp_path):
@@ -362,7 +371,7 @@ def test_page_function_cli_add_and_import_write_identical_rows(db, root, capsys,
     image = ds_store_image(db, P2)
     page_id = review.submit_relabel(db, image_id=image.id,
                                     choice=review.LabelChoice("PNEUMONIA", "bacteria"),
-                                    reviewer="Dr Test", note="air bronchograms")
+                                    reviewer="cli:Dr Test", note="air bronchograms")
     rc, rec, err = run(capsys, "relabel", "add", "--dataset", "copy_add", "--path", P2,
                        "--label", "PNEUMONIA", "--subtype", "bacteria", "--reviewer", "Dr Test",
                        "--note", "air bronchograms", "--json")
@@ -391,7 +400,7 @@ def test_page_click_and_cli_write_identical_rows(db, root, capsys):
     st.cache_data.clear()
     try:
         at = AppTest.from_file(page, default_timeout=60).run()
-        at.text_input(key="review_name").input("Dr Test").run()
+        at.text_input(key="review_name").input("cli:Dr Test").run()
         at.radio(key="review_queue").set_value("class").run()
         assert at.selectbox(key="review_class").value == "NORMAL"
         assert at.button(key="review_label_2").label == "PNEUMONIA·virus"
@@ -415,12 +424,14 @@ def test_relabel_add_is_the_cli_identity_never_a_typed_name(db, root, capsys, mo
     capsys.readouterr()
     assert cli.main(["relabel", "add", "--dataset", "tiny", "--path", N1, "--label",
                      "PNEUMONIA·virus", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["reviewer"] == "dr.lee@h.org"
-    assert cli.main(["relabel", "add", "--dataset", "tiny", "--path", N2, "--label", "NORMAL",
-                     "--reviewer", "mallory", "--json"]) == 2
-    assert "never a typed name" in capsys.readouterr().err
-    assert [r.reviewer for r in rows(db)] == ["dr.lee@h.org"]
+    # what a shell on the server did is never the signed-in dr.lee's own (cli: prefix)
+    assert json.loads(capsys.readouterr().out)["reviewer"] == "cli:dr.lee@h.org"
+    for argv in (["relabel", "add", "--dataset", "tiny", "--path", N2, "--label", "NORMAL"],
+                 ["relabel", "import", "-", "--dataset", "tiny"]):
+        assert cli.main([*argv, "--reviewer", "mallory", "--json"]) == 2
+        assert "never a typed name" in capsys.readouterr().err
+    assert [r.reviewer for r in rows(db)] == ["cli:dr.lee@h.org"]
     monkeypatch.setenv("CXR_CLI_ROLES", "admin")
     assert cli.main(["audit", "list", "--action", "relabel", "--json"]) == 0
     [event] = json.loads(capsys.readouterr().out)["events"]
-    assert event["actor"] == "dr.lee@h.org" and event["target"].startswith("relabel:")
+    assert event["actor"] == "cli:dr.lee@h.org" and event["target"].startswith("relabel:")

@@ -157,7 +157,7 @@ def test_site_calibration_from_the_cli_prints_then_records_as_the_cli_identity(
     out = json.loads(capsys.readouterr().out)
     [op] = site_thresholds.site_points(db, model_ref=f"run:{run_id}")
     assert out["recorded"]["threshold"] == pytest.approx(op.threshold)
-    assert (op.changed_by, op.note) == ("ds@h.org", "March sample")
+    assert (op.changed_by, op.note) == ("cli:ds@h.org", "March sample")
     assert op.threshold == pytest.approx(shown["candidate"]["threshold"])
 
 

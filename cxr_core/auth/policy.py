@@ -186,10 +186,15 @@ def local_access_refusal(client_ip: str | None, headers: Mapping[str, str]) -> s
 
 
 def cli_principal(env: Mapping[str, str] | None = None) -> Principal:
-    """The CLI's principal: ``CXR_CLI_IDENTITY`` (default ``cli:<OS user>``) with the roles of
-    ``CXR_CLI_ROLES`` (comma-separated, default every role: the CLI runs on the server)."""
+    """The CLI's principal: ``CXR_CLI_IDENTITY`` (default the OS user) with the roles of
+    ``CXR_CLI_ROLES`` (comma-separated, default every role: the CLI runs on the server).
+
+    Its identity always carries the ``cli:`` prefix (``CXR_CLI_IDENTITY=dr.lee@h.org`` records
+    ``cli:dr.lee@h.org``): what was done from a shell on the server is never mistaken for what a
+    signed-in person did, nor undone as their own."""
     env = os.environ if env is None else env
-    who = env.get("CXR_CLI_IDENTITY") or f"cli:{_os_user()}"
+    raw = (env.get("CXR_CLI_IDENTITY") or "").strip() or _os_user()
+    who = raw if raw.startswith("cli:") else f"cli:{raw}"
     roles = [r.strip() for r in (env.get("CXR_CLI_ROLES") or ",".join(ROLES)).split(",")
              if r.strip()]
     return Principal(identity=who, roles=frozenset(roles), source="cli", display=who)

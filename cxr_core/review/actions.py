@@ -11,6 +11,7 @@ from cxr_core.auth.policy import Principal
 from cxr_core.core.errors import ConfigError
 from cxr_core.predict import uploads
 from cxr_core.review import queues as review
+from cxr_core.review import relabel_import
 from cxr_core.review.relabel_import import relabel_by_path
 from cxr_core.storage import Database
 from cxr_core.storage import audit as store
@@ -63,3 +64,15 @@ def send_to_review(db: Database, p: Principal, prediction: Any, *, model_ref: st
         db, prediction, model_ref=model_ref, sent_by=p.identity,
         and_then=audited(p, "send_to_review", lambda item: f"review_item:{item}",
                      {"model": model_ref}))
+
+
+def import_relabels(db: Database, p: Principal, *, dataset: str | int, source: Any,
+                    source_name: str | None = None) -> list:
+    """Relabel many images from a CSV as ``p`` (all rows or none): every row is recorded under
+    the principal's identity, never a name from the file (a ``reviewer`` cell is kept only in
+    the note), and the audit row commits in the same transaction as the rows."""
+    target = f"{dataset}:{source_name or source}"
+    authorize(db, p, "import_relabels", target)
+    return relabel_import.import_relabels(
+        db, dataset=dataset, source=source, reviewer=p.identity, source_name=source_name,
+        and_then=audited(p, "import_relabels", target, lambda rows: {"rows": len(rows)}))

@@ -16,7 +16,7 @@ from typing import Any
 from cxr_core.core.errors import ConfigError
 from cxr_core.core.records import ImageRecord
 from cxr_core.review.queues import LabelChoice, format_label, label_choices, submit_relabel
-from cxr_core.storage import Database, lock_for_write, review_queue
+from cxr_core.storage import AndThen, Database, lock_for_write, review_queue
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import relabels as store
 from cxr_core.storage.relabels import RelabelRecord
@@ -206,23 +206,28 @@ def _read_import_csv(source: str | Path | io.TextIOBase,
 
 
 def import_relabels(db: Database, *, dataset: str | int,
-                    source: str | Path | io.TextIOBase, reviewer: str | None = None,
-                    source_name: str | None = None) -> list[RelabelRecord]:
-    """Relabel many images from a CSV, all rows or none.
+                    source: str | Path | io.TextIOBase, reviewer: str,
+                    source_name: str | None = None,
+                    and_then: AndThen | None = None) -> list[RelabelRecord]:
+    """Relabel many images from a CSV, all rows or none, as ``reviewer``.
 
     The CSV has a header row and the columns ``path,label`` and optionally ``subtype``,
-    ``reviewer``, ``note`` (any order). Every row is checked first, as :func:`relabel_by_path`
-    checks one (known path, image not missing, a label of the dataset, a reviewer), and a path
-    may appear only once; then every row is written in ONE transaction with the storage
-    writer the page's :func:`submit_relabel` uses. Any bad row: nothing is written and the
-    error names every bad row by line number (the header is line 1) and reason.
+    ``reviewer``, ``note`` (any order). Every row is recorded as ``reviewer`` (the principal's
+    identity): a ``reviewer`` cell is never an identity, it is kept in the row's note
+    ("CSV reviewer: …"). Every row is checked first, as :func:`relabel_by_path` checks one
+    (known path, image not missing, a label of the dataset), and a path may appear only once;
+    then every row is written in ONE transaction with the storage writer the page's
+    :func:`submit_relabel` uses (``and_then(session, rows)`` in it: the audit row). Any bad
+    row: nothing is written and the error names every bad row by line number (the header is
+    line 1) and reason.
 
     Args:
         db: the database.
         dataset: the dataset's name (or id).
         source: a CSV file path or an open text stream.
-        reviewer: the reviewer of rows whose ``reviewer`` cell is empty or absent.
+        reviewer: the identity every row is recorded as.
         source_name: how the error messages name the source (default: the path, or "CSV").
+        and_then: run in the rows' transaction with the written rows.
 
     Returns:
         The written rows, in file order.
@@ -233,7 +238,9 @@ def import_relabels(db: Database, *, dataset: str | int,
     """
     name = source_name or (str(source) if isinstance(source, (str, Path)) else "CSV")
     rows = _read_import_csv(source, name)
-    default_reviewer = (reviewer or "").strip()
+    who = (reviewer or "").strip()
+    if not who:
+        raise ConfigError("an import is recorded as someone: reviewer is required")
 
     def write(s: Any) -> list[RelabelRecord]:
         lock_for_write(s)  # the checks below stay true until the last INSERT commits
@@ -260,13 +267,13 @@ def import_relabels(db: Database, *, dataset: str | int,
             choice, problem = _choice_problem(choices, row.get("label"), row.get("subtype"))
             if problem:
                 why.append(problem)
-            who = (row.get("reviewer") or "").strip() or default_reviewer
-            if not who:
-                why.append("missing reviewer (empty reviewer cell and no --reviewer)")
+            note = row.get("note") or ""
+            if named := (row.get("reviewer") or "").strip():  # never an identity: a note
+                note = f"{note} (CSV reviewer: {named})" if note else f"CSV reviewer: {named}"
             if why:
                 problems.append((line, ", ".join(why)))
             else:
-                todo.append(_ImportRow(line, rec.id, choice, who, row.get("note") or ""))
+                todo.append(_ImportRow(line, rec.id, choice, who, note))
         if problems:
             raise RelabelImportError(name, problems)
         ids = [store.add_relabel(session=s, image_id=r.image_id, new_label=r.choice.label,
@@ -279,7 +286,7 @@ def import_relabels(db: Database, *, dataset: str | int,
                  if r.id in wanted}
         return [by_id[i] for i in ids]
 
-    return db.write(write)
+    return db.write(write, and_then=and_then)
 
 
 def relabel_history(db: Database, *, dataset: str | int) -> tuple[ds_store.DatasetInfo,
