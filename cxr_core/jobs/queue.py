@@ -53,10 +53,11 @@ VIEW_KINDS = tuple(k for k, a in KINDS.items() if a == "compute_view")
 
 def submit(db: Database, kind: str, params: Mapping[str, Any], *,
            start_worker: bool = True, created_by: str | None = None,
-           and_then: AndThen | None = None) -> int:
+           and_then: AndThen | None = None, parent: str | None = None) -> int:
     """Queue a job and make sure a worker will take it; returns the job id.
 
-    ``created_by`` is stored with it (who asked). ``and_then(session, job_id)`` runs in the
+    ``created_by`` is stored with it (who asked), and ``parent`` (what it belongs to, e.g.
+    ``"audit:7"``: per-user caps count a parent's jobs once, :mod:`cxr_core.core.limits`). ``and_then(session, job_id)`` runs in the
     job row's transaction (an audit row, a quota check that may refuse it); the worker is
     started only once both are committed.
 
@@ -69,7 +70,8 @@ def submit(db: Database, kind: str, params: Mapping[str, Any], *,
     if kind not in KINDS:
         raise ConfigError(f"job kind must be one of {sorted(KINDS)}. Received: kind={kind!r}")
     job_id = db.write(lambda s: store.create_job(session=s, kind=kind, params=params,
-                                                 created_by=created_by), and_then=and_then)
+                                                 created_by=created_by, parent=parent),
+                      and_then=and_then)
     if start_worker:
         launcher.ensure_worker(db, kinds="jobs")
     return job_id
@@ -88,7 +90,7 @@ def recent_jobs(db: Database, kind: str, *, limit: int = 10) -> list[JobRecord]:
 
 def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
                 start_worker: bool = True, created_by: str | None = None,
-                and_then: AndThen | None = None) -> int:
+                and_then: AndThen | None = None, parent: str | None = None) -> int:
     """:func:`submit`, unless a job of that kind with the same params is queued or running
     (two tabs asking to index one folder get one job); returns that job's id. ``and_then``
     runs only when a job is created (in its transaction)."""
@@ -100,7 +102,7 @@ def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
             launcher.ensure_worker(db, kinds="jobs")
         return open_jobs[0].id
     return submit(db, kind, params, start_worker=start_worker, created_by=created_by,
-                  and_then=and_then)
+                  and_then=and_then, parent=parent)
 
 
 def latest_job(db: Database, kind: str, params: Mapping[str, Any]) -> JobRecord | None:
