@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     roles = sub.add_parser("roles", help="roles granted to identities (added to [cxr_roles])")
     rosub = roles.add_subparsers(dest="roles_command", required=True)
     p = add("grant", cmd_roles_grant, "set an identity's granted roles (none: remove)", rosub)
-    p.add_argument("identity", help="an email, as the identity provider gives it")
+    p.add_argument("identity", help="an email (lowercased), or issuer|subject as the identity "
+                   "provider gives it (case kept)")
     p.add_argument("roles", nargs="*", choices=("viewer", "reviewer", "scientist", "admin"))
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
     rsub = relabel.add_subparsers(dest="relabel_command", required=True)

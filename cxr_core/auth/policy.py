@@ -244,6 +244,16 @@ def _verified(user: Mapping[str, Any]) -> bool:
     return flag is True or str(flag).strip().lower() == "true"
 
 
+def normalize_identity(identity: str) -> str:
+    """An identity as records and grants store it: an email lowercased, an ``issuer|subject``
+    (or a ``cli:`` / local identity) exactly as given, only trimmed: subjects are
+    case-sensitive, and lowercasing one would lock its owner out of the roles granted to it."""
+    text = (identity or "").strip()
+    if "|" in text or text.startswith("cli:") or "@" not in text:
+        return text
+    return text.lower()
+
+
 def identity_of(user: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:
     """The stable identity of an OIDC user: the email (lowercased) when the provider says it is
     verified or the issuer is trusted for emails (``[cxr_roles] trusted_email_issuers``), else
