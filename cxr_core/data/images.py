@@ -13,7 +13,7 @@ and refused over the budget (``CXR_MAX_DECODE_MB``, :mod:`cxr_core.core.limits`)
 Deflated-transfer-syntax DICOM is inflated with a bound derived from its own header (pydicom
 would inflate the whole body first); 16-bit and float pixels go to 8 bits in float32 strips of
 about a million pixels, never a whole-image float64 copy. Uploads are decoded in a child process
-with a memory limit (:func:`decode_upload` through :mod:`cxr_core.data.sandbox`).
+with a memory limit (:func:`decode_upload` run by :mod:`cxr_core.data.sandbox`).
 """
 from __future__ import annotations
 
@@ -628,8 +628,8 @@ class DecodedUpload:
 
 def decode_upload(data: bytes, name: str, specs: Sequence[tuple[int, int]] = (),
                   display_side: int | None = None, budget: int | None = None) -> DecodedUpload:
-    """Decode an upload for every use the web process has of it (in a child process: run it
-    through :func:`cxr_core.data.sandbox.run_limited`, as :func:`load_upload` does).
+    """Decode an upload for every use the web process has of it (in a child process: run by
+    :class:`cxr_core.data.sandbox.UploadDecoder`, or :func:`cxr_core.data.sandbox.load_upload`).
 
     Raises:
         ImageLoadError: with a one-line message naming the file and the problem.
@@ -655,24 +655,6 @@ def decode_upload(data: bytes, name: str, specs: Sequence[tuple[int, int]] = (),
         image(None).save(buf, format="PNG")
         png = buf.getvalue()
     return DecodedUpload(views, display, png, is_dicom(data))
-
-
-def load_upload(data: bytes, name: str, specs: Sequence[tuple[int, int]] = (),
-                display_side: int | None = None) -> DecodedUpload:
-    """:func:`decode_upload` in a child process limited to the decode budget plus the
-    interpreter's footprint (:class:`cxr_core.data.sandbox.UploadDecoder`): a hostile file
-    ends its own process, never the caller's. Many files: use one ``UploadDecoder``.
-
-    Raises:
-        ImageLoadError: the file cannot be decoded, or its process ran out of memory, crashed
-            or timed out.
-    """
-    from cxr_core.data import sandbox
-
-    budget = decode_budget()
-    with sandbox.UploadDecoder(memory_bytes=sandbox.decode_limit(budget), budget=budget) as dec:
-        out = dec.decode(data, name=name, specs=specs, display_side=display_side)
-    return DecodedUpload(out.views, out.display, out.png, out.dicom)
 
 
 def to_array(img: Image.Image, size: int, channels: int) -> np.ndarray:

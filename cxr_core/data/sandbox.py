@@ -16,7 +16,7 @@ file's bytes; a reply is a JSON header that lists uint8 arrays by shape, then th
 checked against the header and a size cap before anything is built from them. Each reply also
 carries the child's peak resident memory (``ru_maxrss``), which the robustness tests assert.
 
-May import :mod:`cxr_core.core` only (the child imports :mod:`cxr_core.data.images`).
+Imports :mod:`cxr_core.core` and :mod:`cxr_core.data.images` (which never imports it back).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from cxr_core.core.errors import ImageLoadError
+from cxr_core.data import images
 
 # What the child holds before it decodes anything (Python, NumPy, Pillow, pydicom: about
 # 60 MB of data segment measured, see docs/benchmarks.md): added to the decode budget.
@@ -157,6 +158,22 @@ class UploadDecoder:
         return code
 
 
+def load_upload(data: bytes, name: str, specs: Sequence[tuple[int, int]] = (),
+                display_side: int | None = None) -> images.DecodedUpload:
+    """:func:`cxr_core.data.images.decode_upload` of one file in a child process limited to
+    the decode budget plus the interpreter's footprint: a hostile file ends its own process,
+    never the caller's. Many files: use one :class:`UploadDecoder`.
+
+    Raises:
+        ImageLoadError: the file cannot be decoded, or its process ran out of memory, crashed
+            or timed out.
+    """
+    budget = images.decode_budget()
+    with UploadDecoder(memory_bytes=decode_limit(budget), budget=budget) as dec:
+        out = dec.decode(data, name=name, specs=specs, display_side=display_side)
+    return images.DecodedUpload(out.views, out.display, out.png, out.dicom)
+
+
 def decode_limit(budget: int | None) -> int | None:
     """The child's memory limit for a decode budget: the budget plus its own footprint."""
     return None if budget is None else budget + BASE_BYTES
@@ -258,11 +275,10 @@ def _limit_memory(limit: int | None) -> None:
 
 def _serve_one(request: dict, data: bytes, limit: int | None) -> tuple[dict, list[bytes]]:
     from cxr_core.core.errors import CxrError
-    from cxr_core.data.images import decode_upload
 
     name = str(request.get("name") or "upload")
     try:
-        out = decode_upload(data, name, [tuple(s) for s in request.get("specs") or ()],
+        out = images.decode_upload(data, name, [tuple(s) for s in request.get("specs") or ()],
                             request.get("display_side"), request.get("budget"))
     except MemoryError:
         shown = "its limit" if limit is None else f"the {limit / 2**20:,.0f} MB"
@@ -284,8 +300,7 @@ def _serve_one(request: dict, data: bytes, limit: int | None) -> tuple[dict, lis
 
 def serve(limit: int | None, stdin: BinaryIO, stdout: BinaryIO) -> None:
     """The child's loop: limit memory, then one reply per request until stdin closes."""
-    import cxr_core.data.images  # noqa: F401 - imported before the limit applies
-    import pydicom.pixels  # noqa: F401
+    import pydicom.pixels  # noqa: F401 - imported before the limit applies
 
     _limit_memory(limit)
     while True:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from cxr_core.core.errors import ModelError
 from cxr_core.data import images as image_io
+from cxr_core.data import sandbox
 from cxr_core.models import ensembles
 from cxr_core.models.refs import load_model_ref
 from cxr_core.models.store import LoadedModel, decide, model_file, predict_probs
@@ -170,7 +171,7 @@ def display_pixels(item: ImageInput | Prediction, max_side: int = DISPLAY_SIZE) 
     """The image as uint8 (H, W) or (H, W, 3) at most ``max_side`` a side, aspect kept.
 
     A prediction of an upload already holds it (decoded in its child process); another
-    upload is decoded in a child process (:func:`cxr_core.data.images.load_upload`), a file on
+    upload is decoded in a child process (:func:`cxr_core.data.sandbox.load_upload`), a file on
     disk here.
 
     Raises:
@@ -181,7 +182,7 @@ def display_pixels(item: ImageInput | Prediction, max_side: int = DISPLAY_SIZE) 
             return item.display
         item = item.source
     if item.data is not None:
-        return image_io.load_upload(item.read(), item.name, display_side=max_side).display
+        return sandbox.load_upload(item.read(), item.name, display_side=max_side).display
     img = image_io.load_image(item.read(), name=item.name, draft=max_side)
     img.thumbnail((max_side, max_side))
     return np.asarray(img)

@@ -26,6 +26,7 @@ from PIL import Image
 from cxr_core.core.errors import ImageLoadError
 from cxr_core.core.settings import get_settings
 from cxr_core.data import images as image_io
+from cxr_core.data import sandbox
 from cxr_core.predict.inference import ImageInput, Prediction
 from cxr_core.storage import AndThen, Database, lock_for_write, reviews
 
@@ -40,7 +41,7 @@ def prepare_upload(item: ImageInput) -> tuple[bytes, str, str]:
     """
     data = item.read()
     if image_io.is_dicom(data):
-        data, suffix = image_io.load_upload(data, item.name).png or b"", ".png"
+        data, suffix = sandbox.load_upload(data, item.name).png or b"", ".png"
     else:
         suffix = _suffix(data, item.name)
     return data, hashlib.sha256(data).hexdigest(), suffix
