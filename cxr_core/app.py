@@ -7,7 +7,8 @@
   does a kind lives in its domain's ``handlers`` module.
 - :func:`run_worker`: the worker loop (:mod:`cxr_core.jobs.loop`) with those handlers and the
   run runner (:func:`cxr_core.training.runner.process_run`); ``python -m cxr_core worker``.
-  It queues the daily ``cleanup`` job (:mod:`cxr_core.review.retention`) when it is due.
+  A long-running worker queues the daily ``cleanup`` job (:mod:`cxr_core.review.retention`)
+  when it is due (checked when it starts and every 10 minutes; ``--once`` does not).
 
 Only this module, the CLI and ``__main__`` sit at the top of ``cxr_core`` and may import every
 package.
@@ -76,8 +77,6 @@ def open_app_db(*, start_worker: bool = True) -> tuple[Database, list[int]]:
         jobs.append(queue.submit_once(db, "demo", {"path": str(DEMO_PATH), "name": DEMO_NAME,
                                                    "models": list(DEMO_MODELS)},
                                       start_worker=start_worker))
-    if retention.Retention.from_env().enabled:  # also when no worker has run for a while
-        queue.submit_if_due(db, "cleanup", retention.CLEANUP_EVERY_S, start_worker=start_worker)
     return db, jobs
 
 

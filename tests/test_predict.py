@@ -498,3 +498,17 @@ def test_uploads_within_the_caps_decode_in_a_child_with_their_picture(loaded, mo
     assert a.display.shape == (40, 60) and b.display.shape == (48, 48)  # decoded with them
     assert np.array_equal(E.display_pixels(a), a.display)
     assert np.array_equal(E.display_pixels(a.source), a.display)  # same picture, re-decoded
+
+
+def test_review_shows_a_stored_upload_decoded_in_its_sandbox(cxr_home, monkeypatch):
+    """An upload sent to review is a client's file: Review decodes it in a child process too."""
+    from cxr_core.data import sandbox
+    from cxr_core.review import view
+
+    calls = []
+    real = sandbox.load_upload
+    monkeypatch.setattr(sandbox, "load_upload",
+                        lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    sha = U.store_upload(P.ImageInput("film.png", data=_png(np.full((30, 50), 7, np.uint8))))
+    pixels = view.view_pixels(U.upload_path(sha))
+    assert pixels.shape == (30, 50) and calls == [f"{sha}.png"]

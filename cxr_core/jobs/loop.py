@@ -110,8 +110,9 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
         stale_after_s: heartbeat age after which another worker's run is reaped.
         kinds: "all", "runs" (training only) or "jobs" (jobs only).
         scheduled: job kind -> seconds: periodic system jobs this worker queues when due
-            (:func:`cxr_core.jobs.queue.submit_if_due`; checked at most every
-            :data:`SCHEDULE_CHECK_S`), e.g. the daily ``cleanup``. Not by a runs-only worker.
+            (:func:`cxr_core.jobs.queue.submit_if_due`; checked when it starts and then at
+            most every :data:`SCHEDULE_CHECK_S`), e.g. the daily ``cleanup``. Not by a
+            runs-only worker, nor with ``once`` (a one-shot drain of the queue).
 
     Returns:
         ``{"worker_id", "pid", "runs": [outcome...], "jobs": [id...], "status": "finished"}``.
@@ -133,7 +134,7 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
     next_check = 0.0
     try:
         while True:
-            if scheduled and kinds != "runs" and time.monotonic() >= next_check:
+            if scheduled and kinds != "runs" and not once and time.monotonic() >= next_check:
                 for kind, every_s in scheduled.items():
                     queue.submit_if_due(db, kind, every_s)
                 next_check = time.monotonic() + SCHEDULE_CHECK_S

@@ -17,9 +17,10 @@ writes the file and its item under that same lock, so an upload being sent again
 is never deleted under it. Exports (``<artifacts>/exports/``) are copies of the relabel history
 that can be made again at any time: they are deleted by age alone.
 
-The ``cleanup`` job (:mod:`cxr_core.review.handlers`) runs :func:`cleanup`; workers queue it
-once a day (:data:`CLEANUP_EVERY_S`, wired by :mod:`cxr_core.app`), the app at start when it
-is due, and ``python -m cxr_core cleanup --json`` runs it now.
+The ``cleanup`` job (:mod:`cxr_core.review.handlers`) runs :func:`cleanup`; long-running
+workers queue it once a day (:data:`CLEANUP_EVERY_S`, wired by :mod:`cxr_core.app`: checked
+when a worker starts and every 10 minutes; the app starts a worker whenever work is queued),
+and ``python -m cxr_core cleanup --json`` runs it now.
 """
 from __future__ import annotations
 
