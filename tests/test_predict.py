@@ -512,3 +512,14 @@ def test_review_shows_a_stored_upload_decoded_in_its_sandbox(cxr_home, monkeypat
     sha = U.store_upload(P.ImageInput("film.png", data=_png(np.full((30, 50), 7, np.uint8))))
     pixels = view.view_pixels(U.upload_path(sha))
     assert pixels.shape == (30, 50) and calls == [f"{sha}.png"]
+
+
+def test_indexed_array_images_are_not_uploads(loaded, monkeypatch):
+    """PNG bytes made from an indexed .npz are the server's data: not capped as uploads and
+    decoded here."""
+    monkeypatch.setenv("CXR_MAX_UPLOAD_FILES", "1")
+    items = [P.ImageInput(f"npz:train:{i}", data=_png(np.full((28, 28), 40 * i, np.uint8)),
+                          image_id=i + 1) for i in range(3)]
+    assert not any(i.is_upload for i in items)
+    result = P.predict_batch(loaded, items)
+    assert len(result.predictions) == 3 and all(p.display is None for p in result.predictions)

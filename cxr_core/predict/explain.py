@@ -181,7 +181,7 @@ def display_pixels(item: ImageInput | Prediction, max_side: int = DISPLAY_SIZE) 
         if item.display is not None and max_side == DISPLAY_SIZE:
             return item.display
         item = item.source
-    if item.data is not None:
+    if item.is_upload:
         return sandbox.load_upload(item.read(), item.name, display_side=max_side).display
     img = image_io.load_image(item.read(), name=item.name, draft=max_side)
     img.thumbnail((max_side, max_side))

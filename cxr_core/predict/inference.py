@@ -80,6 +80,12 @@ class ImageInput:
                               f"Received: name={self.name!r}, data and path both "
                               f"{'set' if self.data is not None else 'missing'}")
 
+    @property
+    def is_upload(self) -> bool:
+        """Bytes a client sent (not a file on disk, nor an indexed image such as an ``.npz``
+        record): capped per request and decoded in a child process."""
+        return self.data is not None and self.image_id is None
+
     def read(self, max_bytes: int = MAX_UPLOAD_BYTES) -> bytes:
         """The file's bytes, refusing files over ``max_bytes`` before reading them.
 
@@ -301,7 +307,7 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
         QuotaExceeded: the uploads are over the per-request caps (nothing was decoded).
     """
     start = time.perf_counter()
-    uploads = [item for item in items if item.data is not None]
+    uploads = [item for item in items if item.is_upload]
     if uploads:
         check_upload_request([len(item.data) for item in uploads])
     specs = model_store.input_specs(loaded)
@@ -310,7 +316,7 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
         for i, item in enumerate(items):
             try:
                 decoded.append((i, item, *_decode(item, specs, max_bytes=max_bytes,
-                                                  decoder=decoder if item.data is not None
+                                                  decoder=decoder if item.is_upload
                                                   else None)))
             except ImageLoadError as exc:
                 errors.append(PredictError(i, item, str(exc)))
