@@ -119,7 +119,8 @@ def _record(db: Database, *, run_id: int | None, model_ref: str, dataset_id: int
     if run_id is not None and len(labels) == 2:
         op = get_operating_point(db, run_id)
         threshold = op.threshold if op is not None else threshold
-    report = ev.evaluate(y, p, list(labels), threshold=threshold if len(labels) == 2 else None,
+    # A threshold on three classes is the hierarchical reading (its pneumonia step).
+    report = ev.evaluate(y, p, list(labels), threshold=threshold,
                          n_boot=n_boot, groups=groups)
     key = images_key(image_ids, paths)
     prov = {} if truth is None else dict(
@@ -188,6 +189,24 @@ def evaluable_runs(db: Database, *, status: str | None = "finished") -> list[Run
     """Runs that can be evaluated (finished ones by default), newest first."""
     with db.session() as s:
         return store.list_run_briefs(session=s, status=status)
+
+
+def two_step_options(db: Database) -> tuple[dict[str, str], dict[str, str]]:
+    """The models a hierarchical three-class reading can be made of (reference -> title):
+    binary runs (and the shipped default) for the pneumonia step, ``subtype`` runs for the
+    subtype step; finished runs, newest first."""
+    from cxr_core.models.store import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+    from cxr_core.storage import runs as run_store
+
+    with db.session() as s:
+        runs = run_store.list_runs(session=s, statuses=["finished"])
+    pneumonia = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in runs
+                 if (r.config or {}).get("label_scheme", "binary") == "binary"}
+    if (DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME).is_file():
+        pneumonia["default"] = "Shipped default model"
+    subtype = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in runs
+               if (r.config or {}).get("label_scheme") == "subtype"}
+    return pneumonia, subtype
 
 
 # -- Evaluating a model on a dataset --------------------------------------------------------
@@ -278,13 +297,16 @@ def _predict_cache(loaded: Any, cache: Any, progress: Progress | None,
         done += int(x.shape[0])
         if progress is not None:
             progress(done, cache.n)
-    return model_store.to_probs(np.concatenate(out))
+    return model_store.outputs(loaded, np.concatenate(out))
 
 
 def _outputs(info: Any, records: list, y: list[int], loaded: Any,
              progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list]:
     """(probs, y_true, records kept) of a model, or of an ensemble: each member through its
-    own cache (its input size and channels), then the mean over the images every member read."""
+    own cache (its input size and channels), then combined (an ensemble's mean, the
+    hierarchical reading's product) over the images every member read."""
+    from cxr_core.models import store as model_store
+
     if not loaded.members:
         cache, kept = _cache(info, records, y, loaded, progress)
         return _predict_cache(loaded, cache, progress), cache.labels(), kept
@@ -293,7 +315,8 @@ def _outputs(info: Any, records: list, y: list[int], loaded: Any,
         cache, kept = _cache(info, records, y, member, progress)
         outputs.append(dict(zip((r.id for r in kept), _predict_cache(member, cache, progress))))
     both = [(r, yi) for r, yi in zip(records, y) if all(r.id in o for o in outputs)]
-    probs = np.mean([[o[r.id] for r, _ in both] for o in outputs], axis=0)
+    probs = model_store.combine_members(loaded, [np.array([o[r.id] for r, _ in both])
+                                                 .reshape(len(both), -1) for o in outputs])
     return (probs.reshape(len(both), len(loaded.labels)), np.array([yi for _, yi in both]),
             [r for r, _ in both])
 
