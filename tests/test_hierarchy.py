@@ -210,3 +210,26 @@ def test_a_subtype_run_and_a_hierarchical_evaluation_through_the_worker(cxr_home
     assert report.confusion_matrix.sum() == 30
     assert (np.asarray(report.confusion_matrix).sum(0)
             == np.bincount(expected, minlength=3)).all()
+
+    # Shipped as models/three_class (here a temporary folder): both steps and the composite
+    # card, its external figures cross-fitted.
+    from cxr_core.training.export import export_three_class
+
+    out = cxr_home / "three_class"
+    es.evaluate_model(db, f"run:{ids['binary']}", "site")  # the site threshold is chosen there
+    card = export_three_class(f"run:{ids['binary']}", ids["subtype"], db=db, out_dir=out,
+                              external="site", site_prior=True, n_boot=50)
+    for step in ("pneumonia", "subtype"):
+        assert (out / step / "model.keras").is_file() and (out / step / "model_card.json").is_file()
+    [m] = card["measured"]
+    fit = m["hierarchical_crossfit"]
+    assert m["n"] == 30 and fit["chosen"] == "pneumonia threshold, prior"
+    assert fit["accuracy_ci"][0] <= fit["accuracy"] <= fit["accuracy_ci"][1]
+    assert sum(map(sum, fit["confusion"])) == 30
+    shipped = hierarchy.load_hierarchical("three_class", models_dir=out)
+    assert shipped.members[1].priors["target_source"] == "site's labelled pneumonia films"
+    assert shipped.members[1].priors["target"] == pytest.approx([11 / 22, 11 / 22])  # 10+1 each
+    assert shipped.members[0].card["operating_point"]["chosen_on"] == "site"
+    readme = (out / "README.md").read_text()
+    assert "two steps, cross-fitted (pneumonia threshold, prior chosen" in readme
+    assert "At a new site: `site` (30 films" in readme

@@ -357,14 +357,16 @@ def _overlap(db: Database, loaded: Any, ids: list[int], patients: list[str | Non
     return found[0] if not loaded.members and found else combined_overlap(found)
 
 
-def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | None = None,
+def evaluate_dataset(db: Database, model_ref: Any, data: str, *, split: str | None = None,
                      progress: Progress | None = None, n_boot: int = CLI_N_BOOT,
                      labels: str = "current") -> EvalOutcome:
-    """:func:`evaluate_model` with the details the CLI prints (see there)."""
+    """:func:`evaluate_model` with the details the CLI prints (see there); ``model_ref`` may
+    also be a model already loaded (a :class:`cxr_core.models.store.LoadedModel`)."""
     from cxr_core.data.indexing import open_dataset
     from cxr_core.models import refs
 
-    loaded = refs.load_model_ref(model_ref, db=db)
+    loaded = (refs.load_model_ref(model_ref, db=db) if isinstance(model_ref, str)
+              else model_ref)
     where, split = _split_of(str(data), split)
     info, records = open_dataset(db, where)
     usable = [r for r in records if not r.error and (split is None or r.split == split)]
@@ -426,6 +428,13 @@ def evaluate_model(db: Database, model_ref: str, data: str, *, split: str | None
         ConfigError: a class of the model has no image (AUC needs every class).
     """
     out = evaluate_dataset(db, model_ref, data, split=split, progress=progress, labels=labels)
+    return out.evaluation_id, out.report
+
+
+def evaluate_loaded(db: Database, loaded: Any, data: str, *,
+                    labels: str = "current") -> tuple[int, ev.EvalReport]:
+    """:func:`evaluate_model` of a model already loaded (e.g. one about to be shipped)."""
+    out = evaluate_dataset(db, loaded, data, labels=labels)
     return out.evaluation_id, out.report
 
 
