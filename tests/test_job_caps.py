@@ -126,6 +126,8 @@ def test_runs_of_one_parent_wait_past_the_quota_and_count_once(db, monkeypatch):
     ("ensemble:run:3+run:5+default", True), ("/etc/passwd.keras", False),
     ("../runs/7/best.keras", False), ("ensemble:run:3+/data/x.keras", False),
     ("ensemble:x.keras", False), ("run:3; rm", False), (None, False), (["run:3"], False),
+    ("hier:run:3+run:4", True), ("hier:default+7", True), ("hier:run:3+/x/s.keras", False),
+    ("hier:run:3", False), ("hier:run:1+run:2+run:3", False),
 ])
 def test_what_counts_as_a_model_reference(ref, ok):
     assert model_refs.is_reference(ref) is ok

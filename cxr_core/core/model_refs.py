@@ -5,9 +5,11 @@ A model reference is one of:
 
 * ``run:ID`` (or a bare ``ID``): a training run's model;
 * ``default`` or the name of another model shipped in the repository's ``models/NAME/``
-  folder (``models/NAME/model.keras``);
+  folder (``models/NAME/model.keras``, or ``model_card.json`` for a shipped composite such as
+  the two-step ``three_class``);
 * ``ensemble:NAME``: a named ensemble (its members were checked when it was made);
-* ``ensemble:A+B+...``: an ad hoc ensemble whose members are each one of the first two.
+* ``ensemble:A+B+...``: an ad hoc ensemble whose members are each one of the first two;
+* ``hier:A+B``: a two-step three-class model whose steps are each one of the first two.
 
 A file path (``/data/x.keras``) is not a reference: the app's job params and actions refuse it
 for app principals (:func:`check_params`, called by :func:`cxr_core.jobs.actions.submit_job` and
@@ -29,6 +31,8 @@ __all__ = ["MODEL_PARAM_KEYS", "REPO_MODELS", "check_params", "check_reference",
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"  # the repository's shipped models
 SHIPPED_FILE = "model.keras"
 ENSEMBLE = "ensemble:"
+HIERARCHY = "hier:"
+SHIPPED_CARD = "model_card.json"
 # Job params that name models (evaluate: model_ref; create_ensemble: members; the demo job:
 # models). A kind added later that names a model uses one of these keys.
 MODEL_PARAM_KEYS = ("model_ref", "model", "models", "members", "base", "weights")
@@ -37,12 +41,14 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
 def shipped_models(folder: Path | None = None) -> tuple[str, ...]:
-    """Names of the models shipped in ``models/NAME/model.keras`` (``default`` among them)."""
+    """Names of the models shipped in ``models/NAME/`` (a ``model.keras`` or a
+    ``model_card.json``: ``default`` and ``three_class`` among them)."""
     root = folder or REPO_MODELS
     if not root.is_dir():
         return ()
     return tuple(sorted(p.name for p in root.iterdir()
-                        if _NAME.match(p.name) and (p / SHIPPED_FILE).is_file()))
+                        if _NAME.match(p.name) and ((p / SHIPPED_FILE).is_file()
+                                                    or (p / SHIPPED_CARD).is_file())))
 
 
 def _single(ref: str, shipped: Iterable[str]) -> bool:
@@ -55,6 +61,9 @@ def is_reference(ref: Any, shipped: Iterable[str] | None = None) -> bool:
         return False
     ref = ref.strip()
     names = tuple(shipped_models() if shipped is None else shipped)
+    if ref.startswith(HIERARCHY):
+        steps = ref[len(HIERARCHY):].split("+")
+        return len(steps) == 2 and all(_single(s.strip(), names) for s in steps)
     if ref.startswith(ENSEMBLE):
         body = ref[len(ENSEMBLE):]
         if "+" not in body:
@@ -74,8 +83,8 @@ def check_reference(ref: Any, *, identity: str, what: str = "model") -> str:
     shipped = ", ".join(repr(n) for n in shipped_models()) or "'default'"
     raise PermissionDenied(
         f"{identity} may name a {what} only by reference: 'run:ID', a shipped model "
-        f"({shipped}), 'ensemble:NAME' or 'ensemble:run:3+run:5'; a file path can be used from "
-        f"the command line on the server only. Received: {ref!r}")
+        f"({shipped}), 'ensemble:NAME', 'ensemble:run:3+run:5' or 'hier:run:3+run:5'; a file "
+        f"path can be used from the command line on the server only. Received: {ref!r}")
 
 
 def check_params(params: Mapping[str, Any], *, identity: str) -> None:

@@ -82,7 +82,8 @@ def normalise_members(members: Sequence[str]) -> tuple[str, ...]:
         if is_ensemble_ref(ref):
             raise ModelError(f"an ensemble cannot be a member of an ensemble. Received: {ref!r}")
         if run_id is None and ref != "default" and not ref.endswith(".keras") \
-                and ref not in shipped_models():
+                and not (ref in shipped_models() and (model_store.REPO / "models" / ref
+                                                      / model_store.DEFAULT_MODEL_NAME).is_file()):
             raise ModelError("an ensemble member is 'run:ID', an ID, 'default' (or another "
                              f"shipped model) or a .keras file. Received: {ref!r}")
         out.append(f"run:{run_id}" if run_id is not None else ref)
