@@ -17,7 +17,8 @@ from cxr_core.data.splits import SPLIT_STRATEGIES
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
-                "folders": "Folder classes"}
+                "folders": "Folder classes",
+                "subtype": "Subtype among pneumonia (bacteria / virus)"}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
