@@ -28,6 +28,7 @@ EXPECTED = {
     "evaluate": {S, A}, "set_operating_point": {S, A}, "site_calibration": {S, A},
     "save_preset": {S, A}, "overwrite_any_preset": {A}, "export_relabels": {S, A},
     "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A}, "backup": {A},
+    "search": {S, A},
 }
 
 

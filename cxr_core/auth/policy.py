@@ -72,6 +72,7 @@ POLICY: dict[str, frozenset[str]] = {
     "manage_roles": frozenset({_A}),
     "view_audit": frozenset({_A}),
     "backup": frozenset({_A}),  # back up or restore everything (the CLI, on the server)
+    "search": frozenset({_S, _A}),  # create / stop own hyperparameter studies, promote a trial
 }
 ACTIONS: tuple[str, ...] = tuple(POLICY)
 SOURCES = ("oidc", "local", "cli")

@@ -86,12 +86,14 @@ def unregister(db: Database, worker_id: int, heartbeat: Heartbeat) -> None:
 
 
 RunOne = Callable[[Database, int], Any]  # (db, claimed run id) -> outcome with .to_json()
+Tick = Callable[[Database], Any]  # called every loop turn, after reaping (study upkeep)
 
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
                handlers: Mapping[str, Handler], run_one: RunOne | None,
                db: Database | None = None, poll_s: float = POLL_S,
-               stale_after_s: float = STALE_AFTER_S, kinds: str = "all") -> dict:
+               stale_after_s: float = STALE_AFTER_S, kinds: str = "all",
+               tick: Tick | None = None) -> dict:
     """Claim and do queued jobs and train queued runs until stopped (jobs first: short).
 
     The loop knows no domain: the composition root (:func:`cxr_core.app.run_worker`) passes
@@ -107,6 +109,8 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
         poll_s: seconds between queue checks while idle.
         stale_after_s: heartbeat age after which another worker's run is reaped.
         kinds: "all", "runs" (training only) or "jobs" (jobs only).
+        tick: called every turn after reaping dead runs (the composition root passes the
+            studies' upkeep: trials of a dead worker are told and replaced there).
 
     Returns:
         ``{"worker_id", "pid", "runs": [outcome...], "jobs": [id...], "status": "finished"}``.
@@ -128,6 +132,8 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
     try:
         while True:
             reap_dead_runs(db, stale_after_s)
+            if tick is not None and kinds != "jobs":
+                tick(db)
             if kinds != "runs":
                 db.write(lambda s: job_store.reap_dead_jobs(session=s,
                                                             stale_after_s=stale_after_s))
