@@ -294,3 +294,26 @@ class StudyConfig:
                 "pruner": self.pruner, "n_trials": self.n_trials, "parallel": self.parallel,
                 "seed": self.seed, "startup_trials": self.startup_trials,
                 "warmup_epochs": self.warmup_epochs}
+
+
+# Search spaces from the reports the app grew from, for the Search page's "start from".
+SPACE_PRESETS: dict[str, dict[str, Any]] = {
+    # Seed 004 (COVID/pneumonia/normal, InceptionV3) chose its head by a search over these.
+    "seed 004: head (layers, units, activation, optimizer, learning rate)": {
+        "head.layers": {"type": "int", "low": 1, "high": 3},
+        "head.units": {"type": "categorical", "choices": [32, 64, 128, 256, 512, 1024]},
+        "head.activation": {"type": "categorical",
+                            "choices": ["sigmoid", "tanh", "relu", "elu", "selu"]},
+        "optimizer": {"type": "categorical", "choices": ["adam", "rmsprop", "adagrad",
+                                                         "adadelta", "adamax", "nadam", "sgd"]},
+        "learning_rate": {"type": "log", "low": 1e-4, "high": 1e-2},
+    },
+    "learning rate and batch size": {
+        "learning_rate": {"type": "log", "low": 1e-4, "high": 1e-2},
+        "batch_size": {"type": "categorical", "choices": [16, 32, 64]},
+    },
+    "regularisation: head dropout, label smoothing": {
+        "head.dropout": {"type": "float", "low": 0.0, "high": 0.7},
+        "label_smoothing": {"type": "float", "low": 0.0, "high": 0.2},
+    },
+}
