@@ -114,23 +114,23 @@ def site_ui(dataset: str, d: dict, k: str) -> dict:
 
 
 def head_ui(k: str) -> dict | None:
-    """A configurable head in place of the architecture's own (None: the recipe's head)."""
+    """A configurable head in place of the architecture's own (None: the recipe's head). The
+    fields always show: a form reruns only on submit, so the toggle cannot reveal them."""
     h1, h2, h3, h4, h5 = st.columns([1.2, 1, 1.2, 1, 1])
-    if not h1.toggle("Configurable head", key=k + "head_on", help="Dense layers on the pooled "
-                     "features; the initialiser follows the activation (He for ReLU/ELU, Glorot "
-                     "for sigmoid/tanh, LeCun for SELU, which gets no batch norm)"):
-        return None
+    on = h1.toggle("Configurable head", key=k + "head_on", help="Dense layers on the pooled "
+                   "features; the initialiser follows the activation (He for ReLU/ELU, Glorot "
+                   "for sigmoid/tanh, LeCun for SELU, which gets no batch norm)")
+    layers = h1.number_input("Dense layers", 0, 8, 1, key=k + "head_layers")
     units = h2.text_input("Units (one, or one per layer)", "256", key=k + "head_units")
+    activation = _pick(h3, "Activation", HEAD_ACTIVATIONS, "relu", k + "head_act")
+    batch_norm = h4.toggle("Batch norm", key=k + "head_bn")
+    dropout = h5.number_input("Head dropout", 0.0, 0.95, 0.5, step=0.05, key=k + "head_dropout")
     try:
         widths = [int(u) for u in units.replace(" ", "").split(",") if u]
     except ValueError:
-        widths = []
-    return {"layers": h1.number_input("Dense layers", 0, 8, 1, key=k + "head_layers"),
-            "units": widths[0] if len(widths) == 1 else widths,
-            "activation": _pick(h3, "Activation", HEAD_ACTIVATIONS, "relu", k + "head_act"),
-            "batch_norm": h4.toggle("Batch norm", key=k + "head_bn"),
-            "dropout": h5.number_input("Head dropout", 0.0, 0.95, 0.5, step=0.05,
-                                       key=k + "head_dropout")}
+        widths = [units]  # refused by the config, naming head.units
+    return {"layers": layers, "units": widths[0] if len(widths) == 1 else widths,
+            "activation": activation, "batch_norm": batch_norm, "dropout": dropout} if on else None
 
 
 def start_ui(dataset: str, layout: str) -> None:
