@@ -336,3 +336,40 @@ def test_a_real_tiny_study_trains_prunes_and_records_the_head(cxr_home):
             assert card["head"]["config"]["layers"] == t["params"]["head.layers"]
             assert card["head"]["optimizer"] == t["params"]["optimizer"]
             assert t["value"] == pytest.approx(rec.summary["val"]["auc"])
+
+
+def test_an_external_objective_is_read_there_and_marked_on_the_card(db, tiny_dataset, tmp_path,
+                                                                   monkeypatch):
+    import shutil
+
+    from cxr_core.models.card import card_markdown
+
+    shutil.copytree(tiny_dataset, tmp_path / "site")
+    index_dataset(db, tmp_path / "site", name="site", external=True)
+    with pytest.raises(ConfigError, match="not flagged as external"):
+        create(db, objective={"metric": "auc", "dataset": "tiny"})
+    created = create(db, n_trials=1, parallel=1, objective={"metric": "auc", "dataset": "site"})
+    assert "no longer external" in created.warnings[0]
+
+    def runner(database, run_id, *, progress=None, epoch_hook=None):
+        card = tmp_path / f"run{run_id}"
+        card.mkdir()
+        (card / "model_card.json").write_text(json.dumps({"name": "t", "measured": []}))
+        database.write(lambda s: store.set_run_artifacts(session=s, run_id=run_id,
+                                                         artifact_dir=str(card)))
+        database.write(lambda s: store.finish_run(
+            session=s, run_id=run_id, status="finished", only_if="running",
+            summary={"val": {"auc": 0.99}, "external": [{"dataset": "site", "auc": 0.81}]}))
+        return search_fakes.runner.RunOutcome(run_id, "finished", 1)
+
+    monkeypatch.setattr(search_fakes.runner, "process_run", runner)
+    app.run_worker(once=True, db=db, poll_s=0.01)
+    st = study.status(db, "s1")
+    assert st["trials"][0]["value"] == pytest.approx(0.81)  # not the validation AUC
+    [rid] = created.run_ids
+    with db.session() as s:
+        assert store.get_run(session=s, run_id=rid).config["external"] == ["site"]
+    card = json.loads((tmp_path / f"run{rid}" / "model_card.json").read_text())
+    assert card["recipe_selected_on"] == ["site"] and card["selected_by_study"] == "s1"
+    entry = {"role": "external", "dataset": "site", "auc": 0.81, "n": 10}
+    assert "no longer a fully independent test" in card_markdown({**card, "measured": [entry]})

@@ -250,6 +250,34 @@ def list_studies(db: Database, limit: int = 100) -> list[StudyRecord]:
         return store.list_studies(session=s, limit=limit)
 
 
+def mark_selected_on(db: Database, run_id: int, study: StudyRecord) -> list[str]:
+    """A study whose objective is an external dataset chose its trials (and the promoted run)
+    on it: the run's card says so beside its figures there (``recipe_selected_on``), so the
+    sample is no longer shown as an independent test. Returns the datasets marked."""
+    import json
+    import os
+    from pathlib import Path
+
+    from cxr_core.models.card import CARD_NAME
+
+    dataset = StudyConfig.from_dict(study.config).objective.dataset
+    with db.session() as s:
+        run = run_store.get_run(session=s, run_id=run_id)
+    if not dataset or run is None or not run.artifact_dir:
+        return []
+    path = Path(run.artifact_dir) / CARD_NAME
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    card["recipe_selected_on"] = sorted({*card.get("recipe_selected_on", ()), dataset})
+    card["selected_by_study"] = study.name
+    tmp = path.with_name(f".tmp-study-{CARD_NAME}")
+    tmp.write_text(json.dumps(card, indent=2, default=str))
+    os.replace(tmp, path)
+    return card["recipe_selected_on"]
+
+
 def trial_of(db: Database, run_id: int) -> StudyRecord | None:
     """The study a run is a trial of (None for an ordinary run)."""
     with db.session() as s:
@@ -257,6 +285,12 @@ def trial_of(db: Database, run_id: int) -> StudyRecord | None:
         if run is None or run.study_id is None:
             return None
         return store.get_study(session=s, name_or_id=run.study_id)
+
+
+def promoted_from(db: Database, run_id: int) -> StudyRecord | None:
+    """The study whose best trial a run retrains (None for any other run)."""
+    with db.session() as s:
+        return store.study_promoting(session=s, run_id=run_id)
 
 
 def trials(db: Database, name_or_id: str | int) -> list[dict]:

@@ -59,7 +59,10 @@ def process_run(db: Database, run_id: int, *, progress: Any = None) -> runner.Ru
     """Train a claimed run; a trial reports to its pruner, then advances its study."""
     study = studies.trial_of(db, run_id)
     if study is None:
-        return runner.process_run(db, run_id, progress=progress)
+        outcome = runner.process_run(db, run_id, progress=progress)
+        if (promoted := studies.promoted_from(db, run_id)) is not None:
+            studies.mark_selected_on(db, run_id, promoted)
+        return outcome
     from cxr_core.training.service import get_run
 
     run = get_run(db, run_id)
@@ -71,6 +74,7 @@ def process_run(db: Database, run_id: int, *, progress: Any = None) -> runner.Ru
             print(f"trial {number}: no pruning reports ({exc})", file=sys.stderr)
             hook = None
         outcome = runner.process_run(db, run_id, progress=progress, epoch_hook=hook)
+    studies.mark_selected_on(db, run_id, study)
     studies.advance(db, study.id)
     return outcome
 

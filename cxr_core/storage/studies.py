@@ -82,6 +82,12 @@ def require_study(*, session: Session, name_or_id: str | int) -> StudyRecord:
     return study
 
 
+def study_promoting(*, session: Session, run_id: int) -> StudyRecord | None:
+    """The study whose best trial this run retrains ("promote"), if any."""
+    row = session.scalar(select(Study).where(Study.promoted_run_id == run_id))
+    return None if row is None else _study(row)
+
+
 def list_studies(*, session: Session, statuses: tuple[str, ...] | None = None,
                  limit: int = 100) -> list[StudyRecord]:
     """Studies, newest first."""
