@@ -373,3 +373,12 @@ def test_an_external_objective_is_read_there_and_marked_on_the_card(db, tiny_dat
     assert card["recipe_selected_on"] == ["site"] and card["selected_by_study"] == "s1"
     entry = {"role": "external", "dataset": "site", "auc": 0.81, "n": 10}
     assert "no longer a fully independent test" in card_markdown({**card, "measured": [entry]})
+
+
+@pytest.mark.parametrize("sampler, pruner", [("tpe", "hyperband"), ("random", "none")])
+def test_each_sampler_and_pruner_runs_a_study_to_its_end(db, monkeypatch, sampler, pruner):
+    create(db, n_trials=4, parallel=2, sampler=sampler, pruner=pruner)
+    out = work_the_queue(db, monkeypatch)
+    st = study.status(db, "s1")
+    assert st["state"] == "finished" and len(out["runs"]) == 4 and st["pruner"] == pruner
+    assert len({json.dumps(t["params"], sort_keys=True) for t in st["trials"]}) == 4
