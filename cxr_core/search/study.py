@@ -12,25 +12,31 @@ app's side; Optuna's own writes are made idempotent by ``skip_if_finished`` and 
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cxr_core.core.errors import ConfigError, RunError
+from cxr_core.models.card import CARD_NAME
+from cxr_core.search.config import StudyConfig
 from cxr_core.storage import Database
 from cxr_core.storage import optuna_store
 from cxr_core.storage import runs as run_store
 from cxr_core.storage import studies as store
 from cxr_core.storage.runs import RunRecord
 from cxr_core.storage.studies import StudyRecord
-from cxr_core.search.config import StudyConfig
+from cxr_core.training.config import RECIPES, TrainConfig
 
 PRUNED_PREFIX = "pruned"  # a trial run's error when the pruner stopped it
 OPTUNA_PREFIX = "cxr-"  # the Optuna study's name is this + the study's name
 
 
 def _optuna():
+    """Optuna, imported when a study is touched (pages and the CLI import this module cheaply)."""
     import warnings
 
     import optuna
@@ -254,12 +260,6 @@ def mark_selected_on(db: Database, run_id: int, study: StudyRecord) -> list[str]
     """A study whose objective is an external dataset chose its trials (and the promoted run)
     on it: the run's card says so beside its figures there (``recipe_selected_on``), so the
     sample is no longer shown as an independent test. Returns the datasets marked."""
-    import json
-    import os
-    from pathlib import Path
-
-    from cxr_core.models.card import CARD_NAME
-
     dataset = StudyConfig.from_dict(study.config).objective.dataset
     with db.session() as s:
         run = run_store.get_run(session=s, run_id=run_id)
@@ -385,8 +385,6 @@ def promote_config(db: Database, name_or_id: str | int,
     base config, with the full recipe's settings a search may have cut for speed put back
     (every image, the recipe's calibration slice, its epochs and patience), then ``changes``.
     The new run is an ordinary run (no study, no pruning)."""
-    from cxr_core.training.config import RECIPES, TrainConfig
-
     b = best(db, name_or_id)
     cfg = dict(b["config"])
     recipe = RECIPES[cfg["recipe"]]

@@ -20,6 +20,7 @@ from cxr_core.search.config import StudyConfig
 from cxr_core.storage import Database, optuna_store
 from cxr_core.storage.studies import StudyRecord
 from cxr_core.training import runner
+from cxr_core.training import service as training_service
 
 
 def pruning_hook(study: StudyRecord, trial_number: int, storage: Any,
@@ -63,9 +64,7 @@ def process_run(db: Database, run_id: int, *, progress: Any = None) -> runner.Ru
         if (promoted := studies.promoted_from(db, run_id)) is not None:
             studies.mark_selected_on(db, run_id, promoted)
         return outcome
-    from cxr_core.training.service import get_run
-
-    run = get_run(db, run_id)
+    run = training_service.get_run(db, run_id)
     number = run.trial_number
     with optuna_store.optuna_storage(studies.store_url(study)) as storage:
         try:
