@@ -21,8 +21,8 @@ def fake_process_run(db, run_id, *, progress=None, epoch_hook=None):
             stop = store.should_stop(session=s, run_id=run_id)
         if why or stop:
             error = why or "cancelled on request"
-            db.write(lambda s: store.finish_run(session=s, run_id=run_id, status="cancelled",
-                                                error=error, only_if="running"))
+            db.write(lambda s, error=error: store.finish_run(
+                session=s, run_id=run_id, status="cancelled", error=error, only_if="running"))
             return runner.RunOutcome(run_id, "cancelled", epoch, error=error)
         db.write(lambda s, e=epoch: store.set_epochs_done(session=s, run_id=run_id,
                                                           epochs_done=e))

@@ -172,7 +172,7 @@ def test_a_dead_workers_trial_is_failed_and_the_study_goes_on(db, monkeypatch):
     with db.session() as s:
         assert store.get_run(session=s, run_id=rid).status == "failed"
     st = study.status(db, "s1")
-    assert [t["state"] for t in st["trials"]][0] == "fail"
+    assert st["trials"][0]["state"] == "fail"
     assert st["state"] == "finished" and st["asked"] == 3 and len(out["runs"]) == 2
 
 

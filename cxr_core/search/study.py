@@ -23,8 +23,7 @@ from typing import Any
 from cxr_core.core.errors import ConfigError, RunError
 from cxr_core.models.card import CARD_NAME
 from cxr_core.search.config import StudyConfig
-from cxr_core.storage import Database
-from cxr_core.storage import optuna_store
+from cxr_core.storage import Database, optuna_store
 from cxr_core.storage import runs as run_store
 from cxr_core.storage import studies as store
 from cxr_core.storage.runs import RunRecord
@@ -236,7 +235,7 @@ def advance_due(db: Database) -> dict[int, Advance | str]:
     for study_id in due:
         try:
             out[study_id] = advance(db, study_id)
-        except Exception as exc:  # an unreachable store must not stop the worker loop
+        except Exception as exc:  # noqa: BLE001  (an unreachable store must not stop the loop)
             out[study_id] = f"{type(exc).__name__}: {exc}"
     return out
 

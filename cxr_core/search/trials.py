@@ -69,7 +69,7 @@ def process_run(db: Database, run_id: int, *, progress: Any = None) -> runner.Ru
     with optuna_store.optuna_storage(studies.store_url(study)) as storage:
         try:
             hook = pruning_hook(study, number, storage, int(run.config.get("epochs") or 0))
-        except Exception as exc:  # no pruning rather than no trial (logged with the run)
+        except Exception as exc:  # noqa: BLE001  (no pruning rather than no trial)
             print(f"trial {number}: no pruning reports ({exc})", file=sys.stderr)
             hook = None
         outcome = runner.process_run(db, run_id, progress=progress, epoch_hook=hook)

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 from cxr_core import storage  # the package's own database handle
-from cxr_core.storage import optuna_store
 from cxr_core.core.errors import ConfigError
 from cxr_core.core.settings import Settings, get_settings
+from cxr_core.storage import optuna_store
 
 ARTIFACT_DIRS = ("runs", "ensembles", "uploads", "exports")
 
