@@ -382,3 +382,30 @@ def test_each_sampler_and_pruner_runs_a_study_to_its_end(db, monkeypatch, sample
     st = study.status(db, "s1")
     assert st["state"] == "finished" and len(out["runs"]) == 4 and st["pruner"] == pruner
     assert len({json.dumps(t["params"], sort_keys=True) for t in st["trials"]}) == 4
+
+
+def test_the_runners_epoch_sink_stops_the_run_on_the_hooks_reason(db):
+    """Training never imports Optuna: the pruner's answer reaches the run through the runner's
+    per-epoch sink, which then answers the batch-level cancel check."""
+    from cxr_core.training import runner
+
+    wid = db.write(lambda s: store.register_worker(session=s, pid=os.getpid(),
+                                                   host=socket.gethostname()))
+    rid = db.write(lambda s: store.create_run(session=s, name="r", config={}, worker_id=wid))
+    seen = []
+
+    def hook(epoch, logs):
+        seen.append((epoch, logs["val_auc"]))
+        return "pruned after epoch 2" if epoch == 2 else None
+
+    stop: list[str] = []
+    sinks = runner.db_sinks(db, rid, epochs=3, epoch_hook=hook, stop=stop)
+    sinks.on_epoch_end(1, {"val_auc": 0.7})
+    assert not sinks.should_cancel()
+    sinks.on_epoch_end(2, {"val_auc": 0.6})
+    assert sinks.should_cancel() and stop == ["pruned after epoch 2"]
+    assert seen == [(1, 0.7), (2, 0.6)]
+    with db.session() as s:  # the epoch rows were written before the hook was asked
+        assert [r.step for r in store.get_metrics(session=s, run_ids=[rid],
+                                                  keys=["val_auc"])] == [1, 2]
+    assert runner._cancelled(db, rid, 2, stop[0]).error == "pruned after epoch 2"
