@@ -129,3 +129,15 @@ def test_viewers_are_refused(db, monkeypatch):
     at = page()
     assert not at.exception
     assert any("scientist role" in i.value for i in at.info)
+
+
+def test_a_restarted_app_shows_the_study_and_its_trials(db):
+    import streamlit as st
+
+    create_from_form(page())
+    st.cache_resource.clear()  # a new app process: a new cached engine, a new session
+    st.cache_data.clear()
+    at = page()
+    assert not at.exception, at.exception
+    assert at.selectbox(key="search_study").value == study.get_study(db, "heads").id
+    assert list(at.dataframe[0].value["trial"]) == [0, 1]
