@@ -409,3 +409,16 @@ def test_the_runners_epoch_sink_stops_the_run_on_the_hooks_reason(db):
         assert [r.step for r in store.get_metrics(session=s, run_ids=[rid],
                                                   keys=["val_auc"])] == [1, 2]
     assert runner._cancelled(db, rid, 2, stop[0]).error == "pruned after epoch 2"
+
+
+def test_the_measured_study_in_docs_is_valid_and_reported():
+    """docs/experiments/search/: the study docs/experiments.md reports, and its baseline."""
+    from cxr_core.training.config import TrainConfig
+
+    root = REPO / "docs" / "experiments" / "search"
+    cfg = StudyConfig.from_dict(json.loads((root / "seed004_head.json").read_text()))
+    assert set(cfg.to_dict()["space"]) == set(SPACE_PRESETS[next(iter(SPACE_PRESETS))])
+    base = TrainConfig.from_dict(json.loads((root / "seed004_head_default.json").read_text()))
+    assert base.to_dict() == {**cfg.base_config().to_dict(), "name": base.name}
+    report = (REPO / "docs" / "experiments.md").read_text()
+    assert "search/seed004_head.json" in report and "search/seed004_head_default.json" in report
