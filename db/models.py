@@ -117,6 +117,8 @@ class Run(Base):
     label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
     summary_json: Mapped[str | None] = mapped_column(Text)  # final val metrics etc.
     created_by: Mapped[str | None] = mapped_column(String(200), index=True)  # who queued it
+    # What it belongs to ("audit:7", "study:3"): per-user caps count a parent once (0013).
+    parent: Mapped[str | None] = mapped_column(String(100), index=True)
     # A hyperparameter study's trial (migration 0015): the study is the run's parent (quotas
     # count a study once), the trial number is Optuna's. NULL for an ordinary run.
     study_id: Mapped[int | None] = mapped_column(Integer, index=True)
@@ -168,6 +170,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Who submitted it through cxr_core.auth.gate (NULL: the app itself, or before 0009).
     created_by: Mapped[str | None] = mapped_column(String(200))
+    # What it belongs to ("audit:7", "study:3"): per-user caps count a parent once (0013).
+    parent: Mapped[str | None] = mapped_column(String(100), index=True)
 
 
 class Worker(Base):

@@ -22,6 +22,7 @@ from cxr_core.storage import audit as audit_store
 from cxr_core.storage import runs as run_store
 from cxr_core.storage import studies as store
 from cxr_core.training import actions as training_actions
+from cxr_core.training import inputs
 from cxr_core.training import service as training_service
 
 
@@ -61,7 +62,10 @@ def _check_limits(db: Database, p: Principal, cfg: StudyConfig) -> None:
                                          for q in cfg.space for v in q.values_to_check()]
         for c in configs:
             limits.check_run(c, lim)
-        with db.session() as s:  # the study counts once, however many trials run at once
+        if lim.max_train_images:  # the images a trial would really train on
+            limits.check_run(cfg.base_config(), lim,
+                             n_images=inputs.count_training_images(db, cfg.base_config()))
+        with db.session() as s:  # admitted once: its trials (parent "study:N") count as one
             limits.check_active(audit_store.count_active_runs(session=s, created_by=p.identity),
                                 lim, p.identity)
     except Exception as exc:

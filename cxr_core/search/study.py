@@ -31,6 +31,11 @@ from cxr_core.storage.studies import StudyRecord
 from cxr_core.training.config import RECIPES, TrainConfig
 
 PRUNED_PREFIX = "pruned"  # a trial run's error when the pruner stopped it
+
+
+def parent_of(study_id: int) -> str:
+    """A trial run's ``parent``: per-user caps count a study's trials once (core.limits)."""
+    return f"study:{study_id}"
 OPTUNA_PREFIX = "cxr-"  # the Optuna study's name is this + the study's name
 
 
@@ -208,7 +213,7 @@ def advance(db: Database, study_id: int) -> Advance:
                 queued.append(run_store.create_run(
                     session=s, name=f"{study.name} · trial {trial.number}",
                     config=run_cfg.to_dict(), created_by=study.created_by, study_id=study.id,
-                    trial_number=trial.number))
+                    trial_number=trial.number, parent=parent_of(study.id)))
                 active += 1
             best_run, best_value = _best(ostudy, runs)
         status = study.status

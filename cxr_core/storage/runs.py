@@ -73,6 +73,7 @@ class RunRecord:
     label_snapshot_relabel_id: int | None
     summary: dict | None  # final validation metrics and the like
     created_by: str | None = None  # the identity that queued it (None: before sign-in)
+    parent: str | None = None  # what it belongs to ("audit:7"): caps count a parent once
     study_id: int | None = None  # a study's trial: the study (its parent) ...
     trial_number: int | None = None  # ... and Optuna's trial number
 
@@ -125,7 +126,7 @@ def _record(row: Run) -> RunRecord:
         bool(row.resume_requested), int(row.epochs_done or 0), row.artifact_dir, row.error,
         row.label_snapshot_hash, row.label_snapshot_relabel_id,
         json.loads(row.summary_json) if row.summary_json else None, row.created_by,
-        row.study_id, row.trial_number)
+        row.parent, row.study_id, row.trial_number)
 
 
 def _worker(row: Worker) -> WorkerRecord:
@@ -137,6 +138,7 @@ def _worker(row: Worker) -> WorkerRecord:
 
 def create_run(*, session: Session, name: str, config: Mapping,
                worker_id: int | None = None, created_by: str | None = None,
+               parent: str | None = None,
                study_id: int | None = None, trial_number: int | None = None) -> int:
     """Insert a run; queued, or already claimed (running) by ``worker_id``.
 
@@ -149,7 +151,8 @@ def create_run(*, session: Session, name: str, config: Mapping,
     now = db_now(session)  # a run created running is judged by heartbeat ages from now on
     row = Run(name=name or "", config_json=json.dumps(dict(config)), created_at=now,
               status="queued" if worker_id is None else "running", worker_id=worker_id,
-              created_by=created_by, study_id=study_id, trial_number=trial_number,
+              created_by=created_by, parent=parent, study_id=study_id,
+              trial_number=trial_number,
               started_at=None if worker_id is None else now,
               heartbeat_at=None if worker_id is None else now)
     session.add(row)
