@@ -246,7 +246,7 @@ def test_promote_the_best_trial_queues_a_full_recipe_run(db, monkeypatch):
 
 
 @pytest.fixture()
-def pg_home(pg_url, cxr_home, monkeypatch):  # noqa: F811
+def pg_home(pg_url, cxr_home, monkeypatch, tmp_path):  # noqa: F811
     from sqlalchemy import create_engine, text
 
     engine = create_engine(pg_url)
@@ -254,7 +254,8 @@ def pg_home(pg_url, cxr_home, monkeypatch):  # noqa: F811
         c.execute(text("DROP SCHEMA IF EXISTS optuna CASCADE"))
     engine.dispose()
     monkeypatch.setenv("CXR_DB_URL", pg_url)
-    monkeypatch.setenv("CXR_PATIENT_SALT", "search-tests")  # a shared database needs one
+    monkeypatch.setenv("CXR_PATIENT_SALT", "search-tests")  # a shared database needs one ...
+    monkeypatch.setenv("CXR_DATA_ROOTS", str(tmp_path))  # ... and data roots
     return pg_url
 
 
