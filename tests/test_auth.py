@@ -29,6 +29,7 @@ EXPECTED = {
     "save_preset": {S, A}, "overwrite_any_preset": {A}, "export_relabels": {S, A},
     "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A}, "backup": {A},
     "cleanup": {A},
+    "search": {S, A},
 }
 
 

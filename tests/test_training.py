@@ -73,7 +73,7 @@ def cfg(**changes) -> TrainConfig:
     ({"batch_size": -1}, "batch_size=-1"),
     ({"learning_rate": 0}, "learning_rate=0"),
     ({"val_fraction": 0.9}, "val_fraction=0.9"),
-    ({"optimizer": "adagrad"}, "optimizer='adagrad'"),
+    ({"optimizer": "lion"}, "optimizer='lion'"),  # adagrad is one of the reports' now
     ({"lr_schedule": "step"}, "lr_schedule='step'"),
     ({"label_scheme": "four"}, "label_scheme='four'"),
     ({"label_source": "latest"}, "label_source='latest'"),

@@ -73,6 +73,7 @@ POLICY: dict[str, frozenset[str]] = {
     "view_audit": frozenset({_A}),
     "backup": frozenset({_A}),  # back up or restore everything (the CLI, on the server)
     "cleanup": frozenset({_A}),  # delete expired uploads nothing refers to, and old exports
+    "search": frozenset({_S, _A}),  # create / stop own hyperparameter studies, promote a trial
 }
 ACTIONS: tuple[str, ...] = tuple(POLICY)
 SOURCES = ("oidc", "local", "cli")

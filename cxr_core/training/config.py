@@ -19,11 +19,12 @@ from cxr_core.data.augment_config import PRESETS, AugmentConfig
 from cxr_core.data.balancing import BALANCING
 from cxr_core.data.provenance import LABEL_SOURCES
 from cxr_core.data.splits import SPLIT_STRATEGIES
-from cxr_core.models.specs import ModelConfig
+from cxr_core.models.specs import HeadConfig, ModelConfig
 from cxr_core.stats.thresholds import DEFAULT_TARGET_SENSITIVITY
 
 DEFAULT_RECIPE = "robust128"
-OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd")
+# The reports' optimisers (cxr_core.training.fit builds them; sgd with momentum 0.9).
+OPTIMIZERS = ("adam", "nadam", "rmsprop", "sgd", "adagrad", "adadelta", "adamax")
 LR_SCHEDULES = ("none", "plateau", "cosine")
 DISTRIBUTIONS = ("auto", "default", "mirrored")
 MONITORS = ("val_loss", "val_auc", "val_accuracy")
@@ -165,6 +166,9 @@ class TrainConfig:
     model: str = "custom5_224"  # a models.MODELS name
     weights: str | None = None  # None | "imagenet" | a file path | "run:ID"
     dropout: float | None = None  # head dropout; None keeps the architecture's own
+    # A configurable head (HeadConfig as a dict: layers, units, activation, batch_norm,
+    # dropout) in place of the architecture's own; None builds the recipe's head unchanged.
+    head: HeadConfig | None = None
     intensity: str = "none"  # none | standardize (per-image, a pre_intensity layer in the model)
     label_smoothing: float = 0.0  # binary: targets 0/1 become s/2 and 1 - s/2
     # Weight averaging: the optimizer's exponential moving average of the weights (this
@@ -198,6 +202,7 @@ class TrainConfig:
     extra: tuple[ExtraImages, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "head", HeadConfig.from_value(self.head))
         self._check_choices()
         self._check_sources()
         self._check_numbers()
@@ -343,7 +348,7 @@ class TrainConfig:
             name=self.model, image_size=self.image_size, channels=self.channels,
             dropout=self.dropout, weights=weights_path or self.weights,
             freeze_backbone=self.freeze_epochs > 0, unfreeze_top_k=self.unfreeze_top_k,
-            intensity=self.intensity)
+            intensity=self.intensity, head=self.head)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored with the run (every field, recipe defaults resolved)."""
@@ -352,6 +357,7 @@ class TrainConfig:
             data["target_ratio"] = list(data["target_ratio"])
         data["external"] = list(data["external"])
         data["extra"] = [dict(e) for e in data["extra"]]
+        data["head"] = None if self.head is None else self.head.to_dict()
         return data
 
     def to_json(self) -> str:

@@ -194,3 +194,21 @@ def test_runs_are_listed_a_page_at_a_time(db):
     at.number_input(key="train_runs_page").set_value(2).run()
     assert not at.exception, at.exception
     assert at.dataframe[0].value["id"].tolist() == list(range(10, 0, -1))  # the oldest ten
+
+
+def test_the_form_sets_a_configurable_head_and_the_reports_optimisers(db, monkeypatch):
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 1)
+    at = page()
+    at.toggle(key="train_cpu128_head_on").set_value(True)
+    at.number_input(key="train_cpu128_head_layers").set_value(2)
+    at.text_input(key="train_cpu128_head_units").set_value("256, 128")
+    at.selectbox(key="train_cpu128_head_act").set_value("selu")
+    at.number_input(key="train_cpu128_head_dropout").set_value(0.1)
+    at.selectbox(key="train_cpu128_opt").set_value("adadelta")
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        [run] = store.list_runs(session=s)
+    assert run.config["head"] == {"layers": 2, "units": [256, 128], "activation": "selu",
+                                  "batch_norm": False, "dropout": pytest.approx(0.1)}
+    assert run.config["optimizer"] == "adadelta"
