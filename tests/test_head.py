@@ -28,6 +28,7 @@ RECIPE_GRAPHS = {
     "densenet121_transfer": (7038529, "f9d3a821cfa6fbe0"),
     "covid_undersample": (5401603, "1a0211bb78562ecc"),
     "robust128": (1441409, "d8ef8456e62eab1b"),  # cpu128's network (custom5_224, 128 px)
+    "subtype128": (1441409, "d8ef8456e62eab1b"),  # the same network, two classes (bacteria/virus)
 }
 
 
@@ -41,7 +42,7 @@ def test_every_recipe_builds_exactly_as_before_the_configurable_head(recipe):
     assert cfg.head is None
     mc = dataclasses.replace(cfg.model_config(), weights=None, freeze_backbone=False,
                              unfreeze_top_k=None)  # offline: no ImageNet file needed
-    model = build_model(mc, 3 if cfg.label_scheme != "binary" else 2)
+    model = build_model(mc, 2 if cfg.label_scheme in ("binary", "subtype") else 3)
     graph = json.dumps(model.get_config(), sort_keys=True, default=str).encode()
     assert (model.count_params(), hashlib.sha256(graph).hexdigest()[:16]) == RECIPE_GRAPHS[recipe]
 

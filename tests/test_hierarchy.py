@@ -233,3 +233,36 @@ def test_a_subtype_run_and_a_hierarchical_evaluation_through_the_worker(cxr_home
     readme = (out / "README.md").read_text()
     assert "two steps, cross-fitted (pneumonia threshold, prior chosen" in readme
     assert "At a new site: `site` (30 films" in readme
+
+
+# -- The shipped three-class model ---------------------------------------------------------------
+
+def test_the_shipped_three_class_model_reads_real_external_films_in_two_steps(shared_data):
+    """models/three_class loads as it ships, decides a real film of each class in two steps, and
+    its card carries the external figures it was chosen on (cross-fitted, issue 30)."""
+    from cxr_core.predict import inference
+
+    loaded = hierarchy.load_hierarchical("three_class")
+    assert loaded.ref == "three_class" and list(loaded.labels) == ["NORMAL", "BACTERIA", "VIRUS"]
+    card = loaded.card
+    assert card["steps"]["pneumonia"]["threshold"] == pytest.approx(0.422, abs=1e-3)
+    assert card["steps"]["subtype"]["priors"]["target"][0] > 0.5  # bacteria are the majority
+    [ext] = [m for m in card["measured"] if m["dataset"] == "chest_xray_224_external"]
+    xfit = ext["hierarchical_crossfit"]
+    assert xfit["n"] == 201 and xfit["chosen"] == "pneumonia threshold"
+    assert xfit["accuracy"] >= 0.85 and xfit["macro_f1"] >= 0.80  # the issue's targets
+    assert sum(map(sum, xfit["confusion"])) == 201
+
+    folder = shared_data / "chest_xray_224_external"
+    picks = [next(iter(sorted((folder / "NORMAL").glob("*.jpeg"))))]
+    picks += [next(f for f in sorted((folder / "PNEUMONIA").glob("*.jpeg")) if kind in f.name)
+              for kind in ("bacteria", "virus")]
+    result = inference.predict_batch(
+        loaded, [inference.ImageInput(f.name, f.read_bytes()) for f in picks])
+    assert len(result.predictions) == 3
+    for pred in result.predictions:
+        assert list(pred.probabilities) == ["NORMAL", "BACTERIA", "VIRUS"]
+        assert sum(pred.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        assert pred.label in ("NORMAL", "BACTERIA", "VIRUS")
+        text = inference.decision_text(result, pred)
+        assert ("step 1 of 2" in text) if pred.label == "NORMAL" else ("then **" in text)

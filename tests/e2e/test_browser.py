@@ -218,9 +218,10 @@ def test_05_compare_two_runs_shows_both_confusion_matrices(app_server, page, sho
     for name in two_runs:
         expect(tab.get_by_text(name, exact=True)).to_be_visible(timeout=SLOW_MS)
     charts = tab.get_by_test_id("stPlotlyChart")
-    expect(charts).to_have_count(4)  # per run: counts and row-normalised
+    # per run: counts and row-normalised (Plotly draws after the text: on a loaded machine, late)
+    expect(charts).to_have_count(4, timeout=SLOW_MS)
     for i in range(4):
-        expect(charts.nth(i).locator(".heatmaplayer .hm")).to_have_count(1)
+        expect(charts.nth(i).locator(".heatmaplayer .hm")).to_have_count(1, timeout=SLOW_MS)
     expect(tab.get_by_text("counts")).to_have_count(2)
     settle(page)
     shot(page, "05_compare")
