@@ -84,10 +84,12 @@ def confident_joint(labels: np.ndarray, probs: np.ndarray,
     t = class_thresholds(y, p) if thresholds is None else np.asarray(thresholds, dtype=float)
     confident, guess = _confident_guess(p, t)
     k = p.shape[1]
-    cj = confusion_matrix(y[confident], guess[confident], labels=range(k)) \
-        if confident.any() else np.zeros((k, k), dtype=int)
+    # Built as the transpose of (guess x given), as the paper's implementation does: the float
+    # sums of the calibration then add up in the same order and break .5 ties the same way.
+    cj = confusion_matrix(guess[confident], y[confident], labels=range(k)).T \
+        if confident.any() else np.zeros((k, k), dtype=np.int64)
     np.fill_diagonal(cj, np.maximum(cj.diagonal(), 1))
-    return cj.astype(np.int64)
+    return cj
 
 
 def calibrate_joint(cj: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -96,19 +98,22 @@ def calibrate_joint(cj: np.ndarray, labels: np.ndarray) -> np.ndarray:
     k = cj.shape[0]
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k).astype(float)
     rows = cj.sum(axis=1).astype(float)
-    out = cj / np.clip(rows, 1e-12, None)[:, None] * counts[:, None]
-    out = out / max(out.sum(), 1e-12) * counts.sum()
+    # The order of operations of the paper's implementation: ties at .5 round the same way.
+    out = (cj.T / np.clip(rows, 1e-12, None) * counts).T
+    out = out / np.clip(np.sum(out), 1e-12, None) * counts.sum()
     return _round_rows(out)
 
 
 def _round_rows(m: np.ndarray) -> np.ndarray:
-    """Round each row to integers keeping its (rounded) total: largest remainders first."""
-    out = np.floor(m).astype(np.int64)
+    """Round each row to integers keeping its (rounded) total: round every entry, then move
+    the difference onto the entries rounding moved farthest the other way."""
+    out = np.rint(m).astype(np.int64)
     for i, row in enumerate(m):
-        short = int(round(row.sum())) - int(out[i].sum())
-        if short > 0:
-            order = np.argsort(-(row - np.floor(row)), kind="stable")
-            out[i, order[:short]] += 1
+        short = int(np.rint(row.sum())) - int(out[i].sum())
+        if short:
+            order = np.argsort(row - out[i])  # most rounded-up first
+            pick = order[::-1][:short] if short > 0 else order[:-short]
+            out[i, pick] += int(np.sign(short))
     return out
 
 

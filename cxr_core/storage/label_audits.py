@@ -76,6 +76,13 @@ class AuditImage:
     self_confidence: float | None = None
     suggested: int | None = None
     issue_rank: int | None = None
+    run_id: int | None = None  # the fold run that scored it (never trained on it)
+
+
+def _image(r: LabelAuditImage, relpath: str, patient: str | None) -> AuditImage:
+    return AuditImage(r.image_id, relpath, patient, r.fold, r.given,
+                      tuple(json.loads(r.probs_json)) if r.probs_json else None,
+                      r.self_confidence, r.suggested, r.issue_rank, r.run_id)
 
 
 def _record(row: LabelAudit) -> LabelAuditRecord:
@@ -154,10 +161,7 @@ def audit_images(*, session: Session, audit_id: int,
          .where(LabelAuditImage.audit_id == audit_id).order_by(LabelAuditImage.image_id))
     if fold is not None:
         q = q.where(LabelAuditImage.fold == fold)
-    return [AuditImage(r.image_id, relpath, patient, r.fold, r.given,
-                       tuple(json.loads(r.probs_json)) if r.probs_json else None,
-                       r.self_confidence, r.suggested, r.issue_rank)
-            for r, relpath, patient in session.execute(q)]
+    return [_image(r, relpath, patient) for r, relpath, patient in session.execute(q)]
 
 
 def set_fold_probs(*, session: Session, audit_id: int, run_id: int,
@@ -208,10 +212,7 @@ def audit_images_by_id(*, session: Session, audit_id: int,
          .join(ImageRow, ImageRow.id == LabelAuditImage.image_id)
          .where(LabelAuditImage.audit_id == audit_id,
                 LabelAuditImage.image_id.in_([int(i) for i in image_ids])))
-    return {r.image_id: AuditImage(r.image_id, relpath, patient, r.fold, r.given,
-                                   tuple(json.loads(r.probs_json)) if r.probs_json else None,
-                                   r.self_confidence, r.suggested, r.issue_rank)
-            for r, relpath, patient in session.execute(q)}
+    return {r.image_id: _image(r, relpath, patient) for r, relpath, patient in session.execute(q)}
 
 
 def issues(*, session: Session, audit_id: int, limit: int | None = None,
@@ -223,7 +224,4 @@ def issues(*, session: Session, audit_id: int, limit: int | None = None,
          .order_by(LabelAuditImage.issue_rank).offset(offset))
     if limit is not None:
         q = q.limit(limit)
-    return [AuditImage(r.image_id, relpath, patient, r.fold, r.given,
-                       tuple(json.loads(r.probs_json)) if r.probs_json else None,
-                       r.self_confidence, r.suggested, r.issue_rank)
-            for r, relpath, patient in session.execute(q)]
+    return [_image(r, relpath, patient) for r, relpath, patient in session.execute(q)]
