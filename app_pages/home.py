@@ -84,7 +84,8 @@ def card_details_ui(card: dict) -> None:
     with st.expander(f"Per class · {parameters_text(card.get('parameters'))} parameters",
                      icon=":material/table_chart:"):
         if rep:
-            st.dataframe(rep["rows"], hide_index=True)
+            st.table([{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()}
+                      for r in rep["rows"]])
             t = rep.get("threshold")
             st.caption(f"Validation ({md(rep.get('n'))} images) at "
                        + ("the argmax" if t is None else f"the operating point {t:.3f}")

@@ -125,9 +125,9 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: P
     Blind reading shows the film's path only: no label, no reader, no score until answered."""
     about = review_view.describe_entry(get_db(), state, entry)
     blind = state.blind and entry.image_id is not None
-    if blind:
-        st.markdown(f"**{md(about.title)}**  \nBlind reading: the folder label, other readers' "
-                    "labels and the model's score are shown after you answer.")
+    if blind:  # not even the path: its folder and file name carry the label
+        st.markdown(f"**Image {entry.image_id}**  \nBlind reading: the file name, folder label, "
+                    "other readers' labels and the model's score are shown after you answer.")
     else:
         # md() rather than code spans: a backtick in a label would end a span early.
         others = ", ".join(f"{md(who)}: **{md(label)}**" for who, label in about.reviewers)
@@ -244,6 +244,9 @@ st.progress(view.done_fraction, text=f"{view.n_reviewed} reviewed, {view.n_left}
 last_answer_ui(state)
 if view.current is None:
     st.success("Nothing left in this queue.", icon=":material/done_all:")
+    if st.session_state.get("review_undo"):
+        st.button("Undo", key="review_undo_btn", icon=":material/undo:", on_click=act,
+                  args=("undo", reviewer))
 else:
     left, right = st.columns([3, 2])
     choices = review.label_choices(info.classes, state.label_pairs)

@@ -103,6 +103,7 @@ def run(shared_data: Path, *, flip: float = 0.05, images: int = 1000, folds: int
     from cxr_core.storage import open_db
     from cxr_core.storage import label_audits as audit_store
     from cxr_core.training import label_audit
+    from cxr_core.training import service as training_service
 
     if not 0 < flip < 0.5 or images < 50:
         raise ConfigError(f"need 0 < flip < 0.5 and images >= 50. Received: flip={flip}, "
@@ -114,10 +115,10 @@ def run(shared_data: Path, *, flip: float = 0.05, images: int = 1000, folds: int
                                  images=images, flip=flip, seed=seed)
     index_dataset(db, root, name=NAME)
     changes = json.loads(Path(config).read_text()) if config else dict(CONFIG)
-    cfg = label_audit.audit_config(db, NAME, changes, label_source="original")
+    cfg = training_service.label_audit_config(db, NAME, changes, label_source="original")
     t0 = time.perf_counter()
     audit_id, _ = label_audit.start_audit(db, cfg, folds=folds, seed=seed, created_by=READER)
-    audit = label_audit.train_folds_here(db, audit_id)
+    audit = training_service.train_audit_folds(db, audit_id)
     ours_s = time.perf_counter() - t0
     if audit.status != "finished":
         raise RuntimeError(f"audit {audit_id} did not finish: {audit.error}")

@@ -160,6 +160,7 @@ def cmd_label_audit(args: argparse.Namespace) -> dict:
     from cxr_core.auth.policy import cli_principal
     from cxr_core.training import actions as training_actions
     from cxr_core.training import label_audit
+    from cxr_core.training import service as training_service
     from cxr_core.training.service import read_config_file
 
     if not args.dataset:
@@ -167,9 +168,10 @@ def cmd_label_audit(args: argparse.Namespace) -> dict:
                           "label-audit resume ID)")
     db, p = open_db(), cli_principal()
     path = Path(args.config).expanduser() if args.config else None
-    cfg = label_audit.audit_config(db, args.dataset, read_config_file(path) if path else None,
-                                   label_scheme=args.label_scheme, label_source=args.labels,
-                                   base_dir=path.parent if path else None)
+    cfg = training_service.label_audit_config(
+        db, args.dataset, read_config_file(path) if path else None,
+        label_scheme=args.label_scheme, label_source=args.labels,
+        base_dir=path.parent if path else None)
     audit_id, _ = training_actions.start_label_audit(db, p, cfg, folds=args.folds,
                                                      seed=args.seed, start_worker=args.detach)
     if args.detach:
@@ -181,8 +183,9 @@ def _audit_outcome(db, audit_id: int, top: int | None) -> dict:
     """Train the audit's queued folds in this process, then its JSON (status "failed" when a
     fold did not finish: resume it)."""
     from cxr_core.training import label_audit
+    from cxr_core.training import service as training_service
 
-    label_audit.train_folds_here(db, audit_id, progress=_progress("fold epochs"))
+    training_service.train_audit_folds(db, audit_id, progress=_progress("fold epochs"))
     out = label_audit.audit_json(db, audit_id, top=top)
     if out["status"] != "finished":
         for f in out["fold_runs"]:

@@ -29,6 +29,7 @@ from cxr_core.storage import open_db
 from cxr_core.storage import runs as run_store
 from cxr_core.training import actions, label_audit
 from cxr_core.training import service as svc
+from cxr_core.training import service as training_service
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(recipe="cpu128", model="small3_50", image_size=32, epochs=1, batch_size=16,
@@ -59,7 +60,7 @@ def db(cxr_home, films):
 
 
 def start(db, p=SCI, folds=3, **changes):
-    cfg = label_audit.audit_config(db, "films", {**TINY, **changes})
+    cfg = training_service.label_audit_config(db, "films", {**TINY, **changes})
     return actions.start_label_audit(db, p, cfg, folds=folds, start_worker=False)
 
 
@@ -124,9 +125,9 @@ def test_bad_audit_requests_are_refused_before_anything_is_stored(db):
     with pytest.raises(ConfigError, match="no extra datasets and no max_images"):
         start(db, max_images=20)
     with pytest.raises(DatasetError, match="no indexed dataset 'nope'"):
-        label_audit.audit_config(db, "nope")
+        training_service.label_audit_config(db, "nope")
     with pytest.raises(ConfigError, match="leave its dataset out"):
-        label_audit.audit_config(db, "films", {"dataset": "other"})
+        training_service.label_audit_config(db, "films", {"dataset": "other"})
     assert label_audit.list_audits(db) == []
 
 

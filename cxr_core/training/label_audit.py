@@ -18,15 +18,16 @@ for cross-validated probabilities):
 3. Review reads the stored audit through storage (the "likely mislabelled" queue); Class
    balance shows its noise matrix; ``python -m cxr_core label-audit show ID --json`` prints it.
 
+The fold runs' config (:func:`cxr_core.training.service.label_audit_config`) and training
+the folds in the CLI's own process (:func:`cxr_core.training.service.train_audit_folds`) sit
+in the service: the runner calls this module.
+
 Binary by default: Kermany's bacteria/virus subtypes are a second question.
 """
 from __future__ import annotations
 
-import time
 from collections import Counter
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,33 +49,6 @@ from cxr_core.storage.relabels import label_version
 from cxr_core.training.config import TrainConfig
 
 DEFAULT_FOLDS = 5
-
-
-def audit_config(db: Database, dataset: str, config: Mapping[str, Any] | None = None, *,
-                 label_scheme: str | None = None, label_source: str | None = None,
-                 base_dir: str | Path | None = None) -> TrainConfig:
-    """The fold runs' config: ``config`` (a run config: recipe, model, epochs, ...; default the
-    host's recipe) on ``dataset``, binary and current labels unless told otherwise.
-
-    Raises:
-        ConfigError: an invalid config, or one with extra datasets or ``max_images`` (every
-            image is predicted once, out of fold, from its own dataset).
-        DatasetError: an unknown dataset.
-    """
-    from cxr_core.training.service import host_recipe, make_config
-
-    info = find_dataset(db, dataset)
-    if info is None:
-        raise DatasetError(f"no indexed dataset {dataset!r}: index it first (python -m cxr_core "
-                           f"index PATH --name NAME). Received: --dataset {dataset!r}")
-    data = dict(config or {"recipe": host_recipe(info.layout)})
-    if data.get("dataset") not in (None, info.name, info.root):
-        raise ConfigError("an audit's config trains on the audited dataset; leave its dataset "
-                          f"out. Received: dataset={data['dataset']!r}, --dataset {dataset!r}")
-    data["dataset"] = info.name
-    data["label_scheme"] = label_scheme or data.get("label_scheme") or "binary"
-    data["label_source"] = label_source or data.get("label_source") or "current"
-    return make_config(db, data, base_dir=base_dir)
 
 
 @dataclass(frozen=True)
@@ -279,37 +253,6 @@ def list_audits(db: Database, dataset_id: int | None = None, *,
     with db.session() as s:
         return store.list_audits(session=s, dataset_id=dataset_id,
                                  status="finished" if finished else None)
-
-
-def train_folds_here(db: Database, audit_id: int, *,
-                     progress: Callable[[int, int], None] | None = None,
-                     poll_s: float = 2.0) -> LabelAuditRecord:
-    """The CLI without ``--detach``: this process is one more worker for the audit. It
-    claims each queued fold run it can (another free worker may take some) and trains it, then
-    waits for the folds others train; returns the audit once no fold is queued or running."""
-    from cxr_core.jobs import loop
-    from cxr_core.training import runner
-
-    worker_id, beat = loop.register(db, kinds="runs")
-    try:
-        while True:
-            with db.session() as s:
-                runs = store.fold_runs(session=s, audit_id=audit_id)
-            queued = [f for f in runs if f.status == "queued"]
-            for f in queued:
-                if db.write(lambda s, rid=f.run_id: run_store.claim_run(
-                        session=s, run_id=rid, worker_id=worker_id)):
-                    beat.run_id = f.run_id
-                    runner.process_run(db, f.run_id, progress=progress)
-                    beat.run_id = None
-            with db.session() as s:
-                runs = store.fold_runs(session=s, audit_id=audit_id)
-            if not any(f.status in ("queued", "running") for f in runs):
-                return finalize(db, audit_id)
-            if not any(f.status == "queued" for f in runs):
-                time.sleep(poll_s)  # the rest are with other workers
-    finally:
-        loop.unregister(db, worker_id, beat)
 
 
 def resumable_folds(db: Database, audit_id: int) -> list[int]:
