@@ -13,6 +13,7 @@ from cxr_core.review import actions
 from cxr_core.review import queues as review
 from cxr_core.review import reading
 from cxr_core.review.agreement import agreement, group_agreement
+from cxr_core.review.view import describe_entry
 from cxr_core.stats.agreement import fleiss_kappa, rating_table
 from cxr_core.storage import audit as audit_store
 from cxr_core.storage import relabels as rel_store
@@ -78,6 +79,9 @@ def test_agreeing_reads_make_the_label_that_counts(db, ds):
     read(db, A, image, PNEU_V)
     assert current(db, dataset_id)[image] == ("NORMAL", None)  # one read counts for nothing
     assert confirmed(db, [image]) == set()
+    facts = dict(describe_entry(db, review.load_state(db, dataset_id),
+                                review.QueueEntry(image)).facts)
+    assert facts["Current"] == "NORMAL"  # what Review says counts
     read(db, B, image, PNEU_V)
     assert current(db, dataset_id)[image] == ("PNEUMONIA", "virus")
     assert confirmed(db, [image]) == {image}

@@ -251,3 +251,17 @@ def test_a_fold_run_killed_mid_epoch_resumes_and_the_audit_finishes(db, cxr_home
     assert [m.step for m in epochs] == [1, 2, 3, 4]  # each epoch once
     assert all(r.probs is not None for r in rows) and len(rows) == 36
     assert svc.get_run(db, run_ids[1]).status == "finished"  # the other fold was untouched
+
+
+def test_three_class_and_original_label_audits_store_their_scheme(db):
+    cfg = training_service.label_audit_config(db, "films", TINY, label_scheme="three_class",
+                                              label_source="original")
+    audit_id, runs = actions.start_label_audit(db, SCI, cfg, folds=2, start_worker=False)
+    with db.session() as s:
+        audit = store.require_audit(session=s, audit_id=audit_id)
+        given = {i.given for i in store.audit_images(session=s, audit_id=audit_id)}
+        fold_cfg = run_store.require_run(session=s, run_id=runs[0]).config
+    assert (audit.labels, audit.label_source) == (("NORMAL", "BACTERIA", "VIRUS"), "original")
+    assert given == {0, 1, 2}
+    assert (fold_cfg["label_scheme"], fold_cfg["label_source"], fold_cfg["monitor"]) == \
+        ("three_class", "original", "val_loss")
