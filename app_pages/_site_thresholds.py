@@ -11,7 +11,7 @@ from app_pages._db import get_db
 from app_pages._shared import kept_result, list_datasets
 from cxr_core.core.errors import ConfigError, CxrError
 from cxr_core.data.provenance import LABEL_SOURCE_TEXT, LABEL_SOURCES
-from cxr_core.evaluation import actions, site_thresholds
+from cxr_core.evaluation import actions, site_round, site_thresholds
 from cxr_core.evaluation import evaluate as es
 from cxr_core.jobs import queue
 from cxr_core.models.card import fmt_ci
@@ -134,11 +134,40 @@ def history_ui(ref: str) -> None:
             "when": f"{p.created_at:%Y-%m-%d %H:%M}"} for p in points]), hide_index=True)
 
 
+def site_round_ui() -> None:
+    """What confirming a new site's films bought the shipped model, as measured by the bench."""
+    try:
+        got = site_round.measured()
+    except CxrError as exc:
+        st.error(md(exc))
+        return
+    if got is None:
+        return
+    st.markdown("**What reviewing a new site's films buys** (the shipped model, measured by "
+                "`python -m cxr_core bench site-round`)")
+    frame = pd.DataFrame([r for r in got.rows if r["specificity"] is not None])
+    frame["up"] = frame["high"] - frame["specificity"]
+    frame["down"] = frame["specificity"] - frame["low"]
+    fig = px.line(frame, x="budget", y="specificity", color="series", markers=True,
+                  error_y="up", error_y_minus="down",
+                  labels={"budget": "films confirmed on Review", "series": "decision",
+                          "specificity": "specificity (aiming at sensitivity 0.95)"})
+    st.plotly_chart(fig, key="site_round_chart")
+    st.caption(f"Site {md(got.site)}, {got.folds} patient-grouped folds: every film is scored "
+               "only in the fold where no one confirmed it and no threshold was chosen on it; "
+               "bars are patient-clustered 95% intervals. Full table: docs/benchmarks.md.")
+    refused = sorted({r["budget"] for r in got.rows if r["refused"]})
+    if refused:
+        st.caption(f"Site threshold refused at {', '.join(map(str, refused))} films confirmed "
+                   "(under 10 of a class).")
+
+
 def site_threshold_ui() -> None:
     """The whole section: choose, compute (a job), read, record."""
     st.caption("A threshold chosen on one hospital's validation images does not transfer. "
                "With labelled images of a site (its dataset's labels, or only those confirmed "
                "on Review), choose the operating point there and record it for that site.")
+    site_round_ui()
     if (choice := choice_ui()) is None:
         return
     ref, info = choice

@@ -19,7 +19,8 @@ from cxr_core.evaluation import compare as cs
 from cxr_core.evaluation import evaluate as es
 from cxr_core.evaluation import operating_points as ops
 from cxr_core.jobs import actions as jobs_actions
-from cxr_core.models import ensembles
+from cxr_core.models import ensembles, hierarchy
+from cxr_core.models.refs import shipped_models
 from cxr_core.stats import tables
 
 
@@ -48,10 +49,12 @@ def evaluate_ui(db) -> None:
     worker runs."""
     refs = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in es.evaluable_runs(db)}
     refs.update({e.ref: e.title for e in ensembles.list_ensembles()})
+    refs.update({r: t for r, t in shipped_models().items() if r != "default"})
     datasets = {d.name: d for d in list_datasets()}
     c1, c2, c3, c4 = st.columns(4)
     ref = c1.selectbox("Model", [*refs, "default"], key="compare_eval_ref",
                        format_func=lambda r: refs.get(r, "Default model"))
+    ref = two_step_ui(db) or ref
     name = c2.selectbox("Dataset", list(datasets), key="compare_eval_data")
     splits = (datasets[name].summary or {}).get("by_split", {}) if name else {}
     split = c3.selectbox("Split", [s for s in splits if s != "(none)"] + ["(all)"],
@@ -71,6 +74,21 @@ def evaluate_ui(db) -> None:
     job_ui("compare_job", "Decoding, then predicting")
     if (job := finished_job("compare_job")) is not None:
         st.toast(f"Stored evaluation #{job.result['evaluation_id']}", icon=":material/check:")
+
+
+def two_step_ui(db) -> str | None:
+    """Optionally, a hierarchical three-class model made of a pneumonia run and a subtype run
+    (pneumonia at the first's operating point, then the subtype): its reference."""
+    pneumonia, subtype = es.two_step_options(db)
+    if not subtype or not st.toggle("Two-step three-class model (pneumonia, then subtype)",
+                                     key="compare_two_step"):
+        return None
+    c1, c2 = st.columns(2)
+    first = c1.selectbox("Pneumonia step", list(pneumonia), format_func=pneumonia.get,
+                         key="compare_step1")
+    second = c2.selectbox("Subtype step", list(subtype), format_func=subtype.get,
+                          key="compare_step2")
+    return hierarchy.hierarchical_ref(first, second) if first and second else None
 
 
 def selection_ui(db) -> tuple[tuple[int, ...], str, float, str, str]:

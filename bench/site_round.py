@@ -98,10 +98,13 @@ def _next_config(db: Any, base: str, config: str | None) -> dict:
     else:
         cfg = read_config_file(DEFAULT_MODELS_DIR / "train_config.json")
         here = DEFAULT_MODELS_DIR
-    if isinstance(cfg.get("dataset"), str) and not Path(cfg["dataset"]).is_absolute():
-        candidate = (here / cfg["dataset"]).resolve()
-        if candidate.exists():
-            cfg["dataset"] = str(candidate)
+    for key in ("dataset", "weights"):  # paths in a config file are relative to that file
+        value = cfg.get(key)
+        if isinstance(value, str) and ":" not in value and value != "imagenet" \
+                and not Path(value).is_absolute():
+            candidate = (here / value).resolve()
+            if candidate.exists():
+                cfg[key] = str(candidate)
     return {k: v for k, v in cfg.items() if k not in ("external", "extra", "name")}
 
 

@@ -189,3 +189,13 @@ def test_tensorflow_is_imported_at_load_only_by_the_model_modules():
     for stem in TF_MODULES:  # the list names real modules that do import it
         assert any(is_within(m, pkg) for _, m in top_level_imports(CORE / f"{stem}.py")
                    for pkg in ("tensorflow", "keras", "tf_keras_vis")), stem
+
+
+def test_the_code_licence_is_apache_2_in_pyproject_and_the_root_licence_file():
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == {"text": "Apache-2.0"}
+    text = (REPO / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text

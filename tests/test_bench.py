@@ -154,5 +154,16 @@ def test_the_site_round_bench_runs_end_to_end_at_a_tiny_size(cxr_home, shared_da
     assert out["baseline"]["budget"] == out["ours"]["budget"] == 24
     assert out["ratio"] == pytest.approx(out["ours"]["specificity"]
                                          / out["baseline"]["specificity"])
+    from cxr_core.evaluation import site_round
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "site_round.json").write_text(json.dumps(out))
+    got = site_round.measured(tmp_path / "model")  # what Compare's site section draws
+    assert got.budgets == [0, 24] and got.folds == 2
+    [refused] = [r for r in got.rows if r["refused"]]
+    assert (refused["budget"], refused["key"], refused["specificity"]) == (0, "base_site", None)
+    nxt = next(r for r in got.rows if (r["budget"], r["key"]) == (24, "next_crossfit"))
+    assert nxt["specificity"] == some["next_crossfit"]["specificity"]
+    assert nxt["low"] <= nxt["specificity"] <= nxt["high"]
     assert main(["bench", "site-round", "--budgets", "a,b"]) == 2
     assert "--budgets is a comma-separated list" in capsys.readouterr().err

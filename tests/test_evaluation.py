@@ -309,7 +309,7 @@ def test_report_arrays_are_read_only():
     ([0.5, 1], [0.2, 0.8], BINARY, {}, r"integer.*float"),
     ([[0, 1]], [0.2, 0.8], BINARY, {}, r"1-D.*shape=\(1, 2\)"),
     ([0, 1], [0.2, 0.8], BINARY, {"threshold": 1.5}, r"threshold=1\.5"),
-    ([0, 1, 2], np.eye(3), THREE, {"threshold": 0.5}, r"binary.*C=3"),
+    ([0, 1, 2], np.eye(3), THREE, {"threshold": 1.5}, r"threshold must be in \[0, 1\]"),
     ([0, 1], [0.2, 0.8], BINARY, {"n_bins": 0}, r"n_bins=0"),
 ])
 def test_evaluate_bad_inputs(y, p, labels, kwargs, match):

@@ -251,3 +251,50 @@ def test_compare_puts_two_models_side_by_side_on_the_unconfirmed_films(two_sites
                                  as_of_relabel_id=None, thresholds=cmp.thresholds, n_boot=20,
                                  images="unconfirmed")
     assert ci["n_boot"] == 20 and ci["rows"]
+
+
+# -- the measured round, as Compare shows it ------------------------------------------------
+
+def _measured_round() -> dict:
+    """The bench's JSON shape (bench/site_round.py), two budgets."""
+    fig = {"sensitivity": 0.95, "sensitivity_ci": [0.9, 0.99], "specificity": 0.8,
+           "specificity_ci": [0.7, 0.88], "accuracy": 0.9, "n": 200}
+    return {"bench": "site-round", "site": "/data/site", "base": "default", "folds": 3,
+            "wall_s": 12.0, "budgets": [
+                {"budget": 0, "n_scored": 200, "base_stored": fig, "base_crossfit": fig,
+                 "next_own": fig, "next_crossfit": fig,
+                 "base_site": {"refused": "under 10 films of a class"}},
+                {"budget": 50, "n_scored": 200, "base_stored": fig, "base_crossfit": fig,
+                 "next_own": fig, "next_crossfit": {**fig, "specificity": 0.86},
+                 "base_site": {**fig, "specificity": 0.83}}]}
+
+
+def test_a_measured_site_round_reads_back_as_long_form_rows(tmp_path):
+    import json
+
+    from cxr_core.evaluation import site_round
+
+    assert site_round.measured(tmp_path) is None  # none recorded: nothing to show
+    (tmp_path / "site_round.json").write_text(json.dumps(_measured_round()))
+    got = site_round.measured(tmp_path)
+    assert got.budgets == [0, 50] and got.base == "default"
+    assert len(got.rows) == 8  # 2 budgets x 4 decision rules (next_own is not a site rule)
+    by = {(r["budget"], r["key"]): r for r in got.rows}
+    assert by[(0, "base_site")]["refused"] and by[(0, "base_site")]["specificity"] is None
+    assert by[(50, "next_crossfit")]["specificity"] == 0.86
+    assert by[(50, "base_site")]["low"] == 0.7
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not readable JSON"),
+    ('{"bench": "training", "budgets": [1]}', "not a site-round benchmark result"),
+    ('{"bench": "site-round", "budgets": []}', "not a site-round benchmark result"),
+    ("[1, 2]", "Received keys: list"),
+])
+def test_a_broken_site_round_file_is_a_clear_error(tmp_path, text, match):
+    from cxr_core.core.errors import ConfigError
+    from cxr_core.evaluation import site_round
+
+    (tmp_path / "site_round.json").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        site_round.measured(tmp_path)

@@ -12,9 +12,12 @@ from collections.abc import Mapping, Sequence
 from cxr_core.core.errors import ConfigError
 
 SPLIT_NAMES = ("train", "val", "test")
-LABEL_SCHEMES = ("binary", "three_class", "folders")
+LABEL_SCHEMES = ("binary", "three_class", "folders", "subtype")
 BINARY_CLASSES = ("NORMAL", "PNEUMONIA")
 THREE_CLASSES = ("NORMAL", "BACTERIA", "VIRUS")
+# The second step of the clinicians' hierarchical reading: among pneumonia films only,
+# bacterial vs viral (normal films and pneumonia without a stated subtype have no class).
+SUBTYPE_CLASSES = ("BACTERIA", "VIRUS")
 
 
 def scheme_classes(scheme: str, folder_classes: Sequence[str]) -> tuple[str, ...]:
@@ -23,16 +26,29 @@ def scheme_classes(scheme: str, folder_classes: Sequence[str]) -> tuple[str, ...
         return BINARY_CLASSES
     if scheme == "three_class":
         return THREE_CLASSES
+    if scheme == "subtype":
+        return SUBTYPE_CLASSES
     if scheme == "folders":
         return tuple(sorted(folder_classes))
     raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
+
+
+def scheme_of_classes(labels: Sequence[str]) -> str:
+    """The label scheme a model's class list belongs to (for models and evaluations stored
+    without one): binary, three_class or subtype by their fixed class lists, else folders."""
+    for scheme, classes in (("binary", BINARY_CLASSES), ("three_class", THREE_CLASSES),
+                            ("subtype", SUBTYPE_CLASSES)):
+        if tuple(labels) == classes:
+            return scheme
+    return "folders"
 
 
 def scheme_label(label: str, subtype: str | None, scheme: str) -> str | None:
     """Map an (original or current) folder label to the scheme's class, or None if it has none.
 
     Binary treats every non-NORMAL class as pneumonia (COVID-19 pneumonia included);
-    three_class needs the bacteria/virus subtype from the file name.
+    three_class needs the bacteria/virus subtype from the file name; subtype has a class only
+    for pneumonia with a stated subtype (normal films are not its question).
     """
     if scheme == "folders":
         return label
@@ -42,6 +58,10 @@ def scheme_label(label: str, subtype: str | None, scheme: str) -> str | None:
     if scheme == "three_class":
         if is_normal:
             return "NORMAL"
+        return subtype.upper() if subtype in ("bacteria", "virus") else None
+    if scheme == "subtype":
+        if is_normal:
+            return None
         return subtype.upper() if subtype in ("bacteria", "virus") else None
     raise ConfigError(f"label_scheme must be one of {LABEL_SCHEMES}. Received: label_scheme={scheme!r}")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cxr_core.core.errors import ConfigError
-from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, Label, labels_hash, scheme_label
+from cxr_core.core.labels import Label, labels_hash, scheme_label, scheme_of_classes
 
 LABEL_SOURCES = ("current", "original")
 LABEL_SOURCE_TEXT = {"current": "current labels (relabels applied)",
@@ -43,11 +43,7 @@ def as_of_relabel_id(source: str, relabel_id: int | None = None) -> int | None:
 
 def infer_scheme(labels: Sequence[str]) -> str:
     """The label scheme of a model's classes (for evaluations stored without one)."""
-    if tuple(labels) == BINARY_CLASSES:
-        return "binary"
-    if tuple(labels) == THREE_CLASSES:
-        return "three_class"
-    return "folders"
+    return scheme_of_classes(labels)
 
 
 @dataclass(frozen=True)

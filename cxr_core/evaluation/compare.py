@@ -170,7 +170,9 @@ def _display_names(infos: list[EvaluationInfo]) -> list[str]:
 def _stored_threshold(info: EvaluationInfo, op: OperatingPoint | None) -> tuple[float | None, str]:
     """The threshold an evaluation is compared at in mode "operating_point", and its source."""
     if len(info.labels) != 2:
-        return None, "argmax"
+        stored = info.metrics.get("threshold")  # a hierarchical model's pneumonia step
+        return ((float(stored), "two steps: pneumonia at its operating point, then the subtype")
+                if stored is not None else (None, "argmax"))
     if op is not None:
         return op.threshold, f"operating point ({op.method}, {op.changed_by})"
     stored = info.metrics.get("threshold")

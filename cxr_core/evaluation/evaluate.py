@@ -119,7 +119,8 @@ def _record(db: Database, *, run_id: int | None, model_ref: str, dataset_id: int
     if run_id is not None and len(labels) == 2:
         op = get_operating_point(db, run_id)
         threshold = op.threshold if op is not None else threshold
-    report = ev.evaluate(y, p, list(labels), threshold=threshold if len(labels) == 2 else None,
+    # A threshold on three classes is the hierarchical reading (its pneumonia step).
+    report = ev.evaluate(y, p, list(labels), threshold=threshold,
                          n_boot=n_boot, groups=groups)
     key = images_key(image_ids, paths)
     prov = {} if truth is None else dict(
@@ -188,6 +189,24 @@ def evaluable_runs(db: Database, *, status: str | None = "finished") -> list[Run
     """Runs that can be evaluated (finished ones by default), newest first."""
     with db.session() as s:
         return store.list_run_briefs(session=s, status=status)
+
+
+def two_step_options(db: Database) -> tuple[dict[str, str], dict[str, str]]:
+    """The models a hierarchical three-class reading can be made of (reference -> title):
+    binary runs (and the shipped default) for the pneumonia step, ``subtype`` runs for the
+    subtype step; finished runs, newest first."""
+    from cxr_core.models.store import DEFAULT_MODEL_NAME, DEFAULT_MODELS_DIR
+    from cxr_core.storage import runs as run_store
+
+    with db.session() as s:
+        runs = run_store.list_runs(session=s, statuses=["finished"])
+    pneumonia = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in runs
+                 if (r.config or {}).get("label_scheme", "binary") == "binary"}
+    if (DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME).is_file():
+        pneumonia["default"] = "Shipped default model"
+    subtype = {f"run:{r.id}": f"{r.name} (run:{r.id})" for r in runs
+               if (r.config or {}).get("label_scheme") == "subtype"}
+    return pneumonia, subtype
 
 
 # -- Evaluating a model on a dataset --------------------------------------------------------
@@ -278,13 +297,16 @@ def _predict_cache(loaded: Any, cache: Any, progress: Progress | None,
         done += int(x.shape[0])
         if progress is not None:
             progress(done, cache.n)
-    return model_store.to_probs(np.concatenate(out))
+    return model_store.outputs(loaded, np.concatenate(out))
 
 
 def _outputs(info: Any, records: list, y: list[int], loaded: Any,
              progress: Progress | None) -> tuple[np.ndarray, np.ndarray, list]:
     """(probs, y_true, records kept) of a model, or of an ensemble: each member through its
-    own cache (its input size and channels), then the mean over the images every member read."""
+    own cache (its input size and channels), then combined (an ensemble's mean, the
+    hierarchical reading's product) over the images every member read."""
+    from cxr_core.models import store as model_store
+
     if not loaded.members:
         cache, kept = _cache(info, records, y, loaded, progress)
         return _predict_cache(loaded, cache, progress), cache.labels(), kept
@@ -293,7 +315,8 @@ def _outputs(info: Any, records: list, y: list[int], loaded: Any,
         cache, kept = _cache(info, records, y, member, progress)
         outputs.append(dict(zip((r.id for r in kept), _predict_cache(member, cache, progress))))
     both = [(r, yi) for r, yi in zip(records, y) if all(r.id in o for o in outputs)]
-    probs = np.mean([[o[r.id] for r, _ in both] for o in outputs], axis=0)
+    probs = model_store.combine_members(loaded, [np.array([o[r.id] for r, _ in both])
+                                                 .reshape(len(both), -1) for o in outputs])
     return (probs.reshape(len(both), len(loaded.labels)), np.array([yi for _, yi in both]),
             [r for r, _ in both])
 
@@ -334,14 +357,16 @@ def _overlap(db: Database, loaded: Any, ids: list[int], patients: list[str | Non
     return found[0] if not loaded.members and found else combined_overlap(found)
 
 
-def evaluate_dataset(db: Database, model_ref: str, data: str, *, split: str | None = None,
+def evaluate_dataset(db: Database, model_ref: Any, data: str, *, split: str | None = None,
                      progress: Progress | None = None, n_boot: int = CLI_N_BOOT,
                      labels: str = "current") -> EvalOutcome:
-    """:func:`evaluate_model` with the details the CLI prints (see there)."""
+    """:func:`evaluate_model` with the details the CLI prints (see there); ``model_ref`` may
+    also be a model already loaded (a :class:`cxr_core.models.store.LoadedModel`)."""
     from cxr_core.data.indexing import open_dataset
     from cxr_core.models import refs
 
-    loaded = refs.load_model_ref(model_ref, db=db)
+    loaded = (refs.load_model_ref(model_ref, db=db) if isinstance(model_ref, str)
+              else model_ref)
     where, split = _split_of(str(data), split)
     info, records = open_dataset(db, where)
     usable = [r for r in records if not r.error and (split is None or r.split == split)]
@@ -403,6 +428,13 @@ def evaluate_model(db: Database, model_ref: str, data: str, *, split: str | None
         ConfigError: a class of the model has no image (AUC needs every class).
     """
     out = evaluate_dataset(db, model_ref, data, split=split, progress=progress, labels=labels)
+    return out.evaluation_id, out.report
+
+
+def evaluate_loaded(db: Database, loaded: Any, data: str, *,
+                    labels: str = "current") -> tuple[int, ev.EvalReport]:
+    """:func:`evaluate_model` of a model already loaded (e.g. one about to be shipped)."""
+    out = evaluate_dataset(db, loaded, data, labels=labels)
     return out.evaluation_id, out.report
 
 

@@ -61,6 +61,35 @@ def set_operating_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any,
         details=details))
 
 
+def set_prior_point(db: Database, *, run_id: int, y_true: Any, p_pos: Any, priors: dict,
+                    changed_by: str = "training") -> OperatingPoint:
+    """A two-class argmax model's operating point (the subtype step): 0.5 on probabilities
+    already moved to the target prior (``priors``: the card's train/target priors), i.e. the
+    Bayes decision at that prior, with the sensitivity/specificity it reaches on these data.
+
+    Raises:
+        ConfigError: probabilities that are not two-class.
+        RunError: no such run.
+    """
+    p = np.asarray(p_pos, dtype=float)
+    p = p[:, 1] if p.ndim == 2 else p
+    y = np.asarray(y_true, dtype=int)
+    if p.shape != y.shape:
+        raise ConfigError(f"y_true and p_pos must match. Received: {y.shape} and {p.shape}")
+    pred = p >= 0.5
+    pos, neg = y == 1, y == 0
+    sens = float(pred[pos].mean()) if pos.any() else None
+    spec = float((~pred[neg]).mean()) if neg.any() else None
+    _require_run(db, run_id)
+    details = {"chosen_on": "priors", "train_prior": priors.get("train"),
+               "target_prior": priors.get("target"), "target_source": priors.get("target_source")}
+    return db.write(lambda s: store.add_operating_point(
+        session=s, run_id=run_id, threshold=0.5, method="priors", target=None,
+        sensitivity=sens, specificity=spec, changed_by=changed_by,
+        note="the decision at the target prior (probabilities moved from the training prior)",
+        sample_n=int(y.size), details=details))
+
+
 def set_manual_threshold(db: Database, *, run_id: int, threshold: float, changed_by: str,
                          note: str = "", evaluation_id: int | None = None,
                          and_then: AndThen | None = None) -> OperatingPoint:

@@ -12,6 +12,9 @@ References (the CLI's ``--model`` and the pages' pickers):
   ``threshold_source == "none (0.5)"`` so pages can warn.
 * ``"ensemble:run:3+run:5"`` or ``"ensemble:NAME"``: several of the above read as one model
   (the mean of their probabilities), with its own operating point: :mod:`cxr_core.models.ensembles`.
+* ``"hier:PNEUMONIA_REF+SUBTYPE_REF"`` or ``"three_class"`` (shipped): the two-step
+  three-class reading, pneumonia at the first model's operating point, then the subtype:
+  :mod:`cxr_core.models.hierarchy`.
 
 Decisions use the stored operating point (:func:`decide`), never a silent 0.5.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cxr_core.models import ensembles, store
+from cxr_core.models import ensembles, hierarchy, store
 from cxr_core.models.store import LoadedModel
 from cxr_core.storage import Database
 
@@ -44,4 +47,20 @@ def load_model_ref(ref: str, *, db: Database | None = None,
     """
     if ensembles.is_ensemble_ref(str(ref).strip()):
         return ensembles.load_ensemble(str(ref).strip(), db=db, models_dir=models_dir)
+    if hierarchy.is_hierarchical_ref(ref):
+        return hierarchy.load_hierarchical(str(ref), db=db,
+                                           models_dir=None if str(ref).strip() ==
+                                           hierarchy.SHIPPED else models_dir)
     return store.load_single(ref, db=db, models_dir=models_dir)
+
+
+def shipped_models() -> dict[str, str]:
+    """The models shipped in the repository that are present (reference -> title): the
+    default binary model and the two-step three-class model."""
+    out = {}
+    if (store.DEFAULT_MODELS_DIR / store.DEFAULT_MODEL_NAME).is_file():
+        out["default"] = "Shipped default model (normal / pneumonia)"
+    if hierarchy.unavailable(hierarchy.SHIPPED) is None:
+        out[hierarchy.SHIPPED] = ("Shipped three-class model (normal / bacterial / viral: "
+                                  "pneumonia first, then the subtype)")
+    return out

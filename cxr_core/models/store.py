@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from cxr_core.core.errors import ConfigError, ModelError
-from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES
+from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, scheme_of_classes
 from cxr_core.core.settings import get_settings
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as eval_store
@@ -30,6 +30,7 @@ DEFAULT_MODELS_DIR = REPO / "models" / "default"
 CARD_NAME = "model_card.json"
 RUN_MODEL_NAME = "best.keras"  # a run folder's model (its best epoch)
 DEFAULT_MODEL_NAME = "model.keras"
+HIERARCHICAL = "hierarchical"  # a composite card's kind: the two-step three-class reading
 NO_THRESHOLD = "none (0.5)"  # threshold_source when a binary model has no operating point
 _RUN_REF = re.compile(r"^(?:run:)?(\d+)$")
 
@@ -74,6 +75,22 @@ class LoadedModel:
     def is_binary(self) -> bool:
         """True for two classes (a thresholded positive-class probability)."""
         return len(self.labels) == 2
+
+    @property
+    def is_hierarchical(self) -> bool:
+        """The two-step three-class reading (:mod:`cxr_core.models.hierarchy`): members are
+        (the pneumonia model, the subtype model); ``threshold`` is the first's operating point
+        on P(pneumonia) = 1 - P(NORMAL)."""
+        return bool(self.members) and (self.card or {}).get("kind") == HIERARCHICAL
+
+    @property
+    def priors(self) -> dict | None:
+        """The card's class priors (a model decided by the argmax at a target prior): its
+        outputs are moved from ``train`` to ``target`` (:func:`outputs`); None otherwise."""
+        got = (self.card or {}).get("priors")
+        if not isinstance(got, dict) or self.model is None:
+            return None
+        return got if list(got.get("classes") or self.labels) == list(self.labels) else None
 
     @property
     def has_operating_point(self) -> bool:
@@ -227,7 +244,7 @@ def _labels(card: dict, n_out: int, path: Path) -> tuple[tuple[str, ...], str]:
         if len(labels) != width:
             raise ModelError(f"{path}: model card lists {len(labels)} labels {list(labels)} but "
                              f"the model has {n_out} output unit(s)")
-        scheme = card.get("label_scheme") or _guess_scheme(labels)
+        scheme = card.get("label_scheme") or scheme_of_classes(labels)
         return labels, str(scheme)
     if n_out in (1, 2):
         return BINARY_CLASSES, "binary"
@@ -235,14 +252,6 @@ def _labels(card: dict, n_out: int, path: Path) -> tuple[tuple[str, ...], str]:
         return THREE_CLASSES, "three_class"
     raise ModelError(f"{path}: no model card, and {n_out} output units cannot be mapped to "
                      f"labels; add a {CARD_NAME} with \"labels\" beside the model")
-
-
-def _guess_scheme(labels: tuple[str, ...]) -> str:
-    if labels == BINARY_CLASSES:
-        return "binary"
-    if labels == THREE_CLASSES:
-        return "three_class"
-    return "folders"
 
 
 def _card_threshold(card: dict, n_classes: int, card_path: Path) -> tuple[float | None, str]:
@@ -280,6 +289,51 @@ def to_probs(raw: np.ndarray) -> np.ndarray:
     return out / np.maximum(out.sum(axis=1, keepdims=True), 1e-12)  # float32 softmax noise
 
 
+def combine_members(loaded: LoadedModel, member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """A composite model's probabilities from its members' (in ``loaded.members`` order): an
+    ensemble's mean, or the hierarchical reading's
+    ``[1 - p, p * P(BACTERIA | pneumonia), p * P(VIRUS | pneumonia)]`` with ``p`` the pneumonia
+    model's P(PNEUMONIA) and the subtype model's probabilities (at its target prior)."""
+    if not loaded.is_hierarchical:
+        return np.mean(member_probs, axis=0)
+    pneumonia, subtype = (np.asarray(m, dtype=np.float64) for m in member_probs)
+    p = pneumonia[:, 1:2]
+    return np.concatenate([1.0 - p, p * subtype], axis=1)
+
+
+def outputs(loaded: LoadedModel, raw: np.ndarray) -> np.ndarray:
+    """One model's raw outputs as the probabilities it reports: :func:`to_probs`, then moved
+    to its card's target prior when it has one (:attr:`LoadedModel.priors`)."""
+    probs = to_probs(raw)
+    priors = loaded.priors
+    if priors is None or not len(probs):
+        return probs
+    from cxr_core.stats.priors import adjust
+
+    return adjust(probs, priors["train"], priors["target"])
+
+
+def with_target_prior(loaded: LoadedModel, target: Sequence[float], source: str) -> LoadedModel:
+    """The same model deciding at another target prior (a site's, estimated from its labelled
+    sample): its card's ``priors.target`` replaced and the source said.
+
+    Raises:
+        ModelError: the model has no priors (it is decided at an operating point).
+    """
+    from dataclasses import replace
+
+    if loaded.priors is None:
+        raise ModelError(f"{loaded.ref} has no class priors to retarget (only models decided "
+                         "by the argmax at a prior have them)")
+    target = [float(v) for v in target]
+    if len(target) != len(loaded.labels):
+        raise ModelError(f"a target prior needs one value per class ({len(loaded.labels)}). "
+                         f"Received: {target}")
+    card = {**loaded.card, "priors": {**loaded.priors, "target": target,
+                                      "target_source": source}}
+    return replace(loaded, card=card)
+
+
 def input_specs(loaded: LoadedModel) -> tuple[tuple[int, int], ...]:
     """The (size, channels) views a prediction decodes each image to: the model's own first,
     then every other member's of an ensemble (each member reads its own decode)."""
@@ -302,8 +356,9 @@ def predict_views(loaded: LoadedModel, views: Mapping[tuple[int, int], np.ndarra
     if not loaded.members:
         return predict_probs(loaded, views[(loaded.image_size, loaded.channels)],
                              batch_size=batch_size)
-    return np.mean([predict_probs(m, views[(m.image_size, m.channels)], batch_size=batch_size)
-                    for m in loaded.members], axis=0)
+    return combine_members(loaded, [predict_probs(m, views[(m.image_size, m.channels)],
+                                                  batch_size=batch_size)
+                                    for m in loaded.members])
 
 
 def _resized(x: np.ndarray, size: int) -> np.ndarray:
@@ -349,8 +404,9 @@ def predict_probs(loaded: LoadedModel, images_uint8: np.ndarray, *,
     if int(batch_size) < 1:
         raise ConfigError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
     if loaded.members:
-        return np.mean([predict_probs(m, _resized(x, m.image_size), batch_size=batch_size)
-                        for m in loaded.members], axis=0)
+        return combine_members(loaded, [predict_probs(m, _resized(x, m.image_size),
+                                                      batch_size=batch_size)
+                                        for m in loaded.members])
     if x.shape[3] != loaded.channels:  # gray repeated, or ITU-R 601 luma (PIL's "L")
         luma = np.array([0.299, 0.587, 0.114], np.float32)
         x = (np.repeat(x, 3, axis=3) if loaded.channels == 3 else
@@ -363,7 +419,7 @@ def predict_probs(loaded: LoadedModel, images_uint8: np.ndarray, *,
     # the one-film requests of the Predict page (about 6 ms for one 128 px film on CPU).
     raw = [np.asarray(loaded.model.predict_on_batch(x[i:i + batch_size]))
            for i in range(0, len(x), batch_size)]
-    return to_probs(np.concatenate(raw))
+    return outputs(loaded, np.concatenate(raw))
 
 
 def decide(loaded: LoadedModel, probs: np.ndarray) -> list[str]:
@@ -381,5 +437,8 @@ def decide(loaded: LoadedModel, probs: np.ndarray) -> list[str]:
     p = np.asarray(probs, dtype=float)
     if p.ndim == 1:
         p = p[None, :]
-    idx = predict(p, threshold=loaded.threshold if loaded.is_binary else None)
+    # Binary: the operating point; the hierarchical reading: its pneumonia step's operating
+    # point, then the more probable subtype; any other multi-class model: the argmax.
+    idx = predict(p, threshold=loaded.threshold if loaded.is_binary or loaded.is_hierarchical
+                  else None)
     return [loaded.labels[i] for i in idx]

@@ -14,7 +14,9 @@ An ensemble (:mod:`cxr_core.models.ensembles`) gets an :class:`EnsembleExplainer
 ensemble's decision, each member explains it on its own view of the image, and the map is the
 mean of the members' [0, 1] maps at the ensemble's size (not re-stretched: a region every
 member points at reaches 1, one only some members point at stays lower). :func:`method_title`
-labels it so.
+labels it so. A hierarchical three-class model (:mod:`cxr_core.models.hierarchy`) gets a
+:class:`StepExplainer`: NORMAL is explained by its pneumonia step (that model's NORMAL map),
+BACTERIA and VIRUS by its subtype step (that model's map of the subtype), each on its own view.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from PIL import Image
 
 from cxr_core.core.errors import ModelError
 from cxr_core.data import images as image_io
-from cxr_core.models import ensembles
+from cxr_core.models import ensembles, hierarchy
 from cxr_core.models.refs import load_model_ref
 from cxr_core.models.store import LoadedModel, decide, model_file, predict_probs
 from cxr_core.predict.inference import ImageInput, Prediction, png_bytes
@@ -50,6 +52,21 @@ class EnsembleExplainer:
     members: tuple[Any, ...]  # one SaliencyExplainer per member, in ``loaded.members`` order
 
 
+@dataclass(frozen=True, eq=False)
+class StepExplainer:
+    """Explains the hierarchical reading: the step that decided a class maps it."""
+
+    loaded: LoadedModel
+    pneumonia: Any  # the pneumonia step's SaliencyExplainer
+    subtype: Any  # the subtype step's SaliencyExplainer
+
+    def step_for(self, class_index: int) -> tuple[Any, int, str]:
+        """(the explainer, its class index, which step) for a three-class index."""
+        if class_index == 0:
+            return self.pneumonia, 0, "pneumonia step"
+        return self.subtype, class_index - 1, "subtype step"
+
+
 def make_explainer(loaded: LoadedModel) -> Any:
     """A :class:`cxr_core.predict.saliency.SaliencyExplainer` on the model's recorded saliency layer
     (an :class:`EnsembleExplainer` of one per member for an ensemble).
@@ -59,6 +76,8 @@ def make_explainer(loaded: LoadedModel) -> Any:
     """
     from cxr_core.predict.saliency import SaliencyExplainer
 
+    if loaded.is_hierarchical:
+        return StepExplainer(loaded, *(make_explainer(m) for m in loaded.members))
     if loaded.members:
         return EnsembleExplainer(loaded, tuple(make_explainer(m) for m in loaded.members))
     if loaded.saliency_layer is None:
@@ -88,6 +107,8 @@ def saliency_unavailable(ref: str | None,
         return "no model output is shown for this image, so there is no model to explain"
     if ensembles.is_ensemble_ref(ref):
         return ensembles.unavailable(ref, artifact_dirs)
+    if hierarchy.is_hierarchical_ref(ref):
+        return hierarchy.unavailable(ref, artifact_dirs)
     if model_file(ref, (artifact_dirs or {}).get(ref)) is None:
         return f"{ref} has no model file (.keras) on disk"
     return None
@@ -123,6 +144,11 @@ def saliency_map(explainer: Any, image: np.ndarray, method: str = "gradcam",
     """
     if isinstance(explainer, EnsembleExplainer):
         return _ensemble_map(explainer, image, method, class_index, threshold, fast)
+    if isinstance(explainer, StepExplainer):
+        if class_index is None:
+            class_index = _decided(explainer.loaded, image, threshold)
+        step, index, _ = explainer.step_for(int(class_index))
+        return saliency_map(step, image, method, index, fast=fast)
     _, size, _, channels = explainer.model.input_shape
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -140,22 +166,28 @@ def _ensemble_map(explainer: EnsembleExplainer, image: np.ndarray, method: str,
     """The mean of the members' maps of the ensemble's class (its decision when None)."""
     loaded = explainer.loaded
     if class_index is None:
-        arr = np.asarray(image)
-        pixels = image_io.to_array(Image.fromarray(arr[..., 0] if arr.ndim == 3
-                                                   and arr.shape[-1] == 1 else arr),
-                                   loaded.image_size, loaded.channels)
-        at = loaded if threshold is None else _with(loaded, threshold)
-        class_index = loaded.labels.index(decide(at, predict_probs(loaded, pixels[None]))[0])
+        class_index = _decided(loaded, image, threshold)
     maps = [saliency_map(m, image, method, class_index, fast=fast) for m in explainer.members]
     size = loaded.image_size
     stacked = np.stack([resize_maps(m[None], size, size)[0] for m in maps])
     return np.clip(stacked.mean(axis=0), 0.0, 1.0).astype(np.float32)
 
 
+def _decided(loaded: LoadedModel, image: np.ndarray, threshold: float | None) -> int:
+    """The class a composite model decides on one image (at ``threshold`` when given)."""
+    arr = np.asarray(image)
+    pixels = image_io.to_array(Image.fromarray(arr[..., 0] if arr.ndim == 3
+                                               and arr.shape[-1] == 1 else arr),
+                               loaded.image_size, loaded.channels)
+    at = loaded if threshold is None else _with(loaded, threshold)
+    return loaded.labels.index(decide(at, predict_probs(loaded, pixels[None]))[0])
+
+
 def _with(loaded: LoadedModel, threshold: float) -> LoadedModel:
     from dataclasses import replace
 
-    return replace(loaded, threshold=float(threshold)) if loaded.is_binary else loaded
+    return replace(loaded, threshold=float(threshold)) if loaded.is_binary \
+        or loaded.is_hierarchical else loaded
 
 
 def method_title(explainer: Any, method: str) -> str:
@@ -163,6 +195,8 @@ def method_title(explainer: Any, method: str) -> str:
     name = METHOD_NAMES.get(method, method)
     if isinstance(explainer, EnsembleExplainer):
         return f"mean of {len(explainer.members)} members' normalised {name} maps"
+    if isinstance(explainer, StepExplainer):
+        return f"{name} of the step that decided the class (pneumonia, then subtype)"
     return name
 
 

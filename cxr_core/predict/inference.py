@@ -36,8 +36,6 @@ from cxr_core.core.text_safe import md_escape
 from cxr_core.data import images as image_io
 from cxr_core.models import store as model_store
 from cxr_core.models.store import (
-    DEFAULT_MODEL_NAME,
-    DEFAULT_MODELS_DIR,
     NO_THRESHOLD,
     RUN_MODEL_NAME,
     LoadedModel,
@@ -282,6 +280,11 @@ def decision_text(result: BatchResult, prediction: Prediction) -> str:
     if result.threshold is None:
         return (f"**{md_escape(prediction.label)}**: the most probable of {len(result.labels)} "
                 "classes.")
+    if len(result.labels) > 2:  # the two-step reading: pneumonia first, then the subtype
+        from cxr_core.models.hierarchy import describe_steps
+
+        return describe_steps(result.threshold, prediction.probabilities,
+                              result.threshold_source)
     pos = result.labels[1]
     p = prediction.probabilities[pos]
     sign = "≥" if p >= result.threshold else "<"
@@ -305,13 +308,17 @@ class ModelOption:
 
 
 def model_options(db: Database) -> list[ModelOption]:
-    """The shipped default (when present), finished runs with a model file (newest first), then
-    named ensembles (:mod:`cxr_core.models.ensembles`)."""
+    """The shipped default (when present), finished runs with a model file (newest first), the
+    other shipped models (the three-class one), then named ensembles
+    (:mod:`cxr_core.models.ensembles`)."""
     from cxr_core.models.ensembles import list_ensembles
     from cxr_core.storage import evals
 
+    from cxr_core.models.refs import shipped_models
+
     out = []
-    if (DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME).is_file():
+    shipped = shipped_models()
+    if "default" in shipped:
         out.append(ModelOption("default", "Shipped demo model (default)"))
     runs_dir = get_settings().runs_dir
     with db.session() as s:
@@ -320,4 +327,5 @@ def model_options(db: Database) -> list[ModelOption]:
         folders = [runs_dir / str(b.id)] + ([Path(b.artifact_dir)] if b.artifact_dir else [])
         if any((f / RUN_MODEL_NAME).is_file() for f in folders):
             out.append(ModelOption(f"run:{b.id}", f"{b.name} (run:{b.id})"))
+    out += [ModelOption(r, t) for r, t in shipped.items() if r != "default"]
     return out + [ModelOption(e.ref, e.title) for e in list_ensembles()]

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr_core.core.errors import ConfigError
-from cxr_core.core.labels import (BINARY_CLASSES, THREE_CLASSES, UNSTATED_SUBTYPE_TEXT,
-                                  format_label, scheme_label)
+from cxr_core.core.labels import (UNSTATED_SUBTYPE_TEXT, format_label, scheme_label,
+                                  scheme_of_classes)
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import label_audits as audit_store
@@ -130,12 +130,10 @@ def model_output(probs: Sequence[float], labels: Sequence[str],
 
 
 def eval_class(label: str, subtype: str | None, labels: Sequence[str]) -> str | None:
-    """A folder label in a model's class space (binary, three-class or folder classes)."""
-    if tuple(labels) == BINARY_CLASSES:
-        return scheme_label(label, subtype, "binary")
-    if tuple(labels) == THREE_CLASSES:
-        return scheme_label(label, subtype, "three_class")
-    return label
+    """A folder label in a model's class space (binary, three-class, subtype or folder
+    classes)."""
+    scheme = scheme_of_classes(labels)
+    return label if scheme == "folders" else scheme_label(label, subtype, scheme)
 
 
 # -- State and queues -----------------------------------------------------------------------

@@ -106,23 +106,25 @@ def predict(probs: Any, *, threshold: float | None = None) -> np.ndarray:
 
     Args:
         probs: (N, C) probabilities or a (N,) positive-class vector.
-        threshold: binary only: predict positive iff ``p_pos >= threshold``. None means
-            argmax (for binary, ``p_pos >= 0.5`` up to ties).
+        threshold: binary: predict positive iff ``p_pos >= threshold``. Three or more classes:
+            the two-step (hierarchical) reading, class 0 (normal) unless ``1 - p[:, 0] >=
+            threshold``, then the most probable of the other classes. None means the argmax
+            (for binary, ``p_pos >= 0.5`` up to ties).
 
     Returns:
         Int array (N,) of predicted class indices.
 
     Raises:
-        ConfigError: bad probabilities, or a threshold for a multi-class problem / outside [0, 1].
+        ConfigError: bad probabilities, or a threshold outside [0, 1].
     """
     p = as_probs(probs, len(np.asarray(probs)))
     if threshold is None:
         return np.argmax(p, axis=1)
-    if p.shape[1] != 2:
-        raise ConfigError("a threshold applies to binary problems only; multi-class uses the "
-                          f"argmax. Received: threshold={threshold}, C={p.shape[1]}")
     if not 0.0 <= threshold <= 1.0:
         raise ConfigError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
+    if p.shape[1] != 2:
+        first = (1.0 - p[:, 0]) >= threshold
+        return np.where(first, 1 + np.argmax(p[:, 1:], axis=1), 0).astype(np.int64)
     return (p[:, POSITIVE] >= threshold).astype(np.int64)
 
 

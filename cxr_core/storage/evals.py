@@ -122,10 +122,13 @@ def _utc(value: datetime | None) -> datetime | None:
 
 # -- Evaluations ----------------------------------------------------------------------------
 
-def prediction_columns(probs: Sequence[float], labels: Sequence[str]) -> dict:
+def prediction_columns(probs: Sequence[float], labels: Sequence[str],
+                       threshold: float | None = None) -> dict:
     """The SQL-sortable columns of one probability vector: ``score`` (P(pneumonia): column 1
-    of a binary model, else 1 - P(NORMAL), else the top probability), ``pred_index`` (argmax)
-    and ``top2_margin`` (top-2 gap). Migration 0005 backfills old rows the same way."""
+    of a binary model, else 1 - P(NORMAL), else the top probability), ``pred_index`` (argmax;
+    with a ``threshold`` on three or more classes, the hierarchical reading's decision: class
+    0 unless 1 - p[0] reaches it, then the most probable other class) and ``top2_margin``
+    (top-2 gap). Migration 0005 backfills old rows the same way."""
     p = [float(v) for v in probs]
     if len(p) == 1 and len(labels) == 2:
         p = [1.0 - p[0], p[0]]  # a sigmoid model's single P(positive)
@@ -138,7 +141,11 @@ def prediction_columns(probs: Sequence[float], labels: Sequence[str]) -> dict:
         score = 1.0 - p[list(labels).index("NORMAL")]
     else:
         score = top[0]
-    return {"score": score, "pred_index": p.index(top[0]), "top2_margin": top[0] - top[1]}
+    pred = p.index(top[0])
+    if threshold is not None and len(p) > 2:
+        rest = p[1:]
+        pred = 1 + rest.index(max(rest)) if 1.0 - p[0] >= threshold else 0
+    return {"score": score, "pred_index": pred, "top2_margin": top[0] - top[1]}
 
 
 def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
@@ -161,7 +168,8 @@ def add_evaluation(*, session: Session, run_id: int | None, model_ref: str,
     session.flush()
     rows = [{"evaluation_id": row.id, "image_id": None if i is None else int(i), "path": str(p),
              "y_true": int(y), "probs_json": json.dumps([float(v) for v in pr]),
-             **prediction_columns(np.atleast_1d(pr), labels)}
+             **prediction_columns(np.atleast_1d(pr), labels, metrics.get("threshold")
+                                  if len(labels) > 2 else None)}
             for i, p, y, pr in zip(image_ids, paths, np.asarray(y_true), np.asarray(probs))]
     for start in range(0, len(rows), 1000):
         session.execute(insert(EvalPrediction), rows[start:start + 1000])

@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session, aliased
 
-from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, scheme_label
+from cxr_core.core.labels import scheme_label, scheme_of_classes
 from cxr_core.storage.aggregates import materialize
 from cxr_core.storage.relabels import COUNTING_KINDS, READ_KINDS
 from db.models import EvalPrediction, Evaluation, ImageRow, LabelAuditImage, Relabel
@@ -165,12 +165,7 @@ def run_scores(*, session: Session, model_ref: str, dataset_id: int,
 
 def _truth_index(session: Session, dataset_id: int, labels: Sequence[str]) -> ColumnElement:
     """The image's original label as a class index of ``labels`` (NULL: no class there)."""
-    if tuple(labels) == BINARY_CLASSES:
-        scheme = "binary"
-    elif tuple(labels) == THREE_CLASSES:
-        scheme = "three_class"
-    else:
-        scheme = "folders"
+    scheme = scheme_of_classes(labels)
     pairs = session.execute(select(ImageRow.label, ImageRow.subtype).where(
         ImageRow.dataset_id == dataset_id).distinct()).all()
     whens = []

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cxr_core.core.errors import CxrError, DatasetError, ModelError
 from cxr_core.models import refs
 from cxr_core.models.card import DATA_LICENCE, card_markdown
@@ -180,6 +182,102 @@ def stress_default(evaluation_id: int, *, db: Database | None = None,
     return entry
 
 
+def export_three_class(pneumonia: str, subtype_run: int, *, db: Database | None = None,
+                       out_dir: str | Path | None = None, external: str | None = None,
+                       site_prior: bool = False, notes: Sequence[str] = (),
+                       n_boot: int = 500) -> dict:
+    """Ship the two-step three-class model (``models/three_class``, ref ``three_class``).
+
+    ``pneumonia/``: the pneumonia step, ``"default"`` (a copy of the shipped binary model, so
+    the three-class model stays what was measured when the default is re-shipped) or
+    ``"run:ID"`` (exported as for the default, with ``external``'s site threshold). ``subtype/``:
+    the subtype run. ``model_card.json`` and ``README.md``: the composite's card, with its
+    figures on ``external`` **cross-fitted** (the pneumonia threshold, and with ``site_prior``
+    the subtype prior, chosen on other patients' films than the ones scored), beside the flat
+    argmax of the same probabilities at the stored rule.
+
+    Args:
+        pneumonia: "default" or "run:ID" (a binary run).
+        subtype_run: a finished run with label scheme ``subtype``.
+        db: the database of the runs.
+        out_dir: destination (default ``models/three_class``).
+        external: an indexed external dataset to measure it on (its films carry the subtype).
+        site_prior: ship the subtype prior of ``external``'s labelled pneumonia films as the
+            subtype step's target prior (then its figures there are cross-fitted for it too).
+        notes: plain sentences the card carries.
+        n_boot: patient resamples for the intervals.
+
+    Raises:
+        ModelError: a step of the wrong kind, or a run that is not finished.
+        DatasetError: ``external`` is not indexed.
+    """
+    import shutil
+
+    from cxr_core.core.labels import THREE_CLASSES
+    from cxr_core.models import hierarchy
+    from cxr_core.models.card import three_class_markdown
+    from cxr_core.models.store import parse_run_ref
+    from cxr_core.stats import three_class as tc
+    from cxr_core.stats.priors import estimate_prior
+
+    db = db or open_db()
+    out = Path(out_dir) if out_dir is not None else hierarchy.SHIPPED_DIR
+    step1 = out / "pneumonia"
+    if pneumonia == "default":
+        step1.mkdir(parents=True, exist_ok=True)
+        for name in (DEFAULT_MODEL_NAME, CARD_NAME, "README.md"):
+            shutil.copyfile(DEFAULT_MODELS_DIR / name, step1 / name)
+    elif (run_id := parse_run_ref(pneumonia)) is not None:
+        export_default(run_id, db=db, out_dir=step1, site_dataset=external)
+    else:
+        raise ModelError(f"the pneumonia step is 'default' or 'run:ID'. Received: {pneumonia!r}")
+    sub_card = export_default(subtype_run, db=db, out_dir=out / "subtype")
+    if sub_card.get("label_scheme") != "subtype":
+        raise ModelError(f"run {subtype_run} is not a subtype run (label scheme "
+                         f"{sub_card.get('label_scheme')!r})")
+    measured = []
+    if external:
+        _dataset_id(db, external)  # indexed, else a clear error
+        loaded = hierarchy.load_hierarchical(hierarchy.SHIPPED, models_dir=out)
+        y, probs, groups = _evaluate_loaded(db, loaded, external)
+        at = (loaded.members[1].priors or {}).get("target")  # the probabilities' subtype prior
+        if site_prior:  # the site's own subtype mix, from its labelled pneumonia films
+            pri = sub_card["priors"]
+            pri.update(target=[round(float(v), 6) for v in estimate_prior(y[y > 0] - 1, 2)],
+                       target_source=f"{external}'s labelled pneumonia films")
+            (out / "subtype" / CARD_NAME).write_text(json.dumps(sub_card, indent=2,
+                                                                default=str) + "\n")
+        fitted = tc.cross_fitted(y, probs, "hierarchical", groups=groups,
+                                 choose_prior=site_prior, train_prior=at, n_boot=n_boot)
+        flat = tc.report(y, probs, "flat", groups=groups, n_boot=n_boot)
+        measured = [{"dataset": external, "role": "external", "n": int(len(y)),
+                     "patients": len({g for g in groups if g}),
+                     "hierarchical_crossfit": fitted.to_dict(),
+                     "argmax_at_training_priors": flat.to_dict()}]
+    card = {"name": "three-class demo model (two steps)", "kind": "hierarchical",
+            "labels": list(THREE_CLASSES), "label_scheme": "three_class",
+            "steps": {"pneumonia": pneumonia, "subtype": f"run:{subtype_run}"},
+            "decision": "NORMAL unless P(pneumonia) reaches the pneumonia step's operating "
+                        "point; then the more probable subtype at the subtype step's target "
+                        "prior",
+            "measured": measured, "notes": list(notes), "data_licence": DATA_LICENCE,
+            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / CARD_NAME).write_text(json.dumps(card, indent=2, default=str) + "\n")
+    (out / "README.md").write_text(three_class_markdown(card, hierarchy.load_hierarchical(
+        hierarchy.SHIPPED, models_dir=out)))
+    return card
+
+
+def _evaluate_loaded(db: Database, loaded: LoadedModel, dataset: str):
+    """(y 0/1/2, probabilities, patients) of a loaded three-class model on a dataset."""
+    from cxr_core.evaluation import evaluate as es
+
+    ev_id, _ = es.evaluate_loaded(db, loaded, dataset)
+    preds = es.load_predictions(db, ev_id)
+    return (np.asarray(preds.y_true), np.asarray(preds.probs),
+            es.patients_of(db, list(preds.image_ids)) or [None] * len(preds.image_ids))
+
+
 def _repo_relative(path: str) -> str:
     """A path relative to the repository when it is absolute (the card is shipped)."""
     p = Path(path)
@@ -220,8 +318,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("size-default", help="record the parameter counts of models/default in "
                        "its card")
     p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    p = sub.add_parser("export-three-class", help="ship the two-step three-class model to "
+                       "models/three_class")
+    p.add_argument("--pneumonia", default="default", help="'default' or run:ID (binary)")
+    p.add_argument("--subtype", type=int, required=True, help="a subtype run's id")
+    p.add_argument("--external", default=None, metavar="DATASET",
+                   help="measure it there (cross-fitted); a run:ID pneumonia step ships that "
+                        "dataset's site threshold")
+    p.add_argument("--site-prior", action="store_true",
+                   help="decide the subtype at the external dataset's labelled subtype mix")
+    p.add_argument("--out", default=None)
+    p.add_argument("--note", action="append", default=[], help="a sentence for the card")
     args = parser.parse_args(argv)
     try:
+        if args.command == "export-three-class":
+            card = export_three_class(args.pneumonia, args.subtype, out_dir=args.out,
+                                      external=args.external, site_prior=args.site_prior,
+                                      notes=args.note)
+            print(json.dumps({"exported": args.out or "models/three_class",
+                              "measured": card["measured"]}))
+            return 0
         if args.command == "size-default":
             print(json.dumps(size_default(args.out)))
             return 0

@@ -95,8 +95,9 @@ def _usable(cfg: Any, info: Any, records: list, label_map: dict) -> tuple[list[i
 
 def unlabelled_reasons(cfg: Any, info: Any, records: list, label_map: dict) -> dict[str, int]:
     """Images outside the test folder that the run's scheme gives no class, counted by why:
-    a three-class run leaves out pneumonia whose subtype nobody stated (a reviewer's
-    "PNEUMONIA (subtype not stated)", or a file name without one): nothing guesses it."""
+    a three-class (or subtype) run leaves out pneumonia whose subtype nobody stated (a
+    reviewer's "PNEUMONIA (subtype not stated)", or a file name without one): nothing guesses
+    it."""
     out: Counter = Counter()
     for r in records:
         if r.error or r.split == "test":
@@ -104,7 +105,8 @@ def unlabelled_reasons(cfg: Any, info: Any, records: list, label_map: dict) -> d
         label, subtype = label_map.get(r.id, (r.label, r.subtype))
         if ds.scheme_label(label, subtype, cfg.label_scheme) is not None:
             continue
-        if cfg.label_scheme == "three_class" and label.upper() != "NORMAL" and subtype is None:
+        if cfg.label_scheme in ("three_class", "subtype") and label.upper() != "NORMAL" \
+                and subtype is None:
             out[f"{label} (subtype not stated)"] += 1
         else:
             out[ds.format_label(label, subtype) + " (no class in this scheme)"] += 1

@@ -22,10 +22,11 @@ import numpy as np
 from cxr_core.data import provenance
 from cxr_core.evaluation import evaluate as es
 from cxr_core.evaluation.evaluate import patients_of, record_evaluation
-from cxr_core.evaluation.operating_points import set_operating_point
+from cxr_core.evaluation.operating_points import set_operating_point, set_prior_point
 from cxr_core.models import refs
 from cxr_core.models.card import CARD_NAME, DATA_ATTRIBUTION
 from cxr_core.models.store import RUN_MODEL_NAME
+from cxr_core.stats import priors as class_priors
 from cxr_core.stats import reports as ev
 from cxr_core.storage import Database, relabels
 from cxr_core.storage import datasets as ds_store
@@ -125,16 +126,56 @@ def _choose(db: Database, run_id: int, cfg: Any, prepared: Any, classes: list[st
     return op, cal
 
 
-def record_outputs(db: Database, run: Any, cfg: Any, prepared: Any, result: Any) -> RunOutputs:
+def decides_by_priors(scheme: str, n_classes: int) -> bool:
+    """Models decided by the argmax at a target prior (three classes, the subtype step, 3+
+    folder classes), not by an operating point chosen at a target sensitivity."""
+    return scheme in ("three_class", "subtype") or (scheme == "folders" and n_classes > 2)
+
+
+def run_priors(cfg: Any, prepared: Any, classes: list[str]) -> dict | None:
+    """The priors a multi-class run's card records (issue 30): the effective training prior
+    (its balancing: class weights and under-sampling balance the classes, over-sampling has
+    its ratio) and the target prior its outputs are moved to, by default the training images'
+    own class frequencies. None for models decided at an operating point."""
+    if not decides_by_priors(cfg.label_scheme, len(classes)):
+        return None
+    counts = [int(prepared.counts.get("train", {}).get(c, 0)) for c in classes]
+    if min(counts, default=0) <= 0:
+        return None
+    ratio = cfg.target_ratio if cfg.balancing == "oversample" else None
+    train = class_priors.effective_prior(counts, cfg.balancing, ratio)
+    natural = np.asarray(counts, dtype=float) / sum(counts)
+    return {"classes": list(classes), "train": [round(float(v), 6) for v in train],
+            "target": [round(float(v), 6) for v in natural],
+            "target_source": "the training images' class frequencies",
+            "balancing": cfg.balancing, "train_counts": counts}
+
+
+def record_outputs(db: Database, run: Any, cfg: Any, prepared: Any, result: Any,
+                   priors: dict | None = None) -> RunOutputs:
     """Store the operating point and the validation (and calibration) evaluations of a
-    finished run; the stored metrics are at the new operating point.
+    finished run; the stored metrics are at the new operating point. With ``priors`` (a
+    multi-class run, :func:`run_priors`) the stored probabilities are those moved to the
+    target prior, as the loaded model outputs them.
 
     Raises:
         ConfigError: e.g. a validation split missing a class (the caller keeps the model).
     """
     classes = list(result.classes)
-    op, cal = _choose(db, run.id, cfg, prepared, classes, result) if len(classes) == 2 \
-        else (None, None)
+    val_probs = result.val_probs
+    if priors is not None and len(val_probs):
+        val_probs = class_priors.adjust(val_probs, priors["train"], priors["target"])
+    if priors is not None and len(classes) == 2:
+        chosen = set_prior_point(db, run_id=run.id, y_true=result.val_y, p_pos=val_probs,
+                                 priors=priors)
+        op = {"threshold": chosen.threshold, "method": chosen.method, "target": None,
+              "sensitivity": chosen.sensitivity, "specificity": chosen.specificity,
+              "sample_n": chosen.sample_n, "chosen_on": "priors"}
+        cal = None
+    elif len(classes) == 2:
+        op, cal = _choose(db, run.id, cfg, prepared, classes, result)
+    else:
+        op, cal = None, None
     cal_id = None
     if cal is not None:
         cal_id = record_evaluation(
@@ -150,9 +191,9 @@ def record_outputs(db: Database, run: Any, cfg: Any, prepared: Any, result: Any)
     eval_id = record_evaluation(
         db, run_id=run.id, model_ref=f"run:{run.id}", dataset_id=prepared.dataset_id,
         split="val", labels=classes, image_ids=val_ids, paths=list(result.val_paths),
-        y_true=result.val_y, probs=result.val_probs, n_boot=BOOTSTRAP, truth=truth,
+        y_true=result.val_y, probs=val_probs, n_boot=BOOTSTRAP, truth=truth,
         groups=patients_of(db, val_ids), overlap=overlap)
-    rep = ev.evaluate(result.val_y, result.val_probs, classes,
+    rep = ev.evaluate(result.val_y, val_probs, classes,
                       threshold=op["threshold"] if op else None, n_boot=0)
     val = {"n": rep.n, "auc": rep.auc, "accuracy": rep.accuracy, "sensitivity": rep.sensitivity,
            "specificity": rep.specificity, "average_precision": rep.average_precision,
@@ -167,7 +208,8 @@ def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
                      classes: tuple[str, ...], saliency_layer: str | None,
                      operating_point: Mapping[str, Any] | None, val_metrics: Mapping[str, Any],
                      dataset: Mapping[str, Any], label_snapshot: Mapping[str, Any],
-                     extra: Mapping[str, Any] | None = None) -> Path:
+                     extra: Mapping[str, Any] | None = None,
+                     priors: Mapping[str, Any] | None = None) -> Path:
     """Write ``model_card.json`` beside the run's model (what Predict/Evaluate read).
 
     Returns:
@@ -182,6 +224,8 @@ def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,
         "dataset": dict(dataset), "label_snapshot": dict(label_snapshot),
         "data_licence": DATA_ATTRIBUTION, **dict(extra or {}),
     }
+    if priors:
+        card["priors"] = dict(priors)
     path = Path(run_dir) / CARD_NAME
     tmp = path.with_name(f".tmp-{CARD_NAME}")
     tmp.write_text(json.dumps(card, indent=2, default=_json_default))

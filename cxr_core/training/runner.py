@@ -31,7 +31,7 @@ from cxr_core.training import label_audit
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.inputs import PreparedData, prepare_data
 from cxr_core.training.interface import EPOCH_KEYS, TrainSinks
-from cxr_core.training.outputs import RunOutputs, record_outputs, write_model_card
+from cxr_core.training.outputs import RunOutputs, record_outputs, run_priors, write_model_card
 
 Progress = Callable[[int, int], None]
 
@@ -106,8 +106,9 @@ def _log(db: Database, run_id: int, message: str, level: str = "info") -> None:
 def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedData, result: Any,
               run_dir: Path) -> RunOutcome:
     """Validation and calibration outputs, model card and the run's final row."""
+    priors = run_priors(cfg, prepared, list(result.classes))
     try:
-        out = record_outputs(db, run, cfg, prepared, result)
+        out = record_outputs(db, run, cfg, prepared, result, priors=priors)
     except ConfigError as exc:  # e.g. a validation split missing a class: keep the model
         _log(db, run.id, f"validation metrics not stored: {exc}", "warning")
         out = RunOutputs({}, None, None)
@@ -123,6 +124,7 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
                  "root": prepared.dataset_root, "counts": prepared.counts},
         label_snapshot={"source": cfg.label_source, "hash": snap.hash,
                         "relabel_id": snap.newest_relabel_id, "n_relabels": snap.n_relabels},
+        priors=priors,
         extra={"run_id": run.id, "model_ref": f"run:{run.id}", "epochs": result.epochs_done,
                "best_epoch": result.best_epoch, "weights": result.weights_report,
                "evaluation_id": eval_id,

@@ -119,3 +119,41 @@ def test_predict_uses_the_site_point_for_its_images_and_the_global_one_elsewhere
             if c.value.startswith("Decided with")]
     assert "site operating point for site_b" in used[0]
     assert f"operating point {cand.threshold:.3f}" in at.markdown[0].value
+
+
+def test_the_measured_site_round_is_drawn_where_site_thresholds_are_chosen(cxr_home, monkeypatch,
+                                                                          tmp_path):
+    """Compare → Site threshold shows what reviewing a new site's films bought the shipped
+    model (the bench's file beside it), one line per decision rule; refused budgets said."""
+    import json
+
+    from test_site_round import _measured_round
+
+    from cxr_core.evaluation import site_round
+
+    (tmp_path / "site_round.json").write_text(json.dumps(_measured_round()))
+    monkeypatch.setattr(site_round, "measured",
+                        lambda model_dir=tmp_path: site_round.parse(json.loads(
+                            (tmp_path / "site_round.json").read_text())))
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    [chart] = at.get("plotly_chart")
+    spec = json.loads(chart.proto.spec)
+    names = {t["name"] for t in spec["data"]}
+    assert names == set(site_round.SERIES.values())
+    assert any("refused at 0 films confirmed" in c.value for c in at.caption)
+    assert any("every film is scored only in the fold where no one confirmed it" in c.value
+               for c in at.caption)
+
+
+def test_a_broken_site_round_file_is_an_error_not_a_crash(cxr_home, monkeypatch):
+    from cxr_core.core.errors import ConfigError
+    from cxr_core.evaluation import site_round
+
+    def broken():
+        raise ConfigError("models/default/site_round.json is not readable JSON")
+
+    monkeypatch.setattr(site_round, "measured", broken)
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert any("not readable JSON" in e.value for e in at.error)
