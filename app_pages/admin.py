@@ -21,7 +21,7 @@ actor = c1.text_input("Identity", key="audit_actor", placeholder="everyone").str
 action = c2.selectbox("Action", ["(all)", *policy.ACTIONS], key="audit_action")
 cursor = st.session_state.setdefault("audit_before", [])
 events = actions.audit_log(get_db(), user, limit=PAGE, before_id=cursor[-1] if cursor else None,
-                           actor=actor.lower() or None,
+                           actor=policy.normalize_identity(actor) or None,
                            action=None if action == "(all)" else action)
 st.dataframe(pd.DataFrame([{"#": e.id, "when (UTC)": f"{e.created_at:%Y-%m-%d %H:%M:%S}",
                             "who": e.actor, "via": e.source, "action": e.action,
@@ -49,13 +49,13 @@ if user.can("manage_roles"):
                                 "when (UTC)": f"{g.granted_at:%Y-%m-%d %H:%M}"}
                                for g in grants]), hide_index=True)
     with st.form("grant_form"):
-        who = st.text_input("Identity (email)", key="grant_identity")
+        who = st.text_input("Identity (email, or issuer|subject)", key="grant_identity")
         roles = st.multiselect("Roles (none: remove the grant)", list(policy.KNOWN_ROLES),
                                key="grant_roles")
         if st.form_submit_button("Save grant", icon=":material/save:"):
             try:
                 actions.grant_roles(get_db(), user, who, roles)
-                st.success(f"Roles of {md(who.strip().lower())}: "
+                st.success(f"Roles of {md(policy.normalize_identity(who))}: "
                            f"{', '.join(roles) or 'grant removed'}", icon=":material/done:")
             except CxrError as exc:
                 st.error(md(exc))

@@ -32,8 +32,8 @@ def heatmap(ref: str, sha256: str, method: str, class_index: int, _pixels):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def picture(sha256: str, _item: inference.ImageInput):  # keyed by the content hash
-    return explain.display_pixels(_item)
+def picture(sha256: str, _pred: inference.Prediction):  # keyed by the content hash
+    return explain.display_pixels(_pred)  # an upload's was decoded with it, in its sandbox
 
 
 def model_ui() -> str | None:
@@ -54,6 +54,11 @@ def inputs_ui() -> tuple[tuple, list[inference.ImageInput], int | None]:
         files = st.file_uploader(
             "Chest X-rays: JPEG, PNG, BMP, TIFF or DICOM (also without extension)",
             accept_multiple_files=True, key="predict_files")
+        try:  # files and bytes per request are capped before any file is decoded
+            inference.check_upload_request([f.size for f in files])
+        except CxrError as exc:
+            st.error(md(exc), icon=":material/block:")
+            return (), [], None
         return (tuple(f.file_id for f in files),
                 [inference.ImageInput(f.name, data=f.getvalue()) for f in files], None)
     info = dataset_picker("predict")
@@ -129,7 +134,7 @@ def saliency_ui(ref: str, result: inference.BatchResult, pred: inference.Predict
     alpha = c3.slider("Opacity", 0.0, 1.0, 0.4, 0.05, key="predict_alpha")
     try:
         heat = heatmap(ref, pred.sha256, method, cls, pred.pixels)
-        image = picture(pred.sha256, pred.source)
+        image = picture(pred.sha256, pred)
     except CxrError as exc:
         st.error(md(exc))
         return

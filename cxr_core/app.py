@@ -7,6 +7,8 @@
   does a kind lives in its domain's ``handlers`` module.
 - :func:`run_worker`: the worker loop (:mod:`cxr_core.jobs.loop`) with those handlers and the
   run runner (:func:`cxr_core.training.runner.process_run`); ``python -m cxr_core worker``.
+  A long-running worker queues the daily ``cleanup`` job (:mod:`cxr_core.review.retention`)
+  when it is due (checked when it starts and every 10 minutes; ``--once`` does not).
 
 Only this module, the CLI and ``__main__`` sit at the top of ``cxr_core`` and may import every
 package.
@@ -27,6 +29,7 @@ from cxr_core.jobs import loop, queue
 from cxr_core.jobs.queue import Handler, Progress
 from cxr_core.models import handlers as model_handlers
 from cxr_core.review import handlers as review_handlers
+from cxr_core.review import retention
 from cxr_core.storage import Database
 from cxr_core.storage import backup as storage_backup
 from cxr_core.training import runner
@@ -77,6 +80,19 @@ def open_app_db(*, start_worker: bool = True) -> tuple[Database, list[int]]:
     return db, jobs
 
 
+def scheduled_jobs() -> dict[str, float]:
+    """The periodic system jobs workers queue when due (kind -> seconds): the retention
+    cleanup once a day, unless retention is off (every ``CXR_RETENTION_DAYS*`` set to 0)."""
+    if not retention.Retention.from_env().enabled:
+        return {}
+    return {"cleanup": retention.CLEANUP_EVERY_S}
+
+
+def cleanup(*, dry_run: bool = False) -> dict:
+    """``python -m cxr_core cleanup``: :func:`cxr_core.review.retention.cleanup` now."""
+    return retention.cleanup(open_db(), dry_run=dry_run).to_json()
+
+
 def _demo(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
     """The ``demo`` job: index the demo films, then evaluate each shipped model on them (its
     figures there are on its own training films: the evaluation's overlap says so)."""
@@ -109,5 +125,6 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, **kwargs: A
     Keyword arguments are :func:`cxr_core.jobs.loop.run_worker`'s (``db``, ``poll_s``,
     ``stale_after_s``, ``kinds``).
     """
+    kwargs.setdefault("scheduled", scheduled_jobs())
     return loop.run_worker(once=once, idle_exit_s=idle_exit_s, handlers=job_handlers(),
                            run_one=runner.process_run, **kwargs)

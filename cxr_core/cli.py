@@ -90,6 +90,15 @@ def cmd_backup(args: argparse.Namespace) -> dict:
         return app.backup(args.out)
 
 
+def cmd_cleanup(args: argparse.Namespace) -> dict:
+    """Retention now: uploads nothing refers to and exports older than CXR_RETENTION_DAYS*
+    (admin role; workers also run it once a day)."""
+    from cxr_core import app
+
+    with _audited("cleanup", "uploads+exports", dry_run=args.dry_run):
+        return app.cleanup(dry_run=args.dry_run)
+
+
 def cmd_restore(args: argparse.Namespace) -> dict:
     """Checked before (the policy: no database to read yet), audited after, in the restored
     database."""
@@ -402,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="kermany", help="the dataset's name in the app")
     p = add("backup", cmd_backup, "back up the database, the patient salt and the artifacts")
     p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p = add("cleanup", cmd_cleanup, "delete review uploads no relabel or open review item "
+            "needs, and exports, older than CXR_RETENTION_DAYS (admin)")
+    p.add_argument("--dry-run", action="store_true", help="report only, delete nothing")
     p = add("restore", cmd_restore, "restore a backup folder into this install")
     p.add_argument("--from", dest="src", required=True, help="the backup folder")
     p.add_argument("--force", action="store_true",
@@ -519,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     roles = sub.add_parser("roles", help="roles granted to identities (added to [cxr_roles])")
     rosub = roles.add_subparsers(dest="roles_command", required=True)
     p = add("grant", cmd_roles_grant, "set an identity's granted roles (none: remove)", rosub)
-    p.add_argument("identity", help="an email, as the identity provider gives it")
+    p.add_argument("identity", help="an email (lowercased), or issuer|subject as the identity "
+                   "provider gives it (case kept)")
     p.add_argument("roles", nargs="*", choices=("viewer", "reviewer", "scientist", "admin",
                                                 "adjudicator"))
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")

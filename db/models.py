@@ -117,10 +117,8 @@ class Run(Base):
     label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
     summary_json: Mapped[str | None] = mapped_column(Text)  # final val metrics etc.
     created_by: Mapped[str | None] = mapped_column(String(200), index=True)  # who queued it
-    # The label audit this run is a fold of (its parent, migration 0014): NULL for a run of its
-    # own. Per-user caps count an audit's fold runs once.
-    label_audit_id: Mapped[int | None] = mapped_column(
-        ForeignKey("label_audits.id", ondelete="SET NULL"), index=True)
+    # What it belongs to ("audit:7", "study:3"): per-user caps count a parent once (0013).
+    parent: Mapped[str | None] = mapped_column(String(100), index=True)
 
 
 class Job(Base):
@@ -146,6 +144,8 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Who submitted it through cxr_core.auth.gate (NULL: the app itself, or before 0009).
     created_by: Mapped[str | None] = mapped_column(String(200))
+    # What it belongs to ("audit:7", "study:3"): per-user caps count a parent once (0013).
+    parent: Mapped[str | None] = mapped_column(String(100), index=True)
 
 
 class Worker(Base):
@@ -348,7 +348,7 @@ class ReviewSetting(Base):
 
 class LabelAudit(Base):
     """A label audit (migration 0014): K patient-grouped folds trained as ordinary runs
-    (``runs.label_audit_id``), every image's out-of-fold probabilities in
+    (``runs.parent`` "audit:ID"), every image's out-of-fold probabilities in
     ``label_audit_images`` with the label it was given, then confident learning over them."""
 
     __tablename__ = "label_audits"

@@ -29,6 +29,7 @@ EXPECTED = {
     "evaluate": {S, A}, "set_operating_point": {S, A}, "site_calibration": {S, A},
     "save_preset": {S, A}, "overwrite_any_preset": {A}, "export_relabels": {S, A},
     "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A}, "backup": {A},
+    "cleanup": {A},
     "label_audit": {S, A}, "review_settings": {S, A}, "adjudicate": {ADJ, A},
 }
 
@@ -263,3 +264,22 @@ def test_audit_log_pages_newest_first(db):
     page = admin.audit_log(db, as_role(A), limit=2, before_id=first[-1].id)
     assert [e.id for e in first] == sorted([e.id for e in first], reverse=True)
     assert all(e.id < first[-1].id for e in page) and len(page) == 2
+
+
+def test_a_grant_to_an_issuer_subject_keeps_its_case_and_reaches_its_owner(db):
+    """Issue 26 item 8: ``iss|sub`` identities are case-sensitive; a grant that lowercased one
+    locked its owner out (emails are still lowercased)."""
+    user = {"iss": "https://idp.h.org", "sub": "AbC-123", "email": "Dr.Lee@H.org",
+            "email_verified": False}  # unverified: the identity is issuer|subject
+    assert policy.identity_of(user) == "https://idp.h.org|AbC-123"
+    admin.grant_roles(db, as_role(A, "lead@h.org"), " https://idp.h.org|AbC-123 ",
+                      ["scientist"])
+    admin.grant_roles(db, as_role(A, "lead@h.org"), "Dr.Lee@H.org", ["reviewer"])
+    grants = {g.identity: g.roles for g in admin.role_grants(db, as_role(A))}
+    assert grants == {"https://idp.h.org|AbC-123": ("scientist",), "dr.lee@h.org": ("reviewer",)}
+    p = actions.effective_principal(db, user, {"admin": ["lead@h.org"]})
+    assert (p.identity, p.top_role) == ("https://idp.h.org|AbC-123", S)
+    other = actions.effective_principal(db, {**user, "sub": "abc-123"}, {"admin": ["x@h.org"]})
+    assert other.roles == frozenset()  # another subject: no role
+    assert [policy.normalize_identity(x) for x in (" A@B.org ", "iss|SuB", "cli:Ops", "local")] \
+        == ["a@b.org", "iss|SuB", "cli:Ops", "local"]

@@ -45,6 +45,11 @@ def area(tmp_path) -> dict[str, Path]:
     ({"CXR_DATA_ROOTS": " {a} {sep}{sep}", "CXR_AUTH_MODE": "oidc", "CXR_DATA_DIR": "{b}"},
      ("{a}",)),  # explicit roots win over the data dirs; blanks ignored
     ({"CXR_DATA_DIR": "{a}"}, None),  # local mode ignores the data dirs
+    # A shared database (issue 26 item 7): every worker and CLI restricts, sign-in or not.
+    ({"CXR_DB_URL": "postgresql+psycopg2://cxr@db.h.org/cxr"}, ()),
+    ({"CXR_DB_URL": "postgresql+psycopg2://cxr@db.h.org/cxr", "CXR_DATA_DIR": "{a}"},
+     ("{a}",)),
+    ({"CXR_DB_URL": "sqlite:///{a}/cxr.db"}, None),  # a local SQLite file is not shared
 ])
 def test_allowed_roots_from_the_environment(cxr_home, monkeypatch, tmp_path, env, expected):
     a, b = tmp_path / "a", tmp_path / "b"
@@ -185,3 +190,39 @@ def test_make_config_refuses_weights_outside_the_roots(db, monkeypatch, area):
         make_config(db, {"dataset": "ds", "model": "custom5_224", "weights": str(weights)})
     with pytest.raises(PathNotAllowed, match="dataset folder"):  # a path not indexed yet
         make_config(db, {"dataset": str(area["outside"])})
+
+
+# -- A shared database: workers and the CLI enforce the roots (issue 26 item 7) ---------------
+
+SHARED = "postgresql+psycopg2://cxr@db.example.org/cxr"
+
+
+def test_a_worker_on_a_shared_database_refuses_a_job_outside_the_roots(db, monkeypatch, area):
+    """A job queued by anyone on the shared database (here written directly, as a remote
+    submitter would) is checked again where it runs: the worker's own data roots."""
+    from cxr_core import app
+    from cxr_core.jobs import queue
+
+    monkeypatch.setenv("CXR_DB_URL", SHARED)  # what the worker's host is configured with
+    monkeypatch.setenv("CXR_DATA_DIR", str(area["ds"]))
+    monkeypatch.setenv("CXR_PATIENT_SALT", "shared-salt")
+    bad = queue.submit(db, "index", {"path": str(area["outside"]), "name": "private"},
+                       start_worker=False)
+    good = queue.submit(db, "index", {"path": str(area["ds"]), "name": "ok"},
+                        start_worker=False)
+    done = {j: queue.run_job(db, j, app.job_handlers()) for j in (bad, good)}
+    assert done[bad].status == "failed"
+    assert "outside the allowed data roots" in done[bad].error
+    assert "the database is shared" not in done[bad].error  # a data dir is set: it is named
+    assert done[good].status == "finished" and done[good].result["images"] == 4
+
+
+def test_the_cli_on_a_shared_database_refuses_a_path_outside_the_roots(cxr_home, monkeypatch,
+                                                                        area, capsys):
+    from cxr_core.cli import main
+
+    monkeypatch.setenv("CXR_DB_URL", SHARED)  # never reached: the path is refused first
+    code = main(["index", str(area["outside"]), "--json"])
+    err = capsys.readouterr().err
+    assert code == 2 and "outside the allowed data roots" in err
+    assert "the database is shared and neither CXR_DATA_ROOTS nor CXR_DATA_DIR is set" in err

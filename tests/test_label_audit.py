@@ -102,7 +102,7 @@ def test_an_audit_queues_k_ordinary_runs_with_the_audit_as_their_parent(db, monk
     assert (audit.status, audit.folds, audit.labels, audit.label_scheme, audit.label_source) == \
         ("running", 3, ("NORMAL", "PNEUMONIA"), "binary", "current")
     assert [r.status for r in runs] == ["queued"] * 3
-    assert [r.label_audit_id for r in runs] == [audit_id] * 3
+    assert [r.parent for r in runs] == [f"audit:{audit_id}"] * 3
     assert [r.config["holdout"] for r in runs] == [
         {"audit": audit_id, "fold": k, "folds": 3} for k in range(3)]
     assert all(r.created_by == "ds@h.org" for r in runs)

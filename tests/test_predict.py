@@ -463,3 +463,63 @@ def test_export_default_can_ship_a_site_threshold_and_rescores_the_card_at_it(cx
     readme = (out / "README.md").read_text()
     assert "at a new site: site" in readme and "The stress test did not predict" in readme
     assert "only cross-fitted figures are reported" in readme
+
+
+# -- Per-request upload caps and the sandboxed decode of uploads (issue 26 item 2) ------------
+
+@pytest.mark.parametrize("env, n, size, match", [
+    ({"CXR_MAX_UPLOAD_FILES": "3"}, 4, 10, r"files per upload is limited to 3. Received: 4 "
+     r"files. Upload fewer files at once \(an administrator can change the limit with "
+     r"CXR_MAX_UPLOAD_FILES"),
+    ({"CXR_MAX_UPLOAD_MB": "1"}, 3, 400_000, r"an upload's total size \(MB\) is limited to 1. "
+     r"Received: 1.1 MB"),
+    ({}, 21, 10, "files per upload is limited to 20"),  # the default
+])
+def test_upload_request_over_a_cap_is_refused_before_any_decode(loaded, monkeypatch, env, n,
+                                                                size, match):
+    from cxr_core.core.errors import QuotaExceeded
+
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    items = [P.ImageInput(f"f{i}.png", data=bytes(size)) for i in range(n)]
+    with pytest.raises(QuotaExceeded, match=match):
+        P.check_upload_request([len(i.data) for i in items])
+    with pytest.raises(QuotaExceeded, match=match):
+        P.predict_batch(loaded, items)
+
+
+def test_uploads_within_the_caps_decode_in_a_child_with_their_picture(loaded, monkeypatch):
+    monkeypatch.setenv("CXR_MAX_UPLOAD_FILES", "2")
+    items = [P.ImageInput("a.png", data=_png(np.full((40, 60), 90, np.uint8))),
+             P.ImageInput("b.dcm", data=dicom_bytes(np.full((48, 48), 2000, np.uint16)))]
+    result = P.predict_batch(loaded, items)
+    assert result.errors == () and [p.dicom for p in result.predictions] == [False, True]
+    a, b = result.predictions
+    assert a.display.shape == (40, 60) and b.display.shape == (48, 48)  # decoded with them
+    assert np.array_equal(E.display_pixels(a), a.display)
+    assert np.array_equal(E.display_pixels(a.source), a.display)  # same picture, re-decoded
+
+
+def test_review_shows_a_stored_upload_decoded_in_its_sandbox(cxr_home, monkeypatch):
+    """An upload sent to review is a client's file: Review decodes it in a child process too."""
+    from cxr_core.data import sandbox
+    from cxr_core.review import view
+
+    calls = []
+    real = sandbox.load_upload
+    monkeypatch.setattr(sandbox, "load_upload",
+                        lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+    sha = U.store_upload(P.ImageInput("film.png", data=_png(np.full((30, 50), 7, np.uint8))))
+    pixels = view.view_pixels(U.upload_path(sha))
+    assert pixels.shape == (30, 50) and calls == [f"{sha}.png"]
+
+
+def test_indexed_array_images_are_not_uploads(loaded, monkeypatch):
+    """PNG bytes made from an indexed .npz are the server's data: not capped as uploads and
+    decoded here."""
+    monkeypatch.setenv("CXR_MAX_UPLOAD_FILES", "1")
+    items = [P.ImageInput(f"npz:train:{i}", data=_png(np.full((28, 28), 40 * i, np.uint8)),
+                          image_id=i + 1) for i in range(3)]
+    assert not any(i.is_upload for i in items)
+    result = P.predict_batch(loaded, items)
+    assert len(result.predictions) == 3 and all(p.display is None for p in result.predictions)

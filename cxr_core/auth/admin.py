@@ -14,10 +14,12 @@ from cxr_core.storage import audit as store
 
 
 def grant_roles(db: Database, p: Principal, identity: str, roles: Sequence[str]) -> None:
-    """An admin sets the roles granted to ``identity`` (added to the configured ones)."""
-    identity = (identity or "").strip().lower()
+    """An admin sets the roles granted to ``identity`` (added to the configured ones): an email
+    is stored lowercased, an ``issuer|subject`` exactly (:func:`policy.normalize_identity`)."""
+    identity = policy.normalize_identity(identity)
     if not identity:
-        raise ConfigError("a grant needs an identity (an email). Received: ''")
+        raise ConfigError("a grant needs an identity (an email or issuer|subject). "
+                          "Received: ''")
     bad = sorted(set(roles) - set(policy.KNOWN_ROLES))
     if bad:
         raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(policy.KNOWN_ROLES)}")

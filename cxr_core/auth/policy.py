@@ -80,6 +80,7 @@ POLICY: dict[str, frozenset[str]] = {
     "manage_roles": frozenset({_A}),
     "view_audit": frozenset({_A}),
     "backup": frozenset({_A}),  # back up or restore everything (the CLI, on the server)
+    "cleanup": frozenset({_A}),  # delete expired uploads nothing refers to, and old exports
     "label_audit": frozenset({_S, _A}),  # K fold runs + confident learning (training/label_audit)
     "review_settings": frozenset({_S, _A}),  # a dataset's reading mode: blind, reads per image
     "adjudicate": frozenset({_ADJ, _A}),  # settle conflicting reads (admin implies it)
@@ -253,6 +254,16 @@ def check_roles_config(config: Mapping[str, Any] | None) -> None:
 def _verified(user: Mapping[str, Any]) -> bool:
     flag = user.get("email_verified")
     return flag is True or str(flag).strip().lower() == "true"
+
+
+def normalize_identity(identity: str) -> str:
+    """An identity as records and grants store it: an email lowercased, an ``issuer|subject``
+    (or a ``cli:`` / local identity) exactly as given, only trimmed: subjects are
+    case-sensitive, and lowercasing one would lock its owner out of the roles granted to it."""
+    text = (identity or "").strip()
+    if "|" in text or text.startswith("cli:") or "@" not in text:
+        return text
+    return text.lower()
 
 
 def identity_of(user: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> str:

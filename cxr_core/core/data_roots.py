@@ -6,8 +6,12 @@ images hashed and served back as thumbnails. The roots come from the environment
 ``CXR_DATA_ROOTS``  folders (os.pathsep-separated) that datasets and weights files may lie
                     under; when set it wins in every mode.
 otherwise, with sign-in on (``CXR_AUTH_MODE=oidc``, set by the app when ``[auth]`` is
-configured): the paths in ``CXR_DATA_DIR`` and nothing else;
-otherwise (single-user local mode): no restriction (``None``).
+configured) or when the database is shared (``CXR_DB_URL`` is not a local SQLite file: every
+worker and CLI on every host then reads what any signed-in user queued, issue 26 item 7):
+the paths in ``CXR_DATA_DIR`` and nothing else;
+otherwise (single-user local mode on a local SQLite file): no restriction (``None``).
+
+The repository's own ``demo/`` folder is always allowed when roots are restricted.
 
 Every check resolves the real path (``os.path.realpath``), so a symlink inside a root that
 points out of it is refused like the path it points to.
@@ -21,7 +25,7 @@ from pathlib import Path
 from cxr_core.core.errors import PathNotAllowed
 
 __all__ = ["allowed_roots", "check_path", "check_weights", "describe", "is_within",
-           "weights_roots"]
+           "shared_database", "weights_roots"]
 
 UNSET = object()  # check_path(roots=...) default: read the environment
 
@@ -38,16 +42,24 @@ def allowed_roots() -> tuple[Path, ...] | None:
     """The configured data roots (real paths), or None when any path is allowed.
 
     Returns:
-        ``CXR_DATA_ROOTS`` when set; else, with sign-in on, the ``CXR_DATA_DIR`` paths (possibly
-        none); else None (local mode, unrestricted). Restricted roots always include the
-        repository's own ``demo/`` folder.
+        ``CXR_DATA_ROOTS`` when set; else, with sign-in on or a shared database, the
+        ``CXR_DATA_DIR`` paths (possibly none); else None (local mode, unrestricted).
+        Restricted roots always include the repository's own ``demo/`` folder.
     """
     raw = os.environ.get("CXR_DATA_ROOTS", "")
     if raw.strip():
         return _paths(raw) + (_real(DEMO_DIR),)
-    if os.environ.get("CXR_AUTH_MODE", "").strip().lower() == "oidc":
+    if os.environ.get("CXR_AUTH_MODE", "").strip().lower() == "oidc" or shared_database():
         return _paths(os.environ.get("CXR_DATA_DIR", "")) + (_real(DEMO_DIR),)
     return None
+
+
+def shared_database() -> bool:
+    """Whether ``CXR_DB_URL`` names a database other than a local SQLite file (PostgreSQL,
+    ...): jobs in it may come from any signed-in user on any host, so workers and the CLI
+    restrict the data roots even without sign-in configured here."""
+    url = os.environ.get("CXR_DB_URL", "").strip()
+    return bool(url) and not url.startswith("sqlite")
 
 
 def _real(path: Path) -> Path:
@@ -65,10 +77,12 @@ def describe(roots: Sequence[Path] | None) -> str:
     """The roots as a person reads them (the add-dataset form, error messages)."""
     if roots is None:
         return "any folder (local mode: no data roots configured)"
+    why = "the database is shared" if shared_database() and os.environ.get(
+        "CXR_AUTH_MODE", "").strip().lower() != "oidc" else "sign-in is on"
     if not roots:
-        return ("no folder (sign-in is on and neither CXR_DATA_ROOTS nor CXR_DATA_DIR is set)")
+        return (f"no folder ({why} and neither CXR_DATA_ROOTS nor CXR_DATA_DIR is set)")
     if list(roots) == [_real(DEMO_DIR)]:
-        return (f"only the embedded demo films ({DEMO_DIR}): sign-in is on and neither "
+        return (f"only the embedded demo films ({DEMO_DIR}): {why} and neither "
                 "CXR_DATA_ROOTS nor CXR_DATA_DIR is set")
     return ", ".join(str(r) for r in roots)
 

@@ -10,9 +10,27 @@ CXR_MAX_TRAIN_IMAGES          most images one run may train on (default 0: no li
 CXR_MAX_QUEUED_VIEW_JOBS      queued + running view jobs (split preview, balance tables,
                               agreement, intervals, site-threshold candidate) one identity
                               may have (default 4)
+CXR_MAX_QUEUED_JOBS_PER_USER  queued + running jobs of ONE kind (index, evaluate, ensemble,
+                              export, cleanup, any kind added later) one identity may have
+                              (default 4; view jobs have their own cap above)
+CXR_MAX_UPLOAD_FILES          files one Predict request may upload (default 20)
+CXR_MAX_UPLOAD_MB             bytes one Predict request may upload, all files together
+                              (default 200)
+CXR_MAX_DECODE_MB             memory one image decode may need, estimated from its header
+                              (rows x columns x samples x bits) before any pixel is decoded
+                              (default 512); an upload's decoding process is limited to this
+                              plus the interpreter's own footprint
 
 A value of 0 turns that limit off. :func:`cxr_core.training.actions.start_run` applies the run limits,
-:func:`cxr_core.jobs.actions.submit_job` the view-job cap.
+:func:`cxr_core.jobs.actions.submit_job` the job caps, :func:`cxr_core.predict.inference.predict_batch`
+the upload caps, :mod:`cxr_core.data.images` the decode budget.
+
+**Parents count once.** A run or job may name a ``parent`` (``"audit:7"``, ``"study:3"``,
+``"job:12"``): the folds of an audit, the trials of a search. The parent is admitted once (its own
+action checks the cap for it as one more unit); its children are never refused by the cap (they
+wait in the queue), and a user's open rows count as one unit per distinct parent plus one per
+row without a parent (:func:`cxr_core.storage.jobs.count_open_units`,
+:func:`cxr_core.storage.audit.count_active_runs`).
 """
 from __future__ import annotations
 
@@ -22,12 +40,15 @@ from typing import Any
 
 from cxr_core.core.errors import ConfigError, QuotaExceeded
 
-__all__ = ["ENV", "Limits", "check_active", "check_run", "check_view_jobs"]
+__all__ = ["ENV", "Limits", "check_active", "check_jobs", "check_run", "check_uploads",
+           "check_view_jobs"]
 
 # field -> environment variable
 ENV = {"max_active_runs": "CXR_MAX_ACTIVE_RUNS_PER_USER", "max_image_size": "CXR_MAX_IMAGE_SIZE",
        "max_epochs": "CXR_MAX_EPOCHS", "max_train_images": "CXR_MAX_TRAIN_IMAGES",
-       "max_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS"}
+       "max_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS", "max_jobs": "CXR_MAX_QUEUED_JOBS_PER_USER",
+       "max_upload_files": "CXR_MAX_UPLOAD_FILES", "max_upload_mb": "CXR_MAX_UPLOAD_MB",
+       "max_decode_mb": "CXR_MAX_DECODE_MB"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,15 @@ class Limits:
     max_epochs: int = 200  # TrainConfig.epochs (the frozen stage counts in it)
     max_train_images: int = 0  # images a run trains on (max_images, or its whole dataset's)
     max_view_jobs: int = 4  # queued + running view jobs of one identity
+    max_jobs: int = 4  # queued + running jobs of one kind of one identity (parents count once)
+    max_upload_files: int = 20  # files in one Predict request
+    max_upload_mb: int = 200  # bytes of one Predict request, all its files
+    max_decode_mb: int = 512  # memory one image decode may need (header estimate)
+
+    @property
+    def decode_budget(self) -> int | None:
+        """The decode budget in bytes (None: no limit)."""
+        return self.max_decode_mb * 2**20 if self.max_decode_mb else None
 
     def __post_init__(self) -> None:
         for name in ENV:
@@ -138,3 +168,33 @@ def check_view_jobs(n_open: int, limits: Limits, identity: str) -> None:
     _check_open(n_open, limits.max_view_jobs, identity,
                 "view job(s) (previews, tables, intervals)", ENV["max_view_jobs"],
                 "Wait for them to finish and reload")
+
+
+def check_jobs(n_open: int, limits: Limits, identity: str, kind: str) -> None:
+    """Refuse one more job of ``kind`` when ``identity`` already has the most queued + running
+    ones (``n_open`` without the new one; one unit per parent).
+
+    Raises:
+        QuotaExceeded: the cap is reached.
+    """
+    _check_open(n_open, limits.max_jobs, identity, f"{kind!r} job(s)", ENV["max_jobs"],
+                "Wait for one to finish")
+
+
+def check_uploads(sizes: list[int], limits: Limits) -> None:
+    """Refuse one upload request (Predict) over the per-request caps, before any file is read.
+
+    Args:
+        sizes: each uploaded file's size in bytes.
+        limits: the limits in force.
+
+    Raises:
+        QuotaExceeded: too many files, or too many bytes in all.
+    """
+    if limits.max_upload_files and len(sizes) > limits.max_upload_files:
+        raise _over("files per upload", f"{len(sizes)} files", limits.max_upload_files,
+                    ENV["max_upload_files"], "Upload fewer files at once")
+    total = sum(sizes)
+    if limits.max_upload_mb and total > limits.max_upload_mb * 2**20:
+        raise _over("an upload's total size (MB)", f"{total / 2**20:.1f} MB",
+                    limits.max_upload_mb, ENV["max_upload_mb"], "Upload fewer or smaller files")

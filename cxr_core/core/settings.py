@@ -69,7 +69,15 @@ SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA
                "max_active_runs_per_user": "CXR_MAX_ACTIVE_RUNS_PER_USER",
                "max_image_size": "CXR_MAX_IMAGE_SIZE", "max_epochs": "CXR_MAX_EPOCHS",
                "max_train_images": "CXR_MAX_TRAIN_IMAGES",
-               "max_queued_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS"}
+               "max_queued_view_jobs": "CXR_MAX_QUEUED_VIEW_JOBS",
+               # job caps, upload caps and the decode budget (cxr_core.core.limits; issue 26)
+               "max_queued_jobs_per_user": "CXR_MAX_QUEUED_JOBS_PER_USER",
+               "max_upload_files": "CXR_MAX_UPLOAD_FILES", "max_upload_mb": "CXR_MAX_UPLOAD_MB",
+               "max_decode_mb": "CXR_MAX_DECODE_MB",
+               # retention of review uploads and exports (cxr_core.review.retention)
+               "retention_days": "CXR_RETENTION_DAYS",
+               "retention_days_uploads": "CXR_RETENTION_DAYS_UPLOADS",
+               "retention_days_exports": "CXR_RETENTION_DAYS_EXPORTS"}
 WORKER_MODES = ("auto", "off")
 
 

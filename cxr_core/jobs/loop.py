@@ -26,6 +26,7 @@ from cxr_core.storage import runs as store
 
 HEARTBEAT_S = 5.0
 POLL_S = 2.0
+SCHEDULE_CHECK_S = 600.0  # how often a worker looks whether a periodic job is due
 
 
 class Heartbeat:
@@ -91,7 +92,8 @@ RunOne = Callable[[Database, int], Any]  # (db, claimed run id) -> outcome with 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
                handlers: Mapping[str, Handler], run_one: RunOne | None,
                db: Database | None = None, poll_s: float = POLL_S,
-               stale_after_s: float = STALE_AFTER_S, kinds: str = "all") -> dict:
+               stale_after_s: float = STALE_AFTER_S, kinds: str = "all",
+               scheduled: Mapping[str, float] | None = None) -> dict:
     """Claim and do queued jobs and train queued runs until stopped (jobs first: short).
 
     The loop knows no domain: the composition root (:func:`cxr_core.app.run_worker`) passes
@@ -107,6 +109,10 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
         poll_s: seconds between queue checks while idle.
         stale_after_s: heartbeat age after which another worker's run is reaped.
         kinds: "all", "runs" (training only) or "jobs" (jobs only).
+        scheduled: job kind -> seconds: periodic system jobs this worker queues when due
+            (:func:`cxr_core.jobs.queue.submit_if_due`; checked when it starts and then at
+            most every :data:`SCHEDULE_CHECK_S`), e.g. the daily ``cleanup``. Not by a
+            runs-only worker, nor with ``once`` (a one-shot drain of the queue).
 
     Returns:
         ``{"worker_id", "pid", "runs": [outcome...], "jobs": [id...], "status": "finished"}``.
@@ -125,8 +131,13 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
     restore = _sigterm_to_exit()
     outcomes = []
     idle_since = time.monotonic()
+    next_check = 0.0
     try:
         while True:
+            if scheduled and kinds != "runs" and not once and time.monotonic() >= next_check:
+                for kind, every_s in scheduled.items():
+                    queue.submit_if_due(db, kind, every_s)
+                next_check = time.monotonic() + SCHEDULE_CHECK_S
             reap_dead_runs(db, stale_after_s)
             if kinds != "runs":
                 db.write(lambda s: job_store.reap_dead_jobs(session=s,

@@ -10,7 +10,7 @@ to :func:`run_job` and the worker loop, so the queue imports no domain.
 
 Kinds and their handlers: ``index``, ``split_preview``, ``balance_tables``
 (:mod:`cxr_core.data.handlers`); ``evaluate``, ``compare_ci``, ``site_calibration``
-(:mod:`cxr_core.evaluation.handlers`); ``agreement``, ``export_relabels``
+(:mod:`cxr_core.evaluation.handlers`); ``agreement``, ``export_relabels``, ``cleanup``
 (:mod:`cxr_core.review.handlers`); ``create_ensemble`` (:mod:`cxr_core.models.handlers`);
 ``demo`` (:mod:`cxr_core.app`: it spans data and evaluation).
 """
@@ -26,6 +26,7 @@ from cxr_core.jobs import launcher
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import jobs as store
 from cxr_core.storage.jobs import JobRecord
+from cxr_core.storage.runs import db_now
 
 Progress = Callable[[int, int], None]  # (done, total)
 Handler = Callable[[Database, int, Mapping[str, Any], Progress], dict]  # (db, job id, params, progress) -> result
@@ -47,16 +48,18 @@ KINDS: dict[str, str] = {
     "site_calibration": "compute_view",
     "create_ensemble": "set_operating_point",
     "demo": "index_dataset",  # queued by the app itself on a first launch (cxr_core.app)
+    "cleanup": "cleanup",  # retention of uploads and exports; queued by workers once a day
 }
 VIEW_KINDS = tuple(k for k, a in KINDS.items() if a == "compute_view")
 
 
 def submit(db: Database, kind: str, params: Mapping[str, Any], *,
            start_worker: bool = True, created_by: str | None = None,
-           and_then: AndThen | None = None) -> int:
+           and_then: AndThen | None = None, parent: str | None = None) -> int:
     """Queue a job and make sure a worker will take it; returns the job id.
 
-    ``created_by`` is stored with it (who asked). ``and_then(session, job_id)`` runs in the
+    ``created_by`` is stored with it (who asked), and ``parent`` (what it belongs to, e.g.
+    ``"audit:7"``: per-user caps count a parent's jobs once, :mod:`cxr_core.core.limits`). ``and_then(session, job_id)`` runs in the
     job row's transaction (an audit row, a quota check that may refuse it); the worker is
     started only once both are committed.
 
@@ -69,10 +72,25 @@ def submit(db: Database, kind: str, params: Mapping[str, Any], *,
     if kind not in KINDS:
         raise ConfigError(f"job kind must be one of {sorted(KINDS)}. Received: kind={kind!r}")
     job_id = db.write(lambda s: store.create_job(session=s, kind=kind, params=params,
-                                                 created_by=created_by), and_then=and_then)
+                                                 created_by=created_by, parent=parent),
+                      and_then=and_then)
     if start_worker:
         launcher.ensure_worker(db, kinds="jobs")
     return job_id
+
+
+def submit_if_due(db: Database, kind: str, every_s: float, *,
+                  start_worker: bool = False) -> int | None:
+    """Queue a periodic system job (no submitter, empty params) unless one of ``kind`` was
+    queued in the last ``every_s`` seconds (by the database's clock, so every host agrees);
+    returns the job id or None. Workers call it for the kinds the composition root schedules.
+    """
+    with db.session() as s:
+        last = store.latest_created(session=s, kind=kind)
+        now = db_now(s)
+    if last is not None and (now - last).total_seconds() < every_s:
+        return None
+    return submit_once(db, kind, {}, start_worker=start_worker)
 
 
 def get_job(db: Database, job_id: int) -> JobRecord | None:
@@ -88,7 +106,7 @@ def recent_jobs(db: Database, kind: str, *, limit: int = 10) -> list[JobRecord]:
 
 def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
                 start_worker: bool = True, created_by: str | None = None,
-                and_then: AndThen | None = None) -> int:
+                and_then: AndThen | None = None, parent: str | None = None) -> int:
     """:func:`submit`, unless a job of that kind with the same params is queued or running
     (two tabs asking to index one folder get one job); returns that job's id. ``and_then``
     runs only when a job is created (in its transaction)."""
@@ -100,7 +118,7 @@ def submit_once(db: Database, kind: str, params: Mapping[str, Any], *,
             launcher.ensure_worker(db, kinds="jobs")
         return open_jobs[0].id
     return submit(db, kind, params, start_worker=start_worker, created_by=created_by,
-                  and_then=and_then)
+                  and_then=and_then, parent=parent)
 
 
 def latest_job(db: Database, kind: str, params: Mapping[str, Any]) -> JobRecord | None:

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from cxr_core.core.errors import ConfigError, ModelError
+from cxr_core.core.model_refs import shipped_models
 from cxr_core.core.settings import get_settings
 from cxr_core.core.text_safe import md_escape
 from cxr_core.models import store as model_store
@@ -80,9 +81,11 @@ def normalise_members(members: Sequence[str]) -> tuple[str, ...]:
         run_id = parse_run_ref(ref)
         if is_ensemble_ref(ref):
             raise ModelError(f"an ensemble cannot be a member of an ensemble. Received: {ref!r}")
-        if run_id is None and ref != "default" and not ref.endswith(".keras"):
-            raise ModelError("an ensemble member is 'run:ID', an ID, 'default' or a .keras file. "
-                             f"Received: {ref!r}")
+        if run_id is None and ref != "default" and not ref.endswith(".keras") \
+                and not (ref in shipped_models() and (model_store.REPO / "models" / ref
+                                                      / model_store.DEFAULT_MODEL_NAME).is_file()):
+            raise ModelError("an ensemble member is 'run:ID', an ID, 'default' (or another "
+                             f"shipped model) or a .keras file. Received: {ref!r}")
         out.append(f"run:{run_id}" if run_id is not None else ref)
     if len(set(out)) != len(out):
         raise ModelError(f"ensemble members must be distinct. Received: {list(members)}")

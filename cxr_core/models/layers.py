@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 
 from cxr_core.core.errors import ModelError
+from cxr_core.models.h5safe import check_h5, check_keras_archive
 
 INPUT_NAME = "image"
 PRE_PREFIX = "pre_"
@@ -102,6 +103,10 @@ def load_model(path: str | os.PathLike[str], *, compile: bool = False) -> keras.
     if p.suffix == ".keras" and not zipfile.is_zipfile(p):  # Keras says "File not found"
         raise ModelError(f"{p}: not a Keras model file (a .keras file is a zip archive saved "
                          f"by model.save; an .h5 or other file renamed .keras is not one)")
+    if p.suffix == ".keras":  # its weights may not read other files nor declare too much
+        check_keras_archive(p)
+    elif p.suffix in (".h5", ".hdf5"):
+        check_h5(p)
     try:
         return keras.models.load_model(p, compile=compile, custom_objects=CUSTOM_OBJECTS)
     except Exception as exc:  # Keras raises many types (ValueError, OSError, TypeError, ...)

@@ -21,6 +21,7 @@ import numpy as np
 
 from cxr_core.core.errors import ConfigError, ModelError
 from cxr_core.core.labels import BINARY_CLASSES, THREE_CLASSES, scheme_of_classes
+from cxr_core.core.model_refs import REPO_MODELS, shipped_models
 from cxr_core.core.settings import get_settings
 from cxr_core.storage import Database, open_db
 from cxr_core.storage import evals as eval_store
@@ -128,7 +129,8 @@ def load_single(ref: str, *, db: Database | None = None,
     ensemble is :func:`cxr_core.models.refs.load_model_ref`'s).
 
     Args:
-        ref: "run:ID", "ID", "default" or a path to a ``.keras`` file.
+        ref: "run:ID", "ID", "default", another shipped model's name (``models/NAME/``) or a
+            path to a ``.keras`` file.
         db: the database, for a run's operating point (opened from the settings when None
             and the reference is a run).
         models_dir: folder of the default model (tests); the repo's ``models/default``.
@@ -154,6 +156,10 @@ def load_single(ref: str, *, db: Database | None = None,
             raise ModelError(f"no default model shipped yet: expected {path} (and "
                              f"{folder / CARD_NAME}); train one or pass a run id or .keras file")
         return _assemble("default", path, read_card(folder / CARD_NAME))
+    if ref in shipped_models() and (REPO_MODELS / ref / DEFAULT_MODEL_NAME).is_file():
+        # another single model shipped in the repository: models/NAME/
+        folder = REPO_MODELS / ref
+        return _assemble(ref, folder / DEFAULT_MODEL_NAME, read_card(folder / CARD_NAME))
     path = Path(ref).expanduser()
     if path.suffix != ".keras":
         raise ModelError("a model reference is 'run:ID', an ID, 'default', a .keras file or "
@@ -168,6 +174,8 @@ def model_file(ref: str | None, artifact_dir: str | None) -> Path | None:
     """The .keras file behind a model reference, if one exists on disk (the layout :func:`load_model_ref` reads)."""
     if ref == "default":
         path = DEFAULT_MODELS_DIR / DEFAULT_MODEL_NAME
+    elif ref and ref in shipped_models():
+        path = REPO_MODELS / ref / DEFAULT_MODEL_NAME
     elif ref and ref.startswith("run:"):
         path = Path(artifact_dir) / RUN_MODEL_NAME if artifact_dir else None
     else:

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from cxr_core.core.errors import ModelError
+from cxr_core.models.h5safe import check_h5
 from cxr_core.models.layers import head_layers, load_model
 from cxr_core.models.specs import TORCH_STD, WEIGHT_SUFFIXES, ModelConfig, ModelSpec, WeightsReport
 
@@ -120,6 +121,7 @@ def _load_imagenet_file(
     model: keras.Model, base: keras.Model, spec: ModelSpec, path: Path
 ) -> WeightsReport:
     """Loads a keras.applications no-top file the way keras.applications does (layer order)."""
+    check_h5(path)
     try:
         base.load_weights(str(path))
     except (ValueError, KeyError, OSError) as exc:
@@ -231,6 +233,7 @@ def _load_legacy_h5(model: keras.Model, p: Path, base: keras.Model | None) -> We
 
 
 def _load_keras3_weights(model: keras.Model, p: Path, base: keras.Model | None) -> WeightsReport:
+    check_h5(p)  # Keras reads every dataset through h5py: nothing outside the file
     total = len(_weighted(model.layers))
     # Taken first: a failed strict load has already assigned every layer that fitted.
     before = {layer.name: layer.get_weights() for layer in _weighted(model.layers)}
@@ -265,7 +268,12 @@ def _load_keras3_weights(model: keras.Model, p: Path, base: keras.Model | None) 
 
 
 def _read_legacy_h5(path: Path) -> list[tuple[str, list[np.ndarray]]]:
-    """``[(layer name, arrays)]`` in file order from a Keras 2-layout ``.h5`` (weights or model)."""
+    """``[(layer name, arrays)]`` in file order from a Keras 2-layout ``.h5`` (weights or model).
+
+    The file is checked first (:func:`cxr_core.models.h5safe.check_h5`): no external storage,
+    virtual dataset or link, declared sizes capped.
+    """
+    check_h5(path)
     try:
         with h5py.File(path, "r") as f:
             # A full-model .h5 (model.save) nests the weights under "model_weights".

@@ -29,13 +29,12 @@ from PIL import Image
 
 from cxr_core.core.errors import ModelError
 from cxr_core.data import images as image_io
+from cxr_core.data import sandbox
 from cxr_core.models import ensembles, hierarchy
 from cxr_core.models.refs import load_model_ref
 from cxr_core.models.store import LoadedModel, decide, model_file, predict_probs
-from cxr_core.predict.inference import ImageInput, Prediction, png_bytes
+from cxr_core.predict.inference import DISPLAY_SIZE, ImageInput, Prediction, png_bytes
 from cxr_core.predict.render import overlay, resize_maps
-
-DISPLAY_SIZE = 512  # longest side of the picture an overlay is drawn on
 # cxr_core.predict.saliency.METHODS with display names (kept here so importing this module, and the
 # pages, does not import keras before a model is needed).
 METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++",
@@ -202,12 +201,22 @@ def method_title(explainer: Any, method: str) -> str:
 
 # -- Pictures -------------------------------------------------------------------------------
 
-def display_pixels(item: ImageInput, max_side: int = DISPLAY_SIZE) -> np.ndarray:
+def display_pixels(item: ImageInput | Prediction, max_side: int = DISPLAY_SIZE) -> np.ndarray:
     """The image as uint8 (H, W) or (H, W, 3) at most ``max_side`` a side, aspect kept.
+
+    A prediction of an upload already holds it (decoded in its child process); another
+    upload is decoded in a child process (:func:`cxr_core.data.sandbox.load_upload`), a file on
+    disk here.
 
     Raises:
         ImageLoadError: the file cannot be read.
     """
+    if isinstance(item, Prediction):
+        if item.display is not None and max_side == DISPLAY_SIZE:
+            return item.display
+        item = item.source
+    if item.is_upload:
+        return sandbox.load_upload(item.read(), item.name, display_side=max_side).display
     img = image_io.load_image(item.read(), name=item.name, draft=max_side)
     img.thumbnail((max_side, max_side))
     return np.asarray(img)

@@ -7,7 +7,10 @@ The one predict path of the Predict page, ``python -m cxr_core predict`` and the
 
 Each file is decoded on its own: a bad file (not an image, empty, truncated, animated,
 a decompression bomb, DICOM without pixels, too many bytes) becomes a :class:`PredictError`
-with a one-line message and the rest of the batch still runs.
+with a one-line message and the rest of the batch still runs. Uploads (bytes a client sent)
+are decoded in a child process with a memory limit (:mod:`cxr_core.data.sandbox`), so one
+hostile file cannot take the web process down, and one request is capped in files and bytes
+(``CXR_MAX_UPLOAD_FILES``, ``CXR_MAX_UPLOAD_MB``: :func:`check_upload_request`).
 
 Models are loaded by reference with :func:`cxr_core.models.refs.load_model_ref` (the UI caches
 its result). Next to this module: :mod:`cxr_core.predict.explain` explains a prediction (saliency),
@@ -29,11 +32,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from cxr_core.core import limits
 from cxr_core.core.csv_safe import safe_cell
 from cxr_core.core.errors import ConfigError, ImageLoadError
 from cxr_core.core.settings import get_settings
 from cxr_core.core.text_safe import md_escape
 from cxr_core.data import images as image_io
+from cxr_core.data import sandbox
 from cxr_core.models import store as model_store
 from cxr_core.models.store import (
     NO_THRESHOLD,
@@ -45,6 +50,7 @@ from cxr_core.storage import Database
 
 # Same limit as .streamlit/config.toml's maxUploadSize (50 MB): also applied to CLI paths.
 MAX_UPLOAD_BYTES = 50 * 2**20
+DISPLAY_SIZE = 512  # longest side of the picture an overlay is drawn on (decoded with uploads)
 _Progress = Callable[[int, int], None]
 
 
@@ -71,6 +77,12 @@ class ImageInput:
             raise ConfigError("an ImageInput needs exactly one of data or path. "
                               f"Received: name={self.name!r}, data and path both "
                               f"{'set' if self.data is not None else 'missing'}")
+
+    @property
+    def is_upload(self) -> bool:
+        """Bytes a client sent (not a file on disk, nor an indexed image such as an ``.npz``
+        record): capped per request and decoded in a child process."""
+        return self.data is not None and self.image_id is None
 
     def read(self, max_bytes: int = MAX_UPLOAD_BYTES) -> bytes:
         """The file's bytes, refusing files over ``max_bytes`` before reading them.
@@ -133,6 +145,8 @@ class Prediction:
         pixels: (S, S, C) uint8: exactly what the model saw (an ensemble: its largest
             member).
         dicom: whether the file was DICOM.
+        display: an upload's picture (at most :data:`DISPLAY_SIZE` a side), decoded with it
+            in its child process; None for files on disk (decoded when shown).
     """
 
     index: int
@@ -143,6 +157,7 @@ class Prediction:
     sha256: str
     pixels: np.ndarray
     dicom: bool = False
+    display: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,23 @@ class BatchResult:
 
 # -- Predicting -----------------------------------------------------------------------------
 
+def check_upload_request(sizes: Sequence[int]) -> None:
+    """Refuse one upload request over the per-request caps (number of files, total bytes),
+    before any file is decoded: ``CXR_MAX_UPLOAD_FILES``, ``CXR_MAX_UPLOAD_MB``.
+
+    Raises:
+        QuotaExceeded: the message says the cap and what was received.
+    """
+    limits.check_uploads([int(n) for n in sizes], limits.Limits.from_env())
+
+
+def upload_decoder() -> sandbox.UploadDecoder:
+    """A child process that decodes uploads under the decode budget's memory limit (use it
+    as a context manager around one request)."""
+    budget = image_io.decode_budget()
+    return sandbox.UploadDecoder(memory_bytes=sandbox.decode_limit(budget), budget=budget)
+
+
 def decode(item: ImageInput, size: int, channels: int, *,
            max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[np.ndarray, str, bool]:
     """Read and decode one input to what a model of ``size`` and ``channels`` sees.
@@ -214,14 +246,28 @@ def decode(item: ImageInput, size: int, channels: int, *,
 
 
 def decode_views(item: ImageInput, specs: Sequence[tuple[int, int]], *,
-                 max_bytes: int = MAX_UPLOAD_BYTES) -> tuple[list[np.ndarray], str, bool]:
+                 max_bytes: int = MAX_UPLOAD_BYTES,
+                 decoder: sandbox.UploadDecoder | None = None,
+                 ) -> tuple[list[np.ndarray], str, bool]:
     """:func:`decode` for several (size, channels) views of one file, read once: each view
     decoded as that model alone would (an ensemble's members, :func:`model_store.input_specs`).
+    With ``decoder``, the decoding happens in its child process.
 
     Raises:
         ImageLoadError: with a one-line message naming the file and the problem.
     """
+    views, sha, dicom, _ = _decode(item, specs, max_bytes=max_bytes, decoder=decoder)
+    return views, sha, dicom
+
+
+def _decode(item: ImageInput, specs: Sequence[tuple[int, int]], *, max_bytes: int,
+            decoder: sandbox.UploadDecoder | None,
+            ) -> tuple[list[np.ndarray], str, bool, np.ndarray | None]:
     data = item.read(max_bytes)
+    sha = hashlib.sha256(data).hexdigest()
+    if decoder is not None:  # an upload: decoded in the child, with its picture
+        out = decoder.decode(data, name=item.name, specs=specs, display_side=DISPLAY_SIZE)
+        return list(out.views), sha, out.dicom, out.display
     try:
         views = [image_io.to_array(image_io.load_image(data, name=item.name, draft=size),
                                    size, channels) for size, channels in specs]
@@ -230,13 +276,17 @@ def decode_views(item: ImageInput, specs: Sequence[tuple[int, int]], *,
     except Exception as exc:  # a decoder bug on one hostile file must not end the batch
         raise ImageLoadError(f"{item.name}: cannot decode image ({type(exc).__name__}: {exc})") \
             from exc
-    return views, hashlib.sha256(data).hexdigest(), image_io.is_dicom(data)
+    return views, sha, image_io.is_dicom(data), None
 
 
 def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
                   max_bytes: int = MAX_UPLOAD_BYTES, batch_size: int = 32,
                   progress: _Progress | None = None) -> BatchResult:
     """Predict every readable input; each unreadable one becomes an error, the rest go on.
+
+    Uploads (inputs holding bytes) are checked against the per-request caps first, then
+    decoded in a child process with a memory limit (one for the batch, replaced if a file
+    ends it); files on disk are decoded here, within the decode budget.
 
     Args:
         loaded: from :func:`cxr_core.models.refs.load_model_ref` (carries the labels and the
@@ -250,26 +300,35 @@ def predict_batch(loaded: LoadedModel, items: Sequence[ImageInput], *,
         The predictions (decided at the model's stored operating point) and the errors. An
         ensemble's members each read their own decode of a file; the prediction keeps the
         largest member's pixels.
+
+    Raises:
+        QuotaExceeded: the uploads are over the per-request caps (nothing was decoded).
     """
     start = time.perf_counter()
+    uploads = [item for item in items if item.is_upload]
+    if uploads:
+        check_upload_request([len(item.data) for item in uploads])
     specs = model_store.input_specs(loaded)
     decoded, errors = [], []
-    for i, item in enumerate(items):
-        try:
-            decoded.append((i, item, *decode_views(item, specs, max_bytes=max_bytes)))
-        except ImageLoadError as exc:
-            errors.append(PredictError(i, item, str(exc)))
-        if progress is not None:
-            progress(i + 1, len(items))
+    with upload_decoder() as decoder:
+        for i, item in enumerate(items):
+            try:
+                decoded.append((i, item, *_decode(item, specs, max_bytes=max_bytes,
+                                                  decoder=decoder if item.is_upload
+                                                  else None)))
+            except ImageLoadError as exc:
+                errors.append(PredictError(i, item, str(exc)))
+            if progress is not None:
+                progress(i + 1, len(items))
     predictions: list[Prediction] = []
     if decoded:
         views = {spec: np.stack([d[2][k] for d in decoded]) for k, spec in enumerate(specs)}
         probs = model_store.predict_views(loaded, views, batch_size=batch_size)
-        for (i, item, pixels, sha, dicom), p, label in zip(decoded, probs,
-                                                           decide(loaded, probs)):
+        for (i, item, pixels, sha, dicom, shown), p, label in zip(decoded, probs,
+                                                                  decide(loaded, probs)):
             predictions.append(Prediction(
                 i, item, label, {k: float(v) for k, v in zip(loaded.labels, p)},
-                loaded.labels.index(label), sha, pixels[0], dicom))
+                loaded.labels.index(label), sha, pixels[0], dicom, shown))
     return BatchResult(loaded.ref, loaded.labels, loaded.threshold, loaded.threshold_source,
                        tuple(predictions), tuple(errors), time.perf_counter() - start)
 

@@ -4,6 +4,9 @@
   Cohen's kappa per reviewer pair and a page of conflicts (:func:`cxr_core.review.agreement.agreement`).
 - ``export_relabels``: params ``{"dataset_id"}`` (None: every dataset); writes the CSV of
   every relabel row under ``<artifacts>/exports/`` and returns ``{"path", "rows"}``.
+- ``cleanup``: params ``{"dry_run"}`` (optional); deletes uploads nothing refers to and exports
+  older than the retention (:mod:`cxr_core.review.retention`), returns its report. Workers
+  queue it once a day.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any
 from cxr_core.jobs.queue import Handler, Progress
 from cxr_core.review import agreement
 from cxr_core.review import export as review_export
+from cxr_core.review import retention
 from cxr_core.storage import Database, get_settings
 
 
@@ -35,4 +39,11 @@ def _agreement(db: Database, job_id: int, params: Mapping[str, Any],
     return out
 
 
-HANDLERS: dict[str, Handler] = {"export_relabels": _export_relabels, "agreement": _agreement}
+def _cleanup(db: Database, job_id: int, params: Mapping[str, Any], progress: Progress) -> dict:
+
+    return retention.cleanup(db, dry_run=bool(params.get("dry_run", False)),
+                             progress=progress).to_json()
+
+
+HANDLERS: dict[str, Handler] = {"export_relabels": _export_relabels, "agreement": _agreement,
+                                "cleanup": _cleanup}

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from cxr_core.core.errors import ConfigError
+from cxr_core.core.settings import get_settings
+from cxr_core.data import sandbox
 from cxr_core.data.images import load_image
 from cxr_core.predict.render import overlay
 from cxr_core.predict.uploads import upload_path
@@ -22,6 +24,7 @@ from cxr_core.storage import datasets as ds_store
 from cxr_core.storage import relabels as rel_store
 
 VIEW_SIZE = 1024  # decode full-resolution films at about this many pixels a side for viewing
+UPLOAD_VIEW_SIDE = 4 * VIEW_SIZE  # an upload is shown at most this large (decoded in a sandbox)
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,14 @@ def render_view(image: np.ndarray, *, level: float = 128.0, window: float = 256.
 def view_pixels(path: str | Path) -> np.ndarray:
     """The image to review as uint8 (H, W) or (H, W, 3), decoded at about 1024 px a side.
 
+    A stored upload (a file a client sent, under the uploads folder) is decoded in a child
+    process with a memory limit (:func:`cxr_core.data.sandbox.load_upload`), at most
+    :data:`UPLOAD_VIEW_SIDE` a side; a dataset's film here.
+
     Raises:
         ImageLoadError: the file cannot be read.
     """
+    p = Path(path)
+    if get_settings().uploads_dir.resolve() in p.resolve().parents:
+        return sandbox.load_upload(p.read_bytes(), p.name, display_side=UPLOAD_VIEW_SIDE).display
     return np.asarray(load_image(path, draft=VIEW_SIZE))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import distinct, func, select
 from sqlalchemy.orm import Session
 
 from cxr_core.storage.runs import as_utc
@@ -123,11 +123,12 @@ def relabel_owner(*, session: Session, relabel_id: int) -> str | None:
 
 
 def count_active_runs(*, session: Session, created_by: str) -> int:
-    """Queued or running runs queued by ``created_by`` (the per-user quota counts these); the
-    fold runs of one label audit (``runs.label_audit_id``, their parent) count once."""
-    active = and_(Run.created_by == created_by, Run.status.in_(("queued", "running")))
-    own = session.scalar(select(func.count()).select_from(Run).where(
-        active, Run.label_audit_id.is_(None))) or 0
-    audits = session.scalar(select(func.count(func.distinct(Run.label_audit_id))).where(
-        active, Run.label_audit_id.is_not(None))) or 0
-    return int(own) + int(audits)
+    """What the per-user run quota counts: ``created_by``'s queued or running runs, one per run
+    without a parent plus one per distinct parent (an audit's folds, a search's trials count
+    once)."""
+    active = (Run.created_by == created_by, Run.status.in_(("queued", "running")))
+    alone = session.scalar(select(func.count()).select_from(Run).where(
+        *active, Run.parent.is_(None))) or 0
+    parents = session.scalar(select(func.count(distinct(Run.parent))).where(
+        *active, Run.parent.is_not(None))) or 0
+    return int(alone) + int(parents)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import distinct, func, select, update
 from sqlalchemy.orm import Session
 
 from cxr_core.core.errors import ConfigError
@@ -35,13 +35,14 @@ class JobRecord:
     created_at: datetime
     finished_at: datetime | None
     created_by: str | None = None  # who submitted it (None: the app itself)
+    parent: str | None = None  # what it belongs to ("audit:7"): caps count a parent once
 
 
 def _record(row: Job) -> JobRecord:
     return JobRecord(row.id, row.kind, json.loads(row.params_json), row.status, row.done,
                      row.total, json.loads(row.result_json) if row.result_json else None,
                      row.error, row.worker_id, as_utc(row.created_at), as_utc(row.finished_at),
-                     row.created_by)
+                     row.created_by, row.parent)
 
 
 def params_key(params: Mapping[str, Any]) -> str:
@@ -60,9 +61,9 @@ def find_jobs(*, session: Session, kind: str, params: Mapping[str, Any],
 
 
 def create_job(*, session: Session, kind: str, params: Mapping[str, Any],
-               created_by: str | None = None) -> int:
+               created_by: str | None = None, parent: str | None = None) -> int:
     row = Job(kind=kind, params_json=params_key(params), status="queued", done=0, total=0,
-              created_at=db_now(session), created_by=created_by)
+              created_at=db_now(session), created_by=created_by, parent=parent)
     session.add(row)
     session.flush()
     return row.id
@@ -73,6 +74,24 @@ def count_open_jobs(*, session: Session, created_by: str, kinds: Sequence[str]) 
     return int(session.scalar(select(func.count()).select_from(Job).where(
         Job.created_by == created_by, Job.status.in_(("queued", "running")),
         Job.kind.in_(list(kinds)))) or 0)
+
+
+def count_open_units(*, session: Session, created_by: str, kinds: Sequence[str]) -> int:
+    """What the per-user job caps count: ``created_by``'s queued or running jobs of ``kinds``,
+    one per job without a parent plus one per distinct parent (the folds of one audit, the
+    trials of one search count once)."""
+    open_jobs = (Job.created_by == created_by, Job.status.in_(("queued", "running")),
+                 Job.kind.in_(list(kinds)))
+    alone = session.scalar(select(func.count()).select_from(Job).where(
+        *open_jobs, Job.parent.is_(None))) or 0
+    parents = session.scalar(select(func.count(distinct(Job.parent))).where(
+        *open_jobs, Job.parent.is_not(None))) or 0
+    return int(alone) + int(parents)
+
+
+def latest_created(*, session: Session, kind: str) -> datetime | None:
+    """When the newest job of ``kind`` was queued (None: never): periodic jobs' schedule."""
+    return as_utc(session.scalar(select(func.max(Job.created_at)).where(Job.kind == kind)))
 
 
 def get_job(*, session: Session, job_id: int) -> JobRecord | None:

@@ -1,5 +1,5 @@
-"""Label audits as stored records: the audit, its fold runs (``runs.label_audit_id``: the audit
-is their parent) and one row per image with its fold, the label it was given (the audit's
+"""Label audits as stored records: the audit, its fold runs (``runs.parent`` ``"audit:ID"``: the
+audit is their parent) and one row per image with its fold, the label it was given (the audit's
 label snapshot), its out-of-fold probabilities and, once the audit is done, its
 self-confidence and issue rank.
 
@@ -22,6 +22,11 @@ from cxr_core.storage.runs import as_utc
 from db.models import ImageRow, LabelAudit, LabelAuditImage, Run
 
 AUDIT_STATUSES = ("running", "finished", "failed")
+
+
+def parent_of(audit_id: int) -> str:
+    """The ``runs.parent`` an audit's fold runs carry (indexed; caps count a parent once)."""
+    return f"audit:{int(audit_id)}"
 
 
 @dataclass(frozen=True)
@@ -146,7 +151,7 @@ def list_audits(*, session: Session, dataset_id: int | None = None,
 def fold_runs(*, session: Session, audit_id: int) -> list[FoldRun]:
     """The audit's fold runs, by fold (the fold is in each run's config)."""
     rows = session.execute(select(Run.id, Run.config_json, Run.status, Run.epochs_done,
-                                  Run.error).where(Run.label_audit_id == audit_id)
+                                  Run.error).where(Run.parent == parent_of(audit_id))
                            .order_by(Run.id)).all()
     out = [FoldRun(rid, int(json.loads(cfg).get("holdout", {}).get("fold", -1)), status,
                    int(epochs or 0), error) for rid, cfg, status, epochs, error in rows]

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import String, case, cast, func, literal, select
 from sqlalchemy.orm import Session
 
 from cxr_core.core.errors import ConfigError
-from db.models import EvalPrediction, Evaluation, ImageRow, OperatingPoint, ReviewItem, Run
+from db.models import (EvalPrediction, Evaluation, ImageRow, OperatingPoint, Relabel, ReviewItem,
+                       Run)
 
 REVIEW_SOURCES = ("predict", "compare", "review")
 
@@ -160,3 +161,28 @@ def count_open_uploads(*, session: Session) -> int:
     """Open review items for uploads (shown in the review page's "sent" queue)."""
     return session.scalar(select(func.count()).select_from(ReviewItem).where(
         ReviewItem.image_id.is_(None), ReviewItem.done.is_(False))) or 0
+
+
+# -- Retention: what still needs an upload ----------------------------------------------------
+
+@dataclass(frozen=True)
+class UploadReferences:
+    """What refers to an upload (by content hash): retention keeps it while any does."""
+
+    open_items: int  # review items not resolved yet
+    relabels: int  # relabel rows (undo rows and undone ones too): a clinician's evidence
+    newest_item_at: datetime | None  # when it was last sent to review
+
+
+def upload_references(*, session: Session, upload_sha256: str) -> UploadReferences:
+    """The review items and relabel rows that name an upload (uses the indexes on
+    ``relabels.upload_sha256``; review items of uploads are few)."""
+    open_items = session.scalar(select(func.count()).select_from(ReviewItem).where(
+        ReviewItem.upload_sha256 == upload_sha256, ReviewItem.done.is_(False))) or 0
+    relabels = session.scalar(select(func.count()).select_from(Relabel).where(
+        Relabel.upload_sha256 == upload_sha256)) or 0
+    newest = session.scalar(select(func.max(ReviewItem.created_at)).where(
+        ReviewItem.upload_sha256 == upload_sha256))
+    if newest is not None and newest.tzinfo is None:  # SQLite keeps no zone: stored as UTC
+        newest = newest.replace(tzinfo=timezone.utc)
+    return UploadReferences(int(open_items), int(relabels), newest)

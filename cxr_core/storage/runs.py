@@ -73,7 +73,7 @@ class RunRecord:
     label_snapshot_relabel_id: int | None
     summary: dict | None  # final validation metrics and the like
     created_by: str | None = None  # the identity that queued it (None: before sign-in)
-    label_audit_id: int | None = None  # the label audit this run is a fold of (its parent)
+    parent: str | None = None  # what it belongs to ("audit:7"): caps count a parent once
 
     @property
     def display_name(self) -> str:
@@ -124,7 +124,7 @@ def _record(row: Run) -> RunRecord:
         bool(row.resume_requested), int(row.epochs_done or 0), row.artifact_dir, row.error,
         row.label_snapshot_hash, row.label_snapshot_relabel_id,
         json.loads(row.summary_json) if row.summary_json else None, row.created_by,
-        row.label_audit_id)
+        row.parent)
 
 
 def _worker(row: Worker) -> WorkerRecord:
@@ -136,9 +136,8 @@ def _worker(row: Worker) -> WorkerRecord:
 
 def create_run(*, session: Session, name: str, config: Mapping,
                worker_id: int | None = None, created_by: str | None = None,
-               label_audit_id: int | None = None) -> int:
-    """Insert a run; queued, or already claimed (running) by ``worker_id``; a fold of a label
-    audit names it (``label_audit_id``, the run's parent).
+               parent: str | None = None) -> int:
+    """Insert a run; queued, or already claimed (running) by ``worker_id``.
 
     Creating it claimed in the same statement is how the in-process CLI keeps a detached
     worker from taking the run between "queue" and "claim".
@@ -149,7 +148,7 @@ def create_run(*, session: Session, name: str, config: Mapping,
     now = db_now(session)  # a run created running is judged by heartbeat ages from now on
     row = Run(name=name or "", config_json=json.dumps(dict(config)), created_at=now,
               status="queued" if worker_id is None else "running", worker_id=worker_id,
-              created_by=created_by, label_audit_id=label_audit_id,
+              created_by=created_by, parent=parent,
               started_at=None if worker_id is None else now,
               heartbeat_at=None if worker_id is None else now)
     session.add(row)

@@ -20,8 +20,10 @@ from cxr_core.training import label_audit
 from cxr_core.training import service as training_service
 
 
-def _check_run_request(db: Database, p: Principal, cfg: Any) -> None:
-    """The role, the per-run limits and the user's active-run quota (a refusal is audited)."""
+def _check_run_request(db: Database, p: Principal, cfg: Any, parent: str | None = None) -> None:
+    """The role, the per-run limits and the user's active-run quota (a refusal is audited).
+    A run with a ``parent`` is not held to the quota: its parent was admitted once, and the
+    quota counts the parent's runs as one (:mod:`cxr_core.core.limits`)."""
 
     authorize(db, p, "train")
     lim = limits.Limits.from_env()
@@ -29,9 +31,10 @@ def _check_run_request(db: Database, p: Principal, cfg: Any) -> None:
         # The images it would really train on (a whole-dataset run is judged by them too).
         n = inputs.count_training_images(db, cfg) if lim.max_train_images else None
         limits.check_run(cfg, lim, n_images=n)
-        with db.session() as s:
-            limits.check_active(store.count_active_runs(session=s, created_by=p.identity),
-                                lim, p.identity)
+        if parent is None:
+            with db.session() as s:
+                limits.check_active(store.count_active_runs(session=s, created_by=p.identity),
+                                    lim, p.identity)
     except Exception as exc:
         record(db, p, "train", outcome="denied", detail={"why": str(exc)})
         raise
@@ -43,14 +46,17 @@ def _train_ok(p: Principal, cfg: Any, name: str | None, **extra: Any) -> AndThen
 
 
 def start_run(db: Database, p: Principal, cfg: Any, *, name: str | None = None,
-              start_worker: bool = True) -> tuple[int, int | None]:
+              start_worker: bool = True, parent: str | None = None) -> tuple[int, int | None]:
     """Check the role, the per-run limits and the user's active-run quota; queue the run (its
     row, owner and audit row in one transaction), then make sure a worker serves it: (run id,
-    local worker pid or None)."""
+    local worker pid or None). A run with a ``parent`` (``"audit:7"``, ``"study:3"``) waits in
+    the queue past the quota; the quota counts its parent once."""
 
-    _check_run_request(db, p, cfg)
+    _check_run_request(db, p, cfg, parent)
     run_id = training_service.queue_run(db, cfg, name=name, created_by=p.identity,
-                                        and_then=_train_ok(p, cfg, name))
+                                        and_then=_train_ok(p, cfg, name, parent=parent)
+                                        if parent else _train_ok(p, cfg, name),
+                                        parent=parent)
     pid = None
     if start_worker:  # after the commit: a worker never sees a run without its audit row
         pid = launcher.ensure_worker(db)

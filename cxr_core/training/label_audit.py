@@ -8,7 +8,7 @@ for cross-validated probabilities):
 1. :func:`start_audit` splits the dataset's labelled images into K class-stratified folds
    grouped by patient and by identical bytes (:func:`cxr_core.data.splits.grouped_folds`),
    stores them with the label each was given (the audit's label snapshot) and queues K
-   **ordinary training runs** (``runs.label_audit_id``: the audit is their parent), each
+   **ordinary training runs** (``runs.parent`` = ``"audit:ID"``: the per-user caps count an audit once), each
    holding one fold out (``TrainConfig.holdout``); any free worker takes any fold, and a fold
    that fails resumes from its checkpoint like any run.
 2. When a fold run finishes, the worker predicts its held-out fold (:func:`record_fold`) and
@@ -116,12 +116,17 @@ def start_audit(db: Database, cfg: TrainConfig, *, folds: int = DEFAULT_FOLDS, s
                                                                   "folds": folds}})
             run_ids.append(run_store.create_run(
                 session=s, name=f"audit {audit_id} fold {k + 1}/{folds}",
-                config=fold_cfg.to_dict(), created_by=created_by, label_audit_id=audit_id))
+                config=fold_cfg.to_dict(), created_by=created_by, parent=parent_of(audit_id)))
         return audit_id, run_ids
 
     audit_id, run_ids = db.write(write, and_then=(
         None if and_then is None else lambda s, out: and_then(s, out[0])))
     return audit_id, run_ids
+
+
+def parent_of(audit_id: int) -> str:
+    """The ``runs.parent`` of an audit's fold runs (the per-user caps count a parent once)."""
+    return store.parent_of(audit_id)
 
 
 def snapshot_relabel_id(db: Database, audit_id: int) -> int:

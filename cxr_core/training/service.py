@@ -143,12 +143,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def queue_run(db: Database, cfg: TrainConfig, *, name: str | None = None,
-              created_by: str | None = None, and_then: AndThen | None = None) -> int:
+              created_by: str | None = None, and_then: AndThen | None = None,
+              parent: str | None = None) -> int:
     """Write a queued run (a worker will claim it); returns its id. Pages and the CLI go
     through :func:`cxr_core.training.actions.start_run` (role, limits, quota, audit: ``and_then``,
-    in the run row's transaction)."""
+    in the run row's transaction). ``parent`` names what the run belongs to (an audit's
+    fold, a search's trial): the user's quota counts a parent once."""
     return db.write(lambda s: store.create_run(session=s, name=name or cfg.name,
-                                               config=cfg.to_dict(), created_by=created_by),
+                                               config=cfg.to_dict(), created_by=created_by,
+                                               parent=parent),
                     and_then=and_then)
 
 

@@ -202,3 +202,15 @@ def test_an_ensemble_predicts_explains_and_says_where_its_threshold_comes_from(t
     with open_db().session() as s:
         [item] = reviews.list_review_items(session=s)
     assert item.run_ref == "ensemble:pair"
+
+
+def test_an_upload_over_the_per_request_cap_is_refused_before_decoding(run_ref, monkeypatch):
+    monkeypatch.setenv("CXR_MAX_UPLOAD_FILES", "2")
+    at = start(run_ref)
+    files = [(f"{i}.png", _jpeg(i), "image/png") for i in range(3)]
+    at.file_uploader(key="predict_files").set_value(files).run()
+    assert not at.exception, at.exception
+    [error] = at.error
+    assert "files per upload is limited to 2" in error.value.replace("\\", "")
+    assert "Received: 3 files" in error.value.replace("\\", "")
+    assert not at.metric and not at.dataframe  # nothing was predicted

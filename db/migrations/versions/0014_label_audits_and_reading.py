@@ -1,7 +1,7 @@
 """label audits, blind and double reading, adjudication
 
-- ``label_audits`` and ``label_audit_images``: a label audit's K fold runs (``runs.label_audit_id``
-  names the audit a run is a fold of: its parent) and every image's out-of-fold probabilities
+- ``label_audits`` and ``label_audit_images``: a label audit (its K fold runs name it as their
+  parent, ``runs.parent`` = ``"audit:ID"``, 0013) and every image's out-of-fold probabilities
   with the label it was given, its self-confidence and its rank among the flagged issues;
 - ``relabels.kind`` ("label" | "read" | "consensus" | "adjudication"), ``reads_required`` and
   ``basis_json``: under double reading a reader's answer is a "read" row that counts only
@@ -9,10 +9,10 @@
   0014 is a "label" (it counted at once), so the labels of every stored snapshot are unchanged;
 - ``review_settings``: a dataset's reading mode (blind, reads per image), append-only.
 
-Plain ADD COLUMNs (no batch copy): ``runs`` and ``relabels`` are referenced by other tables.
+Plain ADD COLUMNs (no batch copy): ``relabels`` is referenced (``undo_of``).
 
 Revision ID: 0014
-Revises: 0012
+Revises: 0013
 Create Date: 2026-12-07 06:00:00
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sqlalchemy as sa
 
 
 revision = '0014'
-down_revision = '0012'
+down_revision = '0013'
 branch_labels = None
 depends_on = None
 
@@ -91,15 +91,6 @@ def upgrade() -> None:
                                 ondelete='CASCADE'),
         sa.PrimaryKeyConstraint('id', name=op.f('pk_review_settings')))
     op.create_index('ix_review_settings_dataset', 'review_settings', ['dataset_id', 'id'])
-    if op.get_bind().dialect.name == 'sqlite':  # ADD COLUMN may carry REFERENCES there
-        op.execute('ALTER TABLE runs ADD COLUMN label_audit_id INTEGER CONSTRAINT '
-                   'fk_runs_label_audit_id_label_audits REFERENCES label_audits (id) '
-                   'ON DELETE SET NULL')
-    else:
-        op.add_column('runs', sa.Column('label_audit_id', sa.Integer(), nullable=True))
-        op.create_foreign_key('fk_runs_label_audit_id_label_audits', 'runs', 'label_audits',
-                              ['label_audit_id'], ['id'], ondelete='SET NULL')
-    op.create_index(op.f('ix_runs_label_audit_id'), 'runs', ['label_audit_id'])
     op.add_column('relabels', sa.Column('kind', sa.String(length=20), nullable=False,
                                         server_default='label'))
     op.add_column('relabels', sa.Column('reads_required', sa.Integer(), nullable=True))
@@ -111,13 +102,9 @@ def downgrade() -> None:
     bind = op.get_bind()
     if bind.execute(sa.text("SELECT COUNT(*) FROM relabels WHERE kind <> 'label'")).scalar():
         raise RuntimeError("cannot downgrade below 0014: relabels hold double-reading rows "
-                           "(read / consensus / adjudication) that 0012 cannot tell apart")
+                           "(read / consensus / adjudication) that an older schema cannot tell apart")
     for column in ('basis_json', 'reads_required', 'kind'):
         op.execute(f'ALTER TABLE relabels DROP COLUMN {column}')
-    op.drop_index(op.f('ix_runs_label_audit_id'), table_name='runs')
-    if bind.dialect.name != 'sqlite':
-        op.drop_constraint('fk_runs_label_audit_id_label_audits', 'runs', type_='foreignkey')
-    op.execute('ALTER TABLE runs DROP COLUMN label_audit_id')
     op.drop_index('ix_review_settings_dataset', table_name='review_settings')
     op.drop_table('review_settings')
     op.drop_index('ix_label_audit_images_fold', table_name='label_audit_images')
