@@ -18,7 +18,8 @@ from cxr_core.training import label_audit
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
-                "folders": "Folder classes"}
+                "folders": "Folder classes",
+                "subtype": "Subtype (bacteria / virus, pneumonia films only)"}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
