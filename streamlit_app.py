@@ -25,6 +25,9 @@ PAGES = {
         st.Page("app_pages/predict.py", title="Predict", icon=":material/radiology:"),
     ],
 }
+if user.can("search"):
+    PAGES["Models"].insert(1, st.Page("app_pages/search.py", title="Search",
+                                      icon=":material/travel_explore:"))
 if user.can("review"):
     PAGES["Review"] = [st.Page("app_pages/review.py", title="Review",
                                icon=":material/rate_review:")]

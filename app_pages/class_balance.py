@@ -19,7 +19,7 @@ from cxr_core.training import label_audit
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
                 "folders": "Folder classes",
-                "subtype": "Subtype (bacteria / virus, pneumonia films only)"}
+                "subtype": "Subtype among pneumonia (bacteria / virus)"}
 
 
 @st.cache_data(show_spinner=False, max_entries=32)

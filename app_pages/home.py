@@ -32,15 +32,35 @@ def external_ui(entry: dict, card: dict) -> None:
     auc_ci = fmt_ci(entry.get("auc"), entry.get("auc_ci"))
     cols[0].metric("AUC", f"{entry.get('auc') or float('nan'):.3f}",
                    help=f"95% interval over patients: {auc_ci}")
-    cols[1].metric("Sensitivity (stored threshold)",
-                   "—" if entry.get("sensitivity") is None else f"{entry['sensitivity']:.3f}")
-    cols[2].metric("Specificity (stored threshold)",
-                   "—" if entry.get("specificity") is None else f"{entry['specificity']:.3f}")
-    cols[3].metric("Specificity (site threshold)",
-                   "—" if site.get("specificity") is None else f"{site['specificity']:.3f}",
-                   help="A threshold chosen on the site's own labelled films for sensitivity ≥ "
-                        "0.95, scored cross-fitted (never on the films it was chosen on).")
+    if entry.get("sensitivity") is None and site.get("sensitivity") is not None:
+        # The stored threshold was chosen on these films: only cross-fitted figures are honest.
+        for col, key in zip(cols[1:3], ("sensitivity", "specificity")):
+            col.metric(f"{key.capitalize()} (site threshold, cross-fitted)",
+                       f"{site[key]:.3f}",
+                       help=f"95% interval: {fmt_ci(site.get(key), site.get(key + '_ci'))}. A "
+                            "threshold chosen on the site's own labelled films for sensitivity "
+                            "≥ 0.95, scored cross-fitted (never on the films it was chosen on).")
+        cols[3].metric("Threshold (site)", f"{entry.get('threshold') or float('nan'):.3f}",
+                       help="The stored threshold, chosen on all of this site's films.")
+    else:
+        cols[1].metric("Sensitivity (stored threshold)",
+                       "—" if entry.get("sensitivity") is None else f"{entry['sensitivity']:.3f}")
+        cols[2].metric("Specificity (stored threshold)",
+                       "—" if entry.get("specificity") is None else f"{entry['specificity']:.3f}")
+        cols[3].metric("Specificity (site threshold)",
+                       "—" if site.get("specificity") is None else f"{site['specificity']:.3f}",
+                       help="A threshold chosen on the site's own labelled films for "
+                            "sensitivity ≥ 0.95, scored cross-fitted (never on the films it "
+                            "was chosen on).")
     st.caption(md(external_text(entry, card.get("recipe_selected_on") or ())))
+
+
+def chosen_where(entry: dict, op: dict) -> str:
+    """Where an entry's threshold was chosen, in words."""
+    chosen = entry.get("chosen_on")
+    if chosen == "site":
+        return f"on the films of the site {md(op.get('dataset') or 'sample')}"
+    return f"on the {md(chosen)} {'slice' if chosen == 'calibration' else 'split'}"
 
 
 def measured_ui(card: dict) -> bool:
@@ -72,8 +92,7 @@ def measured_ui(card: dict) -> bool:
                    f"{fmt_ci(entry.get('auc'), entry.get('auc_ci'))}, sensitivity "
                    f"{fmt_ci(entry.get('sensitivity'), entry.get('sensitivity_ci'))}, "
                    f"specificity {fmt_ci(entry.get('specificity'), entry.get('specificity_ci'))}. "
-                   f"Threshold chosen on the {md(entry.get('chosen_on'))} "
-                   f"{'slice' if entry.get('chosen_on') == 'calibration' else 'split'} for "
+                   f"Threshold chosen {chosen_where(entry, op)} for "
                    f"sensitivity ≥ {md(op.get('target', 0.95))}, not on these images.")
     return True
 

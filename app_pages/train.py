@@ -19,7 +19,7 @@ from cxr_core.core.labels import LABEL_SCHEMES
 from cxr_core.data.balancing import BALANCING
 from cxr_core.data.presets import all_presets
 from cxr_core.data.splits import SPLIT_STRATEGIES
-from cxr_core.models.specs import INTENSITY_MODES, MODELS
+from cxr_core.models.specs import HEAD_ACTIVATIONS, INTENSITY_MODES, MODELS
 from cxr_core.training import actions
 from cxr_core.training import service as svc
 from cxr_core.training.config import LR_SCHEDULES, OPTIMIZERS, RECIPES
@@ -86,6 +86,7 @@ def form_ui(dataset: str, layout: str) -> dict | None:
                                      float(d.get("ema") or 0.0), format="%.4f",
                                      key=k + "ema") or None
         out.update(site_ui(dataset, d, k))
+        out["head"] = head_ui(k)
         submitted = st.form_submit_button("Start training", icon=":material/play_arrow:")
     return out if submitted else None
 
@@ -110,6 +111,26 @@ def site_ui(dataset: str, d: dict, k: str) -> dict:
                              help="oversample a small site sample in training")
     return {"external": external,
             "extra": [{"dataset": n, "images": images, "repeat": int(repeat)} for n in extra]}
+
+
+def head_ui(k: str) -> dict | None:
+    """A configurable head in place of the architecture's own (None: the recipe's head). The
+    fields always show: a form reruns only on submit, so the toggle cannot reveal them."""
+    h1, h2, h3, h4, h5 = st.columns([1.2, 1, 1.2, 1, 1])
+    on = h1.toggle("Configurable head", key=k + "head_on", help="Dense layers on the pooled "
+                   "features; the initialiser follows the activation (He for ReLU/ELU, Glorot "
+                   "for sigmoid/tanh, LeCun for SELU, which gets no batch norm)")
+    layers = h1.number_input("Dense layers", 0, 8, 1, key=k + "head_layers")
+    units = h2.text_input("Units (one, or one per layer)", "256", key=k + "head_units")
+    activation = _pick(h3, "Activation", HEAD_ACTIVATIONS, "relu", k + "head_act")
+    batch_norm = h4.toggle("Batch norm", key=k + "head_bn")
+    dropout = h5.number_input("Head dropout", 0.0, 0.95, 0.5, step=0.05, key=k + "head_dropout")
+    try:
+        widths = [int(u) for u in units.replace(" ", "").split(",") if u]
+    except ValueError:
+        widths = [units]  # refused by the config, naming head.units
+    return {"layers": layers, "units": widths[0] if len(widths) == 1 else widths,
+            "activation": activation, "batch_norm": batch_norm, "dropout": dropout} if on else None
 
 
 def start_ui(dataset: str, layout: str) -> None:
@@ -145,6 +166,7 @@ def _plot_key() -> str:
 
 def runs_table_ui(runs) -> None:
     rows = [{"id": r.id, "run": r.display_name, "status": f"{ICONS.get(r.status, '')} {r.status}",
+             "trial": r.trial_number,  # a study's trial (Search page); empty for a plain run
              "epochs": f"{r.epochs_done}/{r.config.get('epochs', '?')}",
              "model": r.config.get("model"), "dataset": r.config.get("dataset"),
              "val AUC": ((r.summary or {}).get("val") or {}).get("auc"),
@@ -247,6 +269,8 @@ def live_ui() -> None:
                         1, -(-total // RUNS_PAGE), key="train_runs_page")
     if not runs:
         return
+    if (q := st.query_params.get("run", "")).isdigit() and int(q) in runs:  # Search's links
+        st.session_state.setdefault("train_detail_run", int(q))
     default = (st.session_state.get("train_plot_default")
                or [i for i, r in runs.items() if r.active][:4] or list(runs)[:3])
     curves_ui(runs, st.multiselect("Runs to plot", list(runs), key=_plot_key(),

@@ -6,7 +6,8 @@
   queue (:mod:`cxr_core.jobs.queue`) knows kind names and the action each needs; the code that
   does a kind lives in its domain's ``handlers`` module.
 - :func:`run_worker`: the worker loop (:mod:`cxr_core.jobs.loop`) with those handlers and the
-  run runner (:func:`cxr_core.training.runner.process_run`); ``python -m cxr_core worker``.
+  run runner (:func:`cxr_core.search.trials.process_run`, which hands ordinary runs to
+  :func:`cxr_core.training.runner.process_run`); ``python -m cxr_core worker``.
   A long-running worker queues the daily ``cleanup`` job (:mod:`cxr_core.review.retention`)
   when it is due (checked when it starts and every 10 minutes; ``--once`` does not).
 
@@ -30,9 +31,9 @@ from cxr_core.jobs.queue import Handler, Progress
 from cxr_core.models import handlers as model_handlers
 from cxr_core.review import handlers as review_handlers
 from cxr_core.review import retention
+from cxr_core.search import trials as search_trials
 from cxr_core.storage import Database
 from cxr_core.storage import backup as storage_backup
-from cxr_core.training import runner
 
 
 def open_db() -> Database:
@@ -120,11 +121,13 @@ def run_job(db: Database, job_id: int) -> Any:
 
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, **kwargs: Any) -> dict:
-    """The worker loop, wired: jobs go to the domains' handlers, runs to the training runner.
+    """The worker loop, wired: jobs go to the domains' handlers, runs to the training runner
+    (through the search's trial runner: a study's trial reports to its pruner and advances its
+    study), and every turn advances the studies that are due.
 
     Keyword arguments are :func:`cxr_core.jobs.loop.run_worker`'s (``db``, ``poll_s``,
     ``stale_after_s``, ``kinds``).
     """
     kwargs.setdefault("scheduled", scheduled_jobs())
     return loop.run_worker(once=once, idle_exit_s=idle_exit_s, handlers=job_handlers(),
-                           run_one=runner.process_run, **kwargs)
+                           run_one=search_trials.process_run, tick=search_trials.tick, **kwargs)

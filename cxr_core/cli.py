@@ -382,6 +382,66 @@ def cmd_roles_grant(args: argparse.Namespace) -> dict:
                         "granted_by": g.granted_by} for g in admin.role_grants(db, p)]}
 
 
+def cmd_search_create(args: argparse.Namespace) -> dict:
+    """``search create --config SEARCH.json``: the study and its first trials queued (as the
+    CLI's principal; a worker is started if none runs)."""
+    from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.search import actions as search_actions
+    from cxr_core.training.service import read_config_file
+
+    path = Path(args.config).expanduser()
+    db = open_db()
+    cfg = search_actions.resolve_config(db, read_config_file(path), base_dir=path.parent)
+    created = search_actions.create_study(db, cli_principal(), cfg,
+                                          start_worker=not args.no_worker)
+    for warning in created.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return created.to_json()
+
+
+def cmd_search_status(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
+    from cxr_core.search import study
+
+    return study.status(open_db(), args.name)
+
+
+def cmd_search_best(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
+    from cxr_core.search import study
+
+    return study.best(open_db(), args.name)
+
+
+def cmd_search_stop(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.search import actions as search_actions
+
+    out = search_actions.stop_study(open_db(), cli_principal(), args.name)
+    out["study_status"] = out.pop("status")  # "status" is the command's own outcome key
+    return out
+
+
+def cmd_search_promote(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.search import actions as search_actions
+
+    try:
+        changes = json.loads(args.set) if args.set else None
+    except ValueError as exc:
+        raise ConfigError(f"--set must be a JSON object of run config changes. Received: "
+                          f"{args.set!r}") from exc
+    if changes is not None and not isinstance(changes, dict):
+        raise ConfigError(f"--set must be a JSON object of run config changes. Received: "
+                          f"{args.set!r}")
+    out = search_actions.promote_best(open_db(), cli_principal(), args.name, changes,
+                                      start_worker=not args.no_worker)
+    return {**out, "status": "queued"}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr_core",
                                      description="Chest X-ray pneumonia classifier workbench.")
@@ -507,6 +567,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", default=None, metavar="IDS",
                    help="the GPUs this worker may use (CUDA_VISIBLE_DEVICES, e.g. 0 or 2,3; "
                         "'' = CPU only): one worker per GPU serves sweeps in parallel")
+    search = sub.add_parser("search", help="hyperparameter studies (Optuna): each trial a "
+                            "queued run any worker takes")
+    ssub = search.add_subparsers(dest="search_command", required=True)
+    p = add("create", cmd_search_create, "create a study from a JSON file and queue its first "
+            "trials (README: Hyperparameter search)", ssub)
+    p.add_argument("--config", required=True, help="the study config JSON")
+    p.add_argument("--no-worker", action="store_true", help="only queue: start no worker")
+    p = add("status", cmd_search_status, "a study's trials: state, params, value", ssub)
+    p.add_argument("name", help="the study's name or id")
+    p = add("best", cmd_search_best, "a study's best complete trial and its run config", ssub)
+    p.add_argument("name", help="the study's name or id")
+    p = add("stop", cmd_search_stop, "stop a study: no new trial; active ones cancelled", ssub)
+    p.add_argument("name", help="the study's name or id")
+    p = add("promote", cmd_search_promote, "retrain the best trial's values with the full "
+            "recipe (calibration slice, no pruning) as a new run", ssub)
+    p.add_argument("name", help="the study's name or id")
+    p.add_argument("--set", default=None, help='run config changes, e.g. \'{"epochs": 12}\'')
+    p.add_argument("--no-worker", action="store_true", help="only queue: start no worker")
     ensemble = sub.add_parser("ensemble", help="named ensembles: the mean of a few models")
     esub = ensemble.add_subparsers(dest="ensemble_command", required=True)
     p = add("create", cmd_ensemble_create, "make a named ensemble (ref 'ensemble:NAME'); its "

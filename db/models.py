@@ -119,6 +119,32 @@ class Run(Base):
     created_by: Mapped[str | None] = mapped_column(String(200), index=True)  # who queued it
     # What it belongs to ("audit:7", "study:3"): per-user caps count a parent once (0013).
     parent: Mapped[str | None] = mapped_column(String(100), index=True)
+    # A hyperparameter study's trial (migration 0015): the study is the run's parent (quotas
+    # count a study once), the trial number is Optuna's. NULL for an ordinary run.
+    study_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    trial_number: Mapped[int | None] = mapped_column(Integer)
+
+
+class Study(Base):
+    """A hyperparameter study (cxr_core.search): its Optuna study lives in its own store
+    (``optuna_url``, never this database: Optuna keeps its own ``alembic_version``); its trials
+    are ordinary runs carrying ``study_id`` and ``trial_number`` (migration 0015)."""
+
+    __tablename__ = "studies"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running | finished | stopped
+    config_json: Mapped[str] = mapped_column(Text)  # the StudyConfig (space, objective, ...)
+    optuna_study: Mapped[str] = mapped_column(String(300))  # the study's name in its store
+    optuna_url: Mapped[str] = mapped_column(Text)  # the store, password left out
+    trials_queued: Mapped[int] = mapped_column(Integer, default=0)  # asked of Optuna so far
+    best_run_id: Mapped[int | None] = mapped_column(Integer)
+    best_value: Mapped[float | None] = mapped_column(Float)
+    promoted_run_id: Mapped[int | None] = mapped_column(Integer)
+    created_by: Mapped[str | None] = mapped_column(String(200), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    note: Mapped[str | None] = mapped_column(Text)  # why it stopped, warnings
 
 
 class Job(Base):
@@ -321,7 +347,7 @@ class Relabel(Base):
     score: Mapped[float | None] = mapped_column(Float)  # model probability shown
     undo_of: Mapped[int | None] = mapped_column(ForeignKey("relabels.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # What the row is (migration 0014): "label" (a reading that counts at once: single
+    # What the row is (migration 0016): "label" (a reading that counts at once: single
     # reading), "read" (one reader's answer under double reading: counts only through a
     # "consensus" row, written when enough readers agree, or an "adjudication" row, written by
     # an adjudicator over conflicting reads). An undo row has the kind of the row it undoes.
@@ -331,7 +357,7 @@ class Relabel(Base):
 
 
 class ReviewSetting(Base):
-    """How a dataset is read on Review, append-only (migration 0014): the newest row of a
+    """How a dataset is read on Review, append-only (migration 0016): the newest row of a
     dataset is in force (none: open single reading)."""
 
     __tablename__ = "review_settings"
@@ -347,7 +373,7 @@ class ReviewSetting(Base):
 
 
 class LabelAudit(Base):
-    """A label audit (migration 0014): K patient-grouped folds trained as ordinary runs
+    """A label audit (migration 0016): K patient-grouped folds trained as ordinary runs
     (``runs.parent`` "audit:ID"), every image's out-of-fold probabilities in
     ``label_audit_images`` with the label it was given, then confident learning over them."""
 

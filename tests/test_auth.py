@@ -31,6 +31,7 @@ EXPECTED = {
     "import_relabels": {S, A}, "manage_roles": {A}, "view_audit": {A}, "backup": {A},
     "cleanup": {A},
     "label_audit": {S, A}, "review_settings": {S, A}, "adjudicate": {ADJ, A},
+    "search": {S, A},
 }
 
 

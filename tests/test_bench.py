@@ -160,8 +160,13 @@ def test_the_site_round_bench_runs_end_to_end_at_a_tiny_size(cxr_home, shared_da
     (tmp_path / "model" / "site_round.json").write_text(json.dumps(out))
     got = site_round.measured(tmp_path / "model")  # what Compare's site section draws
     assert got.budgets == [0, 24] and got.folds == 2
-    [refused] = [r for r in got.rows if r["refused"]]
-    assert (refused["budget"], refused["key"], refused["specificity"]) == (0, "base_site", None)
+    refused = [r for r in got.rows if r["refused"]]
+    # budget 0 confirms nothing, so no site threshold; at 24 a tiny model may be refused too
+    assert {"budget": 0, "key": "base_site"}.items() <= refused[0].items()
+    assert all(r["specificity"] is None and r["key"] == "base_site" for r in refused)
+    for budget, figs in zip(got.budgets, out["budgets"]):  # the bench's own reason, shown
+        [row] = [r for r in got.rows if (r["budget"], r["key"]) == (budget, "base_site")]
+        assert row["refused"] == figs["base_site"].get("refused")
     nxt = next(r for r in got.rows if (r["budget"], r["key"]) == (24, "next_crossfit"))
     assert nxt["specificity"] == some["next_crossfit"]["specificity"]
     assert nxt["low"] <= nxt["specificity"] <= nxt["high"]

@@ -15,7 +15,11 @@ PAGE = str(Path(__file__).resolve().parents[1] / "app_pages" / "compare.py")
 
 
 def test_secrets_fill_unset_variables_and_the_environment_wins(cxr_home, monkeypatch, tmp_path):
-    monkeypatch.delenv("CXR_PATIENT_SALT", raising=False)
+    for var in ("CXR_DB_URL", "CXR_DATA_DIR", "CXR_PATIENT_SALT"):
+        # setenv first: a bare delenv of an unset variable records nothing, and a delenv after
+        # apply_secrets would record (and restore) the value it wrote, leaking it to later tests
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
     url = f"sqlite:///{tmp_path / 'from_secrets.db'}"
     done = apply_secrets({"db_url": url, "data_dir": ["/a", "/b"], "CXR_HOME": "/elsewhere",
                           "patient_salt": "s3cret"})
@@ -24,8 +28,6 @@ def test_secrets_fill_unset_variables_and_the_environment_wins(cxr_home, monkeyp
     s = get_settings()
     assert s.db_url == url and s.home == cxr_home
     assert s.data_dirs == (Path("/a"), Path("/b"))
-    for var in done:
-        monkeypatch.delenv(var)
 
 
 def test_unknown_secret_key_is_refused(cxr_home):
@@ -34,7 +36,8 @@ def test_unknown_secret_key_is_refused(cxr_home):
 
 
 def test_app_reads_the_cxr_table_of_secrets(cxr_home, monkeypatch, tmp_path):
-    monkeypatch.delenv("CXR_DB_URL", raising=False)
+    monkeypatch.setenv("CXR_DB_URL", "")  # recorded: the value the page writes is undone
+    monkeypatch.delenv("CXR_DB_URL")
     url = f"sqlite:///{tmp_path / 'app.db'}"
     st.cache_resource.clear()  # get_db() of an earlier test must not be reused
     at = AppTest.from_file(PAGE, default_timeout=60)
@@ -42,7 +45,6 @@ def test_app_reads_the_cxr_table_of_secrets(cxr_home, monkeypatch, tmp_path):
     at.run()
     assert not at.exception, at.exception
     assert os.environ.get("CXR_DB_URL") == url and (tmp_path / "app.db").is_file()
-    monkeypatch.delenv("CXR_DB_URL")
     st.cache_resource.clear()
 
 

@@ -30,10 +30,11 @@ def test_cuda_visible_devices_narrows_the_driver_list(driver, monkeypatch, visib
     assert visible_gpu_count(driver) == expected
 
 
-def test_host_recipe_follows_the_count(monkeypatch):
+def test_host_recipe_is_the_default_with_or_without_a_gpu(monkeypatch):
+    """robust128 trains in about 15 min on two CPU cores: no GPU needed to propose it."""
+    from cxr_core.core import devices
     from cxr_core.training import service as svc
 
-    monkeypatch.setattr(svc, "visible_gpu_count", lambda: 2)
-    assert svc.host_recipe("splits") == "default224" and svc.host_recipe("npz") == "mnist28"
-    monkeypatch.setattr(svc, "visible_gpu_count", lambda: 0)
-    assert svc.host_recipe("splits") == "cpu128"
+    for count in (2, 0):
+        monkeypatch.setattr(devices, "visible_gpu_count", lambda count=count: count)
+        assert svc.host_recipe("splits") == "robust128" and svc.host_recipe("npz") == "mnist28"

@@ -15,7 +15,7 @@ from test_architecture import imported_modules
 REPO = Path(__file__).resolve().parents[1]
 CORE = REPO / "cxr_core"
 PACKAGES = ("core", "storage", "auth", "jobs", "stats", "data", "models", "training",
-            "evaluation", "predict", "review")
+            "evaluation", "predict", "review", "search")
 TOP_LEVEL = {"__init__", "__main__", "app", "cli"}  # the composition root and the CLI only
 
 

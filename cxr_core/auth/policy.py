@@ -84,6 +84,7 @@ POLICY: dict[str, frozenset[str]] = {
     "label_audit": frozenset({_S, _A}),  # K fold runs + confident learning (training/label_audit)
     "review_settings": frozenset({_S, _A}),  # a dataset's reading mode: blind, reads per image
     "adjudicate": frozenset({_ADJ, _A}),  # settle conflicting reads (admin implies it)
+    "search": frozenset({_S, _A}),  # create / stop own hyperparameter studies, promote a trial
 }
 ACTIONS: tuple[str, ...] = tuple(POLICY)
 SOURCES = ("oidc", "local", "cli")

@@ -10,6 +10,8 @@ CXR_DATA_DIR  dataset folders/files to register at start, separated by the OS pa
 CXR_PATIENT_SALT  secret mixed into hashed DICOM PatientIDs (default: $CXR_HOME/patient_salt)
 CXR_DATA_ROOTS  folders datasets and weights files may lie under (cxr_core.core.data_roots)
 CXR_DEMO      "off": no first-launch demo dataset (cxr_core.app)
+CXR_OPTUNA_URL  the hyperparameter studies' Optuna store (default: $CXR_HOME/optuna.db beside a
+              SQLite database; schema "optuna" of the same PostgreSQL database; cxr_core.search)
 CXR_MAX_*     per-run limits and the per-user run quota (cxr_core.core.limits)
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Settings:
     # CXR_DEMO: on a first launch (no dataset known, no CXR_DATA_DIR) the app indexes the
     # embedded demo dataset and evaluates the shipped model on it; "off" skips that.
     demo: bool = True
+    optuna_url: str = ""  # CXR_OPTUNA_URL: the studies' Optuna store ("" : the default)
 
     @property
     def artifacts_root(self) -> Path:
@@ -77,7 +80,8 @@ SECRET_KEYS = {"home": "CXR_HOME", "db_url": "CXR_DB_URL", "data_dir": "CXR_DATA
                # retention of review uploads and exports (cxr_core.review.retention)
                "retention_days": "CXR_RETENTION_DAYS",
                "retention_days_uploads": "CXR_RETENTION_DAYS_UPLOADS",
-               "retention_days_exports": "CXR_RETENTION_DAYS_EXPORTS"}
+               "retention_days_exports": "CXR_RETENTION_DAYS_EXPORTS",
+               "optuna_url": "CXR_OPTUNA_URL"}
 WORKER_MODES = ("auto", "off")
 
 
@@ -133,7 +137,7 @@ def get_settings() -> Settings:
         raise ConfigError(f"CXR_DEMO must be 'on' or 'off'. Received: {demo!r}")
     return Settings(home=home, db_url=db_url, data_dirs=data_dirs,
                     artifacts=Path(artifacts).expanduser() if artifacts else None, worker=worker,
-                    demo=demo == "on")
+                    demo=demo == "on", optuna_url=os.environ.get("CXR_OPTUNA_URL", "").strip())
 
 
 def patient_salt(settings: Settings | None = None) -> str:

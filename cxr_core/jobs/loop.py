@@ -87,13 +87,15 @@ def unregister(db: Database, worker_id: int, heartbeat: Heartbeat) -> None:
 
 
 RunOne = Callable[[Database, int], Any]  # (db, claimed run id) -> outcome with .to_json()
+Tick = Callable[[Database], Any]  # called every loop turn, after reaping (study upkeep)
 
 
 def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
                handlers: Mapping[str, Handler], run_one: RunOne | None,
                db: Database | None = None, poll_s: float = POLL_S,
                stale_after_s: float = STALE_AFTER_S, kinds: str = "all",
-               scheduled: Mapping[str, float] | None = None) -> dict:
+               scheduled: Mapping[str, float] | None = None,
+               tick: Tick | None = None) -> dict:
     """Claim and do queued jobs and train queued runs until stopped (jobs first: short).
 
     The loop knows no domain: the composition root (:func:`cxr_core.app.run_worker`) passes
@@ -113,6 +115,8 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
             (:func:`cxr_core.jobs.queue.submit_if_due`; checked when it starts and then at
             most every :data:`SCHEDULE_CHECK_S`), e.g. the daily ``cleanup``. Not by a
             runs-only worker, nor with ``once`` (a one-shot drain of the queue).
+        tick: called every turn after reaping dead runs (the composition root passes the
+            studies' upkeep: trials of a dead worker are told and replaced there).
 
     Returns:
         ``{"worker_id", "pid", "runs": [outcome...], "jobs": [id...], "status": "finished"}``.
@@ -139,6 +143,8 @@ def run_worker(once: bool = False, idle_exit_s: float | None = None, *,
                     queue.submit_if_due(db, kind, every_s)
                 next_check = time.monotonic() + SCHEDULE_CHECK_S
             reap_dead_runs(db, stale_after_s)
+            if tick is not None and kinds != "jobs":
+                tick(db)
             if kinds != "runs":
                 db.write(lambda s: job_store.reap_dead_jobs(session=s,
                                                             stale_after_s=stale_after_s))

@@ -71,10 +71,16 @@ def card_markdown(card: dict) -> str:
         f"| {_fmt(val.get('auc'))} | {_fmt(val.get('sensitivity'))} | "
         f"{_fmt(val.get('specificity'))} | {_fmt(val.get('accuracy'))} | "
         f"{_fmt(val.get('average_precision'))} | {val.get('n', '?')} |", "",
-        f"Sensitivity and specificity are at the operating point above, on the "
+        ("Sensitivity and specificity are at the threshold chosen on the calibration slice "
+         f"({_fmt(val.get('threshold'))}), not at a site threshold, on the "
+         if op.get("chosen_on") == "site" else
+         "Sensitivity and specificity are at the operating point above, on the ") +
         f"{SPLIT_WORDS.get(split, split)} validation split carved from the official train "
         "folder; " + ("the operating point was chosen on these same images, so they flatter it"
                       if op.get("chosen_on", "val") == "val" else
+                      "that threshold was chosen on the calibration slice, apart from these "
+                      "images; early stopping and the best epoch were chosen on them"
+                      if op.get("chosen_on") == "site" else
                       "the operating point was chosen on the calibration slice, apart from "
                       "these images; early stopping and the best epoch were chosen on them")
         + (" (in-distribution: a random patient split of one acquisition period)"
@@ -153,6 +159,10 @@ def _per_class_lines(card: Mapping[str, Any]) -> list[str]:
 
 
 def _chosen_on_text(op: dict) -> str:
+    if op.get("chosen_on") == "site":
+        return (f"the whole labelled sample of the site `{op.get('dataset', '?')}` "
+                f"({op.get('sample_n', '?')} films; a site threshold, so its figures there "
+                "are cross-fitted)")
     if op.get("chosen_on") == "calibration":
         n = op.get("calibration_n")
         return ("the calibration slice" + (f" ({n} validation images set apart from model "
@@ -185,6 +195,17 @@ def _measured_lines(measured: list[dict], selected_on: Iterable[str] = ()) -> li
     for e in measured:
         mark = " (threshold chosen here)" if e.get("threshold_chosen_here") or e.get(
             "stored_threshold_chosen_here") else ""
+        site = e.get("site_threshold") or {}
+        if e.get("role") == "external" and e.get("sensitivity") is None and site \
+                and not site.get("refused"):  # only the cross-fitted figures hold here
+            lines.append(
+                f"| {entry_title(e)}{mark} | {e.get('n')} ({e.get('n_patients') or '?'}) | "
+                f"{fmt_ci(e.get('auc'), e.get('auc_ci'))} | "
+                f"{fmt_ci(site.get('sensitivity'), site.get('sensitivity_ci'))} (cross-fitted) | "
+                f"{fmt_ci(site.get('specificity'), site.get('specificity_ci'))} (cross-fitted) | "
+                f"site threshold per fold | other folds of this site | "
+                f"{e.get('label_source') or '?'} |")
+            continue
         lines.append(
             f"| {entry_title(e)}{mark} | {e.get('n')} ({e.get('n_patients') or '?'}) | "
             f"{fmt_ci(e.get('auc'), e.get('auc_ci'))} | "

@@ -35,6 +35,7 @@ from cxr_core.models.specs import (
     MODELS,
     TORCH_MEAN,
     TORCH_STD,
+    HeadConfig,
     ModelConfig,
     ModelSpec,
     WeightsReport,
@@ -192,7 +193,7 @@ def build_model_with_report(cfg: ModelConfig, num_classes: int) -> BuiltModel:
     # Backbone: built on our tensor, so its layers are the model's own (flat graph)
     x, base = _backbone(x, spec)
     # Head
-    outputs = _head(x, spec, cfg.dropout, num_classes)
+    outputs = _head(x, spec, cfg.dropout, num_classes, cfg.head)
     model = keras.Model(inputs, outputs, name=cfg.name)
 
     report = None
@@ -229,19 +230,28 @@ def _preprocessing(x, spec: ModelSpec, channels: int):
     return x
 
 
-def _head(x, spec: ModelSpec, dropout: float | None, num_classes: int):
-    """Pooled/flattened features -> [Dense-Dropout]* -> float32 ``predictions``."""
+def _head(x, spec: ModelSpec, dropout: float | None, num_classes: int,
+          head: HeadConfig | None = None):
+    """Pooled/flattened features -> [Dense-Dropout]* -> float32 ``predictions``.
+
+    ``head`` None builds the spec's own head (exactly as every recipe always had it);
+    otherwise :func:`_configured_head`.
+    """
     L = keras.layers
     if spec.head_pool == "avg":
         x = L.GlobalAveragePooling2D(name="head_pool")(x)
     else:
         x = L.Flatten(name="head_flatten")(x)
-    rates = [dropout] * len(spec.head_dropout) if dropout is not None else list(spec.head_dropout)
-    for i, units in enumerate(spec.head_units, start=1):
-        x = L.Dense(units, activation="relu", name=f"head_dense{i}")(x)
-        x = L.Dropout(rates[i - 1], name=f"head_dropout{i}")(x)
-    if not spec.head_units:
-        x = L.Dropout(rates[0], name="head_dropout")(x)
+    if head is not None:
+        x = _configured_head(x, head)
+    else:
+        rates = ([dropout] * len(spec.head_dropout) if dropout is not None
+                 else list(spec.head_dropout))
+        for i, units in enumerate(spec.head_units, start=1):
+            x = L.Dense(units, activation="relu", name=f"head_dense{i}")(x)
+            x = L.Dropout(rates[i - 1], name=f"head_dropout{i}")(x)
+        if not spec.head_units:
+            x = L.Dropout(rates[0], name="head_dropout")(x)
     binary = num_classes == 2
     # float32 so that a mixed-precision policy never yields float16 probabilities.
     return L.Dense(
@@ -250,6 +260,24 @@ def _head(x, spec: ModelSpec, dropout: float | None, num_classes: int):
         dtype="float32",
         name=PREDICTIONS,
     )(x)
+
+
+def _configured_head(x, head: HeadConfig):
+    """``head.layers`` blocks of Dense (the activation's initialiser) -> [BatchNorm] ->
+    activation -> dropout (AlphaDropout after SELU, which keeps its self-normalisation)."""
+    L = keras.layers
+    drop = L.AlphaDropout if head.activation == "selu" else L.Dropout
+    for i, units in enumerate(head.widths, start=1):
+        x = L.Dense(units, use_bias=not head.batch_norm, kernel_initializer=head.initializer,
+                    name=f"head_dense{i}")(x)
+        if head.batch_norm:  # never for SELU (HeadConfig turns it off)
+            x = L.BatchNormalization(momentum=BN_MOMENTUM, name=f"head_bn{i}")(x)
+        x = L.Activation(head.activation, name=f"head_act{i}")(x)
+        if head.dropout:
+            x = drop(head.dropout, name=f"head_dropout{i}")(x)
+    if not head.layers and head.dropout:
+        x = L.Dropout(head.dropout, name="head_dropout")(x)
+    return x
 
 
 def set_backbone_trainable(

@@ -95,6 +95,117 @@ class ModelSpec:
 
 INTENSITY_MODES = ("none", "standardize")
 
+# The head's activations, each with its matching initialiser (seed 004's rule): He for the
+# ReLU family, Glorot for sigmoid/tanh, LeCun for SELU (self-normalising: no batch norm after
+# it, and AlphaDropout, which keeps its mean and variance, instead of Dropout).
+HEAD_ACTIVATIONS: dict[str, str] = {
+    "relu": "he_normal", "elu": "he_normal", "selu": "lecun_normal",
+    "sigmoid": "glorot_uniform", "tanh": "glorot_uniform",
+}
+HEAD_MAX_LAYERS = 8
+HEAD_MAX_UNITS = 8192
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """A configurable classifier head: ``layers`` Dense blocks between the pooled (or
+    flattened) features and the predictions, each Dense -> [BatchNorm] -> activation ->
+    dropout. None in :class:`ModelConfig` keeps the architecture's own head.
+
+    The reports' heads: ``HeadConfig(1, 512)``, ``HeadConfig(2, (256, 128))``,
+    ``HeadConfig(3, 32, "selu")``.
+
+    Attributes:
+        layers: Dense layers (0: pooled features straight to the predictions, after dropout).
+        units: Width of every layer, or one width per layer.
+        activation: One of :data:`HEAD_ACTIVATIONS`; picks the kernel initialiser too.
+        batch_norm: BatchNorm between each Dense and its activation (the Dense then has no
+            bias). Always off after SELU (it would undo the self-normalisation): a SELU head
+            asking for it is stored with ``batch_norm=False``.
+        dropout: Rate after each block (AlphaDropout for SELU); 0 for none.
+    """
+
+    layers: int = 1
+    units: int | tuple[int, ...] = 256
+    activation: str = "relu"
+    batch_norm: bool = False
+    dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.layers) or not 0 <= self.layers <= HEAD_MAX_LAYERS:
+            raise ConfigError(f"head.layers must be an integer in [0, {HEAD_MAX_LAYERS}]. "
+                              f"Received: head.layers={self.layers!r}")
+        units = self.units
+        if isinstance(units, list):
+            units = tuple(units)
+        if _is_int(units):
+            units = int(units)
+            widths: tuple = (units,) * self.layers
+        elif isinstance(units, tuple):
+            widths = units
+            if len(widths) != self.layers:
+                raise ConfigError(f"head.units lists one width per layer ({self.layers}). "
+                                  f"Received: head.units={list(units)}")
+        else:
+            widths = (units,)
+        if not all(_is_int(u) and 1 <= u <= HEAD_MAX_UNITS for u in widths):
+            raise ConfigError(f"head.units must be integers in [1, {HEAD_MAX_UNITS}] (one, or "
+                              f"one per layer). Received: head.units={self.units!r}")
+        object.__setattr__(self, "units", units if _is_int(units) else tuple(int(u) for u in units))
+        if self.activation not in HEAD_ACTIVATIONS:
+            raise ConfigError(f"head.activation must be one of {list(HEAD_ACTIVATIONS)}. "
+                              f"Received: head.activation={self.activation!r}")
+        if not isinstance(self.batch_norm, bool):
+            raise ConfigError("head.batch_norm must be true or false. "
+                              f"Received: head.batch_norm={self.batch_norm!r}")
+        if self.activation == "selu":
+            object.__setattr__(self, "batch_norm", False)
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"head.dropout must be in [0, 1). "
+                              f"Received: head.dropout={self.dropout!r}")
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """One width per layer."""
+        return (self.units,) * self.layers if _is_int(self.units) else tuple(self.units)
+
+    @property
+    def initializer(self) -> str:
+        """The Keras kernel initialiser matching the activation."""
+        return HEAD_ACTIVATIONS[self.activation]
+
+    @classmethod
+    def from_value(cls, value: Any) -> HeadConfig | None:
+        """A head from its JSON form (None stays None); unknown keys are an error."""
+        if value is None or isinstance(value, HeadConfig):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError('head must be null or {"layers", "units", "activation", '
+                              f'"batch_norm", "dropout"}}. Received: head={value!r}')
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"unknown head keys; expected some of {sorted(known)}. "
+                              f"Received: {unknown}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if isinstance(data["units"], tuple):
+            data["units"] = list(data["units"])
+        return data
+
+    def describe(self) -> str:
+        """One line for a card or a log, e.g. ``2 x Dense(256, 128) relu (he_normal), batch
+        norm, dropout 0.3``."""
+        if not self.layers:
+            return f"no Dense layer, dropout {self.dropout:g}"
+        return (f"{self.layers} x Dense({', '.join(map(str, self.widths))}) {self.activation} "
+                f"({self.initializer}){', batch norm' if self.batch_norm else ''}, "
+                f"{'alpha ' if self.activation == 'selu' and self.dropout else ''}"
+                f"dropout {self.dropout:g}")
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -115,6 +226,9 @@ class ModelConfig:
             to zero mean and unit spread (then back to [0, 255]) before the family's own
             preprocessing, so exposure differences between sites are removed in the model
             itself (training, evaluation, Predict and exported models alike).
+        head: A configurable head (:class:`HeadConfig`) in place of the spec's own; None keeps
+            the spec's head exactly as it always was built. ``dropout`` must then be None
+            (the head has its own).
     """
 
     name: str = "mobilenetv2"
@@ -125,8 +239,14 @@ class ModelConfig:
     freeze_backbone: bool = False
     unfreeze_top_k: int | None = None
     intensity: str = "none"
+    head: HeadConfig | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "head", HeadConfig.from_value(self.head))
+        if self.head is not None and self.dropout is not None:
+            raise ConfigError("dropout sets the architecture's own head; with a configurable "
+                              "head give its rate as head.dropout. Received: "
+                              f"dropout={self.dropout!r}, head={self.head.to_dict()}")
         if self.name not in MODELS:
             raise ConfigError(
                 f"Unknown model; expected one of {sorted(MODELS)}. Received: name={self.name!r}"
@@ -200,7 +320,21 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form stored with a run."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        data["head"] = None if self.head is None else self.head.to_dict()
+        return data
+
+    def head_description(self) -> str:
+        """The head as built: this config's head, or the spec's own (for the model card)."""
+        if self.head is not None:
+            return self.head.describe()
+        spec = MODELS[self.name]
+        rates = ([self.dropout] * len(spec.head_dropout) if self.dropout is not None
+                 else list(spec.head_dropout))
+        dense = ", ".join(f"Dense({u}) relu, dropout {r:g}"
+                          for u, r in zip(spec.head_units, rates))
+        return f"the architecture's own: {spec.head_pool} pooling, " + (
+            dense or f"dropout {rates[0]:g}")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 
 A backup is a folder: the database (``database.db`` from SQLite's ``VACUUM INTO``, or
 ``database.pgdump`` from ``pg_dump --format=custom``), the patient salt (``patient_salt``, mode
-0600; not when ``CXR_PATIENT_SALT`` sets it: then keep that secret yourself), the artifacts (run
+0600; not when ``CXR_PATIENT_SALT`` sets it: then keep that secret yourself), the hyperparameter
+studies' Optuna store (``optuna.db``, or ``optuna.pgdump`` for another PostgreSQL database; in
+the same PostgreSQL database, schema ``optuna``, it is inside ``database.pgdump``), the artifacts (run
 folders with their models and cards, named ensembles, review uploads, exports) and
 ``manifest.json`` (what, when, the schema revision). Caches and logs are left out: they are
 rebuilt. A restore copies them back into ``CXR_HOME`` / ``CXR_ARTIFACTS`` (stop the app and its
@@ -25,6 +27,7 @@ from pathlib import Path
 from cxr_core import storage  # the package's own database handle
 from cxr_core.core.errors import ConfigError
 from cxr_core.core.settings import Settings, get_settings
+from cxr_core.storage import optuna_store
 
 ARTIFACT_DIRS = ("runs", "ensembles", "uploads", "exports")
 
@@ -59,6 +62,7 @@ def backup(out: str | Path, *, settings: Settings | None = None) -> dict:
         shutil.copyfile(settings.patient_salt_file, target)
         os.chmod(target, 0o600)
         salt = "patient_salt"
+    optuna = _backup_optuna(out, settings)
     copied = []
     for name in ARTIFACT_DIRS:
         src = settings.artifacts_root / name
@@ -67,9 +71,18 @@ def backup(out: str | Path, *, settings: Settings | None = None) -> dict:
             copied.append(name)
     manifest = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "database": dump.name, "schema_revision": storage.schema_revision(db),
-                "salt": salt, "artifacts": copied}
+                "salt": salt, "optuna": optuna, "artifacts": copied}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {"backup": str(out), **manifest}
+
+
+def _backup_optuna(out: Path, settings: Settings) -> str | None:
+    """The studies' Optuna store: a copy's file name, where it is instead, or None (none)."""
+    if optuna_store.in_app_dump(settings):
+        return "database (schema optuna)"
+    sqlite = optuna_store.store_url(settings).startswith("sqlite")
+    copy = optuna_store.snapshot(out / ("optuna.db" if sqlite else "optuna.pgdump"), settings)
+    return copy.name if copy is not None else None
 
 
 def restore(src: str | Path, *, settings: Settings | None = None, force: bool = False) -> dict:
@@ -109,6 +122,19 @@ def restore(src: str | Path, *, settings: Settings | None = None, force: bool = 
         subprocess.run([tool, "--clean", "--if-exists", "--dbname", url, str(dump)], check=True,
                        capture_output=True)
     restored = ["database"]
+    optuna = manifest.get("optuna")
+    if optuna == "optuna.db" and optuna_store.restore_file(
+            src / optuna, settings, stamp=time.strftime("%Y%m%d-%H%M%S")):
+        restored.append("optuna")
+    elif optuna == "optuna.pgdump":
+        tool = shutil.which("pg_restore")
+        if tool is None:
+            raise ConfigError(f"pg_restore is not on PATH: run pg_restore --clean --dbname "
+                              f"CXR_OPTUNA_URL {src / optuna}")
+        url = optuna_store.store_url(settings).replace("+psycopg2", "").replace("+psycopg", "")
+        subprocess.run([tool, "--clean", "--if-exists", "--dbname", url, str(src / optuna)],
+                       check=True, capture_output=True)
+        restored.append("optuna")
     salt = src / "patient_salt"
     if salt.is_file():
         here = settings.patient_salt_file

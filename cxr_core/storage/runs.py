@@ -74,6 +74,8 @@ class RunRecord:
     summary: dict | None  # final validation metrics and the like
     created_by: str | None = None  # the identity that queued it (None: before sign-in)
     parent: str | None = None  # what it belongs to ("audit:7"): caps count a parent once
+    study_id: int | None = None  # a study's trial: the study (its parent) ...
+    trial_number: int | None = None  # ... and Optuna's trial number
 
     @property
     def display_name(self) -> str:
@@ -124,7 +126,7 @@ def _record(row: Run) -> RunRecord:
         bool(row.resume_requested), int(row.epochs_done or 0), row.artifact_dir, row.error,
         row.label_snapshot_hash, row.label_snapshot_relabel_id,
         json.loads(row.summary_json) if row.summary_json else None, row.created_by,
-        row.parent)
+        row.parent, row.study_id, row.trial_number)
 
 
 def _worker(row: Worker) -> WorkerRecord:
@@ -136,7 +138,8 @@ def _worker(row: Worker) -> WorkerRecord:
 
 def create_run(*, session: Session, name: str, config: Mapping,
                worker_id: int | None = None, created_by: str | None = None,
-               parent: str | None = None) -> int:
+               parent: str | None = None,
+               study_id: int | None = None, trial_number: int | None = None) -> int:
     """Insert a run; queued, or already claimed (running) by ``worker_id``.
 
     Creating it claimed in the same statement is how the in-process CLI keeps a detached
@@ -148,7 +151,8 @@ def create_run(*, session: Session, name: str, config: Mapping,
     now = db_now(session)  # a run created running is judged by heartbeat ages from now on
     row = Run(name=name or "", config_json=json.dumps(dict(config)), created_at=now,
               status="queued" if worker_id is None else "running", worker_id=worker_id,
-              created_by=created_by, parent=parent,
+              created_by=created_by, parent=parent, study_id=study_id,
+              trial_number=trial_number,
               started_at=None if worker_id is None else now,
               heartbeat_at=None if worker_id is None else now)
     session.add(row)

@@ -126,13 +126,15 @@ def _optimizer(cfg: TrainConfig, lr: float, total_steps: int) -> keras.optimizer
     # Weight averaging (Polyak/EMA): the optimizer keeps the moving average, SwapEMAWeights
     # (_callbacks) validates and checkpoints it.
     ema = dict(use_ema=True, ema_momentum=cfg.ema) if cfg.ema else {}
-    if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(rate, **ema)
-    if cfg.optimizer == "nadam":
-        return keras.optimizers.Nadam(rate, **ema)
-    if cfg.optimizer == "rmsprop":
-        return keras.optimizers.RMSprop(rate, **ema)
-    return keras.optimizers.SGD(rate, momentum=0.9, **ema)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=0.9, **ema)
+    return _OPTIMIZERS[cfg.optimizer](rate, **ema)
+
+
+# TrainConfig.optimizer -> Keras class (SGD, with momentum, is built above).
+_OPTIMIZERS = {"adam": keras.optimizers.Adam, "nadam": keras.optimizers.Nadam,
+               "rmsprop": keras.optimizers.RMSprop, "adagrad": keras.optimizers.Adagrad,
+               "adadelta": keras.optimizers.Adadelta, "adamax": keras.optimizers.Adamax}
 
 
 def _compile(model: keras.Model, cfg: TrainConfig, n_classes: int,

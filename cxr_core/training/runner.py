@@ -34,6 +34,10 @@ from cxr_core.training.interface import EPOCH_KEYS, TrainSinks
 from cxr_core.training.outputs import RunOutputs, record_outputs, run_priors, write_model_card
 
 Progress = Callable[[int, int], None]
+# Called after each epoch's rows are written: (epoch, metrics) -> None to go on, or a reason to
+# stop the run now (it ends "cancelled" with that reason as its error). A study's pruner
+# reports through it (cxr_core.search.trials), so training never imports Optuna.
+EpochHook = Callable[[int, dict[str, float]], str | None]
 
 
 @dataclass(frozen=True)
@@ -67,10 +71,16 @@ def _fmt(logs: dict[str, float]) -> str:
 
 
 def db_sinks(db: Database, run_id: int, *, epochs: int, progress: Progress | None = None,
-             batch_interval_s: float = 2.0) -> Any:
-    """TrainSinks that write metrics, epochs done and log lines, and read the cancel flag."""
+             batch_interval_s: float = 2.0, epoch_hook: EpochHook | None = None,
+             stop: list[str] | None = None) -> Any:
+    """TrainSinks that write metrics, epochs done and log lines, and read the cancel flag.
+
+    ``epoch_hook`` (see :data:`EpochHook`) may stop the run: its reason is appended to
+    ``stop`` and the cancel check then answers True.
+    """
 
     first_batch = [True]
+    stop = stop if stop is not None else []
 
     def on_epoch_end(epoch: int, logs: dict[str, float]) -> None:
         def write(s) -> None:
@@ -80,6 +90,10 @@ def db_sinks(db: Database, run_id: int, *, epochs: int, progress: Progress | Non
         db.write(write)
         if progress is not None:
             progress(epoch, epochs)
+        if epoch_hook is not None and not stop:
+            reason = epoch_hook(epoch, logs)
+            if reason:
+                stop.append(reason)
 
     def on_batch_end(step: int, logs: dict[str, float]) -> None:
         def write(s) -> None:
@@ -90,6 +104,8 @@ def db_sinks(db: Database, run_id: int, *, epochs: int, progress: Progress | Non
         first_batch[0] = False
 
     def should_cancel() -> bool:
+        if stop:
+            return True
         with db.session() as s:
             return store.should_stop(session=s, run_id=run_id)
 
@@ -236,7 +252,8 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
     return prepared, initial
 
 
-def process_run(db: Database, run_id: int, *, progress: Progress | None = None) -> RunOutcome:
+def process_run(db: Database, run_id: int, *, progress: Progress | None = None,
+                epoch_hook: EpochHook | None = None) -> RunOutcome:
     """Train one claimed (running) run to its end and record everything.
 
     Never raises for a failing run: it is marked failed with its error (a KeyboardInterrupt
@@ -246,6 +263,7 @@ def process_run(db: Database, run_id: int, *, progress: Progress | None = None) 
         db: the database.
         run_id: a run this process has claimed.
         progress: (epochs done, epochs) after each epoch (the CLI prints it).
+        epoch_hook: after each epoch; a reason it returns stops the run (:data:`EpochHook`).
 
     Returns:
         How the run ended.
@@ -259,12 +277,14 @@ def process_run(db: Database, run_id: int, *, progress: Progress | None = None) 
         cfg = TrainConfig.from_dict(run.config)
         run_dir = Path(run.artifact_dir or get_settings().runs_dir / str(run_id))
         prepared, epochs = _start(db, run, cfg, run_dir)
+        stop: list[str] = []
         result = fit.train(cfg, prepared.data, run_dir, cache_root=get_settings().cache_dir,
-                                sinks=db_sinks(db, run_id, epochs=cfg.epochs, progress=progress),
-                                initial_epoch=epochs)
+                           sinks=db_sinks(db, run_id, epochs=cfg.epochs, progress=progress,
+                                          epoch_hook=epoch_hook, stop=stop),
+                           initial_epoch=epochs)
         epochs = result.epochs_done
         if result.status == "cancelled":
-            return _cancelled(db, run_id, epochs)
+            return _cancelled(db, run_id, epochs, stop[0] if stop else None)
         return _complete(db, run, cfg, prepared, result, run_dir)
     except CxrError as exc:
         return _fail(db, run_id, epochs, str(exc))
@@ -276,12 +296,12 @@ def process_run(db: Database, run_id: int, *, progress: Progress | None = None) 
         raise
 
 
-def _cancelled(db: Database, run_id: int, epochs: int) -> RunOutcome:
+def _cancelled(db: Database, run_id: int, epochs: int, reason: str | None = None) -> RunOutcome:
     with db.session() as s:
         status = store.require_run(session=s, run_id=run_id).status
     if status != "running":  # reaped meanwhile: keep its reason
         return RunOutcome(run_id, status, epochs, error="stopped: the run was marked " + status)
-    msg = f"cancelled on request after {epochs} complete epoch(s)"
+    msg = reason or f"cancelled on request after {epochs} complete epoch(s)"
     db.write(lambda s: store.finish_run(session=s, run_id=run_id, status="cancelled", error=msg,
                                         only_if="running"))
     _log(db, run_id, msg, "warning")

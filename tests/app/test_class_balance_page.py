@@ -106,12 +106,19 @@ def test_home_shows_the_demo_model_card(cxr_home, tmp_path, monkeypatch):
 
     at = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=60).run()
     assert not at.exception
-    # The shipped card headlines its temporal validation at the calibration-locked threshold.
-    assert [m.label for m in at.metric][:3] == ["AUC", "Sensitivity", "Specificity"]
+    # The shipped card headlines the new site (external validation); its threshold was chosen
+    # on those films, so the page shows the cross-fitted figures, never the resubstituted ones.
+    labels = [m.label for m in at.metric]
+    assert labels[:4] == ["AUC", "Sensitivity (site threshold, cross-fitted)",
+                          "Specificity (site threshold, cross-fitted)", "Threshold (site)"]
     assert float(at.metric[0].value) > 0.9
-    assert any(m.value.startswith("**Temporal validation") for m in at.markdown)
-    assert any("Threshold chosen on the calibration slice" in c.value.replace("\\", "")
+    assert "Sensitivity (stored threshold)" not in labels
+    assert any(m.value.replace("\\", "").startswith("**At a new site") for m in at.markdown)
+    assert any("only cross-fitted figures are reported" in c.value.replace("\\", "")
                for c in at.caption)
+    # The in-distribution rows say where their (site) threshold came from.
+    assert any("Threshold chosen on the films of the site chest_xray_224_external"
+               in c.value.replace("\\", "") for c in at.caption)
     # A card without a 'measured' list, from a random patient split: said so, with a warning.
     card = json.loads((model_store.DEFAULT_MODELS_DIR / "model_card.json").read_text())
     card.pop("measured")

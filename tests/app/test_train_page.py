@@ -66,7 +66,7 @@ def test_page_without_runs(db):
     at = page()
     assert not at.exception
     assert any("No run yet" in i.value for i in at.info)
-    assert at.selectbox(key="train_recipe").value == "cpu128"  # no GPU here: CPU defaults
+    assert at.selectbox(key="train_recipe").value == "robust128"  # chosen on the external sample
 
 
 def test_a_pneumoniamnist_dataset_proposes_the_mnist28_recipe(cxr_home, tmp_path):
@@ -111,23 +111,23 @@ def test_start_queues_a_run_and_ensures_a_worker(db, monkeypatch):
     started = []
     monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: started.append(1) or 4242)
     at = page()
-    at.number_input(key="train_cpu128_epochs").set_value(2)
+    at.number_input(key="train_robust128_epochs").set_value(2)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and started == [1]
     assert any("worker process 4242" in s.value for s in at.success)
     with db.session() as s:
         [run] = store.list_runs(session=s)
     assert run.status == "queued" and run.config["dataset"] == "tiny"
-    assert run.config["epochs"] == 2 and run.config["recipe"] == "cpu128"
-    assert run.config["intensity"] == "none" and run.config["label_smoothing"] == 0.0
+    assert run.config["epochs"] == 2 and run.config["recipe"] == "robust128"
+    assert run.config["intensity"] == "none" and run.config["label_smoothing"] == 0.1
 
 
 def test_the_form_sets_the_levers_under_shift(db, monkeypatch):
     monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 1)
     at = page()
-    at.selectbox(key="train_cpu128_intensity").set_value("standardize")
-    at.number_input(key="train_cpu128_smooth").set_value(0.1)
-    at.selectbox(key="train_cpu128_augment").set_value("shift_robust")
+    at.selectbox(key="train_robust128_intensity").set_value("standardize")
+    at.number_input(key="train_robust128_smooth").set_value(0.1)
+    at.selectbox(key="train_robust128_augment").set_value("shift_robust")
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception
     with db.session() as s:
@@ -147,10 +147,10 @@ def test_the_form_starts_a_next_round_with_a_sites_confirmed_films(db, tiny_data
     index_dataset(db, tmp_path / "site", name="site", external=True)
     at = page()
     at.selectbox(key="train_dataset").set_value("tiny").run()  # sorted: "site" comes first
-    at.multiselect(key="train_cpu128_external").set_value(["site"])
-    at.multiselect(key="train_cpu128_extra").set_value(["site"])
-    at.number_input(key="train_cpu128_extra_repeat").set_value(4)
-    at.number_input(key="train_cpu128_ema").set_value(0.99)
+    at.multiselect(key="train_robust128_external").set_value(["site"])
+    at.multiselect(key="train_robust128_extra").set_value(["site"])
+    at.number_input(key="train_robust128_extra_repeat").set_value(4)
+    at.number_input(key="train_robust128_ema").set_value(0.99)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception, at.exception
     with db.session() as s:
@@ -194,3 +194,21 @@ def test_runs_are_listed_a_page_at_a_time(db):
     at.number_input(key="train_runs_page").set_value(2).run()
     assert not at.exception, at.exception
     assert at.dataframe[0].value["id"].tolist() == list(range(10, 0, -1))  # the oldest ten
+
+
+def test_the_form_sets_a_configurable_head_and_the_reports_optimisers(db, monkeypatch):
+    monkeypatch.setattr(launcher, "ensure_worker", lambda database, **kw: 1)
+    at = page()
+    at.toggle(key="train_robust128_head_on").set_value(True)
+    at.number_input(key="train_robust128_head_layers").set_value(2)
+    at.text_input(key="train_robust128_head_units").set_value("256, 128")
+    at.selectbox(key="train_robust128_head_act").set_value("selu")
+    at.number_input(key="train_robust128_head_dropout").set_value(0.1)
+    at.selectbox(key="train_robust128_opt").set_value("adadelta")
+    next(b for b in at.button if b.label == "Start training").click().run()
+    assert not at.exception, at.exception
+    with db.session() as s:
+        [run] = store.list_runs(session=s)
+    assert run.config["head"] == {"layers": 2, "units": [256, 128], "activation": "selu",
+                                  "batch_norm": False, "dropout": pytest.approx(0.1)}
+    assert run.config["optimizer"] == "adadelta"

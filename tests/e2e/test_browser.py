@@ -25,6 +25,7 @@ SLOW_MS = 180_000  # first TensorFlow import, model load, worker start on a busy
 # (url path, main heading, sidebar title): every page of streamlit_app.py's navigation.
 PAGES = [("", "CXR Workbench", "Home"), ("class_balance", "Class balance", "Class balance"),
          ("augmentation", "Augmentation", "Augmentation"), ("train", "Train", "Train"),
+         ("search", "Search", "Search"),
          ("compare", "Compare runs", "Compare"), ("predict", "Predict", "Predict"),
          ("review", "Review", "Review"), ("admin", "Access and audit", "Access and audit")]
 NAV_TITLES = [re.compile(re.escape(title) + "$") for *_, title in PAGES]  # after the icon's name

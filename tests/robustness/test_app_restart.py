@@ -70,11 +70,11 @@ def test_app_restart_during_a_run_still_shows_it_and_it_finishes(db, robust_home
     at.session_state["dataset_name"] = train_set
     at.run()
     assert not at.exception
-    at.selectbox(key="train_cpu128_model").set_value("small3_50")
-    at.selectbox(key="train_cpu128_augment").set_value("none")
-    at.number_input(key="train_cpu128_size").set_value(32)
-    at.number_input(key="train_cpu128_epochs").set_value(3)
-    at.number_input(key="train_cpu128_batch").set_value(8)
+    at.selectbox(key="train_robust128_model").set_value("small3_50")
+    at.selectbox(key="train_robust128_augment").set_value("none")
+    at.number_input(key="train_robust128_size").set_value(32)
+    at.number_input(key="train_robust128_epochs").set_value(3)
+    at.number_input(key="train_robust128_batch").set_value(8)
     next(b for b in at.button if b.label == "Start training").click().run()
     assert not at.exception and any("queued" in s.value for s in at.success)
     run_id = at.session_state["train_detail_run"]

@@ -6,13 +6,13 @@
 - ``relabels.kind`` ("label" | "read" | "consensus" | "adjudication"), ``reads_required`` and
   ``basis_json``: under double reading a reader's answer is a "read" row that counts only
   through a consensus row (enough readers agreeing) or an adjudication row; every row before
-  0014 is a "label" (it counted at once), so the labels of every stored snapshot are unchanged;
+  0016 is a "label" (it counted at once), so the labels of every stored snapshot are unchanged;
 - ``review_settings``: a dataset's reading mode (blind, reads per image), append-only.
 
 Plain ADD COLUMNs (no batch copy): ``relabels`` is referenced (``undo_of``).
 
-Revision ID: 0014
-Revises: 0013
+Revision ID: 0016
+Revises: 0015
 Create Date: 2026-12-07 06:00:00
 """
 from __future__ import annotations
@@ -21,8 +21,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0014'
-down_revision = '0013'
+revision = '0016'
+down_revision = '0015'
 branch_labels = None
 depends_on = None
 
@@ -101,7 +101,7 @@ def downgrade() -> None:
     # Rows of kind "read" would count as labels without their column: refuse to lose that.
     bind = op.get_bind()
     if bind.execute(sa.text("SELECT COUNT(*) FROM relabels WHERE kind <> 'label'")).scalar():
-        raise RuntimeError("cannot downgrade below 0014: relabels hold double-reading rows "
+        raise RuntimeError("cannot downgrade below 0016: relabels hold double-reading rows "
                            "(read / consensus / adjudication) that an older schema cannot tell apart")
     for column in ('basis_json', 'reads_required', 'kind'):
         op.execute(f'ALTER TABLE relabels DROP COLUMN {column}')
