@@ -129,7 +129,7 @@ def require_page(action: str, what: str) -> Principal:
     """The principal, or a clear refusal that stops the page (the core checks again)."""
     p = principal()
     if not p.can(action):
-        need = " or ".join(r for r in policy.ROLES if r in policy.allowed_roles(action))
+        need = " or ".join(r for r in policy.KNOWN_ROLES if r in policy.allowed_roles(action))
         st.warning(f"{what} needs the {need} role; you are signed in as {md(p.identity)} "
                    f"({', '.join(sorted(p.roles)) or 'no role'}). Ask an admin for access.",
                    icon=":material/block:")

@@ -50,7 +50,7 @@ if user.can("manage_roles"):
                                for g in grants]), hide_index=True)
     with st.form("grant_form"):
         who = st.text_input("Identity (email, or issuer|subject)", key="grant_identity")
-        roles = st.multiselect("Roles (none: remove the grant)", list(policy.ROLES),
+        roles = st.multiselect("Roles (none: remove the grant)", list(policy.KNOWN_ROLES),
                                key="grant_roles")
         if st.form_submit_button("Save grant", icon=":material/save:"):
             try:

@@ -14,6 +14,7 @@ from cxr_core.data import indexing
 from cxr_core.data.balance_report import Aggregates, SplitPreview, balance_tables
 from cxr_core.data.balancing import BALANCING, balance_summary
 from cxr_core.data.splits import SPLIT_STRATEGIES
+from cxr_core.training import label_audit
 
 SCHEME_NAMES = {"binary": "Binary (normal / pneumonia)",
                 "three_class": "3-class (normal / bacteria / virus)",
@@ -168,6 +169,34 @@ def integrity_ui(rep: Aggregates) -> None:
             c2.caption(f"The first {len(rep.leaked_patients)} patients are shown.")
 
 
+def noise_ui(dataset_id: int) -> None:
+    """The estimated noise matrix of each finished label audit (out-of-fold confident
+    learning): P(given label | true label), rows given, columns estimated true."""
+    audits = {a.id: a for a in label_audit.list_audits(get_db(), dataset_id, finished=True)}
+    if not audits:
+        return
+    st.subheader("Estimated label noise (label audits)")
+    a = audits[st.selectbox("Label audit", list(audits), format_func=lambda i: audits[i].title,
+                            key="balance_audit")]
+    res = a.result or {}
+    noise = res.get("noise_matrix") or {}
+    names = [md(label) for label in noise.get("labels", [])]
+    c1, c2 = st.columns([3, 2])
+    fig = px.imshow(noise.get("matrix", []), x=names, y=names, text_auto=".3f",
+                    color_continuous_scale="Blues", zmin=0, zmax=1,
+                    labels={"x": "estimated true label", "y": "given label"},
+                    title="P(given | true): each column sums to 1")
+    fig.update_layout(coloraxis_showscale=False, height=320, margin=dict(t=40, b=0))
+    c1.plotly_chart(fig, width="stretch", key="balance_noise")
+    c2.dataframe(pd.DataFrame({"given": res.get("given_counts", {}),
+                               "flagged": res.get("issues_by_given", {}),
+                               "threshold": res.get("thresholds", {})}), width="stretch")
+    c2.caption(f"{res.get('n_issues', 0):,} of {res.get('n_scored', 0):,} films flagged; each "
+               f"scored by a model that never trained on it ({a.folds} patient-grouped folds, "
+               f"{a.label_source} labels, snapshot {a.snapshot_hash[:12]}). Review → Likely "
+               "mislabelled shows them, most likely wrong first.")
+
+
 @st.cache_data(show_spinner=False, max_entries=16)
 def samples(dataset_id: int, indexed_at: object) -> dict[str, list]:
     return indexing.sample_images(get_db(), dataset_id, per_class=8)
@@ -206,7 +235,8 @@ if info is not None:
     counts_ui(rep)
     if rep.unlabelled:
         st.warning(f"{rep.unlabelled} images have no class under this scheme "
-                   "(e.g. pneumonia files without bacteria/virus in the name) and are left out.")
+                   "(e.g. pneumonia without a stated bacteria/virus subtype, in the file name "
+                   "or a reviewer's label) and are left out.")
     preview = split_ui(dict(dataset_id=info.id, scheme=scheme, val_fraction=val, seed=seed,
                             labels="current" if current else "original",
                             as_of_relabel_id=relabel_id if current else None,
@@ -214,6 +244,7 @@ if info is not None:
                             indexed_at=str(info.indexed_at)))
     if preview is not None:
         balancing_ui(preview)
+    noise_ui(info.id)
     integrity_ui(rep)
     sizes_ui(rep)
     samples_ui(info)

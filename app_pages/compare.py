@@ -191,6 +191,16 @@ def metrics_ui(cmp: cs.Comparison, params: dict) -> None:
     st.dataframe(pd.DataFrame(tests), hide_index=True)
 
 
+def per_class_ui(cmp: cs.Comparison) -> None:
+    """scikit-learn's classification report per run, at the thresholds compared above."""
+    st.dataframe(pd.DataFrame(cmp.class_rows()), hide_index=True,
+                 column_config={k: st.column_config.NumberColumn(format="%.3f")
+                                for k in ("precision", "recall", "f1")})
+    st.caption("Precision, recall (= sensitivity), F1 and support of each class at each run's "
+               "threshold above (argmax for multi-class); macro avg is the unweighted mean over "
+               "classes, weighted avg weights each class by its support.")
+
+
 def send(cmp: cs.Comparison, row: dict, sent_by: Principal) -> None:
     try:
         actions.send_disagreement(get_db(), sent_by, **cmp.review_payload(row))
@@ -278,6 +288,7 @@ provenance_ui(cmp)
 views = {"Confusion matrices": confusion_ui, "Curves": curves_ui,
          "Metrics (95% CI)": lambda c: metrics_ui(c, ci_params(c, ids, mode, target, truth,
                                                                as_of)),
+         "Per class": per_class_ui,
          "Subgroups": subgroups_ui, "Disagreements": disagreements_ui,
          "Operating points": operating_point_ui}
 for tab, view in zip(st.tabs(list(views)), views.values()):

@@ -9,7 +9,8 @@ from app_pages._shared import dataset_picker, index_report_ui, list_datasets, st
 from cxr_core.app import DEMO_NAME
 from cxr_core.core.errors import CxrError
 from cxr_core.data import actions as data_actions
-from cxr_core.models.card import entry_title, external_text, fmt_ci, headline, stress_summary
+from cxr_core.models.card import (card_per_class, entry_title, external_text, fmt_ci, headline,
+                                  parameters_text, stress_summary)
 from cxr_core.models.store import DEFAULT_MODELS_DIR, read_card
 
 SPLIT_TEXT = {"patient": "a random patient-grouped validation split (in-distribution)",
@@ -96,6 +97,22 @@ def measured_ui(card: dict) -> bool:
     return True
 
 
+def card_details_ui(card: dict) -> None:
+    """The card's per-class report at its operating point and the model's size."""
+    rep = card_per_class(card)
+    with st.expander(f"Per class · {parameters_text(card.get('parameters'))} parameters",
+                     icon=":material/table_chart:"):
+        if rep:
+            st.table([{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()}
+                      for r in rep["rows"]])
+            t = rep.get("threshold")
+            st.caption(f"Validation ({md(rep.get('n'))} images) at "
+                       + ("the argmax" if t is None else f"the operating point {t:.3f}")
+                       + (f"; derived {md(rep['derived'])}." if rep.get("derived") else "."))
+        else:
+            st.caption("This card has no per-class report.")
+
+
 def demo_model_ui() -> None:
     try:
         card = read_card(DEFAULT_MODELS_DIR / "model_card.json")
@@ -112,6 +129,7 @@ def demo_model_ui() -> None:
         st.caption(f"{md(card.get('model'))} at {md(card.get('image_size'))} px. Every split "
                    "it was measured on is in `models/default/README.md`. Evaluate on your own data "
                    "(Compare) and calibrate the operating point for your site there.")
+        card_details_ui(card)
         st.page_link("app_pages/predict.py", label="Try it on an X-ray",
                      icon=":material/radiology:")
         return

@@ -8,6 +8,7 @@ import streamlit as st
 
 from app_pages._access import auth_on, md, principal, require_page
 from app_pages._db import get_db
+from app_pages._reading import adjudication_ui, last_answer_ui, reading_mode_ui
 from app_pages._shared import dataset_picker, finished_job, job_ui, kept_result
 from cxr_core.auth.policy import Principal
 from cxr_core.core.errors import CxrError
@@ -33,11 +34,22 @@ def reviewer_ui() -> Principal | None:
     return None
 
 
-def queue_ui(state: review.ReviewState, classes: list[str]) -> dict:
-    """Queue, class and model pickers; returns the queue arguments of ``next_in_queue``."""
-    kind = st.sidebar.radio("Queue", list(review.QUEUES), format_func=review.QUEUES.get,
-                            key="review_queue")
+def queue_ui(state: review.ReviewState, classes: list[str], who: Principal) -> dict:
+    """Queue, class, audit and model pickers; returns the queue arguments of ``next_in_queue``."""
+    kinds = [k for k in review.QUEUES if (k != "mislabelled" or state.audits)
+             and (k != "conflicts" or who.can("adjudicate") or state.n_conflicts)]
+    kind = st.sidebar.radio("Queue", kinds, format_func=review.QUEUES.get, key="review_queue")
     cls = st.sidebar.selectbox("Class", classes, key="review_class") if kind == "class" else None
+    if kind == "mislabelled":
+        audits = {a.id: a.title for a in state.audits}
+        st.sidebar.selectbox("Label audit", list(audits), format_func=audits.get,
+                             key="review_audit")
+        st.sidebar.caption("Films a label audit flagged: scored by models that never trained "
+                           "on them (out of fold), most likely mislabelled first. Why each was "
+                           "flagged is shown after you answer.")
+    if kind == "conflicts":
+        st.sidebar.caption(f"{state.n_conflicts} film(s) whose readers disagree wait for an "
+                           "adjudication.")
     names = {r.model_ref: f"{r.name} ({r.model_ref})" if r.name != r.model_ref else r.model_ref
              for r in state.runs}
     if names:
@@ -83,16 +95,22 @@ def pixels(path: str, version: str | None) -> np.ndarray:
     return review_view.view_pixels(path)
 
 
-def act(action: str, reviewer: Principal, entry=None, choice=None) -> None:
-    """Button callback: one relabel / undo row (its own short transaction), or a skip; done
-    as the principal (checked and audited in cxr_core.auth.gate)."""
+def act(action: str, reviewer: Principal, entry=None, choice=None, dataset_id=None,
+        blind=False) -> None:
+    """Button callback: one relabel / adjudication / undo row (its own short transaction), or
+    a skip; done as the principal (checked and audited in cxr_core.auth.gate)."""
     stack = st.session_state.setdefault("review_undo", [])
     try:
         if action == "label":
             stack.append(actions.relabel(
                 get_db(), reviewer, image_id=entry.image_id, upload_sha256=entry.upload_sha256,
                 choice=choice, note=st.session_state.pop("review_note", ""),
-                run_ref=entry.run_ref, score=entry.score))
+                run_ref=None if blind else entry.run_ref, score=None if blind else entry.score))
+            st.session_state["review_last"] = (dataset_id, entry, stack[-1])
+        elif action == "adjudicate":
+            stack.append(actions.adjudicate(get_db(), reviewer, image_id=entry.image_id,
+                                            choice=choice,
+                                            note=st.session_state.pop("review_note", "")))
         elif action == "undo":
             actions.undo_relabel(get_db(), reviewer, relabel_id=stack.pop(), note="undo")
         else:
@@ -103,16 +121,22 @@ def act(action: str, reviewer: Principal, entry=None, choice=None) -> None:
 
 def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: Principal,
                 choices: list[review.LabelChoice]) -> None:
-    """What is known about the image (or upload), then one button per label, skip and undo."""
+    """What is known about the image (or upload), then one button per label, skip and undo.
+    Blind reading shows the film's path only: no label, no reader, no score until answered."""
     about = review_view.describe_entry(get_db(), state, entry)
-    # md() rather than code spans: a backtick in a label would end a span early.
-    others = ", ".join(f"{md(who)}: **{md(label)}**" for who, label in about.reviewers)
-    st.markdown(f"**{md(about.title)}**" + "".join(f"  \n{md(k)}: **{md(v)}**"
-                                                   for k, v in about.facts)
-                + (f"  \nReviewers: {others}" if others else ""))
+    blind = state.blind and entry.image_id is not None
+    if blind:  # not even the path: its folder and file name carry the label
+        st.markdown(f"**Image {entry.image_id}**  \nBlind reading: the file name, folder label, "
+                    "other readers' labels and the model's score are shown after you answer.")
+    else:
+        # md() rather than code spans: a backtick in a label would end a span early.
+        others = ", ".join(f"{md(who)}: **{md(label)}**" for who, label in about.reviewers)
+        st.markdown(f"**{md(about.title)}**" + "".join(f"  \n{md(k)}: **{md(v)}**"
+                                                       for k, v in about.facts)
+                    + (f"  \nReviewers: {others}" if others else ""))
     if about.warning:
         st.warning(md(about.warning), icon=":material/published_with_changes:")
-    if entry.score is not None:
+    if entry.score is not None and not blind:
         st.metric(f"P(pneumonia) · {entry.run_ref}", f"{entry.score:.3f}",
                   help=f"The model predicts {entry.predicted}")
     st.text_area("Note (optional)", key="review_note", height=68)
@@ -121,7 +145,7 @@ def decision_ui(state: review.ReviewState, entry: review.QueueEntry, reviewer: P
     for n, choice in enumerate(choices):
         st.button(choice.text, key=f"review_label_{n}", type="primary", width="stretch",
                   shortcut=str(n + 1) if n < 9 else None, on_click=act,
-                  args=("label", reviewer, entry, choice))
+                  args=("label", reviewer, entry, choice, state.dataset_id, blind))
     c1, c2 = st.columns(2)
     c1.button("Skip", key="review_skip", shortcut="S", icon=":material/skip_next:",
               width="stretch", on_click=act, args=("skip", reviewer, entry))
@@ -136,6 +160,8 @@ def image_ui(state: review.ReviewState, entry: review.QueueEntry, info) -> None:
         st.error(f"The stored upload {entry.upload_sha256} is missing from the uploads folder.")
         return
     why_not = explain.saliency_unavailable(entry.run_ref, state.artifact_dirs)
+    if state.blind and entry.image_id is not None:
+        why_not = "blind reading shows no model output before you answer"
     show = st.toggle("Saliency", key="review_saliency", disabled=bool(why_not)) and not why_not
     if why_not:
         st.caption(f"Saliency unavailable: {md(why_not)}.")
@@ -164,6 +190,12 @@ def agreement_ui(state: review.ReviewState) -> None:
     if result is not None:
         agr = agreement_mod.Agreement.from_json(result)
         st.dataframe([p.__dict__ for p in agr.pairs], hide_index=True)
+        if agr.fleiss is not None:
+            k = agr.fleiss.kappa
+            st.metric("Fleiss' kappa (three or more readers)",
+                      "undefined" if k is None else f"{k:.3f}",
+                      help=f"{agr.fleiss.n_images:,} images read by 3+ readers, "
+                           f"{agr.fleiss.ratings_per_image:.1f} readers per image on average")
         st.caption(f"{agr.n_conflicts:,} images where reviewers' newest labels differ")
         st.dataframe([{"image": c.relpath, **dict(c.labels)} for c in agr.conflicts],
                      hide_index=True)
@@ -199,21 +231,30 @@ reviewer = reviewer_ui()
 info = dataset_picker("review") if reviewer else None
 if info is None:
     st.stop()
-state = review.load_state(get_db(), info.id, st.session_state.get("review_run"))
-view = review.next_in_queue(get_db(), state, reviewer=reviewer.identity,
-                            **queue_ui(state, sorted(info.classes)))
+state = review.load_state(get_db(), info.id, st.session_state.get("review_run"),
+                          st.session_state.get("review_audit"))
+reading_mode_ui(state)
+args = queue_ui(state, sorted(info.classes), reviewer)
+view = review.next_in_queue(get_db(), state, reviewer=reviewer.identity, **args)
 if state.changed_since_relabel:
     st.warning(f"{len(state.changed_since_relabel)} relabelled image(s) changed on disk since "
                "they were relabelled; their relabels are kept and flagged where they appear.",
                icon=":material/published_with_changes:")
 st.progress(view.done_fraction, text=f"{view.n_reviewed} reviewed, {view.n_left} left")
+last_answer_ui(state)
 if view.current is None:
     st.success("Nothing left in this queue.", icon=":material/done_all:")
+    if st.session_state.get("review_undo"):
+        st.button("Undo", key="review_undo_btn", icon=":material/undo:", on_click=act,
+                  args=("undo", reviewer))
 else:
     left, right = st.columns([3, 2])
+    choices = review.label_choices(info.classes, state.label_pairs)
     with left:
         image_ui(state, view.current, info)
     with right:
-        decision_ui(state, view.current, reviewer,
-                    review.label_choices(info.classes, state.label_pairs))
+        if args["kind"] == "conflicts":
+            adjudication_ui(state, view.current, reviewer, choices, act)
+        else:
+            decision_ui(state, view.current, reviewer, choices)
 agreement_ui(state)

@@ -209,6 +209,25 @@ def curves_ui(runs: dict, run_ids: list[int]) -> None:
     st.plotly_chart(fig, width="stretch", key="train_curves")
 
 
+def outcome_ui(run) -> None:
+    """A finished run's size (parameters) and per-class report at its operating point."""
+    summary = run.summary or {}
+    if params := summary.get("parameters"):
+        c1, c2, c3 = st.columns(3)
+        c1.metric("Parameters", f"{params['total']:,}")
+        c2.metric("Trainable", f"{params['trainable']:,}")
+        c3.metric("Non-trainable", f"{params['non_trainable']:,}",
+                  help="Frozen layers and BatchNorm's moving statistics")
+    if per_class := summary.get("per_class"):
+        t = per_class.get("threshold")
+        st.caption(f"Per class on validation ({per_class.get('n')} images) at "
+                   + ("the argmax" if t is None else f"the operating point {t:.3f}"))
+        st.dataframe(pd.DataFrame(per_class["rows"]), hide_index=True)
+    if left := summary.get("left_out_unlabelled"):
+        st.caption("Left out (no class in this scheme; no subtype is guessed): "
+                   + ", ".join(f"{n} {md(why)}" for why, n in sorted(left.items())))
+
+
 def detail_ui(run) -> None:
     st.markdown(f"**{md(run.display_name)}** (#{run.id}) — {ICONS.get(run.status, '')} "
                 f"{run.status}" + (f" · queued by {md(run.created_by)}" if run.created_by else ""))
@@ -226,6 +245,7 @@ def detail_ui(run) -> None:
             st.toast(f"Run {run.id} queued to resume from epoch {run.epochs_done}")
     except CxrError as exc:
         st.error(md(exc), icon=":material/block:")
+    outcome_ui(run)
     tab_logs, tab_cfg, tab_sum = st.tabs(["Log", "Config", "Summary"])
     logs = svc.run_logs(get_db(), run.id)
     tab_logs.code("\n".join(f"{x.created_at:%H:%M:%S} {x.level:7} {x.message}" for x in logs)

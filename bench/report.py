@@ -27,6 +27,9 @@ WHAT = {
     "training": "default224 training throughput, mixed precision vs float32 (GPU only)",
     "scale": "every page's data at 100k images / 200k relabels / 20 evaluations vs the same "
              "at 5k (growth of the slowest page; goals: < 1.5 s, ≤ 3×, RSS < 1.5 GB)",
+    "label-noise": "flipped labels found by the label audit (out-of-fold confident learning) "
+                   "vs one model's in-sample scores (precision at k = number flipped; goals: "
+                   "AUROC ≥ 0.90, precision@k ≥ 0.6)",
 }
 
 
@@ -79,6 +82,12 @@ def _ratio(result: dict) -> str:
         growth = "—" if result.get("ratio") is None else f"**{float(result['ratio']):.1f}×**"
         return (f"{growth} growth of the slowest page ({result.get('slowest_page')}, "
                 f"{result.get('slowest_page_s') or float('nan'):.2f} s); goals: {ok}")
+    if result.get("bench") == "label-noise" and "ours" in result:
+        ours = result["ours"]
+        ratio = "—" if result.get("ratio") is None else f"**{float(result['ratio']):.1f}×**"
+        return (f"{ratio} precision@k ({ours['precision_at_k']:.2f} vs "
+                f"{result['baseline']['precision_at_k']:.2f}); AUROC {ours['auroc']:.3f}; goals "
+                + ("met" if result.get("met") else "not met"))
     if result.get("ratio") is None:
         base = result.get("baseline") or {}
         measured = (f"; float32 baseline {base['images_per_s']:g} img/s"
@@ -126,6 +135,9 @@ def render(results: list[dict], info: dict, when: str) -> str:
     scale = next((r for r in results if r["bench"] == "scale" and "levels" in r), None)
     if scale:
         lines += scale_section(scale)
+    noise = next((r for r in results if r["bench"] == "label-noise" and "ours" in r), None)
+    if noise:
+        lines += label_noise_section(noise)
     lines += ["", "## Raw results", ""]
     for r in results:
         lines += [f"### {r['bench']}", "", "```json", json.dumps(r, indent=1), "```", ""]
@@ -167,6 +179,32 @@ def scale_section(result: dict) -> list[str]:
                      f"{num(b.get('total_s'), '.1f')} | {num(b.get('index_s'), '.1f')} | "
                      f"{num(b.get('relabels_s'), '.1f')} | {num(b.get('evals_s'), '.1f')} | "
                      f"{num(b.get('db_mb'), '.0f')} | {num(levels[n].get('rss_mb'), '.0f')} |")
+    return lines
+
+
+def label_noise_section(result: dict) -> list[str]:
+    """The label audit against the in-sample baseline on films with known flipped labels."""
+    cfg = result.get("config") or {}
+    rows = [("baseline: one run, in-sample scores", result["baseline"]),
+            (f"ours: label audit, {result['folds']} folds, out of fold", result["ours"])]
+    lines = ["", "## Label noise found by the label audit", "",
+             f"{result['images']:,} real train films (stratified by class, seed "
+             f"{result.get('seed', 0)}), {result['n_flipped']} of them ({result['flip']:.0%}) "
+             "moved to the other class's folder (recorded in the raw result); the fold runs' "
+             f"config: `{cfg.get('model')}` at {cfg.get('image_size')} px, "
+             f"{cfg.get('epochs')} epochs max, augment `{cfg.get('augment')}`. Detection AUROC "
+             "ranks every film by 1 − P(given label); the flagged set is confident learning's; "
+             "precision@k takes the k lowest self-confidences, k = the number flipped.", "",
+             "| | detection AUROC | flagged | precision | recall | precision@k | wall (s) |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r['auroc']:.3f} | {r['n_flagged']} | {r['precision']:.2f} | "
+              f"{r['recall']:.2f} | {r['precision_at_k']:.2f} | {r['wall_s']:.0f} |"
+              for name, r in rows]
+    goals = result.get("goals") or {}
+    lines += ["", f"Goals: AUROC ≥ {goals.get('auroc')}, precision@k ≥ "
+              f"{goals.get('precision_at_k')}: {'met' if result.get('met') else 'not met'}. "
+              f"Out-of-fold AUC of the folds (NORMAL vs PNEUMONIA, noisy labels): "
+              f"{result['ours'].get('oof_auc') or float('nan'):.3f}."]
     return lines
 
 

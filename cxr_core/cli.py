@@ -22,7 +22,7 @@ from cxr_core.core.errors import ConfigError, CxrError
 
 REPO = Path(__file__).resolve().parents[1]  # cxr_core/cli.py -> the repository
 BENCHES = ("index", "pages", "pipeline", "features", "predict", "training", "scale",
-           "site-round")
+           "site-round", "label-noise")
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
@@ -117,10 +117,13 @@ def cmd_bench(args: argparse.Namespace) -> dict:
     sys.path.insert(0, str(REPO))
     module = importlib.import_module(f"bench.{args.name.replace('-', '_')}")
     data = Path(args.data or os.environ.get("CXR_SHARED_DATA") or REPO.parent / "shared" / "data")
+    if args.name == "label-noise":
+        return module.run(data, flip=args.flip, images=args.images, config=args.config,
+                          **({} if args.folds is None else {"folds": args.folds}))
     if args.name != "site-round":
         return module.run(data)
     options = {"site": args.site, "base": args.base, "config": args.config,
-               "folds": args.folds, "repeat": args.repeat}
+               "folds": 3 if args.folds is None else args.folds, "repeat": args.repeat}
     if args.budgets:
         try:
             options["budgets"] = tuple(int(b) for b in args.budgets.split(","))
@@ -157,6 +160,77 @@ def train_cli(config_path: str | Path, *, detach: bool = False,
 def cmd_train(args: argparse.Namespace) -> dict:
     # checked, limited and audited as the CLI principal inside (cxr_core.auth.gate)
     return train_cli(args.config, detach=args.detach, progress=_progress("train"))
+
+
+def cmd_label_audit(args: argparse.Namespace) -> dict:
+    """Start a label audit (K fold runs) as the CLI principal, then train its folds here (one
+    more worker) unless --detach; prints the audit (the issues once every fold finished)."""
+    from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.training import actions as training_actions
+    from cxr_core.training import label_audit
+    from cxr_core.training import service as training_service
+    from cxr_core.training.service import read_config_file
+
+    if not args.dataset:
+        raise ConfigError("label-audit needs --dataset NAME (or: label-audit show ID, "
+                          "label-audit resume ID)")
+    db, p = open_db(), cli_principal()
+    path = Path(args.config).expanduser() if args.config else None
+    cfg = training_service.label_audit_config(
+        db, args.dataset, read_config_file(path) if path else None,
+        label_scheme=args.label_scheme, label_source=args.labels,
+        base_dir=path.parent if path else None)
+    audit_id, _ = training_actions.start_label_audit(db, p, cfg, folds=args.folds,
+                                                     seed=args.seed, start_worker=args.detach)
+    if args.detach:
+        return {**label_audit.audit_json(db, audit_id, top=args.top), "status": "queued"}
+    return _audit_outcome(db, audit_id, args.top)
+
+
+def _audit_outcome(db, audit_id: int, top: int | None) -> dict:
+    """Train the audit's queued folds in this process, then its JSON (status "failed" when a
+    fold did not finish: resume it)."""
+    from cxr_core.training import label_audit
+    from cxr_core.training import service as training_service
+
+    training_service.train_audit_folds(db, audit_id, progress=_progress("fold epochs"))
+    out = label_audit.audit_json(db, audit_id, top=top)
+    if out["status"] != "finished":
+        for f in out["fold_runs"]:
+            if f["status"] != "finished":
+                print(f"warning: fold {f['fold'] + 1} (run {f['run_id']}) {f['status']}: "
+                      f"{f['error'] or ''}", file=sys.stderr)
+        out["status"] = "failed"
+    return out
+
+
+def cmd_label_audit_show(args: argparse.Namespace) -> dict:
+    from cxr_core.app import open_db
+    from cxr_core.training import label_audit
+
+    db = open_db()
+    label_audit.finalize(db, args.audit_id)  # a finished audit nobody finalized yet
+    return label_audit.audit_json(db, args.audit_id, top=args.top)
+
+
+def cmd_label_audit_resume(args: argparse.Namespace) -> dict:
+    """Resume an audit's failed or cancelled folds (each from its checkpoint)."""
+    from cxr_core.app import open_db
+    from cxr_core.auth.policy import cli_principal
+    from cxr_core.training import actions as training_actions
+    from cxr_core.training import label_audit
+
+    db = open_db()
+    resumed = training_actions.resume_label_audit(db, cli_principal(), args.audit_id,
+                                                  start_worker=args.detach)
+    if not resumed:
+        print(f"warning: audit {args.audit_id} has no failed or cancelled fold",
+              file=sys.stderr)
+    if args.detach:
+        return {**label_audit.audit_json(db, args.audit_id, top=args.top), "status": "queued",
+                "resumed_runs": resumed}
+    return {**_audit_outcome(db, args.audit_id, args.top), "resumed_runs": resumed}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> dict:
@@ -407,6 +481,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "train from a run config JSON (same code path as the page)")
     p.add_argument("--config", required=True)
     p.add_argument("--detach", action="store_true", help="only queue the run for the worker")
+    p = add("label-audit", cmd_label_audit, "find likely wrong labels: K patient-grouped "
+            "folds trained as runs, out-of-fold probabilities, confident learning")
+    p.add_argument("--dataset", default=None, help="the indexed dataset to audit")
+    p.add_argument("--folds", type=int, default=5, help="K folds (each image predicted once "
+                   "by a model that never trained on it)")
+    p.add_argument("--config", default=None, help="a run config JSON for the fold runs "
+                   "(recipe, model, epochs, ...); default: the host's recipe")
+    p.add_argument("--labels", choices=("current", "original"), default=None,
+                   help="audit the current labels (relabels applied; default) or the originals")
+    p.add_argument("--label-scheme", choices=("binary", "three_class", "folders"), default=None,
+                   help="default binary (subtypes are a second question)")
+    p.add_argument("--seed", type=int, default=0, help="the folds' seed")
+    p.add_argument("--top", type=int, default=None, help="print only the N most likely wrong")
+    p.add_argument("--detach", action="store_true", help="only queue the fold runs")
+    asub = p.add_subparsers(dest="label_audit_command")
+    q = add("show", cmd_label_audit_show, "a stored audit (its issues once finished)", asub)
+    q.add_argument("audit_id", type=int)
+    q.add_argument("--top", type=int, default=None)
+    q = add("resume", cmd_label_audit_resume, "resume an audit's failed or cancelled folds",
+            asub)
+    q.add_argument("audit_id", type=int)
+    q.add_argument("--top", type=int, default=None)
+    q.add_argument("--detach", action="store_true", help="only queue them for the workers")
     p = add("evaluate", cmd_evaluate, "evaluate a model on a dataset")
     p.add_argument("--model", required=True, help="RUN_ID, 'default', a .keras file or an "
                    "ensemble: 'ensemble:run:3+run:5' or 'ensemble:NAME'")
@@ -450,9 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--site", default=None,
                    help="site-round: the new site's folder (default: the external sample)")
     p.add_argument("--base", default="default", help="site-round: default or run:ID")
-    p.add_argument("--config", default=None, help="site-round: the next round's run config")
+    p.add_argument("--config", default=None, help="site-round: the next round's run config; "
+                   "label-noise: the audit's fold runs' config")
     p.add_argument("--budgets", default=None, help="site-round: e.g. 0,25,50,100,150")
-    p.add_argument("--folds", type=int, default=3, help="site-round: patient-grouped folds")
+    p.add_argument("--folds", type=int, default=None,
+                   help="site-round: patient-grouped folds (default 3); label-noise: the "
+                        "audit's folds (default 5)")
+    p.add_argument("--flip", type=float, default=0.05,
+                   help="label-noise: share of labels flipped NORMAL <-> PNEUMONIA")
+    p.add_argument("--images", type=int, default=1000,
+                   help="label-noise: the stratified subset of the real train films")
     p.add_argument("--repeat", type=int, default=3,
                    help="site-round: copies of a confirmed film per epoch")
     p = add("worker", cmd_worker, "run the training worker in the foreground")
@@ -507,7 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("grant", cmd_roles_grant, "set an identity's granted roles (none: remove)", rosub)
     p.add_argument("identity", help="an email (lowercased), or issuer|subject as the identity "
                    "provider gives it (case kept)")
-    p.add_argument("roles", nargs="*", choices=("viewer", "reviewer", "scientist", "admin"))
+    p.add_argument("roles", nargs="*", choices=("viewer", "reviewer", "scientist", "admin",
+                                                "adjudicator"))
     relabel = sub.add_parser("relabel", help="relabel images (the review page's writer)")
     rsub = relabel.add_subparsers(dest="relabel_command", required=True)
     p = add("add", cmd_relabel_add, "relabel one image by its path", rsub)
@@ -547,5 +652,5 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, default=str))
     else:
         print(json.dumps(result, indent=2, default=str))
-    return 0 if result.get("status", "finished") in ("finished", "queued") else 1
+    return 0 if result.get("status", "finished") in ("finished", "queued", "running") else 1
 

@@ -347,6 +347,77 @@ class Relabel(Base):
     score: Mapped[float | None] = mapped_column(Float)  # model probability shown
     undo_of: Mapped[int | None] = mapped_column(ForeignKey("relabels.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # What the row is (migration 0016): "label" (a reading that counts at once: single
+    # reading), "read" (one reader's answer under double reading: counts only through a
+    # "consensus" row, written when enough readers agree, or an "adjudication" row, written by
+    # an adjudicator over conflicting reads). An undo row has the kind of the row it undoes.
+    kind: Mapped[str] = mapped_column(String(20), default="label", server_default="label")
+    reads_required: Mapped[int | None] = mapped_column(Integer)  # a read: readers needed then
+    basis_json: Mapped[str | None] = mapped_column(Text)  # consensus/adjudication: read ids
+
+
+class ReviewSetting(Base):
+    """How a dataset is read on Review, append-only (migration 0016): the newest row of a
+    dataset is in force (none: open single reading)."""
+
+    __tablename__ = "review_settings"
+    __table_args__ = (Index("ix_review_settings_dataset", "dataset_id", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    # Blind: no model score, no other reader's label and no folder label until one answers.
+    blind: Mapped[bool] = mapped_column(Boolean, default=False)
+    reads_per_image: Mapped[int] = mapped_column(Integer, default=1)  # 2: double reading
+    changed_by: Mapped[str] = mapped_column(String(200))
+    note: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class LabelAudit(Base):
+    """A label audit (migration 0016): K patient-grouped folds trained as ordinary runs
+    (``runs.parent`` "audit:ID"), every image's out-of-fold probabilities in
+    ``label_audit_images`` with the label it was given, then confident learning over them."""
+
+    __tablename__ = "label_audits"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"),
+                                            index=True)
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running|finished|failed
+    label_scheme: Mapped[str] = mapped_column(String(20))
+    label_source: Mapped[str] = mapped_column(String(20))  # current | original
+    labels_json: Mapped[str] = mapped_column(Text)  # class names, probability column order
+    folds: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    config_json: Mapped[str] = mapped_column(Text)  # the fold runs' config (without the fold)
+    label_snapshot_hash: Mapped[str] = mapped_column(String(64))
+    label_snapshot_relabel_id: Mapped[int | None] = mapped_column(Integer)
+    n_images: Mapped[int] = mapped_column(Integer, default=0)
+    result_json: Mapped[str | None] = mapped_column(Text)  # thresholds, noise matrix, counts
+    error: Mapped[str | None] = mapped_column(Text)
+    created_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LabelAuditImage(Base):
+    """One image of a label audit: its fold, the label it was given (the audit's snapshot),
+    its out-of-fold probabilities (NULL until its fold run finishes) and, once the audit is
+    done, its self-confidence and its rank among the flagged issues (NULL: not flagged)."""
+
+    __tablename__ = "label_audit_images"
+    __table_args__ = (UniqueConstraint("audit_id", "image_id"),
+                      Index("ix_label_audit_images_rank", "audit_id", "issue_rank"),
+                      Index("ix_label_audit_images_fold", "audit_id", "fold"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    audit_id: Mapped[int] = mapped_column(ForeignKey("label_audits.id", ondelete="CASCADE"))
+    # No ON DELETE CASCADE: a stored audit keeps its images' rows.
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
+    fold: Mapped[int] = mapped_column(Integer)
+    given: Mapped[int] = mapped_column(Integer)  # class index of the given label
+    probs_json: Mapped[str | None] = mapped_column(Text)  # out-of-fold, labels_json order
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="SET NULL"))
+    self_confidence: Mapped[float | None] = mapped_column(Float)  # P(given label), out of fold
+    suggested: Mapped[int | None] = mapped_column(Integer)  # class index confident learning puts
+    issue_rank: Mapped[int | None] = mapped_column(Integer)  # 1 = most likely mislabelled
 
 
 class AuditEvent(Base):

@@ -172,3 +172,43 @@ def test_the_site_round_bench_runs_end_to_end_at_a_tiny_size(cxr_home, shared_da
     assert nxt["low"] <= nxt["specificity"] <= nxt["high"]
     assert main(["bench", "site-round", "--budgets", "a,b"]) == 2
     assert "--budgets is a comma-separated list" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_label_noise_bench_runs_end_to_end_at_a_tiny_size(cxr_home, shared_data, tmp_path,
+                                                              capsys):
+    """bench label-noise through the CLI: a stratified real subset, a recorded flip, the audit
+    (2 folds, a tiny model) against one in-sample run; every figure in [0, 1]."""
+    import json
+
+    from bench import report
+    from cxr_core.cli import main
+
+    config = tmp_path / "fold.json"
+    config.write_text(json.dumps({"recipe": "cpu128", "model": "small3_50", "image_size": 32,
+                                  "epochs": 1, "batch_size": 16, "augment": "none"}))
+    assert main(["bench", "label-noise", "--flip", "0.1", "--images", "60", "--folds", "2",
+                 "--config", str(config), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["bench"] == "label-noise" and out["folds"] == 2 and out["images"] == 60
+    assert out["n_flipped"] == len(out["flipped"]) == 6
+    assert all(f["true"] != f["given"] and f["path"].startswith(f"train/{f['given']}/")
+               for f in out["flipped"])
+    for side in ("baseline", "ours"):
+        r = out[side]
+        assert r["k"] == 6 and all(0.0 <= r[k] <= 1.0 for k in
+                                   ("auroc", "precision", "recall", "precision_at_k"))
+        assert r["wall_s"] > 0
+    assert out["ratio"] is None or out["ratio"] == pytest.approx(
+        out["ours"]["precision_at_k"] / out["baseline"]["precision_at_k"])
+    text = "\n".join(report.label_noise_section(out))
+    assert "| ours: label audit, 2 folds, out of fold |" in text
+    assert "precision@k" in report._ratio(out) and "AUROC" in report._ratio(out)
+    assert "—" in report._ratio({**out, "ratio": None})
+
+
+def test_the_label_noise_bench_refuses_a_bad_flip(cxr_home, shared_data, capsys):
+    from cxr_core.cli import main
+
+    assert main(["bench", "label-noise", "--flip", "0.6", "--json"]) == 2
+    assert "need 0 < flip < 0.5" in capsys.readouterr().err

@@ -161,8 +161,9 @@ def test_list_of_a_dataset_without_relabels_is_empty(db, root, capsys):
      "unknown path 'train/NORMAL/none.png'"),
     (["--dataset", "tiny", "--path", "", "--label", "NORMAL"], "empty path"),
     (["--dataset", "tiny", "--path", N1, "--label", "COVID19"], "label 'COVID19' is not one"),
-    # the page has no plain PNEUMONIA button when the pneumonia images have subtypes
-    (["--dataset", "tiny", "--path", N1, "--label", "PNEUMONIA"], "label 'PNEUMONIA' is not"),
+    # a subtype the data does not have (plain PNEUMONIA is "subtype not stated": allowed)
+    (["--dataset", "tiny", "--path", N1, "--label", "PNEUMONIA", "--subtype", "fungal"],
+     "label 'PNEUMONIA·fungal' is not"),
     (["--dataset", "tiny", "--path", N1, "--label", "NORMAL", "--subtype", "virus"],
      "label 'NORMAL·virus' is not one"),
     (["--dataset", "tiny", "--path", N1, "--label", "PNEUMONIA·virus", "--subtype", "bacteria"],
@@ -185,7 +186,8 @@ def test_add_with_a_blank_reviewer_is_refused(db, root, capsys):
 def test_label_errors_list_the_datasets_choices(db, root, capsys):
     _, _, err = run(capsys, "relabel", "add", "--dataset", "tiny", "--path", N1,
                     "--label", "normal", "--reviewer", "alice")
-    assert "(NORMAL / PNEUMONIA·bacteria / PNEUMONIA·virus)" in err
+    assert ("(NORMAL / PNEUMONIA·bacteria / PNEUMONIA·virus / PNEUMONIA (subtype not "
+            "stated))") in err
 
 
 # -- missing images ------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def test_import_names_every_kind_of_bad_row(db, root, capsys, tmp_path):
             ",NORMAL,,alice,\n"  # 3: empty path
             f"{N2},NORMAL,,,\n"  # 4: good (recorded as the CLI's identity)
             f"{N1},PNEUMONIA,virus,bob,\n"  # 5: duplicate of line 2
-            f"{N3},PNEUMONIA,,alice,\n"  # 6: no such button
+            f"{N3},PNEUMONIA,fungal,alice,\n"  # 6: no such button
             f"{P1},NORMAL,,alice,note,extra\n"  # 7: one cell too many
             f"{P2},,,alice,\n"  # 8: empty label
             f"\"{P2}\nx\",NORMAL,,,\n"  # 9-10: a quoted path over two lines; two problems
@@ -293,7 +295,7 @@ def test_import_names_every_kind_of_bad_row(db, root, capsys, tmp_path):
     assert "line 3: empty path" in problems
     assert "line 4" not in problems and "reviewer" not in problems
     assert f"line 5: duplicate path '{N1}' (first on line 2)" in problems
-    assert "line 6: label 'PNEUMONIA' is not one" in problems
+    assert "line 6: label 'PNEUMONIA·fungal' is not one" in problems
     assert "line 7: 1 cell(s) more than the header's 5" in problems
     assert "line 8: empty label" in problems
     assert "line 9: unknown path" in problems

@@ -415,7 +415,9 @@ def test_label_choices_split_classes_with_subtypes(db, ds):
     state = review.load_state(db, ds[0])
     texts = [c.text for c in review.label_choices(["NORMAL", "PNEUMONIA", "COVID19"],
                                                   state.label_pairs)]
-    assert texts == ["COVID19", "NORMAL", "PNEUMONIA·bacteria", "PNEUMONIA·virus"]
+    # A reader need not guess the subtype: pneumonia without one is a button too (issue 27).
+    assert texts == ["COVID19", "NORMAL", "PNEUMONIA·bacteria", "PNEUMONIA·virus",
+                     "PNEUMONIA (subtype not stated)"]
     assert [c.text for c in review.label_choices(["NORMAL", "PNEUMONIA"], [])] == [
         "NORMAL", "PNEUMONIA"]
 

@@ -20,11 +20,11 @@ def grant_roles(db: Database, p: Principal, identity: str, roles: Sequence[str])
     if not identity:
         raise ConfigError("a grant needs an identity (an email or issuer|subject). "
                           "Received: ''")
-    bad = sorted(set(roles) - set(policy.ROLES))
+    bad = sorted(set(roles) - set(policy.KNOWN_ROLES))
     if bad:
-        raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(policy.ROLES)}")
+        raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(policy.KNOWN_ROLES)}")
     authorize(db, p, "manage_roles", identity)
-    ordered = tuple(r for r in policy.ROLES if r in set(roles))
+    ordered = tuple(r for r in policy.KNOWN_ROLES if r in set(roles))
     db.write(lambda s: store.set_grant(session=s, identity=identity, roles=ordered,
                                        granted_by=p.identity),
              and_then=audited(p, "manage_roles", identity, {"roles": list(ordered)}))

@@ -17,6 +17,10 @@ Roles (each includes the one before):
 * ``admin``: + undo anyone's relabel, cancel anyone's run, replace anyone's preset, manage
   roles, read the audit log.
 
+Beside the ladder, ``adjudicator`` (:data:`EXTRA_ROLES`): resolves conflicting reads of a
+double reading on Review. It is granted on its own (usually with ``reviewer``); admin implies
+it (the policy lets admins adjudicate), scientist does not.
+
 Mapping an identity to roles (:func:`roles_for`) reads a ``[cxr_roles]`` secrets table, which
 sign-in requires (deny by default: without one the app refuses to start)::
 
@@ -24,6 +28,7 @@ sign-in requires (deny by default: without one the app refuses to start)::
     admin = ["lead@hospital.org"]
     scientist = ["ds@hospital.org", "group:ml-team"]
     reviewer = ["group:radiology"]
+    adjudicator = ["senior.rad@hospital.org"]  # optional: beside the ladder (see above)
     claim = "groups"              # optional: a claim listing the user's groups
     default = "viewer"            # optional: the role of an identity without a mapping (none)
     trusted_email_issuers = ["https://login.example.org"]  # optional: emails there need no
@@ -45,7 +50,10 @@ from typing import Any
 
 from cxr_core.core.errors import ConfigError, PermissionDenied
 
-ROLES: tuple[str, ...] = ("viewer", "reviewer", "scientist", "admin")
+ROLES: tuple[str, ...] = ("viewer", "reviewer", "scientist", "admin")  # the ladder
+EXTRA_ROLES: tuple[str, ...] = ("adjudicator",)  # beside the ladder: includes no other role
+KNOWN_ROLES: tuple[str, ...] = ROLES + EXTRA_ROLES
+_ADJ = "adjudicator"
 
 # action -> the roles allowed to do it. Explicit, so a test can check every action x role.
 _V, _R, _S, _A = ROLES
@@ -73,6 +81,9 @@ POLICY: dict[str, frozenset[str]] = {
     "view_audit": frozenset({_A}),
     "backup": frozenset({_A}),  # back up or restore everything (the CLI, on the server)
     "cleanup": frozenset({_A}),  # delete expired uploads nothing refers to, and old exports
+    "label_audit": frozenset({_S, _A}),  # K fold runs + confident learning (training/label_audit)
+    "review_settings": frozenset({_S, _A}),  # a dataset's reading mode: blind, reads per image
+    "adjudicate": frozenset({_ADJ, _A}),  # settle conflicting reads (admin implies it)
     "search": frozenset({_S, _A}),  # create / stop own hyperparameter studies, promote a trial
 }
 ACTIONS: tuple[str, ...] = tuple(POLICY)
@@ -91,9 +102,9 @@ class Principal:
     def __post_init__(self) -> None:
         if not (self.identity or "").strip():
             raise ConfigError("a principal needs an identity. Received: identity=''")
-        bad = sorted(set(self.roles) - set(ROLES))
+        bad = sorted(set(self.roles) - set(KNOWN_ROLES))
         if bad:
-            raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(ROLES)}")
+            raise ConfigError(f"unknown role(s) {bad}. Expected some of {list(KNOWN_ROLES)}")
         if self.source not in SOURCES:
             raise ConfigError(f"unknown principal source {self.source!r}. Expected one of "
                               f"{list(SOURCES)}")
@@ -124,8 +135,8 @@ def allowed_roles(action: str) -> frozenset[str]:
 def require(principal: Principal, action: str, *, target: str = "") -> None:
     """Raise :class:`PermissionDenied` unless ``principal`` may do ``action``."""
     if not principal.can(action):
-        need = " or ".join(r for r in ROLES if r in allowed_roles(action))
-        have = ", ".join(r for r in ROLES if r in principal.roles) or "no role"
+        need = " or ".join(r for r in KNOWN_ROLES if r in allowed_roles(action))
+        have = ", ".join(r for r in KNOWN_ROLES if r in principal.roles) or "no role"
         on = f" on {target}" if target else ""
         raise PermissionDenied(f"{principal.identity} may not {action.replace('_', ' ')}{on}: "
                                f"it needs the {need} role (has: {have}). Ask an admin.")
@@ -225,12 +236,12 @@ def check_roles_config(config: Mapping[str, Any] | None) -> None:
     """Refuse a ``[cxr_roles]`` table that maps no one (sign-in is deny by default), or has
     unknown keys or roles (a typo must not be ignored)."""
     config = config or {}
-    if not any(_as_list(config.get(r)) for r in ROLES) and not config.get("default"):
+    if not any(_as_list(config.get(r)) for r in KNOWN_ROLES) and not config.get("default"):
         raise ConfigError("sign-in is configured ([auth]) but [cxr_roles] gives no identity a "
                           "role: add a [cxr_roles] table to .streamlit/secrets.toml (e.g. "
                           'admin = ["you@example.org"]); an identity without a mapping gets no '
                           "role unless default = \"viewer\" (or another role) is set")
-    known = set(ROLES) | set(ROLE_CONFIG_KEYS)
+    known = set(KNOWN_ROLES) | set(ROLE_CONFIG_KEYS)
     unknown = sorted(k for k in config if k not in known)
     if unknown:
         raise ConfigError(f"unknown key(s) in [cxr_roles]: {unknown}. Expected some of "
@@ -304,13 +315,15 @@ def roles_for(user: Mapping[str, Any], config: Mapping[str, Any],
             return entry[6:] in groups
         # an email compares lowercased; an issuer|subject exactly (subjects are case-sensitive)
         return entry == who if "|" in entry else entry.strip().lower() == who
-    roles = {r for r in ROLES if any(matches(e) for e in _as_list(config.get(r)))}
-    roles |= set(granted) & set(ROLES)
+    roles = {r for r in KNOWN_ROLES if any(matches(e) for e in _as_list(config.get(r)))}
+    roles |= set(granted) & set(KNOWN_ROLES)
+    extra = roles & set(EXTRA_ROLES)  # beside the ladder: kept as they are
+    roles -= extra
     if not roles and config.get("default"):
         roles = {config["default"]}
     # A higher role includes the ones below it (an admin can also review, and so on).
     top = max((ROLES.index(r) for r in roles), default=-1)
-    return frozenset(ROLES[: top + 1])
+    return frozenset(ROLES[: top + 1]) | extra
 
 
 def oidc_principal(user: Mapping[str, Any], config: Mapping[str, Any],

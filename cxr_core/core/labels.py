@@ -68,6 +68,16 @@ def scheme_label(label: str, subtype: str | None, scheme: str) -> str | None:
 
 Label = tuple[str, str | None]  # (folder class, subtype)
 
+# A reviewer may call a film pneumonia without guessing bacterial or viral: the label is
+# (PNEUMONIA, None). Binary training uses it; three-class training leaves it out (and says
+# how many); nothing invents a subtype for it.
+UNSTATED_SUBTYPE_TEXT = "subtype not stated"
+
+
+def format_label(label: str, subtype: str | None) -> str:
+    """``PNEUMONIA·virus`` for a label with a subtype, else the folder class."""
+    return f"{label}·{subtype}" if subtype else label
+
 
 def labels_hash(labels: Mapping[int, Label]) -> str:
     """sha256 over the sorted (image_id, label, subtype) triples: the identity of a label set."""

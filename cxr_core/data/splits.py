@@ -245,6 +245,41 @@ def group_split(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
 SPLIT_STRATEGIES = ("patient", "temporal", "group")
 
 
+# -- K folds: every image held out once (a label audit's out-of-fold predictions) -----------
+
+def grouped_folds(records: Sequence[ImageRecord], labels: Sequence[str | None], *,
+                  folds: int = 5, seed: int = 0) -> dict[int, int]:
+    """Image id -> fold (0..folds-1): class-stratified, seeded folds grouped by patient and by
+    identical bytes (a patient's images and byte-identical files share a fold), over the
+    labelled, readable images outside the test folder.
+
+    Args:
+        records: indexed images.
+        labels: the scheme label of each record (None = left out, e.g. no subtype).
+        folds: K >= 2.
+        seed: shuffling seed of the grouped stratified folds.
+
+    Raises:
+        ConfigError: ``folds`` not an integer >= 2.
+        DatasetError: fewer patient groups than folds.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"folds must be an integer >= 2. Received: folds={folds!r}")
+    pool, _, _ = _pool(records, labels)
+    groups = split_groups([records[i] for i in pool])
+    if len(set(groups.tolist())) < folds:
+        raise DatasetError(f"{folds} folds need at least {folds} patient groups. Received: "
+                           f"{len(set(groups.tolist()))} groups over {len(pool)} images")
+    y = np.array([labels[i] for i in pool])
+    sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    out: dict[int, int] = {}
+    for k, (_, held) in enumerate(sgkf.split(np.zeros(len(pool)), y, groups)):
+        out.update({records[pool[i]].id: k for i in held})
+    return out
+
+
 def make_split(strategy: str, records: Sequence[ImageRecord], labels: Sequence[str | None], *,
                val_fraction: float = 0.15, seed: int = 0,
                group: str | None = None) -> SplitPlan:

@@ -148,6 +148,12 @@ class Comparison:
             table.setdefault(r["metric"], {"metric": r["metric"]})[r["run"]] = value + ci
         return list(table.values())
 
+    def class_rows(self) -> list[dict]:
+        """Per run at its compared threshold: each class's precision, recall, F1 and support,
+        then the macro and weighted averages (scikit-learn's classification report)."""
+        return [{"run": name, **row} for name in self.names
+                for row in ev.class_report(self.reports[name].per_class)]
+
     def review_payload(self, row: dict) -> dict:
         """What Compare sends to review for a disagreement row: the first run that is wrong
         on the image (else the first run), with its prediction and probabilities."""

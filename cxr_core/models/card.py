@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from cxr_core.stats.reports import class_report
+
 DATA_LICENCE = {
     "dataset": "Chest X-Ray Images (Pneumonia), Guangzhou Women and Children's Medical Center",
     "citation": "Kermany DS, Goldbaum M, Cai W, et al. Identifying Medical Diagnoses and "
@@ -57,6 +59,7 @@ def card_markdown(card: dict) -> str:
         f"| Operating point | {positive} iff P({positive}) >= {_fmt(op.get('threshold'))} "
         f"(chosen on {_chosen_on_text(op)} for sensitivity >= {_fmt(op.get('target'))}) |",
         f"| Saliency layer | `{card.get('saliency_layer')}` |",
+        f"| Parameters | {parameters_text(card.get('parameters'))} |",
         f"| File | `model.keras`, {exp.get('file_mb', '?')} MB (exported from run "
         f"{exp.get('run_id', '?')}) |", "",
         *_measured_lines(card.get("measured") or [], card.get("recipe_selected_on") or ()),
@@ -86,6 +89,7 @@ def card_markdown(card: dict) -> str:
         "(ImageNet-pretrained Inception V3). Validation images come from the same distribution "
         "as the training images while the official test set does not, so expect lower numbers "
         "there (`python -m cxr_core evaluate --model default --data PATH --split test`).", "",
+        *_per_class_lines(card),
         "## Data licence", "",
         f"{lic['dataset']}. {lic['citation']}. {lic['source']}. Licence: {lic['licence']} "
         "(attribution required wherever the model or its outputs are shown or shipped).", "",
@@ -98,6 +102,60 @@ def card_markdown(card: dict) -> str:
         "model_card.json, README.md here", "```", "",
     ]
     return "\n".join(lines)
+
+
+def parameters_text(params: Mapping[str, Any] | None) -> str:
+    """``1,234,567 (1,230,000 trainable)``, or "?" for a card without them."""
+    if not params:
+        return "?"
+    return f"{params['total']:,} ({params['trainable']:,} trainable)"
+
+
+def card_per_class(card: Mapping[str, Any]) -> dict | None:
+    """The card's per-class report at its operating point on validation: precision, recall,
+    F1 and support of each class plus the macro and weighted averages.
+
+    A card written since issue 27 stores it (``per_class``); an older binary card's is derived
+    exactly from its validation class counts and its sensitivity and specificity there (the
+    2x2 confusion matrix they determine). None when neither is known.
+    """
+    if card.get("per_class"):
+        return dict(card["per_class"])
+    labels = list(card.get("labels") or [])
+    val = card.get("val_metrics") or {}
+    counts = ((card.get("dataset") or {}).get("counts") or {}).get("val") or {}
+    if len(labels) != 2 or val.get("sensitivity") is None or val.get("specificity") is None \
+            or not all(counts.get(c) for c in labels):
+        return None
+    neg, pos = (int(counts[c]) for c in labels)
+    tp = round(val["sensitivity"] * pos)
+    tn = round(val["specificity"] * neg)
+    fn, fp = pos - tp, neg - tn
+
+    def row(label: str, hit: int, miss: int, false: int, support: int) -> dict:
+        precision = hit / (hit + false) if hit + false else 0.0
+        recall = hit / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return {"label": label, "precision": precision, "recall": recall, "f1": f1,
+                "support": support}
+    rows = class_report([row(labels[0], tn, fp, fn, neg), row(labels[1], tp, fn, fp, pos)])
+    return {"split": "val", "threshold": val.get("threshold"), "n": neg + pos, "rows": rows,
+            "derived": "from the card's validation counts, sensitivity and specificity"}
+
+
+def _per_class_lines(card: Mapping[str, Any]) -> list[str]:
+    rep = card_per_class(card)
+    if not rep:
+        return []
+    t = rep.get("threshold")
+    lines = ["## Per class at the operating point", "",
+             f"Validation ({rep.get('n')} images), "
+             + ("argmax" if t is None else f"threshold {_fmt(t)}")
+             + ("; derived " + rep["derived"] if rep.get("derived") else "") + ".", "",
+             "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    lines += [f"| {r['class']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | "
+              f"{_fmt(r['f1'])} | {r['support']} |" for r in rep["rows"]]
+    return [*lines, ""]
 
 
 def _chosen_on_text(op: dict) -> str:

@@ -425,3 +425,14 @@ def saliency_layer_name(model: keras.Model) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def parameter_counts(model: keras.Model) -> dict[str, int]:
+    """The model's size: every weight, those training updates and the rest (frozen backbone
+    layers, BatchNorm's moving statistics), as Keras' ``model.summary()`` counts them."""
+    def size(weights: Sequence[Any]) -> int:
+        return int(sum(int(np.prod(w.shape)) for w in weights))
+
+    total = size(model.weights)
+    trainable = size(model.trainable_weights)
+    return {"total": total, "trainable": trainable, "non_trainable": total - trainable}

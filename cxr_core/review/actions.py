@@ -11,6 +11,7 @@ from cxr_core.auth.policy import Principal
 from cxr_core.core.errors import ConfigError
 from cxr_core.predict import uploads
 from cxr_core.review import queues as review
+from cxr_core.review import reading
 from cxr_core.review import relabel_import
 from cxr_core.review.relabel_import import relabel_by_path
 from cxr_core.storage import Database
@@ -76,3 +77,27 @@ def import_relabels(db: Database, p: Principal, *, dataset: str | int, source: A
     return relabel_import.import_relabels(
         db, dataset=dataset, source=source, reviewer=p.identity, source_name=source_name,
         and_then=audited(p, "import_relabels", target, lambda rows: {"rows": len(rows)}))
+
+
+def adjudicate(db: Database, p: Principal, *, image_id: int, choice: Any, note: str = "") -> int:
+    """Settle an image whose readers conflict, as ``p`` (the adjudicator role, or an admin): its
+    own append-only row (undone like a relabel), audited in its transaction. Returns its id."""
+    target = f"image:{image_id}"
+    authorize(db, p, "adjudicate", target)
+    return reading.submit_adjudication(
+        db, image_id=image_id, choice=choice, adjudicator=p.identity, note=note,
+        and_then=audited(p, "adjudicate", lambda rid: f"relabel:{rid}",
+                         {"on": target, "label": choice.label, "subtype": choice.subtype}))
+
+
+def set_reading(db: Database, p: Principal, *, dataset_id: int, blind: bool,
+                reads_per_image: int, note: str = "") -> int:
+    """Set how a dataset is read on Review (blind or open, reads per image), as ``p``: an
+    append-only setting row, audited in its transaction. Returns its id."""
+    target = f"dataset:{dataset_id}"
+    authorize(db, p, "review_settings", target)
+    return reading.save_setting(
+        db, dataset_id=dataset_id, blind=blind, reads_per_image=reads_per_image,
+        changed_by=p.identity, note=note,
+        and_then=audited(p, "review_settings", target,
+                         {"blind": blind, "reads_per_image": reads_per_image}))

@@ -1,4 +1,5 @@
-"""Agreement between reviewers: each reviewer's newest label, Cohen's kappa per pair, conflicts.
+"""Agreement between reviewers: each reviewer's newest label, Cohen's kappa per pair, Fleiss'
+kappa when images have three or more readers, conflicts.
 
 Computed from the append-only relabel rows (undone rows left out), for dataset images (by id)
 and uploads (by sha256) alike: :func:`agreement` aggregates them in SQL;
@@ -11,19 +12,23 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from cxr_core.core.errors import ConfigError
 from cxr_core.review.queues import format_label
 from cxr_core.storage import Database
 from cxr_core.storage import review_queue as queue_store
-from cxr_core.storage.relabels import RelabelRecord, active_relabels
+from cxr_core.storage.relabels import READ_KINDS, RelabelRecord, active_relabels
 
 
 def _latest_by_reviewer(
         relabels: Iterable[RelabelRecord]) -> dict[str, dict[int | str, RelabelRecord]]:
-    """reviewer -> key (image id or upload sha256) -> that reviewer's newest active relabel."""
+    """reviewer -> key (image id or upload sha256) -> that reviewer's newest active relabel or
+    read (a consensus or an adjudication is no reader's own answer)."""
     latest: dict[str, dict[int | str, RelabelRecord]] = defaultdict(dict)
     for r in active_relabels(relabels):  # id order: newer rows overwrite older ones
-        latest[r.reviewer][r.key] = r
+        if r.kind in READ_KINDS:
+            latest[r.reviewer][r.key] = r
     return latest
 
 
@@ -55,25 +60,39 @@ class Conflict:
 
 
 @dataclass(frozen=True)
+class GroupAgreement:
+    """Fleiss' kappa over the images read by three or more readers."""
+
+    n_images: int
+    n_readers: int  # distinct readers of the dataset's films
+    ratings_per_image: float  # mean readers per image
+    kappa: float | None  # None when undefined (every rating one label)
+
+
+@dataclass(frozen=True)
 class Agreement:
-    """Every reviewer pair's agreement and the images they disagree on."""
+    """Every reviewer pair's agreement, Fleiss' kappa for three or more readers, and the
+    images they disagree on."""
 
     pairs: tuple[PairAgreement, ...]
     conflicts: tuple[Conflict, ...]  # a page of them
     n_conflicts: int = 0  # all of them
+    fleiss: GroupAgreement | None = None  # None: no image has three readers
 
     def to_json(self) -> dict:
         return {"pairs": [p.__dict__ for p in self.pairs],
                 "conflicts": [{"image_id": c.image_id, "relpath": c.relpath,
                                "labels": [list(x) for x in c.labels]} for c in self.conflicts],
-                "n_conflicts": self.n_conflicts}
+                "n_conflicts": self.n_conflicts,
+                "fleiss": None if self.fleiss is None else self.fleiss.__dict__}
 
     @classmethod
     def from_json(cls, d: dict) -> Agreement:
         return cls(tuple(PairAgreement(**p) for p in d["pairs"]),
                    tuple(Conflict(c["image_id"], c["relpath"],
                                   tuple(tuple(x) for x in c["labels"])) for c in d["conflicts"]),
-                   int(d["n_conflicts"]))
+                   int(d["n_conflicts"]),
+                   GroupAgreement(**d["fleiss"]) if d.get("fleiss") else None)
 
 
 def cohen_kappa(a: Sequence[str], b: Sequence[str]) -> float | None:
@@ -117,6 +136,7 @@ def agreement(db: Database, dataset_id: int, *, conflicts_limit: int = 50,
     with db.session() as s:
         cells, (n_conflicts, page) = queue_store.agreement_tables(
             session=s, dataset_id=dataset_id, limit=conflicts_limit, offset=conflicts_offset)
+        ratings = queue_store.rating_counts(session=s, dataset_id=dataset_id, min_readers=3)
     tables: dict[tuple[str, str], list[tuple[str, str, int]]] = defaultdict(list)
     for a, b, la, lb, n in cells:
         tables[(a, b)].append((la, lb, n))
@@ -127,4 +147,24 @@ def agreement(db: Database, dataset_id: int, *, conflicts_limit: int = 50,
         pairs.append(PairAgreement(a, b, n, agree, kappa_from_counts(rows)))
     conflicts = tuple(Conflict(int(k) if k.isdigit() else k, relpath, tuple(labels))
                       for k, relpath, labels in page)
-    return Agreement(tuple(pairs), conflicts, n_conflicts)
+    readers = {r for a, b, *_ in cells for r in (a, b)}
+    return Agreement(tuple(pairs), conflicts, n_conflicts,
+                     group_agreement(ratings, len(readers)))
+
+
+def group_agreement(ratings: Sequence[tuple[str, str, int]],
+                    n_readers: int) -> GroupAgreement | None:
+    """Fleiss' kappa from (image key, label, readers) rows (:mod:`cxr_core.stats.agreement`);
+    None without an image read by three or more readers."""
+    from cxr_core.stats.agreement import fleiss_kappa
+
+    keys = sorted({k for k, _, _ in ratings})
+    if not keys:
+        return None
+    labels = sorted({label for _, label, _ in ratings})
+    row, col = {k: i for i, k in enumerate(keys)}, {c: j for j, c in enumerate(labels)}
+    table = np.zeros((len(keys), len(labels)), dtype=np.int64)
+    for k, label, n in ratings:
+        table[row[k], col[label]] += n
+    return GroupAgreement(len(keys), n_readers, float(table.sum(axis=1).mean()),
+                          fleiss_kappa(table))

@@ -21,12 +21,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cxr_core.core.errors import ConfigError
-from cxr_core.core.labels import scheme_label, scheme_of_classes
+from cxr_core.core.labels import (UNSTATED_SUBTYPE_TEXT, format_label, scheme_label,
+                                  scheme_of_classes)
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as ds_store
+from cxr_core.storage import label_audits as audit_store
+from cxr_core.storage import reading as reading_store
 from cxr_core.storage import relabels as rel_store
 from cxr_core.storage import review_queue as queue_store
 from cxr_core.storage import reviews as store
+from cxr_core.storage.label_audits import LabelAuditRecord
+from cxr_core.storage.reading import ReadingSetting
 from cxr_core.storage.relabels import ChangedImage, Label
 from cxr_core.storage.review_queue import QueueRow, RunScores
 from cxr_core.storage.reviews import ReviewItemRecord, RunOption
@@ -39,13 +44,10 @@ QUEUES = {
     "random": "Random",
     "class": "By class",
     "changed": "Image changed since it was relabelled",
+    "mislabelled": "Likely mislabelled (label audit, out-of-fold)",
+    "conflicts": "Conflicting reads: adjudicate",
 }
 SUBTYPES = ("bacteria", "virus")
-
-
-def format_label(label: str, subtype: str | None) -> str:
-    """``PNEUMONIA·virus`` for a label with a subtype, else the folder class."""
-    return f"{label}·{subtype}" if subtype else label
 
 
 @dataclass(frozen=True)
@@ -54,18 +56,26 @@ class LabelChoice:
 
     label: str
     subtype: str | None
+    # The class has subtypes in the data but this answer states none ("PNEUMONIA (subtype not
+    # stated)"): the same label as (label, None); only the button's text differs.
+    unstated: bool = field(default=False, compare=False)
 
     @property
     def text(self) -> str:
+        if self.unstated:
+            return f"{self.label} ({UNSTATED_SUBTYPE_TEXT})"
         return format_label(self.label, self.subtype)
 
 
 def label_choices(classes: Sequence[str], pairs: Iterable[Label]) -> list[LabelChoice]:
-    """The buttons for a dataset: each folder class, split by subtype where the data has them.
+    """The buttons for a dataset: each folder class, split by subtype where the data has them,
+    plus that class without a stated subtype.
 
     ``pairs`` are the dataset's (label, subtype) pairs (``ReviewState.label_pairs``).
     ``NORMAL | PNEUMONIA`` with Kermany file names gives NORMAL, PNEUMONIA·bacteria,
-    PNEUMONIA·virus; classes without subtypes (NORMAL, COVID19, PneumoniaMNIST) stay whole.
+    PNEUMONIA·virus and "PNEUMONIA (subtype not stated)" (a film seldom tells bacterial from
+    viral: a reader need not guess); classes without subtypes (NORMAL, COVID19,
+    PneumoniaMNIST) stay whole.
     """
     with_sub: dict[str, set[str]] = defaultdict(set)
     for label, subtype in pairs:
@@ -75,6 +85,7 @@ def label_choices(classes: Sequence[str], pairs: Iterable[Label]) -> list[LabelC
     for c in sorted(set(classes) | set(with_sub)):
         if with_sub.get(c):
             out.extend(LabelChoice(c, s) for s in SUBTYPES)
+            out.append(LabelChoice(c, None, unstated=True))
         else:
             out.append(LabelChoice(c, None))
     return out
@@ -142,6 +153,22 @@ class ReviewState:
     # image id -> its newest relabel made on other bytes ("image changed since it was relabelled")
     changed_since_relabel: dict[int, ChangedImage] = field(default_factory=dict)
     readable_items: frozenset[int] = frozenset()  # sent images that are readable and on disk
+    reading: ReadingSetting | None = None  # blind or open, reads per image (None: the default)
+    audits: tuple[LabelAuditRecord, ...] = ()  # the dataset's finished label audits, newest first
+    audit: LabelAuditRecord | None = None  # the one feeding the "mislabelled" queue
+    n_conflicts: int = 0  # images waiting for an adjudication
+
+    @property
+    def blind(self) -> bool:
+        return bool(self.reading and self.reading.blind)
+
+    @property
+    def reads_per_image(self) -> int:
+        return self.reading.reads_per_image if self.reading else 1
+
+    @property
+    def audit_id(self) -> int | None:
+        return self.audit.id if self.audit else None
 
     @property
     def threshold(self) -> float | None:
@@ -158,7 +185,8 @@ class ReviewState:
         return len({i.upload_sha256 for i in self.upload_items})
 
 
-def load_state(db: Database, dataset_id: int, model: int | str | None = None) -> ReviewState:
+def load_state(db: Database, dataset_id: int, model: int | str | None = None,
+               audit: int | None = None) -> ReviewState:
     """Read the model options, the chosen model's score source and the short lists (open
     review items, images changed since their relabel); a few small queries at any dataset size.
 
@@ -168,6 +196,8 @@ def load_state(db: Database, dataset_id: int, model: int | str | None = None) ->
         model: whose predictions feed the model queues: a run id, or a model reference
             ("run:ID", "default", "ensemble:…"); None (or a model without predictions on this
             dataset) picks the most recently evaluated model.
+        audit: the finished label audit feeding the "mislabelled" queue (None, or one of
+            another dataset: the newest).
     """
     ref = f"run:{model}" if isinstance(model, int) else model
     with db.session() as s:
@@ -195,8 +225,13 @@ def load_state(db: Database, dataset_id: int, model: int | str | None = None) ->
             if item_ref not in dirs and item_ref[4:].isdigit():
                 dirs[item_ref] = store.run_artifact_dir(session=s, run_id=int(item_ref[4:]))
         pairs = queue_store.label_pairs(session=s, dataset_id=dataset_id)
+        setting = reading_store.get_setting(session=s, dataset_id=dataset_id)
+        audits = audit_store.list_audits(session=s, dataset_id=dataset_id, status="finished")
+        chosen = next((a for a in audits if a.id == audit), audits[0] if audits else None)
+        conflicts = queue_store.count_conflicts(session=s, dataset_id=dataset_id)
     return ReviewState(dataset_id, tuple(sorted(pairs, key=str)), scores, tuple(items),
-                       tuple(runs), dirs, tuple(uploads), changed, frozenset(readable))
+                       tuple(runs), dirs, tuple(uploads), changed, frozenset(readable),
+                       setting, tuple(audits), chosen, conflicts)
 
 
 @dataclass(frozen=True)
@@ -286,10 +321,12 @@ def build_queue(db: Database, state: ReviewState, kind: str, *, class_name: str 
         with db.session() as s:
             rows = queue_store.queue_page(session=s, dataset_id=state.dataset_id, kind=kind,
                                           class_name=class_name, seed=seed,
-                                          scores=state.scores, offset=offset, limit=limit)
+                                          scores=state.scores, offset=offset, limit=limit,
+                                          audit_id=state.audit_id)
         entries = [_from_row(state, kind, r) or QueueEntry(r.image_id) for r in rows]
     return [_entry(db, state, e.image_id) if e.image_id is not None and e.score is None
-            and kind in ("random", "class", "changed") else e for e in entries]
+            and kind in ("random", "class", "changed", "mislabelled", "conflicts") else e
+            for e in entries]
 
 
 @dataclass(frozen=True)
@@ -341,7 +378,8 @@ def next_in_queue(db: Database, state: ReviewState, kind: str, reviewer: str, *,
                              view.n_left, view.n_total)
         return view
     args = dict(dataset_id=state.dataset_id, kind=kind, reviewer=reviewer,
-                class_name=class_name, scores=state.scores)
+                class_name=class_name, scores=state.scores, audit_id=state.audit_id,
+                reads_per_image=state.reads_per_image)
     with db.session() as s:
         total, done = queue_store.queue_counts(session=s, **args)
         row = queue_store.queue_next(session=s, seed=seed, skipped=skipped, **args)
@@ -383,6 +421,8 @@ def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelCh
     if (image_id is None) == (upload_sha256 is None):
         raise ConfigError("a relabel needs exactly one of image_id or upload_sha256. "
                           f"Received: image_id={image_id}, upload_sha256={upload_sha256!r}")
+    if image_id is not None and run_ref is not None and _blind(db, image_id):
+        run_ref, score = None, None  # blind reading shows no model output: none is recorded
     kw = dict(new_label=choice.label, new_subtype=choice.subtype, reviewer=reviewer, note=note,
               run_ref=run_ref, score=score)
     if upload_sha256 is not None:
@@ -390,6 +430,13 @@ def submit_relabel(db: Database, *, image_id: int | None = None, choice: LabelCh
             session=s, upload_sha256=upload_sha256, **kw), and_then=and_then)
     return db.write(lambda s: rel_store.add_relabel(session=s, image_id=image_id, **kw),
                     and_then=and_then)
+
+
+def _blind(db: Database, image_id: int) -> bool:
+    with db.session() as s:
+        (rec,) = ds_store.get_images(session=s, image_ids=[image_id]) or (None,)
+        return rec is not None and reading_store.get_setting(
+            session=s, dataset_id=rec.dataset_id).blind
 
 
 def submit_undo(db: Database, *, relabel_id: int, reviewer: str, note: str = "",

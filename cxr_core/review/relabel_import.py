@@ -306,4 +306,5 @@ def relabel_json(record: RelabelRecord, dataset: str | None = None) -> dict:
             "new_subtype": record.new_subtype, "reviewer": record.reviewer,
             "note": record.note, "run_ref": record.run_ref, "score": record.score,
             "undo_of": record.undo_of, "created_at": record.created_at.isoformat()
-            if record.created_at else None}
+            if record.created_at else None, "kind": record.kind,
+            "basis": list(record.basis)}

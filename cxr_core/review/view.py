@@ -51,7 +51,7 @@ def describe_entry(db: Database, state: ReviewState, entry: QueueEntry) -> Entry
                                            image_ids=[entry.image_id])
             (rec,) = ds_store.get_images(session=s, image_ids=[entry.image_id])
     reviewers = tuple(labels_by_reviewer(rows, entry.key))
-    active = rel_store.active_relabels(rows)
+    active = rel_store.counting(rows)  # the label that counts (a read alone does not)
     if rec is None:
         probs = " / ".join(f"{p:.3f}" for p in entry.probs or ())
         model = f"{entry.predicted or '—'}" + (f" ({probs})" if probs else "")

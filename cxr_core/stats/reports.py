@@ -165,3 +165,30 @@ def evaluate(y_true: Any, probs: Any, labels: list[str], *, threshold: float | N
         sensitivity=point["sensitivity"], specificity=point["specificity"],
         roc=roc, pr=pr, reliability=reliability(y, p, n_bins), ci=ci, ci_unit=ci_unit,
         n_clusters=None if clusters is None else int(clusters.max()) + 1)
+
+
+def class_report(per_class: Sequence[ClassMetrics | dict]) -> list[dict[str, Any]]:
+    """scikit-learn's classification report as rows: each class's precision, recall, F1 and
+    support at the operating point, then the macro average (unweighted mean over classes) and
+    the weighted average (weighted by support), as ``classification_report`` computes them.
+
+    Args:
+        per_class: :attr:`EvalReport.per_class` (or its ``to_dict`` form, a stored one).
+
+    Returns:
+        Rows ``{"class", "precision", "recall", "f1", "support"}``.
+    """
+    rows = [{"class": m["label"] if isinstance(m, dict) else m.label,
+             **{k: (m[k] if isinstance(m, dict) else getattr(m, k))
+                for k in ("precision", "recall", "f1", "support")}} for m in per_class]
+    if not rows:
+        return []
+    support = np.array([r["support"] for r in rows], dtype=float)
+    total = float(support.sum())
+    for name, weights in (("macro avg", np.ones(len(rows)) / len(rows)),
+                          ("weighted avg", support / total if total else support)):
+        rows.append({"class": name,
+                     **{k: float(np.dot(weights, [r[k] for r in rows[:len(support)]]))
+                        for k in ("precision", "recall", "f1")},
+                     "support": int(total)})
+    return rows

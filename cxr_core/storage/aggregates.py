@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session, aliased
 
 from cxr_core.core.labels import scheme_label
+from cxr_core.storage.relabels import COUNTING_KINDS
 from db.models import ImageRow, Relabel
 
 LIST_LIMIT = 200  # rows of the duplicate and leaked-patient tables a page shows
@@ -56,7 +57,8 @@ def labelled(dataset_id: int, as_of_relabel_id: int | None, *, current: bool):
     r, u = aliased(Relabel), aliased(Relabel)
     undone = exists().where(u.undo_of == r.id) if as_of_relabel_id is None else \
         exists().where(u.undo_of == r.id, u.id <= as_of_relabel_id)
-    active = [r.image_id == ImageRow.id, r.undo_of.is_(None), ~undone]
+    active = [r.image_id == ImageRow.id, r.undo_of.is_(None), r.kind.in_(COUNTING_KINDS),
+              ~undone]
     if as_of_relabel_id is not None:
         active.append(r.id <= as_of_relabel_id)
     original = select(*cols, ImageRow.label, ImageRow.subtype).where(
@@ -65,15 +67,17 @@ def labelled(dataset_id: int, as_of_relabel_id: int | None, *, current: bool):
 
 
 def latest_relabels(dataset_id: int, as_of_relabel_id: int | None):
-    """Subquery (image_id, new_label, new_subtype) of each image's newest active relabel as
-    of a relabel id (None: now): not an undo row, not undone by then."""
+    """Subquery (image_id, new_label, new_subtype) of each image's newest active counting
+    relabel as of a relabel id (None: now): not an undo row, not undone by then, not a read
+    of a double reading (:data:`cxr_core.storage.relabels.COUNTING_KINDS`)."""
     u = aliased(Relabel)
     undone = exists().where(u.undo_of == Relabel.id)
     rows = select(Relabel.image_id, Relabel.new_label, Relabel.new_subtype,
                   func.row_number().over(partition_by=Relabel.image_id,
                                          order_by=Relabel.id.desc()).label("rn")) \
         .join(ImageRow, ImageRow.id == Relabel.image_id) \
-        .where(ImageRow.dataset_id == dataset_id, Relabel.undo_of.is_(None))
+        .where(ImageRow.dataset_id == dataset_id, Relabel.undo_of.is_(None),
+               Relabel.kind.in_(COUNTING_KINDS))
     if as_of_relabel_id is not None:
         rows = rows.where(Relabel.id <= as_of_relabel_id)
         undone = exists().where(u.undo_of == Relabel.id, u.id <= as_of_relabel_id)

@@ -10,9 +10,19 @@ update of ``review_items.done``), so many reviewers can write through
 
 Relabel ids grow with commit order on SQLite (one writer at a time), so "newest" means the
 highest id and ``as_of_relabel_id`` reproduces the labels a training run saw.
+
+Double reading (a dataset's :mod:`cxr_core.storage.reading` setting, ``reads_per_image`` >= 2):
+a reader's answer is a row of kind ``read``, which never counts by itself. When enough readers'
+newest reads agree, a ``consensus`` row is appended in the same transaction (its reviewer names
+the readers, its basis their read ids); conflicting reads keep the label that counted before
+until an adjudicator appends an ``adjudication`` row. "The label that counts" (current labels,
+snapshots, "confirmed") is derived from the rows of the counting kinds only (``label``,
+``consensus``, ``adjudication``), so every derivation keeps its one rule: the newest active
+counting row, else the original. Undoing a read also undoes the consensus built on it.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,7 +33,12 @@ from sqlalchemy.orm import Session, aliased
 from cxr_core.core.errors import ConfigError
 from cxr_core.core.labels import Label, labels_hash
 from cxr_core.storage import lock_for_write
+from cxr_core.storage import reading
 from db.models import ImageRow, Relabel, ReviewItem
+
+KINDS = ("label", "read", "consensus", "adjudication")
+COUNTING_KINDS = ("label", "consensus", "adjudication")  # rows that make the label that counts
+READ_KINDS = ("label", "read")  # one reader's own answer (what agreement compares)
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,14 @@ class RelabelRecord:
     undo_of: int | None  # set on undo rows: the id of the undone row
     created_at: datetime
     upload_sha256: str | None = None  # set on rows of uploads (then image_id is None)
+    kind: str = "label"  # label | read | consensus | adjudication (see the module docstring)
+    reads_required: int | None = None  # a read: the readers the dataset needed then
+    basis: tuple[int, ...] = ()  # a consensus or adjudication: the read rows it settled
+
+    @property
+    def counts(self) -> bool:
+        """Whether the row (while active) makes the label that counts."""
+        return self.kind in COUNTING_KINDS
 
     @property
     def key(self) -> int | str:
@@ -76,7 +99,9 @@ class LabelSnapshot:
 def _record(row: Relabel, relpath: str | None) -> RelabelRecord:
     return RelabelRecord(row.id, row.image_id, relpath or row.upload_sha256 or "", row.old_label,
                          row.old_subtype, row.new_label, row.new_subtype, row.reviewer, row.note,
-                         row.run_ref, row.score, row.undo_of, row.created_at, row.upload_sha256)
+                         row.run_ref, row.score, row.undo_of, row.created_at, row.upload_sha256,
+                         row.kind or "label", row.reads_required,
+                         tuple(json.loads(row.basis_json)) if row.basis_json else ())
 
 
 def list_relabels(*, session: Session, dataset_id: int | None = None,
@@ -156,19 +181,24 @@ def active_relabels(records: Iterable[RelabelRecord]) -> list[RelabelRecord]:
     return [r for r in rows if r.undo_of is None and r.id not in undone]
 
 
+def counting(records: Iterable[RelabelRecord]) -> list[RelabelRecord]:
+    """The active rows that make the label that counts (a double reading's reads do not)."""
+    return [r for r in active_relabels(records) if r.counts]
+
+
 def derive_labels(originals: dict[int, Label],
                   records: Iterable[RelabelRecord]) -> dict[int, Label]:
-    """Original labels overlaid with each image's newest active relabel."""
+    """Original labels overlaid with each image's newest active counting relabel."""
     out = dict(originals)
-    for r in active_relabels(records):  # id order: a newer row overwrites an older one
+    for r in counting(records):  # id order: a newer row overwrites an older one
         if r.image_id in out:
             out[r.image_id] = (r.new_label, r.new_subtype)
     return out
 
 
 def _newest_active(base: Label, records: Iterable[RelabelRecord]) -> Label:
-    """``base`` overlaid with the newest active row of ``records`` (rows of one target)."""
-    active = active_relabels(records)
+    """``base`` overlaid with the newest active counting row of ``records`` (one target)."""
+    active = counting(records)
     return (active[-1].new_label, active[-1].new_subtype) if active else base
 
 
@@ -237,7 +267,8 @@ def image_label_version(*, session: Session, image_ids: Sequence[int],
         rows = select(Relabel.image_id, Relabel.new_label, Relabel.new_subtype,
                       func.row_number().over(partition_by=Relabel.image_id,
                                              order_by=Relabel.id.desc()).label("rn")).where(
-            Relabel.image_id.in_(chunk), Relabel.undo_of.is_(None))
+            Relabel.image_id.in_(chunk), Relabel.undo_of.is_(None),
+            Relabel.kind.in_(COUNTING_KINDS))
         undone = exists().where(u.undo_of == Relabel.id)
         if as_of_relabel_id is not None:
             rows = rows.where(Relabel.id <= as_of_relabel_id)
@@ -303,7 +334,7 @@ def upload_labels(*, session: Session,
     out: dict[str, Label] = {sha: (predicted or "", None)
                              for sha, predicted in session.execute(q)}  # newest item wins
     rows = list_upload_relabels(session=session, upload_sha256s=upload_sha256s)
-    for r in active_relabels(rows):  # id order: newest wins
+    for r in counting(rows):  # id order: newest wins
         out[r.upload_sha256] = (r.new_label, r.new_subtype)
     return out
 
@@ -460,13 +491,159 @@ def _append(session: Session, image_id: int | None, upload_sha256: str | None, n
         raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
     lock_for_write(session)  # the old label read below must still be current at the INSERT
     old_label, old_subtype = _target_label(session, image_id, upload_sha256)
+    # Under double reading (the image's dataset setting now) the answer is a read; uploads
+    # belong to no dataset and are always read once.
+    need = _reads_required(session, image_id)
     row = Relabel(image_id=image_id, upload_sha256=upload_sha256, image_sha256=_image_sha(
                       session, image_id), old_label=old_label,
                   old_subtype=old_subtype, new_label=new_label.strip(),
                   new_subtype=new_subtype or None, reviewer=reviewer, note=note or "",
-                  run_ref=run_ref, score=None if score is None else float(score))
+                  run_ref=run_ref, score=None if score is None else float(score),
+                  kind="read" if need > 1 else "label",
+                  reads_required=need if need > 1 else None)
     session.add(row)
     session.execute(update(ReviewItem).where(_items_of(image_id, upload_sha256),
+                                             ReviewItem.done.is_(False)).values(done=True))
+    session.flush()
+    if need > 1:
+        _settle(session, image_id, need)
+    return row.id
+
+
+def _reads_required(session: Session, image_id: int | None) -> int:
+    """Readers an image needs now: its dataset's ``reads_per_image`` (1 for an upload)."""
+    if image_id is None:
+        return 1
+    dataset_id = session.scalar(select(ImageRow.dataset_id).where(ImageRow.id == image_id))
+    if dataset_id is None:
+        return 1  # unknown image: _target_label has refused it already
+    return reading.get_setting(session=session, dataset_id=dataset_id).reads_per_image
+
+
+# -- Double reading: the round of reads, consensus, adjudication ---------------------------
+
+@dataclass(frozen=True)
+class ReadingRound:
+    """An image's reads since its newest standing adjudication, and what they settle."""
+
+    image_id: int
+    reads: tuple[RelabelRecord, ...]  # each reader's newest standing read, in id order
+    reads_required: int  # readers the dataset needs per image now
+    current: Label  # the label that counts now
+    adjudications: tuple[RelabelRecord, ...] = ()  # standing adjudications, oldest first
+
+    @property
+    def labels(self) -> set[Label]:
+        return {(r.new_label, r.new_subtype) for r in self.reads}
+
+    @property
+    def conflict(self) -> bool:
+        """Readers' newest reads differ: the prior label counts until an adjudication."""
+        return len(self.labels) > 1
+
+    @property
+    def agreed(self) -> Label | None:
+        """The label enough readers agree on (None: too few readers, or a conflict)."""
+        if len(self.reads) >= self.reads_required and len(self.labels) == 1:
+            return next(iter(self.labels))
+        return None
+
+    @property
+    def readers(self) -> tuple[str, ...]:
+        return tuple(r.reviewer for r in self.reads)
+
+
+def _round_of(image_id: int, base: Label, records: Sequence[RelabelRecord],
+              reads_required: int) -> ReadingRound:
+    active = active_relabels(records)
+    adjudications = tuple(r for r in active if r.kind == "adjudication")
+    since = adjudications[-1].id if adjudications else 0
+    newest: dict[str, RelabelRecord] = {}
+    for r in active:  # id order: a reader's newer read replaces their older one
+        if r.kind == "read" and r.id > since:
+            newest[r.reviewer] = r
+    reads = tuple(sorted(newest.values(), key=lambda r: r.id))
+    return ReadingRound(image_id, reads, reads_required, _newest_active(base, records),
+                        adjudications)
+
+
+def reading_round(*, session: Session, image_id: int) -> ReadingRound:
+    """The image's reads (each reader's newest standing read since the newest standing
+    adjudication), the readers its dataset needs and the label that counts.
+
+    Raises:
+        ConfigError: unknown image.
+    """
+    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.id == image_id)).first()
+    if img is None:
+        raise ConfigError(f"image_id must name an indexed image. Received: image_id={image_id}")
+    return _round_of(image_id, (img[0], img[1]), list_relabels(session=session,
+                                                               image_ids=[image_id]),
+                     _reads_required(session, image_id))
+
+
+def _settle(session: Session, image_id: int, reads_required: int) -> int | None:
+    """Append a consensus row when enough readers agree and no standing counting row since
+    their first read says the same already; returns its id (None: nothing to settle)."""
+    records = list_relabels(session=session, image_ids=[image_id])
+    img = session.execute(select(ImageRow.label, ImageRow.subtype).where(
+        ImageRow.id == image_id)).one()
+    rnd = _round_of(image_id, (img[0], img[1]), records, reads_required)
+    agreed = rnd.agreed
+    if agreed is None:
+        return None
+    standing = counting(records)
+    first_read = min(r.id for r in rnd.reads)
+    if standing and (standing[-1].new_label, standing[-1].new_subtype) == agreed \
+            and standing[-1].id > first_read:
+        return None  # settled already (a later reader agreeing adds no row)
+    readers = sorted(rnd.readers)
+    row = Relabel(image_id=image_id, image_sha256=_image_sha(session, image_id),
+                  old_label=rnd.current[0], old_subtype=rnd.current[1], new_label=agreed[0],
+                  new_subtype=agreed[1], reviewer=("consensus:" + "+".join(readers))[:200],
+                  note=f"{len(readers)} readers agree (reads {', '.join(str(r.id) for r in rnd.reads)})",
+                  kind="consensus", basis_json=json.dumps([r.id for r in rnd.reads]))
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def adjudicate(*, session: Session, image_id: int, new_label: str, new_subtype: str | None,
+               adjudicator: str, note: str = "") -> int:
+    """Append an adjudication of an image whose readers conflict: the label that counts
+    from now on (its own row; undone like any relabel).
+
+    Args:
+        session: the open session (one transaction).
+        image_id: the image.
+        new_label, new_subtype: the adjudicated label.
+        adjudicator: who decided (the principal's identity).
+        note: why.
+
+    Returns:
+        The adjudication row's id.
+
+    Raises:
+        ConfigError: unknown image, no conflicting reads to adjudicate, empty label.
+    """
+    adjudicator = _check_reviewer(adjudicator)
+    if not (new_label or "").strip():
+        raise ConfigError(f"new_label must be a class name. Received: new_label={new_label!r}")
+    lock_for_write(session)  # the conflict read below must still stand at the INSERT
+    rnd = reading_round(session=session, image_id=image_id)
+    if not rnd.conflict:
+        raise ConfigError(
+            f"image {image_id} has no conflicting reads to adjudicate (reads since the last "
+            f"adjudication: {', '.join(f'{r.reviewer}={r.new_label}' for r in rnd.reads) or 'none'}"
+            f"). Received: image_id={image_id}")
+    row = Relabel(image_id=image_id, image_sha256=_image_sha(session, image_id),
+                  old_label=rnd.current[0], old_subtype=rnd.current[1],
+                  new_label=new_label.strip(), new_subtype=new_subtype or None,
+                  reviewer=adjudicator, note=note or "", kind="adjudication",
+                  basis_json=json.dumps([r.id for r in rnd.reads]))
+    session.add(row)
+    session.execute(update(ReviewItem).where(_items_of(image_id, None),
                                              ReviewItem.done.is_(False)).values(done=True))
     session.flush()
     return row.id
@@ -496,16 +673,31 @@ def undo_relabel(*, session: Session, relabel_id: int, reviewer: str, note: str 
         raise ConfigError(f"relabel {relabel_id} was already undone; relabel the image instead. "
                           f"Received: relabel_id={relabel_id}")
     image_id, sha = target.image_id, target.upload_sha256
-    old = _target_label(session, image_id, sha)
-    new = _target_label(session, image_id, sha, without=relabel_id)
-    row = Relabel(image_id=image_id, upload_sha256=sha, image_sha256=_image_sha(session, image_id),
-                  old_label=old[0], old_subtype=old[1],
-                  new_label=new[0], new_subtype=new[1], reviewer=reviewer, note=note or "",
-                  run_ref=target.run_ref, score=target.score, undo_of=relabel_id)
-    session.add(row)
+    row_id = _append_undo(session, target, reviewer, note)
     # Items this relabel closed are open again (the image still needs a decision).
     session.execute(update(ReviewItem).where(_items_of(image_id, sha),
                                              ReviewItem.created_at <= target.created_at)
                     .values(done=False))
+    session.flush()
+    if target.kind == "read":  # a consensus built on this read no longer stands
+        for r in counting(list_relabels(session=session, image_ids=[image_id])):
+            if r.kind == "consensus" and relabel_id in r.basis:
+                _append_undo(session, session.get(Relabel, r.id), reviewer,
+                             f"undone with read {relabel_id}")
+        _settle(session, image_id, _reads_required(session, image_id))  # the others may agree
+    return row_id
+
+
+def _append_undo(session: Session, target: Relabel, reviewer: str, note: str) -> int:
+    """Append the undo row of ``target`` (its kind kept): the label once it no longer counts."""
+    image_id, sha = target.image_id, target.upload_sha256
+    old = _target_label(session, image_id, sha)
+    new = _target_label(session, image_id, sha, without=target.id)
+    row = Relabel(image_id=image_id, upload_sha256=sha, image_sha256=_image_sha(session, image_id),
+                  old_label=old[0], old_subtype=old[1],
+                  new_label=new[0], new_subtype=new[1], reviewer=reviewer, note=note or "",
+                  run_ref=target.run_ref, score=target.score, undo_of=target.id,
+                  kind=target.kind or "label", reads_required=target.reads_required)
+    session.add(row)
     session.flush()
     return row.id

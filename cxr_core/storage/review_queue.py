@@ -11,7 +11,14 @@ reviewer), so a click costs a few indexed queries at any dataset size:
   disagreement keeping those whose predicted class differs from the original label;
 - ``new_site``: ordered for learning at a new site: the most uncertain film of each patient
   first (one film per patient before any patient's second), then by the distance to the
-  decision, so one patient's films do not fill the first reviews.
+  decision, so one patient's films do not fill the first reviews;
+- ``mislabelled``: the images a stored label audit flagged (out-of-fold confident learning,
+  :mod:`cxr_core.storage.label_audits`), most likely wrong first;
+- ``conflicts``: images whose readers' newest reads differ (double reading), for an
+  adjudicator, by id.
+
+Under double reading (``reads_per_image`` N >= 2) an image leaves a reader's queue once N
+readers have read it or it was adjudicated.
 
 The "sent" and "changed" queues are short lists (what people sent, what changed on disk) and
 are built by :mod:`cxr_core.review.queues` from their own tables.
@@ -40,9 +47,11 @@ from sqlalchemy.orm import Session, aliased
 
 from cxr_core.core.labels import scheme_label, scheme_of_classes
 from cxr_core.storage.aggregates import materialize
-from db.models import EvalPrediction, Evaluation, ImageRow, Relabel
+from cxr_core.storage.relabels import COUNTING_KINDS, READ_KINDS
+from db.models import EvalPrediction, Evaluation, ImageRow, LabelAuditImage, Relabel
 
-SQL_QUEUES = ("disagreement", "uncertain", "new_site", "random", "class")
+SQL_QUEUES = ("disagreement", "uncertain", "new_site", "random", "class", "mislabelled",
+              "conflicts")
 MODEL_QUEUES = ("disagreement", "uncertain", "new_site")  # need a model's scores
 _HASH_P = 4294967291  # a prime above 2**31: the random queue's order is a hash mod P
 
@@ -77,6 +86,47 @@ def active_relabel_by(reviewer: str, image_id: ColumnElement) -> ColumnElement[b
     r, u = aliased(Relabel), aliased(Relabel)
     return exists().where(r.image_id == image_id, r.reviewer == reviewer, r.undo_of.is_(None),
                           ~exists().where(u.undo_of == r.id))
+
+
+def _standing(r) -> ColumnElement[bool]:
+    """``r`` (an aliased relabel) is not an undo row and was not undone."""
+    u = aliased(Relabel)
+    return and_(r.undo_of.is_(None), ~exists().where(u.undo_of == r.id))
+
+
+def enough_reads(reads_per_image: int, image_id: ColumnElement) -> ColumnElement[bool]:
+    """True where the image needs no more readers: ``reads_per_image`` distinct readers have a
+    standing read of it, or a standing adjudication settled it."""
+    r, a = aliased(Relabel), aliased(Relabel)
+    readers = select(func.count(func.distinct(r.reviewer))).where(
+        r.image_id == image_id, r.kind == "read", _standing(r)).scalar_subquery()
+    adjudicated = exists().where(a.image_id == image_id, a.kind == "adjudication", _standing(a))
+    return or_(readers >= reads_per_image, adjudicated)
+
+
+def _conflicting(dataset_id: int):
+    """Subquery (image_id) of the dataset's images whose readers' newest standing reads since
+    the newest standing adjudication differ (the rule of
+    :func:`cxr_core.storage.relabels.reading_round`)."""
+    a = aliased(Relabel)
+    last_adj = select(func.coalesce(func.max(a.id), 0)).where(
+        a.image_id == Relabel.image_id, a.kind == "adjudication", _standing(a)).scalar_subquery()
+    label = Relabel.new_label + func.coalesce("·" + Relabel.new_subtype, "")
+    ranked = (select(Relabel.image_id.label("image_id"), label.label("label"),
+                     func.row_number().over(partition_by=(Relabel.image_id, Relabel.reviewer),
+                                            order_by=Relabel.id.desc()).label("rn"))
+              .join(ImageRow, ImageRow.id == Relabel.image_id)
+              .where(ImageRow.dataset_id == dataset_id, Relabel.kind == "read",
+                     _standing(Relabel), Relabel.id > last_adj)
+              .subquery())
+    return (select(ranked.c.image_id).where(ranked.c.rn == 1).group_by(ranked.c.image_id)
+            .having(func.count(func.distinct(ranked.c.label)) > 1))
+
+
+def count_conflicts(*, session: Session, dataset_id: int) -> int:
+    """Images of the dataset waiting for an adjudication."""
+    return int(session.scalar(select(func.count()).select_from(
+        _conflicting(dataset_id).subquery())) or 0)
 
 
 def _readable(dataset_id: int):
@@ -155,12 +205,23 @@ def _model_query(session: Session, dataset_id: int, kind: str, scores: RunScores
 
 
 def _queue_query(session: Session, dataset_id: int, kind: str, *, class_name: str | None,
-                 seed: int, scores: RunScores | None):
+                 seed: int, scores: RunScores | None, audit_id: int | None = None):
     """(select whose first columns are image_id[, score, predicted index]; the ORDER BY)."""
     if kind in MODEL_QUEUES:
         if scores is None:
             return None, ()
         return _model_query(session, dataset_id, kind, scores)
+    if kind == "mislabelled":
+        if audit_id is None:
+            return None, ()
+        q = (select(ImageRow.id).join(LabelAuditImage, LabelAuditImage.image_id == ImageRow.id)
+             .where(_readable(dataset_id), LabelAuditImage.audit_id == audit_id,
+                    LabelAuditImage.issue_rank.is_not(None)))
+        return q, (LabelAuditImage.issue_rank, ImageRow.id)
+    if kind == "conflicts":
+        return (select(ImageRow.id).where(_readable(dataset_id),
+                                          ImageRow.id.in_(_conflicting(dataset_id))),
+                (ImageRow.id,))
     q = select(ImageRow.id).where(_readable(dataset_id))
     if kind == "class":
         return q.where(ImageRow.label == class_name), (ImageRow.id,)
@@ -183,29 +244,46 @@ def _row(scores: RunScores | None, row) -> QueueRow:
                     scores.labels[int(row[2])] if row[2] is not None else None)
 
 
+def _done_for(kind: str, reviewer: str, reads_per_image: int,
+              image_id: ColumnElement) -> ColumnElement[bool] | None:
+    """When an image of a queue counts as done for ``reviewer``: reviewed by them, or (double
+    reading) read by enough readers; the conflicts queue empties itself (None)."""
+    if kind == "conflicts":
+        return None
+    mine = active_relabel_by(reviewer, image_id)
+    return or_(mine, enough_reads(reads_per_image, image_id)) if reads_per_image > 1 else mine
+
+
 def queue_counts(*, session: Session, dataset_id: int, kind: str, reviewer: str,
-                 class_name: str | None = None, scores: RunScores | None = None) -> tuple[int, int]:
-    """(images in the queue, of them reviewed by ``reviewer``)."""
-    q, _ = _queue_query(session, dataset_id, kind, class_name=class_name, seed=0, scores=scores)
+                 class_name: str | None = None, scores: RunScores | None = None,
+                 audit_id: int | None = None, reads_per_image: int = 1) -> tuple[int, int]:
+    """(images in the queue, of them done for ``reviewer``: reviewed by them or, under double
+    reading, read by enough readers)."""
+    q, _ = _queue_query(session, dataset_id, kind, class_name=class_name, seed=0, scores=scores,
+                        audit_id=audit_id)
     if q is None:
         return 0, 0
     sub = q.subquery()
     total = session.scalar(select(func.count()).select_from(sub)) or 0
-    done = session.scalar(select(func.count()).select_from(sub).where(
-        active_relabel_by(reviewer, sub.c.id))) or 0
+    done_when = _done_for(kind, reviewer, reads_per_image, sub.c.id)
+    done = 0 if done_when is None else session.scalar(
+        select(func.count()).select_from(sub).where(done_when)) or 0
     return int(total), int(done)
 
 
 def queue_next(*, session: Session, dataset_id: int, kind: str, reviewer: str,
                class_name: str | None = None, seed: int = 0, scores: RunScores | None = None,
-               skipped: Sequence[int] = ()) -> QueueRow | None:
-    """The first image of the queue ``reviewer`` has not reviewed; skipped images come back
+               skipped: Sequence[int] = (), audit_id: int | None = None,
+               reads_per_image: int = 1) -> QueueRow | None:
+    """The first image of the queue not done for ``reviewer``; skipped images come back
     (in the order they were skipped) once the rest is done."""
     q, order = _queue_query(session, dataset_id, kind, class_name=class_name, seed=seed,
-                            scores=scores)
+                            scores=scores, audit_id=audit_id)
     if q is None:
         return None
-    q = q.where(~active_relabel_by(reviewer, ImageRow.id))
+    done_when = _done_for(kind, reviewer, reads_per_image, ImageRow.id)
+    if done_when is not None:
+        q = q.where(~done_when)
     skipped_ids = [int(i) for i in skipped if isinstance(i, int)]
     if skipped_ids:
         row = session.execute(q.where(ImageRow.id.not_in(skipped_ids)).order_by(*order)
@@ -221,10 +299,10 @@ def queue_next(*, session: Session, dataset_id: int, kind: str, reviewer: str,
 
 def queue_page(*, session: Session, dataset_id: int, kind: str, class_name: str | None = None,
                seed: int = 0, scores: RunScores | None = None, offset: int = 0,
-               limit: int = 50) -> list[QueueRow]:
+               limit: int = 50, audit_id: int | None = None) -> list[QueueRow]:
     """A page of the queue in review order (reviewed images included)."""
     q, order = _queue_query(session, dataset_id, kind, class_name=class_name, seed=seed,
-                            scores=scores)
+                            scores=scores, audit_id=audit_id)
     if q is None:
         return []
     return [_row(scores, r) for r in session.execute(q.order_by(*order).offset(offset)
@@ -249,11 +327,14 @@ def image_score(*, session: Session, dataset_id: int, image_id: int,
 
 def reviewed_among(*, session: Session, reviewer: str | None, image_ids: Iterable[int] = (),
                    upload_sha256s: Iterable[str] = ()) -> set[int | str]:
-    """Which of these images (ids) and uploads (sha256) ``reviewer`` (None: anyone) has an
-    active relabel (or confirmation) of."""
+    """Which of these images (ids) and uploads (sha256) ``reviewer`` has an active relabel,
+    confirmation or read of; with ``reviewer`` None, which are **confirmed**: they have a
+    label that counts (a standing relabel, consensus or adjudication; a double reading's
+    reads alone confirm nothing)."""
     u = aliased(Relabel)
     active = and_(Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id),
-                  *(() if reviewer is None else (Relabel.reviewer == reviewer,)))
+                  Relabel.kind.in_(COUNTING_KINDS) if reviewer is None
+                  else Relabel.reviewer == reviewer)
     out: set[int | str] = set()
     ids, shas = list(image_ids), list(upload_sha256s)
     for i in range(0, len(ids), 500):
@@ -267,9 +348,11 @@ def reviewed_among(*, session: Session, reviewer: str | None, image_ids: Iterabl
 
 def confirmation_order(*, session: Session, image_ids: Iterable[int]) -> dict[int, int]:
     """Image id -> the id of its first relabel or confirmation still standing (the order in
-    which a site's films were confirmed); images never confirmed are left out."""
+    which a site's films were confirmed: labels that count); images never confirmed are left
+    out."""
     u = aliased(Relabel)
-    active = and_(Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id))
+    active = and_(Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id),
+                  Relabel.kind.in_(COUNTING_KINDS))
     ids, out = list(image_ids), {}
     for i in range(0, len(ids), 500):
         out.update({int(img): int(first) for img, first in session.execute(
@@ -287,8 +370,9 @@ def label_pairs(*, session: Session, dataset_id: int) -> list[tuple[str, str | N
 # -- Agreement: each reviewer's newest label of an image, compared pair by pair, in SQL -------
 
 def _latest_labels(dataset_id: int):
-    """Subquery (key, reviewer, label) of each reviewer's newest active relabel per image of
-    the dataset and per upload; ``key`` is the image id as text or the upload's sha256."""
+    """Subquery (key, reviewer, label) of each reviewer's newest active relabel or read per
+    image of the dataset and per upload (a consensus or an adjudication is no reader's own
+    answer); ``key`` is the image id as text or the upload's sha256."""
     u = aliased(Relabel)
     key = func.coalesce(cast(Relabel.image_id, String), Relabel.upload_sha256)
     label = Relabel.new_label + case((Relabel.new_subtype.is_(None), ""),
@@ -299,7 +383,8 @@ def _latest_labels(dataset_id: int):
                                             order_by=Relabel.id.desc()).label("rn"))
               .outerjoin(ImageRow, ImageRow.id == Relabel.image_id)
               .where(or_(ImageRow.dataset_id == dataset_id, Relabel.upload_sha256.is_not(None)),
-                     Relabel.undo_of.is_(None), ~exists().where(u.undo_of == Relabel.id))
+                     Relabel.undo_of.is_(None), Relabel.kind.in_(READ_KINDS),
+                     ~exists().where(u.undo_of == Relabel.id))
               .subquery())
     return select(ranked.c.key, ranked.c.reviewer, ranked.c.label, ranked.c.relpath).where(
         ranked.c.rn == 1).subquery()
@@ -323,6 +408,22 @@ def agreement_tables(*, session: Session, dataset_id: int, limit: int = 50, offs
     latest = materialize(session, _latest_labels(dataset_id), index_on=("key", "reviewer"))
     try:
         return _contingency(session, latest), _conflicts(session, latest, limit, offset)
+    finally:
+        latest.drop(session.connection())
+
+
+def rating_counts(*, session: Session, dataset_id: int,
+                  min_readers: int = 3) -> list[tuple[str, str, int]]:
+    """(key, label, readers) for every image (or upload) read by at least ``min_readers``
+    readers (each reader's newest answer): the table Fleiss' kappa is computed from."""
+    latest = materialize(session, _latest_labels(dataset_id), index_on=("key", "reviewer"))
+    try:
+        keys = (select(latest.c.key).group_by(latest.c.key)
+                .having(func.count() >= min_readers).subquery())
+        q = (select(latest.c.key, latest.c.label, func.count())
+             .where(latest.c.key.in_(select(keys.c.key)))
+             .group_by(latest.c.key, latest.c.label).order_by(latest.c.key))
+        return [(k, label, int(n)) for k, label, n in session.execute(q)]
     finally:
         latest.drop(session.connection())
 

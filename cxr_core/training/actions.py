@@ -14,7 +14,9 @@ from cxr_core.core.errors import RunError
 from cxr_core.jobs import launcher
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import audit as store
+from cxr_core.storage import label_audits as audit_store
 from cxr_core.training import inputs
+from cxr_core.training import label_audit
 from cxr_core.training import service as training_service
 
 
@@ -96,3 +98,51 @@ def resume_run(db: Database, p: Principal, run_id: int, *, start_worker: bool = 
                               any_="cancel_any_run", target=f"run:{run_id}")
     training_service.resume_run(db, run_id, start_worker=start_worker,
                                 and_then=audited(p, action, f"run:{run_id}", {"what": "resume"}))
+
+
+def start_label_audit(db: Database, p: Principal, cfg: Any, *, folds: int = 5, seed: int = 0,
+                      start_worker: bool = True) -> tuple[int, list[int]]:
+    """Check the role (``label_audit``), the per-run limits (each fold is one run of ``cfg``)
+    and the user's active-run quota (an audit's folds count once), then store the audit and
+    queue its fold runs (the audit row in the same transaction); a worker is started after
+    the commit unless ``start_worker`` is False. Returns (audit id, fold run ids)."""
+
+    authorize(db, p, "label_audit", str(cfg.dataset))
+    label_audit.check_folds(folds)
+    lim = limits.Limits.from_env()
+    try:
+        n = inputs.count_training_images(db, cfg) if lim.max_train_images else None
+        limits.check_run(cfg, lim, n_images=n)
+        with db.session() as s:
+            limits.check_active(store.count_active_runs(session=s, created_by=p.identity),
+                                lim, p.identity)
+    except Exception as exc:
+        record(db, p, "label_audit", str(cfg.dataset), outcome="denied",
+               detail={"why": str(exc)})
+        raise
+    audit_id, run_ids = label_audit.start_audit(
+        db, cfg, folds=folds, seed=seed, created_by=p.identity,
+        and_then=audited(p, "label_audit", lambda a: f"label_audit:{a}",
+                         {"dataset": cfg.dataset, "folds": folds, "seed": seed,
+                          "label_scheme": cfg.label_scheme, "label_source": cfg.label_source}))
+    if start_worker:
+        launcher.ensure_worker(db)
+    return audit_id, run_ids
+
+
+def resume_label_audit(db: Database, p: Principal, audit_id: int, *,
+                       start_worker: bool = True) -> list[int]:
+    """Resume an audit's failed or cancelled fold runs (own audits, or anyone's as admin),
+    each from its last checkpoint; returns their ids."""
+
+    with db.session() as s:
+        owner = audit_store.require_audit(session=s, audit_id=audit_id).created_by
+    action = authorize_owned(db, p, owner=owner, own="cancel_own_run", any_="cancel_any_run",
+                             target=f"label_audit:{audit_id}")
+    run_ids = label_audit.resumable_folds(db, audit_id)
+    for run_id in run_ids:
+        training_service.resume_run(db, run_id, start_worker=False, and_then=audited(
+            p, action, f"run:{run_id}", {"what": "resume", "label_audit": audit_id}))
+    if run_ids and start_worker:
+        launcher.ensure_worker(db)
+    return run_ids

@@ -148,6 +148,36 @@ class ExtraImages:
 
 
 @dataclass(frozen=True)
+class AuditFold:
+    """The fold a label audit's run holds out (:mod:`cxr_core.training.label_audit`): it trains
+    on the other folds (its own train / validation / calibration split inside them) and
+    predicts this one, out of sample. The folds and the labels (the audit's snapshot) are the
+    audit's, stored with it."""
+
+    audit: int  # the label audit's id (the run's parent)
+    fold: int  # 0 .. folds - 1
+    folds: int
+
+    def __post_init__(self) -> None:
+        for name in ("audit", "fold", "folds"):
+            if not _is_int(getattr(self, name)):
+                raise ConfigError(f"holdout: {name} must be an integer. "
+                                  f"Received: {name}={getattr(self, name)!r}")
+        if self.folds < 2 or not 0 <= self.fold < self.folds:
+            raise ConfigError("holdout: fold must be in [0, folds) and folds >= 2. "
+                              f"Received: fold={self.fold}, folds={self.folds}")
+
+    @classmethod
+    def from_value(cls, value: Any) -> AuditFold | None:
+        if value is None or isinstance(value, AuditFold):
+            return value
+        if not isinstance(value, Mapping) or set(value) != {"audit", "fold", "folds"}:
+            raise ConfigError('holdout is {"audit": ID, "fold": K, "folds": N} (a label '
+                              f"audit's fold run). Received: holdout={value!r}")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs; stored as JSON with the run.
 
@@ -210,6 +240,8 @@ class TrainConfig:
     # Images of other datasets added to the run's data, patient-grouped on their own so no
     # site patient is in two of train / validation / calibration (ExtraImages).
     extra: tuple[ExtraImages, ...] = ()
+    # A label audit's fold run: the fold it holds out and predicts (AuditFold); None otherwise.
+    holdout: AuditFold | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "head", HeadConfig.from_value(self.head))
@@ -242,6 +274,12 @@ class TrainConfig:
             raise ConfigError("extra datasets are split by patient on their own; with "
                               "split='temporal' use split='patient' or no extra. "
                               f"Received: split={self.split!r}")
+        object.__setattr__(self, "holdout", AuditFold.from_value(self.holdout))
+        if self.holdout is not None and (self.extra or self.max_images is not None):
+            raise ConfigError("a label audit's fold run predicts every image of its fold "
+                              "from the other folds of its own dataset: no extra datasets and no "
+                              f"max_images. Received: extra={len(self.extra)}, "
+                              f"max_images={self.max_images}")
 
     def _check_choices(self) -> None:
         for name, allowed in (("recipe", tuple(RECIPES)), ("label_scheme", LABEL_SCHEMES),
@@ -368,6 +406,8 @@ class TrainConfig:
         data["external"] = list(data["external"])
         data["extra"] = [dict(e) for e in data["extra"]]
         data["head"] = None if self.head is None else self.head.to_dict()
+        if data["holdout"] is None:  # a run of its own: its stored config stays as before
+            del data["holdout"]
         return data
 
     def to_json(self) -> str:

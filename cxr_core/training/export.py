@@ -284,6 +284,21 @@ def _repo_relative(path: str) -> str:
     return os.path.relpath(p, DEFAULT_MODELS_DIR.parents[1]) if p.is_absolute() else path
 
 
+def size_default(out_dir: str | Path = DEFAULT_MODELS_DIR) -> dict:
+    """Record the shipped model's parameter counts (total, trainable) in its card and README
+    (a run's card has them from training; a card exported before issue 27 gets them here)."""
+    from cxr_core.models import graph, layers
+
+    out = Path(out_dir)
+    card_path = out / CARD_NAME
+    card = json.loads(card_path.read_text())
+    model = layers.load_model(out / card.get("model_file", DEFAULT_MODEL_NAME))
+    card["parameters"] = graph.parameter_counts(model)
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    (out / "README.md").write_text(card_markdown(card))
+    return card["parameters"]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cxr_core.training.export export-default RUN_ID``: export a run as the demo model."""
     import argparse
@@ -299,6 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("stress-default", help="keep the shift stress test of models/default "
                        "(on a stored evaluation's images) in its card")
     p.add_argument("evaluation_id", type=int)
+    p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
+    p = sub.add_parser("size-default", help="record the parameter counts of models/default in "
+                       "its card")
     p.add_argument("--out", default=str(DEFAULT_MODELS_DIR))
     p = sub.add_parser("export-three-class", help="ship the two-step three-class model to "
                        "models/three_class")
@@ -319,6 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                       notes=args.note)
             print(json.dumps({"exported": args.out or "models/three_class",
                               "measured": card["measured"]}))
+            return 0
+        if args.command == "size-default":
+            print(json.dumps(size_default(args.out)))
             return 0
         if args.command == "stress-default":
             print(json.dumps(stress_default(args.evaluation_id, out_dir=args.out)))

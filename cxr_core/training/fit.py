@@ -503,6 +503,7 @@ def _finish(fit: _Fit, initial_epoch: int, report: str | None) -> TrainResult:
         save_atomic(fit.model, ckpts.best_path)
     model = layers.load_model(ckpts.best_path)
     saliency = graph.saliency_layer_name(model)  # the one rule; the model card records it
+    parameters = graph.parameter_counts(model)  # the card and the run view show them
     val_ds = pipeline.make_dataset(inputs.cache, batch_size=cfg.batch_size, shuffle=False,
                                    seed=0, indices=inputs.val_rows, channels=cfg.channels)
     probs = _to_probs(model.predict(val_ds, verbose=0))
@@ -516,4 +517,5 @@ def _finish(fit: _Fit, initial_epoch: int, report: str | None) -> TrainResult:
         tuple(data.image_ids[i] for i in idx), tuple(data.paths[i] for i in idx),
         np.asarray(data.labels)[idx].astype(np.int64), probs, fit.n_train,
         len(inputs.val_rows), inputs.skipped,
-        float(np.mean(fit.rates)) if fit.rates else None, fit.feature_cache, report)
+        float(np.mean(fit.rates)) if fit.rates else None, fit.feature_cache, report,
+        parameters)

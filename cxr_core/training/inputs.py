@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from cxr_core.data.splits import make_split
 from cxr_core.models.store import RUN_MODEL_NAME
 from cxr_core.storage import Database, review_queue
 from cxr_core.storage import datasets as ds_store
+from cxr_core.storage import label_audits as audit_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.relabels import LabelSnapshot, label_version
 
@@ -44,6 +45,11 @@ class PreparedData:
     calibration_skipped: str | None = None  # why there is none (fraction 0, too small a val)
     # Per extra dataset (cfg.extra): its name, images taken per part, label snapshot, repeat.
     extra: tuple[dict, ...] = ()
+    # A label audit's fold run (cfg.holdout): the fold it holds out, predicted after training.
+    holdout: tuple = ()  # ImageRecords
+    # Images the scheme gives no class, by why (e.g. PNEUMONIA without a stated subtype in a
+    # three-class run): left out, and the run's log says how many.
+    unlabelled: dict[str, int] = field(default_factory=dict)
 
 
 def _subsample(idx: list[int], labels: list[str], n: int, seed: int) -> list[int]:
@@ -85,6 +91,51 @@ def _usable(cfg: Any, info: Any, records: list, label_map: dict) -> tuple[list[i
     if cfg.max_images is not None:
         usable = _subsample(usable, names, cfg.max_images, cfg.split_seed)
     return usable, names, classes
+
+
+def unlabelled_reasons(cfg: Any, info: Any, records: list, label_map: dict) -> dict[str, int]:
+    """Images outside the test folder that the run's scheme gives no class, counted by why:
+    a three-class (or subtype) run leaves out pneumonia whose subtype nobody stated (a
+    reviewer's "PNEUMONIA (subtype not stated)", or a file name without one): nothing guesses
+    it."""
+    out: Counter = Counter()
+    for r in records:
+        if r.error or r.split == "test":
+            continue
+        label, subtype = label_map.get(r.id, (r.label, r.subtype))
+        if ds.scheme_label(label, subtype, cfg.label_scheme) is not None:
+            continue
+        if cfg.label_scheme in ("three_class", "subtype") and label.upper() != "NORMAL" \
+                and subtype is None:
+            out[f"{label} (subtype not stated)"] += 1
+        else:
+            out[ds.format_label(label, subtype) + " (no class in this scheme)"] += 1
+    return dict(out)
+
+
+def _audit_fold(db: Database, cfg: Any, info: Any, records: list, usable: list[int],
+                names: list[str], classes: tuple) -> tuple[list[int], tuple]:
+    """(the usable indices a fold run trains on: the audit's images of the other folds, the
+    ImageRecords of the fold it holds out). The folds and labels are the audit's."""
+    fold = cfg.holdout
+    with db.session() as s:
+        audit = audit_store.require_audit(session=s, audit_id=fold.audit)
+        rows = {r.image_id: r for r in audit_store.audit_images(session=s, audit_id=fold.audit)}
+    if audit.dataset_id != info.id or audit.folds != fold.folds:
+        raise RunError(f"holdout names audit {fold.audit} of dataset {audit.dataset_id} with "
+                       f"{audit.folds} folds. Received: dataset {info.id}, folds={fold.folds}")
+    keep, changed = [], 0
+    for i in usable:
+        row = rows.get(records[i].id)
+        if row is None or row.fold == fold.fold:
+            continue
+        changed += classes[row.given] != names[i]
+        keep.append(i)
+    if changed:
+        raise RunError(f"{changed} image(s) have labels other than audit {fold.audit}'s snapshot "
+                       f"{audit.snapshot_hash[:12]}; a fold run trains on the audit's labels")
+    held = tuple(r for r in records if r.id in rows and rows[r.id].fold == fold.fold)
+    return keep, held
 
 
 def count_training_images(db: Database, cfg: Any) -> int | None:
@@ -199,6 +250,9 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     info, records = open_dataset(db, cfg.dataset)
     snap, label_map = _read_labels(db, cfg, info, as_of_relabel_id)
     usable, names, classes = _usable(cfg, info, records, label_map)
+    held: tuple = ()
+    if cfg.holdout is not None:
+        usable, held = _audit_fold(db, cfg, info, records, usable, names, tuple(classes))
     recs = [records[i] for i in usable]
     plan = make_split(cfg.split, recs, [names[i] for i in usable],
                       val_fraction=cfg.val_fraction, seed=cfg.split_seed, group=cfg.split_group)
@@ -250,4 +304,5 @@ def prepare_data(db: Database, cfg: Any, *, as_of_relabel_id: int | None = None)
     own = len(recs) - sum(len(p.train) + len(p.val) for p in parts)
     return PreparedData(data, info.id, info.name, info.root, snap, counts,
                         len(records) - own - len(carve.calibration), calib,
-                        carve.skipped, tuple(p.to_json() for p in parts))
+                        carve.skipped, tuple(p.to_json() for p in parts), held,
+                        unlabelled_reasons(cfg, info, records, label_map))

@@ -113,6 +113,7 @@ class TrainResult:
     images_per_s: float | None = None  # mean training throughput over this call's epochs
     feature_cache: bool = False  # a frozen stage trained on cached features
     weights_report: str | None = None
+    parameters: dict | None = None  # {"total", "trainable", "non_trainable"} of the run's model
 
 
 class RunCancelled(Exception):

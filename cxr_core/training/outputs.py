@@ -43,6 +43,9 @@ class RunOutputs:
     operating_point: dict | None
     evaluation_id: int | None  # the validation (selection) evaluation
     calibration_evaluation_id: int | None = None
+    # Per-class precision, recall, F1 and support at the operating point on validation, with
+    # the macro and weighted averages (stats.reports.class_report), for the card and run view.
+    per_class: dict | None = None
 
 
 def _truth(db: Database, cfg: Any, prepared: Any, ids: list[int], classes: list[str]):
@@ -196,7 +199,9 @@ def record_outputs(db: Database, run: Any, cfg: Any, prepared: Any, result: Any,
            "specificity": rep.specificity, "average_precision": rep.average_precision,
            "threshold": rep.threshold}
     val = {k: (None if isinstance(v, float) and v != v else v) for k, v in val.items()}  # NaN
-    return RunOutputs(val, op, eval_id, cal_id)
+    per_class = {"split": "val", "threshold": rep.threshold, "n": rep.n,
+                 "rows": ev.class_report(rep.per_class)}
+    return RunOutputs(val, op, eval_id, cal_id, per_class)
 
 
 def write_model_card(run_dir: str | Path, *, name: str, cfg: TrainConfig,

@@ -27,6 +27,7 @@ from cxr_core.evaluation.card_measured import refresh_run_card, run_measured
 from cxr_core.evaluation.evaluate import evaluate_model
 from cxr_core.storage import Database
 from cxr_core.storage import runs as store
+from cxr_core.training import label_audit
 from cxr_core.training.config import TrainConfig
 from cxr_core.training.inputs import PreparedData, prepare_data
 from cxr_core.training.interface import EPOCH_KEYS, TrainSinks
@@ -144,8 +145,13 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
                "best_epoch": result.best_epoch, "weights": result.weights_report,
                "evaluation_id": eval_id,
                "calibration_evaluation_id": out.calibration_evaluation_id,
-               "extra_data": list(prepared.extra)})
+               "extra_data": list(prepared.extra), "per_class": out.per_class,
+               "parameters": result.parameters})
     refresh_run_card(db, run.id)  # "measured": every split, with patient-clustered intervals
+    if cfg.holdout is not None:  # a label audit's fold: its held-out images, out of fold
+        n = label_audit.record_fold(db, run.id, cfg, prepared)
+        _log(db, run.id, f"label audit {cfg.holdout.audit}: fold {cfg.holdout.fold + 1}/"
+             f"{cfg.holdout.folds} predicted out of fold ({n} of {len(prepared.holdout)} images)")
     external = _evaluate_external(db, run.id, cfg)
     summary = {"val": val, "epochs": result.epochs_done, "best_epoch": result.best_epoch,
                "stopped_early": result.stopped_early, "images_per_s": result.images_per_s,
@@ -153,11 +159,20 @@ def _complete(db: Database, run: store.RunRecord, cfg: Any, prepared: PreparedDa
                "feature_cache": result.feature_cache, "evaluation_id": eval_id,
                "operating_point": op, "n_calibration": len(prepared.calibration),
                "calibration_evaluation_id": out.calibration_evaluation_id,
-               "external": external}
+               "external": external, "parameters": result.parameters,
+               "per_class": out.per_class, "left_out_unlabelled": prepared.unlabelled}
     db.write(lambda s: store.finish_run(session=s, run_id=run.id, status="finished",
                                         summary=summary, only_if="running"))
     _log(db, run.id, "finished: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()
                                               if isinstance(v, float)))
+    if cfg.holdout is not None:  # the last fold to finish runs confident learning
+        try:
+            audit = label_audit.finalize(db, cfg.holdout.audit)
+            if audit.status == "finished":
+                _log(db, run.id, f"label audit {audit.id} finished: "
+                     f"{(audit.result or {}).get('n_issues')} image(s) flagged")
+        except CxrError as exc:  # the fold's outputs are stored; `label-audit show` retries
+            _log(db, run.id, f"label audit {cfg.holdout.audit} not finalized: {exc}", "warning")
     return RunOutcome(run.id, "finished", result.epochs_done, val, external=tuple(external))
 
 
@@ -202,6 +217,8 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
     resume = run.resume_requested
     initial = resume_epoch(run_dir, run.epochs_done) if resume else 0
     as_of = (run.label_snapshot_relabel_id or 0) if resume and run.label_snapshot_hash else None
+    if as_of is None and cfg.holdout is not None:  # a fold trains on its audit's labels
+        as_of = label_audit.snapshot_relabel_id(db, cfg.holdout.audit)
     prepared = prepare_data(db, cfg, as_of_relabel_id=as_of)
     snap = prepared.snapshot
 
@@ -226,7 +243,11 @@ def _start(db: Database, run: store.RunRecord, cfg: Any, run_dir: Path) -> tuple
             f"train {prepared.counts['train']}, val {prepared.counts['val']}, calibration "
             f"{prepared.counts.get('calibration') or prepared.calibration_skipped}"
             + "".join(f"; extra {e['dataset']!r}: train {e['train']} x{e['repeat']}, val "
-                      f"{e['val']}, calibration {e['calibration']}" for e in prepared.extra)))
+                      f"{e['val']}, calibration {e['calibration']}" for e in prepared.extra)
+            + (f"; label audit {cfg.holdout.audit}: holds out fold {cfg.holdout.fold + 1}/"
+               f"{cfg.holdout.folds} ({len(prepared.holdout)} images)" if cfg.holdout else "")
+            + "".join(f"; left out {n} image(s) labelled {why}"
+                      for why, n in sorted(prepared.unlabelled.items()))))
     db.write(write)
     return prepared, initial
 

@@ -7,6 +7,7 @@ evaluate code (:func:`cxr_core.training.runner.process_run`) in its own process.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,10 @@ from cxr_core.data.augment_config import PRESETS
 from cxr_core.jobs import launcher, loop
 from cxr_core.storage import AndThen, Database
 from cxr_core.storage import datasets as dataset_store
+from cxr_core.storage import label_audits as audit_store
 from cxr_core.storage import runs as store
 from cxr_core.storage.runs import LogLine, RunRecord
-from cxr_core.training import runner
+from cxr_core.training import label_audit, runner
 from cxr_core.training.config import DEFAULT_RECIPE, RECIPES, TrainConfig
 from cxr_core.training.interface import BATCH_KEYS, EPOCH_KEYS
 
@@ -254,3 +256,59 @@ def run_progress(db: Database, run_ids: Sequence[int]) -> dict[int, RunProgress]
         newest.setdefault(r.run_id, {})[r.key] = r.value
     return {i: RunProgress(v["epoch_progress"], v["eta_s"]) for i, v in newest.items()
             if {"epoch_progress", "eta_s"} <= set(v)}
+
+
+# -- Label audits: K fold runs (training.label_audit) ----------------------------------
+
+def label_audit_config(db: Database, dataset: str, config: Mapping[str, Any] | None = None,
+                       *, label_scheme: str | None = None, label_source: str | None = None,
+                       base_dir: str | Path | None = None) -> TrainConfig:
+    """The fold runs' config: ``config`` (a run config: recipe, model, epochs, ...; default the
+    host's recipe) on ``dataset``, binary and current labels unless told otherwise.
+
+    Raises:
+        ConfigError: an invalid config, or one with extra datasets or ``max_images`` (every
+            image is predicted once, out of fold, from its own dataset).
+        DatasetError: an unknown dataset.
+    """
+    with db.session() as s:
+        info = dataset_store.get_dataset(session=s, name_or_id=dataset)
+    if info is None:
+        raise DatasetError(f"no indexed dataset {dataset!r}: index it first (python -m cxr_core "
+                           f"index PATH --name NAME). Received: --dataset {dataset!r}")
+    data = dict(config or {"recipe": host_recipe(info.layout)})
+    if data.get("dataset") not in (None, info.name, info.root):
+        raise ConfigError("an audit's config trains on the audited dataset; leave its dataset "
+                          f"out. Received: dataset={data['dataset']!r}, --dataset {dataset!r}")
+    data["dataset"] = info.name
+    data["label_scheme"] = label_scheme or data.get("label_scheme") or "binary"
+    data["label_source"] = label_source or data.get("label_source") or "current"
+    return make_config(db, data, base_dir=base_dir)
+
+
+def train_audit_folds(db: Database, audit_id: int, *,
+                      progress: Callable[[int, int], None] | None = None,
+                      poll_s: float = 2.0) -> Any:
+    """The CLI without ``--detach``: this process is one more worker for the audit. It
+    claims each queued fold run it can (another free worker may take some) and trains it, then
+    waits for the folds others train; returns the audit once no fold is queued or running."""
+    worker_id, beat = loop.register(db, kinds="runs")
+    try:
+        while True:
+            with db.session() as s:
+                runs = audit_store.fold_runs(session=s, audit_id=audit_id)
+            queued = [f for f in runs if f.status == "queued"]
+            for f in queued:
+                if db.write(lambda s, rid=f.run_id: store.claim_run(
+                        session=s, run_id=rid, worker_id=worker_id)):
+                    beat.run_id = f.run_id
+                    runner.process_run(db, f.run_id, progress=progress)
+                    beat.run_id = None
+            with db.session() as s:
+                runs = audit_store.fold_runs(session=s, audit_id=audit_id)
+            if not any(f.status in ("queued", "running") for f in runs):
+                return label_audit.finalize(db, audit_id)
+            if not any(f.status == "queued" for f in runs):
+                time.sleep(poll_s)  # the rest are with other workers
+    finally:
+        loop.unregister(db, worker_id, beat)
