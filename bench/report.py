@@ -30,7 +30,11 @@ WHAT = {
     "label-noise": "flipped labels found by the label audit (out-of-fold confident learning) "
                    "vs one model's in-sample scores (precision at k = number flipped; goals: "
                    "AUROC ≥ 0.90, precision@k ≥ 0.6)",
+    "site-round": "a new site's next round (the base plus the films confirmed on Review) at a "
+                  "cross-fitted site threshold vs the base at its stored threshold, on films "
+                  "no one confirmed (specificity, aiming at sensitivity 0.95)",
 }
+SITE_ROUND_PLOT = "site_round.png"  # beside the page: specificity against films confirmed
 
 
 def machine() -> dict:
@@ -88,6 +92,12 @@ def _ratio(result: dict) -> str:
         return (f"{ratio} precision@k ({ours['precision_at_k']:.2f} vs "
                 f"{result['baseline']['precision_at_k']:.2f}); AUROC {ours['auroc']:.3f}; goals "
                 + ("met" if result.get("met") else "not met"))
+    if result.get("bench") == "site-round" and "ours" in result:
+        ours, base = result["ours"], result["baseline"]
+        ratio = "—" if result.get("ratio") is None else f"**{float(result['ratio']):.2f}×**"
+        return (f"{ratio} specificity after {ours['budget']} films confirmed "
+                f"({ours['specificity']:.3f} at sensitivity {ours['sensitivity']:.3f} vs "
+                f"{base['specificity']:.3f} at {base['sensitivity']:.3f})")
     if result.get("ratio") is None:
         base = result.get("baseline") or {}
         measured = (f"; float32 baseline {base['images_per_s']:g} img/s"
@@ -101,7 +111,8 @@ def _ratio(result: dict) -> str:
     return text
 
 
-def render(results: list[dict], info: dict, when: str) -> str:
+def render(results: list[dict], info: dict, when: str, plot: str | None = None) -> str:
+    """The page. ``plot``: the site round's picture (relative to the page), if one was drawn."""
     gpus = ", ".join(info["gpus"]) or "none"
     lines = [
         "# Benchmarks",
@@ -138,6 +149,9 @@ def render(results: list[dict], info: dict, when: str) -> str:
     noise = next((r for r in results if r["bench"] == "label-noise" and "ours" in r), None)
     if noise:
         lines += label_noise_section(noise)
+    site = next((r for r in results if r["bench"] == "site-round" and "budgets" in r), None)
+    if site:
+        lines += site_round_section(site, plot=plot)
     lines += ["", "## Raw results", ""]
     for r in results:
         lines += [f"### {r['bench']}", "", "```json", json.dumps(r, indent=1), "```", ""]
@@ -208,6 +222,90 @@ def label_noise_section(result: dict) -> list[str]:
     return lines
 
 
+def site_round_section(result: dict, plot: str | None = None) -> list[str]:
+    """The site round per review budget: each decision rule's sensitivity / specificity (95%
+    patient-clustered interval) on the films no one confirmed, and the picture if drawn."""
+    from cxr_core.evaluation.site_round import SERIES
+
+    def cell(fig: dict | None) -> str:
+        if not isinstance(fig, dict):
+            return "—"
+        if fig.get("refused"):
+            return f"refused ({fig['refused']})"
+        lo, hi = fig.get("specificity_ci") or [float("nan")] * 2
+        return f"{fig['sensitivity']:.3f} / **{fig['specificity']:.3f}** [{lo:.3f}, {hi:.3f}]"
+
+    cfg = result.get("next_config") or {}
+    lines = ["", "## Site round", "",
+             f"What a new site gains from confirming films on Review and training the next "
+             f"round on them (`python -m cxr_core bench site-round`; section (a)–(e) of "
+             f"`bench/site_round.py`). Site: `{result.get('site')}`; base: "
+             f"`{result.get('base')}`; {result.get('folds')} patient-grouped folds over the "
+             "site's patients: each fold's films are scored only by models and thresholds that "
+             "never saw them (the other folds are the review pool, confirmed in Review's "
+             "new-site queue order, the folder labels standing in for the reader). The next "
+             f"round: recipe `{cfg.get('recipe')}`, {cfg.get('epochs')} epochs, learning rate "
+             f"{cfg.get('learning_rate')}, "
+             + ("fine-tuned from the base" if cfg.get("weights") else "from scratch")
+             + f", each confirmed film repeated {result.get('repeat')}× per epoch. Cells: "
+             "sensitivity / **specificity** [95% interval of the specificity], thresholds "
+             "aiming at sensitivity 0.95. Whole bench: "
+             f"{float(result.get('wall_s') or 0) / 60:.0f} min.", "",
+             "| films confirmed | " + " | ".join(SERIES.values())
+             + " | AUC base / next round | wall (s) |",
+             "|---|" + "---|" * (len(SERIES) + 2)]
+    for entry in result["budgets"]:
+        auc_next = (entry.get("next_own") or {}).get("auc")
+        auc_base = (entry.get("base_stored") or {}).get("auc")
+        aucs = " / ".join("—" if a is None else f"{a:.3f}" for a in (auc_base, auc_next))
+        lines.append(f"| {entry['budget']} | "
+                     + " | ".join(cell(entry.get(k)) for k in SERIES)
+                     + f" | {aucs} | {entry.get('wall_s', 0):.0f} |")
+    if plot:
+        lines += ["", f"![specificity at sensitivity 0.95 against films confirmed]({plot})"]
+    lines += ["", "The same picture is on Review → Site calibration (read from "
+              "`models/default/site_round.json`)."]
+    return lines
+
+
+def site_round_plot(result: dict, out: Path) -> str | None:
+    """Draw the site round (the figure Site calibration shows) to ``out`` as PNG with Plotly in
+    Debian's Chromium through Playwright. Returns why not, or None when written."""
+    import shutil
+    import tempfile
+
+    import plotly.express as px
+
+    from cxr_core.evaluation.site_round import parse
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        return "no chromium on PATH (apt-get install chromium)"
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return "playwright is not installed (requirements-dev.txt)"
+    rows = [r for r in parse(result).rows if r["specificity"] is not None]
+    up = [r["high"] - r["specificity"] for r in rows]
+    down = [r["specificity"] - r["low"] for r in rows]
+    fig = px.line(rows, x="budget", y="specificity", color="series", markers=True,
+                  error_y=up, error_y_minus=down,
+                  labels={"budget": "films confirmed on Review", "series": "decision",
+                          "specificity": "specificity (aiming at sensitivity 0.95)"})
+    fig.update_layout(width=900, height=480, legend=dict(orientation="h", y=-0.25))
+    with tempfile.TemporaryDirectory() as tmp:
+        html = Path(tmp) / "plot.html"
+        fig.write_html(html, include_plotlyjs=True, full_html=True)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium)
+            page = browser.new_page(viewport={"width": 920, "height": 500})
+            page.goto(html.as_uri())
+            page.wait_for_selector(".main-svg")
+            page.locator(".plotly-graph-div").screenshot(path=str(out))
+            browser.close()
+    return None
+
+
 def saved_results(page: Path) -> list[dict]:
     """The raw results kept in a page :func:`render` wrote (none if there is no page)."""
     try:
@@ -231,21 +329,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
     parser.add_argument("--from-json", default=None,
                         help="re-render saved results (one JSON object per line) instead")
+    parser.add_argument("--merge-json", default=None,
+                        help="add results measured earlier (one bench's JSON object per line, "
+                             "e.g. a long site-round run) to the page instead of running benches")
     args = parser.parse_args(argv)
     info = machine()
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     if args.from_json:
         saved = Path(args.from_json).read_text().splitlines()
         results = [json.loads(line) for line in saved if line.strip()]
-        Path(args.out).write_text(render(results, info, when) + "\n")
+        Path(args.out).write_text(render(results, info, when) + "\n")  # no picture
         return 0
     results = []
-    for name in args.only:
+    if args.merge_json:
+        source = Path(args.merge_json)
+        measured = dt.datetime.fromtimestamp(source.stat().st_mtime, dt.timezone.utc).strftime(
+            "%Y-%m-%d %H:%M UTC")  # when the run wrote it, unless the object says
+        results = [{"measured": measured, **json.loads(line)}
+                   for line in source.read_text().splitlines() if line.strip()]
+    for name in ([] if args.merge_json else args.only):
         print(f"bench {name} ...", file=sys.stderr, flush=True)
         results.append({**run_bench(name, args.data), "measured": when})
         print(json.dumps(results[-1]), flush=True)
     page = Path(args.out)
-    page.write_text(render(merge(saved_results(page), results), info, when) + "\n")
+    merged = merge(saved_results(page), results)
+    plot = None
+    site = next((r for r in merged if r["bench"] == "site-round" and "budgets" in r), None)
+    if site:
+        why = site_round_plot(site, page.parent / SITE_ROUND_PLOT)
+        plot = SITE_ROUND_PLOT if why is None else None
+        if why:
+            print(f"site round plot not drawn: {why}", file=sys.stderr)
+    page.write_text(render(merged, info, when, plot=plot) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0 if all("error" not in r for r in results) else 1
 

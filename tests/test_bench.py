@@ -1,6 +1,8 @@
 """The benchmarks' result shape on tiny real slices (correctness only; timings are not tested)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bench import common
@@ -212,3 +214,89 @@ def test_the_label_noise_bench_refuses_a_bad_flip(cxr_home, shared_data, capsys)
 
     assert main(["bench", "label-noise", "--flip", "0.6", "--json"]) == 2
     assert "need 0 < flip < 0.5" in capsys.readouterr().err
+
+
+def _site_round_result() -> dict:
+    def fig(sens, spec, auc=None):
+        out = {"sensitivity": sens, "specificity": spec, "specificity_ci": [spec - 0.05,
+                                                                           min(1.0, spec + 0.05)],
+               "sensitivity_ci": [sens - 0.03, min(1.0, sens + 0.03)], "accuracy": 0.9, "n": 201}
+        return out | ({"auc": auc} if auc is not None else {})
+    budgets = [{"budget": 0, "n_scored": 201, "base_stored": fig(0.97, 0.78, 0.972),
+                "base_site": {"refused": "under 10 NORMAL films confirmed"},
+                "base_crossfit": fig(0.95, 0.89), "next_own": fig(0.97, 0.78, 0.972),
+                "next_crossfit": fig(0.95, 0.89), "wall_s": 3.0},
+               {"budget": 50, "n_scored": 201, "base_stored": fig(0.97, 0.78, 0.972),
+                "base_site": fig(0.93, 0.90), "base_crossfit": fig(0.95, 0.89),
+                "next_own": fig(0.98, 0.80, 0.980), "next_crossfit": fig(0.95, 0.92),
+                "wall_s": 700.0}]
+    return {"bench": "site-round", "site": "chest_xray_224_external", "base": "default",
+            "next_config": {"recipe": "robust128", "epochs": 6, "learning_rate": 2e-4,
+                            "weights": "models/default/model.keras"},
+            "folds": 2, "repeat": 3, "budgets": budgets,
+            "baseline": {"what": "base at its stored threshold", "budget": 50,
+                         **budgets[1]["base_stored"]},
+            "ours": {"what": "next round at a cross-fitted site threshold", "budget": 50,
+                     **budgets[1]["next_crossfit"]},
+            "ratio": 0.92 / 0.78, "wall_s": 1500.0}
+
+
+def test_the_site_round_section_tabulates_every_budget_and_rule():
+    from bench import report
+
+    out = _site_round_result()
+    text = "\n".join(report.site_round_section(out, plot="site_round.png"))
+    assert text.startswith("\n## Site round") and "fine-tuned from the base" in text
+    rows = [line for line in text.splitlines() if line.startswith("| 0 |")
+            or line.startswith("| 50 |")]
+    assert len(rows) == 2
+    assert "refused (under 10 NORMAL films confirmed)" in rows[0]
+    assert "0.950 / **0.920** [0.870, 0.970]" in rows[1]  # next round, cross-fitted
+    assert "0.972 / 0.980" in rows[1] and "| 700 |" in rows[1]
+    assert "![specificity at sensitivity 0.95 against films confirmed](site_round.png)" in text
+    assert "1.18×" in report._ratio(out) and "after 50 films" in report._ratio(out)
+    page = report.render([out], {"cpu": "x", "cores": 2, "memory": "1 GB", "gpus": [],
+                                 "python": "3.11", "tensorflow": "2", "load_1min_at_start": 0},
+                         "2026-12-07 00:00 UTC", plot="site_round.png")
+    assert "## Site round" in page and '"bench": "site-round"' in page  # raw JSON kept below
+
+
+def test_the_site_round_plot_is_drawn_in_chromium(tmp_path):
+    import shutil
+
+    from bench import report
+
+    if shutil.which("chromium") is None:
+        if os.environ.get("CXR_REQUIRE_BROWSER"):
+            pytest.fail("CXR_REQUIRE_BROWSER is set but chromium is not on PATH")
+        pytest.skip("no chromium (apt-get install chromium)")
+    from PIL import Image
+
+    out = tmp_path / "site_round.png"
+    assert report.site_round_plot(_site_round_result(), out) is None
+    with Image.open(out) as im:
+        assert im.size[0] >= 800 and im.size[1] >= 400
+        assert len(set(im.convert("RGB").getdata())) > 20  # lines, markers, text: not blank
+
+
+def test_a_measured_site_round_is_merged_into_the_page_without_rerunning(tmp_path, monkeypatch):
+    import json
+
+    from bench import report
+
+    monkeypatch.setattr(report, "run_bench", lambda *a: pytest.fail("no bench may run"))
+    monkeypatch.setattr(report, "site_round_plot", lambda result, out: "no browser here")
+    monkeypatch.setattr(report, "machine", lambda: {
+        "cpu": "x", "cores": 2, "memory": "1 GB", "gpus": [], "python": "3.11",
+        "tensorflow": "2", "load_1min_at_start": 0})
+    page = tmp_path / "benchmarks.md"
+    page.write_text(report.render([{"bench": "index", "ratio": 3.0, "measured": "earlier"}],
+                                  report.machine(), "earlier"))
+    saved = tmp_path / "site_round.json"
+    saved.write_text(json.dumps(_site_round_result()) + "\n")
+    assert report.main(["--out", str(page), "--merge-json", str(saved)]) == 0
+    kept = report.saved_results(page)
+    assert [r["bench"] for r in kept] == ["index", "site-round"]
+    assert kept[1]["budgets"] == _site_round_result()["budgets"]
+    text = page.read_text()
+    assert "## Site round" in text and "](site_round.png)" not in text  # no picture drawn
