@@ -292,7 +292,7 @@ def site_round_plot(result: dict, out: Path) -> str | None:
                   error_y=up, error_y_minus=down,
                   labels={"budget": "films confirmed on Review", "series": "decision",
                           "specificity": "specificity (aiming at sensitivity 0.95)"})
-    fig.update_layout(width=900, height=480, legend=dict(orientation="h", y=-0.25))
+    fig.update_layout(width=900, height=480, legend={"orientation": "h", "y": -0.25})
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "plot.html"
         fig.write_html(html, include_plotlyjs=True, full_html=True)

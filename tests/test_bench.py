@@ -247,8 +247,7 @@ def test_the_site_round_section_tabulates_every_budget_and_rule():
     out = _site_round_result()
     text = "\n".join(report.site_round_section(out, plot="site_round.png"))
     assert text.startswith("\n## Site round") and "fine-tuned from the base" in text
-    rows = [line for line in text.splitlines() if line.startswith("| 0 |")
-            or line.startswith("| 50 |")]
+    rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 50 |"))]
     assert len(rows) == 2
     assert "refused (under 10 NORMAL films confirmed)" in rows[0]
     assert "0.950 / **0.920** [0.870, 0.970]" in rows[1]  # next round, cross-fitted
