@@ -156,6 +156,8 @@ def site_round_ui() -> None:
     st.caption(f"Site {md(got.site)}, {got.folds} patient-grouped folds: every film is scored "
                "only in the fold where no one confirmed it and no threshold was chosen on it; "
                "bars are patient-clustered 95% intervals. Full table: docs/benchmarks.md.")
+    if note := (got.raw.get("base_threshold") or {}).get("note"):
+        st.caption(f"Base model: {md(note)}.")
     refused = sorted({r["budget"] for r in got.rows if r["refused"]})
     if refused:
         st.caption(f"Site threshold refused at {', '.join(map(str, refused))} films confirmed "

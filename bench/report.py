@@ -225,20 +225,21 @@ def label_noise_section(result: dict) -> list[str]:
 def site_round_section(result: dict, plot: str | None = None) -> list[str]:
     """The site round per review budget: each decision rule's sensitivity / specificity (95%
     patient-clustered interval) on the films no one confirmed, and the picture if drawn."""
-    from cxr_core.evaluation.site_round import SERIES
+    from cxr_core.evaluation.site_round import BEFORE_THE_SITE, SERIES
 
     def cell(fig: dict | None) -> str:
         if not isinstance(fig, dict):
             return "—"
         if fig.get("refused"):
-            return f"refused ({fig['refused']})"
+            refusals.append(f"{len(refusals) + 1}. {fig['refused']}")
+            return f"refused ({len(refusals)})"
         lo, hi = fig.get("specificity_ci") or [float("nan")] * 2
         return f"{fig['sensitivity']:.3f} / **{fig['specificity']:.3f}** [{lo:.3f}, {hi:.3f}]"
 
     cfg = result.get("next_config") or {}
     lines = ["", "## Site round", "",
              f"What a new site gains from confirming films on Review and training the next "
-             f"round on them (`python -m cxr_core bench site-round`; section (a)–(e) of "
+             f"round on them (`python -m cxr_core bench site-round`; steps (a)–(e) of "
              f"`bench/site_round.py`). Site: `{result.get('site')}`; base: "
              f"`{result.get('base')}`; {result.get('folds')} patient-grouped folds over the "
              "site's patients: each fold's films are scored only by models and thresholds that "
@@ -254,6 +255,11 @@ def site_round_section(result: dict, plot: str | None = None) -> list[str]:
              "| films confirmed | " + " | ".join(SERIES.values())
              + " | AUC base / next round | wall (s) |",
              "|---|" + "---|" * (len(SERIES) + 2)]
+    note = (result.get("base_threshold") or {}).get("note")
+    if note:
+        lines[-3:-3] = ["", f"Baseline: {note}."]
+        lines[-2] = lines[-2].replace(SERIES["base_stored"], BEFORE_THE_SITE)
+    refusals: list[str] = []
     for entry in result["budgets"]:
         auc_next = (entry.get("next_own") or {}).get("auc")
         auc_base = (entry.get("base_stored") or {}).get("auc")
@@ -261,9 +267,11 @@ def site_round_section(result: dict, plot: str | None = None) -> list[str]:
         lines.append(f"| {entry['budget']} | "
                      + " | ".join(cell(entry.get(k)) for k in SERIES)
                      + f" | {aucs} | {entry.get('wall_s', 0):.0f} |")
+    if refusals:
+        lines += ["", "Refused site thresholds:", "", *refusals]
     if plot:
         lines += ["", f"![specificity at sensitivity 0.95 against films confirmed]({plot})"]
-    lines += ["", "The same picture is on Review → Site calibration (read from "
+    lines += ["", "The same picture is on Compare → Site threshold (read from "
               "`models/default/site_round.json`)."]
     return lines
 

@@ -17,7 +17,8 @@ folds are the review pool; each budget confirms the first ``budget`` pool films 
 are pooled over the folds (every site film is scored once per budget), with patient-clustered
 95% intervals:
 
-- ``base_stored``: the base model at its stored threshold;
+- ``base_stored``: the base model at its stored threshold (or, where that threshold was chosen
+  on this site's films, at the threshold it had before the site: ``base_threshold`` says which);
 - ``base_site``: the base model at the threshold chosen on the confirmed films (``refused``
   under 10 films of a class);
 - ``base_crossfit`` / ``next_crossfit``: base and next round at a site threshold cross-fitted on
@@ -25,7 +26,7 @@ are pooled over the folds (every site film is scored once per budget), with pati
 - ``next_own``: the next round at its own operating point (its calibration slice, which holds
   some confirmed site films).
 
-Bench contract: baseline = base at its stored threshold; ours = the next round at the site
+Bench contract: baseline = base at its stored threshold (before the site); ours = the next round at the site
 threshold (cross-fitted); ratio = ours' specificity / the baseline's, both aiming at sensitivity
 0.95 (``python -m cxr_core bench site-round --site PATH --json``).
 """
@@ -69,6 +70,35 @@ def _threshold(db: Any, evaluation_id: int) -> float:
 
     info = next(e for e in es.list_evaluations(db) if e.id == evaluation_id)
     return float(info.metrics.get("threshold", 0.5))
+
+
+def baseline_threshold(operating_point: dict | None, stored: float,
+                       site_name: str) -> tuple[float, str | None]:
+    """The threshold the base stands at before the site round, and why, if not its stored one.
+
+    A shipped card's stored threshold may be a site threshold chosen on this very site's films
+    (``chosen_on: "site"``, ``dataset``: the site's name); scoring the base there at it would be
+    scored on the films it was chosen on. The base then stands at the threshold it had before
+    the site (``global_threshold``: its own calibration slice's), and the note says so.
+    """
+    op = operating_point or {}
+    if op.get("chosen_on") == "site" and op.get("dataset") == site_name \
+            and op.get("global_threshold") is not None:
+        before = float(op["global_threshold"])
+        return before, (f"the stored threshold {stored:.3f} was chosen on this site's films "
+                        f"({site_name}); the base stands at its own calibration threshold "
+                        f"{before:.3f}, the one it had before the site")
+    return stored, None
+
+
+def _base_card(base: str) -> dict:
+    """A shipped base's card ({} for a run: its stored threshold is its own calibration's)."""
+    from cxr_core.models.store import DEFAULT_MODELS_DIR, parse_run_ref, read_card
+
+    if parse_run_ref(base) is not None:
+        return {}
+    path = DEFAULT_MODELS_DIR.parent / base / "model_card.json"
+    return read_card(path) if path.is_file() else {}
 
 
 def _folds(y: np.ndarray, patients: list[str | None], folds: int, seed: int) -> list[np.ndarray]:
@@ -145,7 +175,10 @@ def run(shared_data: Path, *, site: str | None = None, base: str = "default",
     ids = [int(i) for i in preds.image_ids]
     y, p_base = preds.y_true, preds.probs[:, 1]
     patients = es.patients_of(db, ids) or [None] * len(ids)
-    base_decisions = (p_base >= _threshold(db, base_eval)).astype(np.int64)
+    stored = _threshold(db, base_eval)
+    base_thr, base_note = baseline_threshold(_base_card(base).get("operating_point"), stored,
+                                             site_path.name)
+    base_decisions = (p_base >= base_thr).astype(np.int64)
     state = review.load_state(db, info.dataset_id, base)
     queue = [e.image_id for e in review.build_queue(db, state, "new_site", limit=len(ids))]  # (b)
     next_cfg = _next_config(db, base, config)
@@ -221,7 +254,10 @@ def run(shared_data: Path, *, site: str | None = None, base: str = "default",
     baseline, ours = last["base_stored"], last["next_crossfit"]
     return {"bench": "site-round", "site": str(site_path), "base": base,
             "next_config": next_cfg, "folds": folds, "repeat": repeat,
-            "budgets": table, "baseline": {"what": "base at its stored threshold",
+            "base_threshold": {"value": base_thr, "stored": stored, "note": base_note},
+            "budgets": table, "baseline": {"what": ("base at its stored threshold"
+                                                    if base_note is None else
+                                                    "base at its threshold before the site"),
                                            "budget": last["budget"], **baseline},
             "ours": {"what": "next round at a cross-fitted site threshold",
                      "budget": last["budget"], **ours},

@@ -249,10 +249,16 @@ def test_the_site_round_section_tabulates_every_budget_and_rule():
     assert text.startswith("\n## Site round") and "fine-tuned from the base" in text
     rows = [line for line in text.splitlines() if line.startswith(("| 0 |", "| 50 |"))]
     assert len(rows) == 2
-    assert "refused (under 10 NORMAL films confirmed)" in rows[0]
+    assert "refused (1)" in rows[0] and "1. under 10 NORMAL films confirmed" in text
     assert "0.950 / **0.920** [0.870, 0.970]" in rows[1]  # next round, cross-fitted
     assert "0.972 / 0.980" in rows[1] and "| 700 |" in rows[1]
     assert "![specificity at sensitivity 0.95 against films confirmed](site_round.png)" in text
+    noted = {**out, "base_threshold": {"value": 0.155, "stored": 0.422,
+                                       "note": "the stored threshold 0.422 was chosen on it"}}
+    lines = report.site_round_section(noted)
+    assert "Baseline: the stored threshold 0.422 was chosen on it." in lines
+    assert lines.index("Baseline: the stored threshold 0.422 was chosen on it.") < next(
+        i for i, line in enumerate(lines) if line.startswith("| films confirmed"))
     assert "1.18×" in report._ratio(out) and "after 50 films" in report._ratio(out)
     page = report.render([out], {"cpu": "x", "cores": 2, "memory": "1 GB", "gpus": [],
                                  "python": "3.11", "tensorflow": "2", "load_1min_at_start": 0},
@@ -299,3 +305,24 @@ def test_a_measured_site_round_is_merged_into_the_page_without_rerunning(tmp_pat
     assert kept[1]["budgets"] == _site_round_result()["budgets"]
     text = page.read_text()
     assert "## Site round" in text and "](site_round.png)" not in text  # no picture drawn
+
+
+def test_the_site_rounds_baseline_never_stands_at_a_threshold_chosen_on_the_site():
+    """The shipped card's stored threshold was chosen on the external sample: a site round there
+    starts the base at its own calibration threshold and says so; elsewhere, the stored one."""
+    import json
+    from pathlib import Path
+
+    from bench.site_round import baseline_threshold
+
+    card = json.loads((Path(__file__).parents[1] / "models" / "default" /
+                       "model_card.json").read_text())
+    op = card["operating_point"]
+    assert op["chosen_on"] == "site" and op["dataset"] == "chest_xray_224_external"
+    thr, note = baseline_threshold(op, op["threshold"], "chest_xray_224_external")
+    assert thr == op["global_threshold"] != op["threshold"]
+    assert "chosen on this site's films" in note and f"{op['threshold']:.3f}" in note
+    assert baseline_threshold(op, op["threshold"], "another-site") == (op["threshold"], None)
+    assert baseline_threshold({"chosen_on": "calibration", "threshold": 0.3}, 0.3,
+                              "chest_xray_224_external") == (0.3, None)
+    assert baseline_threshold(None, 0.5, "x") == (0.5, None)

@@ -54,10 +54,16 @@ class SiteRound:
         return sorted({r["budget"] for r in self.rows})
 
 
-def _rows(budgets: list[dict]) -> list[dict]:
+BEFORE_THE_SITE = "base model, its threshold before the site"
+
+
+def _rows(budgets: list[dict], before_the_site: bool = False) -> list[dict]:
+    """Long-form rows; ``before_the_site``: the base's stored threshold was chosen on this site,
+    so the bench stood it at the one it had before (its legend says so)."""
     rows = []
+    legends = {**SERIES, "base_stored": BEFORE_THE_SITE} if before_the_site else SERIES
     for entry in budgets:
-        for key, legend in SERIES.items():
+        for key, legend in legends.items():
             got = entry.get(key)
             if not isinstance(got, dict):
                 continue
@@ -85,7 +91,8 @@ def parse(data: Any) -> SiteRound:
                           f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     return SiteRound(site=str(data.get("site", "")), base=str(data.get("base", "")),
                      folds=int(data.get("folds", 0)), wall_s=float(data.get("wall_s", 0.0)),
-                     rows=_rows(data["budgets"]), raw=data)
+                     rows=_rows(data["budgets"], bool((data.get("base_threshold") or {})
+                                                      .get("note"))), raw=data)
 
 
 def measured(model_dir: Path | str = DEFAULT_MODELS_DIR) -> SiteRound | None:

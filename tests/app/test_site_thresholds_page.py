@@ -131,7 +131,10 @@ def test_the_measured_site_round_is_drawn_where_site_thresholds_are_chosen(cxr_h
 
     from cxr_core.evaluation import site_round
 
-    (tmp_path / "site_round.json").write_text(json.dumps(_measured_round()))
+    measured = {**_measured_round(), "base_threshold": {
+        "value": 0.155, "stored": 0.422, "note": "the stored threshold 0.422 was chosen on this "
+                                                 "site's films (site_b)"}}
+    (tmp_path / "site_round.json").write_text(json.dumps(measured))
     monkeypatch.setattr(site_round, "measured",
                         lambda model_dir=tmp_path: site_round.parse(json.loads(
                             (tmp_path / "site_round.json").read_text())))
@@ -140,8 +143,12 @@ def test_the_measured_site_round_is_drawn_where_site_thresholds_are_chosen(cxr_h
     [chart] = at.get("plotly_chart")
     spec = json.loads(chart.proto.spec)
     names = {t["name"] for t in spec["data"]}
-    assert names == set(site_round.SERIES.values())
+    assert names == {*site_round.SERIES.values(), site_round.BEFORE_THE_SITE} - {
+        site_round.SERIES["base_stored"]}  # the base's threshold was chosen on this site
     assert any("refused at 0 films confirmed" in c.value for c in at.caption)
+    assert any(c.value.replace("\\", "").startswith("Base model: the stored threshold 0.422 was "
+                                                     "chosen on this site's films (site_b)")
+               for c in at.caption)
     assert any("every film is scored only in the fold where no one confirmed it" in c.value
                for c in at.caption)
 
