@@ -31,8 +31,8 @@ WHAT = {
                    "vs one model's in-sample scores (precision at k = number flipped; goals: "
                    "AUROC ≥ 0.90, precision@k ≥ 0.6)",
     "site-round": "a new site's next round (the base plus the films confirmed on Review) at a "
-                  "cross-fitted site threshold vs the base at its stored threshold, on films "
-                  "no one confirmed (specificity, aiming at sensitivity 0.95)",
+                  "cross-fitted site threshold vs the base at its threshold before the site, on "
+                  "films no one confirmed (specificity, aiming at sensitivity 0.95)",
 }
 SITE_ROUND_PLOT = "site_round.png"  # beside the page: specificity against films confirmed
 
