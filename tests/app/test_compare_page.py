@@ -17,6 +17,12 @@ from cxr_core import app
 PAGE = str(Path(__file__).resolve().parents[2] / "app_pages" / "compare.py")
 
 
+def comparison_charts(at: AppTest) -> list:
+    """The comparison's charts (not the shipped model's site round in the Site threshold
+    section, drawn whenever models/default/site_round.json is there)."""
+    return [c for c in at.get("plotly_chart") if getattr(c, "key", None) != "site_round_chart"]
+
+
 @pytest.fixture(autouse=True)
 def launched(monkeypatch) -> list:
     """The tests play the worker; the page's launch requests are recorded, not run."""
@@ -40,7 +46,7 @@ def test_empty_page_explains_what_to_do(cxr_home):
 def test_compare_two_runs_renders_matrices_metrics_and_mcnemar(two_runs):
     at = _page()
     assert not at.exception, at.exception
-    assert len(at.get("plotly_chart")) == 2 * 2 + 3  # 2 runs × (counts, normalised) + 3 curves
+    assert len(comparison_charts(at)) == 2 * 2 + 3  # 2 runs × (counts, normalised) + 3 curves
     assert [m.label for m in at.metric] == ["McNemar p-value"]
     assert 0.0 <= float(at.metric[0].value) <= 1.0
     metrics = at.dataframe[0].value
@@ -150,7 +156,7 @@ def test_multiclass_compare_renders_without_thresholds(cxr_home, tiny_dataset, t
     at = _page()
     assert not at.exception, at.exception
     assert at.toggle(key="compare_matched").disabled
-    assert len(at.get("plotly_chart")) == 2 * 2 + 3
+    assert len(comparison_charts(at)) == 2 * 2 + 3
     assert any("argmax" in m.value for m in at.markdown)
     assert any("multi-class uses the argmax" in i.value for i in at.info)
 
