@@ -26,9 +26,9 @@ are pooled over the folds (every site film is scored once per budget), with pati
 - ``next_own``: the next round at its own operating point (its calibration slice, which holds
   some confirmed site films).
 
-Bench contract: baseline = base at its stored threshold (before the site); ours = the next round at the site
-threshold (cross-fitted); ratio = ours' specificity / the baseline's, both aiming at sensitivity
-0.95 (``python -m cxr_core bench site-round --site PATH --json``).
+Bench contract: baseline = base at its stored threshold (before the site); ours = the next
+round at the site threshold (cross-fitted); ratio = ours' specificity / the baseline's, both
+aiming at sensitivity 0.95 (``python -m cxr_core bench site-round --site PATH --json``).
 """
 from __future__ import annotations
 
@@ -66,39 +66,38 @@ def _summary(y: np.ndarray, preds: np.ndarray, clusters: np.ndarray, p: np.ndarr
 
 def _threshold(db: Any, evaluation_id: int) -> float:
     """The operating point an evaluation was scored at (the model's stored threshold)."""
+    return float(_evaluation(db, evaluation_id).metrics.get("threshold", 0.5))
+
+
+def _evaluation(db: Any, evaluation_id: int) -> Any:
     from cxr_core.evaluation import evaluate as es
 
-    info = next(e for e in es.list_evaluations(db) if e.id == evaluation_id)
-    return float(info.metrics.get("threshold", 0.5))
+    return next(e for e in es.list_evaluations(db) if e.id == evaluation_id)
 
 
 def baseline_threshold(operating_point: dict | None, stored: float,
-                       site_name: str) -> tuple[float, str | None]:
+                       chosen_here: bool) -> tuple[float, str | None]:
     """The threshold the base stands at before the site round, and why, if not its stored one.
 
-    A shipped card's stored threshold may be a site threshold chosen on this very site's films
-    (``chosen_on: "site"``, ``dataset``: the site's name); scoring the base there at it would be
-    scored on the films it was chosen on. The base then stands at the threshold it had before
-    the site (``global_threshold``: its own calibration slice's), and the note says so.
+    ``chosen_here`` (:func:`cxr_core.evaluation.external.stored_threshold_chosen_here`): the
+    stored threshold was chosen on this site's films (a shipped card's site operating point),
+    so scoring the base there at it would score it on the films it was chosen on. The base
+    then stands at the threshold it had before the site (the card's ``global_threshold``, its
+    own calibration slice's), and the note says so; without one, the note says the baseline is
+    resubstituted.
     """
+    if not chosen_here:
+        return stored, None
     op = operating_point or {}
-    if op.get("chosen_on") == "site" and op.get("dataset") == site_name \
-            and op.get("global_threshold") is not None:
-        before = float(op["global_threshold"])
-        return before, (f"the stored threshold {stored:.3f} was chosen on this site's films "
-                        f"({site_name}); the base stands at its own calibration threshold "
-                        f"{before:.3f}, the one it had before the site")
-    return stored, None
-
-
-def _base_card(base: str) -> dict:
-    """A shipped base's card ({} for a run: its stored threshold is its own calibration's)."""
-    from cxr_core.models.store import DEFAULT_MODELS_DIR, parse_run_ref, read_card
-
-    if parse_run_ref(base) is not None:
-        return {}
-    path = DEFAULT_MODELS_DIR.parent / base / "model_card.json"
-    return read_card(path) if path.is_file() else {}
+    site = op.get("dataset") or "this site"
+    if op.get("global_threshold") is None:
+        return stored, (f"the stored threshold {stored:.3f} was chosen on this site's films "
+                        f"({site}) and no earlier one is recorded: the baseline is scored on "
+                        "the films its threshold was chosen on")
+    before = float(op["global_threshold"])
+    return before, (f"the stored threshold {stored:.3f} was chosen on this site's films "
+                    f"({site}); the base stands at its own calibration threshold "
+                    f"{before:.3f}, the one it had before the site")
 
 
 def _folds(y: np.ndarray, patients: list[str | None], folds: int, seed: int) -> list[np.ndarray]:
@@ -158,6 +157,8 @@ def run(shared_data: Path, *, site: str | None = None, base: str = "default",
     from cxr_core.data.indexing import index_dataset
     from cxr_core.evaluation import evaluate as es
     from cxr_core.evaluation import site_thresholds
+    from cxr_core.evaluation.external import stored_threshold_chosen_here
+    from cxr_core.models.store import load_single
     from cxr_core.review import queues as review
     from cxr_core.stats.crossfit import cross_fitted_decisions
     from cxr_core.stats.intervals import cluster_ids
@@ -175,9 +176,11 @@ def run(shared_data: Path, *, site: str | None = None, base: str = "default",
     ids = [int(i) for i in preds.image_ids]
     y, p_base = preds.y_true, preds.probs[:, 1]
     patients = es.patients_of(db, ids) or [None] * len(ids)
-    stored = _threshold(db, base_eval)
-    base_thr, base_note = baseline_threshold(_base_card(base).get("operating_point"), stored,
-                                             site_path.name)
+    base_info = _evaluation(db, base_eval)
+    stored = float(base_info.metrics.get("threshold", 0.5))
+    card = load_single(base, db=db).card
+    base_thr, base_note = baseline_threshold(
+        card.get("operating_point"), stored, stored_threshold_chosen_here(db, base_info, card))
     base_decisions = (p_base >= base_thr).astype(np.int64)
     state = review.load_state(db, info.dataset_id, base)
     queue = [e.image_id for e in review.build_queue(db, state, "new_site", limit=len(ids))]  # (b)

@@ -309,7 +309,9 @@ def test_a_measured_site_round_is_merged_into_the_page_without_rerunning(tmp_pat
 
 def test_the_site_rounds_baseline_never_stands_at_a_threshold_chosen_on_the_site():
     """The shipped card's stored threshold was chosen on the external sample: a site round there
-    starts the base at its own calibration threshold and says so; elsewhere, the stored one."""
+    (chosen here: cxr_core.evaluation.external.stored_threshold_chosen_here, tested in
+    test_external) starts the base at its own calibration threshold and says so; elsewhere,
+    the stored one."""
     import json
     from pathlib import Path
 
@@ -319,10 +321,13 @@ def test_the_site_rounds_baseline_never_stands_at_a_threshold_chosen_on_the_site
                        "model_card.json").read_text())
     op = card["operating_point"]
     assert op["chosen_on"] == "site" and op["dataset"] == "chest_xray_224_external"
-    thr, note = baseline_threshold(op, op["threshold"], "chest_xray_224_external")
+    thr, note = baseline_threshold(op, op["threshold"], chosen_here=True)
     assert thr == op["global_threshold"] != op["threshold"]
     assert "chosen on this site's films" in note and f"{op['threshold']:.3f}" in note
-    assert baseline_threshold(op, op["threshold"], "another-site") == (op["threshold"], None)
+    assert baseline_threshold(op, op["threshold"], chosen_here=False) == (op["threshold"], None)
     assert baseline_threshold({"chosen_on": "calibration", "threshold": 0.3}, 0.3,
-                              "chest_xray_224_external") == (0.3, None)
-    assert baseline_threshold(None, 0.5, "x") == (0.5, None)
+                              chosen_here=False) == (0.3, None)
+    assert baseline_threshold(None, 0.5, chosen_here=False) == (0.5, None)
+    # chosen here with no earlier threshold recorded: stays, and the note says it is resubstituted
+    thr, note = baseline_threshold({"chosen_on": "site", "dataset": "s"}, 0.4, chosen_here=True)
+    assert thr == 0.4 and "scored on the films its threshold was chosen on" in note

@@ -176,6 +176,28 @@ def test_external_figures_leave_out_only_what_the_model_saw(site_and_run):
     assert [e["role"] for e in measured] == ["external"]
 
 
+def test_a_cards_site_threshold_is_known_on_its_films_under_another_dataset_name(site_and_run):
+    """The shipped card's operating point was chosen on `chest_xray_224_external`; the same
+    folder indexed here as "site" (as a benchmark does) is the same films: chosen here. A card
+    naming another site's dataset is not."""
+    from pathlib import Path
+
+    from cxr_core.evaluation.external import stored_threshold_chosen_here
+
+    db, _, ev_id, site, *_ = site_and_run
+    with db.session() as s:
+        info = eval_store.get_evaluation(session=s, evaluation_id=ev_id)
+    assert info.dataset_name == "site"
+    shipped = json.loads((Path(__file__).parents[1] / "models" / "default" /
+                          "model_card.json").read_text())
+    assert shipped["operating_point"]["dataset"] == "chest_xray_224_external"
+    assert stored_threshold_chosen_here(db, info, shipped)
+    other = {"operating_point": {**shipped["operating_point"], "dataset": "hospital-b"}}
+    assert not stored_threshold_chosen_here(db, info, other)
+    calibrated = {"operating_point": {"threshold": 0.5, "chosen_on": "calibration"}}
+    assert not stored_threshold_chosen_here(db, info, calibrated)
+
+
 def test_a_threshold_chosen_on_the_site_is_not_reported_at_that_site(site_and_run):
     from cxr_core.evaluation import site_thresholds
 

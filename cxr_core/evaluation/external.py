@@ -78,18 +78,24 @@ def stored_threshold_chosen_here(db: Database, info: EvaluationInfo,
                                  card: Mapping[str, Any] | None = None) -> bool:
     """Whether the threshold this evaluation was scored at was chosen on its own dataset: a
     site threshold recorded for (model, dataset), or a shipped card's operating point chosen
-    on a dataset of that name."""
+    on a dataset of that name, or of the name its folder gets when indexed without one (the
+    same films indexed here under another name, e.g. by a benchmark)."""
+    from cxr_core.data.indexing import default_name
+
     thr = info.metrics.get("threshold")
     if thr is None or info.dataset_id is None:
         return False
     with db.session() as s:
         op = store.site_operating_point(session=s, model_ref=info.model_ref,
                                         dataset_id=info.dataset_id)
+        dataset = ds_store.get_dataset(session=s, name_or_id=info.dataset_id)
     if op is not None and abs(op.threshold - float(thr)) < 1e-9:
         return True
     op_card = (card or {}).get("operating_point") or {}
-    return (op_card.get("chosen_on") == "site" and info.dataset_name is not None
-            and op_card.get("dataset") == info.dataset_name)
+    if op_card.get("chosen_on") != "site" or not op_card.get("dataset"):
+        return False
+    names = {info.dataset_name, default_name(dataset.root) if dataset is not None else None}
+    return op_card["dataset"] in names
 
 
 def external_entry(db: Database, info: EvaluationInfo, *,
