@@ -145,14 +145,7 @@ def site_round_ui() -> None:
         return
     st.markdown("**What reviewing a new site's films buys** (the shipped model, measured by "
                 "`python -m cxr_core bench site-round`)")
-    frame = pd.DataFrame([r for r in got.rows if r["specificity"] is not None])
-    frame["up"] = frame["high"] - frame["specificity"]
-    frame["down"] = frame["specificity"] - frame["low"]
-    fig = px.line(frame, x="budget", y="specificity", color="series", markers=True,
-                  error_y="up", error_y_minus="down",
-                  labels={"budget": "films confirmed on Review", "series": "decision",
-                          "specificity": "specificity (aiming at sensitivity 0.95)"})
-    st.plotly_chart(fig, key="site_round_chart")
+    st.plotly_chart(site_round.figure(got), key="site_round_chart")
     st.caption(f"Site {md(got.site)}, {got.folds} patient-grouped folds: every film is scored "
                "only in the fold where no one confirmed it and no threshold was chosen on it; "
                "bars are patient-clustered 95% intervals. Full table: docs/benchmarks.md.")

@@ -225,7 +225,10 @@ def label_noise_section(result: dict) -> list[str]:
 def site_round_section(result: dict, plot: str | None = None) -> list[str]:
     """The site round per review budget: each decision rule's sensitivity / specificity (95%
     patient-clustered interval) on the films no one confirmed, and the picture if drawn."""
-    from cxr_core.evaluation.site_round import BEFORE_THE_SITE, SERIES
+    from cxr_core.evaluation.site_round import series
+
+    legends = series(result)
+    refusals: list[str] = []
 
     def cell(fig: dict | None) -> str:
         if not isinstance(fig, dict):
@@ -237,6 +240,7 @@ def site_round_section(result: dict, plot: str | None = None) -> list[str]:
         return f"{fig['sensitivity']:.3f} / **{fig['specificity']:.3f}** [{lo:.3f}, {hi:.3f}]"
 
     cfg = result.get("next_config") or {}
+    note = (result.get("base_threshold") or {}).get("note")
     lines = ["", "## Site round", "",
              f"What a new site gains from confirming films on Review and training the next "
              f"round on them (`python -m cxr_core bench site-round`; steps (a)–(e) of "
@@ -252,20 +256,16 @@ def site_round_section(result: dict, plot: str | None = None) -> list[str]:
              "sensitivity / **specificity** [95% interval of the specificity], thresholds "
              "aiming at sensitivity 0.95. Whole bench: "
              f"{float(result.get('wall_s') or 0) / 60:.0f} min.", "",
-             "| films confirmed | " + " | ".join(SERIES.values())
+             *([f"Baseline: {note}.", ""] if note else []),
+             "| films confirmed | " + " | ".join(legends.values())
              + " | AUC base / next round | wall (s) |",
-             "|---|" + "---|" * (len(SERIES) + 2)]
-    note = (result.get("base_threshold") or {}).get("note")
-    if note:
-        lines[-3:-3] = ["", f"Baseline: {note}."]
-        lines[-2] = lines[-2].replace(SERIES["base_stored"], BEFORE_THE_SITE)
-    refusals: list[str] = []
+             "|---|" + "---|" * (len(legends) + 2)]
     for entry in result["budgets"]:
         auc_next = (entry.get("next_own") or {}).get("auc")
         auc_base = (entry.get("base_stored") or {}).get("auc")
         aucs = " / ".join("—" if a is None else f"{a:.3f}" for a in (auc_base, auc_next))
         lines.append(f"| {entry['budget']} | "
-                     + " | ".join(cell(entry.get(k)) for k in SERIES)
+                     + " | ".join(cell(entry.get(k)) for k in legends)
                      + f" | {aucs} | {entry.get('wall_s', 0):.0f} |")
     if refusals:
         lines += ["", "Refused site thresholds:", "", *refusals]
@@ -277,14 +277,13 @@ def site_round_section(result: dict, plot: str | None = None) -> list[str]:
 
 
 def site_round_plot(result: dict, out: Path) -> str | None:
-    """Draw the site round (the figure Site calibration shows) to ``out`` as PNG with Plotly in
-    Debian's Chromium through Playwright. Returns why not, or None when written."""
+    """Draw the site round (:func:`cxr_core.evaluation.site_round.figure`, the picture Compare
+    shows) to ``out`` as PNG in Debian's Chromium through Playwright. Returns why not, or None
+    when written."""
     import shutil
     import tempfile
 
-    import plotly.express as px
-
-    from cxr_core.evaluation.site_round import parse
+    from cxr_core.evaluation.site_round import figure, parse
 
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -293,13 +292,7 @@ def site_round_plot(result: dict, out: Path) -> str | None:
         from playwright.sync_api import sync_playwright
     except ImportError:
         return "playwright is not installed (requirements-dev.txt)"
-    rows = [r for r in parse(result).rows if r["specificity"] is not None]
-    up = [r["high"] - r["specificity"] for r in rows]
-    down = [r["specificity"] - r["low"] for r in rows]
-    fig = px.line(rows, x="budget", y="specificity", color="series", markers=True,
-                  error_y=up, error_y_minus=down,
-                  labels={"budget": "films confirmed on Review", "series": "decision",
-                          "specificity": "specificity (aiming at sensitivity 0.95)"})
+    fig = figure(parse(result))
     fig.update_layout(width=900, height=480, legend={"orientation": "h", "y": -0.25})
     with tempfile.TemporaryDirectory() as tmp:
         html = Path(tmp) / "plot.html"
@@ -343,24 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     info = machine()
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    if args.from_json:
-        saved = Path(args.from_json).read_text().splitlines()
-        results = [json.loads(line) for line in saved if line.strip()]
-        Path(args.out).write_text(render(results, info, when) + "\n")  # no picture
-        return 0
-    results = []
-    if args.merge_json:
-        source = Path(args.merge_json)
+    saved = args.from_json or args.merge_json
+    if saved:  # results measured earlier, one bench's JSON object per line
+        source = Path(saved)
         measured = dt.datetime.fromtimestamp(source.stat().st_mtime, dt.timezone.utc).strftime(
             "%Y-%m-%d %H:%M UTC")  # when the run wrote it, unless the object says
         results = [{"measured": measured, **json.loads(line)}
                    for line in source.read_text().splitlines() if line.strip()]
-    for name in ([] if args.merge_json else args.only):
-        print(f"bench {name} ...", file=sys.stderr, flush=True)
-        results.append({**run_bench(name, args.data), "measured": when})
-        print(json.dumps(results[-1]), flush=True)
+    else:
+        results = []
+        for name in args.only:
+            print(f"bench {name} ...", file=sys.stderr, flush=True)
+            results.append({**run_bench(name, args.data), "measured": when})
+            print(json.dumps(results[-1]), flush=True)
     page = Path(args.out)
-    merged = merge(saved_results(page), results)
+    merged = results if args.from_json else merge(saved_results(page), results)
     plot = None
     site = next((r for r in merged if r["bench"] == "site-round" and "budgets" in r), None)
     if site:

@@ -305,6 +305,9 @@ def test_a_measured_site_round_is_merged_into_the_page_without_rerunning(tmp_pat
     assert kept[1]["budgets"] == _site_round_result()["budgets"]
     text = page.read_text()
     assert "## Site round" in text and "](site_round.png)" not in text  # no picture drawn
+    # --from-json: only the given results, re-rendered (the index row is gone)
+    assert report.main(["--out", str(page), "--from-json", str(saved)]) == 0
+    assert [r["bench"] for r in report.saved_results(page)] == ["site-round"]
 
 
 def test_the_site_rounds_baseline_never_stands_at_a_threshold_chosen_on_the_site():

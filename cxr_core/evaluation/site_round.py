@@ -8,6 +8,7 @@ films reviewed, one line per decision rule, with the patient-clustered intervals
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,18 @@ class SiteRound:
 BEFORE_THE_SITE = "base model, its threshold before the site"
 
 
-def _rows(budgets: list[dict], before_the_site: bool = False) -> list[dict]:
-    """Long-form rows; ``before_the_site``: the base's stored threshold was chosen on this site,
-    so the bench stood it at the one it had before (its legend says so)."""
+def series(data: Mapping[str, Any]) -> dict[str, str]:
+    """The decision rules' legends for one bench result: the base's row says "before the site"
+    when the bench stood it at another threshold than its stored one (``base_threshold``: the
+    stored one was chosen on this site's films)."""
+    moved = data.get("base_threshold") or {}
+    if moved.get("value") is not None and moved.get("value") != moved.get("stored"):
+        return {**SERIES, "base_stored": BEFORE_THE_SITE}
+    return dict(SERIES)
+
+
+def _rows(budgets: list[dict], legends: Mapping[str, str]) -> list[dict]:
     rows = []
-    legends = {**SERIES, "base_stored": BEFORE_THE_SITE} if before_the_site else SERIES
     for entry in budgets:
         for key, legend in legends.items():
             got = entry.get(key)
@@ -78,6 +86,20 @@ def _rows(budgets: list[dict], before_the_site: bool = False) -> list[dict]:
     return rows
 
 
+def figure(got: SiteRound) -> Any:
+    """Specificity (aiming at sensitivity 0.95) against the films confirmed, one line per
+    decision rule with its 95% interval: the picture Compare draws and docs/benchmarks.md keeps
+    (a Plotly figure)."""
+    import plotly.express as px
+
+    rows = [r for r in got.rows if r["specificity"] is not None]
+    return px.line(rows, x="budget", y="specificity", color="series", markers=True,
+                   error_y=[r["high"] - r["specificity"] for r in rows],
+                   error_y_minus=[r["specificity"] - r["low"] for r in rows],
+                   labels={"budget": "films confirmed on Review", "series": "decision",
+                           "specificity": "specificity (aiming at sensitivity 0.95)"})
+
+
 def parse(data: Any) -> SiteRound:
     """A bench site-round JSON object as a :class:`SiteRound`.
 
@@ -91,8 +113,7 @@ def parse(data: Any) -> SiteRound:
                           f"{sorted(data) if isinstance(data, dict) else type(data).__name__}")
     return SiteRound(site=str(data.get("site", "")), base=str(data.get("base", "")),
                      folds=int(data.get("folds", 0)), wall_s=float(data.get("wall_s", 0.0)),
-                     rows=_rows(data["budgets"], bool((data.get("base_threshold") or {})
-                                                      .get("note"))), raw=data)
+                     rows=_rows(data["budgets"], series(data)), raw=data)
 
 
 def measured(model_dir: Path | str = DEFAULT_MODELS_DIR) -> SiteRound | None:
